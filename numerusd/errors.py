@@ -1,0 +1,83 @@
+"""The one exception tree of Numerus.
+
+    NumerusError                   anything Numerus raises on purpose; `code` is stable, the message actionable
+    ├── ConfigError                a setting or file is wrong (numerusd exits 78, numerusctl 2)
+    ├── NatsUnavailable            no server to talk to, or one too old (exits 69 / 3)
+    ├── StoreError                 the event store could not durably append or read
+    │   ├── WalCorrupted           the write-ahead log holds a record that fails its checksum mid-file
+    │   └── StreamMismatch         a stream exists with settings that would break an invariant
+    ├── AgentError                 an agent could not be started or spoke nonsense
+    └── CommandRefused             a request was understood and refused (unknown job, job already done, …)
+        ├── BadRequest             the request does not decode or fails validation; names the path
+        └── NotFound               the request names a job or task that does not exist
+
+Third-party errors (nats-py, sqlite3, OS errors) are translated into these in one place per dependency:
+`event_store.py` for JetStream, `projections.py` for SQLite, `terminal.py` for process spawning.
+"""
+
+from __future__ import annotations
+
+
+class NumerusError(Exception):
+    """Base of every error Numerus raises on purpose."""
+
+    code = "error"
+
+    def __init__(self, message: str, **fields: object) -> None:
+        super().__init__(message)
+        self.message = message
+        self.fields = fields
+
+
+class ConfigError(NumerusError):
+    """A setting, flag or configuration file is wrong."""
+
+    code = "config"
+
+
+class NatsUnavailable(NumerusError):
+    """The NATS server cannot be reached, started or used."""
+
+    code = "nats_unavailable"
+
+
+class StoreError(NumerusError):
+    """The event store could not durably append or read."""
+
+    code = "store"
+
+
+class WalCorrupted(StoreError):
+    """The write-ahead log holds a damaged record before its end."""
+
+    code = "wal_corrupted"
+
+
+class StreamMismatch(StoreError):
+    """A stream exists with settings that would break an invariant (e.g. purge allowed)."""
+
+    code = "stream_mismatch"
+
+
+class AgentError(NumerusError):
+    """An agent could not be started, or its output could not be understood."""
+
+    code = "agent"
+
+
+class CommandRefused(NumerusError):
+    """A request was understood and refused."""
+
+    code = "refused"
+
+
+class BadRequest(CommandRefused):
+    """A request that does not decode or fails validation."""
+
+    code = "bad_request"
+
+
+class NotFound(CommandRefused):
+    """A request that names a job or task that does not exist."""
+
+    code = "not_found"

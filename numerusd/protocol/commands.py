@@ -1,0 +1,167 @@
+"""Commands and queries `numerusctl` sends on `numerus.cmd.<verb>`, and the replies the daemon sends back.
+
+Each verb has one request type and one reply type; the same noun names the CLI command, the endpoint, the
+handler and its test. An error reply carries the micro-service error headers and an `ErrorReply` body.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+import msgspec
+
+
+class Request(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Base of every request; unknown fields are refused so a typo is an error, not silently ignored."""
+
+
+class RunJob(Request, frozen=True, kw_only=True):
+    """`numerusctl run`: submit a goal for a repository."""
+
+    goal: str
+    repo: str
+    agent: str | None = None
+
+
+class GetStatus(Request, frozen=True, kw_only=True):
+    """`numerusctl status`: one job, or every job when `job` is None."""
+
+    job: str | None = None
+
+
+class KillJob(Request, frozen=True, kw_only=True):
+    """`numerusctl kill`: stop a job's agents (TERM, then KILL) and record it."""
+
+    job: str
+
+
+class GetLogs(Request, frozen=True, kw_only=True):
+    """`numerusctl logs`: the terminal output of a job's tasks, the last `tail_bytes` of each."""
+
+    job: str
+    task: str | None = None
+    tail_bytes: int = 256 * 1024
+
+
+class GetEvents(Request, frozen=True, kw_only=True):
+    """`numerusctl events`: a page of events (all jobs when `job` is None) after stream sequence `after_seq`."""
+
+    job: str | None = None
+    after_seq: int = 0
+    limit: int = 500
+
+
+# --- replies ------------------------------------------------------------------------------------------------
+
+
+class TaskView(msgspec.Struct, frozen=True, kw_only=True):
+    """What `status` shows of one task."""
+
+    id: str
+    title: str
+    agent: str
+    status: str
+    attempt: int = 0
+    pid: int | None = None
+    exit_code: int | None = None
+    reason: str | None = None
+    thread_id: str | None = None
+    input_tokens: int = 0
+    cached_input_tokens: int = 0
+    output_tokens: int = 0
+    log_path: str | None = None
+    started: datetime | None = None
+    ended: datetime | None = None
+
+
+class JobView(msgspec.Struct, frozen=True, kw_only=True):
+    """What `status` shows of one job."""
+
+    id: str
+    goal: str
+    repo: str
+    agent: str
+    status: str
+    reason: str | None = None
+    created: datetime
+    updated: datetime
+    events: int
+    tasks: list[TaskView] = []
+
+
+class RunReply(msgspec.Struct, frozen=True, kw_only=True):
+    """The job was accepted; its events are on `numerus.job.<job>.>`."""
+
+    job: str
+    subject: str
+
+
+class StatusReply(msgspec.Struct, frozen=True, kw_only=True):
+    """The jobs asked for, newest first."""
+
+    jobs: list[JobView]
+
+
+class KillReply(msgspec.Struct, frozen=True, kw_only=True):
+    """The kill was recorded; `tasks` lists the tasks whose agents are being stopped."""
+
+    job: str
+    tasks: list[str]
+
+
+class TaskLog(msgspec.Struct, frozen=True, kw_only=True):
+    """The tail of one task's terminal output; `truncated` says bytes before it were left out."""
+
+    task: str
+    path: str
+    text: str
+    truncated: bool = False
+
+
+class LogsReply(msgspec.Struct, frozen=True, kw_only=True):
+    """Terminal output of the job's tasks."""
+
+    job: str
+    logs: list[TaskLog]
+
+
+class EventsReply(msgspec.Struct, frozen=True, kw_only=True):
+    """A page of events as stored (`raw` is each event's exact JSON); `last_seq` is where the next page starts."""
+
+    events: list[msgspec.Raw]
+    last_seq: int
+    more: bool
+
+
+class ErrorReply(msgspec.Struct, frozen=True, kw_only=True):
+    """A refused or failed request: a stable `code` and one sentence saying what is wrong and what to do."""
+
+    code: str
+    message: str
+
+
+#: Request type by verb: the endpoint is `numerus.cmd.<verb>`.
+REQUESTS: dict[str, type[Request]] = {
+    "run": RunJob,
+    "status": GetStatus,
+    "kill": KillJob,
+    "logs": GetLogs,
+    "events": GetEvents,
+}
+
+#: Reply type by verb.
+REPLIES: dict[str, type[msgspec.Struct]] = {
+    "run": RunReply,
+    "status": StatusReply,
+    "kill": KillReply,
+    "logs": LogsReply,
+    "events": EventsReply,
+}
+
+#: Terminal job and task statuses.
+JOB_DONE = frozenset({"completed", "failed", "killed", "interrupted"})
+
+
+def command_subject(verb: str) -> str:
+    """`numerus.cmd.<verb>`."""
+    return f"numerus.cmd.{verb}"

@@ -1,0 +1,218 @@
+"""The envelope every event travels in, its canonical bytes, its HMAC signature and its place in the chain.
+
+On the wire an event is one JSON object whose members come in this order:
+
+    id, type, job, task, time, actor, correlation_id, causation_id, data, prev, kid, sig
+
+`sig` is always the last member. The signature is HMAC-SHA256, under the key named by `kid`, of the message
+body with its final `,"sig":"…"` member removed; `prev` is the SHA-256 of the complete body of the previous event
+of the same job (empty for a job's first event). An auditor holding the key can therefore check any event from
+its bytes alone, in any language, without trusting the daemon, and can tell a modified, deleted, inserted or
+reordered event by the chain.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from datetime import datetime
+from typing import Any
+
+import msgspec
+
+from numerusd.protocol.events import EVENT_TYPES, SUBJECT_SUFFIX, EventData
+
+_SIG_MARK = b',"sig":"'
+
+
+class Envelope(msgspec.Struct, frozen=True, kw_only=True):
+    """One event: who did what to which job (and task), when, in answer to what, signed and chained."""
+
+    id: str
+    type: str
+    job: str
+    task: str | None
+    time: datetime
+    actor: str
+    correlation_id: str
+    causation_id: str | None
+    data: Any
+    prev: str
+    kid: str
+    sig: str = ""
+
+    @property
+    def subject(self) -> str:
+        """The NATS subject this event is published on."""
+        return event_subject(self.job, self.task, self.type)
+
+
+class _Unsigned(msgspec.Struct, frozen=True, kw_only=True):
+    """The envelope without its signature: exactly the bytes that are signed."""
+
+    id: str
+    type: str
+    job: str
+    task: str | None
+    time: datetime
+    actor: str
+    correlation_id: str
+    causation_id: str | None
+    data: Any
+    prev: str
+    kid: str
+
+
+class _WireEnvelope(msgspec.Struct, frozen=True, kw_only=True):
+    """The envelope as read off the wire, its payload left as raw bytes until its type is known."""
+
+    id: str
+    type: str
+    job: str
+    task: str | None
+    time: datetime
+    actor: str
+    correlation_id: str
+    causation_id: str | None
+    data: msgspec.Raw
+    prev: str
+    kid: str
+    sig: str
+
+
+class Sealed(msgspec.Struct, frozen=True):
+    """A signed event: the decoded envelope, its exact wire bytes and their SHA-256 (the next event's `prev`)."""
+
+    envelope: Envelope
+    wire: bytes
+    digest: str
+
+
+class InvalidEvent(ValueError):
+    """Bytes that are not a well-formed, correctly signed event; `reason` is a short code."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+_encoder = msgspec.json.Encoder(order="deterministic")
+_wire_decoder = msgspec.json.Decoder(_WireEnvelope)
+_data_decoders = {name: msgspec.json.Decoder(cls) for name, cls in EVENT_TYPES.items()}
+
+
+def event_subject(job: str, task: str | None, type_name: str) -> str:
+    """`numerus.job.<job>.<event>` or `numerus.job.<job>.task.<task>.<event>`."""
+    suffix = SUBJECT_SUFFIX[type_name]
+    if task is None:
+        return f"numerus.job.{job}.{suffix}"
+    return f"numerus.job.{job}.task.{task}.{suffix}"
+
+
+def seal(
+    data: EventData,
+    *,
+    id: str,
+    job: str,
+    task: str | None,
+    time: datetime,
+    actor: str,
+    correlation_id: str,
+    causation_id: str | None,
+    prev: str,
+    kid: str,
+    key: bytes,
+) -> Sealed:
+    """Sign and chain one event."""
+    type_name = type(data).__name__
+    if data.TASK_EVENT != (task is not None):
+        raise ValueError(f"{type_name} {'needs' if data.TASK_EVENT else 'takes no'} task id")
+    unsigned = _Unsigned(
+        id=id,
+        type=type_name,
+        job=job,
+        task=task,
+        time=time,
+        actor=actor,
+        correlation_id=correlation_id,
+        causation_id=causation_id,
+        data=data,
+        prev=prev,
+        kid=kid,
+    )
+    body = _encoder.encode(unsigned)
+    sig = hmac.digest(key, body, "sha256").hex()
+    wire = b"%s%s%s\"}" % (body[:-1], _SIG_MARK, sig.encode())
+    envelope = Envelope(
+        id=id,
+        type=type_name,
+        job=job,
+        task=task,
+        time=time,
+        actor=actor,
+        correlation_id=correlation_id,
+        causation_id=causation_id,
+        data=data,
+        prev=prev,
+        kid=kid,
+        sig=sig,
+    )
+    return Sealed(envelope, wire, hashlib.sha256(wire).hexdigest())
+
+
+def signed_part(wire: bytes) -> tuple[bytes, str]:
+    """Split an event's bytes into the part that is signed and the signature."""
+    at = wire.rfind(_SIG_MARK)
+    if at < 0 or not wire.endswith(b'"}'):
+        raise InvalidEvent("malformed", "no trailing sig member")
+    return wire[:at] + b"}", wire[at + len(_SIG_MARK) : -2].decode("ascii", "replace")
+
+
+def check_signature(wire: bytes, keys: dict[str, bytes], kid: str) -> None:
+    """Raise InvalidEvent unless `wire` carries a valid signature under the key `kid`."""
+    key = keys.get(kid)
+    if key is None:
+        raise InvalidEvent("unknown_key", f"signed with unknown key id {kid!r}")
+    body, sig = signed_part(wire)
+    if not hmac.compare_digest(hmac.digest(key, body, "sha256").hex(), sig):
+        raise InvalidEvent("bad_signature", "signature does not match its content")
+
+
+def decode_wire(wire: bytes) -> _WireEnvelope:
+    """Decode the envelope without its payload (cheap: the payload stays raw bytes)."""
+    try:
+        return _wire_decoder.decode(wire)
+    except msgspec.DecodeError as e:
+        raise InvalidEvent("malformed", f"not an event envelope: {e}") from e
+
+
+def open_event(wire: bytes, keys: dict[str, bytes]) -> Envelope:
+    """Decode, verify and type one event from its wire bytes; raise InvalidEvent when any of that fails."""
+    raw = decode_wire(wire)
+    check_signature(wire, keys, raw.kid)
+    decoder = _data_decoders.get(raw.type)
+    if decoder is None:
+        raise InvalidEvent("unknown_type", f"unknown event type {raw.type!r}")
+    try:
+        data = decoder.decode(raw.data)
+    except msgspec.ValidationError as e:
+        raise InvalidEvent("malformed", f"{raw.type}: {e}") from e
+    return Envelope(
+        id=raw.id,
+        type=raw.type,
+        job=raw.job,
+        task=raw.task,
+        time=raw.time,
+        actor=raw.actor,
+        correlation_id=raw.correlation_id,
+        causation_id=raw.causation_id,
+        data=data,
+        prev=raw.prev,
+        kid=raw.kid,
+        sig=raw.sig,
+    )
+
+
+def digest(wire: bytes) -> str:
+    """The chain hash of an event: SHA-256 of its complete wire bytes."""
+    return hashlib.sha256(wire).hexdigest()

@@ -1,0 +1,28 @@
+"""Identifiers: time-ordered, URL- and NATS-subject-safe ULIDs, and the rule for task ids."""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+
+_CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+
+#: A token that may stand in a NATS subject and a file name.
+TOKEN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+def new_ulid(now_ns: int | None = None) -> str:
+    """A 26-character ULID: 48 bits of milliseconds then 80 random bits, Crockford base32."""
+    ms = (now_ns if now_ns is not None else time.time_ns()) // 1_000_000
+    value = (ms << 80) | int.from_bytes(os.urandom(10), "big")
+    chars = []
+    for _ in range(26):
+        chars.append(_CROCKFORD[value & 31])
+        value >>= 5
+    return "".join(reversed(chars))
+
+
+def is_token(value: str) -> bool:
+    """True when `value` can be used as one NATS subject token and one path component."""
+    return bool(TOKEN.match(value))
