@@ -142,7 +142,7 @@ def seal(
     )
     body = _encoder.encode(unsigned)
     sig = hmac.digest(key, body, "sha256").hex()
-    wire = b"%s%s%s\"}" % (body[:-1], _SIG_MARK, sig.encode())
+    wire = b'%s%s%s"}' % (body[:-1], _SIG_MARK, sig.encode())
     envelope = Envelope(
         id=id,
         type=type_name,
