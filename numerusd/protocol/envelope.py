@@ -125,7 +125,7 @@ def seal(
 ) -> Sealed:
     """Sign and chain one event."""
     type_name = type(data).__name__
-    if data.TASK_EVENT != (task is not None):
+    if (task is not None) != data.TASK_EVENT:
         raise ValueError(f"{type_name} {'needs' if data.TASK_EVENT else 'takes no'} task id")
     unsigned = _Unsigned(
         id=id,
