@@ -85,6 +85,7 @@ class JobState(msgspec.Struct, frozen=True, kw_only=True):
     created: datetime
     updated: datetime
     events: int = 1
+    last_event_id: str = ""
     tasks: dict[str, TaskState] = {}
 
 
@@ -104,8 +105,9 @@ def evolve(state: JobState | None, event: Envelope) -> JobState:
             agent=data.agent,
             created=event.time,
             updated=event.time,
+            last_event_id=event.id,
         )
-    job = msgspec.structs.replace(state, updated=event.time, events=state.events + 1)
+    job = msgspec.structs.replace(state, updated=event.time, events=state.events + 1, last_event_id=event.id)
     if event.task is not None:
         return _evolve_task(job, event.task, event.time, data)
     match data:

@@ -1,0 +1,37 @@
+# The two commands a new user needs: `make demo` and `make test`. Each makes its own virtual environment.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+
+.PHONY: install demo test lint bench schemas clean
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[test]'
+	touch $@
+
+install: $(BIN)/.installed
+
+## demo: embedded NATS, a real job run by the scripted agent, its result shown
+demo: install
+	BIN=$(BIN) bash scripts/demo.sh
+
+## test: the whole test suite (and the linter), as CI runs it
+test: install
+	$(BIN)/ruff check numerusd numerusctl tests bench
+	$(BIN)/python -m pytest -q
+
+lint: install
+	$(BIN)/ruff check numerusd numerusctl tests bench
+	$(BIN)/ruff format --check numerusd numerusctl tests bench
+
+## bench: the benchmarks of docs/benchmarks.md, each a ratio against a baseline measured in the same run
+bench: install
+	$(BIN)/python bench/run_all.py --write docs/benchmarks.md
+
+## schemas: regenerate schemas/*.json from the protocol types
+schemas: install
+	$(BIN)/python -m numerusd.schemas
+
+clean:
+	rm -rf $(VENV) build *.egg-info
