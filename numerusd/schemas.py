@@ -29,7 +29,7 @@ def _dump(value: Any) -> str:
 def events_schema() -> dict[str, Any]:
     """The envelope, with `data` tied to `type` by one if/then per event type."""
     types = list(EVENT_TYPES.values())
-    (envelope, *_), components = msgspec.json.schema_components([_WireEnvelope, *types], ref_template="#/$defs/{name}")
+    _, components = msgspec.json.schema_components([_WireEnvelope, *types], ref_template="#/$defs/{name}")
     envelope_def = components.pop("_WireEnvelope")
     envelope_def["title"] = "Envelope"
     envelope_def["description"] = "One signed, chained Numerus event, as published on numerus.job.<job>.>"
