@@ -1,0 +1,275 @@
+"""The daemon's settings: where its state lives, which NATS server to use, which agents it knows.
+
+Settings come from four layers, each overriding the one before: built-in defaults, a TOML file (`--config FILE`,
+else `$NUMERUS_CONFIG`, else `<state_dir>/numerus.toml` when present), the environment (`NUMERUS_*`), and the
+command-line flags. A bad value stops the daemon with one line naming its source and the path of the field,
+msgspec's way (`numerus.toml: Expected `array`, got `str` - at `$.agents.codex.args``).
+
+An example file:
+
+    nats_url = "nats://nats.internal:4222"
+    nats_creds = "/etc/numerus/numerus.creds"
+    default_agent = "codex"
+    kill_grace_s = 10
+
+    [agents.codex]                  # merged over the built-in `codex` profile
+    model = "gpt-5-codex"
+    args = ["-c", "model_reasoning_effort=\"high\""]
+
+    [agents.careful]                # a new profile
+    kind = "codex"
+    sandbox = "read-only"
+
+The file names `state_dir` too, but the file itself is looked for in the state directory given by the flag, the
+environment or the default, so a `state_dir` set there only moves the state, not the file.
+
+The connection file the daemon writes for `numerusctl` (`write_connection_file`) lives here as well, so the
+daemon's side of that contract sits beside the settings that name its path.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any
+
+import msgspec
+
+from numerusd.agents.base import AgentProfile
+from numerusd.errors import ConfigError
+
+#: Where state lives when nothing says otherwise (numerusctl has the same default, see numerusctl/connection.py).
+DEFAULT_STATE_DIR = "~/.local/state/numerus"
+
+#: The profiles every installation has; a file's `[agents.<name>]` table is merged over them field by field.
+BUILTIN_AGENTS: dict[str, AgentProfile] = {
+    "codex": AgentProfile(kind="codex"),
+    "scripted": AgentProfile(kind="scripted"),
+}
+
+#: Environment variable for each setting that can be given that way.
+ENV_VARS: dict[str, str] = {
+    "state_dir": "NUMERUS_STATE_DIR",
+    "nats_url": "NUMERUS_NATS_URL",
+    "nats_user": "NUMERUS_NATS_USER",
+    "nats_password": "NUMERUS_NATS_PASSWORD",
+    "nats_creds": "NUMERUS_NATS_CREDS",
+    "default_agent": "NUMERUS_DEFAULT_AGENT",
+    "kill_grace_s": "NUMERUS_KILL_GRACE_S",
+    "log_chunk_bytes": "NUMERUS_LOG_CHUNK_BYTES",
+    "log_flush_ms": "NUMERUS_LOG_FLUSH_MS",
+}
+
+CONFIG_ENV_VAR = "NUMERUS_CONFIG"
+CONFIG_FILE_NAME = "numerus.toml"
+
+
+class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Everything numerusd is told from outside; build it with `load_settings`, not by hand."""
+
+    state_dir: Path = msgspec.field(default_factory=lambda: Path(DEFAULT_STATE_DIR).expanduser())
+    #: None: start the embedded nats-server in `nats_store_dir`.
+    nats_url: str | None = None
+    nats_user: str | None = None
+    nats_password: str | None = None
+    #: A NATS credentials file (JWT and nkey seed) for an external server.
+    nats_creds: Path | None = None
+    default_agent: str = "codex"
+    agents: dict[str, AgentProfile] = msgspec.field(default_factory=lambda: dict(BUILTIN_AGENTS))
+    #: Seconds between SIGTERM and SIGKILL when an agent is stopped.
+    kill_grace_s: Annotated[float, msgspec.Meta(ge=0)] = 5.0
+    #: Largest chunk of agent terminal output published on `numerus.log.<job>.<task>`.
+    log_chunk_bytes: Annotated[int, msgspec.Meta(ge=256, le=1024 * 1024)] = 32 * 1024
+    #: Longest time output waits in the buffer before it is published anyway.
+    log_flush_ms: Annotated[int, msgspec.Meta(ge=1)] = 100
+
+    def __repr__(self) -> str:
+        # The password must never reach a log line; show only whether there is one.
+        shown = {f.name: getattr(self, f.name) for f in msgspec.structs.fields(self) if f.name != "nats_password"}
+        fields = ", ".join(f"{name}={value!r}" for name, value in shown.items())
+        return f"Settings({fields}, nats_password={'<set>' if self.nats_password else None})"
+
+    def __rich_repr__(self) -> Any:
+        yield from ((f.name, getattr(self, f.name)) for f in msgspec.structs.fields(self) if f.name != "nats_password")
+
+    @property
+    def runs_dir(self) -> Path:
+        """Per-task working data: `<runs_dir>/<job>/<task>/` holds terminal logs and outputs."""
+        return self.state_dir / "runs"
+
+    @property
+    def wal_path(self) -> Path:
+        """The write-ahead log of events not yet acknowledged by JetStream."""
+        return self.state_dir / "events.wal"
+
+    @property
+    def keys_path(self) -> Path:
+        """The signing keys, `{"current": kid, "keys": {kid: hex}}`, mode 0600."""
+        return self.state_dir / "keys.json"
+
+    @property
+    def db_path(self) -> Path:
+        """The SQLite views projected from the stream (rebuildable at any time)."""
+        return self.state_dir / "views.sqlite3"
+
+    @property
+    def connection_path(self) -> Path:
+        """Where the running daemon tells `numerusctl` how to reach it."""
+        return self.state_dir / "connection.json"
+
+    @property
+    def nats_store_dir(self) -> Path:
+        """The embedded nats-server's configuration and JetStream store."""
+        return self.state_dir / "nats"
+
+
+def _dec_hook(type_: type, value: Any) -> Any:
+    # msgspec has no Path type of its own; a path is a string in TOML and in the environment.
+    if type_ is Path and isinstance(value, (str, Path)):
+        return Path(value).expanduser()
+    raise ValueError(f"expected a path, got {type(value).__name__}")
+
+
+_FIELD_TYPES: dict[str, Any] = {f.name: f.type for f in msgspec.structs.fields(Settings)}
+_PROFILE_FIELDS = frozenset(f.name for f in msgspec.structs.fields(AgentProfile))
+
+
+def _field_path(error: msgspec.ValidationError, prefix: str) -> str:
+    """Put `prefix` in front of the error's `$…` path (or add it when the error is about the value itself)."""
+    text = str(error)
+    if " - at `$" in text:
+        return text.replace(" - at `$", f" - at `{prefix}", 1)
+    return f"{text} - at `{prefix}`"
+
+
+def _read_file(path: Path, explicit: bool) -> dict[str, Any]:
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        if explicit:
+            raise ConfigError(f"{path}: configuration file not found", path=str(path)) from None
+        return {}
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read: {e.strerror}", path=str(path)) from e
+    try:
+        table = msgspec.toml.decode(data)
+    except msgspec.DecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML: {e}", path=str(path)) from e
+    return table
+
+
+def _file_layer(path: Path, table: dict[str, Any]) -> dict[str, Any]:
+    """Validate a file's table field by field; agents are merged over the built-in profiles."""
+    table = dict(table)
+    agents_table = table.pop("agents", {})
+    try:
+        fields = msgspec.convert(table, Settings, dec_hook=_dec_hook)
+    except msgspec.ValidationError as e:
+        raise ConfigError(f"{path}: {e}", path=str(path)) from e
+    layer = {name: getattr(fields, name) for name in table}
+    for name, value in layer.items():
+        if isinstance(value, Path) and not value.is_absolute():
+            layer[name] = path.parent / value  # a relative path in a file means relative to that file
+    if not isinstance(agents_table, dict):
+        raise ConfigError(f"{path}: Expected `object`, got `{type(agents_table).__name__}` - at `$.agents`")
+    agents = dict(BUILTIN_AGENTS)
+    for name, profile in agents_table.items():
+        # AgentProfile itself lets unknown fields through; in a file a stray key is a typo, so refuse it here.
+        unknown = sorted(set(profile) - _PROFILE_FIELDS) if isinstance(profile, dict) else []
+        if unknown:
+            raise ConfigError(
+                f"{path}: Object contains unknown field `{unknown[0]}` - at `$.agents.{name}`", path=str(path)
+            )
+        base = msgspec.to_builtins(BUILTIN_AGENTS[name]) if name in BUILTIN_AGENTS else {}
+        merged = {**base, **profile} if isinstance(profile, dict) else profile
+        try:
+            agents[name] = msgspec.convert(merged, AgentProfile)
+        except msgspec.ValidationError as e:
+            raise ConfigError(f"{path}: {_field_path(e, f'$.agents.{name}')}", path=str(path)) from e
+    if agents_table:
+        layer["agents"] = agents
+    return layer
+
+
+def _value(source: str, name: str, value: Any, strict: bool) -> Any:
+    """One setting from the environment (a string) or a flag, checked against its field's type."""
+    try:
+        return msgspec.convert(value, _FIELD_TYPES[name], strict=strict, dec_hook=_dec_hook)
+    except msgspec.ValidationError as e:
+        raise ConfigError(f"{source}: {e}", setting=name) from e
+
+
+def load_settings(
+    *,
+    config_file: str | Path | None = None,
+    state_dir: str | Path | None = None,
+    nats_url: str | None = None,
+    nats_user: str | None = None,
+    nats_password: str | None = None,
+    nats_creds: str | Path | None = None,
+    env: Mapping[str, str] | None = None,
+) -> Settings:
+    """Build the settings: defaults, then the TOML file, then the environment, then these arguments (the flags).
+
+    An argument left None does not override. `env` defaults to `os.environ` (tests pass their own). Raises
+    ConfigError with one line naming the file, variable or flag and the path of the bad field.
+    """
+    env = os.environ if env is None else env
+    flags = {
+        "state_dir": state_dir,
+        "nats_url": nats_url,
+        "nats_user": nats_user,
+        "nats_password": nats_password,
+        "nats_creds": nats_creds,
+    }
+    flag_layer = {
+        name: _value(f"--{name.replace('_', '-')}", name, value, strict=True)
+        for name, value in flags.items()
+        if value is not None
+    }
+    env_layer = {
+        name: _value(f"${var}", name, env[var], strict=False)
+        for name, var in ENV_VARS.items()
+        if env.get(var)  # an empty variable counts as unset, as shells make them easily
+    }
+    where = flag_layer.get("state_dir") or env_layer.get("state_dir") or Settings().state_dir
+    explicit = config_file if config_file is not None else env.get(CONFIG_ENV_VAR) or None
+    path = Path(explicit).expanduser() if explicit else Path(where) / CONFIG_FILE_NAME
+    file_layer = _file_layer(path, _read_file(path, explicit=bool(explicit)))
+
+    merged = {**file_layer, **env_layer, **flag_layer}
+    if "state_dir" in merged:
+        # Relative to where the daemon was started, fixed now so a later chdir cannot move the state.
+        merged["state_dir"] = Path(merged["state_dir"]).expanduser().absolute()
+    settings = Settings(**merged)
+    if settings.default_agent not in settings.agents:
+        known = ", ".join(sorted(settings.agents))
+        raise ConfigError(
+            f"default_agent {settings.default_agent!r} is not a configured agent profile (known: {known})",
+            setting="default_agent",
+        )
+    return settings
+
+
+def write_connection_file(path: Path, url: str, user: str | None, password: str | None) -> None:
+    """Tell numerusctl how to reach this daemon: `{url, user, password, pid}`, mode 0600, replaced atomically.
+
+    The file holds a password, so it is created 0600 from the start (never chmod'ed after), in a temporary name
+    beside the target and renamed over it, so a reader sees the old file or the new one, never half of one.
+    """
+    body = json.dumps({"url": url, "user": user, "password": password, "pid": os.getpid()}).encode()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "wb") as out:
+        os.fchmod(fd, 0o600)  # a stale tmp file left by a crash keeps its own mode: set it again
+        out.write(body)
+        out.flush()
+        os.fsync(fd)
+    try:
+        os.replace(tmp, path)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        raise
