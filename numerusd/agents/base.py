@@ -1,0 +1,122 @@
+"""The agent port: what configuration says about an agent, and the Protocol every agent adapter implements.
+
+An adapter turns one invocation (a prompt for a repository, maybe resuming a thread) into a command line, and
+gives a parser that turns the agent's terminal output, line by line, into event payloads. Spawning the command
+is not the adapter's business (see `numerusd.terminal`), so every adapter runs through the same code path, and
+`tests/test_agent_adapters.py` is the contract suite each one must pass.
+"""
+
+from __future__ import annotations
+
+import codecs
+from pathlib import Path
+from typing import Protocol
+
+import msgspec
+
+from numerusd.errors import ConfigError
+from numerusd.protocol.events import EventData
+
+
+class AgentProfile(msgspec.Struct, frozen=True, kw_only=True):
+    """What configuration says about an agent: which kind, which binary, model, sandbox and extras."""
+
+    kind: str = "codex"
+    #: Overrides the adapter's own lookup of its program (CODEX_BIN, then PATH, for codex).
+    binary: str | None = None
+    model: str | None = None
+    sandbox: str = "workspace-write"
+    #: Extra arguments, e.g. ("-c", 'model_reasoning_effort="high"').
+    args: tuple[str, ...] = ()
+    #: Extra environment, e.g. {"CODEX_HOME": "..."}; it may hold secrets, so it never goes into an event.
+    env: dict[str, str] = {}
+
+    def __repr__(self) -> str:
+        # Values of `env` may be API keys: show the names only.
+        return (
+            f"AgentProfile(kind={self.kind!r}, binary={self.binary!r}, model={self.model!r}, "
+            f"sandbox={self.sandbox!r}, args={self.args!r}, env=<{', '.join(sorted(self.env))}>)"
+        )
+
+
+class AgentInvocation(msgspec.Struct, frozen=True, kw_only=True):
+    """One run of an agent: the prompt, the repository it works in, and what to resume or write."""
+
+    prompt: str
+    #: The agent's working root (`-C`); the process also starts there.
+    repo: Path
+    resume_thread: str | None = None
+    #: JSON Schema the final message must follow (plans, claims, review verdicts).
+    output_schema: Path | None = None
+    #: Where the agent writes its final message.
+    output_file: Path | None = None
+    #: Thread totals (input, cached input, output tokens) already counted, when resuming a thread.
+    usage_baseline: tuple[int, int, int] = (0, 0, 0)
+
+
+class AgentOutputParser(Protocol):
+    """Turns an agent's terminal output into event payloads; one parser per run, fed in order."""
+
+    def feed(self, line: str) -> list[EventData]:
+        """One line of output (without its line ending) -> zero or more payloads; never raises."""
+        ...
+
+
+class AgentAdapter(Protocol):
+    """How to run one kind of agent and understand what it prints."""
+
+    name: str
+
+    def command(self, invocation: AgentInvocation) -> tuple[list[str], dict[str, str]]:
+        """The argv to spawn and the environment to add to the daemon's."""
+        ...
+
+    def parser(self, invocation: AgentInvocation) -> AgentOutputParser:
+        """A fresh parser for the output of this invocation."""
+        ...
+
+
+class LineBuffer:
+    """Splits terminal output chunks into lines for a parser: UTF-8 (bad bytes replaced), `\\r` stripped.
+
+    Chunks from a PTY end anywhere, even inside a multi-byte character; the partial line waits for the next
+    chunk, and `close()` returns what is left at end of file.
+    """
+
+    def __init__(self) -> None:
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._partial = ""
+
+    def feed(self, data: bytes) -> list[str]:
+        """The complete lines in `data` and whatever came before it."""
+        text = self._partial + self._decoder.decode(data)
+        *lines, self._partial = text.split("\n")
+        return [line.removesuffix("\r") for line in lines]
+
+    def close(self) -> list[str]:
+        """The last, unterminated line, if any."""
+        rest = (self._partial + self._decoder.decode(b"", final=True)).removesuffix("\r")
+        self._partial = ""
+        return [rest] if rest else []
+
+
+#: The kinds `adapter_for` knows.
+KNOWN_KINDS = ("codex", "scripted")
+
+
+def adapter_for(profile: AgentProfile) -> AgentAdapter:
+    """The adapter for a profile's kind; ConfigError naming the known kinds for any other."""
+    # Imported here: the adapters import this module, and the scripted agent's start-up stays light.
+    if profile.kind == "codex":
+        from numerusd.agents.codex import CodexAdapter
+
+        return CodexAdapter(profile)
+    if profile.kind == "scripted":
+        from numerusd.agents.scripted import ScriptedAdapter
+
+        return ScriptedAdapter(profile)
+    raise ConfigError(
+        f"unknown agent kind {profile.kind!r}; known kinds: {', '.join(KNOWN_KINDS)}",
+        kind=profile.kind,
+        known=KNOWN_KINDS,
+    )
