@@ -1,0 +1,730 @@
+"""SQLite views projected from the event stream: jobs, tasks, an index of events, and what was rejected.
+
+The stream is the truth; these tables are a cache of `domain.evolve` folded over it, kept so that `status`,
+`events` and an operator's `sqlite3` queries need not replay anything. The projector follows the pattern of
+pyeventsourcing's `SQLiteProcessRecorder`: each batch of stream messages changes the views *and* the stored
+stream position in one SQLite transaction, so after a crash it resumes exactly where its last commit left off,
+and a batch it has already applied is skipped. Dropping every table and replaying the stream (`rebuild`) gives
+the same rows, byte for byte (`dump`).
+
+An event that does not open (forged, bad signature, unknown key or type, malformed), that arrives on a subject
+other than its own, that repeats an event id already applied, or that `evolve` refuses, is not folded: it is
+recorded in `rejected` and returned to the caller, who sends it to `numerus.dlq.projector.<reason>`.
+
+Tables (times are UTC, `YYYY-MM-DDTHH:MM:SS.ffffffZ`, so they sort as text):
+
+    jobs      id PK, goal, repo, agent, status, reason, created, updated, events, state (JobState as JSON)
+    tasks     (job, id) PK, ord, title, agent, role, status, attempt, pid, exit_code, reason, thread_id,
+              input_tokens, cached_input_tokens, output_tokens, log_path, started, ended
+    events    seq PK, id UNIQUE, job, task, type, time, subject       -- by (job, seq), (type, seq), (time)
+    rejected  seq PK, subject, reason, message
+    position  one row: seq, the last stream sequence applied
+
+sqlite3 errors are translated into `StoreError` here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import sqlite3
+import time
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+import msgspec
+
+from numerusd.domain import JobState, evolve
+from numerusd.errors import StoreError
+from numerusd.protocol.commands import JobView, TaskView
+from numerusd.protocol.envelope import Envelope, InvalidEvent, open_event
+
+log = logging.getLogger(__name__)
+
+#: Bumped whenever a table changes shape; a file built by another version is dropped and rebuilt on open.
+SCHEMA_VERSION = 1
+
+#: The stream the views are projected from.
+STREAM = "NUMERUS_EVENTS"
+
+#: Jobs whose state is kept in memory between batches; others are read back from `jobs.state` when needed.
+CACHE_JOBS = 10_000
+
+#: One stream message as the projector takes it: (stream sequence, subject, wire bytes).
+Message = tuple[int, str, bytes]
+
+_TABLES = ("jobs", "tasks", "events", "rejected", "position")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    id TEXT PRIMARY KEY, goal TEXT NOT NULL, repo TEXT NOT NULL, agent TEXT NOT NULL, status TEXT NOT NULL,
+    reason TEXT, created TEXT NOT NULL, updated TEXT NOT NULL, events INTEGER NOT NULL, state TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS tasks (
+    job TEXT NOT NULL, id TEXT NOT NULL, ord INTEGER NOT NULL, title TEXT NOT NULL, agent TEXT NOT NULL,
+    role TEXT NOT NULL, status TEXT NOT NULL, attempt INTEGER NOT NULL, pid INTEGER, exit_code INTEGER,
+    reason TEXT, thread_id TEXT, input_tokens INTEGER NOT NULL, cached_input_tokens INTEGER NOT NULL,
+    output_tokens INTEGER NOT NULL, log_path TEXT, started TEXT, ended TEXT,
+    PRIMARY KEY (job, id)
+);
+CREATE TABLE IF NOT EXISTS events (
+    seq INTEGER PRIMARY KEY, id TEXT NOT NULL UNIQUE, job TEXT NOT NULL, task TEXT, type TEXT NOT NULL,
+    time TEXT NOT NULL, subject TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS rejected (
+    seq INTEGER PRIMARY KEY, subject TEXT NOT NULL, reason TEXT NOT NULL, message TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS position (
+    singleton INTEGER PRIMARY KEY CHECK (singleton = 1), seq INTEGER NOT NULL
+);
+INSERT OR IGNORE INTO position (singleton, seq) VALUES (1, 0);
+"""
+
+# Secondary indexes are separate so that a rebuild can load first and index once at the end, which is several
+# times cheaper than maintaining them row by row.
+_INDEXES = """
+CREATE INDEX IF NOT EXISTS jobs_created ON jobs (created);
+CREATE INDEX IF NOT EXISTS events_job ON events (job, seq);
+CREATE INDEX IF NOT EXISTS events_type ON events (type, seq);
+CREATE INDEX IF NOT EXISTS events_time ON events (time);
+"""
+
+_UPSERT_JOB = """
+INSERT INTO jobs (id, goal, repo, agent, status, reason, created, updated, events, state)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+ON CONFLICT (id) DO UPDATE SET goal = excluded.goal, repo = excluded.repo, agent = excluded.agent,
+    status = excluded.status, reason = excluded.reason, created = excluded.created, updated = excluded.updated,
+    events = excluded.events, state = excluded.state
+"""
+_UPSERT_TASK = """
+INSERT INTO tasks (job, id, ord, title, agent, role, status, attempt, pid, exit_code, reason, thread_id,
+    input_tokens, cached_input_tokens, output_tokens, log_path, started, ended)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+ON CONFLICT (job, id) DO UPDATE SET ord = excluded.ord, title = excluded.title, agent = excluded.agent,
+    role = excluded.role, status = excluded.status, attempt = excluded.attempt, pid = excluded.pid,
+    exit_code = excluded.exit_code, reason = excluded.reason, thread_id = excluded.thread_id,
+    input_tokens = excluded.input_tokens, cached_input_tokens = excluded.cached_input_tokens,
+    output_tokens = excluded.output_tokens, log_path = excluded.log_path, started = excluded.started,
+    ended = excluded.ended
+"""
+_INSERT_EVENT = "INSERT INTO events (seq, id, job, task, type, time, subject) VALUES (?, ?, ?, ?, ?, ?, ?)"
+_INSERT_REJECTED = "INSERT OR REPLACE INTO rejected (seq, subject, reason, message) VALUES (?, ?, ?, ?)"
+_SET_POSITION = "UPDATE position SET seq = ? WHERE singleton = 1"
+
+#: Every view's rows in a stable order: what `dump` returns and what a rebuild must reproduce.
+_DUMP_QUERIES = {
+    "jobs": "SELECT * FROM jobs ORDER BY id",
+    "tasks": "SELECT * FROM tasks ORDER BY job, id",
+    "events": "SELECT * FROM events ORDER BY seq",
+    "rejected": "SELECT * FROM rejected ORDER BY seq",
+    "position": "SELECT seq FROM position",
+}
+
+# SQLite's default limit on host parameters is 32766 since 3.32; stay far below it.
+_IN_CHUNK = 500
+
+_state_encoder = msgspec.json.Encoder()
+_state_decoder = msgspec.json.Decoder(JobState)
+_time_encoder = msgspec.json.Encoder()
+
+
+class Rejected(msgspec.Struct, frozen=True):
+    """A message that was not folded into the views, with a short `reason` code and the bytes as received."""
+
+    seq: int
+    subject: str
+    reason: str
+    message: str
+    wire: bytes
+
+
+class RebuildReport(msgspec.Struct, frozen=True, kw_only=True):
+    """What a replay of the stream did: messages read, events applied, messages rejected, in how long."""
+
+    messages: int
+    applied: int
+    rejected: int
+    jobs: int
+    tasks: int
+    last_seq: int
+    seconds: float
+
+    @property
+    def events_per_s(self) -> float:
+        """Messages replayed per second of wall time."""
+        return self.messages / self.seconds if self.seconds else 0.0
+
+
+def dlq_subject(reason: str) -> str:
+    """`numerus.dlq.projector.<reason>`: where a rejected message is dead-lettered."""
+    return f"numerus.dlq.projector.{reason}"
+
+
+def utc_text(moment: datetime | None) -> str | None:
+    """A time as fixed-width UTC text (`2024-05-01T12:00:00.000000Z`), so text order is time order."""
+    if moment is None:
+        return None
+    if moment.tzinfo is not UTC:
+        # Naive times are read as UTC: the daemon writes only aware ones, this keeps old or foreign ones usable.
+        moment = moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+    # msgspec's encoder is ~10x faster than isoformat(); it omits the fraction when it is zero.
+    text = _time_encoder.encode(moment)
+    if len(text) == 22:
+        return text[1:-2].decode() + ".000000Z"
+    return text[1:-1].decode()
+
+
+@contextlib.contextmanager
+def _translated(doing: str, path: Path) -> Iterator[None]:
+    """Turn a sqlite3 error into StoreError, naming the file and what was being done."""
+    try:
+        yield
+    except sqlite3.Error as e:
+        raise StoreError(f"projection database {path}: {doing} failed: {e}", path=str(path), doing=doing) from e
+
+
+class Projector:
+    """Keeps the SQLite views of one database file up to date with the event stream.
+
+    Use as `async with Projector(path, keys) as projector:`; then `apply` batches, or `run` to follow the
+    stream. One projector per file: batches are applied one at a time, in stream order.
+    """
+
+    def __init__(self, path: str | Path, keys: dict[str, bytes], *, cache_jobs: int = CACHE_JOBS) -> None:
+        self.path = Path(path)
+        self._keys = keys
+        self._cache_jobs = cache_jobs
+        self._db: aiosqlite.Connection | None = None
+        self._position = 0
+        self._lock = asyncio.Lock()
+        # Job states by id, least recently changed first. While `_complete` is true the cache holds every job
+        # in the file (it started empty and nothing was evicted), so a job missing from it does not exist and
+        # need not be looked up: this spares a rebuild one query per batch.
+        self._cache: dict[str, JobState] = {}
+        self._complete = False
+        self._bulk = False
+
+    # --- lifecycle -------------------------------------------------------------------------------------------
+
+    async def open(self, *, bulk: bool = False) -> Projector:
+        """Open (creating if needed) the database; `bulk` trades durability for speed during a rebuild."""
+        with _translated("open", self.path):
+            self._db = db = await aiosqlite.connect(self.path, isolation_level=None)
+            await db.execute("PRAGMA journal_mode = WAL")
+            # NORMAL in WAL mode may lose the last commits on power loss but never corrupts; the views and
+            # their position are lost together and are replayed from the stream. A bulk rebuild writes a
+            # scratch file that is thrown away if anything goes wrong, so it need not sync at all.
+            await db.execute(f"PRAGMA synchronous = {'OFF' if bulk else 'NORMAL'}")
+            await db.execute("PRAGMA cache_size = -65536")
+            await db.execute("PRAGMA temp_store = MEMORY")
+            version = (await _fetchone(db, "PRAGMA user_version"))[0]
+            if version != SCHEMA_VERSION:
+                if version != 0 or await _fetchone(db, "SELECT 1 FROM sqlite_master LIMIT 1"):
+                    log.warning(
+                        "projection database %s has schema %s, this numerusd writes %s: dropping the views, "
+                        "they will be rebuilt from the stream",
+                        self.path,
+                        version,
+                        SCHEMA_VERSION,
+                    )
+                await self._drop_tables()
+            self._bulk = bulk
+            await self._create(indexes=not bulk)
+            self._position = (await _fetchone(db, "SELECT seq FROM position"))[0]
+            self._complete = (await _fetchone(db, "SELECT count(*) FROM jobs"))[0] == 0
+        return self
+
+    async def close(self) -> None:
+        """Create any indexes a bulk load left out, and close the file."""
+        db, self._db = self._db, None
+        if db is None:
+            return
+        with _translated("close", self.path):
+            try:
+                if self._bulk:
+                    await db.executescript(_INDEXES)
+                    await db.execute("PRAGMA synchronous = NORMAL")
+                await db.execute("PRAGMA optimize")
+            finally:
+                await db.close()
+
+    async def __aenter__(self) -> Projector:
+        return await self.open()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    @property
+    def db(self) -> aiosqlite.Connection:
+        """The open connection (for the read queries below)."""
+        if self._db is None:
+            raise StoreError(f"projection database {self.path} is not open", path=str(self.path))
+        return self._db
+
+    async def _create(self, *, indexes: bool) -> None:
+        await self.db.executescript(_SCHEMA + (_INDEXES if indexes else ""))
+        await self.db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+    async def _drop_tables(self) -> None:
+        for table in _TABLES:
+            await self.db.execute(f"DROP TABLE IF EXISTS {table}")
+
+    async def drop(self) -> None:
+        """Empty every view and set the position back to 0, so that the next batch starts a full replay."""
+        async with self._lock:
+            with _translated("drop the views", self.path):
+                await self._drop_tables()
+                await self._create(indexes=not self._bulk)
+                await self.db.execute("VACUUM")
+            self._position = 0
+            self._cache.clear()
+            self._complete = True
+
+    # --- applying events -------------------------------------------------------------------------------------
+
+    def position(self) -> int:
+        """The stream sequence of the last message applied (0 before the first)."""
+        return self._position
+
+    async def apply(self, batch: Sequence[Message]) -> list[Rejected]:
+        """Fold a batch of stream messages, in stream order, into the views in one transaction.
+
+        Messages at or below the stored position were applied before and are skipped. Returns the messages
+        that were rejected, in stream order, for the caller to dead-letter.
+        """
+        async with self._lock:
+            position = self._position
+            if batch and batch[0][0] <= position:
+                batch = [message for message in batch if message[0] > position]
+            if not batch:
+                return []
+            opened, rejected = self._open(batch)
+            loaded = await self._load_missing({event.job for _, _, event in opened})
+            duplicates = await self._known_ids([event.id for _, _, event in opened])
+            work, event_rows = self._fold(opened, loaded, duplicates, rejected)
+            rejected.sort(key=lambda r: r.seq)
+            await self._write(work, loaded, event_rows, rejected, batch[-1][0])
+            self._position = batch[-1][0]
+            self._remember(work)
+            return rejected
+
+    def _open(self, batch: Sequence[Message]) -> tuple[list[tuple[int, bytes, Envelope]], list[Rejected]]:
+        """Decode and verify each message once; an event that does not open is rejected, not folded."""
+        keys = self._keys
+        opened: list[tuple[int, bytes, Envelope]] = []
+        rejected: list[Rejected] = []
+        for seq, subject, wire in batch:
+            try:
+                event = open_event(wire, keys)
+            except InvalidEvent as e:
+                rejected.append(Rejected(seq, subject, e.reason, str(e), wire))
+                continue
+            # The subject is not signed: a valid event republished elsewhere would mislead subscribers.
+            if event.subject != subject:
+                reason = f"event {event.id} belongs on {event.subject}"
+                rejected.append(Rejected(seq, subject, "wrong_subject", reason, wire))
+                continue
+            opened.append((seq, wire, event))
+        return opened, rejected
+
+    async def _load_missing(self, jobs: set[str]) -> dict[str, JobState | None]:
+        """The state of each job at the start of the batch (None for a job not seen yet)."""
+        cache = self._cache
+        loaded: dict[str, JobState | None] = {}
+        missing = []
+        for job in jobs:
+            state = cache.get(job)
+            if state is None and not self._complete:
+                missing.append(job)
+            loaded[job] = state
+        with _translated("read job states", self.path):
+            for chunk in _chunks(missing, _IN_CHUNK):
+                query = f"SELECT id, state FROM jobs WHERE id IN ({','.join('?' * len(chunk))})"
+                for job, state in await self.db.execute_fetchall(query, chunk):
+                    loaded[job] = _state_decoder.decode(state)
+        return loaded
+
+    async def _known_ids(self, ids: list[str]) -> set[str]:
+        """Which of these event ids were applied before: a republished event must not be counted twice."""
+        known: set[str] = set()
+        with _translated("look up event ids", self.path):
+            for chunk in _chunks(ids, _IN_CHUNK):
+                query = f"SELECT id FROM events WHERE id IN ({','.join('?' * len(chunk))})"
+                known.update(row[0] for row in await self.db.execute_fetchall(query, chunk))
+        return known
+
+    def _fold(
+        self,
+        opened: list[tuple[int, bytes, Envelope]],
+        loaded: dict[str, JobState | None],
+        known: set[str],
+        rejected: list[Rejected],
+    ) -> tuple[dict[str, JobState], list[tuple[Any, ...]]]:
+        """Evolve each job through its events of the batch; return the changed jobs and the index rows."""
+        work: dict[str, JobState] = {}
+        rows: list[tuple[Any, ...]] = []
+        for seq, wire, event in opened:
+            job = event.job
+            subject = event.subject
+            if event.id in known:
+                rejected.append(Rejected(seq, subject, "duplicate", f"event {event.id} was applied before", wire))
+                continue
+            state = work[job] if job in work else loaded[job]
+            try:
+                work[job] = evolve(state, event)
+            except ValueError as e:
+                rejected.append(Rejected(seq, subject, "refused", str(e), wire))
+                continue
+            except Exception as e:  # a domain bug must not wedge the projector on one poison event
+                log.exception("evolve failed on event %s (seq %d)", event.id, seq)
+                rejected.append(Rejected(seq, subject, "evolve_error", f"{type(e).__name__}: {e}", wire))
+                continue
+            known.add(event.id)
+            rows.append((seq, event.id, job, event.task, event.type, utc_text(event.time), subject))
+        return work, rows
+
+    async def _write(
+        self,
+        work: dict[str, JobState],
+        before: dict[str, JobState | None],
+        event_rows: list[tuple[Any, ...]],
+        rejected: list[Rejected],
+        last_seq: int,
+    ) -> None:
+        """Write the changed rows and the new position in one transaction: both or neither."""
+        job_rows = [_job_row(state) for state in work.values()]
+        task_rows = [row for job, state in work.items() for row in _changed_task_rows(state, before[job])]
+        rejected_rows = [(r.seq, r.subject, r.reason, r.message) for r in rejected]
+        db = self.db
+        try:
+            with _translated("apply a batch", self.path):
+                await db.execute("BEGIN")
+                if job_rows:
+                    await db.executemany(_UPSERT_JOB, job_rows)
+                if task_rows:
+                    await db.executemany(_UPSERT_TASK, task_rows)
+                if event_rows:
+                    await db.executemany(_INSERT_EVENT, event_rows)
+                if rejected_rows:
+                    await db.executemany(_INSERT_REJECTED, rejected_rows)
+                await db.execute(_SET_POSITION, (last_seq,))
+                await db.execute("COMMIT")
+        except BaseException:
+            # Whatever happened (an error, a cancellation mid-batch), nothing of this batch may stay behind:
+            # the file is rolled back and the cache forgotten, so the next attempt starts from the last commit.
+            self._cache.clear()
+            self._complete = False
+            with contextlib.suppress(sqlite3.Error, ValueError):
+                if db.in_transaction:
+                    await asyncio.shield(db.execute("ROLLBACK"))
+            raise
+
+    def _remember(self, work: dict[str, JobState]) -> None:
+        cache = self._cache
+        for job, state in work.items():
+            cache.pop(job, None)  # re-insert at the end: the dict's order is the eviction order
+            cache[job] = state
+        excess = len(cache) - self._cache_jobs
+        if excess > 0:
+            for job in list(_take(cache, excess)):
+                del cache[job]
+            self._complete = False
+
+    # --- following and replaying the stream -------------------------------------------------------------------
+
+    async def catch_up(self, nc: Any, stream: str = STREAM) -> RebuildReport:
+        """Apply every message after the stored position up to the stream's end; report what was done."""
+        from numerusd.stream_reader import read_stream
+
+        started = time.perf_counter()
+        first = self._position
+        messages = applied = rejected = 0
+        async for batch in read_stream(nc, stream, start_seq=first + 1):
+            found = await self.apply([(m.seq, m.subject, m.data) for m in batch])
+            messages += len(batch)
+            rejected += len(found)
+            applied += len(batch) - len(found)
+        return await self._report(messages, applied, rejected, time.perf_counter() - started)
+
+    async def drop_and_rebuild(self, nc: Any, stream: str = STREAM) -> RebuildReport:
+        """Empty the views and replay the whole stream into them."""
+        await self.drop()
+        return await self.catch_up(nc, stream)
+
+    async def run(
+        self,
+        nc: Any,
+        stop: asyncio.Event,
+        *,
+        stream: str = STREAM,
+        on_rejected: Callable[[list[Rejected]], Awaitable[None]] | None = None,
+    ) -> None:
+        """Follow the stream from the stored position until `stop` is set, applying batches as they come.
+
+        Rejected messages go to `on_rejected`, by default published to `numerus.dlq.projector.<reason>`.
+        """
+        from numerusd.stream_reader import read_stream
+
+        send = on_rejected or _dead_letter(nc)
+        batches = read_stream(nc, stream, start_seq=self._position + 1, follow=True)
+        stopping = asyncio.ensure_future(stop.wait())
+        try:
+            while not stop.is_set():
+                following = asyncio.ensure_future(anext(batches))
+                await asyncio.wait({following, stopping}, return_when=asyncio.FIRST_COMPLETED)
+                if not following.done():
+                    following.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await following
+                    break
+                batch = following.result()
+                found = await self.apply([(m.seq, m.subject, m.data) for m in batch])
+                if found:
+                    await send(found)
+        except StopAsyncIteration:
+            pass
+        finally:
+            stopping.cancel()
+            await batches.aclose()
+
+    async def _report(self, messages: int, applied: int, rejected: int, seconds: float) -> RebuildReport:
+        counts = await self.db.execute_fetchall("SELECT (SELECT count(*) FROM jobs), (SELECT count(*) FROM tasks)")
+        jobs, tasks = next(iter(counts))
+        return RebuildReport(
+            messages=messages,
+            applied=applied,
+            rejected=rejected,
+            jobs=jobs,
+            tasks=tasks,
+            last_seq=self._position,
+            seconds=seconds,
+        )
+
+    # --- queries ----------------------------------------------------------------------------------------------
+
+    async def events_index(
+        self, job: str | None = None, type: str | None = None, after_seq: int = 0, limit: int = 500
+    ) -> list[tuple[int, str]]:
+        """(seq, subject) of the events of `job` (every job when None), of `type` if given, after `after_seq`."""
+        where, params = ["seq > ?"], [after_seq]
+        if job is not None:
+            where.append("job = ?")
+            params.append(job)
+        if type is not None:
+            where.append("type = ?")
+            params.append(type)
+        query = f"SELECT seq, subject FROM events WHERE {' AND '.join(where)} ORDER BY seq LIMIT ?"
+        with _translated("read the event index", self.path):
+            rows = await self.db.execute_fetchall(query, [*params, limit])
+        return [(seq, subject) for seq, subject in rows]
+
+    async def job_rows(self, job: str | None = None) -> list[JobView]:
+        """What `status` shows: one job, or every job newest first, with its tasks in creation order."""
+        with _translated("read jobs", self.path):
+            if job is None:
+                jobs = await self.db.execute_fetchall(
+                    "SELECT id, goal, repo, agent, status, reason, created, updated, events FROM jobs "
+                    "ORDER BY created DESC, id DESC"
+                )
+                tasks = await self.db.execute_fetchall(f"SELECT {_TASK_VIEW} FROM tasks ORDER BY job, ord")
+            else:
+                jobs = await self.db.execute_fetchall(
+                    "SELECT id, goal, repo, agent, status, reason, created, updated, events FROM jobs WHERE id = ?",
+                    (job,),
+                )
+                tasks = await self.db.execute_fetchall(
+                    f"SELECT {_TASK_VIEW} FROM tasks WHERE job = ? ORDER BY ord", (job,)
+                )
+        by_job: dict[str, list[TaskView]] = {}
+        for row in tasks:
+            by_job.setdefault(row[0], []).append(_task_view(row))
+        return [
+            JobView(
+                id=id,
+                goal=goal,
+                repo=repo,
+                agent=agent,
+                status=status,
+                reason=reason,
+                created=_parse_time(created),
+                updated=_parse_time(updated),
+                events=events,
+                tasks=by_job.get(id, []),
+            )
+            for id, goal, repo, agent, status, reason, created, updated, events in jobs
+        ]
+
+    async def job_state(self, job: str) -> JobState | None:
+        """The domain state of one job as of the stored position (None if the views do not know it)."""
+        if job in self._cache:
+            return self._cache[job]
+        with _translated("read a job state", self.path):
+            rows = list(await self.db.execute_fetchall("SELECT state FROM jobs WHERE id = ?", (job,)))
+        return _state_decoder.decode(rows[0][0]) if rows else None
+
+    async def rejections(self, after_seq: int = 0, limit: int = 500) -> list[tuple[int, str, str, str]]:
+        """(seq, subject, reason, message) of rejected messages after `after_seq`."""
+        with _translated("read rejections", self.path):
+            rows = await self.db.execute_fetchall(
+                "SELECT seq, subject, reason, message FROM rejected WHERE seq > ? ORDER BY seq LIMIT ?",
+                (after_seq, limit),
+            )
+        return [tuple(row) for row in rows]  # type: ignore[misc]
+
+    async def dump(self) -> dict[str, list[tuple[Any, ...]]]:
+        """Every view's rows in a stable order (see the module function `dump`)."""
+        with _translated("dump the views", self.path):
+            return {
+                name: [tuple(row) for row in await self.db.execute_fetchall(q)] for name, q in _DUMP_QUERIES.items()
+            }
+
+
+_TASK_VIEW = (
+    "job, id, title, agent, status, attempt, pid, exit_code, reason, thread_id, input_tokens, "
+    "cached_input_tokens, output_tokens, log_path, started, ended"
+)
+
+
+async def dump(db: str | Path) -> dict[str, list[tuple[Any, ...]]]:
+    """Every view's rows in a stable order, by table name: two databases hold the same views iff equal."""
+    path = Path(db)
+    if not path.exists():
+        raise StoreError(f"projection database {path} does not exist", path=str(path))
+    with _translated("dump the views", path):
+        async with aiosqlite.connect(path) as conn:
+            return {name: [tuple(row) for row in await conn.execute_fetchall(q)] for name, q in _DUMP_QUERIES.items()}
+
+
+async def rebuild(nc: Any, keys: dict[str, bytes], db_path: str | Path, *, stream: str = STREAM) -> RebuildReport:
+    """Replay the whole stream into a fresh file beside `db_path`, then swap it in.
+
+    Until the swap the old views stay as they were, so an interrupted rebuild changes nothing. Run it with the
+    daemon stopped: the daemon keeps the file open.
+    """
+    path = Path(db_path)
+    scratch = path.with_name(path.name + ".rebuild")
+    _remove_database(scratch)
+    projector = Projector(scratch, keys)
+    await projector.open(bulk=True)
+    try:
+        report = await projector.catch_up(nc, stream)
+    except BaseException:
+        await projector.close()
+        _remove_database(scratch)
+        raise
+    await projector.close()
+    try:
+        _remove_database(path, keep_main=True)
+        os.replace(scratch, path)
+    except OSError as e:
+        raise StoreError(f"cannot swap the rebuilt views into {path}: {e}", path=str(path)) from e
+    return report
+
+
+def _remove_database(path: Path, *, keep_main: bool = False) -> None:
+    """Remove a database file and its WAL and shared-memory files."""
+    for suffix in ("-wal", "-shm") if keep_main else ("", "-wal", "-shm"):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(f"{path}{suffix}")
+
+
+def _dead_letter(nc: Any) -> Callable[[list[Rejected]], Awaitable[None]]:
+    async def send(rejected: list[Rejected]) -> None:
+        for r in rejected:
+            headers = {"Numerus-Seq": str(r.seq), "Numerus-Subject": r.subject, "Numerus-Reason": r.reason}
+            await nc.publish(dlq_subject(r.reason), r.wire, headers=headers)
+
+    return send
+
+
+# --- rows ---------------------------------------------------------------------------------------------------
+
+
+def _job_row(state: JobState) -> tuple[Any, ...]:
+    return (
+        state.id,
+        state.goal,
+        state.repo,
+        state.agent,
+        state.status,
+        state.reason,
+        utc_text(state.created),
+        utc_text(state.updated),
+        state.events,
+        _state_encoder.encode(state).decode(),
+    )
+
+
+def _changed_task_rows(state: JobState, before: JobState | None) -> Iterator[tuple[Any, ...]]:
+    """Rows of the tasks `evolve` replaced since `before`: it shares unchanged TaskState objects, so `is` tells."""
+    old = before.tasks if before is not None else {}
+    for ord, (task_id, task) in enumerate(state.tasks.items()):
+        if old.get(task_id) is task:
+            continue
+        yield (
+            state.id,
+            task_id,
+            ord,
+            task.title,
+            task.agent,
+            task.role,
+            task.status,
+            task.attempt,
+            task.pid,
+            task.exit_code,
+            task.reason,
+            task.thread_id,
+            task.input_tokens,
+            task.cached_input_tokens,
+            task.output_tokens,
+            task.log_path,
+            utc_text(task.started),
+            utc_text(task.ended),
+        )
+
+
+def _task_view(row: Sequence[Any]) -> TaskView:
+    (_, id, title, agent, status, attempt, pid, exit_code, reason, thread_id, tin, tcached, tout, log_path) = row[:14]
+    return TaskView(
+        id=id,
+        title=title,
+        agent=agent,
+        status=status,
+        attempt=attempt,
+        pid=pid,
+        exit_code=exit_code,
+        reason=reason,
+        thread_id=thread_id,
+        input_tokens=tin,
+        cached_input_tokens=tcached,
+        output_tokens=tout,
+        log_path=log_path,
+        started=_parse_time(row[14]),
+        ended=_parse_time(row[15]),
+    )
+
+
+def _parse_time(text: str | None) -> datetime | None:
+    return None if text is None else datetime.fromisoformat(text)
+
+
+def _chunks(items: Sequence[str], size: int) -> Iterator[Sequence[str]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def _take(items: Iterable[str], n: int) -> Iterator[str]:
+    for i, item in enumerate(items):
+        if i >= n:
+            return
+        yield item
+
+
+async def _fetchone(db: aiosqlite.Connection, query: str) -> Any:
+    rows = list(await db.execute_fetchall(query))
+    return rows[0] if rows else None

@@ -1,0 +1,360 @@
+"""The SQLite views: a fold of the stream, committed with their position, rebuilt from the stream identically."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import itertools
+import sqlite3
+import tempfile
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta, timezone
+from pathlib import Path
+
+import hypothesis.strategies as st
+import msgspec
+import pytest
+from conftest import eventually
+from hypothesis import HealthCheck, given, settings
+from nats.aio.client import Client
+
+from numerusd import domain
+from numerusd.errors import StoreError
+from numerusd.projections import Projector, dlq_subject, dump, rebuild, utc_text
+from numerusd.protocol.envelope import _SIG_MARK, Sealed, _encoder, _Unsigned, seal
+from numerusd.protocol.events import (
+    AgentMessageReceived,
+    AgentSpawned,
+    AgentThreadStarted,
+    EventData,
+    JobCompleted,
+    JobSubmitted,
+    TaskCompleted,
+    TaskCreated,
+    TaskExited,
+    TaskStarted,
+    TokensUsed,
+)
+from numerusd.streams import ensure_stream, stream_specs
+
+KEYS = {"k1": b"k" * 32}
+T0 = datetime(2026, 11, 22, 9, 30, tzinfo=UTC)
+
+
+class Chain:
+    """Seals one job's events in order, chaining each to the previous one."""
+
+    def __init__(self, job: str, kid: str = "k1") -> None:
+        self.job = job
+        self.kid = kid
+        self.prev = ""
+        self.count = 0
+
+    def __call__(self, data: EventData, task: str | None = None) -> Sealed:
+        self.count += 1
+        sealed = seal(
+            data,
+            id=f"{self.job}-e{self.count:04d}",
+            job=self.job,
+            task=task,
+            time=T0 + timedelta(seconds=self.count, microseconds=self.count % 3),
+            actor="numerusd",
+            correlation_id=self.job,
+            causation_id=None,
+            prev=self.prev,
+            kid=self.kid,
+            key=KEYS[self.kid],
+        )
+        self.prev = sealed.digest
+        return sealed
+
+
+def realistic_job(job: str) -> list[Sealed]:
+    """A job's whole life: submitted, one task started, tokens used twice, exited, completed."""
+    e = Chain(job)
+    return [
+        e(JobSubmitted(goal="fix the tests", repo="/repo", agent="codex")),
+        e(TaskCreated(title="fix the tests", instructions="make pytest pass", agent="codex"), "t1"),
+        e(
+            TaskStarted(attempt=1, agent="codex", argv=("codex", "exec"), workdir="/w/t1", log_path="/logs/t1"),
+            "t1",
+        ),
+        e(AgentSpawned(pid=4242, start_ticks=99), "t1"),
+        e(AgentThreadStarted(thread_id="th-1"), "t1"),
+        e(TokensUsed(input_tokens=100, cached_input_tokens=20, output_tokens=7), "t1"),
+        e(AgentMessageReceived(text="done"), "t1"),
+        e(TokensUsed(input_tokens=50, cached_input_tokens=5, output_tokens=3), "t1"),
+        e(
+            TaskExited(exit_code=0, log_path="/logs/t1", log_sha256="ab", log_bytes=10, duration_s=1.5),
+            "t1",
+        ),
+        e(TaskCompleted(), "t1"),
+        e(JobCompleted()),
+    ]
+
+
+def messages(events: list[Sealed], first_seq: int = 1) -> list[tuple[int, str, bytes]]:
+    return [(first_seq + i, s.envelope.subject, s.wire) for i, s in enumerate(events)]
+
+
+def interleaved(jobs: int) -> list[Sealed]:
+    """Several jobs' events interleaved the way a busy daemon writes them."""
+    lives = [realistic_job(f"J{n}") for n in range(jobs)]
+    out = []
+    for step in range(max(len(life) for life in lives)):
+        out.extend(life[step] for life in lives if step < len(life))
+    return out
+
+
+def forged(sealed: Sealed) -> bytes:
+    """The same event altered after signing."""
+    return sealed.wire.replace(b'"actor":"numerusd"', b'"actor":"mallory!"')
+
+
+async def project(path: Path, batch: list[tuple[int, str, bytes]], **options: int) -> dict[str, list[tuple]]:
+    async with Projector(path, KEYS, **options) as projector:
+        await projector.apply(batch)
+    return await dump(path)
+
+
+# --- folding ------------------------------------------------------------------------------------------------
+
+
+async def test_a_realistic_job_gives_its_job_and_task_rows(tmp_path: Path):
+    events = realistic_job("J1")
+    async with Projector(tmp_path / "views.db", KEYS) as projector:
+        assert await projector.apply(messages(events)) == []
+        assert projector.position() == len(events)
+        views = await projector.dump()
+        [job] = await projector.job_rows()
+        assert job == domain.job_view(domain.fold(s.envelope for s in events)["J1"])
+        assert await projector.job_state("J1") == domain.fold(s.envelope for s in events)["J1"]
+        assert await projector.events_index("J1", type="TokensUsed") == [
+            (6, "numerus.job.J1.task.t1.tokens_used"),
+            (8, "numerus.job.J1.task.t1.tokens_used"),
+        ]
+        assert [seq for seq, _ in await projector.events_index("J1", after_seq=9)] == [10, 11]
+
+    [(job_id, goal, repo, agent, status, reason, created, updated, count, state)] = views["jobs"]
+    assert (job_id, goal, repo, agent, status, reason, count) == (
+        "J1",
+        "fix the tests",
+        "/repo",
+        "codex",
+        "completed",
+        None,
+        11,
+    )
+    assert (created, updated) == ("2026-11-22T09:30:01.000001Z", "2026-11-22T09:30:11.000002Z")
+    assert msgspec.json.decode(state, type=domain.JobState).tasks["t1"].output_tokens == 10
+    [task] = views["tasks"]
+    assert task == (
+        "J1", "t1", 0, "fix the tests", "codex", "executor", "completed", 1, 4242, 0, None, "th-1",
+        150, 25, 10, "/logs/t1", "2026-11-22T09:30:03.000000Z", "2026-11-22T09:30:09.000000Z",
+    )  # fmt: skip
+    assert len(views["events"]) == 11
+    assert views["events"][0] == (1, "J1-e0001", "J1", None, "JobSubmitted", created, "numerus.job.J1.job_submitted")
+    assert views["rejected"] == []
+    assert views["position"] == [(11,)]
+
+
+def test_times_are_fixed_width_utc_text():
+    assert utc_text(datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)) == "2026-01-02T03:04:05.000000Z"
+    assert utc_text(datetime(2026, 1, 2, 3, 4, 5, 7)) == "2026-01-02T03:04:05.000007Z"
+    plus_two = datetime(2026, 1, 2, 5, 4, 5, 120000, tzinfo=timezone(timedelta(hours=2)))
+    assert utc_text(plus_two) == "2026-01-02T03:04:05.120000Z"
+    assert utc_text(None) is None
+
+
+async def test_resume_after_reopen_skips_what_was_applied(tmp_path: Path):
+    batch = messages(interleaved(3))
+    path = tmp_path / "views.db"
+    async with Projector(path, KEYS) as projector:
+        await projector.apply(batch[:10])
+    async with Projector(path, KEYS) as projector:
+        assert projector.position() == 10
+        # The daemon crashed before learning the batch was committed: it is delivered again, whole, with more.
+        await projector.apply(batch[:20])
+        await projector.apply(batch[5:20])
+        await projector.apply(batch[20:])
+        assert projector.position() == len(batch)
+    assert await dump(path) == await project(tmp_path / "once.db", batch)
+    tokens = (await dump(path))["tasks"]
+    assert {row[12] for row in tokens} == {150}  # input tokens counted once per TokensUsed, not twice
+
+
+async def test_a_small_cache_reads_states_back_from_the_file(tmp_path: Path):
+    batch = messages(interleaved(4))
+    async with Projector(tmp_path / "small.db", KEYS, cache_jobs=1) as projector:
+        for at in range(0, len(batch), 3):
+            await projector.apply(batch[at : at + 3])
+    assert await dump(tmp_path / "small.db") == await project(tmp_path / "once.db", batch)
+
+
+# --- what is rejected ---------------------------------------------------------------------------------------
+
+
+async def test_invalid_messages_are_rejected_recorded_and_change_nothing(tmp_path: Path):
+    events = realistic_job("J1")
+    other = Chain("J2", kid="k1")
+    stranger = seal(
+        JobSubmitted(goal="g", repo="/r", agent="a"), id="X1", job="J3", task=None, time=T0, actor="x",
+        correlation_id="c", causation_id=None, prev="", kid="k9", key=b"z" * 32,
+    )  # fmt: skip
+    orphan = other(TaskCreated(title="t", instructions="i", agent="a"), "t1")  # J2 never submitted
+    good = messages(events)
+    bad = [
+        (100, events[5].envelope.subject, forged(events[5])),
+        (101, "numerus.job.J1.junk", b"\x00not json at all"),
+        (102, stranger.envelope.subject, stranger.wire),
+        (103, orphan.envelope.subject, orphan.wire),
+        (104, "numerus.job.J1.somewhere_else", events[0].wire),
+        (105, events[7].envelope.subject, events[7].wire),  # a republished duplicate
+        (106, "numerus.job.J1.unknown", events[0].wire.replace(b'"type":"JobSubmitted"', b'"type":"JobDreamed"')),
+    ]
+    async with Projector(tmp_path / "views.db", KEYS) as projector:
+        assert await projector.apply(good) == []
+        before = await projector.dump()
+        rejected = await projector.apply(bad)
+        after = await projector.dump()
+        assert [(r.seq, r.reason) for r in rejected] == [
+            (100, "bad_signature"),
+            (101, "malformed"),
+            (102, "unknown_key"),
+            (103, "refused"),
+            (104, "wrong_subject"),
+            (105, "duplicate"),
+            (106, "bad_signature"),  # the type is signed too: changing it breaks the signature first
+        ]
+        assert [r.wire for r in rejected] == [wire for _, _, wire in bad]
+        assert all(r.message for r in rejected)
+        assert await projector.rejections() == [(r.seq, r.subject, r.reason, r.message) for r in rejected]
+        assert projector.position() == 106
+    for table in ("jobs", "tasks", "events"):
+        assert after[table] == before[table]
+    assert after["position"] == [(106,)]
+    assert [row[:3] for row in after["rejected"]] == [(r.seq, r.subject, r.reason) for r in rejected]
+    assert dlq_subject("bad_signature") == "numerus.dlq.projector.bad_signature"
+
+
+async def test_an_unknown_event_type_correctly_signed_is_rejected(tmp_path: Path):
+    body = _encoder.encode(
+        _Unsigned(
+            id="u1", type="JobDreamed", job="J1", task=None, time=T0, actor="a", correlation_id="c",
+            causation_id=None, data={}, prev="", kid="k1",
+        )
+    )  # fmt: skip
+    wire = body[:-1] + _SIG_MARK + hmac.digest(KEYS["k1"], body, "sha256").hex().encode() + b'"}'
+    async with Projector(tmp_path / "views.db", KEYS) as projector:
+        [rejected] = await projector.apply([(1, "numerus.job.J1.job_dreamed", wire)])
+    assert rejected.reason == "unknown_type"
+
+
+async def test_a_broken_database_is_a_store_error(tmp_path: Path):
+    path = tmp_path / "views.db"
+    path.write_bytes(b"this is not a database" * 100)
+    with pytest.raises(StoreError, match=r"views\.db"):
+        await Projector(path, KEYS).open()
+
+
+async def test_a_file_of_another_schema_version_is_dropped_and_rebuilt(tmp_path: Path):
+    path = tmp_path / "views.db"
+    await project(path, messages(realistic_job("J1")))
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        conn.execute("PRAGMA user_version = 999")
+        conn.commit()
+    async with Projector(path, KEYS) as projector:
+        assert projector.position() == 0
+        assert await projector.job_rows() == []
+
+
+# --- the property: batching does not matter -----------------------------------------------------------------
+
+_EVENTS = interleaved(3)
+_MESSAGES = messages(_EVENTS)
+# A forged event and a garbage message in the middle, to show rejections batch the same way too.
+_MESSAGES.insert(7, (0, _EVENTS[12].envelope.subject, forged(_EVENTS[12])))
+_MESSAGES.insert(15, (0, "numerus.job.J0.x", b"{}"))
+_MESSAGES = [(seq, subject, wire) for seq, (_, subject, wire) in enumerate(_MESSAGES, start=1)]
+
+
+@contextlib.contextmanager
+def scratch_dir() -> Iterator[Path]:
+    with tempfile.TemporaryDirectory(prefix="numerus-proj-") as tmp:
+        yield Path(tmp)
+
+
+@pytest.fixture(scope="module")
+def one_batch_views() -> dict[str, list[tuple]]:
+    with scratch_dir() as tmp:
+        return asyncio.run(project(tmp / "one.db", _MESSAGES))
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    cuts=st.lists(st.integers(min_value=1, max_value=len(_MESSAGES) - 1), unique=True, max_size=12),
+    cache_jobs=st.sampled_from([1, 2, 10_000]),
+    reopen=st.booleans(),
+)
+def test_any_split_into_batches_gives_the_same_views(one_batch_views, cuts, cache_jobs, reopen):
+    bounds = [0, *sorted(cuts), len(_MESSAGES)]
+    batches = [_MESSAGES[a:b] for a, b in itertools.pairwise(bounds)]
+
+    async def split(path: Path) -> dict[str, list[tuple]]:
+        projector = await Projector(path, KEYS, cache_jobs=cache_jobs).open()
+        for batch in batches:
+            await projector.apply(batch)
+            if reopen:  # as if the daemon restarted between every two batches
+                await projector.close()
+                projector = await Projector(path, KEYS, cache_jobs=cache_jobs).open()
+        await projector.close()
+        return await dump(path)
+
+    with scratch_dir() as tmp:
+        assert asyncio.run(split(tmp / "split.db")) == one_batch_views
+
+
+# --- against a real stream ----------------------------------------------------------------------------------
+
+
+async def test_rebuild_from_the_stream_equals_the_live_views(nc: Client, tmp_path: Path):
+    js = nc.jetstream()
+    await ensure_stream(js, stream_specs()[0])
+    dead = await nc.subscribe("numerus.dlq.projector.>")
+    events = interleaved(5)
+    for sealed in events[:30]:
+        await js.publish(sealed.envelope.subject, sealed.wire)
+    live_path = tmp_path / "live.db"
+    projector = await Projector(live_path, KEYS).open()
+    stop = asyncio.Event()
+    live = asyncio.create_task(projector.run(nc, stop))
+    await eventually(lambda: projector.position() == 30)
+    # Published while the projector follows: it picks them up as they come, a forgery among them.
+    await js.publish(events[30].envelope.subject, forged(events[30]))
+    for sealed in events[30:]:
+        await js.publish(sealed.envelope.subject, sealed.wire)
+    last = len(events) + 1
+    await eventually(lambda: projector.position() == last)
+    stop.set()
+    await asyncio.wait_for(live, 10)
+    letter = await dead.next_msg(timeout=5)
+    assert letter.subject.startswith("numerus.dlq.projector.")
+    assert letter.headers["Numerus-Seq"] == "31"
+    live_views = await projector.dump()
+    await projector.close()
+
+    rebuilt_path = tmp_path / "rebuilt.db"
+    report = await rebuild(nc, KEYS, rebuilt_path)
+    assert (report.messages, report.applied, report.rejected) == (last, last - 1, 1)
+    assert (report.jobs, report.tasks, report.last_seq) == (5, 5, last)
+    assert await dump(rebuilt_path) == live_views
+    assert not Path(f"{rebuilt_path}.rebuild").exists()
+
+    # In place, on an open projector, and again over an existing file: the same rows.
+    async with Projector(live_path, KEYS) as projector:
+        again = await projector.drop_and_rebuild(nc)
+        assert again.messages == last
+        assert await projector.dump() == live_views
+    await rebuild(nc, KEYS, rebuilt_path)
+    assert await dump(rebuilt_path) == live_views
