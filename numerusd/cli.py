@@ -1,0 +1,112 @@
+"""`numerusd`: run the daemon (the default), or rebuild its SQLite views from the stream.
+
+Exit codes: 0 stopped cleanly; 69 NATS unavailable or too old; 70 internal error; 75 another daemon holds the
+state directory; 78 bad configuration.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+from pathlib import Path
+
+import click
+import uvloop
+
+from numerusd import __version__
+from numerusd.config import Settings, load_settings
+from numerusd.errors import ConfigError, NatsUnavailable, NumerusError
+
+EXIT_UNAVAILABLE, EXIT_SOFTWARE, EXIT_LOCKED, EXIT_CONFIG = 69, 70, 75, 78
+
+log = logging.getLogger("numerusd")
+
+
+def _settings(ctx: click.Context) -> Settings:
+    options = ctx.find_root().params
+    try:
+        return load_settings(
+            config_file=options["config"],
+            state_dir=options["state_dir"],
+            nats_url=options["nats_url"],
+            nats_user=options["nats_user"],
+            nats_password=options["nats_password"],
+            nats_creds=options["creds"],
+        )
+    except ConfigError as e:
+        click.echo(f"numerusd: {e.message}", err=True)
+        sys.exit(EXIT_CONFIG)
+
+
+def _exit_code(error: NumerusError) -> int:
+    if isinstance(error, NatsUnavailable):
+        return EXIT_UNAVAILABLE
+    if isinstance(error, ConfigError):
+        return EXIT_LOCKED if "another numerusd" in error.message else EXIT_CONFIG
+    return EXIT_SOFTWARE
+
+
+@click.group(invoke_without_command=True)
+@click.option("--state-dir", type=click.Path(path_type=Path), envvar="NUMERUS_STATE_DIR", help="State directory.")
+@click.option("--nats-url", envvar="NUMERUS_NATS_URL", help="Use this NATS server instead of the embedded one.")
+@click.option("--nats-user", envvar="NUMERUS_NATS_USER", help="User for --nats-url.")
+@click.option("--nats-password", envvar="NUMERUS_NATS_PASSWORD", help="Password for --nats-url.")
+@click.option("--creds", type=click.Path(path_type=Path), envvar="NUMERUS_NATS_CREDS", help="NATS credentials file.")
+@click.option("--config", type=click.Path(path_type=Path), envvar="NUMERUS_CONFIG", help="TOML configuration file.")
+@click.option("--log-level", default="info", type=click.Choice(["debug", "info", "warning", "error"]))
+@click.version_option(__version__, prog_name="numerusd")
+@click.pass_context
+def main(ctx: click.Context, **_options: object) -> None:
+    """The Numerus daemon. With no command it runs until SIGINT or SIGTERM."""
+    logging.basicConfig(
+        level=str(ctx.params["log_level"]).upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    logging.getLogger("aiosqlite").setLevel(logging.WARNING)  # it logs every statement at debug
+    if ctx.invoked_subcommand is None:
+        ctx.invoke(serve)
+
+
+@main.command()
+@click.pass_context
+def serve(ctx: click.Context) -> None:
+    """Run the daemon in the foreground."""
+    from numerusd.daemon import Daemon, install_signal_handlers
+
+    settings = _settings(ctx)
+
+    async def run() -> None:
+        daemon = Daemon(settings)
+        install_signal_handlers(daemon)
+        await daemon.serve()
+
+    try:
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            runner.run(run())
+    except NumerusError as e:
+        click.echo(f"numerusd: {e.message}", err=True)
+        sys.exit(_exit_code(e))
+
+
+@main.command()
+@click.option(
+    "--to",
+    "target",
+    type=click.Path(path_type=Path),
+    help="Rebuild into this file instead of replacing the views (works while the daemon runs).",
+)
+@click.pass_context
+def rebuild(ctx: click.Context, target: Path | None) -> None:
+    """Drop the SQLite views and replay the whole event stream into them."""
+    from numerusd.rebuild import rebuild_views
+
+    settings = _settings(ctx)
+    try:
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            report = runner.run(rebuild_views(settings, target))
+    except NumerusError as e:
+        click.echo(f"numerusd: {e.message}", err=True)
+        sys.exit(_exit_code(e))
+    click.echo(report)

@@ -1,0 +1,353 @@
+"""The daemon's lifecycle and its one piece of mutable state: the fold of the event stream.
+
+`startup()` connects to NATS (starting the embedded server when no URL is configured), makes sure the streams
+exist, replays the stream into memory, republishes what the write-ahead log holds and the stream does not,
+reconciles tasks that were running when the previous daemon died (they become `interrupted`), then starts the
+projector and the command service. `main_loop()` waits for a signal, which only sets a flag. `shutdown()` stops
+the agents (their tasks are recorded `interrupted`), waits for every event to be acknowledged, and closes.
+
+All state changes go through `record()`: decide against the current state, append durably, then evolve.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import logging
+import os
+import signal
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import nats
+from nats.aio.client import Client
+from nats.js import JetStreamContext
+
+from numerusd import domain
+from numerusd.agents.base import adapter_for
+from numerusd.config import Settings, write_connection_file
+from numerusd.embedded_nats import EmbeddedNats
+from numerusd.errors import ConfigError, NatsUnavailable, NotFound
+from numerusd.event_store import EventStore
+from numerusd.keys import Keyring
+from numerusd.projections import Projector, Rejected
+from numerusd.protocol.commands import JOB_DONE, EventsReply
+from numerusd.protocol.envelope import InvalidEvent, Sealed, open_event
+from numerusd.protocol.ids import new_ulid
+from numerusd.service import start_service
+from numerusd.stream_reader import StreamReader, read_stream
+from numerusd.streams import EVENTS, check_server_version, ensure_streams
+from numerusd.supervisor import TaskRun
+from numerusd.terminal import kill_leftover
+from numerusd.wal import WriteAheadLog
+
+log = logging.getLogger(__name__)
+
+#: Exit codes of `numerusd` (sysexits-style), documented in docs/operations.md.
+EXIT_OK, EXIT_CONFIG, EXIT_UNAVAILABLE, EXIT_SOFTWARE, EXIT_LOCKED = 0, 78, 69, 70, 75
+
+
+class Daemon:
+    """One numerusd: its connections, its event store, the fold of its stream and its running agents."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.jobs: dict[str, domain.JobState] = {}
+        self.runs: dict[tuple[str, str], TaskRun] = {}
+        self.should_exit = asyncio.Event()
+        self.nc: Client
+        self.js: JetStreamContext
+        self.store: EventStore
+        self.keyring: Keyring
+        self.embedded: EmbeddedNats | None = None
+        self.projector: Projector | None = None
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._background: set[asyncio.Task[None]] = set()
+        self._lock_file: int | None = None
+        self._service = None
+        self._projector_task: asyncio.Task[None] | None = None
+
+    # --- lifecycle ----------------------------------------------------------------------------------------
+
+    async def serve(self) -> None:
+        """Start, run until a signal asks to stop, then stop gracefully."""
+        await self.startup()
+        try:
+            await self.should_exit.wait()
+        finally:
+            await self.shutdown()
+
+    def handle_exit(self) -> None:
+        """Signal handlers only set this flag; the main loop does the work."""
+        self.should_exit.set()
+
+    async def startup(self) -> None:
+        """Everything from an empty process to a daemon answering commands; see the module docstring."""
+        settings = self.settings
+        settings.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._take_lock()
+        self.keyring = Keyring.load_or_create(settings.keys_path)
+        url, user, password = await asyncio.to_thread(self._nats_endpoint)
+        self.nc = await self._connect(url, user, password)
+        check_server_version(self.nc)
+        self.js = self.nc.jetstream()
+        await ensure_streams(self.js)
+        self.store = EventStore(self.nc, self.js, WriteAheadLog.open(settings.wal_path), self.keyring)
+        replayed = await self._replay()
+        log.info("replayed %d events into %d jobs", replayed, len(self.jobs))
+        await self._reconcile()
+        self.projector = await Projector(settings.db_path, self.keyring.keys).open()
+        self._projector_task = asyncio.create_task(self._project(), name="projector")
+        self._service = await start_service(self)
+        write_connection_file(settings.connection_path, url, user, password)
+        for job in list(self.jobs.values()):
+            if job.status not in JOB_DONE:
+                self.schedule(job.id)
+        log.info("numerusd ready on %s, state in %s", url, settings.state_dir)
+
+    async def shutdown(self) -> None:
+        """Stop agents (recorded interrupted), flush every event to JetStream, close everything we opened."""
+        for run in self.runs.values():
+            run.stopping = True
+        await asyncio.gather(
+            *(run.terminate(self.settings.kill_grace_s) for run in self.runs.values()), return_exceptions=True
+        )
+        if self._background:
+            await asyncio.wait(self._background, timeout=self.settings.kill_grace_s + 5)
+        for job in list(self.jobs.values()):
+            await self.record(job.id, lambda state: domain.decide_interrupt(state, "numerusd stopped"))
+        if self._service is not None:
+            await self._service.stop()
+        with contextlib.suppress(Exception):
+            await self.store.flush(timeout=10)
+        await self.store.close()
+        if self._projector_task is not None:
+            self._projector_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._projector_task
+        if self.projector is not None:
+            await self.projector.close()
+        with contextlib.suppress(Exception):
+            await self.nc.drain()
+        if self.embedded is not None:
+            await asyncio.to_thread(self.embedded.stop)
+        with contextlib.suppress(FileNotFoundError):
+            self.settings.connection_path.unlink()
+        log.info("numerusd stopped")
+
+    def _take_lock(self) -> None:
+        path = self.settings.state_dir / "numerusd.pid"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            other = path.read_text().strip() or "?"
+            raise ConfigError(
+                f"another numerusd (pid {other}) uses {self.settings.state_dir}; stop it or pick another --state-dir"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._lock_file = fd  # held for the life of the process
+
+    def _nats_endpoint(self) -> tuple[str, str | None, str | None]:
+        settings = self.settings
+        if settings.nats_url:
+            return settings.nats_url, settings.nats_user, settings.nats_password
+        self.embedded = EmbeddedNats(store_dir=settings.nats_store_dir)
+        url = self.embedded.start()
+        return url, self.embedded.user, self.embedded.password
+
+    async def _connect(self, url: str, user: str | None, password: str | None) -> Client:
+        async def reconnected() -> None:
+            log.info("reconnected to NATS; resending unacknowledged events")
+            await self.store.on_reconnected()
+
+        async def error(e: Exception) -> None:
+            log.warning("NATS: %s", e)
+
+        options: dict[str, object] = {
+            "name": "numerusd",
+            "reconnected_cb": reconnected,
+            "error_cb": error,
+            "max_reconnect_attempts": -1,
+            "reconnect_time_wait": 0.5,
+            "connect_timeout": 5,
+        }
+        if user:
+            options |= {"user": user, "password": password}
+        if self.settings.nats_creds:
+            options["user_credentials"] = str(self.settings.nats_creds)
+        try:
+            return await nats.connect(url, **options)
+        except Exception as e:
+            raise NatsUnavailable(f"cannot connect to NATS at {url}: {e}") from e
+
+    async def _replay(self) -> int:
+        """Fold the whole stream into memory, then what the WAL holds that the stream does not."""
+        count = 0
+        keys = self.keyring.keys
+        async for batch in read_stream(self.nc, EVENTS):
+            for message in batch:
+                try:
+                    event = open_event(message.data, keys)
+                    self.jobs[event.job] = domain.evolve(self.jobs.get(event.job), event)
+                except (InvalidEvent, ValueError) as e:
+                    log.warning("skipping event at seq %d on %s: %s", message.seq, message.subject, e)
+                    continue
+                self.store.observe(message.seq, message.data)
+                count += 1
+        for sealed in await self.store.recover():
+            self._fold(sealed)
+            count += 1
+        return count
+
+    async def _reconcile(self) -> None:
+        """Tasks that were running when the previous daemon died: stop what is left of them, say interrupted."""
+        for job in list(self.jobs.values()):
+            for task in domain.running_tasks(job):
+                if task.pid is not None and await asyncio.to_thread(kill_leftover, task.pid, task.start_ticks):
+                    log.info("stopped leftover agent pid %d of %s/%s", task.pid, job.id, task.id)
+            await self.record(
+                job.id, lambda state: domain.decide_interrupt(state, "numerusd stopped while the agent was running")
+            )
+
+    async def _project(self) -> None:
+        assert self.projector is not None
+        try:
+            await self.projector.run(self.nc, self.should_exit, on_rejected=self._rejected)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("projector stopped; views are stale until restart or 'numerusd rebuild'")
+
+    async def _rejected(self, rejected: list[Rejected]) -> None:
+        for r in rejected:
+            log.warning("rejected event at seq %d on %s: %s", r.seq, r.subject, r.message)
+            await self.dead_letter("projector", r.reason, r.wire, r.message, seq=r.seq, subject=r.subject)
+
+    # --- state --------------------------------------------------------------------------------------------
+
+    def job(self, job_id: str) -> domain.JobState:
+        """The job, or NotFound with a hint."""
+        job = self.jobs.get(job_id)
+        if job is None:
+            raise NotFound(f"no job {job_id!r}; 'numerusctl status' lists the jobs")
+        return job
+
+    async def record(
+        self, job_id: str, decide: Callable[[domain.JobState], domain.Decision], correlation_id: str | None = None
+    ) -> list[Sealed]:
+        """Decide against the job's current state, append the events durably, then fold them in."""
+        lock = self._locks.setdefault(job_id, asyncio.Lock())
+        async with lock:
+            state = self.jobs.get(job_id)
+            decision = decide(state)  # type: ignore[arg-type]  # None only for a new job's decide_run
+            if not decision:
+                return []
+            sealed = await self.store.append(
+                job_id,
+                decision,
+                correlation_id=correlation_id or job_id,
+                causation_id=state.last_event_id if state is not None else None,
+            )
+            for event in sealed:
+                self._fold(event)
+            return sealed
+
+    def _fold(self, sealed: Sealed) -> None:
+        event = sealed.envelope
+        self.jobs[event.job] = domain.evolve(self.jobs.get(event.job), event)
+
+    # --- agents -------------------------------------------------------------------------------------------
+
+    def schedule(self, job_id: str) -> None:
+        """Start every ready task of the job that is not already running."""
+        job = self.jobs[job_id]
+        for task in domain.ready_tasks(job):
+            key = (job_id, task.id)
+            if key in self.runs or self.should_exit.is_set():
+                continue
+            profile = self.settings.agents[task.agent]
+            run = TaskRun(
+                job=job,
+                task=task,
+                adapter=adapter_for(profile),
+                extra_env=dict(profile.env),
+                run_dir=self.settings.runs_dir / job_id / task.id,
+                nc=self.nc,
+                record=self.record,
+                chunk_bytes=self.settings.log_chunk_bytes,
+                flush_s=self.settings.log_flush_ms / 1000,
+            )
+            self.runs[key] = run
+            self._spawn_background(self._run(key, run), name=f"task {job_id}/{task.id}")
+
+    async def _run(self, key: tuple[str, str], run: TaskRun) -> None:
+        try:
+            await run.run()
+        except Exception as e:
+            log.exception("task %s/%s crashed in the daemon", *key)
+            reason = f"internal error while supervising the agent: {e}"
+            await self.record(key[0], lambda job: domain.decide_spawn_failed(job, key[1], reason))
+        finally:
+            self.runs.pop(key, None)
+        if not self.should_exit.is_set():
+            self.schedule(key[0])
+
+    def terminate_job(self, job_id: str) -> list[str]:
+        """Stop the job's running agents in the background; the list of tasks being stopped."""
+        tasks = []
+        for (job, task), run in list(self.runs.items()):
+            if job == job_id:
+                tasks.append(task)
+                self._spawn_background(run.terminate(self.settings.kill_grace_s), name=f"kill {job}/{task}")
+        return tasks
+
+    def _spawn_background(self, coroutine: Coroutine[Any, Any, None], name: str) -> None:
+        task = asyncio.create_task(coroutine, name=name)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    # --- reads and dead letters ---------------------------------------------------------------------------
+
+    async def read_events(self, subject: str, after_seq: int, limit: int) -> EventsReply:
+        """Up to `limit` stored events on `subject` after stream sequence `after_seq`."""
+        events: list[msgspec.Raw] = []
+        last_seq = after_seq
+        more = False
+        async with StreamReader(self.nc, EVENTS, start_seq=after_seq + 1, filter_subjects=[subject]) as reader:
+            async for batch in reader:
+                for message in batch:
+                    if len(events) == limit:
+                        more = True
+                        break
+                    events.append(msgspec.Raw(message.data))
+                    last_seq = message.seq
+                if more:
+                    break
+        return EventsReply(events=events, last_seq=last_seq, more=more)
+
+    async def dead_letter(self, source: str, reason: str, data: bytes, message: str, **fields: object) -> None:
+        """Keep a rejected input on `numerus.dlq.<source>.<reason>` with why, for an operator to look at."""
+        headers = {"Numerus-Reason": message[:1000], "Numerus-Id": new_ulid()}
+        headers |= {f"Numerus-{key.title()}": str(value) for key, value in fields.items()}
+        try:
+            await self.js.publish(f"numerus.dlq.{source}.{reason}", data, headers=headers)
+        except Exception as e:  # a dead letter that cannot be kept is logged, never fatal
+            log.warning("dead letter %s.%s not stored: %s", source, reason, e)
+
+
+def install_signal_handlers(daemon: Daemon) -> None:
+    """SIGINT and SIGTERM ask the daemon to stop; a second one is left to the default (the user insists)."""
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, daemon.handle_exit)
+
+
+def state_dir_of(path: Path | None) -> Path:
+    """Helper for the CLI: the state directory to use."""
+    return path or Path(os.environ.get("NUMERUS_STATE_DIR", "~/.local/state/numerus")).expanduser()

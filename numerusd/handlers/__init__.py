@@ -1,0 +1,16 @@
+"""One module per request verb: `numerusctl <verb>` -> `numerus.cmd.<verb>` -> `handlers/<verb>.py`.
+
+Each module exports `async def handle(daemon, request) -> reply`. A handler sees typed requests only (the
+service decodes at the edge) and raises `CommandRefused` and its subclasses to refuse.
+"""
+
+from numerusd.handlers import events, kill, logs, run, status
+
+#: The handler of each verb.
+HANDLERS = {
+    "run": run.handle,
+    "status": status.handle,
+    "kill": kill.handle,
+    "logs": logs.handle,
+    "events": events.handle,
+}

@@ -1,0 +1,38 @@
+"""`logs`: the tail of each task's terminal output, read from its `stdout.log`."""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING
+
+from numerusd.errors import BadRequest, NotFound
+from numerusd.protocol.commands import GetLogs, LogsReply, TaskLog
+
+if TYPE_CHECKING:
+    from numerusd.daemon import Daemon
+
+
+async def handle(daemon: Daemon, request: GetLogs) -> LogsReply:
+    """Reads at most `tail_bytes` per task, so a huge log never makes a huge reply."""
+    if not 0 < request.tail_bytes <= 4 * 1024 * 1024:
+        raise BadRequest("tail_bytes must be between 1 and 4194304")
+    job = daemon.job(request.job)
+    if request.task is not None and request.task not in job.tasks:
+        raise NotFound(f"job {job.id} has no task {request.task!r}; tasks: {', '.join(job.tasks)}")
+    logs = []
+    for task in job.tasks.values():
+        if request.task not in (None, task.id) or task.log_path is None:
+            continue
+        text, truncated = _tail(task.log_path, request.tail_bytes)
+        logs.append(TaskLog(task=task.id, path=task.log_path, text=text, truncated=truncated))
+    return LogsReply(job=job.id, logs=logs)
+
+
+def _tail(path: str, limit: int) -> tuple[str, bool]:
+    try:
+        with open(path, "rb") as log:
+            size = log.seek(0, os.SEEK_END)
+            log.seek(max(0, size - limit))
+            return log.read().decode("utf-8", "replace"), size > limit
+    except FileNotFoundError:
+        return "", False

@@ -1,0 +1,86 @@
+"""The `numerus` NATS micro service: decodes requests at the edge and turns every failure into a clear reply.
+
+A request that does not decode gets a reply naming the bad path (`$.goal`) and is also sent, with its reason,
+to `numerus.dlq.cmd.<reason>`. A refused command gets its sentence. Anything else is logged with its traceback
+and answered "internal error, see the daemon log, id=…": no raw exception ever reaches the wire.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+from nats.micro import add_service
+from nats.micro.request import Request
+from nats.micro.service import Service
+
+from numerusd import __version__
+from numerusd.errors import BadRequest, CommandRefused, NotFound, NumerusError
+from numerusd.handlers import HANDLERS
+from numerusd.protocol.commands import REQUESTS, ErrorReply, command_subject
+from numerusd.protocol.ids import new_ulid
+
+if TYPE_CHECKING:
+    from numerusd.daemon import Daemon
+
+log = logging.getLogger(__name__)
+
+_DECODERS = {verb: msgspec.json.Decoder(request_type) for verb, request_type in REQUESTS.items()}
+_encoder = msgspec.json.Encoder()
+
+
+def _status(error: NumerusError) -> str:
+    if isinstance(error, BadRequest):
+        return "400"
+    if isinstance(error, NotFound):
+        return "404"
+    if isinstance(error, CommandRefused):
+        return "409"
+    return "503"
+
+
+async def start_service(daemon: Daemon) -> Service:
+    """Register one endpoint per verb on `numerus.cmd.<verb>`."""
+    service = await add_service(
+        daemon.nc,
+        name="numerus",
+        version=__version__,
+        description="Numerus daemon: runs coding agents on a goal, every state change an event",
+    )
+    for verb, handler in HANDLERS.items():
+        await service.add_endpoint(name=verb, subject=command_subject(verb), handler=_endpoint(daemon, verb, handler))
+    return service
+
+
+def _endpoint(
+    daemon: Daemon, verb: str, handler: Callable[[Any, Any], Awaitable[Any]]
+) -> Callable[[Request], Awaitable[None]]:
+    decoder = _DECODERS[verb]
+
+    async def endpoint(request: Request) -> None:
+        try:
+            try:
+                command = decoder.decode(request.data or b"{}")
+            except msgspec.DecodeError as e:  # ValidationError is a DecodeError; both name the bad path
+                raise BadRequest(f"bad {verb} request: {e}") from e
+            reply = await handler(daemon, command)
+        except NumerusError as e:
+            if isinstance(e, BadRequest):
+                await daemon.dead_letter("cmd", "bad_request", request.data, e.message)
+            await _error(request, _status(e), e.code, e.message)
+            return
+        except Exception:
+            error_id = new_ulid()
+            log.exception("internal error in %s (id=%s)", verb, error_id)
+            await _error(request, "500", "internal", f"internal error, see the daemon log, id={error_id}")
+            return
+        await request.respond(_encoder.encode(reply))
+
+    return endpoint
+
+
+async def _error(request: Request, status: str, code: str, message: str) -> None:
+    body = _encoder.encode(ErrorReply(code=code, message=message))
+    await request.respond_error(status, message, data=body)

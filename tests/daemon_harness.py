@@ -1,0 +1,109 @@
+"""Runs the real `numerusd` and `numerusctl` programs as a user would, for the end-to-end tests."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+BIN = Path(sys.executable).parent
+SCENARIOS = Path(__file__).parent / "scenarios"
+
+
+def git_repo(path: Path) -> Path:
+    """A fresh git repository with one commit."""
+    path.mkdir(parents=True)
+    subprocess.run(["git", "init", "-q", "-b", "main", str(path)], check=True)
+    (path / "README.md").write_text("# test repo\n")
+    subprocess.run(["git", "-C", str(path), "add", "README.md"], check=True)
+    subprocess.run(
+        ["git", "-C", str(path), "-c", "user.name=t", "-c", "user.email=t@example.invalid", "commit", "-qm", "init"],
+        check=True,
+    )
+    return path
+
+
+def write_scenario(path: Path, steps: list[dict]) -> Path:
+    """A scenario file for the scripted agent."""
+    path.write_text(json.dumps({"steps": steps}))
+    return path
+
+
+@dataclass
+class Daemon:
+    """One numerusd process on its own state directory; stopped by its pid only."""
+
+    state_dir: Path
+    env: dict[str, str] = field(default_factory=dict)
+    process: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 20.0) -> Daemon:
+        connection = self.state_dir / "connection.json"
+        connection.unlink(missing_ok=True)
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.log = open(self.state_dir / "numerusd.stderr", "ab")  # noqa: SIM115 - closed in stop()
+        self.process = subprocess.Popen(
+            [str(BIN / "numerusd"), "--state-dir", str(self.state_dir), "--log-level", "debug"],
+            env={**os.environ, **self.env},
+            stdout=self.log,
+            stderr=self.log,
+        )
+        deadline = time.monotonic() + timeout
+        while not connection.exists():
+            if self.process.poll() is not None:
+                raise AssertionError(f"numerusd exited with {self.process.returncode}:\n{self.stderr()}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"numerusd did not start within {timeout} s:\n{self.stderr()}")
+            time.sleep(0.02)
+        return self
+
+    def stderr(self) -> str:
+        path = self.state_dir / "numerusd.stderr"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    @property
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int | None:
+        """Signal our daemon (by pid) and wait for it; returns its exit code."""
+        process, self.process = self.process, None
+        if process is None:
+            return None
+        if process.poll() is None:
+            process.send_signal(sig)
+            try:
+                process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        self.log.close()
+        return process.returncode
+
+    def connection(self) -> dict:
+        return json.loads((self.state_dir / "connection.json").read_text())
+
+    def ctl(self, *args: str, timeout: float = 60.0, check: bool = False) -> subprocess.CompletedProcess[str]:
+        """Run numerusctl against this daemon."""
+        result = subprocess.run(
+            [str(BIN / "numerusctl"), "--state-dir", str(self.state_dir), *args],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env={**os.environ, **self.env},
+        )
+        if check and result.returncode != 0:
+            raise AssertionError(f"numerusctl {' '.join(args)} exited {result.returncode}:\n{result.stderr}")
+        return result
+
+    def ctl_json(self, *args: str) -> dict:
+        return json.loads(self.ctl("--json", *args, check=True).stdout)
+
+    def status(self, job: str) -> dict:
+        (view,) = self.ctl_json("status", job)["jobs"]
+        return view
