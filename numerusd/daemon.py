@@ -58,10 +58,10 @@ class Daemon:
         self.jobs: dict[str, domain.JobState] = {}
         self.runs: dict[tuple[str, str], TaskRun] = {}
         self.should_exit = asyncio.Event()
-        self.nc: Client
-        self.js: JetStreamContext
-        self.store: EventStore
-        self.keyring: Keyring
+        self.nc: Client = None  # type: ignore[assignment]  # set by startup()
+        self.js: JetStreamContext = None  # type: ignore[assignment]
+        self.store: EventStore | None = None
+        self.keyring: Keyring = None  # type: ignore[assignment]
         self.embedded: EmbeddedNats | None = None
         self.projector: Projector | None = None
         self._locks: dict[str, asyncio.Lock] = {}
@@ -69,13 +69,14 @@ class Daemon:
         self._lock_file: int | None = None
         self._service = None
         self._projector_task: asyncio.Task[None] | None = None
+        self._wrote_connection = False
 
     # --- lifecycle ----------------------------------------------------------------------------------------
 
     async def serve(self) -> None:
         """Start, run until a signal asks to stop, then stop gracefully."""
-        await self.startup()
         try:
+            await self.startup()
             await self.should_exit.wait()
         finally:
             await self.shutdown()
@@ -103,13 +104,18 @@ class Daemon:
         self._projector_task = asyncio.create_task(self._project(), name="projector")
         self._service = await start_service(self)
         write_connection_file(settings.connection_path, url, user, password)
+        self._wrote_connection = True
         for job in list(self.jobs.values()):
             if job.status not in JOB_DONE:
                 self.schedule(job.id)
         log.info("numerusd ready on %s, state in %s", url, settings.state_dir)
 
     async def shutdown(self) -> None:
-        """Stop agents (recorded interrupted), flush every event to JetStream, close everything we opened."""
+        """Stop agents (recorded interrupted), flush every event to JetStream, close what startup opened.
+
+        Also runs after a failed startup, so each step checks that its part was started.
+        """
+        self.should_exit.set()
         for run in self.runs.values():
             run.stopping = True
         await asyncio.gather(
@@ -117,25 +123,30 @@ class Daemon:
         )
         if self._background:
             await asyncio.wait(self._background, timeout=self.settings.kill_grace_s + 5)
-        for job in list(self.jobs.values()):
-            await self.record(job.id, lambda state: domain.decide_interrupt(state, "numerusd stopped"))
         if self._service is not None:
             await self._service.stop()
-        with contextlib.suppress(Exception):
-            await self.store.flush(timeout=10)
-        await self.store.close()
+        if self.store is not None:
+            for job in list(self.jobs.values()):
+                await self.record(job.id, lambda state: domain.decide_interrupt(state, "numerusd stopped"))
+            try:
+                await self.store.flush(timeout=10)
+            except Exception as e:  # the WAL has them: they are republished on the next start
+                log.warning("not every event reached JetStream before stopping: %s", e)
+            await self.store.close()
         if self._projector_task is not None:
             self._projector_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._projector_task
         if self.projector is not None:
             await self.projector.close()
-        with contextlib.suppress(Exception):
-            await self.nc.drain()
+        if self.nc is not None:
+            with contextlib.suppress(Exception):
+                await self.nc.drain()
         if self.embedded is not None:
             await asyncio.to_thread(self.embedded.stop)
-        with contextlib.suppress(FileNotFoundError):
-            self.settings.connection_path.unlink()
+        if self._wrote_connection:
+            with contextlib.suppress(FileNotFoundError):
+                self.settings.connection_path.unlink()
         log.info("numerusd stopped")
 
     def _take_lock(self) -> None:

@@ -40,12 +40,16 @@ class Daemon:
 
     state_dir: Path
     env: dict[str, str] = field(default_factory=dict)
+    #: Scripted agent profiles to configure: profile name -> scenario steps.
+    agents: dict[str, list[dict]] = field(default_factory=dict)
     process: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 20.0) -> Daemon:
         connection = self.state_dir / "connection.json"
         connection.unlink(missing_ok=True)
         self.state_dir.mkdir(parents=True, exist_ok=True)
+        if self.agents:
+            self._configure_agents()
         self.log = open(self.state_dir / "numerusd.stderr", "ab")  # noqa: SIM115 - closed in stop()
         self.process = subprocess.Popen(
             [str(BIN / "numerusd"), "--state-dir", str(self.state_dir), "--log-level", "debug"],
@@ -61,6 +65,18 @@ class Daemon:
                 raise AssertionError(f"numerusd did not start within {timeout} s:\n{self.stderr()}")
             time.sleep(0.02)
         return self
+
+    def _configure_agents(self) -> None:
+        """A numerus.toml with one scripted profile per scenario, as a user would configure them."""
+        lines = []
+        for name, steps in self.agents.items():
+            scenario = write_scenario(self.state_dir / f"scenario-{name}.json", steps)
+            lines += [
+                f"[agents.{name}]",
+                'kind = "scripted"',
+                f"env = {{ NUMERUS_SCENARIO = {json.dumps(str(scenario))} }}",
+            ]
+        (self.state_dir / "numerus.toml").write_text("\n".join(lines) + "\n")
 
     def stderr(self) -> str:
         path = self.state_dir / "numerusd.stderr"
@@ -88,10 +104,14 @@ class Daemon:
     def connection(self) -> dict:
         return json.loads((self.state_dir / "connection.json").read_text())
 
+    def ctl_argv(self, *args: str) -> list[str]:
+        """The command line of numerusctl against this daemon."""
+        return [str(BIN / "numerusctl"), "--state-dir", str(self.state_dir), *args]
+
     def ctl(self, *args: str, timeout: float = 60.0, check: bool = False) -> subprocess.CompletedProcess[str]:
         """Run numerusctl against this daemon."""
         result = subprocess.run(
-            [str(BIN / "numerusctl"), "--state-dir", str(self.state_dir), *args],
+            self.ctl_argv(*args),
             capture_output=True,
             text=True,
             timeout=timeout,
@@ -107,3 +127,8 @@ class Daemon:
     def status(self, job: str) -> dict:
         (view,) = self.ctl_json("status", job)["jobs"]
         return view
+
+    def events(self, job: str) -> list[dict]:
+        """The job's events as stored, via `numerusctl --json events`."""
+        lines = self.ctl("--json", "events", job, check=True).stdout.splitlines()
+        return [json.loads(line) for line in lines if line.strip()]

@@ -1,0 +1,77 @@
+"""Restart honesty: a daemon killed during a task comes back with the task `interrupted`, nothing lost or doubled."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+from pathlib import Path
+
+from tests.conftest import eventually
+from tests.daemon_harness import Daemon, git_repo
+from tests.test_kill import SLOW, log_bytes, pid_alive
+
+
+def chain_of(events: list[dict]) -> list[str]:
+    return [event["id"] for event in events]
+
+
+async def test_kill_9_during_a_task_then_restart_reads_interrupted(tmp_path: Path):
+    repo = git_repo(tmp_path / "repo")
+    daemon = Daemon(tmp_path / "state", agents={"slow": SLOW}).start()
+    job = daemon.ctl_json("run", "Build forever", "--repo", str(repo), "--agent", "slow")["job"]
+    await eventually(lambda: b"sleep 300" in log_bytes(daemon, job), timeout=20)
+    before = daemon.events(job)
+    agent_pid = daemon.status(job)["tasks"][0]["pid"]
+    assert daemon.stop(signal.SIGKILL) == -signal.SIGKILL
+
+    daemon.start()
+    view = daemon.status(job)
+    assert view["status"] == "interrupted"
+    assert view["tasks"][0]["status"] == "interrupted"
+    assert "numerusd stopped" in view["tasks"][0]["reason"]
+    await eventually(lambda: not pid_alive(agent_pid), timeout=10)
+
+    after = daemon.events(job)
+    ids = chain_of(after)
+    assert len(ids) == len(set(ids)), "an event was stored twice"
+    assert ids[: len(before)] == chain_of(before), "an event acknowledged before the crash is gone"
+    assert [event["type"] for event in after[len(before) :]] == ["TaskInterrupted", "JobInterrupted"]
+    assert daemon.ctl("audit", "verify", job).returncode == 0
+
+    # A second restart changes nothing: the interruption is recorded once.
+    daemon.stop()
+    daemon.start()
+    assert chain_of(daemon.events(job)) == ids
+    assert daemon.stop() == 0
+
+
+async def test_graceful_stop_during_a_task_records_it_interrupted(tmp_path: Path):
+    repo = git_repo(tmp_path / "repo")
+    daemon = Daemon(tmp_path / "state", agents={"slow": SLOW}, env={"NUMERUS_KILL_GRACE_S": "1"}).start()
+    job = daemon.ctl_json("run", "Build forever", "--repo", str(repo), "--agent", "slow")["job"]
+    await eventually(lambda: b"sleep 300" in log_bytes(daemon, job), timeout=20)
+    assert daemon.stop(signal.SIGTERM) == 0
+    daemon.start()
+    try:
+        view = daemon.status(job)
+        assert (view["status"], view["tasks"][0]["status"]) == ("interrupted", "interrupted")
+        types = [event["type"] for event in daemon.events(job)]
+        assert types[-3:] == ["TaskExited", "TaskInterrupted", "JobInterrupted"]
+    finally:
+        daemon.stop()
+
+
+def test_second_daemon_on_the_same_state_dir_is_refused(tmp_path: Path):
+    daemon = Daemon(tmp_path / "state").start()
+    try:
+        second = subprocess.run(
+            [str(Path(daemon.ctl_argv()[0]).parent / "numerusd"), "--state-dir", str(daemon.state_dir)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert second.returncode == 75
+        assert "another numerusd" in second.stderr
+        assert daemon.alive
+    finally:
+        daemon.stop()

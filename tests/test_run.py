@@ -1,0 +1,126 @@
+"""`numerusctl run`: a job goes from submission to a completed (or failed) agent run, seen from every side."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+from pathlib import Path
+
+import nats
+import pytest
+
+from tests.conftest import eventually
+from tests.daemon_harness import Daemon, git_repo
+
+HELLO = [
+    {"say": "Writing HELLO.md."},
+    {"write": "HELLO.md", "content": "hello from the scripted agent\n"},
+    {"run": "cat HELLO.md"},
+    {"usage": {"input_tokens": 1000, "cached_input_tokens": 100, "output_tokens": 50}},
+    {"say": "Done."},
+]
+
+
+@pytest.fixture(scope="module")
+def daemon(tmp_path_factory: pytest.TempPathFactory):
+    root = tmp_path_factory.mktemp("run")
+    d = Daemon(root / "state", agents={"scripted": HELLO, "failing": [{"say": "cannot do it"}, {"exit": 3}]})
+    d.start()
+    yield d
+    assert d.stop() == 0, d.stderr()
+
+
+def test_run_wait_completes_and_the_agent_changed_the_repository(daemon: Daemon, tmp_path: Path):
+    repo = git_repo(tmp_path / "repo")
+    result = daemon.ctl("run", "Write a greeting", "--repo", str(repo), "--agent", "scripted", "--wait")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert (repo / "HELLO.md").read_text() == "hello from the scripted agent\n"
+    (job,) = [j for j in daemon.ctl_json("status")["jobs"] if j["repo"] == str(repo)]
+    assert job["status"] == "completed"
+    (task,) = job["tasks"]
+    assert (task["status"], task["exit_code"], task["attempt"]) == ("completed", 0, 1)
+    assert (task["input_tokens"], task["cached_input_tokens"], task["output_tokens"]) == (1000, 100, 50)
+    assert task["thread_id"]
+
+
+def test_terminal_output_is_kept_whole_and_its_hash_recorded(daemon: Daemon, tmp_path: Path):
+    repo = git_repo(tmp_path / "repo")
+    job = daemon.ctl_json("run", "Write a greeting", "--repo", str(repo), "--agent", "scripted")["job"]
+    asyncio.run(wait_done(daemon, job))
+    (task,) = daemon.status(job)["tasks"]
+    log = Path(task["log_path"])
+    assert log.parent == daemon.state_dir / "runs" / job / "t1"
+    content = log.read_bytes()
+    assert b'"type":"thread.started"' in content and b"\r\n" not in content
+    exited = [e for e in daemon.events(job) if e["type"] == "TaskExited"]
+    assert exited[0]["data"]["log_sha256"] == hashlib.sha256(content).hexdigest()
+    assert exited[0]["data"]["log_bytes"] == len(content)
+    logs = daemon.ctl("logs", job, check=True).stdout
+    assert "Writing HELLO.md." in logs
+
+
+def test_a_plain_nats_subscriber_reads_the_job_as_json(daemon: Daemon, tmp_path: Path):
+    repo = git_repo(tmp_path / "repo")
+    connection = daemon.connection()
+
+    async def watch() -> list[dict]:
+        nc = await nats.connect(connection["url"], user=connection["user"], password=connection["password"])
+        seen: list[dict] = []
+        done = asyncio.Event()
+
+        async def on_event(msg) -> None:
+            event = json.loads(msg.data)
+            assert msg.subject.startswith(f"numerus.job.{event['job']}.")
+            seen.append(event)
+            if event["type"] in ("JobCompleted", "JobFailed"):
+                done.set()
+
+        await nc.subscribe("numerus.job.>", cb=on_event)
+        await nc.flush()
+        run = await asyncio.create_subprocess_exec(
+            *daemon.ctl_argv("run", "Write a greeting", "--repo", str(repo), "--agent", "scripted")
+        )
+        assert await run.wait() == 0
+        await asyncio.wait_for(done.wait(), 30)
+        await nc.close()
+        return seen
+
+    seen = asyncio.run(watch())
+    types = [event["type"] for event in seen]
+    assert types[:3] == ["JobSubmitted", "TaskCreated", "TaskStarted"]
+    assert {"AgentSpawned", "AgentThreadStarted", "AgentMessageReceived", "AgentCommandExecuted"} <= set(types)
+    assert {"AgentFileChanged", "TokensUsed", "TaskExited", "TaskCompleted"} <= set(types)
+    assert types[-1] == "JobCompleted"
+    assert seen[0]["data"]["goal"] == "Write a greeting"
+    assert all(event["sig"] and event["kid"] for event in seen)
+
+
+def test_agent_that_exits_nonzero_fails_the_job_and_wait_says_so(daemon: Daemon, tmp_path: Path):
+    repo = git_repo(tmp_path / "repo")
+    result = daemon.ctl("run", "Impossible", "--repo", str(repo), "--agent", "failing", "--wait")
+    assert result.returncode == 1, result.stdout + result.stderr
+    (job,) = [j for j in daemon.ctl_json("status")["jobs"] if j["repo"] == str(repo)]
+    assert job["status"] == "failed"
+    assert job["tasks"][0]["reason"] == "agent ended with exit code 3"
+
+
+def test_missing_agent_binary_fails_the_task_with_the_reason(tmp_path: Path):
+    repo = git_repo(tmp_path / "repo")
+    d = Daemon(tmp_path / "state", env={"CODEX_BIN": str(tmp_path / "no-such-codex")}).start()
+    try:
+        result = d.ctl("run", "Anything", "--repo", str(repo), "--agent", "codex", "--wait")
+        assert result.returncode == 1
+        (job,) = d.ctl_json("status")["jobs"]
+        assert job["status"] == "failed"
+        assert "no-such-codex" in job["tasks"][0]["reason"]
+    finally:
+        d.stop()
+
+
+async def wait_done(daemon: Daemon, job: str) -> None:
+    async def done() -> bool:
+        result = await asyncio.to_thread(daemon.ctl, "--json", "status", job)
+        return json.loads(result.stdout)["jobs"][0]["status"] != "running"
+
+    await eventually(done, timeout=30, interval=0.1)

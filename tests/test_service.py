@@ -1,0 +1,116 @@
+"""Bad input never hurts: every bad command gets one clear line, nothing is lost, and the daemon stays up."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import nats
+import pytest
+
+from tests.daemon_harness import Daemon, git_repo
+
+
+@pytest.fixture(scope="module")
+def daemon(tmp_path_factory: pytest.TempPathFactory):
+    d = Daemon(tmp_path_factory.mktemp("service") / "state").start()
+    yield d
+    assert d.stop() == 0
+
+
+async def request(daemon: Daemon, subject: str, payload: bytes) -> nats.aio.msg.Msg:
+    c = daemon.connection()
+    nc = await nats.connect(c["url"], user=c["user"], password=c["password"])
+    try:
+        return await nc.request(subject, payload, timeout=5)
+    finally:
+        await nc.close()
+
+
+@pytest.mark.parametrize(
+    ("payload", "expected"),
+    [
+        (b"not json", "malformed"),
+        (b'{"goal": 3, "repo": "/tmp"}', "$.goal"),
+        (b'{"goal": "x"}', "missing required field `repo`"),
+        (b'{"goal": "x", "repo": "/tmp", "agnet": "codex"}', "unknown field `agnet`"),
+    ],
+)
+async def test_bad_run_requests_get_a_clear_error_naming_the_problem(daemon: Daemon, payload: bytes, expected: str):
+    reply = await request(daemon, "numerus.cmd.run", payload)
+    assert reply.headers["Nats-Service-Error-Code"] == "400"
+    body = json.loads(reply.data)
+    assert body["code"] == "bad_request"
+    assert expected in body["message"]
+    assert "\n" not in body["message"]
+    assert daemon.alive
+    assert daemon.ctl("status").returncode == 0
+
+
+async def test_bad_requests_are_kept_in_the_dead_letter_stream(daemon: Daemon):
+    await request(daemon, "numerus.cmd.status", b'{"job": ["a list"]}')
+    c = daemon.connection()
+    nc = await nats.connect(c["url"], user=c["user"], password=c["password"])
+    try:
+        message = await nc.jetstream().get_last_msg("NUMERUS_DLQ", "numerus.dlq.cmd.bad_request")
+        assert message.data == b'{"job": ["a list"]}'
+        assert "$.job" in message.headers["Numerus-Reason"]
+    finally:
+        await nc.close()
+
+
+def test_run_on_a_missing_repository_is_refused_in_one_line(daemon: Daemon, tmp_path: Path):
+    result = daemon.ctl("run", "goal", "--repo", str(tmp_path / "nowhere"))
+    assert result.returncode in (1, 2)
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert "nowhere" in result.stderr
+
+
+def test_run_with_an_unknown_agent_names_the_known_ones(daemon: Daemon, tmp_path: Path):
+    repo = git_repo(tmp_path / "repo")
+    result = daemon.ctl("run", "goal", "--repo", str(repo), "--agent", "gpt-99")
+    assert result.returncode == 1
+    assert "unknown agent 'gpt-99'" in result.stderr and "scripted" in result.stderr
+    assert daemon.ctl_json("status")["jobs"] == [] or all(
+        j["agent"] != "gpt-99" for j in daemon.ctl_json("status")["jobs"]
+    )
+
+
+def test_empty_goal_is_refused(daemon: Daemon, tmp_path: Path):
+    repo = git_repo(tmp_path / "repo")
+    result = daemon.ctl("run", "   ", "--repo", str(repo), "--agent", "scripted")
+    assert result.returncode == 1
+    assert "goal is empty" in result.stderr
+
+
+def test_status_of_unknown_job_is_not_found(daemon: Daemon):
+    result = daemon.ctl("status", "01NOSUCHJOB0000000000000000")
+    assert result.returncode == 1
+    assert "no job" in result.stderr
+
+
+async def test_service_is_discoverable_as_a_nats_micro_service(daemon: Daemon):
+    reply = await request(daemon, "$SRV.INFO.numerus", b"")
+    info = json.loads(reply.data)
+    assert info["name"] == "numerus"
+    assert sorted(e["subject"] for e in info["endpoints"]) == [
+        f"numerus.cmd.{verb}" for verb in sorted(["events", "kill", "logs", "run", "status"])
+    ]
+
+
+def test_many_concurrent_bad_and_good_requests_leave_the_daemon_consistent(daemon: Daemon):
+    async def flood() -> list[nats.aio.msg.Msg]:
+        c = daemon.connection()
+        nc = await nats.connect(c["url"], user=c["user"], password=c["password"])
+        try:
+            bad = [nc.request("numerus.cmd.kill", b"{]", timeout=10) for _ in range(50)]
+            good = [nc.request("numerus.cmd.status", b"{}", timeout=10) for _ in range(50)]
+            return await asyncio.gather(*bad, *good)
+        finally:
+            await nc.close()
+
+    replies = asyncio.run(flood())
+    assert all(r.headers and r.headers["Nats-Service-Error-Code"] == "400" for r in replies[:50])
+    assert all(not r.headers for r in replies[50:])
+    assert daemon.alive
