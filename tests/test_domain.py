@@ -43,9 +43,7 @@ def apply(state: domain.JobState | None, job: str, decision: domain.Decision) ->
 def started_job() -> domain.JobState:
     job = apply(None, "J", domain.decide_run("fix the tests", "/repo", "scripted"))
     task = job.tasks["t1"]
-    return apply(
-        job, "J", domain.decide_start(job, task, ["codex", "exec"], "/runs/J/t1", "/runs/J/t1/stdout.log")
-    )
+    return apply(job, "J", domain.decide_start(job, task, ["codex", "exec"], "/runs/J/t1", "/runs/J/t1/stdout.log"))
 
 
 def exit_with(job: domain.JobState, code: int | None, signal: int | None = None) -> domain.JobState:
