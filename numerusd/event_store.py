@@ -1,0 +1,579 @@
+"""The event store: seal, write ahead, publish, and keep publishing until JetStream has every event exactly once.
+
+    append ──seal (sign, chain)──> WAL (group commit, fdatasync) ──> caller returns
+                                                   └──> outbox ──publish, Nats-Msg-Id = event id──> JetStream
+                                                                            acks ──> WAL ack records
+
+`append` returns as soon as the events are durable in the write-ahead log: from then on they are the store's
+responsibility, and "nothing acknowledged is lost" holds across NATS outages and daemon crashes.
+
+Chain order. An event's `prev` is the digest of the previous event of its job. The events of one `append` are
+sealed and handed to the WAL in one synchronous step, with no await in between, so for each job the order of the
+chain, the order in the WAL and the order of publication are the same, without a per-job lock that would keep
+two appends of one job out of the same group commit.
+
+Publication. Events are published in WAL order with plain `nc.publish` and a reply subject of our own,
+`<inbox>.<event id>`; one subscription takes every ack (no future per message, which is what makes nats-py's
+`publish_async` slow). While the connection is down nothing is published (so nats-py never buffers events that
+could overtake the ones lost with the old connection). After a reconnect, an error reply, or an event left
+unacknowledged for `resend_after` seconds, the store *resyncs*: it reads the stream from just before the oldest
+unacknowledged event, counts as acknowledged every one it finds there, republishes the others in order (the
+first alone, until the stream takes writes again), then carries on. Because presence is checked in the stream
+itself, an event is never stored twice even when the outage outlasted JetStream's duplicate window; within the
+window the `Nats-Msg-Id` header catches the rest (acks with `duplicate: true` count as acknowledged).
+
+Startup. The daemon replays the stream and passes each stored event to `observe(seq, wire)`, which rebuilds the
+chain heads and notes which WAL entries are already stored; `recover()` then republishes the WAL entries the
+stream lacks and returns them, so the daemon folds them in after the stream's own events.
+
+JetStream errors surface as `StoreError`/`NatsUnavailable` (translated by `streams.jetstream_errors`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from functools import partial
+
+import msgspec
+import nats.errors
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+from nats.js.client import JetStreamContext
+
+from numerusd.errors import NumerusError, StoreError
+from numerusd.keys import Keyring
+from numerusd.protocol.envelope import Sealed, digest, open_event, seal
+from numerusd.protocol.events import EventData
+from numerusd.protocol.ids import new_ulid
+from numerusd.stream_reader import StreamReader
+from numerusd.streams import EVENTS, jetstream_errors
+from numerusd.wal import WalEntry, WriteAheadLog
+
+log = logging.getLogger(__name__)
+
+#: An event published this long ago without an ack triggers a resync.
+DEFAULT_RESEND_AFTER = 5.0
+#: Published but unacknowledged events at most; past it publication waits for acks (backpressure on the server).
+DEFAULT_MAX_IN_FLIGHT = 8_192
+#: How long the first republished event may take to be acknowledged before the resync backs off and retries.
+_PROBE_TIMEOUT = 2.0
+_BACKOFF_MAX = 2.0
+#: Room left in a message for the headers, under the server's max_payload.
+_HEADERS_ROOM = 256
+
+
+class _ApiError(msgspec.Struct):
+    code: int = 0
+    err_code: int = 0
+    description: str = ""
+
+
+class _PubAck(msgspec.Struct):
+    """JetStream's answer to a publish: where it was stored, whether it was a duplicate, or why not."""
+
+    stream: str = ""
+    seq: int = 0
+    duplicate: bool = False
+    error: _ApiError | None = None
+
+
+class _Head(msgspec.Struct):
+    """The two envelope members the store needs from a stored event (the rest is skipped, not decoded)."""
+
+    id: str
+    job: str
+
+
+_decode_ack = msgspec.json.Decoder(_PubAck).decode
+_decode_head = msgspec.json.Decoder(_Head).decode
+
+
+class _Flight:
+    """An event published and not yet acknowledged."""
+
+    __slots__ = ("entry", "floor", "sent")
+
+    def __init__(self, entry: WalEntry, floor: int, sent: float) -> None:
+        self.entry = entry
+        # The highest stream sequence acknowledged before it was first published: if it is stored, it is
+        # stored after this, so a resync reads the stream from here on.
+        self.floor = floor
+        self.sent = sent
+
+
+class EventStore:
+    """Appends signed, chained events durably and gets each into JetStream exactly once. See the module doc.
+
+    The store owns the WAL it is given (and closes it); it shares `nc` and leaves it open. Lifecycle: replay the
+    stream into `observe`, `await recover()`, then `append` freely; `flush` to wait for JetStream; `close`.
+    """
+
+    def __init__(
+        self,
+        nc: Client,
+        js: JetStreamContext,
+        wal: WriteAheadLog,
+        keyring: Keyring,
+        actor: str = "numerusd",
+        *,
+        stream: str = EVENTS,
+        resend_after: float = DEFAULT_RESEND_AFTER,
+        max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
+    ) -> None:
+        self._nc = nc
+        self._js = js
+        self._wal = wal
+        self._keyring = keyring
+        self._actor = actor
+        self._stream = stream
+        self._resend_after = resend_after
+        self._max_in_flight = max_in_flight
+        self._heads: dict[str, str] = {}
+        # WAL entries left by the previous run, and those of them the replay found in the stream.
+        self._recovering = {entry.id for entry in wal.pending()}
+        self._found: set[str] = set()
+        self._outbox: deque[WalEntry] = deque()
+        self._in_flight: dict[str, _Flight] = {}
+        self._acked_seq = 0
+        self._unacked = 0
+        self._all_acked = asyncio.Event()
+        self._all_acked.set()
+        self._wake = asyncio.Event()
+        self._resync_wanted = asyncio.Event()
+        self._stalled = False
+        self._probe: tuple[str, asyncio.Future[bool]] | None = None
+        self._reply_prefix = ""
+        self._reply_bytes = b""
+        # The lean publish path uses two internals of nats-py (checked here, so a future version that drops
+        # them falls back to plain `nc.publish` instead of breaking).
+        self._lean = callable(getattr(nc, "_send_command", None)) and callable(getattr(nc, "_flush_pending", None))
+        self._ack_sub: Subscription | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._started = False
+        self._closed = False
+        #: Counters for tests, metrics and the benchmark.
+        self.stats = {"published": 0, "republished": 0, "acked": 0, "duplicates": 0, "resyncs": 0, "errors": 0}
+
+    # --- startup -------------------------------------------------------------------------------------------
+
+    def observe(self, seq: int, wire: bytes) -> None:
+        """Take note of an event already in the stream (during the startup replay, in stream order)."""
+        try:
+            head = _decode_head(wire)
+        except msgspec.DecodeError:
+            # Not an event of ours (the daemon's replay deals with poison messages); no chain to extend.
+            log.warning("stream message %d is not an event envelope; ignored by the event store", seq)
+            return
+        self._heads[head.job] = digest(wire)
+        if seq > self._acked_seq:
+            self._acked_seq = seq
+        if head.id in self._recovering:
+            self._found.add(head.id)
+
+    async def recover(self) -> list[Sealed]:
+        """After the replay: republish the WAL entries the stream lacks (in order) and return them; start."""
+        if self._started:
+            raise StoreError("the event store has already been recovered and started")
+        with jetstream_errors(f"check stream {self._stream}"):
+            await self._js.stream_info(self._stream)
+        pending = self._wal.pending()
+        self._wal.ack(self._found)
+        missing: list[Sealed] = []
+        keys = self._keyring.keys
+        for entry in pending:
+            if entry.id in self._found:
+                continue
+            try:
+                envelope = open_event(entry.wire, keys)
+            except ValueError as e:
+                raise StoreError(f"write-ahead log entry {entry.id} does not open: {e}", id=entry.id) from e
+            if envelope.prev != self._heads.get(envelope.job, ""):
+                # Stream and WAL disagree on this job's chain (an event missing before stored ones): an
+                # auditor will flag it; we republish anyway rather than lose the event.
+                log.error("event %s of job %s does not follow the stream's chain head", entry.id, envelope.job)
+            self._heads[envelope.job] = entry_digest = digest(entry.wire)
+            missing.append(Sealed(envelope, entry.wire, entry_digest))
+        self._recovering = set()
+        self._found = set()
+        if pending:
+            await self._wal.sync()
+        await self._start()
+        if missing:
+            self._unacked += len(missing)
+            self._all_acked.clear()
+            self._outbox.extend(WalEntry(s.envelope.id, s.envelope.subject, s.wire) for s in missing)
+            self.stats["republished"] += len(missing)
+            self._wake.set()
+            log.info("republishing %d events from the write-ahead log", len(missing))
+        return missing
+
+    async def catch_up(self) -> list[Sealed]:
+        """Replay the whole stream into `observe`, then `recover()` (for tools that need no state)."""
+        async with StreamReader(self._nc, self._stream) as reader:
+            async for batch in reader:
+                for msg in batch:
+                    self.observe(msg.seq, msg.data)
+        return await self.recover()
+
+    async def _start(self) -> None:
+        self._reply_prefix = self._nc.new_inbox() + "."
+        self._reply_bytes = self._reply_prefix.encode()
+        # No callback: `_ack_loop` drains the queue in bulk, without a coroutine call per ack. Acks are at most
+        # one per event in flight (plus duplicates of resends), so the limit is never what drops one.
+        self._ack_sub = await self._nc.subscribe(
+            self._reply_prefix + "*", pending_msgs_limit=4 * self._max_in_flight + 1024, pending_bytes_limit=0
+        )
+        loop = asyncio.get_running_loop()
+        self._tasks = [
+            loop.create_task(self._publish_loop(), name="numerus-publish"),
+            loop.create_task(self._ack_loop(self._ack_sub), name="numerus-acks"),
+            loop.create_task(self._watch_loop(), name="numerus-resync"),
+        ]
+        self._started = True
+
+    # --- appending -----------------------------------------------------------------------------------------
+
+    async def append(
+        self,
+        job: str,
+        events: Sequence[tuple[str | None, EventData]],
+        *,
+        correlation_id: str,
+        causation_id: str | None = None,
+    ) -> list[Sealed]:
+        """Seal `events` (task id or None, payload) for `job`, make them durable, and queue them for JetStream.
+
+        Returns once they are fdatasync'd in the WAL; their publication and acknowledgement follow in the
+        background (see `flush`). Raises StoreError if the WAL cannot write them.
+        """
+        if not self._started or self._closed:
+            raise StoreError("the event store is not running (recover() first, or it was closed)")
+        if not events:
+            return []
+        now = datetime.now(UTC)
+        kid = self._keyring.current_kid
+        key = self._keyring.current_key
+        actor = self._actor
+        prev = self._heads.get(job, "")
+        sealed: list[Sealed] = []
+        for task, data in events:
+            one = seal(
+                data,
+                id=new_ulid(),
+                job=job,
+                task=task,
+                time=now,
+                actor=actor,
+                correlation_id=correlation_id,
+                causation_id=causation_id,
+                prev=prev,
+                kid=kid,
+                key=key,
+            )
+            sealed.append(one)
+            prev = one.digest
+        entries = [WalEntry(s.envelope.id, s.envelope.subject, s.wire) for s in sealed]
+        limit = self._nc.max_payload - _HEADERS_ROOM if self._nc.is_connected else 0
+        if limit > 0 and any(len(entry.wire) > limit for entry in entries):
+            # Refused before the WAL: an event the server cannot take would block every one after it.
+            big = max(len(entry.wire) for entry in entries)
+            raise StoreError(
+                f"an event of {big} bytes exceeds the NATS server's max_payload ({self._nc.max_payload}); "
+                "store large outputs as files referenced by path and hash",
+                size=big,
+            )
+        # Heads advance in the same synchronous step that fixes the WAL order (no await in between).
+        durable = self._wal.submit(entries)
+        self._heads[job] = prev
+        self._unacked += len(entries)
+        self._all_acked.clear()
+        durable.add_done_callback(partial(self._on_durable, entries))
+        # Shielded: a caller that gives up does not take the events back, they are the store's now.
+        await asyncio.shield(durable)
+        return sealed
+
+    def _on_durable(self, entries: list[WalEntry], durable: asyncio.Future[None]) -> None:
+        if durable.cancelled() or durable.exception() is not None:
+            self._settle(len(entries))
+            return
+        self._outbox.extend(entries)
+        self._wake.set()
+
+    async def flush(self, timeout: float = 10.0) -> None:
+        """Wait until every event appended so far is acknowledged by JetStream; StoreError after `timeout`."""
+        try:
+            await asyncio.wait_for(self._all_acked.wait(), timeout)
+        except TimeoutError:
+            raise StoreError(
+                f"{self._unacked} events not yet acknowledged by JetStream after {timeout:g} s "
+                "(they are safe in the write-ahead log and will be published when the stream takes them)",
+                unacked=self._unacked,
+            ) from None
+
+    @property
+    def unacknowledged(self) -> int:
+        """Events appended (or recovered) and not yet acknowledged by JetStream."""
+        return self._unacked
+
+    def chain_head(self, job: str) -> str:
+        """The digest of the last event appended or observed for `job` ('' for a job with none)."""
+        return self._heads.get(job, "")
+
+    async def on_reconnected(self) -> None:
+        """Pass to nats-py's `reconnected_cb`: check the stream and republish what was in flight."""
+        self._resync_wanted.set()
+
+    async def close(self) -> None:
+        """Stop publishing, record the acks received, and close the WAL (unacked events stay in it)."""
+        if self._closed:
+            return
+        self._closed = True
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._ack_sub is not None and not self._nc.is_closed:
+            with contextlib.suppress(nats.errors.Error):
+                await self._ack_sub.unsubscribe()
+        await self._wal.close()
+
+    # --- publishing ----------------------------------------------------------------------------------------
+
+    async def _publish_loop(self) -> None:
+        outbox = self._outbox
+        in_flight = self._in_flight
+        nc = self._nc
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            sent = 0
+            now = time.monotonic()  # one clock reading per burst is precise enough for resend timing
+            while outbox and not self._stalled and nc.is_connected:
+                if len(in_flight) >= self._max_in_flight:
+                    break  # an ack sets _wake again
+                entry = outbox.popleft()
+                in_flight[entry.id] = _Flight(entry, self._acked_seq, now)
+                if not await self._send(entry, flush=False):
+                    # Not sent: it stays in flight, and the resync sends it again in its place.
+                    self._trouble("publish failed")
+                    break
+                sent += 1
+                if sent % 256 == 0:
+                    await self._kick()
+                    await asyncio.sleep(0)  # let the acks of this burst in
+                    now = time.monotonic()
+            if sent:
+                self.stats["published"] += sent
+                await self._kick()
+
+    async def _send(self, entry: WalEntry, flush: bool = True) -> bool:
+        """Publish one event with `Nats-Msg-Id` and our reply subject; False if the connection refused it."""
+        try:
+            if self._lean:
+                # The HPUB command nats-py would build, without its per-call validation, header escaping and
+                # flush bookkeeping (ids, subjects and the reply prefix are ours, all plain tokens).
+                id_ = entry.id.encode()
+                headers = b"NATS/1.0\r\nNats-Msg-Id: %b\r\n\r\n" % id_
+                await self._nc._send_command(
+                    b"HPUB %b %b%b %d %d\r\n%b%b\r\n"
+                    % (
+                        entry.subject.encode(),
+                        self._reply_bytes,
+                        id_,
+                        len(headers),
+                        len(headers) + len(entry.wire),
+                        headers,
+                        entry.wire,
+                    )
+                )
+                if flush:
+                    await self._kick()
+            else:
+                await self._nc.publish(
+                    entry.subject,
+                    entry.wire,
+                    reply=self._reply_prefix + entry.id,
+                    headers={"Nats-Msg-Id": entry.id},
+                )
+        except nats.errors.Error as e:
+            log.warning("publishing event %s failed: %s", entry.id, e)
+            return False
+        return True
+
+    async def _kick(self) -> None:
+        """Hand what `_send` queued to nats-py's flusher (one wake-up per burst, not per event)."""
+        if self._lean and self._nc.is_connected:
+            await self._nc._flush_pending()
+
+    async def _ack_loop(self, sub: Subscription) -> None:
+        queue: asyncio.Queue[Msg] = sub._pending_queue
+        while True:
+            msg = await queue.get()
+            acked: list[str] = []
+            while True:
+                self._on_ack(msg, acked)
+                try:
+                    msg = queue.get_nowait()
+                except asyncio.QueueEmpty:
+                    break
+            if acked:
+                self._wal.ack(acked)
+                if self._outbox:
+                    self._wake.set()
+
+    def _on_ack(self, msg: Msg, acked: list[str]) -> None:
+        id_ = msg.subject[len(self._reply_prefix) :]
+        if id_ not in self._in_flight:
+            return  # the ack of a copy already acknowledged
+        probe = self._probe
+        data = msg.data
+        if not data:
+            # A status instead of an ack: 503 no responders, the stream is not there (yet).
+            reason = (msg.headers or {}).get("Status", "no answer")
+            self._refused(id_, f"status {reason}", probe)
+            return
+        try:
+            ack = _decode_ack(data)
+        except msgspec.DecodeError:
+            self._refused(id_, "unreadable ack", probe)
+            return
+        if ack.error is not None:
+            self._refused(id_, f"{ack.error.code}/{ack.error.err_code} {ack.error.description}", probe)
+            return
+        if ack.stream != self._stream:
+            self._refused(id_, f"stored in stream {ack.stream!r}, not {self._stream!r}", probe)
+            return
+        if ack.duplicate:
+            self.stats["duplicates"] += 1
+        self._acknowledged(id_, ack.seq, acked)
+        if probe is not None and probe[0] == id_ and not probe[1].done():
+            probe[1].set_result(True)
+
+    def _acknowledged(self, id_: str, seq: int, acked: list[str] | None = None) -> None:
+        del self._in_flight[id_]
+        if acked is None:
+            self._wal.ack((id_,))
+            if self._outbox:
+                self._wake.set()
+        else:
+            acked.append(id_)  # the caller records the whole drained batch at once
+        if seq > self._acked_seq:
+            self._acked_seq = seq
+        self.stats["acked"] += 1
+        self._settle(1)
+
+    def _settle(self, count: int) -> None:
+        self._unacked -= count
+        if self._unacked <= 0:
+            self._unacked = 0
+            self._all_acked.set()
+
+    def _refused(self, id_: str, reason: str, probe: tuple[str, asyncio.Future[bool]] | None) -> None:
+        self.stats["errors"] += 1
+        if probe is not None and probe[0] == id_ and not probe[1].done():
+            probe[1].set_result(False)
+        self._trouble(f"event {id_} refused: {reason}")
+
+    def _trouble(self, reason: str) -> None:
+        # Later events may already be on their way; stop sending more until the resync has looked at the
+        # stream, so that what follows the trouble is sent again in order.
+        if not self._stalled:
+            log.warning("event publication paused: %s", reason)
+        self._stalled = True
+        self._resync_wanted.set()
+
+    # --- resync --------------------------------------------------------------------------------------------
+
+    async def _watch_loop(self) -> None:
+        tick = min(0.25, self._resend_after / 4)
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._resync_wanted.wait(), tick)
+            overdue = False
+            if self._in_flight:
+                oldest = next(iter(self._in_flight.values()))
+                overdue = time.monotonic() - oldest.sent > self._resend_after
+            if self._resync_wanted.is_set() or overdue:
+                await self._resync()
+            elif self._outbox and self._nc.is_connected:
+                self._wake.set()  # whatever was held while disconnected
+            if not self._in_flight and not self._outbox and self._wal.unrecorded_acks:
+                # Quiet: write the acks down, so a restart has less to look up in the stream.
+                try:
+                    await self._wal.sync()
+                except StoreError as e:
+                    log.error("%s", e)
+
+    async def _resync(self) -> None:
+        self._stalled = True
+        self.stats["resyncs"] += 1
+        backoff = 0.05
+        try:
+            while True:
+                self._resync_wanted.clear()
+                if self._nc.is_connected:
+                    try:
+                        if await self._resync_once():
+                            return
+                    except NumerusError as e:
+                        log.warning("resync of event publication failed, will retry: %s", e)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, _BACKOFF_MAX)
+        finally:
+            # Trouble reported while the resend was under way asks for another round before going on.
+            self._stalled = self._resync_wanted.is_set()
+            self._wake.set()
+
+    async def _resync_once(self) -> bool:
+        """Settle in-flight events against the stream, resend the rest in order; True when healthy again."""
+        in_flight = self._in_flight
+        if not in_flight:
+            return True
+        floor = min(flight.floor for flight in in_flight.values())
+        async with StreamReader(self._nc, self._stream, start_seq=floor + 1) as reader:
+            async for batch in reader:
+                for msg in batch:
+                    try:
+                        id_ = _decode_head(msg.data).id
+                    except msgspec.DecodeError:
+                        continue
+                    if id_ in in_flight:
+                        self._acknowledged(id_, msg.seq)
+            seen = reader.last_seq
+        if not in_flight:
+            return True
+        flights = list(in_flight.values())
+        now = time.monotonic()
+        for flight in flights:
+            # Verified absent up to `seen`: the next resync need not read the stream before that.
+            flight.floor = max(flight.floor, seen)
+            flight.sent = now
+        # The first alone: only when it is stored do the others follow, so that a stream that is still
+        # starting cannot take later events and refuse earlier ones.
+        first = flights[0].entry
+        loop = asyncio.get_running_loop()
+        probe: asyncio.Future[bool] = loop.create_future()
+        self._probe = (first.id, probe)
+        try:
+            if not await self._send(first):
+                return False
+            self.stats["republished"] += 1
+            try:
+                if not await asyncio.wait_for(probe, _PROBE_TIMEOUT):
+                    return False
+            except TimeoutError:
+                return False
+        finally:
+            self._probe = None
+        for flight in flights[1:]:
+            if flight.entry.id in in_flight:
+                if not await self._send(flight.entry):
+                    return False
+                self.stats["republished"] += 1
+        return True
