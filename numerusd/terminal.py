@@ -172,9 +172,17 @@ class Terminal:
             self._exited.set_result((None, None) if code is None else (code, None) if code >= 0 else (None, -code))
 
     def _signal_group(self, sig: signal.Signals) -> None:
-        # The process leads its own session, so its process group id is its pid.
-        with contextlib.suppress(ProcessLookupError, PermissionError):
+        # The process leads its own session, so its process group id is its pid. Right after spawn the child
+        # may not have called setsid() yet, so there is no such group: then it is alone, and signalled alone
+        # (its pid cannot be reused before we reap it).
+        try:
             os.killpg(self.pid, sig)
+        except ProcessLookupError:
+            if self._popen.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(self.pid, sig)
+        except PermissionError:
+            pass
 
     def _close_pidfd(self) -> None:
         if self._pidfd is not None:
