@@ -1,0 +1,492 @@
+"""`numerusctl`: the thin client. Each command sends one request to `numerus.cmd.<verb>` and prints the reply.
+
+    numerusctl run GOAL --repo PATH [--agent NAME] [--wait]
+    numerusctl status [JOB]
+    numerusctl logs JOB [--task T] [-f]
+    numerusctl events [JOB] [-f]
+    numerusctl kill JOB
+    numerusctl audit verify [JOB] [--key-file F] [--expect-head DIGEST] [--finished]
+
+`--json` (before or after the command) prints replies and events as JSON instead of text. Following (`run
+--wait`, `logs -f`, `events -f`) and `audit verify` read the JetStream streams directly with ordered consumers;
+`audit verify` trusts nothing the daemon says and checks every event with the key.
+
+Exit codes: 0 ok; 1 refused or failed (an error reply, a failed job under `--wait`, a problem found by the
+audit); 2 usage; 3 numerusd or its NATS server cannot be reached. No failure prints a traceback (set
+`NUMERUSCTL_DEBUG=1` to see one for an unexpected error).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+import msgspec
+from nats.aio.client import Client
+
+from numerusctl import render
+from numerusctl.connection import (
+    EVENTS_STREAM,
+    EXIT_FAILED,
+    EXIT_USAGE,
+    LOGS_STREAM,
+    CtlError,
+    StreamFeed,
+    connected,
+    decode_reply,
+    request,
+    resolve_target,
+    state_dir_or_default,
+)
+from numerusd.protocol.audit import Auditor
+from numerusd.protocol.commands import (
+    EventsReply,
+    GetEvents,
+    GetLogs,
+    GetStatus,
+    KillJob,
+    KillReply,
+    LogsReply,
+    RunJob,
+    RunReply,
+    StatusReply,
+)
+from numerusd.protocol.envelope import InvalidEvent, decode_wire
+from numerusd.protocol.events import snake_name
+from numerusd.protocol.ids import is_token
+
+# One decoder per reply, built once (decode at the edge, once).
+_run_reply = msgspec.json.Decoder(RunReply)
+_status_reply = msgspec.json.Decoder(StatusReply)
+_kill_reply = msgspec.json.Decoder(KillReply)
+_logs_reply = msgspec.json.Decoder(LogsReply)
+_events_reply = msgspec.json.Decoder(EventsReply)
+_any_json = msgspec.json.Decoder()
+
+#: The job events after which `run --wait` and `logs -f` stop, and what `run --wait` then exits with.
+_JOB_END = {"JobCompleted": 0, "JobFailed": EXIT_FAILED, "JobKilled": EXIT_FAILED, "JobInterrupted": EXIT_FAILED}
+_JOB_END_SUFFIXES = {snake_name(name) for name in _JOB_END}
+
+T = TypeVar("T")
+
+
+@dataclass
+class Options:
+    """The global options, as given (click has already read the environment variables into them)."""
+
+    json: bool = False
+    state_dir: Path | None = None
+    nats_url: str | None = None
+    nats_user: str | None = field(default=None, repr=False)
+    nats_password: str | None = field(default=None, repr=False)
+    creds: Path | None = None
+    timeout: float = 5.0
+
+
+def _options(ctx: click.Context, as_json: bool = False) -> Options:
+    opts: Options = ctx.find_object(Options) or Options()
+    if as_json:
+        opts.json = True
+    return opts
+
+
+def _run(coro: Coroutine[Any, Any, int | None]) -> None:
+    """Run one command's coroutine: every failure becomes one line and an exit code, never a traceback."""
+    try:
+        code = asyncio.run(coro)
+    except (click.ClickException, BrokenPipeError):
+        raise
+    except KeyboardInterrupt:
+        raise SystemExit(130) from None
+    except Exception as e:
+        if os.environ.get("NUMERUSCTL_DEBUG"):
+            raise
+        raise CtlError(f"unexpected error: {type(e).__name__}: {e} (NUMERUSCTL_DEBUG=1 shows where)") from None
+    if code:
+        raise SystemExit(code)
+
+
+async def _with_daemon(opts: Options, body: Callable[[Client], Awaitable[T]]) -> T:
+    target = resolve_target(
+        state_dir=opts.state_dir,
+        nats_url=opts.nats_url,
+        nats_user=opts.nats_user,
+        nats_password=opts.nats_password,
+        creds=opts.creds,
+    )
+    async with connected(target, opts.timeout) as nc:
+        return await body(nc)
+
+
+def _out(data: bytes | str) -> None:
+    """Write to stdout as is (bytes raw, text with a newline)."""
+    click.echo(data, nl=isinstance(data, str))
+
+
+json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
+
+
+def _token(_ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """Job and task ids go into NATS subjects: refuse anything that is not one token (`.`, `*`, `>`, spaces)."""
+    if value is not None and not is_token(value):
+        raise click.BadParameter(f"{value!r} is not an id (letters, digits, '_' and '-' only)", param=param)
+    return value
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--json", "as_json", is_flag=True, help="Print replies and events as JSON.")
+@click.option(
+    "--state-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    envvar="NUMERUS_STATE_DIR",
+    help="numerusd's state directory, where its connection.json is [~/.local/state/numerus].",
+)
+@click.option("--nats-url", envvar="NUMERUS_NATS_URL", help="Talk to numerusd through this NATS server.")
+@click.option("--nats-user", envvar="NUMERUS_NATS_USER", help="User for --nats-url.")
+@click.option("--nats-password", envvar="NUMERUS_NATS_PASSWORD", help="Password for --nats-url.")
+@click.option(
+    "--creds",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    envvar="NUMERUS_NATS_CREDS",
+    help="NATS credentials file for --nats-url.",
+)
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=0.1),
+    default=5.0,
+    show_default=True,
+    envvar="NUMERUS_TIMEOUT",
+    help="Seconds to wait to connect and for each reply.",
+)
+@click.pass_context
+def cli(
+    ctx: click.Context,
+    as_json: bool,
+    state_dir: Path | None,
+    nats_url: str | None,
+    nats_user: str | None,
+    nats_password: str | None,
+    creds: Path | None,
+    timeout: float,
+) -> None:
+    """Control numerusd: submit goals, watch jobs and their agents, stop them, audit the record."""
+    ctx.obj = Options(as_json, state_dir, nats_url, nats_user, nats_password, creds, timeout)
+
+
+# --- run ------------------------------------------------------------------------------------------------------
+
+
+@cli.command()
+@click.argument("goal")
+@click.option(
+    "--repo",
+    required=True,
+    type=click.Path(exists=True, file_okay=False, dir_okay=True, resolve_path=True, path_type=Path),
+    help="The repository to work in.",
+)
+@click.option("--agent", help="Agent profile [numerusd's default_agent].")
+@click.option("--wait", is_flag=True, help="Follow the job until it ends; exit 1 unless it completed.")
+@json_option
+@click.pass_context
+def run(ctx: click.Context, goal: str, repo: Path, agent: str | None, wait: bool, as_json: bool) -> None:
+    """Submit GOAL for the repository and print the job id."""
+    opts = _options(ctx, as_json)
+    if not goal.strip():
+        raise click.BadParameter("the goal is empty", param_hint="GOAL")
+
+    async def body(nc: Client) -> int:
+        data = await request(nc, "run", RunJob(goal=goal, repo=str(repo), agent=agent), opts.timeout)
+        reply: RunReply = decode_reply(_run_reply, "run", data)
+        _out(data.decode() if opts.json else reply.job)
+        if not wait:
+            return 0
+        return await _follow_job(nc, reply.job, opts.json)
+
+    _run(_with_daemon(opts, body))
+
+
+async def _follow_job(nc: Client, job: str, as_json: bool) -> int:
+    """Print the job's events as progress (or JSON lines) from its start until it ends; its exit code."""
+    async with StreamFeed(nc, EVENTS_STREAM, f"numerus.job.{job}.>") as feed:
+        async for batch in feed.forever():
+            for stored in batch:
+                try:
+                    env = decode_wire(stored.data)
+                    data = _any_json.decode(env.data)
+                except (InvalidEvent, msgspec.DecodeError, UnicodeDecodeError):
+                    continue  # not an event the daemon wrote; `audit verify` is the place to name it
+                if as_json:
+                    _out(stored.data)
+                    _out("")
+                else:
+                    line = render.progress_line(job, env.type, env.task, data)
+                    if line is not None:
+                        _out(line)
+                if env.type in _JOB_END and env.task is None:
+                    return _JOB_END[env.type]
+    return EXIT_FAILED  # unreachable: forever() only ends by raising
+
+
+# --- status ---------------------------------------------------------------------------------------------------
+
+
+@cli.command()
+@click.argument("job", required=False, callback=_token)
+@json_option
+@click.pass_context
+def status(ctx: click.Context, job: str | None, as_json: bool) -> None:
+    """Every job, or one JOB with its tasks."""
+    opts = _options(ctx, as_json)
+
+    async def body(nc: Client) -> int:
+        data = await request(nc, "status", GetStatus(job=job), opts.timeout)
+        reply: StatusReply = decode_reply(_status_reply, "status", data)
+        if opts.json:
+            _out(data.decode())
+        elif job is not None and len(reply.jobs) == 1:
+            _out(render.job_detail(reply.jobs[0], datetime.now(UTC)))
+        else:
+            _out(render.jobs_table(reply.jobs, datetime.now(UTC)))
+        return 0
+
+    _run(_with_daemon(opts, body))
+
+
+# --- logs -----------------------------------------------------------------------------------------------------
+
+
+@cli.command()
+@click.argument("job", callback=_token)
+@click.option("--task", callback=_token, help="Only this task.")
+@click.option("-f", "--follow", is_flag=True, help="Stream the output live until the job ends.")
+@json_option
+@click.pass_context
+def logs(ctx: click.Context, job: str, task: str | None, follow: bool, as_json: bool) -> None:
+    """The agents' terminal output of JOB."""
+    opts = _options(ctx, as_json)
+
+    async def body(nc: Client) -> int:
+        data = await request(nc, "logs", GetLogs(job=job, task=task), opts.timeout)
+        reply: LogsReply = decode_reply(_logs_reply, "logs", data)
+        if not follow:
+            if opts.json:
+                _out(data.decode())
+                return 0
+            for log in reply.logs:
+                if len(reply.logs) > 1 or task is None:
+                    _out(f"==> {log.task} ({log.path}) <==")
+                if log.truncated:
+                    _out(f"[earlier output left out; all of it is in {log.path}]")
+                _out(log.text.encode())
+                if log.text and not log.text.endswith("\n"):
+                    _out("")
+            return 0
+        return await _follow_logs(nc, reply.job, task)
+
+    _run(_with_daemon(opts, body))
+
+
+async def _follow_logs(nc: Client, job: str, task: str | None) -> int:
+    """Copy `numerus.log.<job>.<task>` chunks to stdout as they come; stop once the job has ended and all
+    output stored by then has been written."""
+    subject = f"numerus.log.{job}.{task or '*'}"
+    out = sys.stdout.buffer  # chunks are bytes from a terminal, escapes and all: copied, not decoded
+    async with (
+        StreamFeed(nc, LOGS_STREAM, subject) as log_feed,
+        StreamFeed(nc, EVENTS_STREAM, f"numerus.job.{job}.*") as job_feed,
+    ):
+        ended = asyncio.create_task(_job_end(job_feed))
+        try:
+            while not ended.done():
+                next_chunks = asyncio.create_task(log_feed.next_batch())
+                await asyncio.wait({next_chunks, ended}, return_when=asyncio.FIRST_COMPLETED)
+                if not next_chunks.done():
+                    next_chunks.cancel()
+                    break
+                for stored in next_chunks.result():
+                    out.write(stored.data)
+                out.flush()
+            ended.result()  # a lost connection surfaces here
+            # The job's end is recorded after its agents' output was published: drain what is stored.
+            async for batch in log_feed.drain():
+                for stored in batch:
+                    out.write(stored.data)
+            out.flush()
+        finally:
+            ended.cancel()
+    return 0
+
+
+async def _job_end(feed: StreamFeed) -> None:
+    # Job-level events only (`numerus.job.<job>.*`), so task events do not have to be read through.
+    async for batch in feed.forever():
+        if any(stored.subject.rsplit(".", 1)[-1] in _JOB_END_SUFFIXES for stored in batch):
+            return
+
+
+# --- events ---------------------------------------------------------------------------------------------------
+
+
+@cli.command()
+@click.argument("job", required=False, callback=_token)
+@click.option("-f", "--follow", is_flag=True, help="Keep printing new events as they are stored.")
+@json_option
+@click.pass_context
+def events(ctx: click.Context, job: str | None, follow: bool, as_json: bool) -> None:
+    """The events of JOB (or of every job), as stored: `seq time type task summary`, or exact JSON lines."""
+    opts = _options(ctx, as_json)
+
+    def show(seq: int | None, wire: bytes) -> None:
+        # The daemon's pages do not carry each event's stream sequence; live ones do.
+        if opts.json:
+            _out(wire)
+            _out("")
+        else:
+            _out(render.event_line(seq, wire))
+
+    async def body(nc: Client) -> int:
+        after = 0
+        while True:
+            data = await request(nc, "events", GetEvents(job=job, after_seq=after), opts.timeout)
+            page: EventsReply = decode_reply(_events_reply, "events", data)
+            for raw in page.events:
+                show(None, bytes(raw))
+            after = page.last_seq
+            if not page.more:
+                break
+        if not follow:
+            return 0
+        subject = "numerus.job.>" if job is None else f"numerus.job.{job}.>"
+        async with StreamFeed(nc, EVENTS_STREAM, subject, start_seq=after + 1) as feed:
+            async for batch in feed.forever():
+                for stored in batch:
+                    show(stored.seq, stored.data)
+        return 0
+
+    _run(_with_daemon(opts, body))
+
+
+# --- kill -----------------------------------------------------------------------------------------------------
+
+
+@cli.command()
+@click.argument("job", callback=_token)
+@json_option
+@click.pass_context
+def kill(ctx: click.Context, job: str, as_json: bool) -> None:
+    """Stop JOB: its agents get TERM, then KILL, and the job ends as killed."""
+    opts = _options(ctx, as_json)
+
+    async def body(nc: Client) -> int:
+        data = await request(nc, "kill", KillJob(job=job), opts.timeout)
+        reply: KillReply = decode_reply(_kill_reply, "kill", data)
+        _out(data.decode() if opts.json else render.kill_text(reply))
+        return 0
+
+    _run(_with_daemon(opts, body))
+
+
+# --- audit ----------------------------------------------------------------------------------------------------
+
+
+@cli.group()
+def audit() -> None:
+    """Check the recorded history without trusting numerusd."""
+
+
+def load_keys(path: Path) -> dict[str, bytes]:
+    """`{"current": kid, "keys": {kid: hex}}` -> {kid: secret}; CtlError (exit 2) saying what is wrong."""
+    try:
+        raw = json.loads(path.read_bytes())
+        keys = {str(kid): bytes.fromhex(secret) for kid, secret in raw["keys"].items()}
+    except FileNotFoundError:
+        raise CtlError(f"no key file at {path}; pass --key-file", EXIT_USAGE) from None
+    except OSError as e:
+        raise CtlError(f"cannot read key file {path}: {e.strerror}", EXIT_USAGE) from None
+    except (ValueError, KeyError, TypeError, AttributeError):
+        raise CtlError(f'key file {path} is not {{"current": KID, "keys": {{KID: HEX_SECRET}}}}', EXIT_USAGE) from None
+    if not keys:
+        raise CtlError(f"key file {path} holds no key", EXIT_USAGE)
+    return keys
+
+
+@audit.command()
+@click.argument("job", required=False, callback=_token)
+@click.option(
+    "--key-file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="The HMAC keys [<state-dir>/keys.json].",
+)
+@click.option(
+    "--expect-head",
+    metavar="DIGEST",
+    help="The chain hash JOB's history must reach (from an earlier audit): catches a deleted tail.",
+)
+@click.option("--finished", is_flag=True, help="Every job is over: a chain not ending the job is truncated.")
+@json_option
+@click.pass_context
+def verify(
+    ctx: click.Context,
+    job: str | None,
+    key_file: Path | None,
+    expect_head: str | None,
+    finished: bool,
+    as_json: bool,
+) -> None:
+    """Read NUMERUS_EVENTS (all of it, or JOB's events) and check every signature, subject and chain link.
+
+    Prints one line per problem and exits 1 if there is any, 0 when everything holds.
+    """
+    opts = _options(ctx, as_json)
+    if expect_head and job is None:
+        raise click.UsageError("--expect-head needs a JOB")
+    keys = load_keys(key_file or state_dir_or_default(opts.state_dir) / "keys.json")
+    auditor = Auditor(
+        keys, expected_heads={job: expect_head} if job and expect_head else None, assume_finished=finished
+    )
+    subject = "numerus.job.>" if job is None else f"numerus.job.{job}.>"
+
+    async def body(nc: Client) -> int:
+        async with StreamFeed(nc, EVENTS_STREAM, subject) as feed:
+            async for batch in feed.until_caught_up():
+                for stored in batch:
+                    auditor.feed(stored.seq, stored.subject, stored.data)
+        report = auditor.report()
+        if opts.json:
+            _out(msgspec.json.encode(report).decode())
+            return 0 if report.ok else EXIT_FAILED
+        for problem in report.problems:
+            _out(problem.line())
+        open_jobs = [j for j in report.jobs if j.tail == "open"]
+        if job is not None and not report.jobs and report.events == 0:
+            _out(f"no events of job {job} in {EVENTS_STREAM}")
+            return EXIT_FAILED
+        jobs = f"{len(report.jobs)} job{'s' if len(report.jobs) != 1 else ''}"
+        if open_jobs:
+            jobs += f", {len(open_jobs)} open (running, or their last events are missing: see docs/audit.md)"
+        if report.ok:
+            head = f"; head {report.jobs[0].head}" if job is not None and report.jobs else ""
+            _out(f"ok: {report.events} events in {jobs}: every signature and chain link holds{head}")
+            return 0
+        _out(f"FAILED: {len(report.problems)} problem(s) in {report.events} events ({jobs})")
+        return EXIT_FAILED
+
+    _run(_with_daemon(opts, body))
+
+
+def main() -> None:
+    """The `numerusctl` console script."""
+    try:
+        cli.main(prog_name="numerusctl")
+    except BrokenPipeError:
+        # `numerusctl events | head`: the reader left; say nothing more, and let no flush at exit complain.
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115
+        raise SystemExit(EXIT_FAILED) from None
