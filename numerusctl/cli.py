@@ -141,7 +141,32 @@ def _token(_ctx: click.Context, param: click.Parameter, value: str | None) -> st
     return value
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _Numerusctl(click.Group):
+    """The command group, with every usage error on one line like every other error (exit 2)."""
+
+    def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
+        """Run the CLI; exits with the command's code. `standalone_mode=False` behaves as click's own."""
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            code = super().main(*args, standalone_mode=False, **kwargs)
+        except click.exceptions.NoArgsIsHelpError as e:
+            e.show()  # no command at all: the help is the answer
+            sys.exit(e.exit_code)
+        except click.UsageError as e:
+            hint = f" (see '{e.ctx.command_path} --help')" if e.ctx else ""
+            click.echo(f"numerusctl: {e.format_message()}{hint}", err=True)
+            sys.exit(e.exit_code)
+        except click.ClickException as e:
+            e.show()
+            sys.exit(e.exit_code)
+        except click.Abort:
+            click.echo("numerusctl: aborted", err=True)
+            sys.exit(130)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+@click.group(cls=_Numerusctl, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--json", "as_json", is_flag=True, help="Print replies and events as JSON.")
 @click.option(
     "--state-dir",
@@ -198,9 +223,7 @@ def cli(
 @click.pass_context
 def run(ctx: click.Context, goal: str, repo: Path, agent: str | None, wait: bool, as_json: bool) -> None:
     """Submit GOAL for the repository and print the job id."""
-    opts = _options(ctx, as_json)
-    if not goal.strip():
-        raise click.BadParameter("the goal is empty", param_hint="GOAL")
+    opts = _options(ctx, as_json)  # the goal itself is numerusd's to judge: one place says what a good one is
 
     async def body(nc: Client) -> int:
         data = await request(nc, "run", RunJob(goal=goal, repo=str(repo), agent=agent), opts.timeout)

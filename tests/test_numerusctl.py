@@ -128,10 +128,11 @@ async def publish(nc: Client, events: list[Sealed]) -> list[int]:
         (["frobnicate"], "No such command"),
     ],
 )
-def test_usage_errors_exit_2(args: list[str], says: str):
+def test_usage_errors_exit_2_in_one_line(args: list[str], says: str):
     result = invoke(*args)
     assert result.exit_code == 2, result.output
-    assert says in result.stderr
+    assert says in one_line_error(result)
+    assert "--help')" in result.stderr
 
 
 def test_repo_must_be_a_directory(tmp_path: Path):
