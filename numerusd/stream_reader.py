@@ -29,6 +29,7 @@ from nats.aio.subscription import Subscription
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.client import JetStreamContext
 
+from numerusd.errors import NumerusError
 from numerusd.streams import jetstream_errors
 
 
@@ -117,9 +118,10 @@ class StreamReader:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
         if self._consumer and self._nc.is_connected:
-            # Best effort: the inactive threshold removes it anyway if this does not get through.
+            # Fire and forget: waiting for the answer would stall a re-creation after a server restart for a
+            # whole request timeout, and the inactive threshold removes the consumer anyway.
             with contextlib.suppress(Exception):
-                await self._nc.jsm().delete_consumer(self._stream, self._consumer)
+                await self._nc.publish(f"$JS.API.CONSUMER.DELETE.{self._stream}.{self._consumer}", b"")
         self._consumer = ""
 
     async def _create_consumer(self) -> int:
@@ -187,8 +189,7 @@ class StreamReader:
         except TimeoutError:
             # Neither data nor a 408 arrived after the request's expiry: the server lost the consumer
             # (a restart of an in-memory consumer); start again after the last message we have.
-            await self._drop_consumer()
-            await self._create_consumer()
+            await self._recreate()
             return [], False
         out: list[StreamMessage] = []
         caught_up = False
@@ -214,8 +215,13 @@ class StreamReader:
                     else:
                         del requests[token]
             else:
+                if out:
+                    self._next_seq = out[-1].seq + 1  # a re-created consumer must start after these
                 # A status reply comes on the request's own inbox subject, which names the request.
+                sub = self._sub
                 await self._status(msg, msg.subject[len(self._inbox) + 1 :])
+                if self._sub is not sub:
+                    break  # the consumer was re-created: what is left in the old queue is stale
                 if not requests and not self._follow and not out:
                     # Every request ended with nothing delivered: nothing (more) to read.
                     caught_up = True
@@ -226,7 +232,8 @@ class StreamReader:
         return out, caught_up
 
     async def _status(self, msg: Msg, token: str) -> None:
-        """A status reply: 404/408 end a request, 409 ends it or says the consumer is gone, 100 is a heartbeat."""
+        """A status reply: 404/408 end a request, 409 ends it or says the consumer is gone, 503 that it is gone,
+        100 is a heartbeat."""
         headers = msg.headers or {}
         code = headers.get("Status", "")
         if code == "100":
@@ -235,9 +242,23 @@ class StreamReader:
         if code in ("404", "408"):
             return
         description = headers.get("Description", "")
-        if code == "409" and "Deleted" in description:
-            await self._drop_consumer()
-            await self._create_consumer()
+        if code == "503" or (code == "409" and "Deleted" in description):
+            # No responders: the consumer is gone (a restarted server forgets in-memory consumers).
+            await self._recreate()
+
+    async def _recreate(self) -> None:
+        """Replace a consumer the server lost; when following, keep trying until the server is back."""
+        await self._drop_consumer()
+        delay = 0.05
+        while True:
+            try:
+                await self._create_consumer()
+                return
+            except NumerusError:
+                if not self._follow or self._closed:
+                    raise
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)
 
 
 async def read_stream(

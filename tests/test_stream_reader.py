@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 
+import nats
 import pytest
 from nats.js.api import StreamConfig
 
@@ -99,3 +100,46 @@ async def test_unknown_stream_is_a_store_error(nc, js):
 async def collect_stream(nc, stream: str) -> None:
     async for _ in read_stream(nc, stream):
         pass
+
+
+async def test_follow_survives_a_server_restart(nats_server):
+    from tests.test_event_store import restartable
+
+    nc = await nats.connect(
+        nats_server.url,
+        user=nats_server.user,
+        password=nats_server.password,
+        reconnect_time_wait=0.05,
+        max_reconnect_attempts=-1,
+    )
+    js = nc.jetstream()
+    await js.add_stream(StreamConfig(name="READ", subjects=["read.>"]))
+    await fill(js, 10)
+    seen: list[int] = []
+    reader = StreamReader(nc, "READ", follow=True, expires=0.5)
+
+    async def follow() -> None:
+        async for batch in reader:
+            seen.extend(m.seq for m in batch)
+
+    task = asyncio.create_task(follow())
+    with restartable(nats_server) as (stop_server, start_server):
+        await eventually(lambda: len(seen) == 10)
+        stop_server()
+        start_server()
+        await eventually(lambda: stream_ready(js))  # until then the server drops publishes unanswered
+        await fill(js, 5, start=10)
+        await eventually(lambda: len(seen) >= 15, timeout=8)  # the lost in-memory consumer is re-created after seq 10
+        assert seen == list(range(1, 16))
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await reader.close()
+        await nc.close()
+
+
+async def stream_ready(js) -> bool:
+    try:
+        await asyncio.wait_for(js.stream_info("READ"), 0.5)
+    except Exception:
+        return False
+    return True
