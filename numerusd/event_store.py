@@ -67,6 +67,8 @@ _PROBE_TIMEOUT = 2.0
 _BACKOFF_MAX = 2.0
 #: Room left in a message for the headers, under the server's max_payload.
 _HEADERS_ROOM = 256
+#: Events written to the connection at once, between two looks at the acks.
+_BURST = 256
 
 
 class _ApiError(msgspec.Struct):
@@ -148,12 +150,13 @@ class EventStore:
         self._wake = asyncio.Event()
         self._resync_wanted = asyncio.Event()
         self._stalled = False
+        self._epoch = nc.stats["reconnects"]
         self._probe: tuple[str, asyncio.Future[bool]] | None = None
         self._reply_prefix = ""
         self._reply_bytes = b""
-        # The lean publish path uses two internals of nats-py (checked here, so a future version that drops
-        # them falls back to plain `nc.publish` instead of breaking).
-        self._lean = callable(getattr(nc, "_send_command", None)) and callable(getattr(nc, "_flush_pending", None))
+        # The lean publish path writes to nats-py's transport (see `_publish`); `_start` checks it is there, so
+        # a future nats-py without it falls back to plain `nc.publish` instead of breaking.
+        self._lean = False
         self._ack_sub: Subscription | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._started = False
@@ -230,6 +233,12 @@ class EventStore:
         self._ack_sub = await self._nc.subscribe(
             self._reply_prefix + "*", pending_msgs_limit=4 * self._max_in_flight + 1024, pending_bytes_limit=0
         )
+        # The lean path writes to the transport directly, past nats-py's queue: make sure the server has our
+        # subscription before the first ack is due.
+        with jetstream_errors("subscribe to JetStream acks"):
+            await self._nc.flush()
+        transport = getattr(self._nc, "_transport", None)
+        self._lean = callable(getattr(transport, "writelines", None)) and callable(getattr(transport, "drain", None))
         loop = asyncio.get_running_loop()
         self._tasks = [
             loop.create_task(self._publish_loop(), name="numerus-publish"),
@@ -352,64 +361,74 @@ class EventStore:
         while True:
             await self._wake.wait()
             self._wake.clear()
-            sent = 0
-            now = time.monotonic()  # one clock reading per burst is precise enough for resend timing
             while outbox and not self._stalled and nc.is_connected:
-                if len(in_flight) >= self._max_in_flight:
+                if nc.stats["reconnects"] != self._epoch:
+                    # A new connection: what was in flight on the old one may be lost, and must be settled
+                    # against the stream and sent again *before* anything newer (see the module doc).
+                    self._epoch = nc.stats["reconnects"]
+                    if in_flight:
+                        self._trouble("reconnected")
+                        break
+                room = self._max_in_flight - len(in_flight)
+                if room <= 0:
                     break  # an ack sets _wake again
-                entry = outbox.popleft()
-                in_flight[entry.id] = _Flight(entry, self._acked_seq, now)
-                if not await self._send(entry, flush=False):
-                    # Not sent: it stays in flight, and the resync sends it again in its place.
+                burst: list[WalEntry] = []
+                floor = self._acked_seq
+                now = time.monotonic()  # one clock reading per burst is precise enough for resend timing
+                for _ in range(min(room, _BURST, len(outbox))):
+                    entry = outbox.popleft()
+                    in_flight[entry.id] = _Flight(entry, floor, now)
+                    burst.append(entry)
+                if not await self._publish(burst):
+                    # Not sent: they stay in flight, and the resync sends them again in their place.
                     self._trouble("publish failed")
                     break
-                sent += 1
-                if sent % 256 == 0:
-                    await self._kick()
-                    await asyncio.sleep(0)  # let the acks of this burst in
-                    now = time.monotonic()
-            if sent:
-                self.stats["published"] += sent
-                await self._kick()
+                self.stats["published"] += len(burst)
+                await asyncio.sleep(0)  # let the acks of this burst in
 
-    async def _send(self, entry: WalEntry, flush: bool = True) -> bool:
-        """Publish one event with `Nats-Msg-Id` and our reply subject; False if the connection refused it."""
+    async def _publish(self, entries: list[WalEntry]) -> bool:
+        """Publish events with `Nats-Msg-Id` and our reply subject; False if the connection failed."""
+        nc = self._nc
         try:
             if self._lean:
-                # The HPUB command nats-py would build, without its per-call validation, header escaping and
-                # flush bookkeeping (ids, subjects and the reply prefix are ours, all plain tokens).
-                id_ = entry.id.encode()
-                headers = b"NATS/1.0\r\nNats-Msg-Id: %b\r\n\r\n" % id_
-                await self._nc._send_command(
-                    b"HPUB %b %b%b %d %d\r\n%b%b\r\n"
-                    % (
-                        entry.subject.encode(),
-                        self._reply_bytes,
-                        id_,
-                        len(headers),
-                        len(headers) + len(entry.wire),
-                        headers,
-                        entry.wire,
+                # Written straight to the connection's transport, never to nats-py's pending buffer: that
+                # buffer survives a disconnect and is flushed after the reconnect, which would let events
+                # overtake earlier ones lost with the old connection and break the chain order in the stream.
+                # What is written to a dying transport dies with it, and the resync sends it again in order.
+                # The commands are the HPUB nats-py would build, without its per-call validation and header
+                # escaping (ids, subjects and the reply prefix are ours, all plain tokens).
+                reply = self._reply_bytes
+                commands = []
+                for entry in entries:
+                    id_ = entry.id.encode()
+                    headers = b"NATS/1.0\r\nNats-Msg-Id: %b\r\n\r\n" % id_
+                    commands.append(
+                        b"HPUB %b %b%b %d %d\r\n%b%b\r\n"
+                        % (
+                            entry.subject.encode(),
+                            reply,
+                            id_,
+                            len(headers),
+                            len(headers) + len(entry.wire),
+                            headers,
+                            entry.wire,
+                        )
                     )
-                )
-                if flush:
-                    await self._kick()
+                transport = nc._transport
+                transport.writelines(commands)
+                await transport.drain()  # backpressure: wait while the socket's buffer is full
             else:
-                await self._nc.publish(
-                    entry.subject,
-                    entry.wire,
-                    reply=self._reply_prefix + entry.id,
-                    headers={"Nats-Msg-Id": entry.id},
-                )
-        except nats.errors.Error as e:
-            log.warning("publishing event %s failed: %s", entry.id, e)
+                for entry in entries:
+                    await nc.publish(
+                        entry.subject,
+                        entry.wire,
+                        reply=self._reply_prefix + entry.id,
+                        headers={"Nats-Msg-Id": entry.id},
+                    )
+        except (nats.errors.Error, OSError, RuntimeError, AttributeError) as e:
+            log.warning("publishing %d events failed: %s", len(entries), e)
             return False
         return True
-
-    async def _kick(self) -> None:
-        """Hand what `_send` queued to nats-py's flusher (one wake-up per burst, not per event)."""
-        if self._lean and self._nc.is_connected:
-            await self._nc._flush_pending()
 
     async def _ack_loop(self, sub: Subscription) -> None:
         queue: asyncio.Queue[Msg] = sub._pending_queue
@@ -533,6 +552,7 @@ class EventStore:
     async def _resync_once(self) -> bool:
         """Settle in-flight events against the stream, resend the rest in order; True when healthy again."""
         in_flight = self._in_flight
+        self._epoch = self._nc.stats["reconnects"]
         if not in_flight:
             return True
         floor = min(flight.floor for flight in in_flight.values())
@@ -561,7 +581,7 @@ class EventStore:
         probe: asyncio.Future[bool] = loop.create_future()
         self._probe = (first.id, probe)
         try:
-            if not await self._send(first):
+            if not await self._publish([first]):
                 return False
             self.stats["republished"] += 1
             try:
@@ -573,7 +593,7 @@ class EventStore:
             self._probe = None
         for flight in flights[1:]:
             if flight.entry.id in in_flight:
-                if not await self._send(flight.entry):
+                if not await self._publish([flight.entry]):
                     return False
                 self.stats["republished"] += 1
         return True
