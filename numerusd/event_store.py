@@ -298,20 +298,21 @@ class EventStore:
                 "store large outputs as files referenced by path and hash",
                 size=big,
             )
-        # Heads advance in the same synchronous step that fixes the WAL order (no await in between).
-        durable = self._wal.submit(entries)
+        # Heads advance in the same synchronous step that fixes the WAL order (no await in between). Once
+        # durable the events go to the outbox, in WAL order, even if this caller has given up waiting: they
+        # are the store's now.
+        durable = self._wal.submit(entries, partial(self._on_durable, entries))
         self._heads[job] = prev
         self._unacked += len(entries)
         self._all_acked.clear()
-        durable.add_done_callback(partial(self._on_durable, entries))
-        # Shielded: a caller that gives up does not take the events back, they are the store's now.
-        await asyncio.shield(durable)
+        try:
+            await durable
+        except StoreError:
+            self._settle(len(entries))
+            raise
         return sealed
 
-    def _on_durable(self, entries: list[WalEntry], durable: asyncio.Future[None]) -> None:
-        if durable.cancelled() or durable.exception() is not None:
-            self._settle(len(entries))
-            return
+    def _on_durable(self, entries: list[WalEntry]) -> None:
         self._outbox.extend(entries)
         self._wake.set()
 

@@ -29,7 +29,7 @@ import asyncio
 import os
 import struct
 import zlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import NamedTuple
@@ -83,6 +83,8 @@ class WriteAheadLog:
         self._entries: list[tuple[str, str, bytes]] = []
         self._acked: list[str] = []
         self._waiters: list[asyncio.Future[None]] = []
+        # Called, in submission order, as soon as their batch is durable, even if its waiter was cancelled.
+        self._on_durable: list[Callable[[], None]] = []
         self._flusher: asyncio.Task[None] | None = None
         self._failed: BaseException | None = None
         self._closed = False
@@ -130,11 +132,13 @@ class WriteAheadLog:
 
     # --- appending -----------------------------------------------------------------------------------------
 
-    def submit(self, entries: Sequence[WalEntry]) -> asyncio.Future[None]:
+    def submit(self, entries: Sequence[WalEntry], on_durable: Callable[[], None] | None = None) -> asyncio.Future[None]:
         """Queue `entries` for the next batch; the future resolves once they are on disk (or fails).
 
         Entries submitted earlier are written no later than entries submitted after them, so the order of
-        calls is the order in the log. Must be called from the event loop's thread.
+        calls is the order in the log. `on_durable` is called (in that same order, before the future resolves)
+        once they are durable, whether or not anyone still awaits the future. Must be called from the event
+        loop's thread.
         """
         loop = asyncio.get_running_loop()
         waiter: asyncio.Future[None] = loop.create_future()
@@ -148,6 +152,8 @@ class WriteAheadLog:
             queued.append((entry.id, entry.subject, entry.wire))
             self._pending_bytes += len(entry.wire) + len(entry.subject) + 40
         self._waiters.append(waiter)
+        if on_durable is not None:
+            self._on_durable.append(on_durable)
         if self._flusher is None:
             self._flusher = loop.create_task(self._flush())
         return waiter
@@ -223,6 +229,7 @@ class WriteAheadLog:
                 entries, self._entries = self._entries, []
                 acked, self._acked = self._acked, []
                 waiters, self._waiters = self._waiters, []
+                callbacks, self._on_durable = self._on_durable, []
                 if not entries and not acked:
                     # Every earlier write was followed by its own sync: nothing is left to make durable.
                     _resolve(waiters, None)
@@ -248,7 +255,10 @@ class WriteAheadLog:
                     error = self._unusable()
                     _resolve(waiters + self._waiters, error)
                     self._waiters = []
+                    self._on_durable = []
                     return
+                for callback in callbacks:
+                    callback()
                 _resolve(waiters, None)
         finally:
             self._flusher = None

@@ -160,3 +160,17 @@ def test_unreadable_location_is_a_store_error(tmp_path):
     with pytest.raises(StoreError, match="cannot open write-ahead log"):
         WriteAheadLog.open(blocker / "events.wal")
     assert os.path.exists(blocker)
+
+
+async def test_on_durable_runs_in_order_even_for_a_caller_that_gave_up(wal_path):
+    wal = WriteAheadLog.open(wal_path)
+    calls: list[int] = []
+    first = wal.submit([entry(1)], lambda: calls.append(1))
+    second = wal.submit([entry(2)], lambda: calls.append(2))
+    first.cancel()
+    await second
+    assert calls == [1, 2]
+    await wal.close()
+    reopened = WriteAheadLog.open(wal_path)
+    assert [e.id for e in reopened.pending()] == [entry(1).id, entry(2).id]
+    await reopened.close()
