@@ -36,7 +36,7 @@ import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from functools import partial
 
@@ -240,12 +240,25 @@ class EventStore:
         transport = getattr(self._nc, "_transport", None)
         self._lean = callable(getattr(transport, "writelines", None)) and callable(getattr(transport, "drain", None))
         loop = asyncio.get_running_loop()
+        sub = self._ack_sub
         self._tasks = [
-            loop.create_task(self._publish_loop(), name="numerus-publish"),
-            loop.create_task(self._ack_loop(self._ack_sub), name="numerus-acks"),
-            loop.create_task(self._watch_loop(), name="numerus-resync"),
+            loop.create_task(self._supervised("publish", self._publish_loop), name="numerus-publish"),
+            loop.create_task(self._supervised("ack", lambda: self._ack_loop(sub)), name="numerus-acks"),
+            loop.create_task(self._supervised("resync", self._watch_loop), name="numerus-resync"),
         ]
         self._started = True
+
+    async def _supervised(self, what: str, run: Callable[[], Awaitable[None]]) -> None:
+        while True:
+            try:
+                await run()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                # A bug in a background loop must not silently end publishing for the life of the daemon.
+                log.exception("event store %s loop failed; restarting it", what)
+                self._wake.set()
+                await asyncio.sleep(1.0)
 
     # --- appending -----------------------------------------------------------------------------------------
 
@@ -592,9 +605,9 @@ class EventStore:
                 return False
         finally:
             self._probe = None
-        for flight in flights[1:]:
-            if flight.entry.id in in_flight:
-                if not await self._publish([flight.entry]):
-                    return False
-                self.stats["republished"] += 1
+        rest = [flight.entry for flight in flights[1:] if flight.entry.id in in_flight]
+        for start in range(0, len(rest), _BURST):
+            if not await self._publish(rest[start : start + _BURST]):
+                return False
+            self.stats["republished"] += len(rest[start : start + _BURST])
         return True

@@ -240,6 +240,27 @@ async def test_events_stored_without_a_recorded_ack_are_not_stored_again(nc, js,
     assert ids[job][1:] == [s.envelope.id for s in published + unpublished]
 
 
+async def test_acks_of_duplicates_count_as_acknowledged(nc, js, tmp_path, keyring):
+    store, _ = await open_store(nc, js, tmp_path, keyring)
+    job = new_ulid()
+    await store.append(job, [(None, JobSubmitted(goal="g", repo="/r", agent="a"))], correlation_id="c")
+    await store.flush(5)
+    sent = seal_by_hand(keyring, job, store.chain_head(job), ["d1", "d2"])
+    await store._wal.append(wal_entries(sent))
+    for event in sent:
+        await js.publish(event.envelope.subject, event.wire, headers={"Nats-Msg-Id": event.envelope.id})
+    await store.close()
+
+    # Restarted without the replay (no observe): only JetStream's duplicate window keeps the copies out.
+    wal = WriteAheadLog.open(tmp_path / "state" / "events.wal")
+    restarted = EventStore(nc, js, wal, keyring)
+    assert len(await restarted.recover()) == 2
+    await restarted.flush(5)
+    assert restarted.stats["duplicates"] == 2 and len(wal) == 0
+    await restarted.close()
+    assert len(verify(await stored(nc), keyring.keys)[job]) == 3
+
+
 async def test_a_stream_that_vanishes_and_returns_gets_every_event_in_order(nc, js, tmp_path, keyring):
     store, _ = await open_store(nc, js, tmp_path, keyring, resend_after=0.5)
     job = new_ulid()
