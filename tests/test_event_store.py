@@ -261,6 +261,24 @@ async def test_acks_of_duplicates_count_as_acknowledged(nc, js, tmp_path, keyrin
     assert len(verify(await stored(nc), keyring.keys)[job]) == 3
 
 
+async def test_events_left_without_an_ack_are_looked_up_in_the_stream(nc, tmp_path, keyring):
+    js = nc.jetstream()  # a stream that never acknowledges: every event looks lost until checked
+    await js.add_stream(
+        StreamConfig(name=EVENTS, subjects=["numerus.job.>"], deny_delete=True, deny_purge=True, no_ack=True)
+    )
+    store, _ = await open_store(nc, js, tmp_path, keyring, resend_after=0.3)
+    job = new_ulid()
+    events = [("t1", AgentMessageReceived(text=str(i))) for i in range(5)]
+    appended = await store.append(
+        job, [(None, JobSubmitted(goal="g", repo="/r", agent="a")), *events], correlation_id="c"
+    )
+    await store.flush(5)
+    assert store.stats["resyncs"] >= 1 and store.stats["republished"] == 0
+    ids = verify(await stored(nc), keyring.keys)
+    assert ids[job] == [s.envelope.id for s in appended]
+    await store.close()
+
+
 async def test_a_stream_that_vanishes_and_returns_gets_every_event_in_order(nc, js, tmp_path, keyring):
     store, _ = await open_store(nc, js, tmp_path, keyring, resend_after=0.5)
     job = new_ulid()
