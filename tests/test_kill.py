@@ -56,7 +56,8 @@ async def test_kill_stops_the_agent_and_its_children_and_wait_exits_1(daemon: Da
     assert not [p for p in group if pid_alive(p)]
     task = daemon.status(job)["tasks"][0]
     assert task["status"] == "killed"
-    assert waiting.wait(timeout=20) == 1
+    out, err = waiting.communicate(timeout=20)
+    assert waiting.returncode == 1, out + err
 
     again = daemon.ctl("kill", job)
     assert again.returncode == 1
