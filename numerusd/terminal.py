@@ -241,6 +241,9 @@ async def spawn(argv: list[str], *, cwd: Path, env: Mapping[str, str] | None = N
     except OSError as e:
         os.close(master)
         raise AgentError(_spawn_failure(argv[0], e), program=argv[0]) from e
+    except ValueError as e:  # Popen's word for an argument or variable holding a NUL byte
+        os.close(master)
+        raise AgentError(f"cannot start {argv[0]}: {e}", program=argv[0]) from e
     finally:
         os.close(slave)
 

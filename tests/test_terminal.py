@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import uvloop
 
+from numerusd import terminal as terminal_module
 from numerusd.errors import AgentError
 from numerusd.terminal import Terminal, kill_leftover, process_start_ticks, spawn
 from tests.conftest import eventually
@@ -157,6 +158,24 @@ async def test_spawn_failures_are_agent_errors_with_a_reason(tmp_path: Path) -> 
         await spawn(["true"], cwd=tmp_path / "missing")
     with pytest.raises(AgentError, match=r"empty command line"):
         await spawn([], cwd=tmp_path)
+    # Linux caps one argument at 128 KiB: a huge prompt is refused with a reason, not an OSError.
+    with pytest.raises(AgentError, match=r"cannot start echo: command line too long"):
+        await spawn(["echo", "x" * 200_000], cwd=tmp_path)
+    with pytest.raises(AgentError, match=r"cannot start echo: embedded null byte"):
+        await spawn(["echo", "a\0b"], cwd=tmp_path)
+
+
+async def test_without_util_linux_setsid(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The fallback: start_new_session plus TIOCSCTTY in a preexec_fn gives the same terminal, more slowly.
+    monkeypatch.setattr(terminal_module, "_setsid_launcher", lambda: None)
+    probe = "import os; os.close(os.open('/dev/tty', os.O_RDWR)); print(os.getsid(0) == os.getpid(), os.ttyname(1))"
+    terminal = await spawn([sys.executable, "-c", probe], cwd=tmp_path)
+    assert (await read_all(terminal)).decode().startswith("True /dev/pts/")
+    assert await terminal.wait() == (0, None)
+    group = await spawn(["sh", "-c", "sleep 100 & echo $!; sleep 100"], cwd=tmp_path)
+    grandchild = int(await read_line(group, bytearray()))
+    assert await group.terminate(grace=5) == (None, signal.SIGTERM)
+    await eventually(lambda: not running(grandchild), timeout=5)
 
 
 async def test_no_file_descriptor_leaks(tmp_path: Path) -> None:
