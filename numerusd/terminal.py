@@ -62,6 +62,7 @@ class Terminal:
         self._loop = asyncio.get_running_loop()
         self._exited: asyncio.Future[tuple[int | None, int | None]] = self._loop.create_future()
         self._reading = False
+        self._read_waiter: asyncio.Future[None] | None = None
         # The pidfd is watched from the start, so the process is reaped as soon as it exits even when nobody
         # awaits wait(): no zombie outlives its terminal.
         self._loop.add_reader(pidfd, self._on_pidfd_readable)
@@ -129,11 +130,14 @@ class Terminal:
 
     async def _readable(self, fd: int) -> None:
         waiter: asyncio.Future[None] = self._loop.create_future()
+        self._read_waiter = waiter
         self._loop.add_reader(fd, lambda: waiter.done() or waiter.set_result(None))
         try:
             await waiter
         finally:
-            self._loop.remove_reader(fd)
+            self._read_waiter = None
+            if self._master == fd:  # else close() has unregistered it already
+                self._loop.remove_reader(fd)
 
     def _on_pidfd_readable(self) -> None:
         # Look without reaping first: while the exited leader is a zombie its pid, and so its process group
@@ -193,8 +197,15 @@ class Terminal:
 
     def _close_master(self) -> None:
         if self._master is not None:
-            os.close(self._master)
-            self._master = None
+            fd, self._master = self._master, None
+            if self._read_waiter is not None:
+                # A read() is waiting on this descriptor: unregister it before closing, then wake the reader,
+                # which finds the terminal closed and returns end of file.
+                with contextlib.suppress(RuntimeError):
+                    self._loop.remove_reader(fd)
+                if not self._read_waiter.done():
+                    self._read_waiter.set_result(None)
+            os.close(fd)
 
 
 async def spawn(argv: list[str], *, cwd: Path, env: Mapping[str, str] | None = None) -> Terminal:

@@ -126,6 +126,15 @@ async def test_close_kills_and_reaps_a_running_process(tmp_path: Path) -> None:
     assert await terminal.read() == b""
 
 
+async def test_close_ends_a_pending_read(tmp_path: Path) -> None:
+    terminal = await spawn(["sleep", "100"], cwd=tmp_path)
+    pending = asyncio.ensure_future(terminal.read())
+    await asyncio.sleep(0)  # let the read start waiting on the PTY
+    assert not pending.done()
+    terminal.close()
+    assert await asyncio.wait_for(pending, TIMEOUT) == b""
+
+
 async def test_kill_leftover_checks_the_start_time_before_killing(tmp_path: Path) -> None:
     terminal = await spawn(["sleep", "100"], cwd=tmp_path)
     assert terminal.start_ticks == process_start_ticks(terminal.pid) > 0
