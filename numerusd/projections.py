@@ -34,7 +34,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import aiosqlite
 import msgspec
@@ -94,25 +94,37 @@ CREATE INDEX IF NOT EXISTS events_type ON events (type, seq);
 CREATE INDEX IF NOT EXISTS events_time ON events (time);
 """
 
-_UPSERT_JOB = """
-INSERT INTO jobs (id, goal, repo, agent, status, reason, created, updated, events, state)
-VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
-ON CONFLICT (id) DO UPDATE SET goal = excluded.goal, repo = excluded.repo, agent = excluded.agent,
-    status = excluded.status, reason = excluded.reason, created = excluded.created, updated = excluded.updated,
-    events = excluded.events, state = excluded.state
-"""
-_UPSERT_TASK = """
-INSERT INTO tasks (job, id, ord, title, agent, role, status, attempt, pid, exit_code, reason, thread_id,
-    input_tokens, cached_input_tokens, output_tokens, log_path, started, ended)
-VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
-ON CONFLICT (job, id) DO UPDATE SET ord = excluded.ord, title = excluded.title, agent = excluded.agent,
-    role = excluded.role, status = excluded.status, attempt = excluded.attempt, pid = excluded.pid,
-    exit_code = excluded.exit_code, reason = excluded.reason, thread_id = excluded.thread_id,
-    input_tokens = excluded.input_tokens, cached_input_tokens = excluded.cached_input_tokens,
-    output_tokens = excluded.output_tokens, log_path = excluded.log_path, started = excluded.started,
-    ended = excluded.ended
-"""
-_INSERT_EVENT = "INSERT INTO events (seq, id, job, task, type, time, subject) VALUES (?, ?, ?, ?, ?, ?, ?)"
+
+def _from_json(columns: str) -> str:
+    """`SELECT json_extract(value, '$[0]'), … FROM json_each(?)`: rows sent as one JSON array of arrays."""
+    picks = ", ".join(f"json_extract(value, '$[{i}]')" for i in range(len(columns.split(","))))
+    # `WHERE true` lets an upsert follow a SELECT without the parser reading ON as a join constraint.
+    return f"INSERT INTO {{table}} ({columns}) SELECT {picks} FROM json_each(?) WHERE true"
+
+
+# Rows go to SQLite as one JSON text per table and batch, unpacked by json_each inside SQLite, rather than
+# through executemany: executemany takes the GIL back for every row, and while the event loop thread is busy
+# decoding the next batch each of those hand-overs waits out the interpreter's switch interval (5 ms). One
+# statement per table holds the GIL only to start and finish, so the write really runs beside the decoding.
+_JOB_COLUMNS = "id, goal, repo, agent, status, reason, created, updated, events, state"
+_UPSERT_JOBS = _from_json(_JOB_COLUMNS).format(table="jobs") + (
+    " ON CONFLICT (id) DO UPDATE SET goal = excluded.goal, repo = excluded.repo, agent = excluded.agent,"
+    " status = excluded.status, reason = excluded.reason, created = excluded.created,"
+    " updated = excluded.updated, events = excluded.events, state = excluded.state"
+)
+_TASK_COLUMNS = (
+    "job, id, ord, title, agent, role, status, attempt, pid, exit_code, reason, thread_id, input_tokens, "
+    "cached_input_tokens, output_tokens, log_path, started, ended"
+)
+_UPSERT_TASKS = _from_json(_TASK_COLUMNS).format(table="tasks") + (
+    " ON CONFLICT (job, id) DO UPDATE SET ord = excluded.ord, title = excluded.title, agent = excluded.agent,"
+    " role = excluded.role, status = excluded.status, attempt = excluded.attempt, pid = excluded.pid,"
+    " exit_code = excluded.exit_code, reason = excluded.reason, thread_id = excluded.thread_id,"
+    " input_tokens = excluded.input_tokens, cached_input_tokens = excluded.cached_input_tokens,"
+    " output_tokens = excluded.output_tokens, log_path = excluded.log_path, started = excluded.started,"
+    " ended = excluded.ended"
+)
+_INSERT_EVENTS = _from_json("seq, id, job, task, type, time, subject").format(table="events")
 _INSERT_REJECTED = "INSERT OR REPLACE INTO rejected (seq, subject, reason, message) VALUES (?, ?, ?, ?)"
 _SET_POSITION = "UPDATE position SET seq = ? WHERE singleton = 1"
 
@@ -125,10 +137,14 @@ _DUMP_QUERIES = {
     "position": "SELECT seq FROM position",
 }
 
+# Events opened or folded between two yields to the event loop.
+_SLICE = 256
+
 # SQLite's default limit on host parameters is 32766 since 3.32; stay far below it.
 _IN_CHUNK = 500
 
 _state_encoder = msgspec.json.Encoder()
+_rows_encoder = msgspec.json.Encoder()
 _state_decoder = msgspec.json.Decoder(JobState)
 _time_encoder = msgspec.json.Encoder()
 
@@ -141,6 +157,21 @@ class Rejected(msgspec.Struct, frozen=True):
     reason: str
     message: str
     wire: bytes
+
+
+class _Prepared(NamedTuple):
+    """A batch folded in memory, ready to be committed."""
+
+    last_seq: int
+    work: dict[str, JobState]
+    before: dict[str, JobState | None]
+    event_rows: list[tuple[Any, ...]]
+    rejected: list[Rejected]
+    careful: bool
+
+
+class _Duplicate(Exception):
+    """The batch repeats an event id already in the index: it must be prepared again, checking every id."""
 
 
 class RebuildReport(msgspec.Struct, frozen=True, kw_only=True):
@@ -201,6 +232,7 @@ class Projector:
         self._cache_jobs = cache_jobs
         self._db: aiosqlite.Connection | None = None
         self._position = 0
+        self._head = 0  # the last seq folded into the cache: ahead of `_position` while a commit is in flight
         self._lock = asyncio.Lock()
         # Job states by id, least recently changed first. While `_complete` is true the cache holds every job
         # in the file (it started empty and nothing was evicted), so a job missing from it does not exist and
@@ -235,7 +267,7 @@ class Projector:
                 await self._drop_tables()
             self._bulk = bulk
             await self._create(indexes=not bulk)
-            self._position = (await _fetchone(db, "SELECT seq FROM position"))[0]
+            self._position = self._head = (await _fetchone(db, "SELECT seq FROM position"))[0]
             self._complete = (await _fetchone(db, "SELECT count(*) FROM jobs"))[0] == 0
         return self
 
@@ -281,14 +313,14 @@ class Projector:
                 await self._drop_tables()
                 await self._create(indexes=not self._bulk)
                 await self.db.execute("VACUUM")
-            self._position = 0
+            self._position = self._head = 0
             self._cache.clear()
             self._complete = True
 
     # --- applying events -------------------------------------------------------------------------------------
 
     def position(self) -> int:
-        """The stream sequence of the last message applied (0 before the first)."""
+        """The stream sequence of the last message applied and committed (0 before the first)."""
         return self._position
 
     async def apply(self, batch: Sequence[Message]) -> list[Rejected]:
@@ -298,26 +330,54 @@ class Projector:
         that were rejected, in stream order, for the caller to dead-letter.
         """
         async with self._lock:
-            position = self._position
-            if batch and batch[0][0] <= position:
-                batch = [message for message in batch if message[0] > position]
-            if not batch:
+            prepared = await self._prepare(batch)
+            if prepared is None:
                 return []
-            opened, rejected = self._open(batch)
-            loaded = await self._load_missing({event.job for _, _, event in opened})
-            duplicates = await self._known_ids([event.id for _, _, event in opened])
-            work, event_rows = self._fold(opened, loaded, duplicates, rejected)
-            rejected.sort(key=lambda r: r.seq)
-            await self._write(work, loaded, event_rows, rejected, batch[-1][0])
-            self._position = batch[-1][0]
-            self._remember(work)
-            return rejected
+            try:
+                await self._commit(prepared)
+            except _Duplicate:
+                prepared = await self._prepare(batch, careful=True)
+                assert prepared is not None
+                await self._commit(prepared)
+            return prepared.rejected
 
-    def _open(self, batch: Sequence[Message]) -> tuple[list[tuple[int, bytes, Envelope]], list[Rejected]]:
-        """Decode and verify each message once; an event that does not open is rejected, not folded."""
-        keys = self._keys
+    async def _prepare(self, batch: Sequence[Message], *, careful: bool = False) -> _Prepared | None:
+        """Open and fold a batch in memory: the rows to write, and the job states it leaves in the cache.
+
+        Event ids are checked against the index only when `careful`: normally the index's UNIQUE constraint
+        catches a repeated id at commit time for free, and the batch is then prepared again, carefully. The
+        loops yield to the event loop every few hundred events so that the commit of the previous batch,
+        running beside this one, gets its next statement issued without waiting for the whole batch.
+        """
+        head = self._head
+        if batch and batch[0][0] <= head:
+            batch = [message for message in batch if message[0] > head]
+        if not batch:
+            return None
         opened: list[tuple[int, bytes, Envelope]] = []
         rejected: list[Rejected] = []
+        for start in range(0, len(batch), _SLICE):
+            self._open(batch[start : start + _SLICE], opened, rejected)
+            await asyncio.sleep(0)
+        before = await self._load_missing({event.job for _, _, event in opened})
+        known = await self._known_ids([event.id for _, _, event in opened]) if careful else set()
+        work: dict[str, JobState] = {}
+        event_rows: list[tuple[Any, ...]] = []
+        for start in range(0, len(opened), _SLICE):
+            self._fold(opened[start : start + _SLICE], before, known, work, event_rows, rejected)
+            await asyncio.sleep(0)
+        rejected.sort(key=lambda r: r.seq)
+        self._head = batch[-1][0]
+        # Cached before the commit so that the next batch can be folded while this one is being written; a
+        # failed commit forgets the whole cache (`_reset`).
+        self._remember(work)
+        return _Prepared(batch[-1][0], work, before, event_rows, rejected, careful)
+
+    def _open(
+        self, batch: Sequence[Message], opened: list[tuple[int, bytes, Envelope]], rejected: list[Rejected]
+    ) -> None:
+        """Decode and verify each message once; an event that does not open is rejected, not folded."""
+        keys = self._keys
         for seq, subject, wire in batch:
             try:
                 event = open_event(wire, keys)
@@ -330,7 +390,6 @@ class Projector:
                 rejected.append(Rejected(seq, subject, "wrong_subject", reason, wire))
                 continue
             opened.append((seq, wire, event))
-        return opened, rejected
 
     async def _load_missing(self, jobs: set[str]) -> dict[str, JobState | None]:
         """The state of each job at the start of the batch (None for a job not seen yet)."""
@@ -358,71 +417,73 @@ class Projector:
                 known.update(row[0] for row in await self.db.execute_fetchall(query, chunk))
         return known
 
+    @staticmethod
     def _fold(
-        self,
         opened: list[tuple[int, bytes, Envelope]],
-        loaded: dict[str, JobState | None],
+        before: dict[str, JobState | None],
         known: set[str],
+        work: dict[str, JobState],
+        rows: list[tuple[Any, ...]],
         rejected: list[Rejected],
-    ) -> tuple[dict[str, JobState], list[tuple[Any, ...]]]:
-        """Evolve each job through its events of the batch; return the changed jobs and the index rows."""
-        work: dict[str, JobState] = {}
-        rows: list[tuple[Any, ...]] = []
+    ) -> None:
+        """Evolve each job through its events into `work`; append the index rows."""
         for seq, wire, event in opened:
             job = event.job
-            subject = event.subject
             if event.id in known:
-                rejected.append(Rejected(seq, subject, "duplicate", f"event {event.id} was applied before", wire))
+                message = f"event {event.id} was applied before"
+                rejected.append(Rejected(seq, event.subject, "duplicate", message, wire))
                 continue
-            state = work[job] if job in work else loaded[job]
+            state = work[job] if job in work else before[job]
             try:
                 work[job] = evolve(state, event)
             except ValueError as e:
-                rejected.append(Rejected(seq, subject, "refused", str(e), wire))
+                rejected.append(Rejected(seq, event.subject, "refused", str(e), wire))
                 continue
             except Exception as e:  # a domain bug must not wedge the projector on one poison event
                 log.exception("evolve failed on event %s (seq %d)", event.id, seq)
-                rejected.append(Rejected(seq, subject, "evolve_error", f"{type(e).__name__}: {e}", wire))
+                rejected.append(Rejected(seq, event.subject, "evolve_error", f"{type(e).__name__}: {e}", wire))
                 continue
-            known.add(event.id)
-            rows.append((seq, event.id, job, event.task, event.type, utc_text(event.time), subject))
-        return work, rows
+            known.add(event.id)  # a repeat later in the same batch
+            rows.append((seq, event.id, job, event.task, event.type, utc_text(event.time), event.subject))
 
-    async def _write(
-        self,
-        work: dict[str, JobState],
-        before: dict[str, JobState | None],
-        event_rows: list[tuple[Any, ...]],
-        rejected: list[Rejected],
-        last_seq: int,
-    ) -> None:
-        """Write the changed rows and the new position in one transaction: both or neither."""
-        job_rows = [_job_row(state) for state in work.values()]
-        task_rows = [row for job, state in work.items() for row in _changed_task_rows(state, before[job])]
-        rejected_rows = [(r.seq, r.subject, r.reason, r.message) for r in rejected]
+    async def _commit(self, prepared: _Prepared) -> None:
+        """Write a prepared batch's rows and its position in one transaction: both or neither."""
+        work, before = prepared.work, prepared.before
+        jobs = _rows_json([_job_row(state) for state in work.values()])
+        tasks = _rows_json([row for job, state in work.items() for row in _changed_task_rows(state, before[job])])
+        events = _rows_json(prepared.event_rows)
+        rejected = [(r.seq, r.subject, r.reason, r.message) for r in prepared.rejected]
         db = self.db
         try:
             with _translated("apply a batch", self.path):
-                await db.execute("BEGIN")
-                if job_rows:
-                    await db.executemany(_UPSERT_JOB, job_rows)
-                if task_rows:
-                    await db.executemany(_UPSERT_TASK, task_rows)
-                if event_rows:
-                    await db.executemany(_INSERT_EVENT, event_rows)
-                if rejected_rows:
-                    await db.executemany(_INSERT_REJECTED, rejected_rows)
-                await db.execute(_SET_POSITION, (last_seq,))
-                await db.execute("COMMIT")
+                try:
+                    await db.execute("BEGIN")
+                    await db.execute(_UPSERT_JOBS, (jobs,))
+                    await db.execute(_UPSERT_TASKS, (tasks,))
+                    await db.execute(_INSERT_EVENTS, (events,))
+                    if rejected:
+                        await db.executemany(_INSERT_REJECTED, rejected)
+                    await db.execute(_SET_POSITION, (prepared.last_seq,))
+                    await db.execute("COMMIT")
+                except sqlite3.IntegrityError as e:
+                    if prepared.careful:
+                        raise
+                    raise _Duplicate from e
         except BaseException:
-            # Whatever happened (an error, a cancellation mid-batch), nothing of this batch may stay behind:
-            # the file is rolled back and the cache forgotten, so the next attempt starts from the last commit.
-            self._cache.clear()
-            self._complete = False
+            # Whatever happened (an error, a repeated event id, a cancellation mid-batch), nothing of this batch
+            # may stay behind: the file is rolled back and the cache forgotten, so the next attempt starts from
+            # the last commit.
+            self._reset()
             with contextlib.suppress(sqlite3.Error, ValueError):
                 if db.in_transaction:
                     await asyncio.shield(db.execute("ROLLBACK"))
             raise
+        self._position = prepared.last_seq
+
+    def _reset(self) -> None:
+        self._cache.clear()
+        self._complete = False
+        self._head = self._position
 
     def _remember(self, work: dict[str, JobState]) -> None:
         cache = self._cache
@@ -438,18 +499,16 @@ class Projector:
     # --- following and replaying the stream -------------------------------------------------------------------
 
     async def catch_up(self, nc: Any, stream: str = STREAM) -> RebuildReport:
-        """Apply every message after the stored position up to the stream's end; report what was done."""
-        from numerusd.stream_reader import read_stream
+        """Apply every message after the stored position up to the stream's end; report what was done.
 
+        Batch n+1 is read and folded while batch n is being written (the write runs in aiosqlite's thread with
+        the GIL released), so a replay costs little more than reading and verifying the stream.
+        """
         started = time.perf_counter()
-        first = self._position
-        messages = applied = rejected = 0
-        async for batch in read_stream(nc, stream, start_seq=first + 1):
-            found = await self.apply([(m.seq, m.subject, m.data) for m in batch])
-            messages += len(batch)
-            rejected += len(found)
-            applied += len(batch) - len(found)
-        return await self._report(messages, applied, rejected, time.perf_counter() - started)
+        counts = [0, 0]
+        await self._follow(nc, stream, counts, stop=None, on_rejected=None)
+        messages, rejected = counts
+        return await self._report(messages, messages - rejected, rejected, time.perf_counter() - started)
 
     async def drop_and_rebuild(self, nc: Any, stream: str = STREAM) -> RebuildReport:
         """Empty the views and replay the whole stream into them."""
@@ -466,31 +525,99 @@ class Projector:
     ) -> None:
         """Follow the stream from the stored position until `stop` is set, applying batches as they come.
 
-        Rejected messages go to `on_rejected`, by default published to `numerus.dlq.projector.<reason>`.
+        Rejected messages go to `on_rejected` (by default published to `numerus.dlq.projector.<reason>`)
+        before their batch commits: a crash in between repeats a dead letter rather than losing it. A failure
+        to write the views is raised (StoreError); the caller decides whether to restart.
+        """
+        await self._follow(nc, stream, [0, 0], stop=stop, on_rejected=on_rejected or _dead_letter(nc))
+
+    async def _follow(
+        self,
+        nc: Any,
+        stream: str,
+        counts: list[int],
+        *,
+        stop: asyncio.Event | None,
+        on_rejected: Callable[[list[Rejected]], Awaitable[None]] | None,
+    ) -> None:
+        async with self._lock:
+            try:
+                await self._replay(nc, stream, counts, stop=stop, on_rejected=on_rejected, careful=False)
+            except _Duplicate:
+                # A repeated event id (which the event store is built never to write): start again from the
+                # last commit, checking every id against the index from now on.
+                await self._replay(nc, stream, counts, stop=stop, on_rejected=on_rejected, careful=True)
+
+    async def _replay(
+        self,
+        nc: Any,
+        stream: str,
+        counts: list[int],
+        *,
+        stop: asyncio.Event | None,
+        on_rejected: Callable[[list[Rejected]], Awaitable[None]] | None,
+        careful: bool,
+    ) -> None:
+        """Read from the position on, folding each batch while the previous one commits; count what committed.
+
+        Waiting for the next batch also watches the commit in flight (a failed write is raised at once, not
+        when the next event happens to arrive) and `stop` (which ends the wait at once).
         """
         from numerusd.stream_reader import read_stream
 
-        send = on_rejected or _dead_letter(nc)
-        batches = read_stream(nc, stream, start_seq=self._position + 1, follow=True)
-        stopping = asyncio.ensure_future(stop.wait())
+        reader = read_stream(nc, stream, start_seq=self._position + 1, follow=stop is not None)
+        stopping = asyncio.ensure_future(stop.wait()) if stop is not None else None
+        following: asyncio.Future[list[Any]] | None = None
+        committing: asyncio.Future[None] | None = None
+        sizes = (0, 0)
+
+        async def committed() -> None:
+            nonlocal committing
+            if committing is not None:
+                future, committing = committing, None
+                await future
+                counts[0] += sizes[0]
+                counts[1] += sizes[1]
+
         try:
-            while not stop.is_set():
-                following = asyncio.ensure_future(anext(batches))
-                await asyncio.wait({following, stopping}, return_when=asyncio.FIRST_COMPLETED)
-                if not following.done():
-                    following.cancel()
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await following
+            while stopping is None or not stopping.done():
+                following = asyncio.ensure_future(anext(reader))
+                while not following.done() and not (stopping is not None and stopping.done()):
+                    waits = {following, *(f for f in (stopping, committing) if f is not None)}
+                    await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+                    if committing is not None and committing.done():
+                        await committed()
+                if not following.done():  # stopped while waiting; `finally` cancels the read
                     break
-                batch = following.result()
-                found = await self.apply([(m.seq, m.subject, m.data) for m in batch])
-                if found:
-                    await send(found)
-        except StopAsyncIteration:
-            pass
+                try:
+                    batch = following.result()
+                except StopAsyncIteration:
+                    break
+                prepared = await self._prepare([(m.seq, m.subject, m.data) for m in batch], careful=careful)
+                if prepared is not None and prepared.rejected and on_rejected is not None:
+                    await on_rejected(prepared.rejected)
+                await committed()
+                if prepared is not None:
+                    sizes = (len(batch), len(prepared.rejected))
+                    committing = asyncio.ensure_future(self._commit(prepared))
+            await committed()
+        except BaseException:
+            if committing is not None:
+                # Let the write in flight end before the connection is used again; its outcome no longer
+                # matters, the cache is forgotten and the next attempt starts from whatever was committed.
+                await asyncio.wait([committing])
+                if not committing.cancelled():
+                    committing.exception()
+            self._reset()
+            raise
         finally:
-            stopping.cancel()
-            await batches.aclose()
+            if stopping is not None:
+                stopping.cancel()
+            if following is not None and not following.done():
+                following.cancel()  # the reader must not be mid-read when it is closed
+                with contextlib.suppress(BaseException):
+                    await following
+            await reader.aclose()  # type: ignore[attr-defined]
 
     async def _report(self, messages: int, applied: int, rejected: int, seconds: float) -> RebuildReport:
         counts = await self.db.execute_fetchall("SELECT (SELECT count(*) FROM jobs), (SELECT count(*) FROM tasks)")
@@ -711,6 +838,10 @@ def _task_view(row: Sequence[Any]) -> TaskView:
 
 def _parse_time(text: str | None) -> datetime | None:
     return None if text is None else datetime.fromisoformat(text)
+
+
+def _rows_json(rows: list[tuple[Any, ...]]) -> str:
+    return _rows_encoder.encode(rows).decode()
 
 
 def _chunks(items: Sequence[str], size: int) -> Iterator[Sequence[str]]:

@@ -15,7 +15,6 @@ from pathlib import Path
 import hypothesis.strategies as st
 import msgspec
 import pytest
-from conftest import eventually
 from hypothesis import HealthCheck, given, settings
 from nats.aio.client import Client
 
@@ -37,6 +36,7 @@ from numerusd.protocol.events import (
     TokensUsed,
 )
 from numerusd.streams import ensure_stream, stream_specs
+from tests.conftest import eventually
 
 KEYS = {"k1": b"k" * 32}
 T0 = datetime(2026, 11, 22, 9, 30, tzinfo=UTC)
@@ -273,9 +273,10 @@ async def test_a_file_of_another_schema_version_is_dropped_and_rebuilt(tmp_path:
 
 _EVENTS = interleaved(3)
 _MESSAGES = messages(_EVENTS)
-# A forged event and a garbage message in the middle, to show rejections batch the same way too.
+# A forged event, a garbage message and a repeat in the middle, to show rejections batch the same way too.
 _MESSAGES.insert(7, (0, _EVENTS[12].envelope.subject, forged(_EVENTS[12])))
 _MESSAGES.insert(15, (0, "numerus.job.J0.x", b"{}"))
+_MESSAGES.insert(22, (0, _EVENTS[20].envelope.subject, _EVENTS[20].wire))  # a republished event
 _MESSAGES = [(seq, subject, wire) for seq, (_, subject, wire) in enumerate(_MESSAGES, start=1)]
 
 
@@ -334,19 +335,21 @@ async def test_rebuild_from_the_stream_equals_the_live_views(nc: Client, tmp_pat
     await js.publish(events[30].envelope.subject, forged(events[30]))
     for sealed in events[30:]:
         await js.publish(sealed.envelope.subject, sealed.wire)
-    last = len(events) + 1
+    await js.publish(events[3].envelope.subject, events[3].wire)  # republished past the duplicate window
+    last = len(events) + 2
     await eventually(lambda: projector.position() == last)
     stop.set()
     await asyncio.wait_for(live, 10)
-    letter = await dead.next_msg(timeout=5)
-    assert letter.subject.startswith("numerus.dlq.projector.")
-    assert letter.headers["Numerus-Seq"] == "31"
+    forgery, repeat = await dead.next_msg(timeout=5), await dead.next_msg(timeout=5)
+    assert (forgery.subject, forgery.headers["Numerus-Seq"]) == ("numerus.dlq.projector.bad_signature", "31")
+    assert (repeat.subject, repeat.headers["Numerus-Seq"]) == ("numerus.dlq.projector.duplicate", str(last))
+    assert repeat.data == events[3].wire
     live_views = await projector.dump()
     await projector.close()
 
     rebuilt_path = tmp_path / "rebuilt.db"
     report = await rebuild(nc, KEYS, rebuilt_path)
-    assert (report.messages, report.applied, report.rejected) == (last, last - 1, 1)
+    assert (report.messages, report.applied, report.rejected) == (last, last - 2, 2)
     assert (report.jobs, report.tasks, report.last_seq) == (5, 5, last)
     assert await dump(rebuilt_path) == live_views
     assert not Path(f"{rebuilt_path}.rebuild").exists()

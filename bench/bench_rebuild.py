@@ -1,0 +1,211 @@
+"""How fast `numerusd rebuild` replays the event stream into SQLite, against the cheapest honest read of it.
+
+    python bench/bench_rebuild.py [--n 100000] [--jobs 2000] [--repeat 3] [--profile]
+
+One embedded nats-server; NUMERUS_EVENTS is filled with `n` realistic signed, chained events (jobs of a few
+tasks, each task mostly agent chatter and token counts, jobs interleaved as a busy daemon writes them). Then:
+
+* raw: the lean stream reader reads the whole stream and checks every event's HMAC signature under the key
+  its envelope names: the floor any rebuild pays;
+* rebuild: `projections.rebuild`: read, verify, decode, fold with `domain.evolve`, write the SQLite views into
+  a fresh file (indexes included) and swap it in.
+
+Each is run `--repeat` times, alternating, and the best kept. The figure of merit is rebuild / raw (target 0.6).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import cProfile
+import pstats
+import random
+import sys
+import tempfile
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))  # for _common when run as a script
+
+from _common import Stopwatch, base_parser, connect, embedded_nats, report, run  # noqa: E402
+from nats.aio.client import Client  # noqa: E402
+
+from numerusd.projections import rebuild  # noqa: E402
+from numerusd.protocol.envelope import check_signature, decode_wire, seal  # noqa: E402
+from numerusd.protocol.events import (  # noqa: E402
+    AgentCommandExecuted,
+    AgentFileChanged,
+    AgentMessageReceived,
+    AgentSpawned,
+    AgentThreadStarted,
+    EventData,
+    JobCompleted,
+    JobSubmitted,
+    TaskCompleted,
+    TaskCreated,
+    TaskExited,
+    TaskStarted,
+    TokensUsed,
+)
+from numerusd.protocol.ids import new_ulid  # noqa: E402
+from numerusd.stream_reader import read_stream  # noqa: E402
+from numerusd.streams import EVENTS, ensure_stream, stream_specs  # noqa: E402
+
+KID = "bench"
+KEYS = {KID: b"numerus-bench-key-0123456789abcdef"}
+T0 = datetime(2026, 11, 22, 9, 0, tzinfo=UTC)
+
+
+def job_life(per_job: int, rng: random.Random) -> Iterator[tuple[str | None, EventData]]:
+    """One job's events, about `per_job` of them: three tasks, each mostly agent chatter and token counts."""
+    yield None, JobSubmitted(goal="make the flaky integration tests pass", repo="/srv/repo", agent="codex")
+    tasks = ["t1", "t2", "t3"]
+    for task in tasks:
+        yield task, TaskCreated(title=f"part {task}", instructions="fix it " * 20, agent="codex", deps=())
+    chatter = max(1, (per_job - 2 - 7 * len(tasks)) // len(tasks))
+    for task in tasks:
+        yield (
+            task,
+            TaskStarted(
+                attempt=1, agent="codex", argv=("codex", "exec", "--json"), workdir=f"/w/{task}", log_path="/l"
+            ),
+        )
+        yield task, AgentSpawned(pid=rng.randrange(1000, 60000), start_ticks=rng.randrange(1 << 30))
+        yield task, AgentThreadStarted(thread_id=new_ulid())
+        for i in range(chatter):
+            kind = i % 4
+            if kind == 0:
+                yield task, TokensUsed(input_tokens=1200, cached_input_tokens=800, output_tokens=150)
+            elif kind == 1:
+                yield task, AgentMessageReceived(text="I looked at the failing test and the fixture it uses.")
+            elif kind == 2:
+                yield task, AgentCommandExecuted(command="pytest -x tests/test_api.py", exit_code=0)
+            else:
+                yield task, AgentFileChanged(path=f"src/module_{i}.py", kind="update")
+        yield task, TokensUsed(input_tokens=300, cached_input_tokens=0, output_tokens=40)
+        yield (
+            task,
+            TaskExited(exit_code=0, log_path="/l", log_sha256="0" * 64, log_bytes=123456, duration_s=42.5),
+        )
+        yield task, TaskCompleted()
+    yield None, JobCompleted()
+
+
+def sealed_events(n: int, jobs: int, seed: int = 7) -> list[tuple[str, bytes]]:
+    """About `n` signed, chained events of `jobs` jobs, ~50 jobs running at once: (subject, wire)."""
+    rng = random.Random(seed)
+    per_job = max(30, n // jobs)
+    out: list[tuple[str, bytes]] = []
+    active: list[tuple[str, Iterator[tuple[str | None, EventData]], list[str]]] = []
+    started = 0
+    clock = T0
+    while len(out) < n:
+        while len(active) < 50 and started < jobs * 2:
+            job = new_ulid()
+            active.append((job, job_life(per_job, rng), [""]))
+            started += 1
+        if not active:
+            break
+        at = rng.randrange(len(active))
+        job, life, prev = active[at]
+        step = next(life, None)
+        if step is None:
+            active.pop(at)
+            continue
+        task, data = step
+        clock += timedelta(milliseconds=rng.randrange(1, 50))
+        sealed = seal(
+            data,
+            id=new_ulid(),
+            job=job,
+            task=task,
+            time=clock,
+            actor="numerusd",
+            correlation_id=job,
+            causation_id=None,
+            prev=prev[0],
+            kid=KID,
+            key=KEYS[KID],
+        )
+        prev[0] = sealed.digest
+        out.append((sealed.envelope.subject, sealed.wire))
+    return out
+
+
+async def fill(nc: Client, events: list[tuple[str, bytes]]) -> None:
+    js = nc.jetstream(publish_async_max_pending=4000)
+    await ensure_stream(js, stream_specs()[0])
+    for subject, wire in events:
+        await js.publish_async(subject, wire)
+    await js.publish_async_completed()
+
+
+async def raw_read(nc: Client) -> int:
+    """Read the whole stream, checking each event's signature under the key its envelope names."""
+    keys = KEYS
+    count = 0
+    async for batch in read_stream(nc, EVENTS):
+        for message in batch:
+            data = message.data
+            check_signature(data, keys, decode_wire(data).kid)
+        count += len(batch)
+    return count
+
+
+async def main() -> None:
+    parser = base_parser(__doc__.splitlines()[0])
+    parser.set_defaults(n=100_000)
+    parser.add_argument("--jobs", type=int, default=0, help="jobs to spread the events over (default n/50)")
+    parser.add_argument("--repeat", type=int, default=3, help="measurements of each; the best is kept")
+    parser.add_argument("--profile", action="store_true", help="cProfile one more rebuild, print the top")
+    args = parser.parse_args()
+    jobs = args.jobs or max(1, args.n // 50)
+
+    with embedded_nats() as server, tempfile.TemporaryDirectory(prefix="numerus-rebuild-") as tmp:
+        nc = await connect(server)
+        try:
+            with Stopwatch() as sealing:
+                events = sealed_events(args.n, jobs)
+            with Stopwatch() as filling:
+                await fill(nc, events)
+            print(
+                f"# {len(events):,} events of {jobs:,} jobs sealed in {sealing.seconds:.1f} s, "
+                f"published in {filling.seconds:.1f} s",
+                file=sys.stderr,
+            )
+            raw_s, rebuild_s = [], []
+            db = Path(tmp) / "views.db"
+            for _ in range(args.repeat):
+                with Stopwatch() as watch:
+                    count = await raw_read(nc)
+                assert count == len(events), (count, len(events))
+                raw_s.append(watch.seconds)
+                with Stopwatch() as watch:
+                    result = await rebuild(nc, KEYS, db)
+                assert result.messages == len(events) and result.rejected == 0, result
+                rebuild_s.append(watch.seconds)
+            if args.profile:
+                profiler = cProfile.Profile()
+                profiler.enable()
+                await rebuild(nc, KEYS, db)
+                profiler.disable()
+                pstats.Stats(profiler, stream=sys.stderr).sort_stats("tottime").print_stats(25)
+            db_mb = db.stat().st_size / 1e6
+        finally:
+            await nc.close()
+
+    raw_rate = len(events) / min(raw_s)
+    rebuild_rate = len(events) / min(rebuild_s)
+    report(
+        "rebuild",
+        n=len(events),
+        jobs=jobs,
+        raw_ev_per_s=round(raw_rate),
+        rebuild_ev_per_s=round(rebuild_rate),
+        ratio=round(rebuild_rate / raw_rate, 3),
+        db_mb=round(db_mb, 1),
+    )
+
+
+if __name__ == "__main__":
+    run(main, base_parser("").parse_known_args()[0].loop)
