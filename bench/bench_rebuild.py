@@ -15,7 +15,6 @@ Each is run `--repeat` times, alternating, and the best kept. The figure of meri
 
 from __future__ import annotations
 
-import asyncio
 import cProfile
 import pstats
 import random
@@ -27,12 +26,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))  # for _common when run as a script
 
-from _common import Stopwatch, base_parser, connect, embedded_nats, report, run  # noqa: E402
-from nats.aio.client import Client  # noqa: E402
+from _common import Stopwatch, base_parser, connect, embedded_nats, report, run
+from nats.aio.client import Client
 
-from numerusd.projections import rebuild  # noqa: E402
-from numerusd.protocol.envelope import check_signature, decode_wire, seal  # noqa: E402
-from numerusd.protocol.events import (  # noqa: E402
+from numerusd.projections import rebuild
+from numerusd.protocol.envelope import check_signature, decode_wire, seal
+from numerusd.protocol.events import (
     AgentCommandExecuted,
     AgentFileChanged,
     AgentMessageReceived,
@@ -47,9 +46,9 @@ from numerusd.protocol.events import (  # noqa: E402
     TaskStarted,
     TokensUsed,
 )
-from numerusd.protocol.ids import new_ulid  # noqa: E402
-from numerusd.stream_reader import read_stream  # noqa: E402
-from numerusd.streams import EVENTS, ensure_stream, stream_specs  # noqa: E402
+from numerusd.protocol.ids import new_ulid
+from numerusd.stream_reader import read_stream
+from numerusd.streams import EVENTS, ensure_stream, stream_specs
 
 KID = "bench"
 KEYS = {KID: b"numerus-bench-key-0123456789abcdef"}
