@@ -10,10 +10,11 @@ and the ids JetStream has acknowledged since the previous batch. One batch per w
 simple: a crash can only tear the record being written, which is then the last one.
 
 Group commit: `submit()` queues entries and returns a future; one flusher writes everything queued as a single
-record and calls `os.fdatasync` once (in a dedicated thread, so the event loop keeps running while the disk
-syncs), then resolves every waiter of that batch. While it syncs, new submissions gather for the next batch, so
-many concurrent appends cost one sync. Acks are not synced on their own: losing one in a crash only means the
-event store checks the stream for that event again on restart (see `EventStore.recover`).
+record (a copy into the page cache, done on the loop) and calls `os.fdatasync` once, in a dedicated thread so
+the event loop keeps running while the disk syncs, then resolves every waiter of that batch. While it syncs,
+new submissions gather for the next batch, so many concurrent appends cost one sync. Acks are not synced on
+their own: losing one in a crash only means the event store checks the stream for that event again on restart
+(see `EventStore.recover`).
 
 Recovery on open: a torn last record (or a zero-filled tail) is truncated away; a record that fails its checksum
 with valid data after it is damage, not a crash, and raises `WalCorrupted` rather than dropping events.
