@@ -368,7 +368,6 @@ def events(ctx: click.Context, job: str | None, follow: bool, as_json: bool) -> 
     opts = _options(ctx, as_json)
 
     def show(seq: int | None, wire: bytes) -> None:
-        # The daemon's pages do not carry each event's stream sequence; live ones do.
         if opts.json:
             _out(wire)
             _out("")
@@ -380,8 +379,9 @@ def events(ctx: click.Context, job: str | None, follow: bool, as_json: bool) -> 
         while True:
             data = await request(nc, "events", GetEvents(job=job, after_seq=after), opts.timeout)
             page: EventsReply = decode_reply(_events_reply, "events", data)
-            for raw in page.events:
-                show(None, bytes(raw))
+            seqs: list[int | None] = list(page.seqs) or [None] * len(page.events)  # an older daemon sends none
+            for seq, raw in zip(seqs, page.events, strict=True):
+                show(seq, bytes(raw))
             after = page.last_seq
             if not page.more:
                 break

@@ -28,10 +28,8 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js.api import ConsumerConfig, DeliverPolicy
 
-from numerusd.protocol.commands import ErrorReply, Request, command_subject
+from numerusd.protocol.commands import DEFAULT_STATE_DIR, ErrorReply, Request, command_subject
 
-#: Same default as numerusd's (numerusd/config.py); numerusctl may not import the daemon's configuration.
-DEFAULT_STATE_DIR = "~/.local/state/numerus"
 CONNECTION_FILE = "connection.json"
 
 EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE = 1, 2, 3

@@ -39,9 +39,7 @@ import msgspec
 
 from numerusd.agents.base import AgentProfile
 from numerusd.errors import ConfigError
-
-#: Where state lives when nothing says otherwise (numerusctl has the same default, see numerusctl/connection.py).
-DEFAULT_STATE_DIR = "~/.local/state/numerus"
+from numerusd.protocol.commands import DEFAULT_STATE_DIR
 
 #: The profiles every installation has; a file's `[agents.<name>]` table is merged over them field by field.
 BUILTIN_AGENTS: dict[str, AgentProfile] = {

@@ -18,7 +18,6 @@ import logging
 import os
 import signal
 from collections.abc import Callable, Coroutine
-from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -328,6 +327,7 @@ class Daemon:
     async def read_events(self, subject: str, after_seq: int, limit: int) -> EventsReply:
         """Up to `limit` stored events on `subject` after stream sequence `after_seq`."""
         events: list[msgspec.Raw] = []
+        seqs: list[int] = []
         last_seq = after_seq
         more = False
         async with StreamReader(self.nc, EVENTS, start_seq=after_seq + 1, filter_subjects=[subject]) as reader:
@@ -337,10 +337,11 @@ class Daemon:
                         more = True
                         break
                     events.append(msgspec.Raw(message.data))
+                    seqs.append(message.seq)
                     last_seq = message.seq
                 if more:
                     break
-        return EventsReply(events=events, last_seq=last_seq, more=more)
+        return EventsReply(events=events, seqs=seqs, last_seq=last_seq, more=more)
 
     async def dead_letter(self, source: str, reason: str, data: bytes, message: str, **fields: object) -> None:
         """Keep a rejected input on `numerus.dlq.<source>.<reason>` with why, for an operator to look at."""
@@ -357,8 +358,3 @@ def install_signal_handlers(daemon: Daemon) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, daemon.handle_exit)
-
-
-def state_dir_of(path: Path | None) -> Path:
-    """Helper for the CLI: the state directory to use."""
-    return path or Path(os.environ.get("NUMERUS_STATE_DIR", "~/.local/state/numerus")).expanduser()

@@ -131,6 +131,8 @@ class EventsReply(msgspec.Struct, frozen=True, kw_only=True):
     events: list[msgspec.Raw]
     last_seq: int
     more: bool
+    #: The stream sequence of each event in `events`, in the same order.
+    seqs: list[int] = []
 
 
 class ErrorReply(msgspec.Struct, frozen=True, kw_only=True):
@@ -157,6 +159,9 @@ REPLIES: dict[str, type[msgspec.Struct]] = {
     "logs": LogsReply,
     "events": EventsReply,
 }
+
+#: Where the daemon keeps its state (and `connection.json`) when neither a flag nor NUMERUS_STATE_DIR says.
+DEFAULT_STATE_DIR = "~/.local/state/numerus"
 
 #: Terminal job and task statuses.
 JOB_DONE = frozenset({"completed", "failed", "killed", "interrupted"})

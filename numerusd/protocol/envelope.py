@@ -182,7 +182,7 @@ def decode_wire(wire: bytes) -> _WireEnvelope:
     """Decode the envelope without its payload (cheap: the payload stays raw bytes)."""
     try:
         return _wire_decoder.decode(wire)
-    except msgspec.DecodeError as e:
+    except (msgspec.DecodeError, UnicodeDecodeError) as e:  # msgspec lets bad UTF-8 in a string through as the latter
         raise InvalidEvent("malformed", f"not an event envelope: {e}") from e
 
 
@@ -195,7 +195,7 @@ def open_event(wire: bytes, keys: dict[str, bytes]) -> Envelope:
         raise InvalidEvent("unknown_type", f"unknown event type {raw.type!r}")
     try:
         data = decoder.decode(raw.data)
-    except msgspec.ValidationError as e:
+    except (msgspec.DecodeError, UnicodeDecodeError) as e:
         raise InvalidEvent("malformed", f"{raw.type}: {e}") from e
     return Envelope(
         id=raw.id,
