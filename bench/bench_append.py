@@ -1,7 +1,7 @@
 """How much the event store costs over raw JetStream publishing, and how fast the stream reads back.
 
-    python bench/bench_append.py [--n 20000] [--callers 64] [--batch 4] [--read-n 100000] [--profile]
-                                 [--switch-interval 0.001]
+    python bench/bench_append.py [--n 20000] [--callers 64] [--batch 4] [--rounds 3] [--read-n 100000]
+                                 [--profile] [--switch-interval 0.001]
 
 In one run, against one embedded nats-server with a fresh store:
 
@@ -11,7 +11,8 @@ In one run, against one embedded nats-server with a fresh store:
 (c) read: `StreamReader` over `--read-n` small messages (without headers, as logs are) and over the events
     of (b) (with their `Nats-Msg-Id` header, which nats-py parses per message).
 
-It prints msgs/s for each and the ratio ours/raw (target: at least 0.8), as a markdown row and a JSON line.
+(a) and (b) alternate for `--rounds` rounds; the medians are reported, with the ratio ours/raw (target: at
+least 0.8), as a markdown row and a JSON line.
 
 With few events in flight (say 64 callers of one event) the store is bound by latency, not CPU: each group
 commit waits for the WAL thread to get the GIL back from a busy event loop, up to Python's switch interval
@@ -23,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import cProfile
 import pstats
+import statistics
 import sys
 import tempfile
 from datetime import UTC, datetime
@@ -70,12 +72,12 @@ def sample_payloads(n: int, jobs: list[str]) -> list[tuple[str, bytes]]:
     return out
 
 
-async def raw_publish(js, payloads: list[tuple[str, bytes]]) -> float:
+async def raw_publish(js, payloads: list[tuple[str, bytes]], tag: str) -> float:
     """(a): msgs/s of js.publish_async with Nats-Msg-Id, all acks awaited."""
     with Stopwatch() as watch:
         futures = []
         for i, (subject, wire) in enumerate(payloads):
-            futures.append(await js.publish_async(subject, wire, headers={"Nats-Msg-Id": f"raw-{i}"}))
+            futures.append(await js.publish_async(subject, wire, headers={"Nats-Msg-Id": f"raw-{tag}-{i}"}))
         await asyncio.gather(*futures)
     return len(payloads) / watch.seconds
 
@@ -118,23 +120,28 @@ async def main_async(args) -> None:
         jobs = [new_ulid() for _ in range(8)]
         payloads = sample_payloads(args.n, jobs)
         raw_subjects = [(f"bench.raw.{subject}", wire) for subject, wire in payloads]
-        await raw_publish(js, raw_subjects[: min(2000, args.n)])  # warm-up, not counted
-
-        raw = await raw_publish(js, raw_subjects)
-
         wal = WriteAheadLog.open(Path(state) / "events.wal")
         store = EventStore(nc, js, wal, Keyring.load_or_create(Path(state) / "keys.json"), actor="bench")
         await store.catch_up()
-        await store_append(store, min(2000, args.n), args.callers, args.batch, jobs)  # warm-up
+        await raw_publish(js, raw_subjects[: min(2000, args.n)], "warm")  # warm-ups, not counted
+        await store_append(store, min(2000, args.n), args.callers, args.batch, jobs)
+
+        # Rounds alternate raw and ours, and the medians are compared: on a shared machine the load changes
+        # from second to second, and this way both sides see the same mix of it.
+        raws: list[float] = []
+        ours: list[float] = []
         syncs_before = wal.syncs
         profiler = cProfile.Profile() if args.profile else None
-        if profiler:
-            profiler.enable()
-        ours = await store_append(store, args.n, args.callers, args.batch, jobs)
-        if profiler:
-            profiler.disable()
-        syncs = wal.syncs - syncs_before
+        for round_ in range(args.rounds):
+            raws.append(await raw_publish(js, raw_subjects, str(round_)))
+            if profiler:
+                profiler.enable()
+            ours.append(await store_append(store, args.n, args.callers, args.batch, jobs))
+            if profiler:
+                profiler.disable()
+        syncs = (wal.syncs - syncs_before) // args.rounds
         await store.close()
+        raw, mine = statistics.median(raws), statistics.median(ours)
 
         await js.add_stream(StreamConfig(name="BENCH_READ", subjects=["bench.read.>"]))
         futures = [await js.publish_async(f"bench.read.{i % 16}", b"x" * 64) for i in range(args.read_n)]
@@ -149,10 +156,11 @@ async def main_async(args) -> None:
         n=args.n,
         callers=args.callers,
         batch=args.batch,
+        rounds=args.rounds,
         raw_msgs_per_s=round(raw),
-        store_msgs_per_s=round(ours),
-        ratio=round(ours / raw, 3),
-        fdatasyncs=syncs,
+        store_msgs_per_s=round(mine),
+        ratio=round(mine / raw, 3),
+        fdatasyncs_per_round=syncs,
         read_plain_msgs_per_s=round(read_plain),
         read_events_msgs_per_s=round(read_events),
         switch_interval_ms=round(sys.getswitchinterval() * 1000, 2),
@@ -166,6 +174,7 @@ def main() -> None:
     parser.add_argument("--callers", type=int, default=64, help="concurrent appenders")
     parser.add_argument("--batch", type=int, default=4, help="events per append call")
     parser.add_argument("--read-n", type=int, default=100_000, help="small messages for the read measurement")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating raw/ours measurements (median)")
     parser.add_argument("--profile", action="store_true", help="cProfile the store's run (slows it down)")
     parser.add_argument(
         "--switch-interval",
