@@ -1,0 +1,73 @@
+"""`numerusctl logs`: the agent's terminal output, whole after the fact and live with -f."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import nats
+import pytest
+
+from tests.conftest import eventually
+from tests.daemon_harness import Daemon, git_repo
+
+TALKATIVE = [
+    {"print": "compiling module 1 of 3"},
+    {"sleep": 0.4},
+    {"print": "compiling module 2 of 3"},
+    {"sleep": 0.4},
+    {"print": "compiling module 3 of 3"},
+    {"say": "Build finished."},
+]
+
+
+@pytest.fixture
+def daemon(tmp_path: Path):
+    d = Daemon(tmp_path / "state", agents={"talkative": TALKATIVE}).start()
+    yield d
+    d.stop()
+
+
+async def test_logs_follow_streams_output_live_and_ends_with_the_job(daemon: Daemon, tmp_path: Path):
+    repo = git_repo(tmp_path / "repo")
+    job = daemon.ctl_json("run", "Build it", "--repo", str(repo), "--agent", "talkative")["job"]
+    follower = subprocess.Popen(daemon.ctl_argv("logs", job, "-f"), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    out, err = follower.communicate(timeout=30)
+    assert follower.returncode == 0, err
+    text = out.decode()
+    positions = [text.index(f"compiling module {i} of 3") for i in (1, 2, 3)]
+    assert positions == sorted(positions)
+    assert daemon.status(job)["status"] == "completed"
+
+    log = Path(daemon.status(job)["tasks"][0]["log_path"]).read_bytes()
+    assert out.endswith(log) or log in out
+    after = daemon.ctl("logs", job, check=True).stdout
+    assert "compiling module 3 of 3" in after and "Build finished." in after
+
+
+async def test_log_chunks_on_nats_add_up_to_the_log_file(daemon: Daemon, tmp_path: Path):
+    repo = git_repo(tmp_path / "repo")
+    assert daemon.ctl("run", "Build it", "--repo", str(repo), "--agent", "talkative", "--wait").returncode == 0
+    (job,) = daemon.ctl_json("status")["jobs"]
+    log = Path(job["tasks"][0]["log_path"]).read_bytes()
+    c = daemon.connection()
+    nc = await nats.connect(c["url"], user=c["user"], password=c["password"])
+    try:
+        chunks: list[tuple[int, bytes]] = []
+        sub = await nc.jetstream().subscribe(f"numerus.log.{job['id']}.t1", ordered_consumer=True)
+
+        async def complete() -> bool:
+            while True:
+                try:
+                    msg = await sub.next_msg(timeout=0.2)
+                except nats.errors.TimeoutError:
+                    return sum(len(data) for _, data in chunks) >= len(log)
+                chunks.append((int(msg.headers["Numerus-Offset"]), msg.data))
+
+        await eventually(complete, timeout=10)
+        await sub.unsubscribe()
+    finally:
+        await nc.close()
+    offsets = [offset for offset, _ in chunks]
+    assert offsets == sorted(offsets) and offsets[0] == 0
+    assert b"".join(data for _, data in chunks) == log
