@@ -183,7 +183,9 @@ class Daemon:
             "name": "numerusd",
             "reconnected_cb": reconnected,
             "error_cb": error,
-            "max_reconnect_attempts": -1,
+            # A server that is not there at start is a configuration problem: give up after ~5 s with one line
+            # (systemd restarts us). Once connected, outages are weathered for ever (see below).
+            "max_reconnect_attempts": 10,
             "reconnect_time_wait": 0.5,
             "connect_timeout": 5,
         }
@@ -192,9 +194,11 @@ class Daemon:
         if self.settings.nats_creds:
             options["user_credentials"] = str(self.settings.nats_creds)
         try:
-            return await nats.connect(url, **options)
+            nc = await nats.connect(url, **options)
         except Exception as e:
             raise NatsUnavailable(f"cannot connect to NATS at {url}: {e}") from e
+        nc.options["max_reconnect_attempts"] = -1  # read by nats-py at each reconnect: never stop trying
+        return nc
 
     async def _replay(self) -> int:
         """Fold the whole stream into memory, then what the WAL holds that the stream does not."""

@@ -1,0 +1,44 @@
+"""With --nats-url, numerusd and numerusctl use an existing server instead of starting their own."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+from pathlib import Path
+
+from tests.daemon_harness import BIN, Daemon, git_repo
+from tests.test_run import HELLO
+
+
+def test_a_job_runs_against_an_existing_server(nats_server, tmp_path: Path):
+    env = {
+        "NUMERUS_NATS_URL": nats_server.url,
+        "NUMERUS_NATS_USER": nats_server.user,
+        "NUMERUS_NATS_PASSWORD": nats_server.password,
+    }
+    daemon = Daemon(tmp_path / "state", agents={"scripted": HELLO}, env=env).start()
+    try:
+        assert not (daemon.state_dir / "nats").exists()  # no embedded server was started
+        assert daemon.connection()["url"] == nats_server.url
+        repo = git_repo(tmp_path / "repo")
+        result = daemon.ctl("run", "Greet", "--repo", str(repo), "--agent", "scripted", "--wait")
+        assert result.returncode == 0, result.stderr
+        assert (repo / "HELLO.md").exists()
+    finally:
+        assert daemon.stop() == 0
+    assert nats_server.process is not None and nats_server.process.poll() is None  # not ours to stop
+
+
+def test_unreachable_server_fails_startup_with_one_clear_line(tmp_path: Path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nothing listens here once the socket closes
+    result = subprocess.run(
+        [str(BIN / "numerusd"), "--state-dir", str(tmp_path / "state"), "--nats-url", f"nats://127.0.0.1:{port}"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 69
+    assert f"cannot connect to NATS at nats://127.0.0.1:{port}" in result.stderr
+    assert "Traceback" not in result.stderr
