@@ -40,6 +40,7 @@ from numerusd.service import start_service
 from numerusd.stream_reader import StreamReader, read_stream
 from numerusd.streams import EVENTS, check_server_version, ensure_streams
 from numerusd.supervisor import TaskRun
+from numerusd.systemd import notify, watchdog
 from numerusd.terminal import kill_leftover
 from numerusd.wal import WriteAheadLog
 
@@ -107,6 +108,8 @@ class Daemon:
         for job in list(self.jobs.values()):
             if job.status not in JOB_DONE:
                 self.schedule(job.id)
+        self._spawn_background(watchdog(self.should_exit), name="systemd watchdog")
+        notify(f"READY=1\nSTATUS=serving {len(self.jobs)} jobs on {url}\nMAINPID={os.getpid()}")
         log.info("numerusd ready on %s, state in %s", url, settings.state_dir)
 
     async def shutdown(self) -> None:
@@ -115,6 +118,7 @@ class Daemon:
         Also runs after a failed startup, so each step checks that its part was started.
         """
         self.should_exit.set()
+        notify("STOPPING=1")
         for run in self.runs.values():
             run.stopping = True
         await asyncio.gather(

@@ -27,6 +27,11 @@ from numerusd.terminal import Terminal, spawn
 
 log = logging.getLogger(__name__)
 
+#: The daemon's own environment that an agent must not inherit: its NATS secrets and systemd's sockets.
+DAEMON_ONLY_ENV = frozenset(
+    {"NUMERUS_NATS_PASSWORD", "NUMERUS_NATS_CREDS", "NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS"}
+)
+
 #: Appends the decision `decide(state)` for a job and returns once it is durable.
 Record = Callable[[str, Callable[[domain.JobState], domain.Decision]], Awaitable[object]]
 
@@ -110,7 +115,8 @@ class TaskRun:
         log_path = self.run_dir / "stdout.log"
         invocation = AgentInvocation(prompt=self.task.instructions, repo=Path(self.job.repo))
         argv, agent_env = self.adapter.command(invocation)
-        env = {**os.environ, **self.extra_env, **agent_env}
+        inherited = {name: value for name, value in os.environ.items() if name not in DAEMON_ONLY_ENV}
+        env = {**inherited, **self.extra_env, **agent_env}
         await self.record(
             self.job_id, lambda job: domain.decide_start(job, self.task, argv, str(self.run_dir), str(log_path))
         )
