@@ -16,7 +16,8 @@ def test_a_job_runs_against_an_existing_server(nats_server, tmp_path: Path):
         "NUMERUS_NATS_USER": nats_server.user,
         "NUMERUS_NATS_PASSWORD": nats_server.password,
     }
-    daemon = Daemon(tmp_path / "state", agents={"scripted": HELLO}, env=env).start()
+    agent = [*HELLO, {"run": "env"}]
+    daemon = Daemon(tmp_path / "state", agents={"scripted": agent}, env=env).start()
     try:
         assert not (daemon.state_dir / "nats").exists()  # no embedded server was started
         assert daemon.connection()["url"] == nats_server.url
@@ -24,6 +25,10 @@ def test_a_job_runs_against_an_existing_server(nats_server, tmp_path: Path):
         result = daemon.ctl("run", "Greet", "--repo", str(repo), "--agent", "scripted", "--wait")
         assert result.returncode == 0, result.stderr
         assert (repo / "HELLO.md").exists()
+        (job,) = daemon.ctl_json("status")["jobs"]
+        agent_saw = Path(job["tasks"][0]["log_path"]).read_text()
+        assert "HOME=" in agent_saw  # the agent got an environment...
+        assert nats_server.password not in agent_saw  # ...but not the daemon's NATS password
     finally:
         assert daemon.stop() == 0
     assert nats_server.process is not None and nats_server.process.poll() is None  # not ours to stop
