@@ -92,7 +92,7 @@ def markdown(results: dict[str, dict], quick: bool) -> str:
         "  against `EventStore.append` (sealed, chained, written to the WAL with group-committed `fdatasync`,",
         "  published, acknowledged), in alternating rounds, medians compared.",
         "- `bench/bench_rebuild.py`: the lean stream reader plus an HMAC check per event (the cheapest honest",
-        "  read-and-verify loop) against a full rebuild: read, verify, decode, fold with `evolve`, project into SQLite.",
+        "  read-and-verify loop) against a full rebuild: read, verify, decode, fold with `evolve`, project to SQLite.",
         "- `bench/bench_status.py`: the real `numerusd` after replaying 100k events; `status JOB` requests one at a",
         "  time against a trivial nats-py responder on the same server; then VmRSS once idle.",
         "",
