@@ -194,6 +194,7 @@ class StreamReader:
         out: list[StreamMessage] = []
         caught_up = False
         requests = self._requests
+        delivered = 0
         msg: Msg | None = first
         while msg is not None:
             queue.task_done()
@@ -205,16 +206,10 @@ class StreamReader:
                 base = 4 if len(parts) == 9 else 6
                 out.append(StreamMessage(int(parts[base + 1]), msg.subject, msg.data, int(parts[base + 3])))
                 caught_up = parts[base + 4] == "0"
-                # A delivery arrives on the stored message's own subject, so it cannot name its request;
-                # the server serves requests in order, so it counts against the oldest one.
-                if requests:
-                    token = next(iter(requests))
-                    left = requests[token] - 1
-                    if left:
-                        requests[token] = left
-                    else:
-                        del requests[token]
+                delivered += 1
             else:
+                self._count(delivered)
+                delivered = 0
                 if out:
                     self._next_seq = out[-1].seq + 1  # a re-created consumer must start after these
                 # A status reply comes on the request's own inbox subject, which names the request.
@@ -229,7 +224,21 @@ class StreamReader:
                 msg = queue.get_nowait()
             except asyncio.QueueEmpty:
                 msg = None
+        self._count(delivered)
         return out, caught_up
+
+    def _count(self, delivered: int) -> None:
+        # A delivery arrives on the stored message's own subject, so it cannot name its request; the server
+        # serves requests in order, so deliveries use up the oldest requests first.
+        requests = self._requests
+        while delivered and requests:
+            token = next(iter(requests))
+            left = requests[token]
+            if left > delivered:
+                requests[token] = left - delivered
+                return
+            del requests[token]
+            delivered -= left
 
     async def _status(self, msg: Msg, token: str) -> None:
         """A status reply: 404/408 end a request, 409 ends it or says the consumer is gone, 503 that it is gone,

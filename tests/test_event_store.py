@@ -323,10 +323,12 @@ def restartable(server: EmbeddedNats) -> Iterator[tuple[Callable[[], None], Call
         processes.append(process)
         ports = server.store_dir / "ports" / f"{Path(server.binary).name}_{process.pid}.ports"
         deadline = time.monotonic() + 10
-        while not ports.exists():
+        while True:  # the server writes its ports file once it listens (the file may exist still empty)
+            with contextlib.suppress(FileNotFoundError, json.JSONDecodeError):
+                assert json.loads(ports.read_text())["nats"][0].endswith(f":{port}")
+                return
             assert process.poll() is None and time.monotonic() < deadline, "nats-server did not restart"
             time.sleep(0.01)
-        assert json.loads(ports.read_text())["nats"][0].endswith(f":{port}")
 
     def stop_current() -> None:
         if processes:
