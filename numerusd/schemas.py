@@ -17,6 +17,7 @@ import msgspec
 from numerusd.protocol.commands import REPLIES, REQUESTS, ErrorReply
 from numerusd.protocol.envelope import _WireEnvelope
 from numerusd.protocol.events import EVENT_TYPES, SUBJECT_SUFFIX
+from numerusd.protocol.plan import output_schema as plan_output_schema
 
 ROOT = Path(__file__).resolve().parent.parent
 SCHEMA_URL = "https://json-schema.org/draft/2020-12/schema"
@@ -113,6 +114,7 @@ def generated(root: Path = ROOT) -> dict[Path, str]:
         root / "schemas" / "events.schema.json": _dump(events_schema()),
         root / "schemas" / "commands.schema.json": _dump(commands_schema()),
         root / "docs" / "events.md": events_doc(),
+        root / "schemas" / "plan.schema.json": json.dumps(plan_output_schema(), indent=2) + "\n",
     }
 
 
