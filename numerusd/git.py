@@ -522,6 +522,8 @@ def _environment(cwd: Path) -> dict[str, str]:
 
 _CONFIG = (
     "-c", "core.hooksPath=/dev/null",
+    # Like a hook, core.fsmonitor names a program git runs; it only speeds up `status`-like scans.
+    "-c", "core.fsmonitor=false",
     "-c", f"user.name={NUMERUS_NAME}",
     "-c", f"user.email={NUMERUS_EMAIL}",
 )  # fmt: skip
