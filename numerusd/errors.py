@@ -11,8 +11,9 @@
         ├── BadRequest             the request does not decode or fails validation; names the path
         └── NotFound               the request names a job or task that does not exist
 
-Third-party errors (nats-py, sqlite3, OS errors) are translated into these in one place per dependency:
-`event_store.py` for JetStream, `projections.py` for SQLite, `terminal.py` for process spawning.
+Third-party errors (nats-py, sqlite3, git, OS errors) are translated into these in one place per dependency:
+`streams.jetstream_errors` for NATS and JetStream, `projections.py` for SQLite, `terminal.py` for process
+spawning, `git.py` for git (its `GitError` family derives from NumerusError there).
 """
 
 from __future__ import annotations
