@@ -8,6 +8,7 @@ when `validate_plan` is given one (to refuse symlinks that lead out). The daemon
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import heapq
 import os
@@ -48,9 +49,10 @@ _DECODER = msgspec.json.Decoder(Plan)
 _ANY_DECODER = msgspec.json.Decoder()
 _ENCODER = msgspec.json.Encoder()
 
-_GLOB_CHARS = frozenset("*?[")
 _MSGSPEC_PATH = re.compile(r"^(?P<message>.*?)(?: - at `\$(?P<path>.*)`)?$", re.DOTALL)
 _CHUNKS = re.compile(r"\d+|\D+")
+#: Shell brace alternation, `{a,b}`: not glob syntax for fnmatch or git, and models write it.
+_BRACES = re.compile(r"\{[^}]*,[^}]*\}")
 _ABSENT = object()
 
 
@@ -289,7 +291,9 @@ def _meaning_errors(items: list[_Item], repo: Path | None) -> list[PlanError]:
             problem = _intent_problem(intent_path, repo_real, symlink_cache)
             if problem is not None:
                 errors.append(PlanError(path=f"{at}.intents[{k}].path", message=problem))
-    for cycle in _cycles(graph):
+    order = _kahn(graph)
+    # Tarjan's walk only when Kahn's could not place every task: the common, acyclic plan pays for one pass.
+    for cycle in _cycles(graph) if len(order) < len(graph) else ():
         message = f"dependency cycle: {' -> '.join([*cycle, cycle[0]])} (each task depends on the next)"
         errors.append(PlanError(path=f"$.tasks[{first_index[cycle[0]]}].deps", message=message))
     return errors
@@ -300,12 +304,26 @@ def _meaning_errors(items: list[_Item], repo: Path | None) -> list[PlanError]:
 
 def normalize_path(path: str) -> str:
     """`./src//a/../b.py` -> `src/b.py`; a trailing `/` (a directory) is kept. Pure string work, no I/O."""
+    if not _maybe_not_normal(path):
+        return path  # most paths are normal already, and normpath costs ten times this test
     norm = posixpath.normpath(path)
-    return f"{norm}/" if path.endswith("/") and norm not in (".", "/") else norm
+    return f"{norm}/" if path.endswith("/") and norm != "." and not norm.endswith("/") else norm
+
+
+def _maybe_not_normal(path: str) -> bool:
+    """True when `posixpath.normpath` could change `path` (apart from a trailing `/`, which is kept)."""
+    return (
+        "//" in path
+        or "/./" in path
+        or "/../" in path
+        or path.startswith(("./", "../"))
+        or path.endswith(("/.", "/..", "/./", "/../"))
+        or path in ("", ".", "..")
+    )
 
 
 def _is_glob(path: str) -> bool:
-    return not _GLOB_CHARS.isdisjoint(path)
+    return "*" in path or "?" in path or "[" in path
 
 
 def _intent_problem(path: str, repo_real: str | None, cache: dict[str, Any]) -> str | None:
@@ -314,17 +332,17 @@ def _intent_problem(path: str, repo_real: str | None, cache: dict[str, Any]) -> 
         return "the path is empty"
     if "\0" in path:
         return "the path contains a NUL character"
-    if path.startswith("/"):
+    if path[0] == "/":
         return f"`{path}` is absolute; name paths relative to the repository root"
-    if path.startswith("~"):
+    if path[0] == "~":
         return f"`{path}` starts with `~`; name paths relative to the repository root"
     norm = normalize_path(path)
     if norm == ".." or norm.startswith("../"):
         return f"`{path}` leads out of the repository"
-    parts = norm.rstrip("/").split("/")
-    if parts[0] == ".git":
+    if norm == ".git" or norm.startswith(".git/"):
         return f"`{path}` is inside `.git`, which no task may touch"
-    if _is_glob(norm) or "{" in norm:
+    glob = _is_glob(norm)
+    if glob or "{" in norm:
         problem = _glob_problem(norm)
         if problem is not None:
             return f"`{path}` is not a well-formed glob: {problem}"
@@ -332,8 +350,8 @@ def _intent_problem(path: str, repo_real: str | None, cache: dict[str, Any]) -> 
         # Only the literal head of a glob can be checked here; what a wildcard matches is checked when a task
         # claims real files and when its diff is compared with its claim.
         literal = []
-        for part in parts:
-            if _is_glob(part):
+        for part in norm.rstrip("/").split("/"):
+            if glob and _is_glob(part):
                 break
             literal.append(part)
         escape = _symlink_escape(repo_real, literal, cache)
@@ -344,16 +362,12 @@ def _intent_problem(path: str, repo_real: str | None, cache: dict[str, Any]) -> 
 
 
 def _glob_problem(pattern: str) -> str | None:
-    for part in pattern.split("/"):
-        if "**" in part and part != "**":
-            return "`**` must be a whole path component, as in `src/**/*.py`"
-    if re.search(r"\{[^}]*,[^}]*\}", pattern):
+    if "**" in pattern and any("**" in part and part != "**" for part in pattern.split("/")):
+        return "`**` must be a whole path component, as in `src/**/*.py`"
+    if "{" in pattern and _BRACES.search(pattern):
         return "braces `{a,b}` are not supported; give each path its own intent"
-    i, n = 0, len(pattern)
-    while i < n:
-        if pattern[i] != "[":
-            i += 1
-            continue
+    i, n = pattern.find("["), len(pattern)
+    while i != -1:
         j = i + 1
         if j < n and pattern[j] in "!^":
             j += 1
@@ -364,7 +378,7 @@ def _glob_problem(pattern: str) -> str | None:
             return "`[` is never closed"
         if "/" in pattern[i:close]:
             return "a `[...]` class cannot contain `/`"
-        i = close + 1
+        i = pattern.find("[", close + 1)
     return None
 
 
@@ -403,6 +417,7 @@ def _prefix_verdict(repo_real: str, prefix: str) -> object:
 # --- the graph ----------------------------------------------------------------------------------------------
 
 
+@functools.lru_cache(maxsize=1 << 16)
 def _natural(task_id: str) -> tuple[Any, ...]:
     """Sort key: digit runs by number, so t2 comes before t10; ties (t01, t1) broken by the id itself."""
     return (tuple((0, int(c), "") if c.isdigit() else (1, 0, c) for c in _CHUNKS.findall(task_id)), task_id)
@@ -488,15 +503,25 @@ def topological_order(plan: Plan) -> list[str]:
     The order depends only on ids and dependencies, never on the order of the planner's list, so plans with the
     same hash run the same way. ValueError if the plan has a cycle or an unknown dependency.
     """
-    dependents: dict[str, list[str]] = {task.id: [] for task in plan.tasks}
-    waiting: dict[str, int] = {}
-    for task in plan.tasks:
-        deps = set(task.deps)
+    graph = {task.id: list(set(task.deps)) for task in plan.tasks}
+    for task_id, deps in graph.items():
         for dep in deps:
-            if dep not in dependents:
-                raise ValueError(f"task {task.id} depends on unknown task {dep}")
-            dependents[dep].append(task.id)
-        waiting[task.id] = len(deps)
+            if dep not in graph:
+                raise ValueError(f"task {task_id} depends on unknown task {dep}")
+    order = _kahn(graph)
+    if len(order) != len(graph):
+        raise ValueError("the plan has a dependency cycle")
+    return order
+
+
+def _kahn(graph: dict[str, list[str]]) -> list[str]:
+    """Kahn's algorithm over task -> deps (all known), free tasks taken in natural order; short if there is a cycle."""
+    dependents: dict[str, list[str]] = {task_id: [] for task_id in graph}
+    waiting: dict[str, int] = {}
+    for task_id, deps in graph.items():
+        for dep in deps:
+            dependents[dep].append(task_id)
+        waiting[task_id] = len(deps)
     heap = [(_natural(task_id), task_id) for task_id, count in waiting.items() if count == 0]
     heapq.heapify(heap)
     order = []
@@ -507,8 +532,6 @@ def topological_order(plan: Plan) -> list[str]:
             waiting[dependent] -= 1
             if waiting[dependent] == 0:
                 heapq.heappush(heap, (_natural(dependent), dependent))
-    if len(order) != len(waiting):
-        raise ValueError("the plan has a dependency cycle")
     return order
 
 
@@ -545,23 +568,20 @@ def canonical(plan: Plan) -> Plan:
     """
     return Plan(
         summary=plan.summary,
-        tasks=tuple(
-            PlannedTask(
-                id=task.id,
-                title=task.title,
-                instructions=task.instructions,
-                role=task.role,
-                deps=tuple(sorted(set(task.deps), key=_natural)),
-                intents=tuple(
-                    sorted(
-                        {FileIntent(path=normalize_path(x.path), mode=x.mode) for x in task.intents},
-                        key=lambda x: (x.path, x.mode),
-                    )
-                ),
-            )
-            for task in sorted(plan.tasks, key=lambda task: _natural(task.id))
-        ),
+        tasks=tuple(_canonical_task(task) for task in sorted(plan.tasks, key=lambda task: _natural(task.id))),
     )
+
+
+def _canonical_task(task: PlannedTask) -> PlannedTask:
+    deps = tuple(sorted(set(task.deps), key=_natural)) if len(task.deps) > 1 else task.deps
+    intents = [
+        x if (path := normalize_path(x.path)) == x.path else FileIntent(path=path, mode=x.mode) for x in task.intents
+    ]
+    if len(intents) > 1:
+        intents = sorted(set(intents), key=lambda x: (x.path, x.mode))
+    if deps == task.deps and tuple(intents) == task.intents:
+        return task  # most tasks are canonical already; building them again is half the cost of validation
+    return msgspec.structs.replace(task, deps=deps, intents=tuple(intents))
 
 
 def plan_hash(plan: Plan) -> str:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
+import posixpath
 import random
 import re
 import subprocess
@@ -244,6 +246,16 @@ def test_paths_inside_the_repository_are_accepted_and_normalised(path: str, norm
     assert isinstance(result, ValidatedPlan), result
     assert result.plan.tasks[4].intents == (FileIntent(path=normal, mode="modify"),)
     assert normalize_path(path) == normal
+
+
+def test_the_quick_normal_path_test_never_misses_what_normpath_would_change():
+    # normalize_path skips posixpath.normpath for paths that look normal; every short path over `/`, `.` and `a`.
+    for n in range(7):
+        for chars in itertools.product("/.a", repeat=n):
+            path = "".join(chars)
+            expected = posixpath.normpath(path)
+            expected += "/" if path.endswith("/") and expected != "." and not expected.endswith("/") else ""
+            assert normalize_path(path) == expected, path
 
 
 @pytest.fixture
