@@ -272,6 +272,7 @@ def repo(tmp_path: Path) -> Path:
     (repo / "src" / "token.txt").symlink_to(outside / "token.txt")
     (repo / "app").symlink_to("src/app")  # relative, inside: fine
     (repo / "src" / "app" / "up").symlink_to("../../..")  # through an inside link, out again
+    (repo / "cache").symlink_to(tmp_path / "not-yet")  # dangling, and outside
     return repo
 
 
@@ -287,6 +288,7 @@ def test_symlinks_out_of_the_repository_are_refused(repo: Path, tmp_path: Path):
         {"path": "vendor/**", "mode": "modify"},
         {"path": "src/new/dir/file.py", "mode": "create"},
         {"path": "src/**/*.py", "mode": "modify"},
+        {"path": "cache/new.bin", "mode": "create"},
     ]
     link = "goes through the symlink"
     assert errors_of(doc, repo=repo) == [
@@ -298,6 +300,8 @@ def test_symlinks_out_of_the_repository_are_refused(repo: Path, tmp_path: Path):
         f" repository (to `{root}`)",
         f"$.tasks[4].intents[4].path: `vendor/**` {link} `vendor`, which points outside the repository"
         f" (to `{outside}`)",
+        f"$.tasks[4].intents[7].path: `cache/new.bin` {link} `cache`, which points outside the repository"
+        f" (to `{root}/not-yet`)",
     ]
     # Without a repository only the strings are checked: these paths are all well-formed.
     assert isinstance(validate_plan(json.dumps(doc)), ValidatedPlan)
