@@ -79,42 +79,36 @@ def validate_plan(
     dependency cycles. Only a plan longer than `max_tasks` is refused with that one error.
     """
     if isinstance(raw, Plan):
-        plan: Plan | None = raw
-        errors: list[PlanError] = []
-    else:
-        try:
-            plan = _DECODER.decode(raw)
-            errors = []
-        except msgspec.DecodeError as e:
-            # The typed decoder stops at the first problem; walk the document to find all of them.
-            plan = None
-            errors, items, too_many = _structural_errors(raw, max_tasks)
-            if too_many:
-                return errors
-            first = e
-    if plan is not None:
-        if len(plan.tasks) > max_tasks:
-            return [_too_many(len(plan.tasks), max_tasks)]
-        items: list[_Item] | None = [
-            _Item(
-                i,
-                t.id,
-                t.title,
-                t.instructions,
-                list(enumerate(t.deps)),
-                [(k, x.path) for k, x in enumerate(t.intents)],
-            )
-            for i, t in enumerate(plan.tasks)
-        ]
-    if items is not None:
-        errors += _meaning_errors(items, repo)
-    if plan is None:
-        # Never an empty list for a document the decoder refused, even if the walk missed what it saw.
-        return errors or [_from_msgspec(first, "$")]
+        # Building a Struct in Python checks no constraint (an id's pattern, say): check it as an answer.
+        raw = _ENCODER.encode(raw)
+    try:
+        plan = _DECODER.decode(raw)
+    except msgspec.DecodeError as e:
+        return _check_refused(raw, e, repo, max_tasks)
+    return _check_decoded(plan, repo, max_tasks)
+
+
+def _check_decoded(plan: Plan, repo: Path | None, max_tasks: int) -> ValidatedPlan | list[PlanError]:
+    if len(plan.tasks) > max_tasks:
+        return [_too_many(len(plan.tasks), max_tasks)]
+    items = [
+        _Item(i, t.id, t.title, t.instructions, list(enumerate(t.deps)), [(k, x.path) for k, x in enumerate(t.intents)])
+        for i, t in enumerate(plan.tasks)
+    ]
+    errors = _meaning_errors(items, repo)
     if errors:
         return errors
     plan = canonical(plan)
     return ValidatedPlan(plan=plan, hash=_hash_canonical(plan), order=tuple(topological_order(plan)))
+
+
+def _check_refused(raw: bytes | str, first: msgspec.DecodeError, repo: Path | None, max_tasks: int) -> list[PlanError]:
+    """Every error of a document the typed decoder refused: it stops at the first, this walks all of it."""
+    errors, items, too_many = _structural_errors(raw, max_tasks)
+    if items is not None and not too_many:
+        errors += _meaning_errors(items, repo)
+    # Never an empty list for a document the decoder refused, even if the walk missed what it saw.
+    return errors or [_from_msgspec(first, "$")]
 
 
 class _Item(NamedTuple):

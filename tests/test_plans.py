@@ -133,6 +133,16 @@ def test_optional_fields_may_be_left_out_and_a_plan_object_is_accepted():
     assert result.plan.tasks[0] == PlannedTask(id="only", title="Do it", instructions="All of it.")
     again = validate_plan(result.plan)
     assert isinstance(again, ValidatedPlan) and again.hash == result.hash
+    built = Plan(summary="s", tasks=(PlannedTask(id="no spaces", title="t", instructions="i"),))
+    assert errors_of_plan(built) == [
+        "$.tasks[0].id: `no spaces` is not a valid task id: use 1 to 64 letters, digits, `_` or `-`"
+    ]
+
+
+def errors_of_plan(plan: Plan) -> list[str]:
+    result = validate_plan(plan)
+    assert isinstance(result, list)
+    return [str(error) for error in result]
 
 
 def test_repeated_deps_and_intents_are_folded_not_refused():
@@ -580,6 +590,36 @@ def test_topological_order_puts_every_task_after_its_deps(plan: Plan):
     assert rounds == waves(plan)
     result = validate_plan(plan)
     assert isinstance(result, ValidatedPlan) and list(result.order) == order
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.integers(1, 12), st.integers(0, 2**32))
+def test_cycles_are_found_exactly_when_there_is_one_and_each_is_real(n: int, seed: int):
+    rng = random.Random(seed)
+    ids = [f"t{i}" for i in range(1, n + 1)]
+    deps = {t: sorted(rng.sample([o for o in ids if o != t], min(n - 1, rng.randint(0, 2)))) for t in ids}
+    doc = {"summary": "s", "tasks": [task(t, deps[t]) for t in ids]}
+    result = validate_plan(json.dumps(doc))
+    # Reference: a graph is acyclic when repeatedly removing tasks with no remaining deps empties it.
+    left = dict(deps)
+    while free := [t for t, d in left.items() if not set(d) & set(left)]:
+        for t in free:
+            del left[t]
+    if not left:
+        assert isinstance(result, ValidatedPlan)
+        return
+    assert isinstance(result, list) and result
+    seen: set[str] = set()
+    for error in result:
+        match = re.fullmatch(r"dependency cycle: (.*) \(each task depends on the next\)", error.message)
+        assert match, error
+        cycle = match[1].split(" -> ")
+        assert cycle[0] == cycle[-1] and len(set(cycle[:-1])) == len(cycle) - 1
+        assert all(b in deps[a] for a, b in itertools.pairwise(cycle))
+        assert error.path == f"$.tasks[{ids.index(cycle[0])}].deps"
+        assert not seen & set(cycle), "one cycle per group of tasks"
+        seen |= set(cycle)
+    assert seen <= set(left)
 
 
 def test_ready_tasks_in_natural_order():
