@@ -40,6 +40,7 @@ TARGETS = [
     Target("rebuild", "ratio", ">=", 0.6, "rebuild of 100k events (read, verify, project) vs raw read-and-verify"),
     Target("status", "status_p99_ms", "<=", 5.0, "status of one job, p99, 100k events in the stream"),
     Target("status", "idle_rss_mb", "<=", 100.0, "daemon resident memory, idle, after replaying 100k events"),
+    Target("plan", "validate_ms_p99", "<=", 100.0, "validation of a 200-task plan (issue 3), p99"),
 ]
 
 #: Command line of each benchmark: full size, and a quick size for a smoke run.
@@ -47,6 +48,7 @@ BENCHES = {
     "append": (["bench_append.py"], ["bench_append.py", "--n", "5000"]),
     "rebuild": (["bench_rebuild.py", "--n", "100000"], ["bench_rebuild.py", "--n", "10000"]),
     "status": (["bench_status.py", "--events", "100000"], ["bench_status.py", "--events", "10000"]),
+    "plan": (["bench_plan.py"], ["bench_plan.py"]),
 }
 
 
@@ -95,6 +97,8 @@ def markdown(results: dict[str, dict], quick: bool) -> str:
         "  read-and-verify loop) against a full rebuild: read, verify, decode, fold with `evolve`, project to SQLite.",
         "- `bench/bench_status.py`: the real `numerusd` after replaying 100k events; `status JOB` requests one at a",
         "  time against a trivial nats-py responder on the same server; then VmRSS once idle.",
+        "- `bench/bench_plan.py`: decode, check and hash a 200-task plan with deps and intents, against `json.loads`",
+        "  of the same bytes.",
         "",
     ]
     return "\n".join(lines)
