@@ -57,9 +57,10 @@ def normalise(path: str, worktree: Path | None = None, *, kind: PathKind = "file
 
     The result is POSIX and relative to the worktree, with `.` and repeated `/` removed and `..` resolved; a
     directory ends with `/` and the whole worktree is `./`. Refused: empty paths, absolute paths, `~`, backslashes,
-    control characters, a `..` that climbs out, a file path ending with `/`. Given `worktree`, symlinks are
-    followed on disk: a path that leads outside is refused, and one that stays inside is named by where it really
-    leads, so two names for the same file (a symlink and its target) cannot be locked by two tasks at once.
+    control characters, a `..` that climbs out, anything inside `.git`, a file path ending with `/`. Given
+    `worktree`, symlinks are followed on disk: a path that leads outside is refused, and one that stays inside is
+    named by where it really leads, so two names for one file (a symlink and its target) cannot be locked by two
+    tasks at once.
     """
 
     def refuse(reason: str) -> PathRefused:
@@ -96,6 +97,10 @@ def normalise(path: str, worktree: Path | None = None, *, kind: PathKind = "file
             return refuse(f"leads outside the worktree through a symlink (to {target})")
         relative = os.path.relpath(target, root)
         parts = [] if relative == "." else relative.split(os.sep)
+    if parts and parts[0] == ".git":
+        # The same rule as plan intents: git's own files (in a worktree, a pointer to the shared repository) are
+        # the daemon's to change, never a task's.
+        return refuse("is inside .git, which no task may touch")
     if not parts:
         if kind == "file":
             return refuse("names the worktree itself, not a file: claim '.' with kind 'dir' to lock everything")

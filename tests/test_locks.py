@@ -275,6 +275,8 @@ def test_normalise(path: str, kind: str, expected: str) -> None:
         ("a\x00b", "file", "contains a control character"),
         ("a\nb", "file", "contains a control character"),
         ("src/", "file", "ends with '/' but is claimed as a file: claim it with kind 'dir'"),
+        (".git/config", "file", "'.git/config' is inside .git, which no task may touch"),
+        ("src/../.git", "dir", "is inside .git"),
         (".", "file", "names the worktree itself, not a file"),
         ("a/..", "file", "names the worktree itself"),
     ],
@@ -291,10 +293,12 @@ def test_symlink_out_of_the_worktree_is_refused(tmp_path: Path) -> None:
     (worktree / "src" / "out").symlink_to(outside)
     (worktree / "dangling").symlink_to(tmp_path / "nowhere" / "x")
     (worktree / "up").symlink_to("..")
+    (worktree / "git").symlink_to(".git")
     assert "leads outside the worktree through a symlink" in refused("src/out/file.py", worktree=worktree)
     assert "leads outside the worktree" in refused("src/out", "dir", worktree)
     assert "leads outside the worktree" in refused("dangling", worktree=worktree)  # a link to nothing, outside
     assert "leads outside the worktree" in refused("up/wt/../outside/x", worktree=worktree)
+    assert "is inside .git" in refused("git/hooks/pre-commit", worktree=worktree)
     # Without a worktree nothing is read from disk: the same path is only checked lexically.
     assert normalise("src/out/file.py") == "src/out/file.py"
 
