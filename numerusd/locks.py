@@ -19,9 +19,9 @@ The model, in four rules (docs/locks.md has the reasoning and the proofs):
 - **All or nothing.** A claim is granted whole or not at all, and a task that holds locks never waits: it must
   release before it claims again. So no task ever holds some locks while waiting for others, and no cycle of
   waiting tasks can form: deadlock is impossible by construction.
-- **First come, first served on overlapping paths.** A denied claim joins a FIFO queue and keeps its place; a later
-  claim that overlaps it conflicts with it as if it were held. So a big claim cannot be starved by a stream of
-  small ones, and claims that overlap nothing queued still go ahead at once.
+- **First come, first served on overlapping paths.** A denied claim joins a FIFO queue and keeps its place while it
+  asks for no more than it queued with; a later claim that overlaps it conflicts with it as if it were held. So a
+  big claim cannot be starved by a stream of small ones, and claims that overlap nothing queued go ahead at once.
 
 Everything here is pure: no clock, no NATS, no I/O, except `normalise`/`claim_locks`, which read symlinks on disk
 when (and only when) they are given a worktree. That happens once, when the executor's claim arrives; the locks
@@ -31,10 +31,10 @@ recorded in the events are already normalised, so folding the events never touch
 from __future__ import annotations
 
 import bisect
-import itertools
+import functools
 import os
 import re
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from types import MappingProxyType
 from typing import NamedTuple
@@ -150,6 +150,23 @@ def _key(path: str) -> str:
     return path if path.endswith("/") else path + "/"
 
 
+class _Node(NamedTuple):
+    key: str
+    ancestors: tuple[str, ...]  # '', 'a/', 'a/b/', …, the key itself: the nodes whose lock would cover this one
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _node(path: str) -> _Node:
+    # Cached: the same paths are arbitrated again and again (re-claims, wakeable), and this is string slicing.
+    key = _key(path)
+    ancestors = [""]
+    slash = key.find("/")
+    while slash != -1:
+        ancestors.append(key[: slash + 1])
+        slash = key.find("/", slash + 1)
+    return _Node(key, tuple(ancestors))
+
+
 class _Entry(NamedTuple):
     task: str
     mode: PathMode
@@ -171,7 +188,7 @@ class _Index:
         keys = self.keys
         copied = False
         for lock in locks:
-            key = _key(lock.path)
+            key = _node(lock.path).key
             entry = _Entry(task, lock.mode, lock.path, lock.writes)
             old = entries.get(key)
             if old is None:
@@ -187,7 +204,7 @@ class _Index:
         entries = dict(self.entries)
         keys = list(self.keys)
         for lock in locks:
-            key = _key(lock.path)
+            key = _node(lock.path).key
             old = entries.get(key)
             if old is None:
                 continue  # already emptied by another lock of this task on the same node
@@ -199,25 +216,23 @@ class _Index:
                 del keys[bisect.bisect_left(keys, key)]
         return _Index(entries, keys)
 
-    def overlapping(self, key: str) -> Iterator[_Entry]:
-        """Every entry at `key`, above it (a directory that covers it) or beneath it."""
+    def overlapping(self, node: _Node) -> list[_Entry]:
+        """Every entry at the node, above it (a directory that covers it) or beneath it."""
         entries = self.entries
-        found = entries.get("")
-        if found:
-            yield from found
-        # The ancestors of 'a/b/c/' are '', 'a/', 'a/b/' and the key itself: one dict lookup per level.
-        slash = key.find("/")
-        while slash != -1:
-            found = entries.get(key[: slash + 1])
-            if found:
-                yield from found
-            slash = key.find("/", slash + 1)
-        # Beneath: keys with `key` as a proper prefix sort right after it, one contiguous run.
-        keys = self.keys
+        if not entries:
+            return []
+        found: list[_Entry] = []
+        for prefix in node.ancestors:
+            at = entries.get(prefix)
+            if at:
+                found += at
+        # Beneath: keys with the node's key as a proper prefix sort right after it, one contiguous run.
+        key, keys = node.key, self.keys
         index = bisect.bisect_right(keys, key)
         while index < len(keys) and keys[index].startswith(key):
-            yield from entries[keys[index]]
+            found += entries[keys[index]]
             index += 1
+        return found
 
 
 _NO_INDEX = _Index({}, [])
@@ -318,35 +333,54 @@ class Denied(msgspec.Struct, frozen=True):
 def conflicts_with(table: LockTable, task: str, locks: Iterable[Lock], *, queue: bool = True) -> list[Conflict]:
     """Every lock of another task that `locks` conflict with: held ones, then (with `queue`) queued ones.
 
-    A queued claim counts only if it was denied before `task`'s own (a task not waiting comes after all of them):
-    that is the first-come-first-served rule.
+    A queued claim counts only if it was denied before `task`'s own: that is the first-come-first-served rule. A
+    task not waiting, or waiting with a claim that `locks` do not fit in, comes after all of them.
     """
-    own_ticket = table._tickets.get(task)
+    own_ticket = _place(table, task, locks)
     tickets = table._tickets
     found: dict[Conflict, None] = {}  # an ordered set: one claim may name a path twice (read and modify)
     for lock in locks:
-        key = _key(lock.path)
-        held = ((entry, False) for entry in table._held.overlapping(key))
-        queued = ((entry, True) for entry in table._queued.overlapping(key)) if queue else ()
-        for entry, is_queued in itertools.chain(held, queued):
-            if entry.task == task or not (lock.writes or entry.writes):
+        node = _node(lock.path)
+        writes = lock.writes
+        for entry in table._held.overlapping(node):
+            if entry.task != task and (writes or entry.writes):
+                found[_conflict(lock, entry, queued=False)] = None
+        if not queue:
+            continue
+        for entry in table._queued.overlapping(node):
+            if entry.task == task or not (writes or entry.writes):
                 continue
-            if is_queued and own_ticket is not None and tickets[entry.task] > own_ticket:
+            if own_ticket is not None and tickets[entry.task] > own_ticket:
                 continue  # queued after `task`: it waits behind `task`, not the other way round
-            conflict = Conflict(
-                path=lock.path, holder=entry.task, holder_mode=entry.mode, holder_path=entry.path, queued=is_queued
-            )
-            found[conflict] = None
+            found[_conflict(lock, entry, queued=True)] = None
     return list(found)
+
+
+def _place(table: LockTable, task: str, locks: Iterable[Lock]) -> int | None:
+    """`task`'s place in the queue for a claim of `locks`, or None when that claim would queue at the back.
+
+    The place is kept for the claim queued with, or any part of it. A claim asking for more is a new claim: kept
+    in place, it would reserve new paths ahead of tasks already waiting for them, and they would have a task in
+    their way that their own NO GO never named.
+    """
+    queued = table._queue.get(task)
+    if queued is None or not set(locks) <= set(queued):
+        return None
+    return table._tickets[task]
+
+
+def _conflict(lock: Lock, entry: _Entry, *, queued: bool) -> Conflict:
+    return Conflict(path=lock.path, holder=entry.task, holder_mode=entry.mode, holder_path=entry.path, queued=queued)
 
 
 def arbitrate(table: LockTable, task: str, locks: Iterable[Lock]) -> Granted | Denied:
     """GO or NO GO for `task`'s claim, all or nothing.
 
     Granted when no lock of the claim conflicts with a lock another task holds, nor with the claim of a task
-    that was denied before this one and still waits. A waiting task that is arbitrated again keeps its place in
-    the queue. A task that holds locks must release them before claiming again: a holder never waits, which is
-    what rules deadlock out (see the module docstring).
+    that was denied before this one and still waits. A waiting task arbitrated again with the claim it waits with
+    (or a part of it) keeps its place in the queue; with a claim asking for more, it is judged as a newcomer. A
+    task that holds locks must release them before claiming again: a holder never waits, which is what rules
+    deadlock out (see the module docstring).
     """
     if task in table._holds:
         raise ValueError(
@@ -376,7 +410,8 @@ def apply_granted(table: LockTable, task: str, locks: Iterable[Lock]) -> LockTab
 
 
 def apply_denied(table: LockTable, task: str, locks: Iterable[Lock]) -> LockTable:
-    """The table after `ClaimDenied`: `task` waits with `locks`, at the back of the queue or at its old place."""
+    """The table after `ClaimDenied`: `task` waits with `locks`, at the back of the queue, or at its old place
+    when `locks` ask for nothing more than it already waited with."""
     wanted = canonical(locks)
     if task in table._holds:
         return table  # a holder is never denied; this event does not apply
@@ -384,8 +419,10 @@ def apply_denied(table: LockTable, task: str, locks: Iterable[Lock]) -> LockTabl
     if old is not None:
         if old == wanted:
             return table
-        queued = table._queued.remove(task, old).add(task, wanted)
-        return table._with(queue={**table._queue, task: wanted}, queued=queued)  # dict update keeps the place
+        if _place(table, task, wanted) is not None:
+            queued = table._queued.remove(task, old).add(task, wanted)
+            return table._with(queue={**table._queue, task: wanted}, queued=queued)  # dict update keeps the place
+        table = _withdraw(table, task)
     return table._with(
         queue={**table._queue, task: wanted},
         queued=table._queued.add(task, wanted),
@@ -431,7 +468,18 @@ def waits_for(table: LockTable) -> dict[str, tuple[str, ...]]:
     return graph
 
 
-def wakeable(table: LockTable) -> list[str]:
+def wakeable(table: LockTable, waiting: Iterable[str] | None = None) -> list[str]:
     """Waiting tasks to re-arbitrate now, in FIFO order: each would be granted, and granting them all in this
-    order succeeds, since none conflicts with a claim queued before it."""
-    return [task for task, locks in table._queue.items() if not conflicts_with(table, task, locks)]
+    order succeeds, since none conflicts with a claim queued before it.
+
+    `waiting` narrows the check to some waiting tasks. After task X releases, the only tasks that can have become
+    wakeable are those whose last `ClaimDenied` named X: the tasks in a waiter's way only ever leave it (a later
+    claim that overlaps it is queued behind it, never granted before it), so passing those saves re-checking
+    the whole queue.
+    """
+    candidates = None if waiting is None else set(waiting)
+    return [
+        task
+        for task, locks in table._queue.items()
+        if (candidates is None or task in candidates) and not conflicts_with(table, task, locks)
+    ]

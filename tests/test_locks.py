@@ -200,12 +200,24 @@ def test_an_unrelated_claim_goes_ahead_of_the_queue() -> None:
 
 def test_a_waiting_task_denied_again_keeps_its_place() -> None:
     table = grant(EMPTY, "t1", ("a", "modify"))
-    table, _ = deny(table, "t2", ("a", "modify"))
+    table, _ = deny(table, "t2", ("a", "modify"), ("c", "read"))
     table, _ = deny(table, "t3", ("a", "read"))
-    table, denied = deny(table, "t2", ("a", "modify"), ("c", "read"))  # re-claimed, with a bigger claim
+    table, denied = deny(table, "t2", ("a", "modify"))  # re-claimed with part of its claim
     assert table.waiting == ("t2", "t3")
     assert denied.holders == ("t1",)  # t3 queued after t2 is not in t2's way
-    assert table.queued_claim("t2") == (Lock("a", "modify"), Lock("c", "read"))
+    assert table.queued_claim("t2") == (Lock("a", "modify"),)
+
+
+def test_a_waiting_task_asking_for_more_goes_to_the_back() -> None:
+    table = grant(EMPTY, "t1", ("a", "create"))
+    table, _ = deny(table, "t2", ("a", "read"))
+    table, denied = deny(table, "t3", ("a", "read"))
+    assert denied.holders == ("t1",)  # two readers queue side by side
+    # t2 now wants to write: in place, it would get in t3's way on a path t3 was never told about.
+    table, denied = deny(table, "t2", ("a", "modify"))
+    assert table.waiting == ("t3", "t2")
+    assert denied.holders == ("t1", "t3")
+    assert locks.waits_for(table) == {"t3": ("t1",), "t2": ("t1", "t3")}
 
 
 def test_release_of_a_waiting_task_withdraws_it_from_the_queue() -> None:
@@ -488,6 +500,7 @@ class LockMachine(RuleBasedStateMachine):
         self.history: list[LockEvent] = []
         self.claim_of: dict[str, tuple[Lock, ...]] = {}  # the last claim each task made
         self.queue: list[str] = []  # the model's FIFO of waiting tasks
+        self.named: dict[str, set[str]] = {}  # the tasks each waiting task's last NO GO named
 
     def _record(self, event: LockEvent) -> None:
         self.history.append(event)
@@ -501,7 +514,8 @@ class LockMachine(RuleBasedStateMachine):
                 for theirs in held:
                     if holder != task and oracle_conflict(mine, theirs):
                         expected.add((holder, theirs.path, False))
-        ahead = self.queue[: self.queue.index(task)] if task in self.queue else self.queue
+        keeps_place = task in self.queue and set(claim) <= set(self.claim_of[task])
+        ahead = self.queue[: self.queue.index(task)] if keeps_place else [t for t in self.queue if t != task]
         for waiter in ahead:
             for mine in claim:
                 for theirs in self.claim_of[waiter]:
@@ -524,6 +538,9 @@ class LockMachine(RuleBasedStateMachine):
             assert {(c.holder, c.holder_path, c.queued) for c in decision.conflicts} == expected
             assert expected
             self._record(ClaimDenied(task, decision.locks, decision.conflicts))
+            self.named[task] = set(decision.holders)
+            if task in self.queue and not set(canonical) <= set(self.claim_of[task]):
+                self.queue.remove(task)  # asking for more than it waited with: a new claim, at the back
             if task not in self.queue:
                 self.queue.append(task)
         self.claim_of[task] = canonical
@@ -550,7 +567,12 @@ class LockMachine(RuleBasedStateMachine):
     def release(self, data: st.DataObject) -> None:
         """A holder ends (or a waiting task is killed) and releases whatever it has."""
         task = data.draw(st.sampled_from(sorted({*self.table.holders, *self.table.waiting})))
+        before = set(locks.wakeable(self.table))
         self._record(LocksReleased(task))
+        # Only the tasks whose NO GO named the releaser can have become wakeable: the daemon need check no other.
+        named = [waiter for waiter in self.table.waiting if task in self.named[waiter]]
+        assert set(locks.wakeable(self.table)) - before <= set(named)
+        assert locks.wakeable(self.table, named) == [w for w in locks.wakeable(self.table) if w in named]
         if task in self.queue:
             self.queue.remove(task)
 
@@ -579,6 +601,7 @@ class LockMachine(RuleBasedStateMachine):
         assert list(graph) == self.queue
         for task, blockers in graph.items():
             assert (not blockers) == (task in woken)
+            assert set(blockers) <= self.named[task], "a task in the way that its NO GO did not name"
             for blocker in blockers:
                 # An edge points to a holder (which waits for nothing) or to a task queued earlier.
                 assert blocker in self.table.holders or self.queue.index(blocker) < self.queue.index(task)
