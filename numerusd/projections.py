@@ -95,37 +95,66 @@ CREATE INDEX IF NOT EXISTS events_time ON events (time);
 """
 
 
-def _from_json(columns: str) -> str:
-    """`SELECT json_extract(value, '$[0]'), … FROM json_each(?)`: rows sent as one JSON array of arrays."""
-    picks = ", ".join(f"json_extract(value, '$[{i}]')" for i in range(len(columns.split(","))))
-    # `WHERE true` lets an upsert follow a SELECT without the parser reading ON as a join constraint.
-    return f"INSERT INTO {{table}} ({columns}) SELECT {picks} FROM json_each(?) WHERE true"
+class _Insert:
+    """An INSERT of many rows per statement: `chunks(rows)` gives executemany one parameter list per chunk.
+
+    Rows go to SQLite `rows` at a time in one multi-row VALUES statement, the last chunk padded with rows of
+    NULLs that the WHERE drops. That halves SQLite's CPU per row against one-row executemany, and matters more
+    for how the write runs beside the folding: executemany takes the GIL back after every execution, and while
+    the event loop's thread is busy folding the next batch each such hand-over waits out the interpreter's
+    switch interval (5 ms). Two statement shapes (a small and a large chunk) keep live one-event batches cheap
+    and the statement cache warm.
+    """
+
+    def __init__(self, table: str, columns: str, conflict: str = "", small: int = 4, large: int = 128) -> None:
+        self.width = len(columns.split(","))
+        row = f"({', '.join('?' * self.width)})"
+        self.sql = {
+            size: f"INSERT INTO {table} ({columns}) SELECT * FROM (VALUES {', '.join([row] * size)}) "
+            f"WHERE column1 IS NOT NULL {conflict}"
+            for size in (small, large)
+        }
+        self.small, self.large = small, large
+
+    def chunks(self, rows: list[tuple[Any, ...]]) -> tuple[str, list[list[Any]]]:
+        """The statement for this many rows and its parameters, flattened and padded, chunk by chunk."""
+        size = self.small if len(rows) <= self.small else self.large
+        params = []
+        for start in range(0, len(rows), size):
+            chunk = rows[start : start + size]
+            flat = [value for row in chunk for value in row]
+            if len(chunk) < size:
+                flat.extend([None] * (self.width * (size - len(chunk))))
+            params.append(flat)
+        return self.sql[size], params
 
 
-# Rows go to SQLite as one JSON text per table and batch, unpacked by json_each inside SQLite, rather than
-# through executemany: executemany takes the GIL back for every row, and while the event loop thread is busy
-# decoding the next batch each of those hand-overs waits out the interpreter's switch interval (5 ms). One
-# statement per table holds the GIL only to start and finish, so the write really runs beside the decoding.
-_JOB_COLUMNS = "id, goal, repo, agent, status, reason, created, updated, events, state"
-_UPSERT_JOBS = _from_json(_JOB_COLUMNS).format(table="jobs") + (
-    " ON CONFLICT (id) DO UPDATE SET goal = excluded.goal, repo = excluded.repo, agent = excluded.agent,"
-    " status = excluded.status, reason = excluded.reason, created = excluded.created,"
-    " updated = excluded.updated, events = excluded.events, state = excluded.state"
+_UPSERT_JOBS = _Insert(
+    "jobs",
+    "id, goal, repo, agent, status, reason, created, updated, events, state",
+    "ON CONFLICT (id) DO UPDATE SET goal = excluded.goal, repo = excluded.repo, agent = excluded.agent, "
+    "status = excluded.status, reason = excluded.reason, created = excluded.created, updated = excluded.updated, "
+    "events = excluded.events, state = excluded.state",
+    large=32,
 )
-_TASK_COLUMNS = (
+_UPSERT_TASKS = _Insert(
+    "tasks",
     "job, id, ord, title, agent, role, status, attempt, pid, exit_code, reason, thread_id, input_tokens, "
-    "cached_input_tokens, output_tokens, log_path, started, ended"
+    "cached_input_tokens, output_tokens, log_path, started, ended",
+    "ON CONFLICT (job, id) DO UPDATE SET ord = excluded.ord, title = excluded.title, agent = excluded.agent, "
+    "role = excluded.role, status = excluded.status, attempt = excluded.attempt, pid = excluded.pid, "
+    "exit_code = excluded.exit_code, reason = excluded.reason, thread_id = excluded.thread_id, "
+    "input_tokens = excluded.input_tokens, cached_input_tokens = excluded.cached_input_tokens, "
+    "output_tokens = excluded.output_tokens, log_path = excluded.log_path, started = excluded.started, "
+    "ended = excluded.ended",
+    large=64,
 )
-_UPSERT_TASKS = _from_json(_TASK_COLUMNS).format(table="tasks") + (
-    " ON CONFLICT (job, id) DO UPDATE SET ord = excluded.ord, title = excluded.title, agent = excluded.agent,"
-    " role = excluded.role, status = excluded.status, attempt = excluded.attempt, pid = excluded.pid,"
-    " exit_code = excluded.exit_code, reason = excluded.reason, thread_id = excluded.thread_id,"
-    " input_tokens = excluded.input_tokens, cached_input_tokens = excluded.cached_input_tokens,"
-    " output_tokens = excluded.output_tokens, log_path = excluded.log_path, started = excluded.started,"
-    " ended = excluded.ended"
+_INSERT_EVENTS = _Insert("events", "seq, id, job, task, type, time, subject", large=256)
+_INSERT_REJECTED = _Insert(
+    "rejected",
+    "seq, subject, reason, message",
+    "ON CONFLICT (seq) DO UPDATE SET subject = excluded.subject, reason = excluded.reason, message = excluded.message",
 )
-_INSERT_EVENTS = _from_json("seq, id, job, task, type, time, subject").format(table="events")
-_INSERT_REJECTED = "INSERT OR REPLACE INTO rejected (seq, subject, reason, message) VALUES (?, ?, ?, ?)"
 _SET_POSITION = "UPDATE position SET seq = ? WHERE singleton = 1"
 
 #: Every view's rows in a stable order: what `dump` returns and what a rebuild must reproduce.
@@ -137,6 +166,9 @@ _DUMP_QUERIES = {
     "position": "SELECT seq FROM position",
 }
 
+# Messages asked of the stream per pull request when replaying: bigger batches, fewer commits.
+_READ_BATCH = 5_000
+
 # Events opened or folded between two yields to the event loop.
 _SLICE = 256
 
@@ -144,7 +176,6 @@ _SLICE = 256
 _IN_CHUNK = 500
 
 _state_encoder = msgspec.json.Encoder()
-_rows_encoder = msgspec.json.Encoder()
 _state_decoder = msgspec.json.Decoder(JobState)
 _time_encoder = msgspec.json.Encoder()
 
@@ -163,8 +194,9 @@ class _Prepared(NamedTuple):
     """A batch folded in memory, ready to be committed."""
 
     last_seq: int
-    work: dict[str, JobState]
-    before: dict[str, JobState | None]
+    work: dict[str, JobState]  # the jobs the batch changed, as it leaves them
+    before: dict[str, JobState | None]  # the same jobs before the batch
+    flush: dict[str, JobState]  # bulk loads: jobs leaving the cache, whose rows must be written now
     event_rows: list[tuple[Any, ...]]
     rejected: list[Rejected]
     careful: bool
@@ -239,12 +271,21 @@ class Projector:
         # need not be looked up: this spares a rebuild one query per batch.
         self._cache: dict[str, JobState] = {}
         self._complete = False
+        self._stale = False  # the position in memory may be behind the file's (a commit was cancelled)
         self._bulk = False
+        self._dirty: set[str] = set()  # bulk loads: jobs whose rows are behind their cached state
+        self._committing: asyncio.Future[None] | None = None  # the commit running beside `_prepare`
 
     # --- lifecycle -------------------------------------------------------------------------------------------
 
     async def open(self, *, bulk: bool = False) -> Projector:
-        """Open (creating if needed) the database; `bulk` trades durability for speed during a rebuild."""
+        """Open (creating if needed) the database.
+
+        `bulk` starts an empty file for a rebuild and trades durability for speed: no fsync, secondary indexes
+        built at the end, job and task rows written once when they leave the cache or at `finish()` rather than
+        after every batch. Until `finish()` the file is stamped incomplete (schema version 0), so a file left by
+        an interrupted bulk load is dropped and rebuilt on its next open, never read as if it were whole.
+        """
         with _translated("open", self.path):
             self._db = db = await aiosqlite.connect(self.path, isolation_level=None)
             await db.execute("PRAGMA journal_mode = WAL")
@@ -255,11 +296,11 @@ class Projector:
             await db.execute("PRAGMA cache_size = -65536")
             await db.execute("PRAGMA temp_store = MEMORY")
             version = (await _fetchone(db, "PRAGMA user_version"))[0]
-            if version != SCHEMA_VERSION:
-                if version != 0 or await _fetchone(db, "SELECT 1 FROM sqlite_master LIMIT 1"):
+            if bulk or version != SCHEMA_VERSION:
+                if not bulk and await _fetchone(db, "SELECT 1 FROM sqlite_master LIMIT 1"):
                     log.warning(
-                        "projection database %s has schema %s, this numerusd writes %s: dropping the views, "
-                        "they will be rebuilt from the stream",
+                        "projection database %s has schema version %s (0: left by an interrupted rebuild), this "
+                        "numerusd writes %s: dropping the views, they will be rebuilt from the stream",
                         self.path,
                         version,
                         SCHEMA_VERSION,
@@ -271,16 +312,27 @@ class Projector:
             self._complete = (await _fetchone(db, "SELECT count(*) FROM jobs"))[0] == 0
         return self
 
+    async def finish(self) -> None:
+        """End a bulk load: write the rows still held in memory, build the indexes, stamp the file complete."""
+        if not self._bulk:
+            return
+        async with self._lock:
+            dirty = {job: self._cache[job] for job in self._dirty}
+            with _translated("finish the rebuild", self.path):
+                await self._write(_Prepared(self._position, {}, {}, dirty, [], [], False))
+                await self.db.executescript(_INDEXES)
+                await self.db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+                await self.db.execute("PRAGMA synchronous = NORMAL")
+            self._dirty.clear()
+            self._bulk = False
+
     async def close(self) -> None:
-        """Create any indexes a bulk load left out, and close the file."""
+        """Close the file (a bulk load not `finish()`ed stays marked incomplete)."""
         db, self._db = self._db, None
         if db is None:
             return
         with _translated("close", self.path):
             try:
-                if self._bulk:
-                    await db.executescript(_INDEXES)
-                    await db.execute("PRAGMA synchronous = NORMAL")
                 await db.execute("PRAGMA optimize")
             finally:
                 await db.close()
@@ -300,7 +352,7 @@ class Projector:
 
     async def _create(self, *, indexes: bool) -> None:
         await self.db.executescript(_SCHEMA + (_INDEXES if indexes else ""))
-        await self.db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        await self.db.execute(f"PRAGMA user_version = {0 if self._bulk else SCHEMA_VERSION}")
 
     async def _drop_tables(self) -> None:
         for table in _TABLES:
@@ -309,13 +361,18 @@ class Projector:
     async def drop(self) -> None:
         """Empty every view and set the position back to 0, so that the next batch starts a full replay."""
         async with self._lock:
-            with _translated("drop the views", self.path):
-                await self._drop_tables()
-                await self._create(indexes=not self._bulk)
-                await self.db.execute("VACUUM")
-            self._position = self._head = 0
-            self._cache.clear()
-            self._complete = True
+            await self._drop()
+
+    async def _drop(self) -> None:
+        with _translated("drop the views", self.path):
+            await self._drop_tables()
+            await self._create(indexes=not self._bulk)
+            await self.db.execute("VACUUM")
+        self._position = self._head = 0
+        self._cache.clear()
+        self._dirty.clear()
+        self._complete = True
+        self._stale = False
 
     # --- applying events -------------------------------------------------------------------------------------
 
@@ -335,7 +392,9 @@ class Projector:
                 return []
             try:
                 await self._commit(prepared)
-            except _Duplicate:
+            except _Duplicate as e:
+                if self._bulk:  # the rows of cached jobs were not written: nothing to start again from
+                    raise StoreError(f"event repeated in the stream during a bulk load of {self.path}") from e
                 prepared = await self._prepare(batch, careful=True)
                 assert prepared is not None
                 await self._commit(prepared)
@@ -349,18 +408,22 @@ class Projector:
         loops yield to the event loop every few hundred events so that the commit of the previous batch,
         running beside this one, gets its next statement issued without waiting for the whole batch.
         """
+        if self._stale:
+            with _translated("read the position", self.path):
+                self._position = self._head = (await _fetchone(self.db, "SELECT seq FROM position"))[0]
+            self._stale = False
         head = self._head
         if batch and batch[0][0] <= head:
             batch = [message for message in batch if message[0] > head]
         if not batch:
             return None
-        opened: list[tuple[int, bytes, Envelope]] = []
+        opened: list[tuple[int, str, bytes, Envelope]] = []
         rejected: list[Rejected] = []
         for start in range(0, len(batch), _SLICE):
             self._open(batch[start : start + _SLICE], opened, rejected)
             await asyncio.sleep(0)
-        before = await self._load_missing({event.job for _, _, event in opened})
-        known = await self._known_ids([event.id for _, _, event in opened]) if careful else set()
+        before = await self._load_missing({event.job for _, _, _, event in opened})
+        known = await self._known_ids([event.id for _, _, _, event in opened]) if careful else set()
         work: dict[str, JobState] = {}
         event_rows: list[tuple[Any, ...]] = []
         for start in range(0, len(opened), _SLICE):
@@ -370,11 +433,11 @@ class Projector:
         self._head = batch[-1][0]
         # Cached before the commit so that the next batch can be folded while this one is being written; a
         # failed commit forgets the whole cache (`_reset`).
-        self._remember(work)
-        return _Prepared(batch[-1][0], work, before, event_rows, rejected, careful)
+        flush = self._remember(work)
+        return _Prepared(batch[-1][0], work, before, flush, event_rows, rejected, careful)
 
     def _open(
-        self, batch: Sequence[Message], opened: list[tuple[int, bytes, Envelope]], rejected: list[Rejected]
+        self, batch: Sequence[Message], opened: list[tuple[int, str, bytes, Envelope]], rejected: list[Rejected]
     ) -> None:
         """Decode and verify each message once; an event that does not open is rejected, not folded."""
         keys = self._keys
@@ -385,11 +448,11 @@ class Projector:
                 rejected.append(Rejected(seq, subject, e.reason, str(e), wire))
                 continue
             # The subject is not signed: a valid event republished elsewhere would mislead subscribers.
-            if event.subject != subject:
-                reason = f"event {event.id} belongs on {event.subject}"
-                rejected.append(Rejected(seq, subject, "wrong_subject", reason, wire))
+            own = event.subject
+            if own != subject:
+                rejected.append(Rejected(seq, subject, "wrong_subject", f"event {event.id} belongs on {own}", wire))
                 continue
-            opened.append((seq, wire, event))
+            opened.append((seq, subject, wire, event))
 
     async def _load_missing(self, jobs: set[str]) -> dict[str, JobState | None]:
         """The state of each job at the start of the batch (None for a job not seen yet)."""
@@ -401,6 +464,8 @@ class Projector:
             if state is None and not self._complete:
                 missing.append(job)
             loaded[job] = state
+        if missing:
+            await self._settled()
         with _translated("read job states", self.path):
             for chunk in _chunks(missing, _IN_CHUNK):
                 query = f"SELECT id, state FROM jobs WHERE id IN ({','.join('?' * len(chunk))})"
@@ -411,15 +476,21 @@ class Projector:
     async def _known_ids(self, ids: list[str]) -> set[str]:
         """Which of these event ids were applied before: a republished event must not be counted twice."""
         known: set[str] = set()
+        await self._settled()
         with _translated("look up event ids", self.path):
             for chunk in _chunks(ids, _IN_CHUNK):
                 query = f"SELECT id FROM events WHERE id IN ({','.join('?' * len(chunk))})"
                 known.update(row[0] for row in await self.db.execute_fetchall(query, chunk))
         return known
 
+    async def _settled(self) -> None:
+        """Wait for the commit in flight, if any: what the next batch reads back must include its rows."""
+        if self._committing is not None and not self._committing.done():
+            await asyncio.wait([self._committing])  # its outcome is `_replay`'s to report
+
     @staticmethod
     def _fold(
-        opened: list[tuple[int, bytes, Envelope]],
+        opened: list[tuple[int, str, bytes, Envelope]],
         before: dict[str, JobState | None],
         known: set[str],
         work: dict[str, JobState],
@@ -427,74 +498,90 @@ class Projector:
         rejected: list[Rejected],
     ) -> None:
         """Evolve each job through its events into `work`; append the index rows."""
-        for seq, wire, event in opened:
+        for seq, subject, wire, event in opened:
             job = event.job
             if event.id in known:
                 message = f"event {event.id} was applied before"
-                rejected.append(Rejected(seq, event.subject, "duplicate", message, wire))
+                rejected.append(Rejected(seq, subject, "duplicate", message, wire))
                 continue
             state = work[job] if job in work else before[job]
             try:
                 work[job] = evolve(state, event)
             except ValueError as e:
-                rejected.append(Rejected(seq, event.subject, "refused", str(e), wire))
+                rejected.append(Rejected(seq, subject, "refused", str(e), wire))
                 continue
             except Exception as e:  # a domain bug must not wedge the projector on one poison event
                 log.exception("evolve failed on event %s (seq %d)", event.id, seq)
-                rejected.append(Rejected(seq, event.subject, "evolve_error", f"{type(e).__name__}: {e}", wire))
+                rejected.append(Rejected(seq, subject, "evolve_error", f"{type(e).__name__}: {e}", wire))
                 continue
             known.add(event.id)  # a repeat later in the same batch
-            rows.append((seq, event.id, job, event.task, event.type, utc_text(event.time), event.subject))
+            rows.append((seq, event.id, job, event.task, event.type, utc_text(event.time), subject))
 
     async def _commit(self, prepared: _Prepared) -> None:
         """Write a prepared batch's rows and its position in one transaction: both or neither."""
-        work, before = prepared.work, prepared.before
-        jobs = _rows_json([_job_row(state) for state in work.values()])
-        tasks = _rows_json([row for job, state in work.items() for row in _changed_task_rows(state, before[job])])
-        events = _rows_json(prepared.event_rows)
-        rejected = [(r.seq, r.subject, r.reason, r.message) for r in prepared.rejected]
-        db = self.db
         try:
             with _translated("apply a batch", self.path):
                 try:
-                    await db.execute("BEGIN")
-                    await db.execute(_UPSERT_JOBS, (jobs,))
-                    await db.execute(_UPSERT_TASKS, (tasks,))
-                    await db.execute(_INSERT_EVENTS, (events,))
-                    if rejected:
-                        await db.executemany(_INSERT_REJECTED, rejected)
-                    await db.execute(_SET_POSITION, (prepared.last_seq,))
-                    await db.execute("COMMIT")
+                    await self._write(prepared)
                 except sqlite3.IntegrityError as e:
                     if prepared.careful:
                         raise
                     raise _Duplicate from e
         except BaseException:
-            # Whatever happened (an error, a repeated event id, a cancellation mid-batch), nothing of this batch
-            # may stay behind: the file is rolled back and the cache forgotten, so the next attempt starts from
-            # the last commit.
+            # Nothing of this batch may stay behind: roll back (after the statement in flight, if we were
+            # cancelled), forget the cache, and read the position back from the file before the next batch.
             self._reset()
             with contextlib.suppress(sqlite3.Error, ValueError):
-                if db.in_transaction:
-                    await asyncio.shield(db.execute("ROLLBACK"))
+                await asyncio.shield(self.db.execute("ROLLBACK"))
             raise
         self._position = prepared.last_seq
+
+    async def _write(self, prepared: _Prepared) -> None:
+        if self._bulk:
+            # Rows of the jobs leaving the cache, whole; the others are written by `finish()`.
+            jobs = prepared.flush
+            tasks = [row for state in jobs.values() for row in _changed_task_rows(state, None)]
+        else:
+            jobs, before = prepared.work, prepared.before
+            tasks = [row for job, state in jobs.items() for row in _changed_task_rows(state, before[job])]
+        writes = [
+            _UPSERT_JOBS.chunks([_job_row(state) for state in jobs.values()]),
+            _UPSERT_TASKS.chunks(tasks),
+            _INSERT_EVENTS.chunks(prepared.event_rows),
+            _INSERT_REJECTED.chunks([(r.seq, r.subject, r.reason, r.message) for r in prepared.rejected]),
+        ]
+        db = self.db
+        await db.execute("BEGIN")
+        for sql, params in writes:
+            if params:
+                await db.executemany(sql, params)
+        await db.execute(_SET_POSITION, (prepared.last_seq,))
+        await db.execute("COMMIT")
 
     def _reset(self) -> None:
         self._cache.clear()
         self._complete = False
         self._head = self._position
+        self._stale = True
 
-    def _remember(self, work: dict[str, JobState]) -> None:
+    def _remember(self, work: dict[str, JobState]) -> dict[str, JobState]:
+        """Cache the batch's job states; return those evicted whose rows a bulk load has not written yet."""
         cache = self._cache
         for job, state in work.items():
             cache.pop(job, None)  # re-insert at the end: the dict's order is the eviction order
             cache[job] = state
+        flush: dict[str, JobState] = {}
+        if self._bulk:
+            self._dirty.update(work)
         excess = len(cache) - self._cache_jobs
         if excess > 0:
             for job in list(_take(cache, excess)):
-                del cache[job]
+                state = cache.pop(job)
+                if job in self._dirty:
+                    self._dirty.discard(job)
+                    flush[job] = state
             self._complete = False
+        return flush
 
     # --- following and replaying the stream -------------------------------------------------------------------
 
@@ -545,7 +632,11 @@ class Projector:
                 await self._replay(nc, stream, counts, stop=stop, on_rejected=on_rejected, careful=False)
             except _Duplicate:
                 # A repeated event id (which the event store is built never to write): start again from the
-                # last commit, checking every id against the index from now on.
+                # last commit, checking every id against the index from now on. A bulk load has no usable last
+                # commit (job rows are written at the end), so it starts again from nothing.
+                if self._bulk:
+                    await self._drop()
+                    counts[:] = [0, 0]
                 await self._replay(nc, stream, counts, stop=stop, on_rejected=on_rejected, careful=True)
 
     async def _replay(
@@ -565,16 +656,14 @@ class Projector:
         """
         from numerusd.stream_reader import read_stream
 
-        reader = read_stream(nc, stream, start_seq=self._position + 1, follow=stop is not None)
+        reader = read_stream(nc, stream, start_seq=self._position + 1, follow=stop is not None, batch=_READ_BATCH)
         stopping = asyncio.ensure_future(stop.wait()) if stop is not None else None
         following: asyncio.Future[list[Any]] | None = None
-        committing: asyncio.Future[None] | None = None
         sizes = (0, 0)
 
         async def committed() -> None:
-            nonlocal committing
-            if committing is not None:
-                future, committing = committing, None
+            if self._committing is not None:
+                future, self._committing = self._committing, None
                 await future
                 counts[0] += sizes[0]
                 counts[1] += sizes[1]
@@ -583,9 +672,9 @@ class Projector:
             while stopping is None or not stopping.done():
                 following = asyncio.ensure_future(anext(reader))
                 while not following.done() and not (stopping is not None and stopping.done()):
-                    waits = {following, *(f for f in (stopping, committing) if f is not None)}
+                    waits = {following, *(f for f in (stopping, self._committing) if f is not None)}
                     await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-                    if committing is not None and committing.done():
+                    if self._committing is not None and self._committing.done():
                         await committed()
                 if not following.done():  # stopped while waiting; `finally` cancels the read
                     break
@@ -599,9 +688,10 @@ class Projector:
                 await committed()
                 if prepared is not None:
                     sizes = (len(batch), len(prepared.rejected))
-                    committing = asyncio.ensure_future(self._commit(prepared))
+                    self._committing = asyncio.ensure_future(self._commit(prepared))
             await committed()
         except BaseException:
+            committing, self._committing = self._committing, None
             if committing is not None:
                 # Let the write in flight end before the connection is used again; its outcome no longer
                 # matters, the cache is forgotten and the next attempt starts from whatever was committed.
@@ -739,7 +829,13 @@ async def rebuild(nc: Any, keys: dict[str, bytes], db_path: str | Path, *, strea
     projector = Projector(scratch, keys)
     await projector.open(bulk=True)
     try:
-        report = await projector.catch_up(nc, stream)
+        started = time.perf_counter()
+        replayed = await projector.catch_up(nc, stream)
+        await projector.finish()
+        # Counted again now that the rows held back by the bulk load are written, and timed with the indexing.
+        report = await projector._report(
+            replayed.messages, replayed.applied, replayed.rejected, time.perf_counter() - started
+        )
     except BaseException:
         await projector.close()
         _remove_database(scratch)
@@ -838,10 +934,6 @@ def _task_view(row: Sequence[Any]) -> TaskView:
 
 def _parse_time(text: str | None) -> datetime | None:
     return None if text is None else datetime.fromisoformat(text)
-
-
-def _rows_json(rows: list[tuple[Any, ...]]) -> str:
-    return _rows_encoder.encode(rows).decode()
 
 
 def _chunks(items: Sequence[str], size: int) -> Iterator[Sequence[str]]:
