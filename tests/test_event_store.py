@@ -8,13 +8,6 @@ that vanishes and comes back, and a nats-server stopped and restarted on the sam
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import json
-import os
-import signal
-import subprocess
-import time
-from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -22,7 +15,6 @@ import nats
 import pytest
 from nats.js.api import StreamConfig
 
-from numerusd.embedded_nats import EmbeddedNats
 from numerusd.errors import StoreError, StreamMismatch
 from numerusd.event_store import EventStore
 from numerusd.keys import Keyring
@@ -32,7 +24,7 @@ from numerusd.protocol.ids import new_ulid
 from numerusd.stream_reader import read_stream
 from numerusd.streams import DLQ, EVENTS, LOGS, check_server_version, ensure_streams, stream_specs
 from numerusd.wal import WalEntry, WriteAheadLog
-from tests.conftest import eventually
+from tests.conftest import eventually, restartable
 
 # --- helpers -------------------------------------------------------------------------------------------------
 
@@ -301,49 +293,6 @@ async def test_a_stream_that_vanishes_and_returns_gets_every_event_in_order(nc, 
 
 
 # --- a nats-server restart mid-append ------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def restartable(server: EmbeddedNats) -> Iterator[tuple[Callable[[], None], Callable[[], None]]]:
-    """Yield `(stop, start)`: stop the server, and start it again on the same port and store, as a supervisor
-    would after a crash. The restarted processes are stopped (by their pid) afterwards."""
-    processes: list[subprocess.Popen[bytes]] = []
-    port = int(server.url.rsplit(":", 1)[1])
-
-    def restart_stopped() -> None:
-        conf = server.store_dir / "nats-server.conf"
-        text = conf.read_text().replace("127.0.0.1:-1", f"127.0.0.1:{port}")
-        fixed = server.store_dir / "restart.conf"
-        fd = os.open(fixed, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as out:
-            out.write(text)
-        log = open(server.store_dir / "nats-server.log", "ab")  # noqa: SIM115 - handed to the child
-        with log:
-            process = subprocess.Popen([server.binary, "-c", str(fixed)], stdout=log, stderr=log)
-        processes.append(process)
-        ports = server.store_dir / "ports" / f"{Path(server.binary).name}_{process.pid}.ports"
-        deadline = time.monotonic() + 10
-        while True:  # the server writes its ports file once it listens (the file may exist still empty)
-            with contextlib.suppress(FileNotFoundError, json.JSONDecodeError):
-                assert json.loads(ports.read_text())["nats"][0].endswith(f":{port}")
-                return
-            assert process.poll() is None and time.monotonic() < deadline, "nats-server did not restart"
-            time.sleep(0.01)
-
-    def stop_current() -> None:
-        if processes:
-            processes[-1].send_signal(signal.SIGTERM)
-            processes[-1].wait(10)
-        else:
-            server.stop()
-
-    try:
-        yield stop_current, restart_stopped
-    finally:
-        for process in processes:
-            if process.poll() is None:
-                process.kill()
-                process.wait()
 
 
 async def test_server_restart_while_appending_loses_and_duplicates_nothing(nats_server, tmp_path, keyring):
