@@ -160,10 +160,10 @@ def _node(path: str) -> _Node:
     # Cached: the same paths are arbitrated again and again (re-claims, wakeable), and this is string slicing.
     key = _key(path)
     ancestors = [""]
-    slash = key.find("/")
-    while slash != -1:
-        ancestors.append(key[: slash + 1])
-        slash = key.find("/", slash + 1)
+    prefix = ""
+    for part in key.split("/")[:-1]:
+        prefix += part + "/"
+        ancestors.append(prefix)
     return _Node(key, tuple(ancestors))
 
 
