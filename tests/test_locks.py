@@ -28,8 +28,8 @@ from numerusd.protocol.claims import (
     Conflict,
     Lock,
     PathRefused,
-    claim_output_schema,
     decode_claim,
+    output_schema,
 )
 
 # --- helpers ------------------------------------------------------------------------------------------------
@@ -370,8 +370,8 @@ def _assert_strict(node: Any, where: str = "$") -> None:
         _assert_strict(node["items"], f"{where}[]")
 
 
-def test_claim_output_schema_is_strict_and_matches_the_decoder() -> None:
-    schema = claim_output_schema()
+def test_output_schema_is_strict_and_matches_the_decoder() -> None:
+    schema = output_schema()
     _assert_strict(schema)
     assert schema["properties"]["paths"]["items"]["properties"]["mode"]["enum"] == [
         "create",

@@ -2,7 +2,7 @@
 
 Before a task runs, its executor is asked in a read-only sandbox (`codex exec --output-schema`) what it will
 create, modify, delete or only read. The answer is decoded here, once, into a `Claim`; `numerusd.locks` then
-normalises its paths and arbitrates it against the job's lock table (GO or NO GO). `claim_output_schema()` is the
+normalises its paths and arbitrates it against the job's lock table (GO or NO GO). `output_schema()` is the
 JSON Schema handed to `--output-schema`, in the strict structured-outputs subset so that the model's decoder can
 be constrained by it: every object closed (`additionalProperties: false`), every property required, no `$ref`.
 
@@ -78,7 +78,7 @@ def decode_claim(raw: bytes | str) -> Claim:
     return CLAIM_DECODER.decode(raw)
 
 
-def claim_output_schema() -> dict[str, Any]:
+def output_schema() -> dict[str, Any]:
     """The JSON Schema for `codex exec --output-schema`, in the strict structured-outputs subset.
 
     Generated from the types above so it cannot drift from what `decode_claim` accepts, then made strict: `$ref`s
