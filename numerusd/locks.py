@@ -296,7 +296,7 @@ class LockTable:
             return NotImplemented
         return self._holds == other._holds and list(self._queue.items()) == list(other._queue.items())
 
-    __hash__ = None  # type: ignore[assignment]  # equal tables need not share indexes; nothing hashes a table
+    __hash__ = None  # type: ignore[assignment]  # like the dicts it is made of; nothing needs to hash a table
 
     def __repr__(self) -> str:
         return f"LockTable(holders={self._holds!r}, waiting={self._queue!r})"
@@ -336,6 +336,7 @@ def conflicts_with(table: LockTable, task: str, locks: Iterable[Lock], *, queue:
     A queued claim counts only if it was denied before `task`'s own: that is the first-come-first-served rule. A
     task not waiting, or waiting with a claim that `locks` do not fit in, comes after all of them.
     """
+    locks = tuple(locks)  # read twice below: a generator would be empty the second time, and say GO
     own_ticket = _place(table, task, locks)
     tickets = table._tickets
     found: dict[Conflict, None] = {}  # an ordered set: one claim may name a path twice (read and modify)

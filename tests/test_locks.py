@@ -244,6 +244,14 @@ def test_claims_are_canonical() -> None:
     assert decision == Granted((Lock("a", "modify"), Lock("b", "read")))
 
 
+def test_a_claim_given_as_a_generator_is_judged_whole() -> None:
+    table = grant(EMPTY, "t1", ("a", "modify"))
+    table, _ = deny(table, "t2", ("a", "read"))
+    claim = (lock for lock in [Lock("a", "read")])
+    assert locks.conflicts_with(table, "t2", claim)
+    assert isinstance(arbitrate(table, "t3", (lock for lock in [Lock("a", "read")])), Denied)
+
+
 def test_an_empty_claim_is_granted_and_locks_nothing() -> None:
     table = grant(EMPTY, "t1", ("./", "modify"))
     table = grant(table, "t2")
