@@ -41,6 +41,7 @@ TARGETS = [
     Target("status", "status_p99_ms", "<=", 5.0, "status of one job, p99, 100k events in the stream"),
     Target("status", "idle_rss_mb", "<=", 100.0, "daemon resident memory, idle, after replaying 100k events"),
     Target("plan", "validate_ms_p99", "<=", 100.0, "validation of a 200-task plan (issue 3), p99"),
+    Target("locks", "go_us_p99", "<=", 1000.0, "arbitration of a 20-path claim, 1,000 locks held (issue 3), p99"),
 ]
 
 #: Command line of each benchmark: full size, and a quick size for a smoke run.
@@ -49,6 +50,7 @@ BENCHES = {
     "rebuild": (["bench_rebuild.py", "--n", "100000"], ["bench_rebuild.py", "--n", "10000"]),
     "status": (["bench_status.py", "--events", "100000"], ["bench_status.py", "--events", "10000"]),
     "plan": (["bench_plan.py"], ["bench_plan.py"]),
+    "locks": (["bench_locks.py"], ["bench_locks.py"]),
 }
 
 
@@ -99,6 +101,7 @@ def markdown(results: dict[str, dict], quick: bool) -> str:
         "  time against a trivial nats-py responder on the same server; then VmRSS once idle.",
         "- `bench/bench_plan.py`: decode, check and hash a 200-task plan with deps and intents, against `json.loads`",
         "  of the same bytes.",
+        "- `bench/bench_locks.py`: GO / NO GO for a 20-path claim against 1,000 held locks of 200 tasks, 50 waiting.",
         "",
     ]
     return "\n".join(lines)

@@ -14,6 +14,7 @@ from typing import Any
 
 import msgspec
 
+from numerusd.protocol.claims import output_schema as claim_output_schema
 from numerusd.protocol.commands import REPLIES, REQUESTS, ErrorReply
 from numerusd.protocol.envelope import _WireEnvelope
 from numerusd.protocol.events import EVENT_TYPES, SUBJECT_SUFFIX
@@ -115,6 +116,7 @@ def generated(root: Path = ROOT) -> dict[Path, str]:
         root / "schemas" / "commands.schema.json": _dump(commands_schema()),
         root / "docs" / "events.md": events_doc(),
         root / "schemas" / "plan.schema.json": json.dumps(plan_output_schema(), indent=2) + "\n",
+        root / "schemas" / "claim.schema.json": json.dumps(claim_output_schema(), indent=2) + "\n",
     }
 
 
