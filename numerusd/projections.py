@@ -26,6 +26,7 @@ sqlite3 errors are translated into `StoreError` here and nowhere else.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import os
@@ -41,7 +42,7 @@ import msgspec
 
 from numerusd.domain import JobState, evolve
 from numerusd.errors import StoreError
-from numerusd.protocol.commands import JobView, TaskView
+from numerusd.protocol.commands import JOB_DONE, JobView, TaskView
 from numerusd.protocol.envelope import Envelope, InvalidEvent, open_event
 
 log = logging.getLogger(__name__)
@@ -55,8 +56,9 @@ STREAM = "NUMERUS_EVENTS"
 #: Jobs whose state is kept in memory between batches; others are read back from `jobs.state` when needed.
 CACHE_JOBS = 10_000
 
-#: One stream message as the projector takes it: (stream sequence, subject, wire bytes).
-Message = tuple[int, str, bytes]
+#: One stream message as the projector takes it: (stream sequence, subject, wire bytes, anything else). The
+#: stream reader's StreamMessage is one; `apply` takes them as they come rather than copying them into tuples.
+Message = tuple[int, str, bytes] | tuple[int, str, bytes, int]
 
 _TABLES = ("jobs", "tasks", "events", "rejected", "position")
 
@@ -83,11 +85,8 @@ CREATE TABLE IF NOT EXISTS position (
     singleton INTEGER PRIMARY KEY CHECK (singleton = 1), seq INTEGER NOT NULL
 );
 INSERT OR IGNORE INTO position (singleton, seq) VALUES (1, 0);
-"""
-
-# Secondary indexes are separate so that a rebuild can load first and index once at the end, which is several
-# times cheaper than maintaining them row by row.
-_INDEXES = """
+-- Maintained row by row even during a rebuild: that work runs in the writing thread beside the folding, where
+-- building them once at the end (cheaper in CPU) would add to the rebuild's time on any machine of two cores.
 CREATE INDEX IF NOT EXISTS jobs_created ON jobs (created);
 CREATE INDEX IF NOT EXISTS events_job ON events (job, seq);
 CREATE INDEX IF NOT EXISTS events_type ON events (type, seq);
@@ -98,62 +97,77 @@ CREATE INDEX IF NOT EXISTS events_time ON events (time);
 class _Insert:
     """An INSERT of many rows per statement: `chunks(rows)` gives executemany one parameter list per chunk.
 
-    Rows go to SQLite `rows` at a time in one multi-row VALUES statement, the last chunk padded with rows of
-    NULLs that the WHERE drops. That halves SQLite's CPU per row against one-row executemany, and matters more
-    for how the write runs beside the folding: executemany takes the GIL back after every execution, and while
+    Rows go to SQLite in multi-row VALUES statements, the last chunk padded with rows of NULLs that the WHERE
+    drops. Against one-row executemany that halves SQLite's CPU per row, and it matters more for how the write
+    runs beside the folding: the thread writing takes the GIL back after every statement it executes, and while
     the event loop's thread is busy folding the next batch each such hand-over waits out the interpreter's
-    switch interval (5 ms). Two statement shapes (a small and a large chunk) keep live one-event batches cheap
-    and the statement cache warm.
+    switch interval (5 ms). A few statements per batch keep the write parallel; a handful of statement shapes
+    (chunk sizes) keep one-event live batches cheap and the statement cache warm.
     """
 
-    def __init__(self, table: str, columns: str, conflict: str = "", small: int = 4, large: int = 128) -> None:
+    def __init__(self, table: str, columns: str, conflict: str = "", largest: int = 2048) -> None:
+        self.table, self.columns, self.conflict = table, columns, conflict
         self.width = len(columns.split(","))
+        self.largest = largest
+        self.sizes: tuple[int, ...] = ()
+        self.sql: dict[int, str] = {}
+
+    def fitted(self, max_params: int) -> _Insert:
+        """This insert with chunks small enough for SQLite's limit on parameters per statement."""
+        fitted = _Insert(self.table, self.columns, self.conflict, self.largest)
+        largest = max(1, min(self.largest, max_params // self.width))
+        fitted.sizes = tuple(sorted({min(4, largest), min(64, largest), largest}))
         row = f"({', '.join('?' * self.width)})"
-        self.sql = {
-            size: f"INSERT INTO {table} ({columns}) SELECT * FROM (VALUES {', '.join([row] * size)}) "
-            f"WHERE column1 IS NOT NULL {conflict}"
-            for size in (small, large)
+        fitted.sql = {
+            size: f"INSERT INTO {self.table} ({self.columns}) SELECT * FROM (VALUES {', '.join([row] * size)}) "
+            f"WHERE column1 IS NOT NULL {self.conflict}"
+            for size in fitted.sizes
         }
-        self.small, self.large = small, large
+        return fitted
 
     def chunks(self, rows: list[tuple[Any, ...]]) -> tuple[str, list[list[Any]]]:
         """The statement for this many rows and its parameters, flattened and padded, chunk by chunk."""
-        size = self.small if len(rows) <= self.small else self.large
+        size = next((size for size in self.sizes if size >= len(rows)), self.sizes[-1])
+        width = self.width
         params = []
         for start in range(0, len(rows), size):
             chunk = rows[start : start + size]
             flat = [value for row in chunk for value in row]
             if len(chunk) < size:
-                flat.extend([None] * (self.width * (size - len(chunk))))
+                flat.extend([None] * (width * (size - len(chunk))))
             params.append(flat)
         return self.sql[size], params
 
 
-_UPSERT_JOBS = _Insert(
-    "jobs",
-    "id, goal, repo, agent, status, reason, created, updated, events, state",
-    "ON CONFLICT (id) DO UPDATE SET goal = excluded.goal, repo = excluded.repo, agent = excluded.agent, "
-    "status = excluded.status, reason = excluded.reason, created = excluded.created, updated = excluded.updated, "
-    "events = excluded.events, state = excluded.state",
-    large=32,
-)
-_UPSERT_TASKS = _Insert(
-    "tasks",
-    "job, id, ord, title, agent, role, status, attempt, pid, exit_code, reason, thread_id, input_tokens, "
-    "cached_input_tokens, output_tokens, log_path, started, ended",
-    "ON CONFLICT (job, id) DO UPDATE SET ord = excluded.ord, title = excluded.title, agent = excluded.agent, "
-    "role = excluded.role, status = excluded.status, attempt = excluded.attempt, pid = excluded.pid, "
-    "exit_code = excluded.exit_code, reason = excluded.reason, thread_id = excluded.thread_id, "
-    "input_tokens = excluded.input_tokens, cached_input_tokens = excluded.cached_input_tokens, "
-    "output_tokens = excluded.output_tokens, log_path = excluded.log_path, started = excluded.started, "
-    "ended = excluded.ended",
-    large=64,
-)
-_INSERT_EVENTS = _Insert("events", "seq, id, job, task, type, time, subject", large=256)
-_INSERT_REJECTED = _Insert(
-    "rejected",
-    "seq, subject, reason, message",
-    "ON CONFLICT (seq) DO UPDATE SET subject = excluded.subject, reason = excluded.reason, message = excluded.message",
+_INSERTS = (
+    _Insert(
+        "jobs",
+        "id, goal, repo, agent, status, reason, created, updated, events, state",
+        "ON CONFLICT (id) DO UPDATE SET goal = excluded.goal, repo = excluded.repo, agent = excluded.agent, "
+        "status = excluded.status, reason = excluded.reason, created = excluded.created, "
+        "updated = excluded.updated, events = excluded.events, state = excluded.state",
+        largest=512,
+    ),
+    _Insert(
+        "tasks",
+        "job, id, ord, title, agent, role, status, attempt, pid, exit_code, reason, thread_id, input_tokens, "
+        "cached_input_tokens, output_tokens, log_path, started, ended",
+        "ON CONFLICT (job, id) DO UPDATE SET ord = excluded.ord, title = excluded.title, agent = excluded.agent, "
+        "role = excluded.role, status = excluded.status, attempt = excluded.attempt, pid = excluded.pid, "
+        "exit_code = excluded.exit_code, reason = excluded.reason, thread_id = excluded.thread_id, "
+        "input_tokens = excluded.input_tokens, cached_input_tokens = excluded.cached_input_tokens, "
+        "output_tokens = excluded.output_tokens, log_path = excluded.log_path, started = excluded.started, "
+        "ended = excluded.ended",
+        largest=1024,
+    ),
+    _Insert("events", "seq, id, job, task, type, time, subject", largest=4096),
+    _Insert(
+        "rejected",
+        "seq, subject, reason, message",
+        "ON CONFLICT (seq) DO UPDATE SET subject = excluded.subject, reason = excluded.reason, "
+        "message = excluded.message",
+        largest=256,
+    ),
 )
 _SET_POSITION = "UPDATE position SET seq = ? WHERE singleton = 1"
 
@@ -170,7 +184,10 @@ _DUMP_QUERIES = {
 _READ_BATCH = 5_000
 
 # Events opened or folded between two yields to the event loop.
-_SLICE = 256
+_SLICE = 64
+
+# Commits queued behind one another while the next batches are folded.
+_IN_FLIGHT = 3
 
 # SQLite's default limit on host parameters is 32766 since 3.32; stay far below it.
 _IN_CHUNK = 500
@@ -274,53 +291,65 @@ class Projector:
         self._stale = False  # the position in memory may be behind the file's (a commit was cancelled)
         self._bulk = False
         self._dirty: set[str] = set()  # bulk loads: jobs whose rows are behind their cached state
-        self._committing: asyncio.Future[None] | None = None  # the commit running beside `_prepare`
+        self._committing: asyncio.Future[None] | None = None  # the last commit queued beside `_prepare`
+        self._inserts = tuple(insert.fitted(999) for insert in _INSERTS)
 
     # --- lifecycle -------------------------------------------------------------------------------------------
 
     async def open(self, *, bulk: bool = False) -> Projector:
         """Open (creating if needed) the database.
 
-        `bulk` starts an empty file for a rebuild and trades durability for speed: no fsync, secondary indexes
-        built at the end, job and task rows written once when they leave the cache or at `finish()` rather than
-        after every batch. Until `finish()` the file is stamped incomplete (schema version 0), so a file left by
-        an interrupted bulk load is dropped and rebuilt on its next open, never read as if it were whole.
+        `bulk` starts an empty file for a rebuild and trades durability for speed: no fsync, and job and task
+        rows written once, when the job ends, leaves the cache or at `finish()`, rather than after every batch.
+        Until `finish()` the file is stamped incomplete (schema version 0), so a file left by an interrupted bulk
+        load is dropped and rebuilt on its next open, never read as if it were whole.
         """
         with _translated("open", self.path):
-            self._db = db = await aiosqlite.connect(self.path, isolation_level=None)
-            await db.execute("PRAGMA journal_mode = WAL")
-            # NORMAL in WAL mode may lose the last commits on power loss but never corrupts; the views and
-            # their position are lost together and are replayed from the stream. A bulk rebuild writes a
-            # scratch file that is thrown away if anything goes wrong, so it need not sync at all.
-            await db.execute(f"PRAGMA synchronous = {'OFF' if bulk else 'NORMAL'}")
-            await db.execute("PRAGMA cache_size = -65536")
-            await db.execute("PRAGMA temp_store = MEMORY")
-            version = (await _fetchone(db, "PRAGMA user_version"))[0]
-            if bulk or version != SCHEMA_VERSION:
-                if not bulk and await _fetchone(db, "SELECT 1 FROM sqlite_master LIMIT 1"):
-                    log.warning(
-                        "projection database %s has schema version %s (0: left by an interrupted rebuild), this "
-                        "numerusd writes %s: dropping the views, they will be rebuilt from the stream",
-                        self.path,
-                        version,
-                        SCHEMA_VERSION,
-                    )
-                await self._drop_tables()
-            self._bulk = bulk
-            await self._create(indexes=not bulk)
-            self._position = self._head = (await _fetchone(db, "SELECT seq FROM position"))[0]
-            self._complete = (await _fetchone(db, "SELECT count(*) FROM jobs"))[0] == 0
+            self._db = await aiosqlite.connect(self.path)
+            try:
+                await self._setup(bulk)
+            except BaseException:
+                db, self._db = self._db, None
+                await db.close()  # or its thread outlives us
+                raise
         return self
 
+    async def _setup(self, bulk: bool) -> None:
+        db = self.db
+        await db.execute("PRAGMA journal_mode = WAL")
+        # NORMAL in WAL mode may lose the last commits on power loss but never corrupts; the views and
+        # their position are lost together and are replayed from the stream. A bulk rebuild writes a
+        # scratch file that is thrown away if anything goes wrong, so it need not sync at all.
+        await db.execute(f"PRAGMA synchronous = {'OFF' if bulk else 'NORMAL'}")
+        await db.execute("PRAGMA cache_size = -65536")
+        await db.execute("PRAGMA temp_store = MEMORY")
+        # SQLite allows 32766 parameters per statement since 3.32, 999 before.
+        sqlite = tuple(int(part) for part in (await _fetchone(db, "SELECT sqlite_version()"))[0].split("."))
+        self._inserts = tuple(insert.fitted(32766 if sqlite >= (3, 32) else 999) for insert in _INSERTS)
+        version = (await _fetchone(db, "PRAGMA user_version"))[0]
+        if bulk or version != SCHEMA_VERSION:
+            if not bulk and await _fetchone(db, "SELECT 1 FROM sqlite_master LIMIT 1"):
+                log.warning(
+                    "projection database %s has schema version %s (0: left by an interrupted rebuild), this "
+                    "numerusd writes %s: dropping the views, they will be rebuilt from the stream",
+                    self.path,
+                    version,
+                    SCHEMA_VERSION,
+                )
+            await self._drop_tables()
+        self._bulk = bulk
+        await self._create()
+        self._position = self._head = (await _fetchone(db, "SELECT seq FROM position"))[0]
+        self._complete = (await _fetchone(db, "SELECT count(*) FROM jobs"))[0] == 0
+
     async def finish(self) -> None:
-        """End a bulk load: write the rows still held in memory, build the indexes, stamp the file complete."""
+        """End a bulk load: write the rows still held in memory, stamp the file complete."""
         if not self._bulk:
             return
         async with self._lock:
             dirty = {job: self._cache[job] for job in self._dirty}
             with _translated("finish the rebuild", self.path):
                 await self._write(_Prepared(self._position, {}, {}, dirty, [], [], False))
-                await self.db.executescript(_INDEXES)
                 await self.db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
                 await self.db.execute("PRAGMA synchronous = NORMAL")
             self._dirty.clear()
@@ -350,8 +379,8 @@ class Projector:
             raise StoreError(f"projection database {self.path} is not open", path=str(self.path))
         return self._db
 
-    async def _create(self, *, indexes: bool) -> None:
-        await self.db.executescript(_SCHEMA + (_INDEXES if indexes else ""))
+    async def _create(self) -> None:
+        await self.db.executescript(_SCHEMA)
         await self.db.execute(f"PRAGMA user_version = {0 if self._bulk else SCHEMA_VERSION}")
 
     async def _drop_tables(self) -> None:
@@ -366,7 +395,7 @@ class Projector:
     async def _drop(self) -> None:
         with _translated("drop the views", self.path):
             await self._drop_tables()
-            await self._create(indexes=not self._bulk)
+            await self._create()
             await self.db.execute("VACUUM")
         self._position = self._head = 0
         self._cache.clear()
@@ -441,7 +470,8 @@ class Projector:
     ) -> None:
         """Decode and verify each message once; an event that does not open is rejected, not folded."""
         keys = self._keys
-        for seq, subject, wire in batch:
+        for message in batch:
+            seq, subject, wire = message[0], message[1], message[2]  # a Message, or the reader's StreamMessage
             try:
                 event = open_event(wire, keys)
             except InvalidEvent as e:
@@ -484,9 +514,9 @@ class Projector:
         return known
 
     async def _settled(self) -> None:
-        """Wait for the commit in flight, if any: what the next batch reads back must include its rows."""
+        """Wait for the commits in flight, if any: what the next batch reads back must include their rows."""
         if self._committing is not None and not self._committing.done():
-            await asyncio.wait([self._committing])  # its outcome is `_replay`'s to report
+            await asyncio.wait([self._committing])  # the last waits for the others; outcomes are `_replay`'s
 
     @staticmethod
     def _fold(
@@ -517,9 +547,14 @@ class Projector:
             known.add(event.id)  # a repeat later in the same batch
             rows.append((seq, event.id, job, event.task, event.type, utc_text(event.time), subject))
 
-    async def _commit(self, prepared: _Prepared) -> None:
-        """Write a prepared batch's rows and its position in one transaction: both or neither."""
+    async def _commit(self, prepared: _Prepared, after: asyncio.Future[None] | None = None) -> None:
+        """Write a prepared batch's rows and its position in one transaction: both or neither.
+
+        `after` is the commit of the batch before, still in flight: this one waits for it, and fails with it.
+        """
         try:
+            if after is not None:
+                await after
             with _translated("apply a batch", self.path):
                 try:
                     await self._write(prepared)
@@ -532,7 +567,7 @@ class Projector:
             # cancelled), forget the cache, and read the position back from the file before the next batch.
             self._reset()
             with contextlib.suppress(sqlite3.Error, ValueError):
-                await asyncio.shield(self.db.execute("ROLLBACK"))
+                await asyncio.shield(self.db.rollback())
             raise
         self._position = prepared.last_seq
 
@@ -544,19 +579,16 @@ class Projector:
         else:
             jobs, before = prepared.work, prepared.before
             tasks = [row for job, state in jobs.items() for row in _changed_task_rows(state, before[job])]
-        writes = [
-            _UPSERT_JOBS.chunks([_job_row(state) for state in jobs.values()]),
-            _UPSERT_TASKS.chunks(tasks),
-            _INSERT_EVENTS.chunks(prepared.event_rows),
-            _INSERT_REJECTED.chunks([(r.seq, r.subject, r.reason, r.message) for r in prepared.rejected]),
-        ]
+        job_rows = [_job_row(state) for state in jobs.values()]
+        rejected = [(r.seq, r.subject, r.reason, r.message) for r in prepared.rejected]
         db = self.db
-        await db.execute("BEGIN")
-        for sql, params in writes:
-            if params:
-                await db.executemany(sql, params)
+        # The sqlite3 module opens the transaction itself before the first insert (legacy transaction control),
+        # which spares a round trip to aiosqlite's thread; the position is set in it, then it is committed.
+        for insert, rows in zip(self._inserts, (job_rows, tasks, prepared.event_rows, rejected), strict=True):
+            if rows:
+                await db.executemany(*insert.chunks(rows))
         await db.execute(_SET_POSITION, (prepared.last_seq,))
-        await db.execute("COMMIT")
+        await db.commit()
 
     def _reset(self) -> None:
         self._cache.clear()
@@ -565,14 +597,21 @@ class Projector:
         self._stale = True
 
     def _remember(self, work: dict[str, JobState]) -> dict[str, JobState]:
-        """Cache the batch's job states; return those evicted whose rows a bulk load has not written yet."""
+        """Cache the batch's job states; return those whose rows a bulk load writes with this batch (ended, evicted)."""
         cache = self._cache
         for job, state in work.items():
             cache.pop(job, None)  # re-insert at the end: the dict's order is the eviction order
             cache[job] = state
         flush: dict[str, JobState] = {}
         if self._bulk:
-            self._dirty.update(work)
+            # A job that has ended rarely changes again: its rows are written now, beside the folding, rather
+            # than all at `finish()`. Should another event come for it, it is simply written again.
+            for job, state in work.items():
+                if state.status in JOB_DONE:
+                    self._dirty.discard(job)
+                    flush[job] = state
+                else:
+                    self._dirty.add(job)
         excess = len(cache) - self._cache_jobs
         if excess > 0:
             for job in list(_take(cache, excess)):
@@ -649,58 +688,66 @@ class Projector:
         on_rejected: Callable[[list[Rejected]], Awaitable[None]] | None,
         careful: bool,
     ) -> None:
-        """Read from the position on, folding each batch while the previous one commits; count what committed.
+        """Read from the position on, folding batches while earlier ones commit; count what committed.
 
-        Waiting for the next batch also watches the commit in flight (a failed write is raised at once, not
-        when the next event happens to arrive) and `stop` (which ends the wait at once).
+        Up to `_IN_FLIGHT` commits queue behind one another (each waits for the one before it), so the folding
+        only waits for the writing when the writing falls behind, not for every hand-over between threads.
+        Waiting for the next batch also watches the oldest commit (a failed write is raised at once, not when
+        the next event happens to arrive) and `stop` (which ends the wait at once).
         """
         from numerusd.stream_reader import read_stream
 
         reader = read_stream(nc, stream, start_seq=self._position + 1, follow=stop is not None, batch=_READ_BATCH)
         stopping = asyncio.ensure_future(stop.wait()) if stop is not None else None
         following: asyncio.Future[list[Any]] | None = None
-        sizes = (0, 0)
+        # Commits in flight, oldest first, with the message and rejection counts they will account for.
+        flight: collections.deque[tuple[asyncio.Future[None], int, int]] = collections.deque()
 
-        async def committed() -> None:
-            if self._committing is not None:
-                future, self._committing = self._committing, None
-                await future
-                counts[0] += sizes[0]
-                counts[1] += sizes[1]
+        async def settle() -> None:
+            future, messages, rejected = flight[0]
+            await future
+            flight.popleft()
+            counts[0] += messages
+            counts[1] += rejected
 
         try:
             while stopping is None or not stopping.done():
                 following = asyncio.ensure_future(anext(reader))
                 while not following.done() and not (stopping is not None and stopping.done()):
-                    waits = {following, *(f for f in (stopping, self._committing) if f is not None)}
+                    waits = {following, *(f for f in (stopping, flight[0][0] if flight else None) if f is not None)}
                     await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-                    if self._committing is not None and self._committing.done():
-                        await committed()
+                    while flight and flight[0][0].done():
+                        await settle()
                 if not following.done():  # stopped while waiting; `finally` cancels the read
                     break
                 try:
                     batch = following.result()
                 except StopAsyncIteration:
                     break
-                prepared = await self._prepare([(m.seq, m.subject, m.data) for m in batch], careful=careful)
-                if prepared is not None and prepared.rejected and on_rejected is not None:
+                prepared = await self._prepare(batch, careful=careful)
+                if prepared is None:
+                    continue
+                if prepared.rejected and on_rejected is not None:
                     await on_rejected(prepared.rejected)
-                await committed()
-                if prepared is not None:
-                    sizes = (len(batch), len(prepared.rejected))
-                    self._committing = asyncio.ensure_future(self._commit(prepared))
-            await committed()
+                while len(flight) >= _IN_FLIGHT:
+                    await settle()
+                after = flight[-1][0] if flight else None
+                self._committing = asyncio.ensure_future(self._commit(prepared, after=after))
+                flight.append((self._committing, len(batch), len(prepared.rejected)))
+            while flight:
+                await settle()
         except BaseException:
-            committing, self._committing = self._committing, None
-            if committing is not None:
-                # Let the write in flight end before the connection is used again; its outcome no longer
+            if flight:
+                # Let the writes in flight end before the connection is used again; their outcome no longer
                 # matters, the cache is forgotten and the next attempt starts from whatever was committed.
-                await asyncio.wait([committing])
-                if not committing.cancelled():
-                    committing.exception()
+                await asyncio.wait([future for future, _, _ in flight])
+                for future, _, _ in flight:
+                    if not future.cancelled():
+                        future.exception()
             self._reset()
             raise
         finally:
+            self._committing = None
             if stopping is not None:
                 stopping.cancel()
             if following is not None and not following.done():
