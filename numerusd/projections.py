@@ -20,6 +20,15 @@ Tables (times are UTC, `YYYY-MM-DDTHH:MM:SS.ffffffZ`, so they sort as text):
     rejected  seq PK, subject, reason, message
     position  one row: seq, the last stream sequence applied
 
+How it goes fast (`numerusd rebuild` replays the whole stream; see docs/projections.md for figures): each
+message is decoded and verified once; while the cache holds every job it is folded at once and dropped; the
+rows of a batch go to SQLite in a few multi-row statements from aiosqlite's thread, up to three batches queued
+behind one another while the next ones are folded, so SQLite's work runs beside Python's. A bulk load (a
+rebuild into a fresh file) also skips fsync and writes each job's rows once, when the job ends.
+
+The file's `user_version` fingerprints the tables and the shape of JobState: after an upgrade that changes
+either, the views are dropped and rebuilt from the stream on open.
+
 sqlite3 errors are translated into `StoreError` here and nowhere else.
 """
 
@@ -28,10 +37,12 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import functools
 import logging
 import os
 import sqlite3
 import time
+import zlib
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -47,8 +58,21 @@ from numerusd.protocol.envelope import Envelope, InvalidEvent, open_event
 
 log = logging.getLogger(__name__)
 
-#: Bumped whenever a table changes shape; a file built by another version is dropped and rebuilt on open.
+#: Bumped whenever a table changes shape.
 SCHEMA_VERSION = 1
+
+
+def _file_version() -> int:
+    """The `user_version` a file must carry: a fingerprint of the tables' layout and of JobState's shape.
+
+    `jobs.state` holds JobState as JSON; a file written under another layout or shape is dropped and rebuilt
+    on open, so a new field in the domain never meets states cached without it.
+    """
+    shape = msgspec.json.encode(msgspec.json.schema(JobState))
+    return zlib.crc32(b"%d:%s" % (SCHEMA_VERSION, shape)) & 0x7FFFFFFF or 1  # 0 marks an unfinished bulk load
+
+
+FILE_VERSION = _file_version()
 
 #: The stream the views are projected from.
 STREAM = "NUMERUS_EVENTS"
@@ -327,14 +351,14 @@ class Projector:
         sqlite = tuple(int(part) for part in (await _fetchone(db, "SELECT sqlite_version()"))[0].split("."))
         self._inserts = tuple(insert.fitted(32766 if sqlite >= (3, 32) else 999) for insert in _INSERTS)
         version = (await _fetchone(db, "PRAGMA user_version"))[0]
-        if bulk or version != SCHEMA_VERSION:
+        if bulk or version != FILE_VERSION:
             if not bulk and await _fetchone(db, "SELECT 1 FROM sqlite_master LIMIT 1"):
                 log.warning(
-                    "projection database %s has schema version %s (0: left by an interrupted rebuild), this "
-                    "numerusd writes %s: dropping the views, they will be rebuilt from the stream",
+                    "projection database %s has version %s (0: left by an interrupted rebuild), this numerusd "
+                    "writes %s (tables and job state): dropping the views, they will be rebuilt from the stream",
                     self.path,
                     version,
-                    SCHEMA_VERSION,
+                    FILE_VERSION,
                 )
             await self._drop_tables()
         self._bulk = bulk
@@ -350,7 +374,7 @@ class Projector:
             dirty = {job: self._cache[job] for job in self._dirty}
             with _translated("finish the rebuild", self.path):
                 await self._write(_Prepared(self._position, {}, {}, dirty, [], [], False))
-                await self.db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+                await self.db.execute(f"PRAGMA user_version = {FILE_VERSION}")
                 await self.db.execute("PRAGMA synchronous = NORMAL")
             self._dirty.clear()
             self._bulk = False
@@ -381,7 +405,7 @@ class Projector:
 
     async def _create(self) -> None:
         await self.db.executescript(_SCHEMA)
-        await self.db.execute(f"PRAGMA user_version = {0 if self._bulk else SCHEMA_VERSION}")
+        await self.db.execute(f"PRAGMA user_version = {0 if self._bulk else FILE_VERSION}")
 
     async def _drop_tables(self) -> None:
         for table in _TABLES:
@@ -446,18 +470,29 @@ class Projector:
             batch = [message for message in batch if message[0] > head]
         if not batch:
             return None
-        opened: list[tuple[int, str, bytes, Envelope]] = []
         rejected: list[Rejected] = []
-        for start in range(0, len(batch), _SLICE):
-            self._open(batch[start : start + _SLICE], opened, rejected)
-            await asyncio.sleep(0)
-        before = await self._load_missing({event.job for _, _, _, event in opened})
-        known = await self._known_ids([event.id for _, _, _, event in opened]) if careful else set()
+        before: dict[str, JobState | None] = {}
         work: dict[str, JobState] = {}
         event_rows: list[tuple[Any, ...]] = []
-        for start in range(0, len(opened), _SLICE):
-            self._fold(opened[start : start + _SLICE], before, known, work, event_rows, rejected)
-            await asyncio.sleep(0)
+        fold = functools.partial(self._fold, cache=self._cache, before=before, work=work, rows=event_rows)
+        known: set[str] = set()
+        if self._complete and not careful:
+            # Every job is in the cache (a replay into a fresh file): each event is folded as soon as it is
+            # opened, and dropped, instead of a batch of them being held (and scanned by the GC) in between.
+            for start in range(0, len(batch), _SLICE):
+                fold(self._open(batch[start : start + _SLICE], rejected), known=known, rejected=rejected)
+                await asyncio.sleep(0)
+        else:
+            opened = []
+            for start in range(0, len(batch), _SLICE):
+                opened.extend(self._open(batch[start : start + _SLICE], rejected))
+                await asyncio.sleep(0)
+            before.update(await self._load_missing({event.job for _, _, _, event in opened}))
+            if careful:
+                known = await self._known_ids([event.id for _, _, _, event in opened])
+            for start in range(0, len(opened), _SLICE):
+                fold(opened[start : start + _SLICE], known=known, rejected=rejected)
+                await asyncio.sleep(0)
         rejected.sort(key=lambda r: r.seq)
         self._head = batch[-1][0]
         # Cached before the commit so that the next batch can be folded while this one is being written; a
@@ -465,9 +500,7 @@ class Projector:
         flush = self._remember(work)
         return _Prepared(batch[-1][0], work, before, flush, event_rows, rejected, careful)
 
-    def _open(
-        self, batch: Sequence[Message], opened: list[tuple[int, str, bytes, Envelope]], rejected: list[Rejected]
-    ) -> None:
+    def _open(self, batch: Sequence[Message], rejected: list[Rejected]) -> Iterator[tuple[int, str, bytes, Envelope]]:
         """Decode and verify each message once; an event that does not open is rejected, not folded."""
         keys = self._keys
         for message in batch:
@@ -482,7 +515,7 @@ class Projector:
             if own != subject:
                 rejected.append(Rejected(seq, subject, "wrong_subject", f"event {event.id} belongs on {own}", wire))
                 continue
-            opened.append((seq, subject, wire, event))
+            yield seq, subject, wire, event
 
     async def _load_missing(self, jobs: set[str]) -> dict[str, JobState | None]:
         """The state of each job at the start of the batch (None for a job not seen yet)."""
@@ -520,21 +553,30 @@ class Projector:
 
     @staticmethod
     def _fold(
-        opened: list[tuple[int, str, bytes, Envelope]],
+        opened: Iterable[tuple[int, str, bytes, Envelope]],
+        *,
+        cache: dict[str, JobState],
         before: dict[str, JobState | None],
         known: set[str],
         work: dict[str, JobState],
         rows: list[tuple[Any, ...]],
         rejected: list[Rejected],
     ) -> None:
-        """Evolve each job through its events into `work`; append the index rows."""
+        """Evolve each job through its events into `work`, noting in `before` how it was; append index rows.
+
+        A job's state comes from `work` (changed earlier in the batch), else `before` (read from the file),
+        else the cache (None: a new job).
+        """
         for seq, subject, wire, event in opened:
             job = event.job
             if event.id in known:
                 message = f"event {event.id} was applied before"
                 rejected.append(Rejected(seq, subject, "duplicate", message, wire))
                 continue
-            state = work[job] if job in work else before[job]
+            if job in work:
+                state = work[job]
+            else:
+                state = before[job] if job in before else before.setdefault(job, cache.get(job))
             try:
                 work[job] = evolve(state, event)
             except ValueError as e:
