@@ -93,3 +93,19 @@ def restartable(server: EmbeddedNats) -> Iterator[tuple[Callable[[], None], Call
             if process.poll() is None:
                 process.kill()
                 process.wait()
+
+
+@pytest.fixture(autouse=True)
+def no_thread_left_behind() -> Iterator[None]:
+    """A test must not leave a non-daemon thread running: pytest would then never exit (CI hangs)."""
+    import threading
+
+    before = set(threading.enumerate())
+    yield
+    deadline = time.monotonic() + 5
+    while True:
+        left = [t for t in threading.enumerate() if t not in before and t.is_alive() and not t.daemon]
+        if not left or time.monotonic() > deadline:
+            break
+        time.sleep(0.01)
+    assert not left, f"threads left running: {[t.name for t in left]}"
