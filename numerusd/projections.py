@@ -325,8 +325,9 @@ class Projector:
 
         `bulk` starts an empty file for a rebuild and trades durability for speed: no fsync, and job and task
         rows written once, when the job ends, leaves the cache or at `finish()`, rather than after every batch.
-        Until `finish()` the file is stamped incomplete (schema version 0), so a file left by an interrupted bulk
-        load is dropped and rebuilt on its next open, never read as if it were whole.
+        Until `finish()` the file is stamped incomplete (user_version 0), so a file left by an interrupted bulk
+        load is dropped and rebuilt on its next open, never read as if it were whole. Feed a bulk load through
+        `catch_up` (as `rebuild` does): it alone can start over when the stream repeats an event.
         """
         with _translated("open", self.path):
             self._db = await aiosqlite.connect(self.path)
