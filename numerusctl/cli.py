@@ -137,7 +137,9 @@ json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON i
 def _token(_ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
     """Job and task ids go into NATS subjects: refuse anything that is not one token (`.`, `*`, `>`, spaces)."""
     if value is not None and not is_token(value):
-        raise click.BadParameter(f"{value!r} is not an id (letters, digits, '_' and '-' only)", param=param)
+        raise click.BadParameter(
+            f"{value!r} is not an id (letters, digits, '_' and '-' only, not starting with '-')", param=param
+        )
     return value
 
 

@@ -589,7 +589,9 @@ def _show(command: Sequence[str]) -> str:
 
 def _check_token(what: str, value: str) -> None:
     if not is_token(value):
-        raise GitError(f"{what} {value!r} cannot name a branch (letters, digits, _ and - only)", value=value)
+        raise GitError(
+            f"{what} {value!r} cannot name a branch (letters, digits, _ and - only, not starting with -)", value=value
+        )
 
 
 async def _ref_sha(repo: Path, ref: str) -> str | None:

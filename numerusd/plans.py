@@ -211,7 +211,9 @@ def _collect_value(value: Any, tp: Any, path: str, errors: list[PlanError]) -> N
             error = _from_msgspec(e, path)
             if tp == TaskId and isinstance(value, str):
                 error = PlanError(
-                    path=path, message=f"`{value}` is not a valid task id: use 1 to 64 letters, digits, `_` or `-`"
+                    path=path,
+                    message=f"`{value}` is not a valid task id: "
+                    "use 1 to 64 letters, digits, `_` or `-` (not `-` first)",
                 )
             elif typing.get_origin(bare) is typing.Literal:
                 allowed = ", ".join(str(option) for option in typing.get_args(bare))

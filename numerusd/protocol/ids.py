@@ -8,8 +8,9 @@ import time
 
 _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 
-#: A token that may stand in a NATS subject and a file name.
-TOKEN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+#: A token that may stand in a NATS subject, a file name and a git branch name. It may not start with `-`, so
+#: it can never be read as an option by git or any other command it is passed to.
+TOKEN = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_-]{0,63}$")
 
 
 def new_ulid(now_ns: int | None = None) -> str:
