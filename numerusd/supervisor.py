@@ -9,6 +9,7 @@ between is visible on restart as a task that started and never ended.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import os
@@ -49,21 +50,35 @@ class LogSink:
     size: int = 0
     _pending: bytearray = field(default_factory=bytearray)
     _last_flush: float = field(default_factory=time.monotonic)
+    _timer: asyncio.TimerHandle | None = None
+    _flushing: set[asyncio.Task[None]] = field(default_factory=set)
 
     def __post_init__(self) -> None:
         self._file = open(self.path, "ab", buffering=0)  # noqa: SIM115 - closed in close()
 
     async def write(self, chunk: bytes) -> None:
-        """Keep `chunk`: the file gets it at once, NATS when a chunk is full or old enough."""
+        """Keep `chunk`: the file gets it at once, NATS when a chunk is full or `flush_s` old."""
         self._file.write(chunk)
         self.sha256.update(chunk)
         self.size += len(chunk)
         self._pending += chunk
         if len(self._pending) >= self.chunk_bytes or time.monotonic() - self._last_flush >= self.flush_s:
             await self.flush()
+        elif self._timer is None:
+            # An agent that prints a prompt and then thinks for a minute must still be seen live.
+            self._timer = asyncio.get_running_loop().call_later(self.flush_s, self._flush_later)
+
+    def _flush_later(self) -> None:
+        self._timer = None
+        task = asyncio.ensure_future(self.flush())
+        self._flushing.add(task)
+        task.add_done_callback(self._flushing.discard)
 
     async def flush(self) -> None:
         """Publish what is pending as one log message (its offset in the file in a header)."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         if not self._pending:
             return
         offset = self.size - len(self._pending)
@@ -76,6 +91,9 @@ class LogSink:
 
     def close(self) -> None:
         """Close the file; what was written is durable enough for a log (its hash goes into TaskExited)."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         self._file.close()
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 from pathlib import Path
 
@@ -71,3 +72,29 @@ async def test_log_chunks_on_nats_add_up_to_the_log_file(daemon: Daemon, tmp_pat
     offsets = [offset for offset, _ in chunks]
     assert offsets == sorted(offsets) and offsets[0] == 0
     assert b"".join(data for _, data in chunks) == log
+
+
+async def test_output_before_a_long_silence_is_published_live(tmp_path: Path):
+    quiet = [{"print": "thinking about it..."}, {"sleep": 30}]
+    daemon = Daemon(tmp_path / "state", agents={"quiet": quiet}).start()
+    try:
+        repo = git_repo(tmp_path / "repo")
+        job = daemon.ctl_json("run", "Think", "--repo", str(repo), "--agent", "quiet")["job"]
+        c = daemon.connection()
+        nc = await nats.connect(c["url"], user=c["user"], password=c["password"])
+        try:
+            sub = await nc.jetstream().subscribe(f"numerus.log.{job}.t1", ordered_consumer=True)
+            seen = bytearray()
+
+            async def arrived() -> bool:
+                with contextlib.suppress(nats.errors.TimeoutError):
+                    seen.extend((await sub.next_msg(timeout=0.2)).data)
+                return b"thinking about it..." in seen
+
+            await eventually(arrived, timeout=10)  # long before the agent's 30 s silence ends
+            assert daemon.status(job)["tasks"][0]["status"] == "running"
+            await sub.unsubscribe()
+        finally:
+            await nc.close()
+    finally:
+        daemon.stop()
