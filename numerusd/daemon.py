@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import logging
 import os
 import signal
@@ -25,11 +24,11 @@ import nats
 from nats.aio.client import Client
 from nats.js import JetStreamContext
 
-from numerusd import domain
+from numerusd import domain, state_lock
 from numerusd.agents.base import adapter_for
 from numerusd.config import Settings, write_connection_file
 from numerusd.embedded_nats import EmbeddedNats
-from numerusd.errors import ConfigError, NatsUnavailable, NotFound
+from numerusd.errors import NatsUnavailable, NotFound
 from numerusd.event_store import EventStore
 from numerusd.keys import Keyring
 from numerusd.projections import Projector, Rejected
@@ -89,7 +88,7 @@ class Daemon:
         """Everything from an empty process to a daemon answering commands; see the module docstring."""
         settings = self.settings
         settings.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self._take_lock()
+        self._lock_file = state_lock.take(settings.state_dir)  # held for the life of the process
         self.keyring = Keyring.load_or_create(settings.keys_path)
         url, user, password = await asyncio.to_thread(self._nats_endpoint)
         self.nc = await self._connect(url, user, password)
@@ -151,21 +150,6 @@ class Daemon:
             with contextlib.suppress(FileNotFoundError):
                 self.settings.connection_path.unlink()
         log.info("numerusd stopped")
-
-    def _take_lock(self) -> None:
-        path = self.settings.state_dir / "numerusd.pid"
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            other = path.read_text().strip() or "?"
-            raise ConfigError(
-                f"another numerusd (pid {other}) uses {self.settings.state_dir}; stop it or pick another --state-dir"
-            ) from None
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
-        self._lock_file = fd  # held for the life of the process
 
     def _nats_endpoint(self) -> tuple[str, str | None, str | None]:
         settings = self.settings

@@ -8,13 +8,12 @@ views is how an operator checks that the projection holds.
 
 from __future__ import annotations
 
-import fcntl
 import json
-import os
 from pathlib import Path
 
 import nats
 
+from numerusd import state_lock
 from numerusd.config import Settings
 from numerusd.embedded_nats import EmbeddedNats
 from numerusd.errors import ConfigError, NatsUnavailable
@@ -22,24 +21,10 @@ from numerusd.keys import Keyring
 from numerusd.projections import RebuildReport, rebuild
 
 
-def _daemon_running(settings: Settings) -> bool:
-    path = settings.state_dir / "numerusd.pid"
-    if not path.exists():
-        return False
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)
-    return False
-
-
 async def rebuild_views(settings: Settings, target: Path | None) -> str:
     """Rebuild the views (in place, or into `target`) and say what was done."""
     keyring = Keyring.load(settings.keys_path)
-    running = _daemon_running(settings)
+    running = state_lock.held(settings.state_dir)
     if running and target is None:
         raise ConfigError(
             f"numerusd is running on {settings.state_dir}; stop it first, or rebuild into another file with --to FILE"
