@@ -13,7 +13,9 @@ from datetime import datetime
 
 import msgspec
 
+from numerusd import locks
 from numerusd.errors import BadRequest, CommandRefused
+from numerusd.protocol.claims import ClaimedPath, Lock
 from numerusd.protocol.commands import JOB_DONE, JobView, TaskView
 from numerusd.protocol.envelope import Envelope
 from numerusd.protocol.events import (
@@ -24,27 +26,50 @@ from numerusd.protocol.events import (
     AgentSpawned,
     AgentSpawnFailed,
     AgentThreadStarted,
+    CheckCompleted,
+    ClaimDenied,
+    ClaimGranted,
+    ClaimProposed,
+    ClaimRejected,
+    ClaimViolated,
     EventData,
+    GateFailed,
+    GatePassed,
+    IntegrationBranchCreated,
     JobCompleted,
     JobFailed,
     JobInterrupted,
     JobKilled,
     JobSubmitted,
     KillRequested,
+    LocksReleased,
+    MergeConflicted,
+    MergeStarted,
+    PlanRejected,
+    PlanRequested,
+    PlanValidated,
+    ReviewCompleted,
     TaskCompleted,
     TaskCreated,
     TaskExited,
     TaskFailed,
     TaskInterrupted,
     TaskKilled,
+    TaskMerged,
+    TaskRetryScheduled,
+    TaskSkipped,
     TaskStarted,
+    TaskWorkCommitted,
     TokensUsed,
+    Usage,
+    WorktreeCreated,
 )
+from numerusd.protocol.plan import FileIntent, Plan
 
 #: What `decide_*` returns: payloads with the task they belong to (None for job events).
 Decision = list[tuple[str | None, EventData]]
 
-TASK_DONE = frozenset({"completed", "failed", "killed", "interrupted"})
+TASK_DONE = frozenset({"completed", "failed", "killed", "interrupted", "skipped"})
 
 
 class TaskState(msgspec.Struct, frozen=True, kw_only=True):
@@ -56,6 +81,8 @@ class TaskState(msgspec.Struct, frozen=True, kw_only=True):
     agent: str
     role: str
     deps: tuple[str, ...]
+    intents: tuple[FileIntent, ...] = ()
+    #: pending, waiting (NO GO), granted (GO), running, checking, retrying, merging, then one of TASK_DONE.
     status: str = "pending"
     attempt: int = 0
     pid: int | None = None
@@ -70,6 +97,19 @@ class TaskState(msgspec.Struct, frozen=True, kw_only=True):
     workdir: str | None = None
     started: datetime | None = None
     ended: datetime | None = None
+    #: The claim the executor made (paths and commands) and, while it waits, who holds what it wants.
+    claim: tuple[ClaimedPath, ...] | None = None
+    commands: tuple[str, ...] = ()
+    claim_attempts: int = 0
+    holders: tuple[str, ...] = ()
+    worktree: str | None = None
+    branch: str | None = None
+    base_sha: str | None = None
+    commit: str | None = None
+    #: Why the last attempt failed (gate, checks, review, merge): told to the next attempt.
+    feedback: tuple[str, ...] = ()
+    merge_parent: str | None = None
+    merged_sha: str | None = None
 
 
 class JobState(msgspec.Struct, frozen=True, kw_only=True):
@@ -79,6 +119,7 @@ class JobState(msgspec.Struct, frozen=True, kw_only=True):
     goal: str
     repo: str
     agent: str
+    #: planning (the planner is asked), running, then one of JOB_DONE.
     status: str = "running"
     reason: str | None = None
     kill_requested: bool = False
@@ -87,6 +128,27 @@ class JobState(msgspec.Struct, frozen=True, kw_only=True):
     events: int = 1
     last_event_id: str = ""
     tasks: dict[str, TaskState] = {}
+    #: The pipeline's settings, as submitted (see JobSubmitted).
+    planned: bool = False
+    roles: dict[str, str] = {}
+    parallel: int = 1
+    checks: tuple[str, ...] = ()
+    review: bool = True
+    max_attempts: int = 3
+    backoff_s: tuple[float, ...] = (1.0, 2.0, 4.0)
+    plan: Plan | None = None
+    plan_version: int = 0
+    plan_hash: str | None = None
+    plan_attempts: int = 0
+    plan_errors: tuple[str, ...] = ()
+    integration: str | None = None
+    base_sha: str | None = None
+    #: The lock table as plain data (holders and the FIFO queue of waiting claims); `lock_table()` builds it.
+    lock_holds: dict[str, tuple[Lock, ...]] = {}
+    lock_queue: dict[str, tuple[Lock, ...]] = {}
+    input_tokens: int = 0
+    cached_input_tokens: int = 0
+    output_tokens: int = 0
 
 
 # --- evolve -------------------------------------------------------------------------------------------------
@@ -103,25 +165,65 @@ def evolve(state: JobState | None, event: Envelope) -> JobState:
             goal=data.goal,
             repo=data.repo,
             agent=data.agent,
+            status="planning" if data.plan else "running",
             created=event.time,
             updated=event.time,
             last_event_id=event.id,
+            planned=data.plan,
+            roles=data.roles,
+            parallel=data.parallel,
+            checks=data.checks,
+            review=data.review,
+            max_attempts=data.max_attempts,
+            backoff_s=data.backoff_s,
         )
     job = msgspec.structs.replace(state, updated=event.time, events=state.events + 1, last_event_id=event.id)
     if event.task is not None:
         return _evolve_task(job, event.task, event.time, data)
+    replace = msgspec.structs.replace
     match data:
         case KillRequested():
-            return msgspec.structs.replace(job, kill_requested=True)
+            return replace(job, kill_requested=True)
+        case PlanRequested(attempt=attempt):
+            return replace(job, plan_attempts=attempt)
+        case PlanRejected(errors=errors, usage=usage):
+            return _add_usage(replace(job, plan_errors=errors), usage)
+        case PlanValidated(version=version, hash=plan_hash, plan=plan, usage=usage):
+            job = replace(job, plan=plan, plan_version=version, plan_hash=plan_hash, plan_errors=(), status="running")
+            return _add_usage(job, usage)
+        case IntegrationBranchCreated(branch=branch, base_sha=base_sha):
+            return replace(job, integration=branch, base_sha=base_sha)
         case JobCompleted():
-            return msgspec.structs.replace(job, status="completed")
+            return replace(job, status="completed")
         case JobFailed(reason=reason):
-            return msgspec.structs.replace(job, status="failed", reason=reason)
+            return replace(job, status="failed", reason=reason)
         case JobKilled(reason=reason):
-            return msgspec.structs.replace(job, status="killed", reason=reason)
+            return replace(job, status="killed", reason=reason)
         case JobInterrupted(reason=reason):
-            return msgspec.structs.replace(job, status="interrupted", reason=reason)
+            return replace(job, status="interrupted", reason=reason)
     return job
+
+
+def _add_usage(job: JobState, usage: Usage) -> JobState:
+    """Tokens of an agent call that belongs to the job (planner, queen), not to one task's attempt."""
+    if usage == Usage():
+        return job
+    return msgspec.structs.replace(
+        job,
+        input_tokens=job.input_tokens + usage.input_tokens,
+        cached_input_tokens=job.cached_input_tokens + usage.cached_input_tokens,
+        output_tokens=job.output_tokens + usage.output_tokens,
+    )
+
+
+def lock_table(job: JobState) -> locks.LockTable:
+    """The job's lock table, built from the plain data its events folded."""
+    return locks.LockTable(job.lock_holds, job.lock_queue)
+
+
+def _with_table(job: JobState, table: locks.LockTable) -> JobState:
+    queue = {task: claim for task in table.waiting if (claim := table.queued_claim(task)) is not None}
+    return msgspec.structs.replace(job, lock_holds=dict(table.holders), lock_queue=queue)
 
 
 def _evolve_task(job: JobState, task_id: str, time: datetime, data: EventData) -> JobState:
@@ -133,6 +235,7 @@ def _evolve_task(job: JobState, task_id: str, time: datetime, data: EventData) -
             agent=data.agent,
             role=data.role,
             deps=data.deps,
+            intents=data.intents,
         )
         return msgspec.structs.replace(job, tasks={**job.tasks, task_id: task})
     task = job.tasks.get(task_id)
@@ -140,6 +243,42 @@ def _evolve_task(job: JobState, task_id: str, time: datetime, data: EventData) -
         return job
     replace = msgspec.structs.replace
     match data:
+        case ClaimProposed(attempt=attempt, paths=paths, commands=commands, usage=usage):
+            task = _task_usage(replace(task, claim=paths, commands=commands, claim_attempts=attempt), usage)
+        case ClaimRejected(attempt=attempt, errors=errors, usage=usage):
+            task = _task_usage(replace(task, claim_attempts=attempt, feedback=errors), usage)
+        case ClaimGranted(locks=granted):
+            job = _with_table(job, locks.apply_granted(lock_table(job), task_id, granted))
+            if task_id in job.lock_holds:
+                task = replace(task, status="granted", holders=())
+        case ClaimDenied(locks=wanted, holders=holders):
+            job = _with_table(job, locks.apply_denied(lock_table(job), task_id, wanted))
+            if task_id in job.lock_queue:
+                task = replace(task, status="waiting", holders=holders)
+        case LocksReleased():
+            job = _with_table(job, locks.release(lock_table(job), task_id))
+        case WorktreeCreated(path=path, branch=branch, base_sha=base_sha):
+            task = replace(task, worktree=path, branch=branch, base_sha=base_sha)
+        case TaskWorkCommitted(commit=commit):
+            task = replace(task, commit=commit, status="checking")
+        case ClaimViolated() | CheckCompleted():
+            return job  # the reasons reach the state through GateFailed
+        case ReviewCompleted(usage=usage):
+            task = _task_usage(task, usage)
+        case GatePassed():
+            task = replace(task, status="merging", feedback=())
+        case GateFailed(reasons=reasons):
+            task = replace(task, feedback=reasons)
+        case TaskRetryScheduled(reasons=reasons):
+            task = replace(task, status="retrying", feedback=reasons)
+        case MergeStarted(parent=parent):
+            task = replace(task, status="merging", merge_parent=parent)
+        case TaskMerged(sha=sha):
+            task = replace(task, merged_sha=sha)
+        case MergeConflicted(paths=paths):
+            task = replace(task, feedback=(f"merging into the integration branch conflicts on {', '.join(paths)}",))
+        case TaskSkipped(reason=reason):
+            task = replace(task, status="skipped", reason=reason, ended=task.ended or time)
         case TaskStarted(attempt=attempt, log_path=log_path, workdir=workdir):
             task = replace(
                 task,
@@ -181,6 +320,17 @@ def _evolve_task(job: JobState, task_id: str, time: datetime, data: EventData) -
     return msgspec.structs.replace(job, tasks={**job.tasks, task_id: task})
 
 
+def _task_usage(task: TaskState, usage: Usage) -> TaskState:
+    if usage == Usage():
+        return task
+    return msgspec.structs.replace(
+        task,
+        input_tokens=task.input_tokens + usage.input_tokens,
+        cached_input_tokens=task.cached_input_tokens + usage.cached_input_tokens,
+        output_tokens=task.output_tokens + usage.output_tokens,
+    )
+
+
 def fold(events: Iterable[Envelope]) -> dict[str, JobState]:
     """Every job's state from a sequence of events in stream order."""
     jobs: dict[str, JobState] = {}
@@ -215,7 +365,9 @@ def decide_kill(job: JobState) -> Decision:
     for task in job.tasks.values():
         if task.status == "pending":
             events.append((task.id, TaskKilled()))
-    if not running_tasks(job):
+        elif task.status == "waiting":
+            events += [(task.id, LocksReleased(reason="killed")), (task.id, TaskKilled())]
+    if not running_tasks(job) and job.status != "planning":
         events.append((None, JobKilled()))
     return events
 
@@ -280,17 +432,176 @@ def decide_exit(
 
 
 def decide_interrupt(job: JobState, reason: str) -> Decision:
-    """After a restart: tasks whose agent was running are `interrupted`, never completed, and so is the job."""
+    """After a restart: tasks whose agent was running are `interrupted`, never completed, and so is the job.
+
+    A planned job is interrupted whatever its tasks were doing (planning, waiting for a lock, being checked):
+    its pipeline lived in the daemon that stopped. A single-task job whose task had not started yet is not.
+    """
     if job.status in JOB_DONE:
         return []
     events: Decision = [
-        (task.id, TaskInterrupted(reason=reason)) for task in job.tasks.values() if task.status == "running"
+        (task.id, TaskInterrupted(reason=reason)) for task in job.tasks.values() if task.status in ACTIVE
     ]
-    if not events:
+    if not events and not job.planned:
         return []
     if job.kill_requested:
         return [(task_id, TaskKilled()) for task_id, _ in events] + [(None, JobKilled())]
     return [*events, (None, JobInterrupted(reason=reason))]
+
+
+# --- decide: the pipeline of a planned job -------------------------------------------------------------------
+
+#: Task statuses in which the daemon is doing something for the task (an agent, git, a check) or it holds or
+#: waits for locks: a restart interrupts them.
+ACTIVE = frozenset({"running", "waiting", "granted", "checking", "retrying", "merging"})
+
+
+def decide_submit(
+    goal: str,
+    repo: str,
+    roles: dict[str, str],
+    *,
+    parallel: int,
+    checks: tuple[str, ...],
+    review: bool,
+    max_attempts: int,
+    backoff_s: tuple[float, ...],
+) -> Decision:
+    """A new planned job: the planner is asked next."""
+    if not goal.strip():
+        raise BadRequest("the goal is empty: say what the agents should do, e.g. numerusctl run 'fix the tests'")
+    return [
+        (
+            None,
+            JobSubmitted(
+                goal=goal,
+                repo=repo,
+                agent=roles["executor"],
+                plan=True,
+                roles=roles,
+                parallel=parallel,
+                checks=checks,
+                review=review,
+                max_attempts=max_attempts,
+                backoff_s=backoff_s,
+            ),
+        )
+    ]
+
+
+def decide_plan_rejected(
+    job: JobState, attempt: int, errors: list[str], answer: str, usage: Usage, max_attempts: int
+) -> Decision:
+    """The planner's answer is no plan; after `max_attempts` the job fails with the reasons."""
+    events: Decision = [(None, PlanRejected(attempt=attempt, errors=tuple(errors), answer=answer[:8192], usage=usage))]
+    if attempt >= max_attempts:
+        shown = "; ".join(errors[:3]) + (f" (and {len(errors) - 3} more)" if len(errors) > 3 else "")
+        events.append((None, JobFailed(reason=f"no valid plan after {attempt} attempts: {shown}")))
+    return events
+
+
+def decide_plan_validated(job: JobState, attempt: int, plan: Plan, plan_hash: str, usage: Usage) -> Decision:
+    """A valid plan: recorded with its hash, then one TaskCreated per task, in the plan's order."""
+    executor = job.roles.get("executor", job.agent)
+    events: Decision = [
+        (None, PlanValidated(version=job.plan_version + 1, attempt=attempt, hash=plan_hash, plan=plan, usage=usage))
+    ]
+    for task in plan.tasks:
+        created = TaskCreated(
+            title=task.title,
+            instructions=task.instructions,
+            agent=executor,
+            role=task.role,
+            deps=task.deps,
+            intents=task.intents,
+        )
+        events.append((task.id, created))
+    return events
+
+
+def decide_claim(job: JobState, task_id: str, wanted: tuple[Lock, ...]) -> Decision:
+    """GO or NO GO for the task's claim against the job's lock table."""
+    decision = locks.arbitrate(lock_table(job), task_id, wanted)
+    if isinstance(decision, locks.Granted):
+        return [(task_id, ClaimGranted(locks=decision.locks))]
+    return [
+        (task_id, ClaimDenied(locks=decision.locks, holders=decision.holders, conflicts=tuple(decision.conflicts)))
+    ]
+
+
+def decide_wake(job: JobState) -> Decision:
+    """Grant every waiting task whose way is now clear, in FIFO order, with the claim it waits with."""
+    table = lock_table(job)
+    events: Decision = []
+    for task_id in locks.wakeable(table):
+        claim = table.queued_claim(task_id)
+        if claim is not None:
+            events.append((task_id, ClaimGranted(locks=claim)))
+    return events
+
+
+def decide_attempt_failed(job: JobState, task_id: str, reasons: tuple[str, ...]) -> Decision:
+    """An attempt failed: retry after the next backoff pause, or, with no attempt left, fail the task."""
+    task = job.tasks[task_id]
+    if job.kill_requested:
+        return decide_task_killed(job, task_id)
+    if task.attempt < job.max_attempts:
+        pauses = job.backoff_s or (0.0,)
+        delay = pauses[min(max(task.attempt, 1), len(pauses)) - 1]  # 1 s after the first, 2 s after the second…
+        return [(task_id, TaskRetryScheduled(next_attempt=task.attempt + 1, delay_s=delay, reasons=reasons))]
+    reason = f"failed after {task.attempt} attempt{'s' if task.attempt != 1 else ''}: {'; '.join(reasons)}"
+    return decide_task_failed(job, task_id, reason)
+
+
+def decide_task_failed(job: JobState, task_id: str, reason: str) -> Decision:
+    """The task fails for good: its locks go, the tasks that depend on it are skipped, maybe the job ends."""
+    events: Decision = [(task_id, TaskFailed(reason=reason[:4000]))]
+    if task_id in job.lock_holds or task_id in job.lock_queue:
+        events.insert(0, (task_id, LocksReleased(reason="failed")))
+    changed = {task_id: "failed"}
+    for skipped in _dependents(job, task_id):
+        if job.tasks[skipped].status == "pending":
+            events.append((skipped, TaskSkipped(reason=f"depends on {task_id}, which failed")))
+            changed[skipped] = "skipped"
+    return events + _job_outcome(job, changed)
+
+
+def decide_task_killed(job: JobState, task_id: str) -> Decision:
+    """The job is being killed: the task stops where it is and gives its locks back."""
+    events: Decision = [(task_id, TaskKilled())]
+    if task_id in job.lock_holds or task_id in job.lock_queue:
+        events.insert(0, (task_id, LocksReleased(reason="killed")))
+    return events + _job_outcome(job, {task_id: "killed"})
+
+
+def decide_merged(job: JobState, task_id: str, sha: str, created: bool) -> Decision:
+    """The task's work is on the integration branch: it is done and gives its locks back."""
+    events: Decision = [
+        (task_id, TaskMerged(sha=sha, created=created)),
+        (task_id, LocksReleased(reason="merged")),
+        (task_id, TaskCompleted()),
+    ]
+    return events + _job_outcome(job, {task_id: "completed"})
+
+
+def decide_planning_killed(job: JobState) -> Decision:
+    """A kill that arrived while the planner ran: the job ends without tasks."""
+    if job.status in JOB_DONE:
+        return []
+    return [(None, JobKilled())]
+
+
+def _dependents(job: JobState, task_id: str) -> list[str]:
+    """Every task that depends on `task_id`, directly or not, in creation order."""
+    found: set[str] = {task_id}
+    changed = True
+    while changed:
+        changed = False
+        for task in job.tasks.values():
+            if task.id not in found and found.intersection(task.deps):
+                found.add(task.id)
+                changed = True
+    return [task.id for task in job.tasks.values() if task.id in found and task.id != task_id]
 
 
 def _job_outcome(job: JobState, changed: dict[str, str]) -> Decision:

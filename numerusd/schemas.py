@@ -19,6 +19,7 @@ from numerusd.protocol.commands import REPLIES, REQUESTS, ErrorReply
 from numerusd.protocol.envelope import _WireEnvelope
 from numerusd.protocol.events import EVENT_TYPES, SUBJECT_SUFFIX
 from numerusd.protocol.plan import output_schema as plan_output_schema
+from numerusd.protocol.review import output_schema as review_output_schema
 
 ROOT = Path(__file__).resolve().parent.parent
 SCHEMA_URL = "https://json-schema.org/draft/2020-12/schema"
@@ -109,15 +110,22 @@ def events_doc() -> str:
     return "\n".join(lines)
 
 
+def agent_output_schemas() -> dict[str, str]:
+    """The `--output-schema` files agents answer with, by name: plan, claim and review (a verdict)."""
+    schemas = {"plan": plan_output_schema(), "claim": claim_output_schema(), "review": review_output_schema()}
+    return {name: json.dumps(schema, indent=2) + "\n" for name, schema in schemas.items()}
+
+
 def generated(root: Path = ROOT) -> dict[Path, str]:
     """Every generated file and its content."""
-    return {
+    files = {
         root / "schemas" / "events.schema.json": _dump(events_schema()),
         root / "schemas" / "commands.schema.json": _dump(commands_schema()),
         root / "docs" / "events.md": events_doc(),
-        root / "schemas" / "plan.schema.json": json.dumps(plan_output_schema(), indent=2) + "\n",
-        root / "schemas" / "claim.schema.json": json.dumps(claim_output_schema(), indent=2) + "\n",
     }
+    for name, text in agent_output_schemas().items():
+        files[root / "schemas" / f"{name}.schema.json"] = text
+    return files
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -79,17 +79,22 @@ def decode_claim(raw: bytes | str) -> Claim:
 
 
 def output_schema() -> dict[str, Any]:
-    """The JSON Schema for `codex exec --output-schema`, in the strict structured-outputs subset.
-
-    Generated from the types above so it cannot drift from what `decode_claim` accepts, then made strict: `$ref`s
-    inlined (the root must be a plain object), titles dropped, every object closed with all its properties
-    required, and every enum typed.
-    """
-    schema = msgspec.json.schema(Claim)
-    defs = schema.pop("$defs", {})
-    root = _strict(schema, defs)
+    """The JSON Schema for `codex exec --output-schema`, in the strict structured-outputs subset."""
+    root = strict_schema(Claim)
     root["title"] = "Claim"
     return root
+
+
+def strict_schema(cls: type[msgspec.Struct]) -> dict[str, Any]:
+    """`cls`'s JSON Schema made strict for structured outputs (claims and review verdicts use it).
+
+    Generated from the type so it cannot drift from what its decoder accepts, then made strict: `$ref`s inlined
+    (the root must be a plain object), titles dropped, every object closed with all its properties required,
+    and every enum typed.
+    """
+    schema = msgspec.json.schema(cls)
+    defs = schema.pop("$defs", {})
+    return _strict(schema, defs)
 
 
 def _strict(node: Any, defs: dict[str, Any]) -> Any:

@@ -15,6 +15,9 @@ from typing import ClassVar
 
 import msgspec
 
+from numerusd.protocol.claims import ClaimedPath, Conflict, Lock
+from numerusd.protocol.plan import FileIntent, Plan
+
 
 class EventData(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=False):
     """Base of every event payload. `TASK_EVENT` says whether the event belongs to one task of the job."""
@@ -30,8 +33,63 @@ class JobSubmitted(EventData, frozen=True, kw_only=True):
 
     goal: str
     repo: str
+    #: The executor's agent profile; with `plan`, `roles` names the profile of every role.
     agent: str
+    #: False: the single-task path (one executor, no plan, claims or review); True: the whole pipeline.
     plan: bool = False
+    roles: dict[str, str] = {}
+    #: Most agents of the job running at once.
+    parallel: int = 1
+    #: Shell commands the quality gate runs in a task's worktree; each must exit 0.
+    checks: tuple[str, ...] = ()
+    #: Whether the reviewer is asked for a verdict on each task.
+    review: bool = True
+    #: Attempts per task (the first run and its retries) and the pauses between them, in seconds.
+    max_attempts: int = 3
+    backoff_s: tuple[float, ...] = (1.0, 2.0, 4.0)
+
+
+class Usage(msgspec.Struct, frozen=True, kw_only=True):
+    """Tokens one agent call used."""
+
+    input_tokens: int = 0
+    cached_input_tokens: int = 0
+    output_tokens: int = 0
+
+
+class PlanRequested(EventData, frozen=True, kw_only=True):
+    """The planner (or, for a replan, the queen) is being asked for a plan; recorded before it is spawned."""
+
+    attempt: int
+    agent: str
+    role: str = "planner"
+    log_path: str = ""
+
+
+class PlanRejected(EventData, frozen=True, kw_only=True):
+    """The answer was no valid plan; `errors` is every reason, and they are given to the next attempt."""
+
+    attempt: int
+    errors: tuple[str, ...]
+    answer: str = ""
+    usage: Usage = Usage()
+
+
+class PlanValidated(EventData, frozen=True, kw_only=True):
+    """A valid plan, canonical, with its stable hash; its tasks follow as TaskCreated events."""
+
+    version: int
+    attempt: int
+    hash: str
+    plan: Plan
+    usage: Usage = Usage()
+
+
+class IntegrationBranchCreated(EventData, frozen=True, kw_only=True):
+    """The job's integration branch exists at `base_sha`; every passed task is merged into it."""
+
+    branch: str
+    base_sha: str
 
 
 class KillRequested(EventData, frozen=True, kw_only=True):
@@ -79,6 +137,123 @@ class TaskCreated(TaskEvent, frozen=True, kw_only=True):
     agent: str
     role: str = "executor"
     deps: tuple[str, ...] = ()
+    #: The files the plan expects the task to touch (the claim, asked of the executor, is what counts).
+    intents: tuple[FileIntent, ...] = ()
+
+
+class ClaimProposed(TaskEvent, frozen=True, kw_only=True):
+    """The executor said what it will touch and run, before running (its answer as decoded)."""
+
+    attempt: int
+    paths: tuple[ClaimedPath, ...]
+    commands: tuple[str, ...] = ()
+    usage: Usage = Usage()
+
+
+class ClaimRejected(TaskEvent, frozen=True, kw_only=True):
+    """The claim could not be used (bad JSON, a path leaving the worktree); the executor is asked again."""
+
+    attempt: int
+    errors: tuple[str, ...]
+    usage: Usage = Usage()
+
+
+class ClaimGranted(TaskEvent, frozen=True, kw_only=True):
+    """GO: the task holds these locks until it releases them."""
+
+    locks: tuple[Lock, ...]
+
+
+class ClaimDenied(TaskEvent, frozen=True, kw_only=True):
+    """NO GO: the claim overlaps locks of `holders`; the task waits with `locks` and is re-arbitrated on release."""
+
+    locks: tuple[Lock, ...]
+    holders: tuple[str, ...]
+    conflicts: tuple[Conflict, ...]
+
+
+class LocksReleased(TaskEvent, frozen=True, kw_only=True):
+    """The task released its locks and left the queue: `merged`, `failed`, `killed`, `interrupted`."""
+
+    reason: str = ""
+
+
+class WorktreeCreated(TaskEvent, frozen=True, kw_only=True):
+    """The task's branch is checked out at `path`, started from `base_sha` (the integration branch's tip)."""
+
+    path: str
+    branch: str
+    base_sha: str
+
+
+class TaskWorkCommitted(TaskEvent, frozen=True, kw_only=True):
+    """Everything the agent left in its worktree was committed on the task's branch; `changes` lists it."""
+
+    commit: str
+    changes: tuple[str, ...] = ()
+
+
+class ClaimViolated(TaskEvent, frozen=True, kw_only=True):
+    """The task changed paths its claim does not cover; the gate fails."""
+
+    violations: tuple[str, ...]
+
+
+class CheckCompleted(TaskEvent, frozen=True, kw_only=True):
+    """One configured check command ran in the task's worktree; `output` is the end of what it printed."""
+
+    command: str
+    exit_code: int | None
+    duration_s: float
+    output: str = ""
+
+
+class ReviewCompleted(TaskEvent, frozen=True, kw_only=True):
+    """The reviewer's verdict on the task's work: `pass` or `fail`, with its reasons."""
+
+    verdict: str
+    reasons: tuple[str, ...] = ()
+    usage: Usage = Usage()
+
+
+class GatePassed(TaskEvent, frozen=True, kw_only=True):
+    """The work matches the claim, every check passed and the reviewer agreed: the task may merge."""
+
+
+class GateFailed(TaskEvent, frozen=True, kw_only=True):
+    """The work did not pass the quality gate; `reasons` go to the next attempt."""
+
+    reasons: tuple[str, ...]
+
+
+class TaskRetryScheduled(TaskEvent, frozen=True, kw_only=True):
+    """The attempt failed and another follows after `delay_s`, told `reasons`."""
+
+    next_attempt: int
+    delay_s: float
+    reasons: tuple[str, ...]
+
+
+class MergeStarted(TaskEvent, frozen=True, kw_only=True):
+    """About to merge `task_sha` into `integration` at `parent` (recorded first, so a crash is repaired, not redone)."""
+
+    integration: str
+    parent: str
+    task_sha: str
+
+
+class TaskMerged(TaskEvent, frozen=True, kw_only=True):
+    """The task's work is on the integration branch, whose tip is now `sha`."""
+
+    sha: str
+    created: bool = True
+
+
+class MergeConflicted(TaskEvent, frozen=True, kw_only=True):
+    """The merge would conflict; nothing was changed. The task is retried on the new tip."""
+
+    paths: tuple[str, ...]
+    messages: tuple[str, ...] = ()
 
 
 class TaskStarted(TaskEvent, frozen=True, kw_only=True):
@@ -175,6 +350,12 @@ class TaskKilled(TaskEvent, frozen=True, kw_only=True):
     reason: str = "killed by user"
 
 
+class TaskSkipped(TaskEvent, frozen=True, kw_only=True):
+    """The task will never run: a task it depends on failed or was dropped."""
+
+    reason: str
+
+
 class TaskInterrupted(TaskEvent, frozen=True, kw_only=True):
     """The daemon stopped while the task's agent ran, so its outcome is unknown; never read as completed."""
 
@@ -191,7 +372,17 @@ EVENT_TYPES: dict[str, type[EventData]] = {
         JobFailed,
         JobKilled,
         JobInterrupted,
+        PlanRequested,
+        PlanRejected,
+        PlanValidated,
+        IntegrationBranchCreated,
         TaskCreated,
+        ClaimProposed,
+        ClaimRejected,
+        ClaimGranted,
+        ClaimDenied,
+        LocksReleased,
+        WorktreeCreated,
         TaskStarted,
         AgentSpawned,
         AgentSpawnFailed,
@@ -202,9 +393,20 @@ EVENT_TYPES: dict[str, type[EventData]] = {
         AgentErrorReported,
         TokensUsed,
         TaskExited,
+        TaskWorkCommitted,
+        ClaimViolated,
+        CheckCompleted,
+        ReviewCompleted,
+        GatePassed,
+        GateFailed,
+        TaskRetryScheduled,
+        MergeStarted,
+        TaskMerged,
+        MergeConflicted,
         TaskCompleted,
         TaskFailed,
         TaskKilled,
+        TaskSkipped,
         TaskInterrupted,
     )
 }
