@@ -21,9 +21,9 @@ from pathlib import Path
 from nats.aio.client import Client
 
 from numerusd import domain
-from numerusd.agents.base import AgentAdapter, AgentInvocation, AgentOutputParser, LineBuffer
+from numerusd.agents.base import AgentAdapter, AgentInvocation, LineBuffer
 from numerusd.errors import AgentError
-from numerusd.protocol.events import AgentSpawned, EventData
+from numerusd.protocol.events import AgentErrorReported, AgentSpawned, EventData, TokensUsed, Usage
 from numerusd.terminal import Terminal, spawn
 
 log = logging.getLogger(__name__)
@@ -97,8 +97,123 @@ class LogSink:
         self._file.close()
 
 
+class AgentProcess:
+    """One agent process in its own PTY: spawned, its output pumped to the log and the parser, its exit awaited.
+
+    The part every agent run shares, whether it works on a task (`TaskRun`) or answers a question of the
+    pipeline (`AgentCall`: a plan, a claim, a verdict); what becomes of the parsed events is the caller's.
+    """
+
+    def __init__(
+        self,
+        *,
+        adapter: AgentAdapter,
+        invocation: AgentInvocation,
+        extra_env: dict[str, str],
+        cwd: Path,
+        log_path: Path,
+        subject: str,
+        nc: Client,
+        chunk_bytes: int = 16 * 1024,
+        flush_s: float = 0.05,
+    ) -> None:
+        self.adapter = adapter
+        self.invocation = invocation
+        self.cwd = cwd
+        self.log_path = log_path
+        self.subject = subject
+        self.nc = nc
+        self.chunk_bytes = chunk_bytes
+        self.flush_s = flush_s
+        self.argv, agent_env = adapter.command(invocation)
+        inherited = {name: value for name, value in os.environ.items() if name not in DAEMON_ONLY_ENV}
+        self.env = {**inherited, **extra_env, **agent_env}
+        self.terminal: Terminal | None = None
+        self.stopping = False
+        self._started = 0.0
+
+    async def spawn(self) -> Terminal:
+        """Start the agent; AgentError with a one-line reason when it cannot start."""
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._started = time.monotonic()
+        self.terminal = await spawn(self.argv, cwd=self.cwd, env=self.env)
+        return self.terminal
+
+    async def pump(self, on_events: Callable[[list[EventData]], Awaitable[None]]) -> Outcome:
+        """Copy the output to the log and the parser until the agent ends; how it ended."""
+        terminal = self.terminal
+        assert terminal is not None, "spawn() first"
+        sink = LogSink(
+            path=self.log_path, subject=self.subject, nc=self.nc, chunk_bytes=self.chunk_bytes, flush_s=self.flush_s
+        )
+        parser = self.adapter.parser(self.invocation)
+        lines = LineBuffer()
+
+        async def parsed(batch: list[str]) -> None:
+            events: list[EventData] = []
+            for line in batch:
+                events.extend(parser.feed(line))
+            if events:
+                await on_events(events)
+
+        try:
+            while chunk := await terminal.read():
+                await sink.write(chunk)
+                await parsed(lines.feed(chunk))
+            await parsed(lines.close())
+            await sink.flush()
+        finally:
+            sink.close()
+        exit_code, signal = await terminal.wait()
+        terminal.close()
+        return Outcome(
+            exit_code=exit_code,
+            signal=signal,
+            log_path=str(self.log_path),
+            log_sha256=sink.sha256.hexdigest(),
+            log_bytes=sink.size,
+            duration_s=time.monotonic() - self._started,
+        )
+
+    async def terminate(self, grace: float) -> None:
+        """Stop the agent's whole process group: TERM, then KILL after `grace` seconds."""
+        if self.terminal is not None:
+            await self.terminal.terminate(grace)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How an agent process ended, and the log of everything it printed."""
+
+    exit_code: int | None
+    signal: int | None
+    log_path: str
+    log_sha256: str
+    log_bytes: int
+    duration_s: float
+
+    def fields(self) -> dict[str, object]:
+        """The keyword arguments of `domain.decide_exit`."""
+        return {
+            "exit_code": self.exit_code,
+            "signal": self.signal,
+            "log_path": self.log_path,
+            "log_sha256": self.log_sha256,
+            "log_bytes": self.log_bytes,
+            "duration_s": self.duration_s,
+        }
+
+    def describe(self) -> str:
+        """`exit code 3` or `signal 9`."""
+        return f"exit code {self.exit_code}" if self.signal is None else f"signal {self.signal}"
+
+
 class TaskRun:
-    """One attempt of one task: spawn its agent, pump its output, record its events and its exit."""
+    """One attempt of one task: spawn its agent, pump its output, record its events and its exit.
+
+    On the single-task path the exit decides the task (`decide_exit`); in a planned job (`decide=False`) only
+    `TaskExited` is recorded and the pipeline's quality gate decides what follows.
+    """
 
     def __init__(
         self,
@@ -112,85 +227,136 @@ class TaskRun:
         record: Record,
         chunk_bytes: int = 16 * 1024,
         flush_s: float = 0.05,
+        invocation: AgentInvocation | None = None,
+        log_path: Path | None = None,
+        decide: bool = True,
     ) -> None:
         self.job_id = job.id
         self.task_id = task.id
-        self.job = job
         self.task = task
-        self.adapter = adapter
-        self.extra_env = extra_env
         self.run_dir = run_dir
-        self.nc = nc
         self.record = record
-        self.chunk_bytes = chunk_bytes
-        self.flush_s = flush_s
-        self.terminal: Terminal | None = None
-        self.stopping = False
-
-    async def run(self) -> None:
-        """Run the attempt to its end; every outcome, including failure to start, ends up as events."""
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        log_path = self.run_dir / "stdout.log"
-        invocation = AgentInvocation(prompt=self.task.instructions, repo=Path(self.job.repo))
-        argv, agent_env = self.adapter.command(invocation)
-        inherited = {name: value for name, value in os.environ.items() if name not in DAEMON_ONLY_ENV}
-        env = {**inherited, **self.extra_env, **agent_env}
-        await self.record(
-            self.job_id, lambda job: domain.decide_start(job, self.task, argv, str(self.run_dir), str(log_path))
+        self.decide = decide
+        invocation = invocation or AgentInvocation(prompt=task.instructions, repo=Path(job.repo))
+        self.process = AgentProcess(
+            adapter=adapter,
+            invocation=invocation,
+            extra_env=extra_env,
+            cwd=run_dir,
+            log_path=log_path or run_dir / "stdout.log",
+            subject=f"numerus.log.{job.id}.{task.id}",
+            nc=nc,
+            chunk_bytes=chunk_bytes,
+            flush_s=flush_s,
         )
-        started = time.monotonic()
+
+    @property
+    def stopping(self) -> bool:
+        """True once the daemon or a kill asked the agent to stop."""
+        return self.process.stopping
+
+    @stopping.setter
+    def stopping(self, value: bool) -> None:
+        self.process.stopping = value
+
+    async def run(self) -> Outcome | None:
+        """Run the attempt to its end; every outcome, including failure to start, ends up as events.
+
+        Returns how the agent ended, or None when it never started (then the task has failed).
+        """
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        process = self.process
+        argv, workdir, log_path = process.argv, str(self.run_dir), str(process.log_path)
+        await self.record(self.job_id, lambda job: domain.decide_start(job, self.task, argv, workdir, log_path))
         try:
-            self.terminal = await spawn(argv, cwd=self.run_dir, env=env)
+            terminal = await process.spawn()
         except AgentError as e:
             reason = e.message
             await self.record(self.job_id, lambda job: domain.decide_spawn_failed(job, self.task_id, reason))
-            return
-        terminal = self.terminal
+            return None
         await self._task_events([AgentSpawned(pid=terminal.pid, start_ticks=terminal.start_ticks)])
-        sink = LogSink(
-            path=log_path,
-            subject=f"numerus.log.{self.job_id}.{self.task_id}",
-            nc=self.nc,
-            chunk_bytes=self.chunk_bytes,
-            flush_s=self.flush_s,
-        )
-        parser = self.adapter.parser(invocation)
-        lines = LineBuffer()
-        try:
-            while chunk := await terminal.read():
-                await sink.write(chunk)
-                await self._parsed(parser, lines.feed(chunk))
-            await self._parsed(parser, lines.close())
-            await sink.flush()
-        finally:
-            sink.close()
-        exit_code, signal = await terminal.wait()
-        terminal.close()
-        outcome = {
-            "exit_code": exit_code,
-            "signal": signal,
-            "log_path": str(log_path),
-            "log_sha256": sink.sha256.hexdigest(),
-            "log_bytes": sink.size,
-            "duration_s": time.monotonic() - started,
-        }
-        if self.stopping:  # the daemon is shutting down: the exit is recorded, the outcome is "interrupted"
-            await self.record(self.job_id, lambda job: domain.decide_exit(job, self.task_id, **outcome)[:1])
-            return
-        await self.record(self.job_id, lambda job: domain.decide_exit(job, self.task_id, **outcome))
+        outcome = await process.pump(self._task_events)
+        fields = outcome.fields()
+        if self.stopping or not self.decide:
+            # Shutting down (the outcome is "interrupted") or in a pipeline (the gate decides): the exit only.
+            await self.record(self.job_id, lambda job: domain.decide_exit(job, self.task_id, **fields)[:1])
+        else:
+            await self.record(self.job_id, lambda job: domain.decide_exit(job, self.task_id, **fields))
+        return outcome
 
     async def terminate(self, grace: float) -> None:
         """Stop the agent's whole process group: TERM, then KILL after `grace` seconds."""
-        if self.terminal is not None:
-            await self.terminal.terminate(grace)
-
-    async def _parsed(self, parser: AgentOutputParser, lines: list[str]) -> None:
-        events: list[EventData] = []
-        for line in lines:
-            events.extend(parser.feed(line))
-        if events:
-            await self._task_events(events)
+        await self.process.terminate(grace)
 
     async def _task_events(self, events: list[EventData]) -> None:
         task_id = self.task_id
         await self.record(self.job_id, lambda _job: [(task_id, event) for event in events])
+
+
+@dataclass
+class CallResult:
+    """What an agent call answered: its last message (the `-o` file), its tokens, and how it ended."""
+
+    outcome: Outcome | None
+    answer: str | None
+    usage: Usage
+    errors: list[str]
+
+    def failure(self) -> str | None:
+        """Why there is no answer to read, or None when there is one."""
+        if self.outcome is None:
+            return self.errors[0] if self.errors else "the agent did not start"
+        if self.outcome.exit_code != 0:
+            detail = f": {self.errors[-1]}" if self.errors else ""
+            return f"the agent ended with {self.outcome.describe()}{detail}"
+        if not self.answer or not self.answer.strip():
+            return "the agent gave no answer (its last message was empty)"
+        return None
+
+
+class AgentCall:
+    """One question to an agent (plan, claim, review): run it, collect its tokens, read its answer file."""
+
+    def __init__(self, process: AgentProcess, answer_path: Path) -> None:
+        self.process = process
+        self.answer_path = answer_path
+
+    @property
+    def stopping(self) -> bool:
+        """True once the daemon or a kill asked the agent to stop."""
+        return self.process.stopping
+
+    @stopping.setter
+    def stopping(self, value: bool) -> None:
+        self.process.stopping = value
+
+    async def run(self) -> CallResult:
+        """Run the call to its end; never raises for what the agent does."""
+        usage = [0, 0, 0]
+        errors: list[str] = []
+
+        async def collect(events: list[EventData]) -> None:
+            for event in events:
+                if isinstance(event, TokensUsed):
+                    usage[0] += event.input_tokens
+                    usage[1] += event.cached_input_tokens
+                    usage[2] += event.output_tokens
+                elif isinstance(event, AgentErrorReported):
+                    errors.append(event.message)
+
+        self.answer_path.unlink(missing_ok=True)
+        try:
+            await self.process.spawn()
+        except AgentError as e:
+            return CallResult(outcome=None, answer=None, usage=Usage(), errors=[e.message])
+        outcome = await self.process.pump(collect)
+        try:
+            answer: str | None = self.answer_path.read_text(encoding="utf-8", errors="replace")
+        except FileNotFoundError:
+            answer = None
+        spent = Usage(input_tokens=usage[0], cached_input_tokens=usage[1], output_tokens=usage[2])
+        return CallResult(outcome=outcome, answer=answer, usage=spent, errors=errors)
+
+    async def terminate(self, grace: float) -> None:
+        """Stop the agent's whole process group."""
+        await self.process.terminate(grace)
