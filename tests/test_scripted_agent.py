@@ -253,7 +253,7 @@ def test_the_prompt_from_stdin(tmp_path: Path) -> None:
     [
         ("not json", "is not valid JSON"),
         ("[]", "a scenario is a JSON object"),
-        ('{"steps": [{"sya": "typo"}]}', "step 0"),
+        ('{"steps": [{"sya": "typo"}]}', "steps[0]"),
         ('{"steps": [{"say": "a", "sleep": 1}]}', "exactly one of"),
         ('{"steps": [{"write": "f", "contents": "x"}]}', "unexpected keys contents"),
         ('{"steps": [{"sleep": "long"}]}', "`sleep` takes a number"),
@@ -297,3 +297,190 @@ def test_runs_as_a_module_too(tmp_path: Path) -> None:
     )
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout.splitlines()[0])["type"] == "thread.started"
+
+
+# --- one scenario for every role: cases, answers, placeholders ------------------------------------------------
+
+PIPELINE = Path(__file__).parent / "data" / "scenarios" / "pipeline.json"
+JOB = "01JX7Z8Q4M2N5P6R7S8T9V0W1X"
+
+
+def role_prompt(role: str, task: str = "-", attempt: int = 1, body: str = "Do the work.") -> str:
+    """A prompt as the daemon builds it: the role line, then the instructions."""
+    return f"Numerus role: {role} · job {JOB} · task {task} · attempt {attempt}\n\n{body}"
+
+
+def play_pipeline(tmp_path: Path, prompt: str) -> tuple[subprocess.CompletedProcess[str], Path]:
+    """Play tests/data/scenarios/pipeline.json for the prompt, with `-o`; the run and the `-o` file."""
+    answer = tmp_path / "answer.json"
+    done = play(tmp_path, None, "-o", str(answer), prompt=prompt, env={"NUMERUS_SCENARIO": str(PIPELINE)})
+    return done, answer
+
+
+def test_the_planner_answers_broken_json_then_a_plan(tmp_path: Path) -> None:
+    schema = tmp_path / "plan.schema.json"
+    schema.write_text("{}")
+    done, answer = play_pipeline(tmp_path, role_prompt("planner", attempt=1))
+    assert done.returncode == 0, done.stderr
+    assert answer.read_text() == '{"summary": "Add a greeting", "tasks": [{"id": "t1"'  # the string, verbatim
+    with pytest.raises(ValueError):
+        json.loads(answer.read_text())
+
+    done, answer = play_pipeline(tmp_path, role_prompt("planner", attempt=2))
+    assert done.returncode == 0, done.stderr
+    plan = json.loads(answer.read_text())
+    assert [task["id"] for task in plan["tasks"]] == ["t1", "t2", "t3"]
+    assert answer.read_text().startswith('{"summary":"Add a greeting and its test","tasks":[{')  # compact
+    assert items(done)[-1] == {"id": "item_0", "type": "agent_message", "text": answer.read_text()}
+    assert events(done)[-1]["usage"]["output_tokens"] == 120
+
+
+@pytest.mark.parametrize(
+    ("role", "task", "attempt", "expected"),
+    [
+        ("claimer", "t3", 1, {"paths": [{"path": "tests/test_hello.sh", "kind": "file", "mode": "create"}]}),
+        ("claimer", "t1", 1, {"paths": [{"path": "t1.md", "kind": "file", "mode": "create"}], "commands": []}),
+        ("reviewer", "t3", 1, {"verdict": "fail", "reasons": ["t3: the test does not run on attempt 1"]}),
+        ("reviewer", "t3", 2, {"verdict": "pass", "reasons": []}),
+        ("reviewer", "t1", 1, {"verdict": "pass", "reasons": []}),
+    ],
+)
+def test_each_role_task_and_attempt_gets_its_answer(
+    tmp_path: Path, role: str, task: str, attempt: int, expected: dict[str, Any]
+) -> None:
+    done, answer = play_pipeline(tmp_path, role_prompt(role, task, attempt))
+    assert done.returncode == 0, done.stderr
+    assert json.loads(answer.read_text()).items() >= expected.items()
+
+
+def test_executors_play_their_task_case(tmp_path: Path) -> None:
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    done, answer = play_pipeline(tmp_path, role_prompt("executor", "t1", 3))
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "t1.md").read_text() == "t1, attempt 3\n"
+    assert answer.read_text() == "Wrote t1.md."
+    assert "t1.md" in items(done)[1]["aggregated_output"]
+
+    done, answer = play_pipeline(tmp_path, role_prompt("executor", "t2"))
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "t2.md").read_text() == f"notes for job {JOB}\n"
+    assert (tmp_path / "HELLO.md").read_text() == "not mine to write\n"  # outside t2's claim, as the case says
+
+
+def test_no_matching_case_fails_the_turn_and_names_what_had_none(tmp_path: Path) -> None:
+    done, answer = play_pipeline(tmp_path, role_prompt("queen", attempt=4, body="Revise the plan."))
+    assert done.returncode == 1
+    assert events(done)[-1] == {
+        "type": "turn.failed",
+        "error": {
+            "message": f"numerus-scripted-agent: scenario {PIPELINE} has no case for role queen, task -, attempt 4 "
+            f"(job {JOB}), and no top-level `steps` to play instead"
+        },
+    }
+    assert not answer.exists()
+
+    done, answer = play_pipeline(tmp_path, "Just a prompt.\nNo role line.")
+    assert done.returncode == 1
+    message = events(done)[-1]["error"]["message"]
+    assert "no case for this prompt, whose first line is not a `Numerus role: …` line ('Just a prompt.')" in message
+
+
+def test_a_prompt_case_searches_the_whole_prompt(tmp_path: Path) -> None:
+    done, _ = play_pipeline(tmp_path, role_prompt("queen", body="The tasks are in a\nDeadlock over src/."))
+    assert done.returncode == 1
+    assert events(done)[-1]["error"]["message"] == "the queen gives up on a deadlock"
+
+
+def test_the_top_level_steps_play_when_no_case_matches(tmp_path: Path) -> None:
+    scenario = tmp_path / "scenario.json"
+    scenario.write_text(
+        json.dumps(
+            {
+                "cases": [
+                    {"match": {"role": "reviewer", "prompt": "^Numerus"}, "steps": [{"say": "the case"}]},
+                    {"match": {"prompt": "no role line"}, "steps": [{"say": "role {role}, task {task}"}]},
+                ],
+                "steps": [{"say": "the top-level steps for {role}"}],
+            }
+        )
+    )
+    env = {"NUMERUS_SCENARIO": str(scenario)}
+    said = {
+        prompt: [item["text"] for item in items(play(tmp_path, None, prompt=prompt, env=env))]
+        for prompt in (role_prompt("reviewer"), role_prompt("planner"), "a prompt with no role line")
+    }
+    assert said == {
+        role_prompt("reviewer"): ["the case"],
+        role_prompt("planner"): ["the top-level steps for planner"],
+        "a prompt with no role line": ["role {role}, task {task}"],  # nothing to fill them with: left as written
+    }
+
+
+def test_placeholders_in_each_step_that_takes_them(tmp_path: Path) -> None:
+    prompt = role_prompt("executor", "t7", 2, body='Say "hi";\nthen stop.')
+    done = play(
+        tmp_path,
+        [
+            {"say": "{role} {task} {attempt} {job}"},
+            {"think": "{role} on {task}"},
+            {"write": "{task}/out-{attempt}-{prompt}.txt", "content": "{role}/{task}/{attempt}/{job}\n"},
+            {"run": "printf '%s|' {role} {task} {attempt} {job}"},
+            {"answer": {"echo": "{prompt}", "{task}": ["attempt {attempt}", 2, None]}},
+            {"answer": "{task} as text"},
+        ],
+        prompt=prompt,
+    )
+    assert done.returncode == 0, done.stderr
+    got = items(done)
+    assert got[0]["text"] == f"executor t7 2 {JOB}"
+    assert got[1]["text"] == "executor on t7"
+    # In a path, the role line's values are filled in but not the prompt.
+    assert (tmp_path / "t7" / "out-2-{prompt}.txt").read_text() == f"executor/t7/2/{JOB}\n"
+    assert got[3]["aggregated_output"] == f"executor|t7|2|{JOB}|"
+    # Filled in before encoding: a prompt with quotes and newlines still gives valid JSON; keys stay as written.
+    assert json.loads(got[4]["text"]) == {"echo": prompt, "{task}": ["attempt 2", 2, None]}
+    assert got[5]["text"] == "t7 as text"
+
+
+def test_role_line_values_are_quoted_in_commands(tmp_path: Path) -> None:
+    done = play(tmp_path, [{"run": "echo {task}"}], prompt=role_prompt("executor", "t1;touch${IFS}pwned"))
+    assert done.returncode == 0, done.stderr
+    assert items(done)[0]["aggregated_output"] == "t1;touch${IFS}pwned\n"
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_an_answer_is_compact_json_and_keeps_unicode(tmp_path: Path) -> None:
+    out = tmp_path / "answer.json"
+    done = play(tmp_path, [{"answer": {"reasons": ["café", "a, b"], "n": 1.5, "ok": True}}], "-o", str(out))
+    assert done.returncode == 0, done.stderr
+    assert out.read_text(encoding="utf-8") == '{"reasons":["café","a, b"],"n":1.5,"ok":true}'
+
+
+@pytest.mark.parametrize(
+    ("scenario", "message"),
+    [
+        ({"cases": [{"match": {}, "steps": []}, {"match": {"attempt": "2"}, "steps": []}]}, "cases[1].match.attempt"),
+        ({"cases": [{"match": {"attempt": True}, "steps": []}]}, "cases[0].match.attempt: `attempt` takes a whole"),
+        ({"cases": [{"match": {"colour": "red"}, "steps": []}]}, "cases[0].match.colour: unknown match key"),
+        ({"cases": [{"match": {"prompt": "(unclosed"}, "steps": []}]}, "cases[0].match.prompt: bad regular exp"),
+        ({"cases": [{"match": {"role": ["planner"]}, "steps": []}]}, "cases[0].match.role: `role` takes a string"),
+        ({"cases": [{"match": {"task": 2}, "steps": []}]}, "cases[0].match.task: `task` takes a string"),
+        ({"cases": [{"match": [], "steps": []}]}, "cases[0].match: `match` is an object"),
+        ({"cases": [{"steps": []}]}, "cases[0].match: `match` is an object"),
+        ({"cases": [{"match": {}}]}, "cases[0]: a case needs the `steps`"),
+        ({"cases": [{"match": {}, "steps": {}}]}, "cases[0].steps: `steps` must be a list"),
+        ({"cases": [{"match": {}, "steps": [{"say": "a"}, {"sleep": -1}]}]}, "cases[0].steps[1]"),
+        ({"cases": [{"match": {}, "when": 1, "steps": []}]}, "cases[0].when: unknown case key"),
+        ({"cases": ["planner"]}, "cases[0]: a case is an object"),
+        ({"cases": {}}, "`cases` must be a list"),
+        ({"description": "nothing to play"}, "a scenario needs a list of `steps`, a list of `cases`, or both"),
+        ({"steps": [{"answer": 1, "say": "x"}]}, "steps[0]"),
+    ],
+)
+def test_a_bad_case_is_refused_with_its_path(tmp_path: Path, scenario: object, message: str) -> None:
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(scenario))
+    done = play(tmp_path, None, prompt=role_prompt("planner"), env={"NUMERUS_SCENARIO": str(path)})
+    assert done.returncode == 2
+    assert done.stderr.startswith(f"numerus-scripted-agent: bad scenario: {path}: {message}"), done.stderr
+    assert done.stdout == ""

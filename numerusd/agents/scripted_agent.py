@@ -7,6 +7,10 @@ from a scenario file (JSON), found through the environment variable `NUMERUS_SCE
 of a scenario shipped in `numerusd/demo/` (`hello`). Without one it plays a default scenario: say a message,
 write `SCRIPTED.md`, finish. The scenario format is documented in docs/agents.md.
 
+One scenario can serve every role the daemon calls an agent in: the prompts the daemon builds start with a line
+`Numerus role: <role> · job <job> · task <task or -> · attempt <n>`, and the scenario's `cases` pick the steps
+to play by role, task, attempt or a regular expression over the prompt.
+
 Started once per agent run, so it imports only what it needs, and nothing of the daemon.
 """
 
@@ -14,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import time
 from collections.abc import Mapping
@@ -35,6 +40,7 @@ DEFAULT_SCENARIO: dict[str, Any] = {
 #: Step kinds and the other keys each may carry.
 STEP_KEYS: dict[str, set[str]] = {
     "say": set(),
+    "answer": set(),
     "think": set(),
     "write": {"content"},
     "delete": set(),
@@ -49,6 +55,17 @@ STEP_KEYS: dict[str, set[str]] = {
     "fail": set(),
     "exit": set(),
 }
+
+#: The first line of every prompt the daemon builds, e.g. `Numerus role: executor · job 01JX… · task t2 · attempt 2`.
+ROLE_LINE = re.compile(
+    r"Numerus role: (?P<role>\S+) \u00b7 job (?P<job>\S+) \u00b7 task (?P<task>\S+) \u00b7 attempt (?P<attempt>[0-9]+)"
+)
+
+#: What a case's `match` may compare: the role line's fields, and `prompt`, a regular expression.
+MATCH_KEYS = ("role", "task", "attempt", "prompt")
+
+#: The placeholders filled in step texts; `{prompt}` always, the others when the prompt has a role line.
+PLACEHOLDER = re.compile(r"\{(prompt|role|task|attempt|job)\}")
 
 # --- the command line, with codex's rules --------------------------------------------------------------------
 
@@ -176,41 +193,85 @@ def load_scenario(env: Mapping[str, str]) -> dict[str, Any]:
 
 
 def check_scenario(scenario: object) -> None:
-    """Every problem of the scenario up front, so a bad one fails before it has done anything."""
+    """Every problem of the scenario up front, so a bad one fails before it has done anything.
+
+    A problem is named by the path of the item that has it, as `steps[3]` or `cases[1].match.attempt`.
+    """
     if not isinstance(scenario, dict):
-        raise ScenarioError("a scenario is a JSON object with a list of `steps`")
-    unknown = set(scenario) - {"description", "thread_id", "steps"}
+        raise ScenarioError("a scenario is a JSON object with a list of `steps`, a list of `cases`, or both")
+    unknown = set(scenario) - {"description", "thread_id", "steps", "cases"}
     if unknown:
         raise ScenarioError(f"unknown scenario keys: {', '.join(sorted(unknown))}")
     if not isinstance(scenario.get("thread_id", ""), str):
         raise ScenarioError("`thread_id` must be a string")
-    steps = scenario.get("steps")
+    if "steps" not in scenario and "cases" not in scenario:
+        raise ScenarioError("a scenario needs a list of `steps`, a list of `cases`, or both")
+    if "steps" in scenario:
+        check_steps(scenario["steps"], "steps")
+    cases = scenario.get("cases", [])
+    if not isinstance(cases, list):
+        raise ScenarioError("`cases` must be a list")
+    for n, case in enumerate(cases):
+        check_case(case, f"cases[{n}]")
+
+
+def check_case(case: object, where: str) -> None:
+    """A case: `match`, an object with any of MATCH_KEYS, and the `steps` to play when it matches."""
+    if not isinstance(case, dict):
+        raise ScenarioError(f"{where}: a case is an object with `match` and `steps`")
+    unknown = sorted(set(case) - {"description", "match", "steps"})
+    if unknown:
+        raise ScenarioError(f"{where}.{unknown[0]}: unknown case key (a case has `match`, `steps`, `description`)")
+    match = case.get("match")
+    if not isinstance(match, dict):
+        raise ScenarioError(f"{where}.match: `match` is an object with any of {', '.join(MATCH_KEYS)}")
+    for key, value in match.items():
+        here = f"{where}.match.{key}"
+        if key not in MATCH_KEYS:
+            raise ScenarioError(f"{here}: unknown match key (a match has any of {', '.join(MATCH_KEYS)})")
+        if key == "attempt":
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ScenarioError(f"{here}: `attempt` takes a whole number, as the role line counts attempts")
+        elif not isinstance(value, str):
+            raise ScenarioError(f"{here}: `{key}` takes a string")
+        elif key == "prompt":
+            try:
+                re.compile(value)
+            except re.error as e:
+                raise ScenarioError(f"{here}: bad regular expression: {e}") from None
+    if "steps" not in case:
+        raise ScenarioError(f"{where}: a case needs the `steps` to play")
+    check_steps(case["steps"], f"{where}.steps")
+
+
+def check_steps(steps: object, where: str) -> None:
+    """A list of steps, each with exactly one kind and the value that kind takes."""
     if not isinstance(steps, list):
-        raise ScenarioError("`steps` must be a list")
+        raise ScenarioError(f"{where}: `steps` must be a list")
     for n, step in enumerate(steps):
-        where = f"step {n} ({json.dumps(step)[:60]})"
+        here = f"{where}[{n}] ({json.dumps(step)[:60]})"
         kinds = [key for key in step if key in STEP_KEYS] if isinstance(step, dict) else []
         if len(kinds) != 1:
-            raise ScenarioError(f"{where}: a step is an object with exactly one of {', '.join(STEP_KEYS)}")
+            raise ScenarioError(f"{here}: a step is an object with exactly one of {', '.join(STEP_KEYS)}")
         kind = kinds[0]
         extra = set(step) - {kind} - STEP_KEYS[kind]
         if extra:
-            raise ScenarioError(f"{where}: unexpected keys {', '.join(sorted(extra))} for `{kind}`")
+            raise ScenarioError(f"{here}: unexpected keys {', '.join(sorted(extra))} for `{kind}`")
         value = step[kind]
         if kind in ("think", "write", "delete", "run", "print", "stderr", "error", "fail") and not isinstance(
             value, str
         ):
-            raise ScenarioError(f"{where}: `{kind}` takes a string")
+            raise ScenarioError(f"{here}: `{kind}` takes a string")
         if kind == "write" and not isinstance(step.get("content", ""), str):
-            raise ScenarioError(f"{where}: `content` must be a string")
+            raise ScenarioError(f"{here}: `content` must be a string")
         if kind == "sleep" and (not isinstance(value, int | float) or value < 0):
-            raise ScenarioError(f"{where}: `sleep` takes a number of seconds")
+            raise ScenarioError(f"{here}: `sleep` takes a number of seconds")
         if kind == "exit" and (not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= 255):
-            raise ScenarioError(f"{where}: `exit` takes an exit status 0-255")
+            raise ScenarioError(f"{here}: `exit` takes an exit status 0-255")
         if kind == "event" and not isinstance(value, dict):
-            raise ScenarioError(f"{where}: `event` takes a JSON object")
+            raise ScenarioError(f"{here}: `event` takes a JSON object")
         if kind == "bad_json" and not isinstance(value, bool | str):
-            raise ScenarioError(f"{where}: `bad_json` takes true or the broken text to print")
+            raise ScenarioError(f"{here}: `bad_json` takes true or the broken text to print")
         if kind == "usage":
             counters = ("input_tokens", "cached_input_tokens", "output_tokens")
             if (
@@ -218,7 +279,45 @@ def check_scenario(scenario: object) -> None:
                 or set(value) - set(counters)
                 or not all(isinstance(value.get(c, 0), int) and value.get(c, 0) >= 0 for c in counters)
             ):
-                raise ScenarioError(f"{where}: `usage` takes {{{', '.join(counters)}}} as counts")
+                raise ScenarioError(f"{here}: `usage` takes {{{', '.join(counters)}}} as counts")
+
+
+# --- choosing the steps for this prompt -------------------------------------------------------------------------
+
+
+def read_role_line(prompt: str) -> dict[str, str] | None:
+    """role, job, task and attempt from the prompt's first line; None when it is not a role line."""
+    first_line = prompt.split("\n", 1)[0].removesuffix("\r")
+    found = ROLE_LINE.fullmatch(first_line)
+    return found.groupdict() if found else None
+
+
+def case_matches(match: dict[str, Any], prompt: str, role_line: dict[str, str] | None) -> bool:
+    """Every key of the match agrees with the prompt; a prompt without a role line matches only `prompt`."""
+    for key, wanted in match.items():
+        if key == "prompt":
+            agrees = re.search(wanted, prompt) is not None
+        else:
+            agrees = role_line is not None and (int(role_line[key]) if key == "attempt" else role_line[key]) == wanted
+        if not agrees:
+            return False
+    return True
+
+
+def steps_for(scenario: dict[str, Any], prompt: str, role_line: dict[str, str] | None, name: str) -> list[Any]:
+    """The steps of the first case that matches, else the top-level steps, else one failing the turn."""
+    for case in scenario.get("cases", []):
+        if case_matches(case["match"], prompt, role_line):
+            return case["steps"]
+    if "steps" in scenario:
+        return scenario["steps"]
+    if role_line is None:
+        first_line = prompt.split("\n", 1)[0]
+        what = f"this prompt, whose first line is not a `Numerus role: …` line ({first_line[:80]!r})"
+    else:
+        what = "role {role}, task {task}, attempt {attempt} (job {job})".format(**role_line)
+    # Reported as codex reports a failed turn, so the daemon records it as the agent's error and the run fails.
+    return [{"fail": f"{PROG}: scenario {name} has no case for {what}, and no top-level `steps` to play instead"}]
 
 
 # --- playing it -------------------------------------------------------------------------------------------------
@@ -227,9 +326,12 @@ def check_scenario(scenario: object) -> None:
 class Player:
     """Plays a scenario's steps in a working root, printing codex's JSONL events (or plain text)."""
 
-    def __init__(self, *, root: str, prompt: str, thread_id: str, json_output: bool) -> None:
+    def __init__(
+        self, *, root: str, prompt: str, role_line: dict[str, str] | None, thread_id: str, json_output: bool
+    ) -> None:
         self.root = root
         self.prompt = prompt
+        self.role_line = role_line
         self.thread_id = thread_id
         self.json_output = json_output
         self.turn_open = False
@@ -273,16 +375,20 @@ class Player:
             return int(value)
         self.open_turn()
         if kind == "say":
-            text = value if isinstance(value, str) else json.dumps(value)
-            text = self.fill(text)
-            self.last_message = text
-            self.emit({"type": "item.completed", "item": self.agent_message(text)}, human=text)
+            self.say(self.fill(value if isinstance(value, str) else json.dumps(value)))
+        elif kind == "answer":
+            # Placeholders are filled in the value's strings before it is encoded, so a prompt holding quotes
+            # cannot break the JSON. A string is the text itself, so a test can answer broken JSON.
+            answer = self.fill_strings(value)
+            if not isinstance(answer, str):
+                answer = json.dumps(answer, ensure_ascii=False, separators=(",", ":"))
+            self.say(answer)
         elif kind == "think":
             self.item("completed", {"type": "reasoning", "text": self.fill(value)})
         elif kind in ("write", "delete"):
-            self.change_file(kind, value, self.fill(step.get("content", "")))
+            self.change_file(kind, self.fill(value, in_path=True), self.fill(step.get("content", "")))
         elif kind == "run":
-            self.run(self.fill(value))
+            self.run(self.fill(value, in_shell=True))
         elif kind == "sleep":
             time.sleep(float(value))
         elif kind == "print":
@@ -305,13 +411,48 @@ class Player:
             self.turn_failed = True
         return None
 
+    def say(self, text: str) -> None:
+        """An agent message, which is also what the `-o` file will hold if nothing is said after it."""
+        self.last_message = text
+        self.emit({"type": "item.completed", "item": self.agent_message(text)}, human=text)
+
     def agent_message(self, text: str) -> dict[str, Any]:
         item_id = f"item_{self.next_item}"
         self.next_item += 1
         return {"id": item_id, "type": "agent_message", "text": text}
 
-    def fill(self, text: str) -> str:
-        return text.replace("{prompt}", self.prompt)
+    def fill(self, text: str, *, in_shell: bool = False, in_path: bool = False) -> str:
+        """The text with its placeholders filled in, in one pass (a filled-in prompt is not searched again).
+
+        `{prompt}` is the prompt as it is, even in a shell command, as it always was; in a file's path it stays as
+        written. `{role}`, `{job}`, `{task}` and `{attempt}` come from the role line and stay as written when the
+        prompt has none; in a shell command they are quoted if they hold anything but safe characters (the
+        daemon's ids never do).
+        """
+
+        def value(placeholder: re.Match[str]) -> str:
+            name = placeholder.group(1)
+            if name == "prompt":
+                return placeholder.group(0) if in_path else self.prompt
+            if self.role_line is None:
+                return placeholder.group(0)
+            if in_shell:
+                import shlex  # only scenarios that run commands pay for it
+
+                return shlex.quote(self.role_line[name])
+            return self.role_line[name]
+
+        return PLACEHOLDER.sub(value, text)
+
+    def fill_strings(self, value: Any) -> Any:
+        """A JSON value with the placeholders filled in each string in it (keys stay as written)."""
+        if isinstance(value, str):
+            return self.fill(value)
+        if isinstance(value, list):
+            return [self.fill_strings(v) for v in value]
+        if isinstance(value, dict):
+            return {k: self.fill_strings(v) for k, v in value.items()}
+        return value
 
     def change_file(self, kind: str, relative: str, content: str) -> None:
         path = os.path.join(self.root, relative)
@@ -413,10 +554,14 @@ def main(argv: list[str] | None = None) -> int:
             fail("No prompt provided. Either specify one as an argument or pipe the prompt into stdin.", 1)
         prompt = sys.stdin.read()
 
+    role_line = read_role_line(prompt)
+    steps = steps_for(scenario, prompt, role_line, os.environ.get("NUMERUS_SCENARIO") or "(default)")
     thread_id = opts["resume"] or scenario.get("thread_id") or new_thread_id()
-    player = Player(root=root, prompt=prompt, thread_id=thread_id, json_output=bool(opts.get("json")))
+    player = Player(
+        root=root, prompt=prompt, role_line=role_line, thread_id=thread_id, json_output=bool(opts.get("json"))
+    )
     player.start()
-    for step in scenario["steps"]:
+    for step in steps:
         status = player.play(step)
         if status is not None:
             # Like a crash: the turn stays open and no last message is written.
