@@ -42,6 +42,8 @@ TARGETS = [
     Target("status", "idle_rss_mb", "<=", 100.0, "daemon resident memory, idle, after replaying 100k events"),
     Target("plan", "validate_ms_p99", "<=", 100.0, "validation of a 200-task plan (issue 3), p99"),
     Target("locks", "go_us_p99", "<=", 1000.0, "arbitration of a 20-path claim, 1,000 locks held (issue 3), p99"),
+    Target("spawn", "growth_ratio", "<=", 1.5, "spawn latency at ~1 GiB resident vs small (issue 3)"),
+    Target("spawn", "spawn_big_ms_p99", "<=", 10.0, "spawn of an agent at ~1 GiB resident (issue 3), p99"),
 ]
 
 #: Command line of each benchmark: full size, and a quick size for a smoke run.
@@ -51,6 +53,7 @@ BENCHES = {
     "status": (["bench_status.py", "--events", "100000"], ["bench_status.py", "--events", "10000"]),
     "plan": (["bench_plan.py"], ["bench_plan.py"]),
     "locks": (["bench_locks.py"], ["bench_locks.py"]),
+    "spawn": (["bench_spawn.py"], ["bench_spawn.py", "--quick"]),
 }
 
 
@@ -102,6 +105,10 @@ def markdown(results: dict[str, dict], quick: bool) -> str:
         "- `bench/bench_plan.py`: decode, check and hash a 200-task plan with deps and intents, against `json.loads`",
         "  of the same bytes.",
         "- `bench/bench_locks.py`: GO / NO GO for a 20-path claim against 1,000 held locks of 200 tasks, 50 waiting.",
+        "- `bench/bench_spawn.py`: `numerusd.terminal.spawn` of `printf x` under uvloop, until its pid is known and",
+        "  until its byte is read, at small resident memory and with 1 GiB more mapped and written (512 MiB quick),",
+        "  against `ptyprocess.PtyProcess.spawn` and `asyncio.create_subprocess_exec` under asyncio and uvloop, the",
+        "  same spawns in turns at both sizes. `growth_ratio` is big p50 / small p50.",
         "",
     ]
     return "\n".join(lines)
