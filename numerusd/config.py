@@ -20,6 +20,12 @@ An example file:
     kind = "codex"
     sandbox = "read-only"
 
+    [roles]                         # which profile plays each role of a planned job (default: default_agent)
+    planner = "careful"
+    executor = "codex"
+
+    checks = ["pytest -q"]          # run in each task's worktree by the quality gate
+
 The file names `state_dir` too, but the file itself is looked for in the state directory given by the flag, the
 environment or the default, so a `state_dir` set there only moves the state, not the file.
 
@@ -58,7 +64,11 @@ ENV_VARS: dict[str, str] = {
     "kill_grace_s": "NUMERUS_KILL_GRACE_S",
     "log_chunk_bytes": "NUMERUS_LOG_CHUNK_BYTES",
     "log_flush_ms": "NUMERUS_LOG_FLUSH_MS",
+    "parallel": "NUMERUS_PARALLEL",
 }
+
+#: The roles of a planned job; each is played by an agent profile (`[roles]`, else `default_agent`).
+ROLES = ("planner", "queen", "executor", "reviewer")
 
 CONFIG_ENV_VAR = "NUMERUS_CONFIG"
 CONFIG_FILE_NAME = "numerus.toml"
@@ -82,6 +92,26 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     log_chunk_bytes: Annotated[int, msgspec.Meta(ge=256, le=1024 * 1024)] = 32 * 1024
     #: Longest time output waits in the buffer before it is published anyway.
     log_flush_ms: Annotated[int, msgspec.Meta(ge=1)] = 100
+    #: Agent profile of each role of a planned job; a role not named here is played by `default_agent`.
+    roles: dict[str, str] = {}
+    #: Most agents of one job running at once (`numerusctl run --parallel`).
+    parallel: Annotated[int, msgspec.Meta(ge=1, le=256)] = 4
+    #: Shell commands the quality gate runs in each task's worktree (`numerusctl run --check` adds to them).
+    checks: tuple[str, ...] = ()
+    #: Whether the reviewer is asked for a verdict on every task.
+    review: bool = True
+    #: Answers the planner may give before the job fails for want of a valid plan.
+    plan_attempts: Annotated[int, msgspec.Meta(ge=1, le=20)] = 3
+    #: Answers an executor may give before its task fails for want of a usable claim.
+    claim_attempts: Annotated[int, msgspec.Meta(ge=1, le=20)] = 3
+    #: Attempts per task (first run and retries) and the pauses between them, in seconds.
+    max_attempts: Annotated[int, msgspec.Meta(ge=1, le=20)] = 3
+    backoff_s: tuple[Annotated[float, msgspec.Meta(ge=0)], ...] = (1.0, 2.0, 4.0)
+    #: A task's agent is stopped after this long in all, or after this long without printing anything.
+    task_timeout_s: Annotated[float, msgspec.Meta(gt=0)] = 3600.0
+    idle_timeout_s: Annotated[float, msgspec.Meta(gt=0)] = 900.0
+    #: Seconds a check command may run.
+    check_timeout_s: Annotated[float, msgspec.Meta(gt=0)] = 1800.0
 
     def __repr__(self) -> str:
         # The password must never reach a log line; show only whether there is one.
@@ -96,6 +126,22 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     def runs_dir(self) -> Path:
         """Per-task working data: `<runs_dir>/<job>/<task>/` holds terminal logs and outputs."""
         return self.state_dir / "runs"
+
+    @property
+    def worktrees_dir(self) -> Path:
+        """Task worktrees: `<worktrees_dir>/<job>/<task>/`, each on the task's own branch."""
+        return self.state_dir / "worktrees"
+
+    @property
+    def schemas_dir(self) -> Path:
+        """The `--output-schema` files agents answer with, written at start from the protocol types."""
+        return self.state_dir / "schemas"
+
+    def role_agents(self, agent: str | None = None) -> dict[str, str]:
+        """The profile of each role: `agent` for all when given, else `[roles]`, else `default_agent`."""
+        if agent is not None:
+            return dict.fromkeys(ROLES, agent)
+        return {role: self.roles.get(role, self.default_agent) for role in ROLES}
 
     @property
     def wal_path(self) -> Path:
@@ -242,12 +288,19 @@ def load_settings(
         # Relative to where the daemon was started, fixed now so a later chdir cannot move the state.
         merged["state_dir"] = Path(merged["state_dir"]).expanduser().absolute()
     settings = Settings(**merged)
+    known = ", ".join(sorted(settings.agents))
     if settings.default_agent not in settings.agents:
-        known = ", ".join(sorted(settings.agents))
         raise ConfigError(
             f"default_agent {settings.default_agent!r} is not a configured agent profile (known: {known})",
             setting="default_agent",
         )
+    for role, profile in settings.roles.items():
+        if role not in ROLES:
+            raise ConfigError(f"roles: unknown role {role!r}; the roles are {', '.join(ROLES)}", setting="roles")
+        if profile not in settings.agents:
+            raise ConfigError(
+                f"roles.{role}: {profile!r} is not a configured agent profile (known: {known})", setting="roles"
+            )
     return settings
 
 

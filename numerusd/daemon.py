@@ -17,6 +17,7 @@ import logging
 import os
 import signal
 from collections.abc import Callable, Coroutine
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -24,21 +25,24 @@ import nats
 from nats.aio.client import Client
 from nats.js import JetStreamContext
 
-from numerusd import domain, state_lock
+from numerusd import domain, git, state_lock
 from numerusd.agents.base import adapter_for
 from numerusd.config import Settings, write_connection_file
 from numerusd.embedded_nats import EmbeddedNats
 from numerusd.errors import NatsUnavailable, NotFound
 from numerusd.event_store import EventStore
 from numerusd.keys import Keyring
+from numerusd.pipeline import JobPipeline
 from numerusd.projections import Projector, Rejected
 from numerusd.protocol.commands import JOB_DONE, EventsReply
 from numerusd.protocol.envelope import InvalidEvent, Sealed, open_event
+from numerusd.protocol.events import LocksReleased, TaskCompleted, TaskMerged
 from numerusd.protocol.ids import new_ulid
+from numerusd.schemas import agent_output_schemas
 from numerusd.service import start_service
 from numerusd.stream_reader import StreamReader, read_stream
 from numerusd.streams import EVENTS, check_server_version, ensure_streams
-from numerusd.supervisor import TaskRun
+from numerusd.supervisor import AgentCall, TaskRun
 from numerusd.systemd import notify, watchdog
 from numerusd.terminal import kill_leftover
 from numerusd.wal import WriteAheadLog
@@ -55,7 +59,9 @@ class Daemon:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.jobs: dict[str, domain.JobState] = {}
-        self.runs: dict[tuple[str, str], TaskRun] = {}
+        #: Agents running now, by (job, task) for task attempts and (job, "<task>.claim"…) for agent calls.
+        self.runs: dict[tuple[str, str], TaskRun | AgentCall] = {}
+        self.pipelines: dict[str, JobPipeline] = {}
         self.should_exit = asyncio.Event()
         self.nc: Client = None  # type: ignore[assignment]  # set by startup()
         self.js: JetStreamContext = None  # type: ignore[assignment]
@@ -90,6 +96,7 @@ class Daemon:
         settings.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._lock_file = state_lock.take(settings.state_dir)  # held for the life of the process
         self.keyring = Keyring.load_or_create(settings.keys_path)
+        self._write_agent_schemas()
         url, user, password = await asyncio.to_thread(self._nats_endpoint)
         self.nc = await self._connect(url, user, password)
         check_server_version(self.nc)
@@ -151,6 +158,17 @@ class Daemon:
                 self.settings.connection_path.unlink()
         log.info("numerusd stopped")
 
+    def _write_agent_schemas(self) -> None:
+        """The `--output-schema` files agents answer with, fresh from the protocol types at every start."""
+        directory = self.settings.schemas_dir
+        directory.mkdir(parents=True, exist_ok=True)
+        for name, text in agent_output_schemas().items():
+            path = directory / f"{name}.schema.json"
+            if not path.exists() or path.read_text() != text:
+                tmp = path.with_name(f".{path.name}.tmp")
+                tmp.write_text(text)
+                tmp.replace(path)
+
     def _nats_endpoint(self) -> tuple[str, str | None, str | None]:
         settings = self.settings
         if settings.nats_url:
@@ -208,13 +226,39 @@ class Daemon:
         return count
 
     async def _reconcile(self) -> None:
-        """Tasks that were running when the previous daemon died: stop what is left of them, say interrupted."""
+        """Tasks that were running when the previous daemon died: stop what is left of them, say interrupted.
+
+        A merge that was started and not recorded as done is looked up in git first: if it happened, it is
+        recorded (never repeated); if not, the task is interrupted like the others.
+        """
         for job in list(self.jobs.values()):
+            for task in job.tasks.values():
+                if task.status == "merging" and task.merge_parent and task.commit and job.integration:
+                    await self._repair_merge(job, task)
             for task in domain.running_tasks(job):
                 if task.pid is not None and await asyncio.to_thread(kill_leftover, task.pid, task.start_ticks):
                     log.info("stopped leftover agent pid %d of %s/%s", task.pid, job.id, task.id)
             await self.record(
                 job.id, lambda state: domain.decide_interrupt(state, "numerusd stopped while the agent was running")
+            )
+
+    async def _repair_merge(self, job: domain.JobState, task: domain.TaskState) -> None:
+        assert job.integration and task.merge_parent and task.commit
+        try:
+            state = await git.merge_state(Path(job.repo), job.integration, task.merge_parent, task.commit)
+        except git.GitError as e:
+            log.warning("cannot tell whether %s/%s was merged: %s", job.id, task.id, e)
+            return
+        if isinstance(state, git.Done):
+            log.info("merge of %s/%s had happened before the restart: recording it", job.id, task.id)
+            sha = state.sha
+            await self.record(
+                job.id,
+                lambda _job: [
+                    (task.id, TaskMerged(sha=sha)),
+                    (task.id, LocksReleased(reason="merged")),
+                    (task.id, TaskCompleted()),
+                ],
             )
 
     async def _project(self) -> None:
@@ -267,8 +311,13 @@ class Daemon:
     # --- agents -------------------------------------------------------------------------------------------
 
     def schedule(self, job_id: str) -> None:
-        """Start every ready task of the job that is not already running."""
+        """Start the job's pipeline, or, on the single-task path, every ready task not already running."""
         job = self.jobs[job_id]
+        if job.planned:
+            if job_id not in self.pipelines and job.status not in JOB_DONE and not self.should_exit.is_set():
+                pipeline = self.pipelines[job_id] = JobPipeline(self, job_id)
+                self._spawn_background(self._pipeline(pipeline), name=f"pipeline {job_id}")
+            return
         for task in domain.ready_tasks(job):
             key = (job_id, task.id)
             if key in self.runs or self.should_exit.is_set():
@@ -300,13 +349,22 @@ class Daemon:
         if not self.should_exit.is_set():
             self.schedule(key[0])
 
+    async def _pipeline(self, pipeline: JobPipeline) -> None:
+        try:
+            await pipeline.run()
+        finally:
+            self.pipelines.pop(pipeline.job_id, None)
+
     def terminate_job(self, job_id: str) -> list[str]:
-        """Stop the job's running agents in the background; the list of tasks being stopped."""
+        """Stop the job's running agents in the background; the list of tasks (or calls) being stopped."""
         tasks = []
         for (job, task), run in list(self.runs.items()):
             if job == job_id:
                 tasks.append(task)
                 self._spawn_background(run.terminate(self.settings.kill_grace_s), name=f"kill {job}/{task}")
+        pipeline = self.pipelines.get(job_id)
+        if pipeline is not None:
+            self._spawn_background(pipeline.poke(), name=f"wake {job_id}")
         return tasks
 
     def _spawn_background(self, coroutine: Coroutine[Any, Any, None], name: str) -> None:

@@ -345,9 +345,7 @@ def fold(events: Iterable[Envelope]) -> dict[str, JobState]:
 def decide_run(goal: str, repo: str, agent: str) -> Decision:
     """A new job with one executor task for the whole goal (the single-task path)."""
     if not goal.strip():
-        raise BadRequest(
-            "the goal is empty: say what the agent should do, e.g. numerusctl run 'fix the tests'"
-        )
+        raise BadRequest("the goal is empty: say what the agent should do, e.g. numerusctl run 'fix the tests'")
     title = goal.strip().splitlines()[0][:80]
     return [
         (None, JobSubmitted(goal=goal, repo=repo, agent=agent)),
@@ -367,7 +365,8 @@ def decide_kill(job: JobState) -> Decision:
             events.append((task.id, TaskKilled()))
         elif task.status == "waiting":
             events += [(task.id, LocksReleased(reason="killed")), (task.id, TaskKilled())]
-    if not running_tasks(job) and job.status != "planning":
+    busy = [task for task in job.tasks.values() if task.status in ACTIVE and task.status != "waiting"]
+    if not busy and job.status != "planning":
         events.append((None, JobKilled()))
     return events
 
@@ -524,9 +523,7 @@ def decide_claim(job: JobState, task_id: str, wanted: tuple[Lock, ...]) -> Decis
     decision = locks.arbitrate(lock_table(job), task_id, wanted)
     if isinstance(decision, locks.Granted):
         return [(task_id, ClaimGranted(locks=decision.locks))]
-    return [
-        (task_id, ClaimDenied(locks=decision.locks, holders=decision.holders, conflicts=tuple(decision.conflicts)))
-    ]
+    return [(task_id, ClaimDenied(locks=decision.locks, holders=decision.holders, conflicts=tuple(decision.conflicts)))]
 
 
 def decide_wake(job: JobState) -> Decision:
@@ -574,6 +571,13 @@ def decide_task_killed(job: JobState, task_id: str) -> Decision:
     return events + _job_outcome(job, {task_id: "killed"})
 
 
+def decide_skip(job: JobState, task_id: str, reason: str) -> Decision:
+    """The task will never run (a dependency did not complete)."""
+    if job.tasks[task_id].status != "pending":
+        return []
+    return [(task_id, TaskSkipped(reason=reason)), *_job_outcome(job, {task_id: "skipped"})]
+
+
 def decide_merged(job: JobState, task_id: str, sha: str, created: bool) -> Decision:
     """The task's work is on the integration branch: it is done and gives its locks back."""
     events: Decision = [
@@ -582,6 +586,16 @@ def decide_merged(job: JobState, task_id: str, sha: str, created: bool) -> Decis
         (task_id, TaskCompleted()),
     ]
     return events + _job_outcome(job, {task_id: "completed"})
+
+
+def decide_job_failed(job: JobState, reason: str) -> Decision:
+    """The daemon cannot go on with the job (an error of its own): every unfinished task and the job fail."""
+    if job.status in JOB_DONE:
+        return []
+    events: Decision = [
+        (task.id, TaskFailed(reason=reason)) for task in job.tasks.values() if task.status not in TASK_DONE
+    ]
+    return [*events, (None, JobFailed(reason=reason))]
 
 
 def decide_planning_killed(job: JobState) -> Decision:
@@ -645,12 +659,25 @@ def job_view(job: JobState) -> JobView:
         created=job.created,
         updated=job.updated,
         events=job.events,
+        planned=job.planned,
+        plan_version=job.plan_version,
+        plan_hash=job.plan_hash,
+        integration=job.integration,
+        base_sha=job.base_sha,
+        parallel=job.parallel,
+        input_tokens=job.input_tokens,
+        output_tokens=job.output_tokens,
         tasks=[
             TaskView(
                 id=task.id,
                 title=task.title,
                 agent=task.agent,
                 status=task.status,
+                role=task.role,
+                deps=list(task.deps),
+                holders=list(task.holders),
+                branch=task.branch,
+                feedback=list(task.feedback),
                 attempt=task.attempt,
                 pid=task.pid,
                 exit_code=task.exit_code,

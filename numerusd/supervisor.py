@@ -23,7 +23,7 @@ from nats.aio.client import Client
 from numerusd import domain
 from numerusd.agents.base import AgentAdapter, AgentInvocation, LineBuffer
 from numerusd.errors import AgentError
-from numerusd.protocol.events import AgentErrorReported, AgentSpawned, EventData, TokensUsed, Usage
+from numerusd.protocol.events import AgentErrorReported, AgentSpawned, AgentSpawnFailed, EventData, TokensUsed, Usage
 from numerusd.terminal import Terminal, spawn
 
 log = logging.getLogger(__name__)
@@ -131,11 +131,13 @@ class AgentProcess:
         self.terminal: Terminal | None = None
         self.stopping = False
         self._started = 0.0
+        #: `time.monotonic()` of the start and of the last output, for the pipeline's timeouts.
+        self.last_output = 0.0
 
     async def spawn(self) -> Terminal:
         """Start the agent; AgentError with a one-line reason when it cannot start."""
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        self._started = time.monotonic()
+        self._started = self.last_output = time.monotonic()
         self.terminal = await spawn(self.argv, cwd=self.cwd, env=self.env)
         return self.terminal
 
@@ -158,6 +160,7 @@ class AgentProcess:
 
         try:
             while chunk := await terminal.read():
+                self.last_output = time.monotonic()
                 await sink.write(chunk)
                 await parsed(lines.feed(chunk))
             await parsed(lines.close())
@@ -174,6 +177,11 @@ class AgentProcess:
             log_bytes=sink.size,
             duration_s=time.monotonic() - self._started,
         )
+
+    @property
+    def started(self) -> float:
+        """`time.monotonic()` when the agent was spawned."""
+        return self._started
 
     async def terminate(self, grace: float) -> None:
         """Stop the agent's whole process group: TERM, then KILL after `grace` seconds."""
@@ -237,6 +245,7 @@ class TaskRun:
         self.run_dir = run_dir
         self.record = record
         self.decide = decide
+        self.spawn_error: str | None = None
         invocation = invocation or AgentInvocation(prompt=task.instructions, repo=Path(job.repo))
         self.process = AgentProcess(
             adapter=adapter,
@@ -271,8 +280,11 @@ class TaskRun:
         try:
             terminal = await process.spawn()
         except AgentError as e:
-            reason = e.message
-            await self.record(self.job_id, lambda job: domain.decide_spawn_failed(job, self.task_id, reason))
+            reason = self.spawn_error = e.message
+            if self.decide:
+                await self.record(self.job_id, lambda job: domain.decide_spawn_failed(job, self.task_id, reason))
+            else:
+                await self._task_events([AgentSpawnFailed(reason=reason)])
             return None
         await self._task_events([AgentSpawned(pid=terminal.pid, start_ticks=terminal.start_ticks)])
         outcome = await process.pump(self._task_events)

@@ -28,9 +28,9 @@ def git_repo(path: Path) -> Path:
     return path
 
 
-def write_scenario(path: Path, steps: list[dict]) -> Path:
-    """A scenario file for the scripted agent."""
-    path.write_text(json.dumps({"steps": steps}))
+def write_scenario(path: Path, scenario: list[dict] | dict) -> Path:
+    """A scenario file for the scripted agent: a list of steps, or a whole scenario (with `cases`)."""
+    path.write_text(json.dumps({"steps": scenario} if isinstance(scenario, list) else scenario))
     return path
 
 
@@ -40,15 +40,17 @@ class Daemon:
 
     state_dir: Path
     env: dict[str, str] = field(default_factory=dict)
-    #: Scripted agent profiles to configure: profile name -> scenario steps.
-    agents: dict[str, list[dict]] = field(default_factory=dict)
+    #: Scripted agent profiles to configure: profile name -> scenario steps (or a whole scenario).
+    agents: dict[str, list[dict] | dict] = field(default_factory=dict)
+    #: More numerus.toml settings, as TOML text (top-level keys).
+    config: str = ""
     process: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 20.0) -> Daemon:
         connection = self.state_dir / "connection.json"
         connection.unlink(missing_ok=True)
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        if self.agents:
+        if self.agents or self.config:
             self._configure_agents()
         self.log = open(self.state_dir / "numerusd.stderr", "ab")  # noqa: SIM115 - closed in stop()
         self.process = subprocess.Popen(
@@ -68,7 +70,7 @@ class Daemon:
 
     def _configure_agents(self) -> None:
         """A numerus.toml with one scripted profile per scenario, as a user would configure them."""
-        lines = []
+        lines = [self.config]
         for name, steps in self.agents.items():
             scenario = write_scenario(self.state_dir / f"scenario-{name}.json", steps)
             lines += [

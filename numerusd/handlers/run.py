@@ -1,11 +1,11 @@
-"""`run`: accept a goal for a repository as a new job and start its first task."""
+"""`run`: accept a goal for a repository as a new job: planned (the pipeline) or one task (`--no-plan`)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from numerusd import domain
+from numerusd import domain, git
 from numerusd.errors import BadRequest
 from numerusd.protocol.commands import RunJob, RunReply
 from numerusd.protocol.ids import new_ulid
@@ -15,17 +15,44 @@ if TYPE_CHECKING:
 
 
 async def handle(daemon: Daemon, request: RunJob) -> RunReply:
-    """Validate, record `JobSubmitted` and its task, then schedule the task."""
+    """Validate, record `JobSubmitted` (and, on the single-task path, its task), then start the job."""
+    settings = daemon.settings
     repo = Path(request.repo)
     if not repo.is_absolute():
         raise BadRequest(f"repo {request.repo!r} is not an absolute path; pass the repository's full path")
     if not repo.is_dir():
         raise BadRequest(f"repo {request.repo} is not a directory; pass --repo with an existing repository")
-    agent = request.agent or daemon.settings.default_agent
-    if agent not in daemon.settings.agents:
-        known = ", ".join(sorted(daemon.settings.agents))
-        raise BadRequest(f"unknown agent {agent!r}; configured agents: {known}")
+    roles = settings.role_agents(request.agent) | request.roles
+    for role, agent in roles.items():
+        if agent not in settings.agents:
+            known = ", ".join(sorted(settings.agents))
+            played = "" if agent == request.agent else f" (for the {role})"
+            raise BadRequest(f"unknown agent {agent!r}{played}; configured agents: {known}")
     job_id = new_ulid()
-    await daemon.record(job_id, lambda _none: domain.decide_run(request.goal, str(repo), agent))
+    if not request.plan:
+        agent = roles["executor"]
+        await daemon.record(job_id, lambda _none: domain.decide_run(request.goal, str(repo), agent))
+    else:
+        try:
+            await git.resolve(repo, "HEAD")
+        except git.GitError:
+            raise BadRequest(
+                f"repo {repo} is not a git repository with a commit; a planned job works on branches of it "
+                "(git init && git commit), or use --no-plan"
+            ) from None
+        parallel = request.parallel or settings.parallel
+        if not 1 <= parallel <= 256:
+            raise BadRequest(f"parallel {parallel} is out of range; give --parallel between 1 and 256")
+        decision = domain.decide_submit(
+            request.goal,
+            str(repo),
+            roles,
+            parallel=parallel,
+            checks=settings.checks + request.checks,
+            review=settings.review if request.review is None else request.review,
+            max_attempts=settings.max_attempts,
+            backoff_s=settings.backoff_s,
+        )
+        await daemon.record(job_id, lambda _none: decision)
     daemon.schedule(job_id)
     return RunReply(job=job_id, subject=f"numerus.job.{job_id}.>")

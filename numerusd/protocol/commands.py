@@ -20,7 +20,23 @@ class RunJob(Request, frozen=True, kw_only=True):
 
     goal: str
     repo: str
+    #: The agent profile of every role (default: the configured roles, else default_agent).
     agent: str | None = None
+    #: False: one executor task for the whole goal, no plan, claims or review (`--no-plan`).
+    plan: bool = True
+    #: Per-role profiles, e.g. {"planner": "strong"}; over `agent` and the configuration.
+    roles: dict[str, str] = {}
+    parallel: int | None = None
+    #: Check commands added to the configured ones.
+    checks: tuple[str, ...] = ()
+    review: bool | None = None
+
+
+class GetPlan(Request, frozen=True, kw_only=True):
+    """`numerusctl plan`: a job's current plan, drawn as text, Graphviz dot or Mermaid."""
+
+    job: str
+    format: str = "text"
 
 
 class GetStatus(Request, frozen=True, kw_only=True):
@@ -61,6 +77,13 @@ class TaskView(msgspec.Struct, frozen=True, kw_only=True):
     title: str
     agent: str
     status: str
+    role: str = "executor"
+    deps: list[str] = []
+    #: While the task waits (NO GO): the tasks holding what it claimed.
+    holders: list[str] = []
+    branch: str | None = None
+    #: Why the last attempt failed, told to the next one.
+    feedback: list[str] = []
     attempt: int = 0
     pid: int | None = None
     exit_code: int | None = None
@@ -87,6 +110,27 @@ class JobView(msgspec.Struct, frozen=True, kw_only=True):
     updated: datetime
     events: int
     tasks: list[TaskView] = []
+    planned: bool = False
+    plan_version: int = 0
+    plan_hash: str | None = None
+    #: The branch every passed task is merged into, and the commit it started from.
+    integration: str | None = None
+    base_sha: str | None = None
+    parallel: int = 1
+    #: Tokens of the job's own agent calls (planner, queen); each task counts its own.
+    input_tokens: int = 0
+    output_tokens: int = 0
+
+
+class PlanReply(msgspec.Struct, frozen=True, kw_only=True):
+    """A job's plan: its version and hash, the status of each task, and the drawing asked for."""
+
+    job: str
+    version: int
+    hash: str
+    summary: str
+    statuses: dict[str, str]
+    rendered: str
 
 
 class RunReply(msgspec.Struct, frozen=True, kw_only=True):
@@ -149,6 +193,7 @@ REQUESTS: dict[str, type[Request]] = {
     "kill": KillJob,
     "logs": GetLogs,
     "events": GetEvents,
+    "plan": GetPlan,
 }
 
 #: Reply type by verb.
@@ -158,6 +203,7 @@ REPLIES: dict[str, type[msgspec.Struct]] = {
     "kill": KillReply,
     "logs": LogsReply,
     "events": EventsReply,
+    "plan": PlanReply,
 }
 
 #: Where the daemon keeps its state (and `connection.json`) when neither a flag nor NUMERUS_STATE_DIR says.

@@ -1,0 +1,516 @@
+"""The pipeline of a planned job: plan, claim, GO / NO GO, worktree, execute, quality gate, merge.
+
+One `JobPipeline` per running planned job drives it from `JobSubmitted` to `JobCompleted` (or failed, killed):
+
+    plan()          the planner answers a plan (read-only); validated, or asked again with every error
+    task_flow(t)    one coroutine per task, all started at once:
+        wait        until every task it depends on is merged (or one failed: then it is skipped)
+        claim()     its executor says what it will touch (read-only); normalised into locks
+        arbitrate   GO (ClaimGranted) or NO GO (ClaimDenied naming the holder), then wait to be woken
+        attempt()   worktree from the integration tip, executor in its PTY, then the gate: diff against the
+                    claim, check commands, reviewer; then the merge into the integration branch, one at a time
+        retry       a failed attempt is retried after 1, 2, 4 s with its reasons, up to `max_attempts`
+
+Every step is decided by `numerusd.domain` against the folded state and appended before it is acted on, the way
+`Daemon.record` does everything; this module only sequences the steps and does the I/O (agents, git, checks).
+Locks released by one task wake the tasks waiting for them (`decide_wake`) in the same breath. At most
+`parallel` agents of the job run at once. A daemon that stops leaves the job to be recorded `interrupted`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import time
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import msgspec
+
+from numerusd import domain, git, locks, prompts
+from numerusd.agents.base import AgentInvocation, adapter_for
+from numerusd.errors import NumerusError
+from numerusd.plans import ValidatedPlan, validate_plan
+from numerusd.protocol.claims import Lock, decode_claim
+from numerusd.protocol.commands import JOB_DONE
+from numerusd.protocol.events import (
+    CheckCompleted,
+    ClaimProposed,
+    ClaimRejected,
+    ClaimViolated,
+    EventData,
+    GateFailed,
+    GatePassed,
+    IntegrationBranchCreated,
+    LocksReleased,
+    MergeConflicted,
+    MergeStarted,
+    PlanRequested,
+    ReviewCompleted,
+    TaskWorkCommitted,
+    WorktreeCreated,
+)
+from numerusd.protocol.review import decode_verdict
+from numerusd.supervisor import AgentCall, AgentProcess, CallResult, TaskRun
+
+if TYPE_CHECKING:
+    from numerusd.daemon import Daemon
+
+log = logging.getLogger(__name__)
+
+#: Who commits an agent's work on its task branch.
+AUTHOR = ("Numerus agent", "agent@numerus.invalid")
+#: How much of a failing check's output is kept in its event and told to the next attempt.
+CHECK_OUTPUT_CHARS = 2000
+
+
+class _Stopped(Exception):
+    """The daemon is stopping: leave the job as it is; shutdown records it interrupted."""
+
+
+class JobPipeline:
+    """Drives one planned job; `run()` returns when the job has ended or the daemon stops."""
+
+    def __init__(self, daemon: Daemon, job_id: str) -> None:
+        self.daemon = daemon
+        self.settings = daemon.settings
+        self.job_id = job_id
+        job = self.job
+        self.repo = Path(job.repo)
+        self.changed = asyncio.Condition()
+        self.slots = asyncio.Semaphore(max(1, job.parallel))
+        self.merging = asyncio.Lock()
+        #: Tasks whose next attempt needs a new worktree from the integration tip (after a merge conflict).
+        self.fresh: set[str] = set()
+        #: Why an agent process was stopped by `_watch`, by `id()` of the process, until `execute` reads it.
+        self.timeouts: dict[int, str] = {}
+
+    @property
+    def job(self) -> domain.JobState:
+        """The job as its events made it, now."""
+        return self.daemon.jobs[self.job_id]
+
+    # --- the job ----------------------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Plan if needed, then run every task to its end."""
+        try:
+            if self.job.status == "planning" and not await self.plan():
+                return
+            if self.job.status in JOB_DONE:
+                return
+            await self.integration_branch()
+            await asyncio.gather(*(self.task_flow(task_id) for task_id in list(self.job.tasks)))
+        except _Stopped:
+            return
+        except Exception as e:
+            if self.daemon.should_exit.is_set():
+                return
+            log.exception("pipeline of job %s failed", self.job_id)
+            reason = f"internal error in the pipeline: {e}"
+            await self.record(lambda job: domain.decide_job_failed(job, reason))
+
+    async def poke(self) -> None:
+        """Wake every step waiting for the job to change (a kill, a release)."""
+        async with self.changed:
+            self.changed.notify_all()
+
+    async def record(self, decide: Callable[[domain.JobState], domain.Decision]) -> None:
+        """Append the decision; when it released locks, grant the tasks that were waiting for them."""
+        sealed = await self.daemon.record(self.job_id, decide)
+        if any(isinstance(event.envelope.data, LocksReleased) for event in sealed):
+            await self.daemon.record(self.job_id, domain.decide_wake)
+        await self.poke()
+
+    async def task_events(self, task_id: str, *events: EventData) -> None:
+        """Append events of one task."""
+        await self.record(lambda _job: [(task_id, event) for event in events])
+
+    async def until(self, predicate: Callable[[domain.JobState], bool]) -> None:
+        """Wait until the job's state satisfies `predicate`."""
+        async with self.changed:
+            await self.changed.wait_for(lambda: predicate(self.job) or self.daemon.should_exit.is_set())
+        self._check_stopping()
+
+    def _check_stopping(self) -> None:
+        if self.daemon.should_exit.is_set():
+            raise _Stopped
+
+    # --- plan ---------------------------------------------------------------------------------------------
+
+    async def plan(self) -> bool:
+        """Ask the planner until it answers a valid plan; False when the job ended instead."""
+        while True:
+            attempt = self.job.plan_attempts + 1
+            profile_name = self.job.roles.get("planner", self.job.agent)
+            call_dir = self.settings.runs_dir / self.job_id / "plan" / str(attempt)
+            requested = PlanRequested(attempt=attempt, agent=profile_name, log_path=str(call_dir / "stdout.log"))
+            await self.record(partial(_job_event, requested))
+            prompt = prompts.planner(self.job_id, self.job.goal, attempt, self.job.plan_errors)
+            result = await self.call("planner", None, f"plan-{attempt}", call_dir, prompt, "plan", self.repo)
+            self._check_stopping()
+            if self.job.kill_requested:
+                await self.record(domain.decide_planning_killed)
+                return False
+            failure = result.failure()
+            checked = [failure] if failure else validate_plan(result.answer or "", repo=self.repo)
+            if isinstance(checked, ValidatedPlan):
+                await self.record(
+                    partial(
+                        domain.decide_plan_validated,
+                        attempt=attempt,
+                        plan=checked.plan,
+                        plan_hash=checked.hash,
+                        usage=result.usage,
+                    )
+                )
+                return True
+            await self.record(
+                partial(
+                    domain.decide_plan_rejected,
+                    attempt=attempt,
+                    errors=[str(error) for error in checked],
+                    answer=result.answer or "",
+                    usage=result.usage,
+                    max_attempts=self.settings.plan_attempts,
+                )
+            )
+            if self.job.status in JOB_DONE:
+                return False
+
+    async def integration_branch(self) -> None:
+        """Create the job's integration branch at the repository's HEAD, once."""
+        if self.job.integration is not None:
+            return
+        branch = await git.create_integration_branch(self.repo, self.job_id)
+        await self.record(lambda _job: [(None, IntegrationBranchCreated(branch=branch.name, base_sha=branch.sha))])
+
+    # --- one task -----------------------------------------------------------------------------------------
+
+    async def task_flow(self, task_id: str) -> None:
+        """Take one task from pending to merged (or failed, skipped, killed)."""
+        deps = set(self.job.tasks[task_id].deps)
+        await self.until(lambda job: all(job.tasks[dep].status in domain.TASK_DONE for dep in deps))
+        job = self.job
+        if job.tasks[task_id].status != "pending":
+            return  # skipped or killed meanwhile
+        if job.kill_requested:
+            await self.record(lambda job: domain.decide_task_killed(job, task_id))
+            return
+        unmet = sorted(dep for dep in deps if job.tasks[dep].status != "completed")
+        if unmet:
+            reason = f"depends on {', '.join(unmet)}, which did not complete"
+            await self.record(lambda job: domain.decide_skip(job, task_id, reason))
+            return
+        wanted = await self.claim(task_id)
+        if wanted is None:
+            return
+        await self.record(lambda job: domain.decide_claim(job, task_id, wanted))
+        await self.until(
+            lambda job: task_id in job.lock_holds or job.tasks[task_id].status in domain.TASK_DONE or job.kill_requested
+        )
+        if self.job.tasks[task_id].status in domain.TASK_DONE:
+            return
+        while True:
+            if self.job.kill_requested:
+                await self.record(lambda job: domain.decide_task_killed(job, task_id))
+                return
+            reasons = await self.attempt(task_id)
+            if reasons is None:
+                return
+            if self.job.kill_requested:
+                await self.record(lambda job: domain.decide_task_killed(job, task_id))
+                return
+            await self.record(partial(domain.decide_attempt_failed, task_id=task_id, reasons=tuple(reasons)))
+            task = self.job.tasks[task_id]
+            if task.status != "retrying":
+                return
+            await self._pause(self.job.backoff_s[min(max(task.attempt, 1), len(self.job.backoff_s)) - 1])
+
+    async def _pause(self, seconds: float) -> None:
+        """Sleep before a retry; a kill or a stop ends the pause early."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.until(lambda job: job.kill_requested), timeout=seconds)
+
+    async def claim(self, task_id: str) -> tuple[Lock, ...] | None:
+        """Ask the task's executor what it will touch until it answers a usable claim; None when the task failed."""
+        errors: tuple[str, ...] = ()
+        for attempt in range(1, self.settings.claim_attempts + 1):
+            task = self.job.tasks[task_id]
+            prompt = prompts.claim(self.job_id, task_id, task.title, task.instructions, attempt, errors)
+            call_dir = self.settings.runs_dir / self.job_id / task_id / f"claim-{attempt}"
+            result = await self.call("executor", task_id, f"{task_id}.claim", call_dir, prompt, "claim", self.repo)
+            self._check_stopping()
+            if self.job.kill_requested:
+                await self.record(lambda job: domain.decide_task_killed(job, task_id))
+                return None
+            failure = result.failure()
+            if failure is None:
+                try:
+                    claimed = decode_claim(result.answer or "")
+                except msgspec.DecodeError as e:
+                    failure = f"the claim is not valid: {e}"
+                else:
+                    wanted = locks.claim_locks(claimed, self.repo)
+                    if not isinstance(wanted, locks.BadClaim):
+                        proposed = ClaimProposed(
+                            attempt=attempt, paths=claimed.paths, commands=claimed.commands, usage=result.usage
+                        )
+                        await self.task_events(task_id, proposed)
+                        return wanted
+                    errors = tuple(str(error) for error in wanted.errors)
+            if failure is not None:
+                errors = (failure,)
+            await self.task_events(task_id, ClaimRejected(attempt=attempt, errors=errors, usage=result.usage))
+        reason = f"no usable claim after {self.settings.claim_attempts} answers: {'; '.join(errors)}"
+        await self.record(lambda job: domain.decide_task_failed(job, task_id, reason))
+        return None
+
+    async def attempt(self, task_id: str) -> list[str] | None:
+        """One attempt with GO in hand: run, gate, merge. None when merged; else why it failed."""
+        worktree = await self.worktree(task_id)
+        task = self.job.tasks[task_id]
+        number = task.attempt + 1
+        prompt = prompts.executor(
+            self.job_id, task_id, task.title, task.instructions, number, task.claim, task.feedback
+        )
+        why = await self.execute(task_id, worktree, prompt, number)
+        self._check_stopping()
+        if self.job.kill_requested:
+            return ["killed"]
+        if why is not None:
+            return [why]
+        changes = await git.changed_paths(worktree)
+        commit = await git.commit_all(worktree, f"{task_id}: {task.title}\n\nNumerus job {self.job_id}", author=AUTHOR)
+        listed = tuple(f"{change.kind} {change.path}" for change in changes)
+        await self.task_events(task_id, TaskWorkCommitted(commit=commit, changes=listed))
+        reasons = await self.gate(task_id, worktree, changes)
+        if reasons:
+            await self.task_events(task_id, GateFailed(reasons=tuple(reasons)))
+            return reasons
+        await self.task_events(task_id, GatePassed())
+        return await self.merge(task_id, worktree, commit)
+
+    async def worktree(self, task_id: str) -> git.Worktree:
+        """The task's worktree: the one it has, or a new one from the integration branch's tip."""
+        task = self.job.tasks[task_id]
+        integration = self.job.integration
+        assert integration is not None
+        path = self.settings.worktrees_dir / self.job_id / task_id
+        if task.worktree is not None and task.base_sha is not None and task_id not in self.fresh:
+            return await git.create_worktree(self.repo, self.job_id, task_id, task.base_sha, path)
+        if task_id in self.fresh and task.worktree is not None and task.branch is not None:
+            old = git.Worktree(Path(task.worktree), task.branch, task.base_sha or "")
+            await git.remove_worktree(self.repo, old, delete_branch=True)
+        self.fresh.discard(task_id)
+        base = await git.resolve(self.repo, integration)
+        created = await git.create_worktree(self.repo, self.job_id, task_id, base, path)
+        await self.task_events(
+            task_id, WorktreeCreated(path=str(created.path), branch=created.branch, base_sha=created.base_sha)
+        )
+        return created
+
+    async def execute(self, task_id: str, worktree: git.Worktree, prompt: str, attempt: int) -> str | None:
+        """Run the executor in the worktree; why the run failed, or None when it exited 0."""
+        job, task = self.job, self.job.tasks[task_id]
+        profile = self.settings.agents[task.agent]
+        run_dir = self.settings.runs_dir / self.job_id / task_id
+        run = TaskRun(
+            job=job,
+            task=task,
+            adapter=adapter_for(profile),
+            extra_env=dict(profile.env),
+            run_dir=run_dir,
+            nc=self.daemon.nc,
+            record=self.daemon.record,
+            chunk_bytes=self.settings.log_chunk_bytes,
+            flush_s=self.settings.log_flush_ms / 1000,
+            invocation=AgentInvocation(prompt=prompt, repo=worktree.path),
+            log_path=run_dir / f"attempt-{attempt}.log",
+            decide=False,
+        )
+        async with self.slots:
+            self._check_stopping()
+            timeout = asyncio.create_task(self._watch(run.process))
+            self.daemon.runs[(self.job_id, task_id)] = run
+            try:
+                outcome = await run.run()
+            finally:
+                self.daemon.runs.pop((self.job_id, task_id), None)
+                timeout.cancel()
+        await self.poke()
+        if outcome is None:
+            return f"the agent did not start: {run.spawn_error}"
+        timed_out = self.timeouts.pop(id(run.process), None)
+        if timed_out is not None:
+            return timed_out
+        if outcome.exit_code != 0:
+            return f"the agent ended with {outcome.describe()}"
+        return None
+
+    async def _watch(self, process: AgentProcess) -> None:
+        """Stop an agent that runs longer than `task_timeout_s` or prints nothing for `idle_timeout_s`."""
+        total, idle = self.settings.task_timeout_s, self.settings.idle_timeout_s
+        while True:
+            await asyncio.sleep(min(1.0, idle / 4, total / 4))
+            if process.terminal is None:
+                continue
+            now = time.monotonic()
+            if now - process.started > total:
+                reason = f"timed out: still running after {total:g} s"
+            elif now - process.last_output > idle:
+                reason = f"timed out: printed nothing for {idle:g} s"
+            else:
+                continue
+            self.timeouts[id(process)] = reason
+            await process.terminate(self.settings.kill_grace_s)
+            return
+
+    async def gate(self, task_id: str, worktree: git.Worktree, changes: list[git.Change]) -> list[str]:
+        """The quality gate: the diff within the claim, every check passing, the reviewer agreeing."""
+        task = self.job.tasks[task_id]
+        violations = git.outside_claim(changes, task.claim or ())
+        if violations:
+            reasons = tuple(f"{violation.path}: {violation.reason}" for violation in violations)
+            await self.task_events(task_id, ClaimViolated(violations=reasons))
+            return [f"changed outside the claim: {reason}" for reason in reasons]
+        passed: list[str] = []
+        for command in self.job.checks:
+            exit_code, output, duration = await self.check(worktree.path, command)
+            tail = output[-CHECK_OUTPUT_CHARS:]
+            await self.task_events(
+                task_id,
+                CheckCompleted(command=command, exit_code=exit_code, duration_s=round(duration, 3), output=tail),
+            )
+            if exit_code != 0:
+                how = f"exit code {exit_code}" if exit_code is not None else "a timeout"
+                return [f"the check `{command}` failed with {how}:\n{tail}"]
+            passed.append(command)
+        if not self.job.review:
+            return []
+        listed = tuple(f"{change.kind} {change.path}" for change in changes)
+        return await self.review(task_id, worktree, listed, tuple(passed))
+
+    async def check(self, cwd: Path, command: str) -> tuple[int | None, str, float]:
+        """Run one check command in the worktree: its exit code (None on timeout), output and duration."""
+        started = time.monotonic()
+        process = await asyncio.create_subprocess_exec(
+            "/bin/sh",
+            "-c",
+            command,
+            cwd=cwd,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+            start_new_session=True,
+        )
+        try:
+            output, _ = await asyncio.wait_for(process.communicate(), timeout=self.settings.check_timeout_s)
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+            await process.wait()
+            return None, f"stopped after {self.settings.check_timeout_s:g} s", time.monotonic() - started
+        except asyncio.CancelledError:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+            raise
+        return process.returncode, output.decode("utf-8", "replace"), time.monotonic() - started
+
+    async def review(
+        self, task_id: str, worktree: git.Worktree, changes: tuple[str, ...], checks: tuple[str, ...]
+    ) -> list[str]:
+        """Ask the reviewer for a verdict (twice if its first answer is not one); the reasons to fail, if any."""
+        task = self.job.tasks[task_id]
+        attempt = task.attempt
+        problem = ""
+        for call_number in (1, 2):
+            prompt = prompts.reviewer(self.job_id, task_id, task.title, task.instructions, attempt, changes, checks)
+            call_dir = self.settings.runs_dir / self.job_id / task_id / f"review-{attempt}-{call_number}"
+            name = f"{task_id}.review"
+            result = await self.call("reviewer", task_id, name, call_dir, prompt, "review", worktree.path)
+            self._check_stopping()
+            failure = result.failure()
+            if failure is None:
+                try:
+                    verdict = decode_verdict(result.answer or "")
+                except msgspec.DecodeError as e:
+                    failure = f"not a verdict: {e}"
+                else:
+                    await self.task_events(
+                        task_id, ReviewCompleted(verdict=verdict.verdict, reasons=verdict.reasons, usage=result.usage)
+                    )
+                    if verdict.verdict == "pass":
+                        return []
+                    return [f"the reviewer failed the work: {reason}" for reason in verdict.reasons] or [
+                        "the reviewer failed the work without saying why"
+                    ]
+            problem = failure
+        return [f"the reviewer gave no verdict: {problem}"]
+
+    async def merge(self, task_id: str, worktree: git.Worktree, commit: str) -> list[str] | None:
+        """Merge the task's commit into the integration branch, one task at a time; None when merged."""
+        integration = self.job.integration
+        assert integration is not None
+        async with self.merging:
+            parent = await git.resolve(self.repo, integration)
+            await self.task_events(task_id, MergeStarted(integration=integration, parent=parent, task_sha=commit))
+            task = self.job.tasks[task_id]
+            message = f"Merge {task_id}: {task.title}\n\nNumerus job {self.job_id}, plan {self.job.plan_hash}"
+            result = await git.merge_task(
+                self.repo, integration, worktree.branch, message, expected_integration=parent, task_sha=commit
+            )
+            if isinstance(result, git.Conflict):
+                await self.task_events(task_id, MergeConflicted(paths=result.paths, messages=result.messages))
+                self.fresh.add(task_id)
+                return [f"merging into {integration} conflicts on {', '.join(result.paths)}; start again from its tip"]
+            await self.record(lambda job: domain.decide_merged(job, task_id, result.sha, result.created))
+        with contextlib.suppress(NumerusError, OSError):
+            await git.remove_worktree(self.repo, worktree)
+        return None
+
+    # --- agent calls --------------------------------------------------------------------------------------
+
+    async def call(
+        self, role: str, task_id: str | None, name: str, call_dir: Path, prompt: str, schema: str, cwd: Path
+    ) -> CallResult:
+        """Ask the agent playing `role` one question, read-only, answered as JSON following `schema`."""
+        job = self.job
+        profile_name = job.roles.get(role) or job.agent
+        profile = msgspec.structs.replace(self.settings.agents[profile_name], sandbox="read-only")
+        invocation = AgentInvocation(
+            prompt=prompt,
+            repo=cwd,
+            output_schema=self.settings.schemas_dir / f"{schema}.schema.json",
+            output_file=call_dir / "answer.json",
+        )
+        process = AgentProcess(
+            adapter=adapter_for(profile),
+            invocation=invocation,
+            extra_env=dict(profile.env),
+            cwd=call_dir,
+            log_path=call_dir / "stdout.log",
+            subject=f"numerus.log.{self.job_id}.{task_id or 'plan'}",
+            nc=self.daemon.nc,
+            chunk_bytes=self.settings.log_chunk_bytes,
+            flush_s=self.settings.log_flush_ms / 1000,
+        )
+        call = AgentCall(process, call_dir / "answer.json")
+        async with self.slots:
+            self._check_stopping()
+            key = (self.job_id, name)
+            self.daemon.runs[key] = call
+            try:
+                return await call.run()
+            finally:
+                self.daemon.runs.pop(key, None)
+
+
+def _job_event(event: EventData, _job: domain.JobState) -> domain.Decision:
+    """A decision of one job event that needs no look at the state."""
+    return [(None, event)]

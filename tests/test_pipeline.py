@@ -1,0 +1,206 @@
+"""A planned job end to end: plan, claims, GO / NO GO, parallel worktrees, quality gate, retries, merge.
+
+The real numerusd and numerusctl, a real nats-server, git and PTYs; every agent is the scripted fake `codex exec`
+playing one scenario for all roles, so the daemon runs the same code path as with real Codex.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+
+from tests.daemon_harness import Daemon, git_repo
+
+PLAN = {
+    "summary": "Greet, take notes, check them",
+    "tasks": [
+        {
+            "id": "t1",
+            "title": "Greeting",
+            "instructions": "Create HELLO.md with a greeting.",
+            "intents": [{"path": "HELLO.md", "mode": "create"}],
+        },
+        {
+            "id": "t2",
+            "title": "Notes",
+            "instructions": "Create NOTES.md.",
+            "intents": [{"path": "NOTES.md", "mode": "create"}],
+        },
+        {
+            "id": "t3",
+            "title": "Sign the greeting",
+            "instructions": "Append a signature to HELLO.md.",
+            "intents": [{"path": "HELLO.md", "mode": "modify"}],
+        },
+        {
+            "id": "t4",
+            "title": "Index the notes",
+            "instructions": "Create INDEX.md listing NOTES.md.",
+            "deps": ["t2"],
+            "intents": [{"path": "INDEX.md", "mode": "create"}],
+        },
+    ],
+}
+
+
+def claim(*paths: tuple[str, str]) -> dict:
+    return {"paths": [{"path": path, "kind": "file", "mode": mode} for path, mode in paths], "commands": []}
+
+
+SCENARIO = {
+    "cases": [
+        # The planner's first answer is cut short: the daemon must reject it and ask again with the error.
+        {"match": {"role": "planner", "attempt": 1}, "steps": [{"answer": '{"summary": "Greet", "tasks": [{"id"'}]},
+        {
+            "match": {"role": "planner"},
+            "steps": [
+                {"answer": PLAN},
+                {"usage": {"input_tokens": 900, "cached_input_tokens": 0, "output_tokens": 99}},
+            ],
+        },
+        {"match": {"role": "claimer", "task": "t1"}, "steps": [{"answer": claim(("HELLO.md", "create"))}]},
+        {"match": {"role": "claimer", "task": "t2"}, "steps": [{"answer": claim(("NOTES.md", "create"))}]},
+        # t3 claims the file t1 creates; it asks a little later, so t1 holds it and t3 gets NO GO.
+        {
+            "match": {"role": "claimer", "task": "t3"},
+            "steps": [{"sleep": 0.8}, {"answer": claim(("HELLO.md", "modify"))}],
+        },
+        {"match": {"role": "claimer", "task": "t4"}, "steps": [{"answer": claim(("INDEX.md", "create"))}]},
+        {
+            "match": {"role": "executor", "task": "t1"},
+            "steps": [{"sleep": 1.5}, {"write": "HELLO.md", "content": "# Hello\n"}, {"say": "greeted"}],
+        },
+        # t2 strays outside its claim on its first attempt (through a shell command), and behaves on its second.
+        {
+            "match": {"role": "executor", "task": "t2", "attempt": 1},
+            "steps": [{"write": "NOTES.md", "content": "notes\n"}, {"run": "echo stray > STRAY.md"}],
+        },
+        {"match": {"role": "executor", "task": "t2"}, "steps": [{"run": "rm -f STRAY.md"}]},
+        {"match": {"role": "executor", "task": "t3"}, "steps": [{"run": "echo '-- signed' >> HELLO.md"}]},
+        # t4 leaves a TODO the configured check refuses on its first attempt.
+        {
+            "match": {"role": "executor", "task": "t4", "attempt": 1},
+            "steps": [{"write": "INDEX.md", "content": "- NOTES.md TODO\n"}],
+        },
+        {"match": {"role": "executor", "task": "t4"}, "steps": [{"write": "INDEX.md", "content": "- NOTES.md\n"}]},
+        {"match": {"role": "reviewer"}, "steps": [{"answer": {"verdict": "pass", "reasons": ["does what was asked"]}}]},
+    ]
+}
+
+CONFIG = """
+checks = ["! grep -rq TODO --include=*.md ."]
+backoff_s = [0.2, 0.4]
+parallel = 4
+"""
+
+
+@pytest.fixture
+def daemon(tmp_path: Path):
+    d = Daemon(tmp_path / "state", agents={"team": SCENARIO}, config=CONFIG).start()
+    yield d
+    d.stop()
+
+
+def by_type(events: list[dict], type_name: str, task: str | None = None) -> list[dict]:
+    return [e for e in events if e["type"] == type_name and (task is None or e["task"] == task)]
+
+
+def when(event: dict) -> datetime:
+    return datetime.fromisoformat(event["time"].replace("Z", "+00:00"))
+
+
+def show(repo: Path, rev: str, path: str) -> str:
+    return subprocess.run(
+        ["git", "-C", str(repo), "show", f"{rev}:{path}"], capture_output=True, text=True, check=True
+    ).stdout
+
+
+async def test_a_planned_job_runs_in_parallel_waits_for_locks_catches_strays_retries_and_merges(
+    daemon: Daemon, tmp_path: Path
+):
+    repo = git_repo(tmp_path / "repo")
+    result = daemon.ctl("run", "Greet and take notes", "--repo", str(repo), "--agent", "team", "--wait", timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr + daemon.stderr()[-3000:]
+    job = result.stdout.splitlines()[0].strip()
+
+    view = daemon.status(job)
+    assert view["status"] == "completed"
+    assert {task["id"]: task["status"] for task in view["tasks"]} == dict.fromkeys(
+        ("t1", "t2", "t3", "t4"), "completed"
+    )
+    events = daemon.events(job)
+
+    # The plan: the first answer was rejected with the reason, the second accepted with a hash.
+    (rejected,) = by_type(events, "PlanRejected")
+    assert rejected["data"]["errors"]
+    (validated,) = by_type(events, "PlanValidated")
+    assert validated["data"]["attempt"] == 2 and len(validated["data"]["hash"]) == 64
+
+    # t1 and t2 ran at the same time: their agents' lifetimes overlap.
+    (t1_start,) = by_type(events, "TaskStarted", "t1")
+    t1_exit = by_type(events, "TaskExited", "t1")[0]
+    t2_start = by_type(events, "TaskStarted", "t2")[0]
+    assert when(t2_start) < when(t1_exit) and when(t1_start) < when(by_type(events, "TaskExited", "t2")[0])
+
+    # t3 claimed the file t1 held: NO GO naming t1, then GO once t1 merged, and it ran after.
+    (denied,) = by_type(events, "ClaimDenied", "t3")
+    assert denied["data"]["holders"] == ["t1"]
+    t3_granted = by_type(events, "ClaimGranted", "t3")[0]
+    t1_merged = by_type(events, "TaskMerged", "t1")[0]
+    assert when(t1_merged) <= when(t3_granted) <= when(by_type(events, "TaskStarted", "t3")[0])
+
+    # t2's edit outside its claim was caught and retried; the second attempt passed.
+    (violated,) = by_type(events, "ClaimViolated", "t2")
+    assert "STRAY.md" in " ".join(violated["data"]["violations"])
+    assert [e["data"]["attempt"] for e in by_type(events, "TaskStarted", "t2")] == [1, 2]
+
+    # t4's failing check was retried with the output, then passed; it ran after t2, which it depends on.
+    checks = by_type(events, "CheckCompleted", "t4")
+    assert [c["data"]["exit_code"] for c in checks] == [1, 0]
+    (retry,) = by_type(events, "TaskRetryScheduled", "t4")
+    assert "failed" in retry["data"]["reasons"][0]
+    assert when(by_type(events, "TaskMerged", "t2")[0]) < when(by_type(events, "TaskStarted", "t4")[0])
+
+    # Everything is on the integration branch; the user's branch and working tree are untouched.
+    branch = view["integration"]
+    assert branch == f"numerus/{job}.integration"
+    assert show(repo, branch, "HELLO.md") == "# Hello\n-- signed\n"
+    assert show(repo, branch, "NOTES.md") == "notes\n"
+    assert show(repo, branch, "INDEX.md") == "- NOTES.md\n"
+    assert (
+        "STRAY.md"
+        not in subprocess.run(
+            ["git", "-C", str(repo), "ls-tree", "--name-only", branch], capture_output=True, text=True, check=True
+        ).stdout
+    )
+    assert sorted(p.name for p in repo.iterdir() if p.name != ".git") == ["README.md"]
+
+    # plan and audit tell the same story.
+    drawn = daemon.ctl("plan", job, "--format", "mermaid", check=True).stdout
+    assert "flowchart" in drawn and "t4" in drawn
+    assert daemon.ctl("audit", "verify", job).returncode == 0
+
+
+async def test_a_planner_that_never_answers_a_valid_plan_fails_the_job_with_the_reasons(
+    tmp_path: Path,
+):
+    scenario = {
+        "steps": [
+            {"answer": {"summary": "x", "tasks": [{"id": "t1", "title": "a", "instructions": "b", "deps": ["t9"]}]}}
+        ]
+    }
+    daemon = Daemon(tmp_path / "state", agents={"bad": scenario}, config="plan_attempts = 2\n").start()
+    try:
+        repo = git_repo(tmp_path / "repo")
+        result = daemon.ctl("run", "anything", "--repo", str(repo), "--agent", "bad", "--wait", timeout=60)
+        assert result.returncode == 1
+        job = result.stdout.splitlines()[0].strip()
+        view = daemon.status(job)
+        assert view["status"] == "failed"
+        assert "no valid plan after 2 attempts" in view["reason"] and "t9" in view["reason"]
+        assert len(by_type(daemon.events(job), "PlanRejected")) == 2
+    finally:
+        daemon.stop()
