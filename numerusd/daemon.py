@@ -27,6 +27,7 @@ from nats.js import JetStreamContext
 
 from numerusd import domain, git, state_lock
 from numerusd.agents.base import adapter_for
+from numerusd.breaker import CircuitBreaker
 from numerusd.config import Settings, write_connection_file
 from numerusd.embedded_nats import EmbeddedNats
 from numerusd.errors import NatsUnavailable, NotFound
@@ -62,6 +63,7 @@ class Daemon:
         #: Agents running now, by (job, task) for task attempts and (job, "<task>.claim"…) for agent calls.
         self.runs: dict[tuple[str, str], TaskRun | AgentCall] = {}
         self.pipelines: dict[str, JobPipeline] = {}
+        self.breaker = CircuitBreaker()
         self.should_exit = asyncio.Event()
         self.nc: Client = None  # type: ignore[assignment]  # set by startup()
         self.js: JetStreamContext = None  # type: ignore[assignment]
@@ -333,6 +335,7 @@ class Daemon:
                 record=self.record,
                 chunk_bytes=self.settings.log_chunk_bytes,
                 flush_s=self.settings.log_flush_ms / 1000,
+                breaker=self.breaker,
             )
             self.runs[key] = run
             self._spawn_background(self._run(key, run), name=f"task {job_id}/{task.id}")

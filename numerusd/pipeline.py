@@ -333,6 +333,7 @@ class JobPipeline:
             invocation=AgentInvocation(prompt=prompt, repo=worktree.path),
             log_path=run_dir / f"attempt-{attempt}.log",
             decide=False,
+            breaker=self.daemon.breaker,
         )
         async with self.slots:
             self._check_stopping()
@@ -499,6 +500,7 @@ class JobPipeline:
             nc=self.daemon.nc,
             chunk_bytes=self.settings.log_chunk_bytes,
             flush_s=self.settings.log_flush_ms / 1000,
+            breaker=self.daemon.breaker,
         )
         call = AgentCall(process, call_dir / "answer.json")
         async with self.slots:

@@ -22,6 +22,7 @@ from nats.aio.client import Client
 
 from numerusd import domain
 from numerusd.agents.base import AgentAdapter, AgentInvocation, LineBuffer
+from numerusd.breaker import CircuitBreaker
 from numerusd.errors import AgentError
 from numerusd.protocol.events import AgentErrorReported, AgentSpawned, AgentSpawnFailed, EventData, TokensUsed, Usage
 from numerusd.terminal import Terminal, spawn
@@ -116,9 +117,11 @@ class AgentProcess:
         nc: Client,
         chunk_bytes: int = 16 * 1024,
         flush_s: float = 0.05,
+        breaker: CircuitBreaker | None = None,
     ) -> None:
         self.adapter = adapter
         self.invocation = invocation
+        self.breaker = breaker
         self.cwd = cwd
         self.log_path = log_path
         self.subject = subject
@@ -137,8 +140,19 @@ class AgentProcess:
     async def spawn(self) -> Terminal:
         """Start the agent; AgentError with a one-line reason when it cannot start."""
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        program = self.argv[0]
+        refusal = self.breaker.refusal(program) if self.breaker is not None else None
+        if refusal is not None:
+            raise AgentError(refusal)
         self._started = self.last_output = time.monotonic()
-        self.terminal = await spawn(self.argv, cwd=self.cwd, env=self.env)
+        try:
+            self.terminal = await spawn(self.argv, cwd=self.cwd, env=self.env)
+        except AgentError as e:
+            if self.breaker is not None:
+                self.breaker.failed(program, e.message)
+            raise
+        if self.breaker is not None:
+            self.breaker.started(program)
         return self.terminal
 
     async def pump(self, on_events: Callable[[list[EventData]], Awaitable[None]]) -> Outcome:
@@ -238,6 +252,7 @@ class TaskRun:
         invocation: AgentInvocation | None = None,
         log_path: Path | None = None,
         decide: bool = True,
+        breaker: CircuitBreaker | None = None,
     ) -> None:
         self.job_id = job.id
         self.task_id = task.id
@@ -257,6 +272,7 @@ class TaskRun:
             nc=nc,
             chunk_bytes=chunk_bytes,
             flush_s=flush_s,
+            breaker=breaker,
         )
 
     @property

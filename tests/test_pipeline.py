@@ -204,3 +204,99 @@ async def test_a_planner_that_never_answers_a_valid_plan_fails_the_job_with_the_
         assert len(by_type(daemon.events(job), "PlanRejected")) == 2
     finally:
         daemon.stop()
+
+
+async def test_an_agent_that_cannot_start_trips_the_circuit_breaker_which_says_why(tmp_path: Path):
+    config = 'plan_attempts = 3\n[agents.missing]\nkind = "codex"\nbinary = "/nonexistent/codex"\n'
+    daemon = Daemon(tmp_path / "state", config=config).start()
+    try:
+        repo = git_repo(tmp_path / "repo")
+        first = daemon.ctl("run", "anything", "--repo", str(repo), "--agent", "missing", "--wait", timeout=60)
+        assert first.returncode == 1
+        job = first.stdout.splitlines()[0].strip()
+        errors = [e["data"]["errors"][0] for e in by_type(daemon.events(job), "PlanRejected")]
+        assert len(errors) == 3 and all("/nonexistent/codex" in error for error in errors)
+        # The breaker is open now: the next job's planner is not even spawned, and the reason says why.
+        second = daemon.ctl("run", "again", "--repo", str(repo), "--agent", "missing", "--wait", timeout=60)
+        assert second.returncode == 1
+        job = second.stdout.splitlines()[0].strip()
+        error = by_type(daemon.events(job), "PlanRejected")[0]["data"]["errors"][0]
+        assert "failed to start 3 times in a row" in error and "next try in" in error
+        assert daemon.alive
+    finally:
+        daemon.stop()
+
+
+SLOW_TEAM = {
+    "cases": [
+        {
+            "match": {"role": "planner"},
+            "steps": [
+                {
+                    "answer": {
+                        "summary": "two tasks on one file",
+                        "tasks": [
+                            {"id": "a", "title": "A", "instructions": "write", "intents": []},
+                            {"id": "b", "title": "B", "instructions": "write", "intents": []},
+                        ],
+                    }
+                }
+            ],
+        },
+        {"match": {"role": "claimer", "task": "b"}, "steps": [{"sleep": 0.5}, {"answer": claim(("F.md", "create"))}]},
+        {"match": {"role": "claimer"}, "steps": [{"answer": claim(("F.md", "create"))}]},
+        {"match": {"role": "executor"}, "steps": [{"say": "working"}, {"run": "sleep 300"}]},
+    ]
+}
+
+
+def wait_for(daemon: Daemon, job: str, predicate, timeout: float = 30.0) -> dict:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        view = daemon.status(job)
+        if predicate(view):
+            return view
+        if time.monotonic() > deadline:
+            raise AssertionError(f"job never reached the expected state: {view}")
+        time.sleep(0.1)
+
+
+def tasks_by_id(view: dict) -> dict[str, dict]:
+    return {task["id"]: task for task in view["tasks"]}
+
+
+async def test_kill_stops_a_planned_job_with_one_task_running_and_one_waiting(tmp_path: Path):
+    daemon = Daemon(tmp_path / "state", agents={"team": SLOW_TEAM}, env={"NUMERUS_KILL_GRACE_S": "1"}).start()
+    try:
+        repo = git_repo(tmp_path / "repo")
+        job = daemon.ctl("run", "slow", "--repo", str(repo), "--agent", "team", check=True).stdout.strip()
+        view = wait_for(daemon, job, lambda v: [t["status"] for t in v["tasks"]] == ["running", "waiting"], timeout=30)
+        assert tasks_by_id(view)["b"]["holders"] == ["a"]
+        assert daemon.ctl("kill", job).returncode == 0
+        view = wait_for(daemon, job, lambda v: v["status"] == "killed", timeout=20)
+        assert {t["status"] for t in view["tasks"]} == {"killed"}
+        released = by_type(daemon.events(job), "LocksReleased")
+        assert {e["task"] for e in released} == {"a", "b"}
+        assert daemon.ctl("audit", "verify", job).returncode == 0
+    finally:
+        daemon.stop()
+
+
+async def test_a_planned_job_cut_by_a_daemon_crash_reads_interrupted_after_restart(tmp_path: Path):
+    import signal
+
+    daemon = Daemon(tmp_path / "state", agents={"team": SLOW_TEAM}).start()
+    try:
+        repo = git_repo(tmp_path / "repo")
+        job = daemon.ctl("run", "slow", "--repo", str(repo), "--agent", "team", check=True).stdout.strip()
+        wait_for(daemon, job, lambda v: [t["status"] for t in v["tasks"]] == ["running", "waiting"], timeout=30)
+        daemon.stop(signal.SIGKILL)
+        daemon.start()
+        view = daemon.status(job)
+        assert view["status"] == "interrupted"
+        assert {t["id"]: t["status"] for t in view["tasks"]} == {"a": "interrupted", "b": "interrupted"}
+        assert daemon.ctl("audit", "verify", job).returncode == 0
+    finally:
+        daemon.stop()
