@@ -107,6 +107,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     #: Attempts per task (first run and retries) and the pauses between them, in seconds.
     max_attempts: Annotated[int, msgspec.Meta(ge=1, le=20)] = 3
     backoff_s: tuple[Annotated[float, msgspec.Meta(ge=0)], ...] = (1.0, 2.0, 4.0)
+    #: Times the queen may revise a job's plan when one of its tasks fails for good (0: never ask her).
+    max_replans: Annotated[int, msgspec.Meta(ge=0, le=10)] = 1
     #: A task's agent is stopped after this long in all, or after this long without printing anything.
     task_timeout_s: Annotated[float, msgspec.Meta(gt=0)] = 3600.0
     idle_timeout_s: Annotated[float, msgspec.Meta(gt=0)] = 900.0

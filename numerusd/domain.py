@@ -48,6 +48,8 @@ from numerusd.protocol.events import (
     PlanRejected,
     PlanRequested,
     PlanValidated,
+    ReplanFailed,
+    ReplanRequested,
     ReviewCompleted,
     TaskCompleted,
     TaskCreated,
@@ -136,6 +138,10 @@ class JobState(msgspec.Struct, frozen=True, kw_only=True):
     review: bool = True
     max_attempts: int = 3
     backoff_s: tuple[float, ...] = (1.0, 2.0, 4.0)
+    max_replans: int = 0
+    replans: int = 0
+    #: The task whose failure asked for the last revised plan, and why it failed.
+    replan_for: tuple[str, str] | None = None
     plan: Plan | None = None
     plan_version: int = 0
     plan_hash: str | None = None
@@ -176,6 +182,7 @@ def evolve(state: JobState | None, event: Envelope) -> JobState:
             review=data.review,
             max_attempts=data.max_attempts,
             backoff_s=data.backoff_s,
+            max_replans=data.max_replans,
         )
     job = msgspec.structs.replace(state, updated=event.time, events=state.events + 1, last_event_id=event.id)
     if event.task is not None:
@@ -184,6 +191,17 @@ def evolve(state: JobState | None, event: Envelope) -> JobState:
     match data:
         case KillRequested():
             return replace(job, kill_requested=True)
+        case ReplanRequested(task=failed, reason=reason):
+            return replace(
+                job,
+                status="replanning",
+                replans=job.replans + 1,
+                replan_for=(failed, reason),
+                plan_attempts=0,
+                plan_errors=(),
+            )
+        case ReplanFailed():
+            return replace(job, status="running")
         case PlanRequested(attempt=attempt):
             return replace(job, plan_attempts=attempt)
         case PlanRejected(errors=errors, usage=usage):
@@ -366,7 +384,7 @@ def decide_kill(job: JobState) -> Decision:
         elif task.status == "waiting":
             events += [(task.id, LocksReleased(reason="killed")), (task.id, TaskKilled())]
     busy = [task for task in job.tasks.values() if task.status in ACTIVE and task.status != "waiting"]
-    if not busy and job.status != "planning":
+    if not busy and job.status not in ("planning", "replanning"):
         events.append((None, JobKilled()))
     return events
 
@@ -465,6 +483,7 @@ def decide_submit(
     review: bool,
     max_attempts: int,
     backoff_s: tuple[float, ...],
+    max_replans: int = 0,
 ) -> Decision:
     """A new planned job: the planner is asked next."""
     if not goal.strip():
@@ -483,6 +502,7 @@ def decide_submit(
                 review=review,
                 max_attempts=max_attempts,
                 backoff_s=backoff_s,
+                max_replans=max_replans,
             ),
         )
     ]
@@ -499,13 +519,43 @@ def decide_plan_rejected(
     return events
 
 
-def decide_plan_validated(job: JobState, attempt: int, plan: Plan, plan_hash: str, usage: Usage) -> Decision:
-    """A valid plan: recorded with its hash, then one TaskCreated per task, in the plan's order."""
-    executor = job.roles.get("executor", job.agent)
-    events: Decision = [
-        (None, PlanValidated(version=job.plan_version + 1, attempt=attempt, hash=plan_hash, plan=plan, usage=usage))
-    ]
+def replan_errors(job: JobState, plan: Plan) -> list[str]:
+    """Why the queen's revised plan cannot replace the current one (beyond `validate_plan`'s checks).
+
+    A revised plan lists the whole job again: completed tasks stay as they are (listed so that others may
+    depend on them), pending ones may be kept, changed or dropped, new ones added; but a task that failed,
+    was skipped or killed cannot come back under its id (its branch and events are its own): a new task
+    needs a new id.
+    """
+    errors = []
     for task in plan.tasks:
+        existing = job.tasks.get(task.id)
+        if existing is not None and existing.status not in ("pending", "completed"):
+            errors.append(
+                f"task {task.id} already {existing.status}: give the task that replaces it a new id, e.g. {task.id}b"
+            )
+    return errors
+
+
+def decide_plan_validated(job: JobState, attempt: int, plan: Plan, plan_hash: str, usage: Usage) -> Decision:
+    """A valid plan: recorded with its hash, then one TaskCreated per task to do, in the plan's order.
+
+    For a revised plan (the queen's), completed tasks are left as they are, pending tasks it leaves out are
+    dropped (skipped), and pending tasks it lists are created again with their new instructions and deps.
+    """
+    executor = job.roles.get("executor", job.agent)
+    version = job.plan_version + 1
+    events: Decision = [
+        (None, PlanValidated(version=version, attempt=attempt, hash=plan_hash, plan=plan, usage=usage))
+    ]
+    listed = {task.id for task in plan.tasks}
+    for task in job.tasks.values():
+        if task.status == "pending" and task.id not in listed:
+            events.append((task.id, TaskSkipped(reason=f"dropped by plan v{version}")))
+    for task in plan.tasks:
+        existing = job.tasks.get(task.id)
+        if existing is not None and existing.status == "completed":
+            continue
         created = TaskCreated(
             title=task.title,
             instructions=task.instructions,
@@ -538,7 +588,11 @@ def decide_wake(job: JobState) -> Decision:
 
 
 def decide_attempt_failed(job: JobState, task_id: str, reasons: tuple[str, ...]) -> Decision:
-    """An attempt failed: retry after the next backoff pause, or, with no attempt left, fail the task."""
+    """An attempt failed: retry after the next backoff pause, or, with no attempt left, fail the task.
+
+    A task that fails for good while the job may still be replanned asks the queen (`ReplanRequested`) instead
+    of failing the tasks that depend on it.
+    """
     task = job.tasks[task_id]
     if job.kill_requested:
         return decide_task_killed(job, task_id)
@@ -547,7 +601,29 @@ def decide_attempt_failed(job: JobState, task_id: str, reasons: tuple[str, ...])
         delay = pauses[min(max(task.attempt, 1), len(pauses)) - 1]  # 1 s after the first, 2 s after the second…
         return [(task_id, TaskRetryScheduled(next_attempt=task.attempt + 1, delay_s=delay, reasons=reasons))]
     reason = f"failed after {task.attempt} attempt{'s' if task.attempt != 1 else ''}: {'; '.join(reasons)}"
+    if job.replans < job.max_replans and job.status == "running":
+        events: Decision = [(task_id, TaskFailed(reason=reason[:4000]))]
+        if task_id in job.lock_holds or task_id in job.lock_queue:
+            events.insert(0, (task_id, LocksReleased(reason="failed")))
+        return [*events, (None, ReplanRequested(task=task_id, reason=reason[:4000]))]
     return decide_task_failed(job, task_id, reason)
+
+
+def decide_replan_failed(job: JobState, reason: str) -> Decision:
+    """The queen gave no usable plan: the failed tasks' dependents are skipped, and the job may end."""
+    events: Decision = [(None, ReplanFailed(reason=reason))]
+    job = msgspec.structs.replace(job, status="running")
+    changed: dict[str, str] = {}
+    for task in job.tasks.values():
+        if task.status == "failed":
+            for skipped in _dependents(job, task.id):
+                if job.tasks[skipped].status == "pending" and skipped not in changed:
+                    events.append((skipped, TaskSkipped(reason=f"depends on {task.id}, which failed")))
+                    changed[skipped] = "skipped"
+    outcome = _job_outcome(job, changed)
+    if outcome and isinstance(outcome[0][1], JobFailed):
+        outcome = [(None, JobFailed(reason=f"{outcome[0][1].reason}; {reason}"))]
+    return events + outcome
 
 
 def decide_task_failed(job: JobState, task_id: str, reason: str) -> Decision:
@@ -619,8 +695,17 @@ def _dependents(job: JobState, task_id: str) -> list[str]:
 
 
 def _job_outcome(job: JobState, changed: dict[str, str]) -> Decision:
-    """The job event that follows when `changed` task statuses leave no task pending or running."""
+    """The job event that follows when `changed` task statuses leave no task pending or running.
+
+    While the queen revises the plan, the job goes on. Of a planned job, the tasks that count are those of the
+    current plan: a failed task the queen replaced does not fail the job.
+    """
+    if job.status in ("planning", "replanning"):
+        return []
     statuses = {task.id: changed.get(task.id, task.status) for task in job.tasks.values()}
+    if job.plan is not None:
+        current = {task.id for task in job.plan.tasks}
+        statuses = {task: status for task, status in statuses.items() if task in current or status == "completed"}
     if any(status not in TASK_DONE for status in statuses.values()):
         return []
     if job.kill_requested:

@@ -87,6 +87,8 @@ class JobPipeline:
         self.merging = asyncio.Lock()
         #: Tasks whose next attempt needs a new worktree from the integration tip (after a merge conflict).
         self.fresh: set[str] = set()
+        self.flows: dict[str, asyncio.Task[None]] = {}
+        self.replanning = asyncio.Lock()
         #: Why an agent process was stopped by `_watch`, by `id()` of the process, until `execute` reads it.
         self.timeouts: dict[int, str] = {}
 
@@ -105,7 +107,12 @@ class JobPipeline:
             if self.job.status in JOB_DONE:
                 return
             await self.integration_branch()
-            await asyncio.gather(*(self.task_flow(task_id) for task_id in list(self.job.tasks)))
+            self.start_flows()
+            while self.flows:
+                done, _ = await asyncio.wait(self.flows.values(), return_when=asyncio.FIRST_COMPLETED)
+                for flow in done:
+                    self.flows = {task: f for task, f in self.flows.items() if f is not flow}
+                    flow.result()  # an error in a flow is the pipeline's
         except _Stopped:
             return
         except Exception as e:
@@ -114,6 +121,15 @@ class JobPipeline:
             log.exception("pipeline of job %s failed", self.job_id)
             reason = f"internal error in the pipeline: {e}"
             await self.record(lambda job: domain.decide_job_failed(job, reason))
+        finally:
+            for flow in self.flows.values():
+                flow.cancel()
+
+    def start_flows(self) -> None:
+        """A flow for every pending task that has none (the plan's tasks, then those a revised plan adds)."""
+        for task in self.job.tasks.values():
+            if task.status == "pending" and task.id not in self.flows:
+                self.flows[task.id] = asyncio.create_task(self.task_flow(task.id), name=f"{self.job_id}/{task.id}")
 
     async def poke(self) -> None:
         """Wake every step waiting for the job to change (a kill, a release)."""
@@ -183,6 +199,67 @@ class JobPipeline:
             if self.job.status in JOB_DONE:
                 return False
 
+    async def replan(self) -> None:
+        """Ask the queen for a revised plan (the job is `replanning`); start the tasks it adds."""
+        async with self.replanning:
+            job = self.job
+            failed, reason = job.replan_for or ("-", "a task failed")
+            errors: tuple[str, ...] = ()
+            for attempt in range(1, self.settings.plan_attempts + 1):
+                profile_name = job.roles.get("queen", job.agent)
+                call_dir = self.settings.runs_dir / self.job_id / f"replan-{job.replans}" / str(attempt)
+                requested = PlanRequested(
+                    attempt=attempt, agent=profile_name, role="queen", log_path=str(call_dir / "stdout.log")
+                )
+                await self.record(partial(_job_event, requested))
+                job = self.job
+                assert job.plan is not None
+                prompt = prompts.queen(
+                    self.job_id,
+                    job.goal,
+                    msgspec.json.encode(job.plan).decode(),
+                    {task.id: task.status for task in job.tasks.values()},
+                    failed,
+                    reason,
+                    attempt,
+                    errors,
+                )
+                result = await self.call("queen", None, "queen", call_dir, prompt, "plan", self.repo)
+                self._check_stopping()
+                if self.job.kill_requested:
+                    await self.record(domain.decide_planning_killed)
+                    return
+                failure = result.failure()
+                checked = [failure] if failure else validate_plan(result.answer or "", repo=self.repo)
+                if isinstance(checked, ValidatedPlan):
+                    problems = domain.replan_errors(self.job, checked.plan)
+                    if not problems:
+                        await self.record(
+                            partial(
+                                domain.decide_plan_validated,
+                                attempt=attempt,
+                                plan=checked.plan,
+                                plan_hash=checked.hash,
+                                usage=result.usage,
+                            )
+                        )
+                        self.start_flows()
+                        return
+                    checked = problems
+                errors = tuple(str(error) for error in checked)
+                await self.record(
+                    partial(
+                        domain.decide_plan_rejected,
+                        attempt=attempt,
+                        errors=list(errors),
+                        answer=result.answer or "",
+                        usage=result.usage,
+                        max_attempts=self.settings.plan_attempts + 1,  # the queen failing does not fail the job
+                    )
+                )
+            why = f"the queen gave no valid revised plan in {self.settings.plan_attempts} answers: {'; '.join(errors)}"
+            await self.record(partial(domain.decide_replan_failed, reason=why))
+
     async def integration_branch(self) -> None:
         """Create the job's integration branch at the repository's HEAD, once."""
         if self.job.integration is not None:
@@ -194,11 +271,11 @@ class JobPipeline:
 
     async def task_flow(self, task_id: str) -> None:
         """Take one task from pending to merged (or failed, skipped, killed)."""
-        deps = set(self.job.tasks[task_id].deps)
-        await self.until(lambda job: all(job.tasks[dep].status in domain.TASK_DONE for dep in deps))
+        await self.until(lambda job: job.status in JOB_DONE or _settled(job, task_id))
         job = self.job
         if job.tasks[task_id].status != "pending":
-            return  # skipped or killed meanwhile
+            return  # skipped, dropped or killed meanwhile
+        deps = job.tasks[task_id].deps
         if job.kill_requested:
             await self.record(lambda job: domain.decide_task_killed(job, task_id))
             return
@@ -227,6 +304,9 @@ class JobPipeline:
                 await self.record(lambda job: domain.decide_task_killed(job, task_id))
                 return
             await self.record(partial(domain.decide_attempt_failed, task_id=task_id, reasons=tuple(reasons)))
+            if self.job.status == "replanning":
+                await self.replan()
+                return
             task = self.job.tasks[task_id]
             if task.status != "retrying":
                 return
@@ -516,3 +596,10 @@ class JobPipeline:
 def _job_event(event: EventData, _job: domain.JobState) -> domain.Decision:
     """A decision of one job event that needs no look at the state."""
     return [(None, event)]
+
+
+def _settled(job: domain.JobState, task_id: str) -> bool:
+    """Whether every task `task_id` depends on has ended, and no revised plan is on its way."""
+    if job.status == "replanning":
+        return False
+    return all(job.tasks[dep].status in domain.TASK_DONE for dep in job.tasks[task_id].deps if dep in job.tasks)

@@ -125,3 +125,40 @@ def reviewer(
         "otherwise 'fail' with reasons the author can act on. Answer as JSON only, following the schema.",
     ]
     return "\n".join(parts) + "\n"
+
+
+def queen(
+    job: str,
+    goal: str,
+    plan_json: str,
+    statuses: dict[str, str],
+    failed: str,
+    reason: str,
+    attempt: int,
+    errors: tuple[str, ...] = (),
+) -> str:
+    """Ask the queen for a revised plan after a task failed for good."""
+    parts = [
+        header("queen", job, failed, attempt),
+        "",
+        "You coordinate a team of coding agents on this repository. A task of the plan failed after all its "
+        "attempts; decide how the goal can still be reached. Read what you need; change nothing.",
+        "",
+        "Goal:",
+        goal.strip(),
+        "",
+        f"Task {failed} failed: {reason}",
+        "",
+        "The current plan:",
+        plan_json,
+        "",
+        "Where each task stands:",
+        _bullets(f"{task}: {status}" for task, status in statuses.items()),
+        "",
+        "Answer a revised plan for the whole job, as JSON following the schema you were given. List completed "
+        "tasks unchanged (others may depend on them). Keep, change, split or drop pending tasks, and add tasks "
+        "as needed; a task that failed cannot come back under its id: give what replaces it a new id.",
+    ]
+    if errors:
+        parts += ["", "Your previous answer was refused. Fix every one of these problems:", _bullets(errors)]
+    return "\n".join(parts) + "\n"

@@ -300,3 +300,75 @@ async def test_a_planned_job_cut_by_a_daemon_crash_reads_interrupted_after_resta
         assert daemon.ctl("audit", "verify", job).returncode == 0
     finally:
         daemon.stop()
+
+
+def replanning_team(queen_steps: list[dict]) -> dict:
+    first = {
+        "summary": "build then document",
+        "tasks": [
+            {"id": "t1", "title": "Build", "instructions": "build", "intents": []},
+            {"id": "t2", "title": "Document", "instructions": "document", "deps": ["t1"], "intents": []},
+        ],
+    }
+    return {
+        "cases": [
+            {"match": {"role": "planner"}, "steps": [{"answer": first}]},
+            {"match": {"role": "queen"}, "steps": queen_steps},
+            {"match": {"role": "claimer"}, "steps": [{"answer": claim(("{task}.md", "create"))}]},
+            {"match": {"role": "executor", "task": "t1"}, "steps": [{"say": "cannot"}, {"exit": 1}]},
+            {"match": {"role": "executor"}, "steps": [{"write": "{task}.md", "content": "{task}\n"}]},
+            {"match": {"role": "reviewer"}, "steps": [{"answer": {"verdict": "pass", "reasons": []}}]},
+        ]
+    }
+
+
+REVISED = {
+    "summary": "build differently, then document",
+    "tasks": [
+        {"id": "t1b", "title": "Build another way", "instructions": "build again", "intents": []},
+        {"id": "t2", "title": "Document", "instructions": "document", "deps": ["t1b"], "intents": []},
+    ],
+}
+
+FAST_RETRIES = "max_attempts = 2\nbackoff_s = [0.1]\nmax_replans = 1\n"
+
+
+async def test_a_task_that_fails_for_good_makes_the_queen_revise_the_plan_and_the_job_completes(tmp_path: Path):
+    team = replanning_team([{"answer": REVISED}])
+    daemon = Daemon(tmp_path / "state", agents={"team": team}, config=FAST_RETRIES).start()
+    try:
+        repo = git_repo(tmp_path / "repo")
+        result = daemon.ctl("run", "build", "--repo", str(repo), "--agent", "team", "--wait", timeout=90)
+        assert result.returncode == 0, result.stdout + daemon.stderr()[-3000:]
+        job = result.stdout.splitlines()[0].strip()
+        view = daemon.status(job)
+        assert view["status"] == "completed" and view["plan_version"] == 2
+        assert {t["id"]: t["status"] for t in view["tasks"]} == {"t1": "failed", "t2": "completed", "t1b": "completed"}
+        events = daemon.events(job)
+        (replan,) = by_type(events, "ReplanRequested")
+        assert replan["data"]["task"] == "t1" and "exit code 1" in replan["data"]["reason"]
+        assert [e["data"]["role"] for e in by_type(events, "PlanRequested")] == ["planner", "queen"]
+        assert [e["data"]["version"] for e in by_type(events, "PlanValidated")] == [1, 2]
+        assert show(repo, view["integration"], "t2.md") == "t2\n"
+    finally:
+        daemon.stop()
+
+
+async def test_when_the_queen_gives_no_valid_plan_the_dependents_are_skipped_and_the_job_fails(tmp_path: Path):
+    reused = {**REVISED, "tasks": [{**REVISED["tasks"][0], "id": "t1"}, {**REVISED["tasks"][1], "deps": ["t1"]}]}
+    team = replanning_team([{"answer": reused}])
+    config = FAST_RETRIES + "plan_attempts = 2\n"
+    daemon = Daemon(tmp_path / "state", agents={"team": team}, config=config).start()
+    try:
+        repo = git_repo(tmp_path / "repo")
+        result = daemon.ctl("run", "build", "--repo", str(repo), "--agent", "team", "--wait", timeout=90)
+        assert result.returncode == 1
+        job = result.stdout.splitlines()[0].strip()
+        view = daemon.status(job)
+        assert view["status"] == "failed"
+        assert {t["id"]: t["status"] for t in view["tasks"]} == {"t1": "failed", "t2": "skipped"}
+        rejected = by_type(daemon.events(job), "PlanRejected")
+        assert len(rejected) == 2 and "give the task that replaces it a new id" in rejected[0]["data"]["errors"][0]
+        assert "queen gave no valid revised plan" in view["reason"]
+    finally:
+        daemon.stop()

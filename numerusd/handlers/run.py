@@ -52,6 +52,7 @@ async def handle(daemon: Daemon, request: RunJob) -> RunReply:
             review=settings.review if request.review is None else request.review,
             max_attempts=settings.max_attempts,
             backoff_s=settings.backoff_s,
+            max_replans=settings.max_replans,
         )
         await daemon.record(job_id, lambda _none: decision)
     daemon.schedule(job_id)

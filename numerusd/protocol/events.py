@@ -47,6 +47,21 @@ class JobSubmitted(EventData, frozen=True, kw_only=True):
     #: Attempts per task (the first run and its retries) and the pauses between them, in seconds.
     max_attempts: int = 3
     backoff_s: tuple[float, ...] = (1.0, 2.0, 4.0)
+    #: Times the queen may revise the plan when a task fails for good.
+    max_replans: int = 0
+
+
+class ReplanRequested(EventData, frozen=True, kw_only=True):
+    """A task failed for good; the queen is asked for a revised plan of the remaining work."""
+
+    task: str
+    reason: str
+
+
+class ReplanFailed(EventData, frozen=True, kw_only=True):
+    """The queen gave no usable revised plan; the job goes on (or ends) with the plan it has."""
+
+    reason: str
 
 
 class Usage(msgspec.Struct, frozen=True, kw_only=True):
@@ -372,6 +387,8 @@ EVENT_TYPES: dict[str, type[EventData]] = {
         JobFailed,
         JobKilled,
         JobInterrupted,
+        ReplanRequested,
+        ReplanFailed,
         PlanRequested,
         PlanRejected,
         PlanValidated,
