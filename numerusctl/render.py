@@ -12,13 +12,19 @@ from typing import Any
 
 import msgspec
 
-from numerusd.protocol.commands import JobView, KillReply, TaskView
+from numerusd.protocol.claims import Conflict
+from numerusd.protocol.commands import JobView, KillReply, PlanReply, TaskView
 from numerusd.protocol.envelope import InvalidEvent, decode_wire
 
 #: Longest one-line summary of an event before it is cut.
 SUMMARY_WIDTH = 100
 #: Longest goal shown in the jobs table.
 GOAL_WIDTH = 60
+#: How much of a plan hash or a commit is shown: enough to tell them apart, as git does.
+HASH_WIDTH = 8
+SHA_WIDTH = 7
+#: Longest reason on a line of its own (why a task or job ended): cut only so that a line stays a line.
+REASON_WIDTH = 1000
 
 _data_decoder = msgspec.json.Decoder()
 
@@ -86,13 +92,17 @@ def jobs_table(jobs: Sequence[JobView], now: datetime) -> str:
 
 
 def job_detail(job: JobView, now: datetime) -> str:
-    """`status JOB`: the job's fields, then its tasks."""
+    """`status JOB`: the job's fields, then its tasks (for a planned job, how each stands in the pipeline)."""
     fields = [
         ("job", job.id),
         ("status", job.status + (f" ({job.reason})" if job.reason else "")),
         ("goal", job.goal),
         ("repo", job.repo),
         ("agent", job.agent),
+    ]
+    if job.planned:
+        fields += _plan_fields(job)
+    fields += [
         ("created", f"{local_time(job.created)} ({age(now, job.created)} ago)"),
         ("updated", f"{local_time(job.updated)} ({age(now, job.updated)} ago)"),
         ("events", str(job.events)),
@@ -100,6 +110,8 @@ def job_detail(job: JobView, now: datetime) -> str:
     head = "\n".join(f"{name:<8} {value}" for name, value in fields)
     if not job.tasks:
         return head + "\n\nno tasks yet"
+    if job.planned:
+        return head + "\n\n" + _planned_tasks(job.tasks)
     rows = [
         [
             t.id,
@@ -116,6 +128,72 @@ def job_detail(job: JobView, now: datetime) -> str:
     return head + "\n\n" + table(["TASK", "STATUS", "AGENT", "ATTEMPT", "PID", "EXIT", "TOKENS", "TITLE"], rows)
 
 
+def _plan_fields(job: JobView) -> list[tuple[str, str]]:
+    """The lines `status JOB` adds for a planned job: its plan, its integration branch, its limits."""
+    if job.plan_hash is None:
+        plan = "none yet (the planner is at work)" if job.status == "planning" else "none"
+    else:
+        plan = f"v{job.plan_version}, hash {job.plan_hash[:HASH_WIDTH]} ('numerusctl plan {job.id}' draws it)"
+    branch = "not yet created" if job.integration is None else job.integration
+    if job.integration is not None and job.base_sha:
+        branch += f" (from {job.base_sha[:SHA_WIDTH]})"
+    own = job.input_tokens + job.output_tokens
+    tokens = count(own + sum(_tokens(t) for t in job.tasks)) + f" ({count(own)} planning)"
+    return [("plan", plan), ("branch", branch), ("parallel", str(job.parallel)), ("tokens", tokens)]
+
+
+def _planned_tasks(tasks: Sequence[TaskView]) -> str:
+    """A planned job's tasks: status, attempt and dependencies, then a line on each that failed or retries."""
+    rows = [
+        [
+            t.id,
+            _task_status(t),
+            str(t.attempt),
+            ", ".join(t.deps) or "-",
+            t.agent,
+            count(_tokens(t)),
+            cut(t.title, GOAL_WIDTH),
+        ]
+        for t in tasks
+    ]
+    text = table(["TASK", "STATUS", "ATTEMPT", "AFTER", "AGENT", "TOKENS", "TITLE"], rows)
+    notes = [f"{t.id}: {note}" for t in tasks if (note := _task_note(t))]
+    return text + ("\n\n" + "\n".join(notes) if notes else "")
+
+
+def _task_status(task: TaskView) -> str:
+    if task.status == "waiting" and task.holders:
+        return f"waiting for {', '.join(task.holders)}"
+    return task.status
+
+
+def _task_note(task: TaskView) -> str | None:
+    """Why a task is retrying, failed or never ran, in one line; None for a task doing fine."""
+    if task.status in ("retrying", "failed") and task.feedback:
+        more = len(task.feedback) - 1
+        return f"{task.status}: {first_line(task.feedback[0])}" + (f" (+{more} more)" if more else "")
+    if task.status in ("failed", "skipped", "interrupted") and task.reason:
+        return f"{task.status}: {first_line(task.reason)}"
+    return None
+
+
+def first_line(text: str, width: int = SUMMARY_WIDTH) -> str:
+    """The first non-empty line of a message (a check's reason is its command, then the output), cut to `width`.
+
+    A line ending with ':' announces what followed it, so the colon goes with what was left out.
+    """
+    line = next((line for line in text.splitlines() if line.strip()), "")
+    return cut(line.rstrip().removesuffix(":"), width)
+
+
+def plan_text(reply: PlanReply) -> str:
+    """`plan JOB`: which plan, the daemon's drawing of it, then where each task stands."""
+    head = f"plan v{reply.version} of job {reply.job} (hash {reply.hash[:HASH_WIDTH]})"
+    statuses = table(["TASK", "STATUS"], [[task, status] for task, status in reply.statuses.items()])
+    drawing = f"{head}\n{reply.rendered.rstrip()}"
+    return f"{drawing}\n\n{statuses}" if reply.statuses else drawing
+
+
 def kill_text(reply: KillReply) -> str:
     """What `kill` did."""
     if not reply.tasks:
@@ -123,13 +201,18 @@ def kill_text(reply: KillReply) -> str:
     return f"job {reply.job}: stopping {', '.join(reply.tasks)}"
 
 
-def summary(type_name: str, data: Any) -> str:
-    """One line saying what an event's payload says (`data` as decoded from JSON)."""
+def summary(type_name: str, data: Any, job: str | None = None) -> str:
+    """One line saying what an event's payload says (`data` as decoded from JSON; `job` names its branches)."""
     d = data if isinstance(data, dict) else {}
     get = d.get
+    story = _pipeline_story(type_name, d, job)
+    if story is not None:
+        return cut(story, SUMMARY_WIDTH)
     match type_name:
         case "JobSubmitted":
             text = f"{get('goal', '')!r} in {get('repo')} with {get('agent')}"
+            if get("plan"):
+                text += f", planned, {get('parallel')} at once"
         case "TaskCreated":
             deps = get("deps") or []
             text = f"{get('title', '')} ({get('agent')}{', after ' + ', '.join(deps) if deps else ''})"
@@ -152,11 +235,123 @@ def summary(type_name: str, data: Any) -> str:
         case "TaskExited":
             how = f"signal {get('signal')}" if get("signal") else f"exit {get('exit_code')}"
             text = f"{how} after {float(get('duration_s') or 0):.1f} s, {get('log_bytes')} bytes of output"
+        case "TaskRetryScheduled":
+            text = f"{_retry(d)}: {_reasons(get('reasons'))}"
+        case "LocksReleased":
+            text = f"locks released ({get('reason') or 'no reason given'})"
+        case "MergeStarted":
+            text = f"merging {_sha(get('task_sha'))} into {get('integration')} at {_sha(get('parent'))}"
         case _:
             # Reasons, and any payload this numerusctl does not know yet: its fields, compactly.
             reason = get("reason")
             text = str(reason) if isinstance(reason, str) and len(d) == 1 else _compact(d)
     return cut(text, SUMMARY_WIDTH)
+
+
+def integration_branch(job: str) -> str:
+    """A job's integration branch, `numerus/<job>.integration` (the name numerusd's git module gives it)."""
+    return f"numerus/{job}.integration"
+
+
+def _pipeline_story(type_name: str, d: dict[str, Any], job: str | None) -> str | None:
+    """What a step of the planned pipeline did, told the same way by `events` and `run --wait` (without the
+    task's id, which each puts in its own place); None for every other event."""
+    get = d.get
+    match type_name:
+        case "PlanRequested":
+            return f"plan attempt {get('attempt')}: asking the {get('role', 'planner')} ({get('agent')})"
+        case "PlanRejected":
+            return f"plan attempt {get('attempt')} rejected: {_reasons(get('errors'))}"
+        case "PlanValidated":
+            plan = get("plan") if isinstance(get("plan"), dict) else {}
+            tasks = plan.get("tasks") if isinstance(plan.get("tasks"), list) else []
+            return f"plan v{get('version')} accepted: {_n(len(tasks), 'task')} (hash {str(get('hash'))[:HASH_WIDTH]})"
+        case "IntegrationBranchCreated":
+            return f"integration branch {get('branch')} created at {_sha(get('base_sha'))}"
+        case "ClaimProposed":
+            paths = [f"{p.get('mode')} {p.get('path')}" for p in _dicts(get("paths"))]
+            runs = f"; runs {_listed(get('commands') or [])}" if get("commands") else ""
+            return f"claims {_listed(paths) or 'nothing'}{runs}"
+        case "ClaimRejected":
+            return f"claim attempt {get('attempt')} rejected: {_reasons(get('errors'))}"
+        case "ClaimGranted":
+            return f"GO ({_n(len(_dicts(get('locks'))), 'lock')})"
+        case "ClaimDenied":
+            return f"NO GO: {_conflicts(d)}"
+        case "WorktreeCreated":
+            return f"works on {get('branch')} from {_sha(get('base_sha'))} in {get('path')}"
+        case "TaskWorkCommitted":
+            changes = get("changes") or []
+            return f"committed {_sha(get('commit'))}: {_listed(changes) if changes else 'no changes'}"
+        case "ClaimViolated":
+            return f"changed outside its claim: {_reasons(get('violations'))}"
+        case "CheckCompleted":
+            return _check(d)
+        case "ReviewCompleted":
+            verdict = {"pass": "passed", "fail": "failed"}.get(str(get("verdict")), f"answered {get('verdict')!r}")
+            reasons = get("reasons") or []
+            return f"review {verdict}" + (f": {_reasons(reasons)}" if reasons else "")
+        case "GatePassed":
+            return "gate passed"
+        case "GateFailed":
+            return f"gate failed: {_reasons(get('reasons'))}"
+        case "TaskMerged":
+            branch = integration_branch(job) if job else "the integration branch"
+            if get("created") is False:
+                return f"already in {branch} at {_sha(get('sha'))} (nothing new to merge)"
+            return f"merged into {branch} at {_sha(get('sha'))}"
+        case "MergeConflicted":
+            return f"merge conflicts on {_listed(get('paths') or [])}; retried from the new tip"
+    return None
+
+
+def _n(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
+def _sha(value: Any) -> str:
+    return str(value)[:SHA_WIDTH] if value else "?"
+
+
+def _dicts(value: Any) -> list[dict[str, Any]]:
+    return [item for item in value if isinstance(item, dict)] if isinstance(value, list) else []
+
+
+def _listed(items: Sequence[Any], shown: int = 3) -> str:
+    """`a, b, c (+2 more)`."""
+    more = len(items) - shown
+    return ", ".join(str(item) for item in items[:shown]) + (f" (+{more} more)" if more > 0 else "")
+
+
+def _reasons(value: Any) -> str:
+    """A list of reasons in one line: the first line of each (a check's reason goes on with its output)."""
+    reasons = value if isinstance(value, list) else [value] if value else []
+    return "; ".join(first_line(str(reason), REASON_WIDTH) for reason in reasons) or "no reason given"
+
+
+def _conflicts(d: dict[str, Any]) -> str:
+    """`src/app.py held by t1 (modify)`, as the protocol's `Conflict` says it; the holders if unreadable."""
+    try:
+        conflicts = msgspec.convert(d.get("conflicts"), tuple[Conflict, ...])
+    except msgspec.ValidationError:
+        conflicts = ()
+    if conflicts:
+        return "; ".join(str(conflict) for conflict in conflicts)
+    return f"waiting for {', '.join(map(str, d.get('holders') or [])) or 'another task'}"
+
+
+def _check(d: dict[str, Any]) -> str:
+    command, exit_code = d.get("command", ""), d.get("exit_code")
+    took = f"{float(d.get('duration_s') or 0):.1f} s"
+    if exit_code == 0:
+        return f"check {command!r} passed ({took})"
+    how = f"timed out after {took}" if exit_code is None else f"failed (exit {exit_code})"
+    last = next((line.strip() for line in reversed(str(d.get("output", "")).splitlines()) if line.strip()), "")
+    return f"check {command!r} {how}" + (f": {last}" if last else "")
+
+
+def _retry(d: dict[str, Any]) -> str:
+    return f"retry {d.get('next_attempt')} in {float(d.get('delay_s') or 0):g}s"
 
 
 def _compact(d: dict[str, Any]) -> str:
@@ -171,16 +366,23 @@ def event_line(seq: int | None, wire: bytes) -> str:
         data = _data_decoder.decode(env.data)
     except (InvalidEvent, msgspec.DecodeError, UnicodeDecodeError) as e:
         return f"{where:>6}  (not a valid event: {cut(str(e), SUMMARY_WIDTH)})"
-    return f"{where:>6}  {local_time(env.time)}  {env.type:<22} {env.task or '-':<6} {summary(env.type, data)}".rstrip()
+    text = summary(env.type, data, env.job)
+    return f"{where:>6}  {local_time(env.time)}  {env.type:<22} {env.task or '-':<6} {text}".rstrip()
 
 
 def progress_line(job: str, type_name: str, task: str | None, data: Any) -> str | None:
     """What `run --wait` prints for an event, or None for events not worth a line (tokens, pids)."""
     d = data if isinstance(data, dict) else {}
-    reason = f": {d['reason']}" if isinstance(d.get("reason"), str) else ""
+    reason = f": {first_line(d['reason'], REASON_WIDTH)}" if isinstance(d.get("reason"), str) else ""
+    # LocksReleased and MergeStarted tell no story of their own here: the line after them says what came of it.
+    story = _pipeline_story(type_name, d, job)
+    if story is not None:
+        return cut(story if task is None else f"{task} {story}", SUMMARY_WIDTH)
     match type_name:
         case "TaskCreated":
-            return f"task {task} created: {cut(str(d.get('title', '')), SUMMARY_WIDTH)}"
+            deps = d.get("deps") or []
+            after = f" (after {', '.join(map(str, deps))})" if deps else ""
+            return f"task {task} created: {cut(str(d.get('title', '')), SUMMARY_WIDTH)}{after}"
         case "TaskStarted":
             return f"task {task} started (attempt {d.get('attempt')}, agent {d.get('agent')})"
         case "AgentSpawnFailed":
@@ -197,9 +399,11 @@ def progress_line(job: str, type_name: str, task: str | None, data: Any) -> str 
         case "TaskExited":
             how = f"signal {d.get('signal')}" if d.get("signal") else f"code {d.get('exit_code')}"
             return f"task {task} exited with {how} after {float(d.get('duration_s') or 0):.1f} s"
+        case "TaskRetryScheduled":
+            return f"{task} {_retry(d)}"
         case "TaskCompleted":
             return f"task {task} completed"
-        case "TaskFailed" | "TaskKilled" | "TaskInterrupted":
+        case "TaskFailed" | "TaskKilled" | "TaskInterrupted" | "TaskSkipped":
             return f"task {task} {type_name.removeprefix('Task').lower()}{reason}"
         case "KillRequested":
             return f"kill requested{reason}"

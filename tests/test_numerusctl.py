@@ -16,18 +16,21 @@ import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import msgspec
 import pytest
 from click.testing import CliRunner, Result
 from nats.aio.client import Client
 from nats.js.api import StreamConfig
 
 from numerusctl.cli import _follow_job, _follow_logs, cli
-from numerusctl.render import event_line, jobs_table
+from numerusctl.render import event_line, job_detail, jobs_table
 from numerusd.config import write_connection_file
 from numerusd.embedded_nats import EmbeddedNats
 from numerusd.protocol import events as ev
+from numerusd.protocol.claims import ClaimedPath, Conflict, Lock
 from numerusd.protocol.commands import JobView, TaskView
 from numerusd.protocol.envelope import Sealed, seal
+from numerusd.protocol.plan import FileIntent, Plan, PlannedTask
 
 NUMERUSCTL = str(Path(sys.executable).parent / "numerusctl")
 KEY = bytes(range(32))
@@ -58,9 +61,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+Script = list[tuple[ev.EventData, str | None]]
+
+
 def chain(job: str, *, tasks: int = 1, end: ev.EventData | None = None) -> list[Sealed]:
     """A job's events, sealed and chained with KEY."""
-    script: list[tuple[ev.EventData, str | None]] = [(ev.JobSubmitted(goal="say hi", repo="/r", agent="s"), None)]
+    script: Script = [(ev.JobSubmitted(goal="say hi", repo="/r", agent="s"), None)]
     for n in range(tasks):
         script += [
             (ev.TaskCreated(title="greet", instructions="say hi", agent="s"), f"t{n}"),
@@ -70,6 +76,11 @@ def chain(job: str, *, tasks: int = 1, end: ev.EventData | None = None) -> list[
             (ev.TaskCompleted(), f"t{n}"),
         ]
     script.append((end or ev.JobCompleted(), None))
+    return sealed_chain(job, script)
+
+
+def sealed_chain(job: str, script: Script) -> list[Sealed]:
+    """The events of `script` (payload, task) for `job`, sealed and chained with KEY, one second apart."""
     sealed, prev = [], ""
     t0 = datetime(2025, 5, 1, tzinfo=UTC)
     for i, (data, task) in enumerate(script):
@@ -333,3 +344,190 @@ def test_status_table_and_event_lines_are_aligned_plain_text():
     line = event_line(12, chain(JOB)[3].wire)
     assert line.split()[0] == "12" and "AgentMessageReceived" in line and line.endswith("t0     hello world")
     assert "not a valid event" in event_line(None, b'{"id": 1}')
+
+
+# --- a planned job, as `run --wait`, `events` and `status` tell it -------------------------------------------------
+
+
+def sha(prefix: str) -> str:
+    """A commit id starting with `prefix`."""
+    return prefix.ljust(40, "0")
+
+
+def planned_job(job: str) -> Script:
+    """A planned job's story: one plan rejected, t1 GO and t2 NO GO on the same file, t1 failing a check and
+    then merging, t2 conflicting on merge and changing a file outside its claim until it fails, t3 skipped."""
+    intent = FileIntent(path="src/app.py", mode="modify")
+    plan = Plan(
+        summary="Add a parser, then use it.",
+        tasks=(
+            PlannedTask(id="t1", title="Add the parser", instructions="…", intents=(intent,)),
+            PlannedTask(id="t2", title="Use it", instructions="…"),
+            PlannedTask(id="t3", title="Document it", instructions="…", deps=("t2",)),
+        ),
+    )
+    app, tests = ClaimedPath("src/app.py", "file", "modify"), ClaimedPath("tests", "dir", "read")
+    base, branch = sha("abc1234"), f"numerus/{job}.integration"
+    log = {"log_path": "/l", "log_sha256": "0" * 64, "log_bytes": 6, "duration_s": 0.5}
+    run = {"agent": "codex", "argv": ("codex",), "workdir": "/w/t1", "log_path": "/l"}
+    output = "E   assert 1 == 2\n1 failed in 0.1s\n"
+    check_failed = f"the check `pytest -q` failed with exit code 1:\n{output}"
+    return [
+        (ev.JobSubmitted(goal="add a parser", repo="/r", agent="codex", plan=True, parallel=2), None),
+        (ev.PlanRequested(attempt=1, agent="careful"), None),
+        (ev.PlanRejected(attempt=1, errors=("$.tasks[0].deps[0]: unknown task t9", "$.tasks[1].id: twice")), None),
+        (ev.PlanRequested(attempt=2, agent="careful"), None),
+        (ev.PlanValidated(version=1, attempt=2, hash="1a2b3c4d" + "0" * 56, plan=plan), None),
+        (ev.IntegrationBranchCreated(branch=branch, base_sha=base), None),
+        (ev.TaskCreated(title="Add the parser", instructions="…", agent="codex"), "t1"),
+        (ev.TaskCreated(title="Use it", instructions="…", agent="codex"), "t2"),
+        (ev.TaskCreated(title="Document it", instructions="…", agent="codex", deps=("t2",)), "t3"),
+        (ev.ClaimProposed(attempt=1, paths=(app, tests), commands=("pytest -q",)), "t1"),
+        (ev.ClaimGranted(locks=(Lock("src/app.py", "modify"), Lock("tests/", "read"), Lock("x.cfg", "read"))), "t1"),
+        (ev.ClaimProposed(attempt=1, paths=(app,)), "t2"),
+        (ev.ClaimDenied(
+            locks=(Lock("src/app.py", "modify"),),
+            holders=("t1",),
+            conflicts=(Conflict(path="src/app.py", holder="t1", holder_mode="modify", holder_path="src/app.py"),),
+        ), "t2"),
+        (ev.WorktreeCreated(path="/w/t1", branch=f"numerus/{job}/t1", base_sha=base), "t1"),
+        (ev.TaskStarted(attempt=1, **run), "t1"),
+        (ev.TaskExited(exit_code=0, **log), "t1"),
+        (ev.TaskWorkCommitted(commit=sha("c0ffee1"), changes=("modify src/app.py",)), "t1"),
+        (ev.CheckCompleted(command="pytest -q", exit_code=1, duration_s=0.4, output=output), "t1"),
+        (ev.GateFailed(reasons=(check_failed,)), "t1"),
+        (ev.TaskRetryScheduled(next_attempt=2, delay_s=1.0, reasons=(check_failed,)), "t1"),
+        (ev.TaskStarted(attempt=2, **run), "t1"),
+        (ev.TaskExited(exit_code=0, **log), "t1"),
+        (ev.TaskWorkCommitted(commit=sha("d00d1e5"), changes=("modify src/app.py",)), "t1"),
+        (ev.CheckCompleted(command="pytest -q", exit_code=0, duration_s=0.25), "t1"),
+        (ev.ReviewCompleted(verdict="pass", reasons=("does what t1 asks",)), "t1"),
+        (ev.GatePassed(), "t1"),
+        (ev.MergeStarted(integration=branch, parent=base, task_sha=sha("d00d1e5")), "t1"),
+        (ev.TaskMerged(sha=sha("beef123")), "t1"),
+        (ev.LocksReleased(reason="merged"), "t1"),
+        (ev.TaskCompleted(), "t1"),
+        (ev.ClaimGranted(locks=(Lock("src/app.py", "modify"),)), "t2"),
+        (ev.MergeConflicted(paths=("src/app.py",)), "t2"),
+        (ev.ClaimViolated(violations=("modified README.md, which the claim does not cover",)), "t2"),
+        (ev.LocksReleased(reason="failed"), "t2"),
+        (ev.TaskFailed(reason="failed after 3 attempts: changed outside the claim: modified README.md"), "t2"),
+        (ev.TaskSkipped(reason="depends on t2, which failed"), "t3"),
+        (ev.JobFailed(reason="t2 failed; t3 skipped"), None),
+    ]  # fmt: skip
+
+
+async def test_follow_job_tells_a_planned_job_one_line_per_step(streams: Client, capsys: pytest.CaptureFixture[str]):
+    await publish(streams, sealed_chain(JOB, planned_job(JOB)))
+    assert await asyncio.wait_for(_follow_job(streams, JOB, as_json=False), 10) == 1
+    assert capsys.readouterr().out.splitlines() == [
+        "plan attempt 1: asking the planner (careful)",
+        "plan attempt 1 rejected: $.tasks[0].deps[0]: unknown task t9; $.tasks[1].id: twice",
+        "plan attempt 2: asking the planner (careful)",
+        "plan v1 accepted: 3 tasks (hash 1a2b3c4d)",
+        f"integration branch numerus/{JOB}.integration created at abc1234",
+        "task t1 created: Add the parser",
+        "task t2 created: Use it",
+        "task t3 created: Document it (after t2)",
+        "t1 claims modify src/app.py, read tests; runs pytest -q",
+        "t1 GO (3 locks)",
+        "t2 claims modify src/app.py",
+        "t2 NO GO: src/app.py held by t1 (modify)",
+        f"t1 works on numerus/{JOB}/t1 from abc1234 in /w/t1",
+        "task t1 started (attempt 1, agent codex)",
+        "task t1 exited with code 0 after 0.5 s",
+        "t1 committed c0ffee1: modify src/app.py",
+        "t1 check 'pytest -q' failed (exit 1): 1 failed in 0.1s",
+        "t1 gate failed: the check `pytest -q` failed with exit code 1",
+        "t1 retry 2 in 1s",
+        "task t1 started (attempt 2, agent codex)",
+        "task t1 exited with code 0 after 0.5 s",
+        "t1 committed d00d1e5: modify src/app.py",
+        "t1 check 'pytest -q' passed (0.2 s)",
+        "t1 review passed: does what t1 asks",
+        "t1 gate passed",
+        f"t1 merged into numerus/{JOB}.integration at beef123",
+        "task t1 completed",
+        "t2 GO (1 lock)",
+        "t2 merge conflicts on src/app.py; retried from the new tip",
+        "t2 changed outside its claim: modified README.md, which the claim does not cover",
+        "task t2 failed: failed after 3 attempts: changed outside the claim: modified README.md",
+        "task t3 skipped: depends on t2, which failed",
+        f"job {JOB} failed: t2 failed; t3 skipped",
+    ]
+
+
+def test_event_lines_of_a_planned_job_say_what_each_step_did():
+    lines = {
+        s.envelope.type + (s.envelope.task or ""): event_line(1, s.wire) for s in sealed_chain(JOB, planned_job(JOB))
+    }
+
+    def says(key: str) -> str:
+        return lines[key].split(maxsplit=5)[-1]  # after seq, date, time, type and task (or -)
+
+    assert says("JobSubmitted") == "'add a parser' in /r with codex, planned, 2 at once"
+    assert says("PlanValidated") == "plan v1 accepted: 3 tasks (hash 1a2b3c4d)"
+    assert says("ClaimDeniedt2") == "NO GO: src/app.py held by t1 (modify)"
+    assert says("TaskRetryScheduledt1") == "retry 2 in 1s: the check `pytest -q` failed with exit code 1"
+    assert says("MergeStartedt1") == f"merging d00d1e5 into numerus/{JOB}.integration at abc1234"
+    assert says("TaskMergedt1") == f"merged into numerus/{JOB}.integration at beef123"
+    assert says("LocksReleasedt2") == "locks released (failed)"
+    assert says("TaskSkippedt3") == "depends on t2, which failed"
+    assert all(len(line.split(maxsplit=5)[-1]) <= 100 for line in lines.values())
+
+
+def test_status_of_a_planned_job_shows_its_plan_branch_and_where_each_task_stands():
+    now = datetime(2025, 5, 1, 12, 0, tzinfo=UTC)
+    check_failed = "the check `pytest -q` failed with exit code 1:\nE   assert 1 == 2"
+
+    def task(id: str, status: str, **fields) -> TaskView:
+        return TaskView(id=id, title=f"do {id}", agent="codex", status=status, **fields)
+
+    job = JobView(
+        id=JOB, goal="add a parser", repo="/r", agent="codex", status="running", created=now, updated=now, events=40,
+        planned=True, plan_version=2, plan_hash="1a2b3c4d" + "0" * 56, integration=f"numerus/{JOB}.integration",
+        base_sha="abc1234" + "0" * 33, parallel=4, input_tokens=1000, output_tokens=500,
+        tasks=[
+            task("t1", "merging", attempt=1, input_tokens=2000),
+            task("t2", "waiting", deps=["t1"], holders=["t1"]),
+            task("t3", "retrying", attempt=2, feedback=[check_failed, "the reviewer: tests are missing"]),
+            task("t4", "failed", attempt=3, deps=["t1", "t3"], feedback=[check_failed], reason="failed after 3 …"),
+            task("t5", "skipped", deps=["t4"], reason="depends on t4, which failed"),
+        ],
+    )  # fmt: skip
+    lines = job_detail(job, now).splitlines()
+    fields = dict(line.split(maxsplit=1) for line in lines[: lines.index("")])
+    assert fields["plan"] == f"v2, hash 1a2b3c4d ('numerusctl plan {JOB}' draws it)"
+    assert fields["branch"] == f"numerus/{JOB}.integration (from abc1234)"
+    assert fields["parallel"] == "4"
+    assert fields["tokens"] == "3.5k (1.5k planning)"
+    assert lines[lines.index("") + 1 :] == [
+        "TASK  STATUS          ATTEMPT  AFTER   AGENT  TOKENS  TITLE",
+        "t1    merging         1        -       codex  2.0k    do t1",
+        "t2    waiting for t1  0        t1      codex  0       do t2",
+        "t3    retrying        2        -       codex  0       do t3",
+        "t4    failed          3        t1, t3  codex  0       do t4",
+        "t5    skipped         0        t4      codex  0       do t5",
+        "",
+        "t3: retrying: the check `pytest -q` failed with exit code 1 (+1 more)",
+        "t4: failed: the check `pytest -q` failed with exit code 1",
+        "t5: skipped: depends on t4, which failed",
+    ]
+    planning = msgspec.structs.replace(
+        job, status="planning", plan_version=0, plan_hash=None, integration=None, tasks=[]
+    )
+    text = job_detail(planning, now)
+    assert "plan     none yet (the planner is at work)" in text and "branch   not yet created" in text
+    assert text.endswith("\n\nno tasks yet")
+
+
+def test_status_of_a_single_task_job_is_as_before():
+    now = datetime(2025, 5, 1, 12, 0, tzinfo=UTC)
+    task = TaskView(id="t1", title="x", agent="s", status="failed", attempt=1, pid=42, exit_code=1, reason="exit 1")
+    job = JobView(id="01JA", goal="g", repo="/r", agent="s", status="failed", created=now, updated=now, events=7)
+    text = job_detail(msgspec.structs.replace(job, tasks=[task]), now)
+    assert "plan" not in text and "branch" not in text
+    assert text.splitlines()[-2:] == [
+        "TASK  STATUS           AGENT  ATTEMPT  PID  EXIT  TOKENS  TITLE",
+        "t1    failed (exit 1)  s      1        42   1     0       x",
+    ]
