@@ -1,11 +1,17 @@
 """`numerusctl`: the thin client. Each command sends one request to `numerus.cmd.<verb>` and prints the reply.
 
-    numerusctl run GOAL --repo PATH [--agent NAME] [--wait]
+    numerusctl run GOAL --repo PATH [--agent NAME] [--role ROLE=PROFILE]... [--parallel N] [--check CMD]...
+                   [--no-review] [--no-plan] [--wait]
+    numerusctl plan JOB [--format text|dot|mermaid]
     numerusctl status [JOB]
     numerusctl logs JOB [--task T] [-f]
     numerusctl events [JOB] [-f]
     numerusctl kill JOB
     numerusctl audit verify [JOB] [--key-file F] [--expect-head DIGEST] [--finished]
+
+`run` plans the goal into tasks (planner), lets each claim its files (GO / NO GO), runs them in worktrees
+(executor), passes each through the quality gate (checks, reviewer) and merges it into the job's integration
+branch `numerus/<job>.integration`; `--no-plan` runs one supervised agent on the goal instead.
 
 `--json` (before or after the command) prints replies and events as JSON instead of text. Following (`run
 --wait`, `logs -f`, `events -f`) and `audit verify` read the JetStream streams directly with ordered consumers;
@@ -51,10 +57,12 @@ from numerusd.protocol.commands import (
     EventsReply,
     GetEvents,
     GetLogs,
+    GetPlan,
     GetStatus,
     KillJob,
     KillReply,
     LogsReply,
+    PlanReply,
     RunJob,
     RunReply,
     StatusReply,
@@ -69,11 +77,15 @@ _status_reply = msgspec.json.Decoder(StatusReply)
 _kill_reply = msgspec.json.Decoder(KillReply)
 _logs_reply = msgspec.json.Decoder(LogsReply)
 _events_reply = msgspec.json.Decoder(EventsReply)
+_plan_reply = msgspec.json.Decoder(PlanReply)
 _any_json = msgspec.json.Decoder()
 
 #: The job events after which `run --wait` and `logs -f` stop, and what `run --wait` then exits with.
 _JOB_END = {"JobCompleted": 0, "JobFailed": EXIT_FAILED, "JobKilled": EXIT_FAILED, "JobInterrupted": EXIT_FAILED}
 _JOB_END_SUFFIXES = {snake_name(name) for name in _JOB_END}
+
+#: The roles of a planned job; the daemon's `numerusd.config.ROLES` (numerusctl may import only the protocol).
+ROLES = ("planner", "queen", "executor", "reviewer")
 
 T = TypeVar("T")
 
@@ -211,24 +223,101 @@ def cli(
 # --- run ------------------------------------------------------------------------------------------------------
 
 
+def _roles(_ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> dict[str, str]:
+    """`--role planner=strong --role reviewer=careful` -> {"planner": "strong", "reviewer": "careful"}."""
+    roles: dict[str, str] = {}
+    for value in values:
+        role, eq, profile = value.partition("=")
+        role, profile = role.strip(), profile.strip()
+        if not eq or not profile:
+            raise click.BadParameter(f"{value!r} is not ROLE=PROFILE (e.g. planner=strong)", param=param)
+        if role not in ROLES:
+            raise click.BadParameter(f"unknown role {role!r}; the roles are {', '.join(ROLES)}", param=param)
+        if roles.get(role, profile) != profile:
+            raise click.BadParameter(f"the {role} is given twice ({roles[role]} and {profile})", param=param)
+        roles[role] = profile
+    return roles
+
+
+def _checks(_ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> tuple[str, ...]:
+    if any(not value.strip() for value in values):
+        raise click.BadParameter("a check is a shell command; this one is empty", param=param)
+    return values
+
+
 @cli.command()
 @click.argument("goal")
 @click.option(
     "--repo",
     required=True,
     type=click.Path(exists=True, file_okay=False, dir_okay=True, resolve_path=True, path_type=Path),
-    help="The repository to work in.",
+    help="The repository to work in (for a planned job, a git repository with a commit).",
 )
-@click.option("--agent", help="Agent profile [numerusd's default_agent].")
+@click.option("--agent", help="Agent profile of every role [numerusd's configured roles, else its default_agent].")
+@click.option(
+    "--role",
+    "roles",
+    multiple=True,
+    metavar="ROLE=PROFILE",
+    callback=_roles,
+    help=f"Agent profile of one role ({', '.join(ROLES)}), over --agent; repeatable.",
+)
+@click.option(
+    "--parallel",
+    type=click.IntRange(1, 256),
+    metavar="N",
+    help="Most agents of the job running at once [numerusd's parallel].",
+)
+@click.option(
+    "--check",
+    "checks",
+    multiple=True,
+    metavar="CMD",
+    callback=_checks,
+    help="A shell command each task's work must pass (exit 0) before it merges, after the configured ones; repeatable.",
+)
+@click.option(
+    "--review/--no-review",
+    default=None,
+    help="Whether the reviewer must agree before a task merges [numerusd's review].",
+)
+@click.option(
+    "--plan/--no-plan",
+    default=True,
+    help="Plan the goal into tasks (the default); --no-plan: one supervised agent works on the whole goal, with "
+    "no plan, claims, checks or review.",
+)
 @click.option("--wait", is_flag=True, help="Follow the job until it ends; exit 1 unless it completed.")
 @json_option
 @click.pass_context
-def run(ctx: click.Context, goal: str, repo: Path, agent: str | None, wait: bool, as_json: bool) -> None:
-    """Submit GOAL for the repository and print the job id."""
+def run(
+    ctx: click.Context,
+    goal: str,
+    repo: Path,
+    agent: str | None,
+    roles: dict[str, str],
+    parallel: int | None,
+    checks: tuple[str, ...],
+    review: bool | None,
+    plan: bool,
+    wait: bool,
+    as_json: bool,
+) -> None:
+    """Submit GOAL for the repository and print the job id.
+
+    numerusd plans the goal into tasks, runs each in its own worktree once its claim on files is granted, checks
+    and reviews its work, and merges it into the branch numerus/<job>.integration; your branches are left as
+    they are.
+    """
     opts = _options(ctx, as_json)  # the goal itself is numerusd's to judge: one place says what a good one is
+    if not plan:
+        _refuse_with_no_plan(roles, parallel, checks, review)
+    job = RunJob(
+        goal=goal, repo=str(repo), agent=agent, plan=plan, roles=roles, parallel=parallel, checks=checks, review=review
+    )
 
     async def body(nc: Client) -> int:
-        data = await request(nc, "run", RunJob(goal=goal, repo=str(repo), agent=agent), opts.timeout)
+        data = await request(nc, "run", job, opts.timeout)
         reply: RunReply = decode_reply(_run_reply, "run", data)
         _out(data.decode() if opts.json else reply.job)
         if not wait:
@@ -236,6 +325,23 @@ def run(ctx: click.Context, goal: str, repo: Path, agent: str | None, wait: bool
         return await _follow_job(nc, reply.job, opts.json)
 
     _run(_with_daemon(opts, body))
+
+
+def _refuse_with_no_plan(
+    roles: dict[str, str], parallel: int | None, checks: tuple[str, ...], review: bool | None
+) -> None:
+    """A usage error for an option that the single-task path (`--no-plan`) would silently ignore."""
+    ignored = [f"--role {role}=..." for role in roles if role != "executor"]
+    if parallel is not None:
+        ignored.append("--parallel")
+    if checks:
+        ignored.append("--check")
+    if review is not None:
+        ignored.append("--review" if review else "--no-review")
+    if ignored:
+        raise click.UsageError(
+            f"--no-plan runs one agent with no plan, claims, checks or review, so {', '.join(ignored)} cannot apply"
+        )
 
 
 async def _follow_job(nc: Client, job: str, as_json: bool) -> int:
@@ -280,6 +386,42 @@ def status(ctx: click.Context, job: str | None, as_json: bool) -> None:
             _out(render.job_detail(reply.jobs[0], datetime.now(UTC)))
         else:
             _out(render.jobs_table(reply.jobs, datetime.now(UTC)))
+        return 0
+
+    _run(_with_daemon(opts, body))
+
+
+# --- plan -----------------------------------------------------------------------------------------------------
+
+
+@cli.command()
+@click.argument("job", callback=_token)
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["text", "dot", "mermaid"]),
+    default="text",
+    show_default=True,
+    help="text for the terminal (with each task's status), Graphviz dot, or a Mermaid flowchart.",
+)
+@json_option
+@click.pass_context
+def plan(ctx: click.Context, job: str, fmt: str, as_json: bool) -> None:
+    """The plan of JOB: its tasks in waves, what each depends on and the files it means to touch.
+
+    dot and mermaid print the drawing alone, to pipe on (`numerusctl plan JOB --format dot | dot -Tsvg`).
+    """
+    opts = _options(ctx, as_json)
+
+    async def body(nc: Client) -> int:
+        data = await request(nc, "plan", GetPlan(job=job, format=fmt), opts.timeout)
+        reply: PlanReply = decode_reply(_plan_reply, "plan", data)
+        if opts.json:
+            _out(data.decode())
+        elif fmt == "text":
+            _out(render.plan_text(reply))
+        else:
+            _out(reply.rendered.rstrip("\n"))
         return 0
 
     _run(_with_daemon(opts, body))

@@ -1,8 +1,8 @@
 """numerusctl as a user meets it: usage errors, no daemon, error replies, following a job, and `audit verify`.
 
 Against a real nats-server (the `nats_server` fixture). The daemon itself is not started here; the end-to-end
-tests with it are in test_run.py, test_kill.py and test_audit_verify.py. The only stand-in is a responder on
-`numerus.cmd.status` that answers with an error, over real NATS request/reply.
+tests with it are in test_run.py, test_kill.py and test_audit_verify.py. The only stand-ins are responders on
+`numerus.cmd.<verb>` that record the request and answer as numerusd would, over real NATS request/reply.
 """
 
 from __future__ import annotations
@@ -22,13 +22,14 @@ from click.testing import CliRunner, Result
 from nats.aio.client import Client
 from nats.js.api import StreamConfig
 
-from numerusctl.cli import _follow_job, _follow_logs, cli
+from numerusctl.cli import ROLES, _follow_job, _follow_logs, cli
 from numerusctl.render import event_line, job_detail, jobs_table
+from numerusd.config import ROLES as DAEMON_ROLES
 from numerusd.config import write_connection_file
 from numerusd.embedded_nats import EmbeddedNats
 from numerusd.protocol import events as ev
 from numerusd.protocol.claims import ClaimedPath, Conflict, Lock
-from numerusd.protocol.commands import JobView, TaskView
+from numerusd.protocol.commands import GetPlan, JobView, PlanReply, RunJob, RunReply, TaskView
 from numerusd.protocol.envelope import Sealed, seal
 from numerusd.protocol.plan import FileIntent, Plan, PlannedTask
 
@@ -137,6 +138,21 @@ async def publish(nc: Client, events: list[Sealed]) -> list[int]:
         (["logs", "J", "--task", ">"], "'>' is not an id"),
         (["audit", "verify", "--expect-head", "ab"], "--expect-head needs a JOB"),
         (["frobnicate"], "No such command"),
+        (["run", "g", "--repo", "/", "--role", "bad"], "'bad' is not ROLE=PROFILE (e.g. planner=strong)"),
+        (["run", "g", "--repo", "/", "--role", "planner="], "'planner=' is not ROLE=PROFILE"),
+        (["run", "g", "--repo", "/", "--role", "boss=x"], "unknown role 'boss'; the roles are planner, queen,"),
+        (["run", "g", "--repo", "/", "--role", "queen=a", "--role", "queen=b"], "the queen is given twice (a and b)"),
+        (["run", "g", "--repo", "/", "--parallel", "0"], "0 is not in the range 1<=x<=256"),
+        (["run", "g", "--repo", "/", "--parallel", "257"], "257 is not in the range 1<=x<=256"),
+        (["run", "g", "--repo", "/", "--check", " "], "a check is a shell command; this one is empty"),
+        (
+            ["run", "g", "--repo", "/", "--no-plan", "--check", "pytest", "--no-review", "--role", "planner=x"],
+            "--no-plan runs one agent with no plan, claims, checks or review, so --role planner=..., --check, "
+            "--no-review cannot apply",
+        ),
+        (["plan"], "Missing argument 'JOB'"),
+        (["plan", "a.b"], "'a.b' is not an id"),
+        (["plan", "J", "--format", "png"], "'png' is not one of 'text', 'dot', 'mermaid'"),
     ],
 )
 def test_usage_errors_exit_2_in_one_line(args: list[str], says: str):
@@ -144,6 +160,10 @@ def test_usage_errors_exit_2_in_one_line(args: list[str], says: str):
     assert result.exit_code == 2, result.output
     assert says in one_line_error(result)
     assert "--help')" in result.stderr
+
+
+def test_the_roles_numerusctl_accepts_are_the_daemons():
+    assert ROLES == DAEMON_ROLES  # numerusctl may not import numerusd.config, so it keeps a copy
 
 
 def test_repo_must_be_a_directory(tmp_path: Path):
@@ -219,6 +239,105 @@ async def test_error_reply_prints_its_message_and_exits_1(state_dir: Path, nc: C
     result = await ainvoke("--state-dir", str(state_dir), "status", "01NOSUCHJOB")
     assert result.exit_code == 1
     assert one_line_error(result) == "numerusctl: no job '01NOSUCHJOB'; 'numerusctl status' lists the jobs"
+    assert result.stdout == ""
+
+
+# --- what run and plan send, and what they print ---------------------------------------------------------------
+
+
+class Responder:
+    """numerusd's side of one verb over real NATS: records each request and answers with `reply` (a reply Struct,
+    or `(code, message)` for an error reply)."""
+
+    def __init__(self, nc: Client, verb: str, reply: msgspec.Struct | tuple[int, str]) -> None:
+        self.nc, self.verb, self.reply = nc, verb, reply
+        self.requests: list[bytes] = []
+
+    async def start(self) -> Responder:
+        await self.nc.subscribe(f"numerus.cmd.{self.verb}", cb=self.answer)
+        await self.nc.flush()
+        return self
+
+    async def answer(self, msg) -> None:
+        self.requests.append(msg.data)
+        if isinstance(self.reply, tuple):
+            code, message = self.reply
+            body = json.dumps({"code": "not_found", "message": message}).encode()
+            headers = {"Nats-Service-Error": message, "Nats-Service-Error-Code": str(code)}
+            await self.nc.publish(msg.reply, body, headers=headers)
+        else:
+            await self.nc.publish(msg.reply, msgspec.json.encode(self.reply))
+
+
+async def test_run_sends_the_pipeline_options_as_the_daemon_reads_them(state_dir: Path, nc: Client, tmp_path: Path):
+    daemon = await Responder(nc, "run", RunReply(job=JOB, subject=f"numerus.job.{JOB}.>")).start()
+    result = await ainvoke(
+        "--state-dir", str(state_dir), "run", "add a parser", "--repo", str(tmp_path),
+        "--role", "planner=strong", "--role", "reviewer = careful", "--parallel", "3",
+        "--check", "pytest -q", "--check", "ruff check", "--no-review",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert result.stdout == f"{JOB}\n"
+    result = await ainvoke("--state-dir", str(state_dir), "run", "fix it", "--repo", str(tmp_path), "--no-plan")
+    assert result.exit_code == 0, result.output
+    args = ("--state-dir", str(state_dir), "run", "fix it", "--repo", str(tmp_path), "--review", "--agent", "fast")
+    assert (await ainvoke(*args)).exit_code == 0
+
+    # Decoded as the daemon decodes them: a field it does not know would be refused there.
+    sent = [msgspec.json.decode(data, type=RunJob) for data in daemon.requests]
+    assert sent == [
+        RunJob(
+            goal="add a parser",
+            repo=str(tmp_path),
+            roles={"planner": "strong", "reviewer": "careful"},
+            parallel=3,
+            checks=("pytest -q", "ruff check"),
+            review=False,
+        ),
+        RunJob(goal="fix it", repo=str(tmp_path), plan=False),
+        RunJob(goal="fix it", repo=str(tmp_path), agent="fast", review=True),
+    ]
+    assert sent[2].plan is True and sent[2].parallel is None and sent[2].checks == () and sent[2].roles == {}
+
+
+PLAN_TEXT = "Add a parser, then use it.\n2 tasks in 2 waves\n\nwave 1\n  t1  Add the parser\n\nwave 2\n  t2  Use it\n"
+PLAN = PlanReply(
+    job=JOB,
+    version=2,
+    hash="1a2b3c4d" + "e" * 56,
+    summary="Add a parser, then use it.",
+    statuses={"t1": "completed", "t2": "waiting"},
+    rendered=PLAN_TEXT,
+)
+
+
+async def test_plan_prints_the_drawing_with_each_tasks_status(state_dir: Path, nc: Client):
+    daemon = await Responder(nc, "plan", PLAN).start()
+    result = await ainvoke("--state-dir", str(state_dir), "plan", JOB)
+    assert result.exit_code == 0, result.output
+    assert result.stdout == (
+        f"plan v2 of job {JOB} (hash 1a2b3c4d)\n" + PLAN_TEXT + "\nTASK  STATUS\nt1    completed\nt2    waiting\n"
+    )
+
+    dot = msgspec.structs.replace(PLAN, rendered='digraph plan {\n  "t1" -> "t2";\n}\n')
+    daemon.reply = dot
+    result = await ainvoke("--state-dir", str(state_dir), "plan", JOB, "--format", "dot")
+    assert result.exit_code == 0 and result.stdout == dot.rendered  # the drawing alone, ready for `dot`
+    result = await ainvoke("--state-dir", str(state_dir), "--json", "plan", JOB, "--format", "mermaid")
+    assert msgspec.json.decode(result.stdout, type=PlanReply) == dot
+    assert [msgspec.json.decode(data, type=GetPlan) for data in daemon.requests] == [
+        GetPlan(job=JOB),
+        GetPlan(job=JOB, format="dot"),
+        GetPlan(job=JOB, format="mermaid"),
+    ]
+
+
+async def test_plan_of_a_job_without_one_prints_the_daemons_sentence_and_exits_1(state_dir: Path, nc: Client):
+    message = f"job {JOB} has no plan: it was run with --no-plan"
+    await Responder(nc, "plan", (404, message)).start()
+    result = await ainvoke("--state-dir", str(state_dir), "plan", JOB)
+    assert result.exit_code == 1
+    assert one_line_error(result) == f"numerusctl: {message}"
     assert result.stdout == ""
 
 
