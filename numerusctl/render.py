@@ -258,6 +258,10 @@ def _pipeline_story(type_name: str, d: dict[str, Any], job: str | None) -> str |
     task's id, which each puts in its own place); None for every other event."""
     get = d.get
     match type_name:
+        case "ReplanRequested":
+            return f"replanning: {get('task')} failed for good ({_reasons(get('reason'))})"
+        case "ReplanFailed":
+            return f"no revised plan, going on with the one there is: {_reasons(get('reason'))}"
         case "PlanRequested":
             return f"plan attempt {get('attempt')}: asking the {get('role', 'planner')} ({get('agent')})"
         case "PlanRejected":
