@@ -15,6 +15,7 @@ import msgspec
 from numerusd.protocol.claims import Conflict
 from numerusd.protocol.commands import JobView, KillReply, PlanReply, TaskView
 from numerusd.protocol.envelope import InvalidEvent, decode_wire
+from numerusd.protocol.events import EVENT_TYPES
 
 #: Longest one-line summary of an event before it is cut.
 SUMMARY_WIDTH = 100
@@ -25,6 +26,8 @@ HASH_WIDTH = 8
 SHA_WIDTH = 7
 #: Longest reason on a line of its own (why a task or job ended): cut only so that a line stays a line.
 REASON_WIDTH = 1000
+#: The type column of `events`: as wide as the longest event type.
+TYPE_WIDTH = max(map(len, EVENT_TYPES))
 
 _data_decoder = msgspec.json.Decoder()
 
@@ -283,7 +286,8 @@ def _pipeline_story(type_name: str, d: dict[str, Any], job: str | None) -> str |
         case "ClaimDenied":
             return f"NO GO: {_conflicts(d)}"
         case "WorktreeCreated":
-            return f"works on {get('branch')} from {_sha(get('base_sha'))} in {get('path')}"
+            # The path is what a reader wants (to look at the work); the branch is numerus/<job>/<task>.
+            return f"works in {get('path')}, from {_sha(get('base_sha'))}"
         case "TaskWorkCommitted":
             changes = get("changes") or []
             return f"committed {_sha(get('commit'))}: {_listed(changes) if changes else 'no changes'}"
@@ -371,7 +375,7 @@ def event_line(seq: int | None, wire: bytes) -> str:
     except (InvalidEvent, msgspec.DecodeError, UnicodeDecodeError) as e:
         return f"{where:>6}  (not a valid event: {cut(str(e), SUMMARY_WIDTH)})"
     text = summary(env.type, data, env.job)
-    return f"{where:>6}  {local_time(env.time)}  {env.type:<22} {env.task or '-':<6} {text}".rstrip()
+    return f"{where:>6}  {local_time(env.time)}  {env.type:<{TYPE_WIDTH}} {env.task or '-':<6} {text}".rstrip()
 
 
 def progress_line(job: str, type_name: str, task: str | None, data: Any) -> str | None:

@@ -555,7 +555,7 @@ async def test_follow_job_tells_a_planned_job_one_line_per_step(streams: Client,
         "t1 GO (3 locks)",
         "t2 claims modify src/app.py",
         "t2 NO GO: src/app.py held by t1 (modify)",
-        f"t1 works on numerus/{JOB}/t1 from abc1234 in /w/t1",
+        "t1 works in /w/t1, from abc1234",
         "task t1 started (attempt 1, agent codex)",
         "task t1 exited with code 0 after 0.5 s",
         "t1 committed c0ffee1: modify src/app.py",
@@ -599,6 +599,7 @@ def test_event_lines_of_a_planned_job_say_what_each_step_did():
     assert says("LocksReleasedt2") == "locks released (failed)"
     assert says("TaskSkippedt3") == "depends on t2, which failed"
     assert all(len(line.split(maxsplit=5)[-1]) <= 100 for line in lines.values())
+    assert len({line.index(" t1") for key, line in lines.items() if key.endswith("t1")}) == 1  # one task column
 
 
 def test_status_of_a_planned_job_shows_its_plan_branch_and_where_each_task_stands():
