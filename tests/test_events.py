@@ -15,7 +15,7 @@ def test_events_follow_prints_the_job_as_it_happens(tmp_path: Path):
     daemon = Daemon(tmp_path / "state", agents={"talkative": TALKATIVE}).start()
     try:
         repo = git_repo(tmp_path / "repo")
-        job = daemon.ctl_json("run", "Build it", "--repo", str(repo), "--agent", "talkative")["job"]
+        job = daemon.ctl_json("run", "--no-plan", "Build it", "--repo", str(repo), "--agent", "talkative")["job"]
         follower = subprocess.Popen(
             daemon.ctl_argv("--json", "events", job, "-f"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
         )

@@ -22,7 +22,7 @@ def test_a_job_runs_against_an_existing_server(nats_server, tmp_path: Path):
         assert not (daemon.state_dir / "nats").exists()  # no embedded server was started
         assert daemon.connection()["url"] == nats_server.url
         repo = git_repo(tmp_path / "repo")
-        result = daemon.ctl("run", "Greet", "--repo", str(repo), "--agent", "scripted", "--wait")
+        result = daemon.ctl("run", "--no-plan", "Greet", "--repo", str(repo), "--agent", "scripted", "--wait")
         assert result.returncode == 0, result.stderr
         assert (repo / "HELLO.md").exists()
         (job,) = daemon.ctl_json("status")["jobs"]

@@ -35,7 +35,7 @@ def pid_alive(pid: int) -> bool:
 async def test_kill_stops_the_agent_and_its_children_and_wait_exits_1(daemon: Daemon, tmp_path: Path):
     repo = git_repo(tmp_path / "repo")
     waiting = subprocess.Popen(
-        daemon.ctl_argv("run", "Build forever", "--repo", str(repo), "--agent", "slow", "--wait"),
+        daemon.ctl_argv("run", "--no-plan", "Build forever", "--repo", str(repo), "--agent", "slow", "--wait"),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

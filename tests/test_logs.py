@@ -31,7 +31,7 @@ def daemon(tmp_path: Path):
 
 async def test_logs_follow_streams_output_live_and_ends_with_the_job(daemon: Daemon, tmp_path: Path):
     repo = git_repo(tmp_path / "repo")
-    job = daemon.ctl_json("run", "Build it", "--repo", str(repo), "--agent", "talkative")["job"]
+    job = daemon.ctl_json("run", "--no-plan", "Build it", "--repo", str(repo), "--agent", "talkative")["job"]
     follower = subprocess.Popen(daemon.ctl_argv("logs", job, "-f"), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     out, err = follower.communicate(timeout=30)
     assert follower.returncode == 0, err
@@ -48,7 +48,7 @@ async def test_logs_follow_streams_output_live_and_ends_with_the_job(daemon: Dae
 
 async def test_log_chunks_on_nats_add_up_to_the_log_file(daemon: Daemon, tmp_path: Path):
     repo = git_repo(tmp_path / "repo")
-    assert daemon.ctl("run", "Build it", "--repo", str(repo), "--agent", "talkative", "--wait").returncode == 0
+    assert daemon.ctl("run", "--no-plan", "Build it", "--repo", str(repo), "--agent", "talkative", "--wait").returncode == 0
     (job,) = daemon.ctl_json("status")["jobs"]
     log = Path(job["tasks"][0]["log_path"]).read_bytes()
     c = daemon.connection()
@@ -79,7 +79,7 @@ async def test_output_before_a_long_silence_is_published_live(tmp_path: Path):
     daemon = Daemon(tmp_path / "state", agents={"quiet": quiet}).start()
     try:
         repo = git_repo(tmp_path / "repo")
-        job = daemon.ctl_json("run", "Think", "--repo", str(repo), "--agent", "quiet")["job"]
+        job = daemon.ctl_json("run", "--no-plan", "Think", "--repo", str(repo), "--agent", "quiet")["job"]
         c = daemon.connection()
         nc = await nats.connect(c["url"], user=c["user"], password=c["password"])
         try:

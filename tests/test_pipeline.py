@@ -372,3 +372,30 @@ async def test_when_the_queen_gives_no_valid_plan_the_dependents_are_skipped_and
         assert "queen gave no valid revised plan" in view["reason"]
     finally:
         daemon.stop()
+
+
+async def test_the_demo_team_scenario_shipped_for_make_demo_completes_its_job(tmp_path: Path):
+    daemon = Daemon(tmp_path / "state", env={"NUMERUS_SCENARIO": "team"}).start()
+    try:
+        repo = git_repo(tmp_path / "repo")
+        result = daemon.ctl("run", "Welcome newcomers", "--repo", str(repo), "--agent", "scripted", "--wait")
+        assert result.returncode == 0, result.stdout + daemon.stderr()[-3000:]
+        job = result.stdout.splitlines()[0].strip()
+        view = daemon.status(job)
+        hello = show(repo, view["integration"], "HELLO.md")
+        assert hello.startswith("# Hello") and hello.endswith("-- the Numerus demo team\n")
+        assert tasks_by_id(view).keys() == {"greet", "contrib", "sign"}
+    finally:
+        daemon.stop()
+
+
+async def test_the_scripted_agent_without_a_scenario_plays_every_role_of_a_planned_job(tmp_path: Path):
+    daemon = Daemon(tmp_path / "state").start()
+    try:
+        repo = git_repo(tmp_path / "repo")
+        result = daemon.ctl("run", "say hello", "--repo", str(repo), "--agent", "scripted", "--wait")
+        assert result.returncode == 0, result.stdout + daemon.stderr()[-3000:]
+        view = daemon.status(result.stdout.splitlines()[0].strip())
+        assert "Write SCRIPTED.md holding this prompt." in show(repo, view["integration"], "SCRIPTED.md")
+    finally:
+        daemon.stop()

@@ -31,7 +31,7 @@ async def test_rebuild_equals_live_views_and_status_is_unchanged(tmp_path: Path)
     try:
         for agent in ("scripted", "failing", "scripted"):
             repo = git_repo(tmp_path / f"repo-{agent}-{len(daemon.ctl_json('status')['jobs'])}")
-            daemon.ctl("run", "Write a greeting", "--repo", str(repo), "--agent", agent, "--wait")
+            daemon.ctl("run", "--no-plan", "Write a greeting", "--repo", str(repo), "--agent", agent, "--wait")
         statuses = daemon.ctl_json("status")
         total = sum(job["events"] for job in statuses["jobs"])
         await eventually(lambda: projected(daemon, total), timeout=20)

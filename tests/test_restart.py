@@ -18,7 +18,7 @@ def chain_of(events: list[dict]) -> list[str]:
 async def test_kill_9_during_a_task_then_restart_reads_interrupted(tmp_path: Path):
     repo = git_repo(tmp_path / "repo")
     daemon = Daemon(tmp_path / "state", agents={"slow": SLOW}).start()
-    job = daemon.ctl_json("run", "Build forever", "--repo", str(repo), "--agent", "slow")["job"]
+    job = daemon.ctl_json("run", "--no-plan", "Build forever", "--repo", str(repo), "--agent", "slow")["job"]
     await eventually(lambda: b"sleep 300" in log_bytes(daemon, job), timeout=20)
     before = daemon.events(job)
     agent_pid = daemon.status(job)["tasks"][0]["pid"]
@@ -48,7 +48,7 @@ async def test_kill_9_during_a_task_then_restart_reads_interrupted(tmp_path: Pat
 async def test_graceful_stop_during_a_task_records_it_interrupted(tmp_path: Path):
     repo = git_repo(tmp_path / "repo")
     daemon = Daemon(tmp_path / "state", agents={"slow": SLOW}, env={"NUMERUS_KILL_GRACE_S": "1"}).start()
-    job = daemon.ctl_json("run", "Build forever", "--repo", str(repo), "--agent", "slow")["job"]
+    job = daemon.ctl_json("run", "--no-plan", "Build forever", "--repo", str(repo), "--agent", "slow")["job"]
     await eventually(lambda: b"sleep 300" in log_bytes(daemon, job), timeout=20)
     assert daemon.stop(signal.SIGTERM) == 0
     daemon.start()

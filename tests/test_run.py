@@ -33,7 +33,7 @@ def daemon(tmp_path_factory: pytest.TempPathFactory):
 
 def test_run_wait_completes_and_the_agent_changed_the_repository(daemon: Daemon, tmp_path: Path):
     repo = git_repo(tmp_path / "repo")
-    result = daemon.ctl("run", "Write a greeting", "--repo", str(repo), "--agent", "scripted", "--wait")
+    result = daemon.ctl("run", "--no-plan", "Write a greeting", "--repo", str(repo), "--agent", "scripted", "--wait")
     assert result.returncode == 0, result.stdout + result.stderr
     assert (repo / "HELLO.md").read_text() == "hello from the scripted agent\n"
     (job,) = [j for j in daemon.ctl_json("status")["jobs"] if j["repo"] == str(repo)]
@@ -46,7 +46,7 @@ def test_run_wait_completes_and_the_agent_changed_the_repository(daemon: Daemon,
 
 def test_terminal_output_is_kept_whole_and_its_hash_recorded(daemon: Daemon, tmp_path: Path):
     repo = git_repo(tmp_path / "repo")
-    job = daemon.ctl_json("run", "Write a greeting", "--repo", str(repo), "--agent", "scripted")["job"]
+    job = daemon.ctl_json("run", "--no-plan", "Write a greeting", "--repo", str(repo), "--agent", "scripted")["job"]
     asyncio.run(wait_done(daemon, job))
     (task,) = daemon.status(job)["tasks"]
     log = Path(task["log_path"])
@@ -79,7 +79,7 @@ def test_a_plain_nats_subscriber_reads_the_job_as_json(daemon: Daemon, tmp_path:
         await nc.subscribe("numerus.job.>", cb=on_event)
         await nc.flush()
         run = await asyncio.create_subprocess_exec(
-            *daemon.ctl_argv("run", "Write a greeting", "--repo", str(repo), "--agent", "scripted")
+            *daemon.ctl_argv("run", "--no-plan", "Write a greeting", "--repo", str(repo), "--agent", "scripted")
         )
         assert await run.wait() == 0
         await asyncio.wait_for(done.wait(), 30)
@@ -98,7 +98,7 @@ def test_a_plain_nats_subscriber_reads_the_job_as_json(daemon: Daemon, tmp_path:
 
 def test_agent_that_exits_nonzero_fails_the_job_and_wait_says_so(daemon: Daemon, tmp_path: Path):
     repo = git_repo(tmp_path / "repo")
-    result = daemon.ctl("run", "Impossible", "--repo", str(repo), "--agent", "failing", "--wait")
+    result = daemon.ctl("run", "--no-plan", "Impossible", "--repo", str(repo), "--agent", "failing", "--wait")
     assert result.returncode == 1, result.stdout + result.stderr
     (job,) = [j for j in daemon.ctl_json("status")["jobs"] if j["repo"] == str(repo)]
     assert job["status"] == "failed"
@@ -109,7 +109,7 @@ def test_missing_agent_binary_fails_the_task_with_the_reason(tmp_path: Path):
     repo = git_repo(tmp_path / "repo")
     d = Daemon(tmp_path / "state", env={"CODEX_BIN": str(tmp_path / "no-such-codex")}).start()
     try:
-        result = d.ctl("run", "Anything", "--repo", str(repo), "--agent", "codex", "--wait")
+        result = d.ctl("run", "--no-plan", "Anything", "--repo", str(repo), "--agent", "codex", "--wait")
         assert result.returncode == 1
         (job,) = d.ctl_json("status")["jobs"]
         assert job["status"] == "failed"

@@ -61,7 +61,7 @@ async def test_bad_requests_are_kept_in_the_dead_letter_stream(daemon: Daemon):
 
 
 def test_run_on_a_missing_repository_is_refused_in_one_line(daemon: Daemon, tmp_path: Path):
-    result = daemon.ctl("run", "goal", "--repo", str(tmp_path / "nowhere"))
+    result = daemon.ctl("run", "--no-plan", "goal", "--repo", str(tmp_path / "nowhere"))
     assert result.returncode in (1, 2)
     assert len(result.stderr.strip().splitlines()) == 1
     assert "nowhere" in result.stderr
@@ -69,7 +69,7 @@ def test_run_on_a_missing_repository_is_refused_in_one_line(daemon: Daemon, tmp_
 
 def test_run_with_an_unknown_agent_names_the_known_ones(daemon: Daemon, tmp_path: Path):
     repo = git_repo(tmp_path / "repo")
-    result = daemon.ctl("run", "goal", "--repo", str(repo), "--agent", "gpt-99")
+    result = daemon.ctl("run", "--no-plan", "goal", "--repo", str(repo), "--agent", "gpt-99")
     assert result.returncode == 1
     assert "unknown agent 'gpt-99'" in result.stderr and "scripted" in result.stderr
     assert [j for j in daemon.ctl_json("status")["jobs"] if j["repo"] == str(repo)] == []  # nothing recorded
@@ -77,7 +77,7 @@ def test_run_with_an_unknown_agent_names_the_known_ones(daemon: Daemon, tmp_path
 
 def test_empty_goal_is_refused(daemon: Daemon, tmp_path: Path):
     repo = git_repo(tmp_path / "repo")
-    result = daemon.ctl("run", "   ", "--repo", str(repo), "--agent", "scripted")
+    result = daemon.ctl("run", "--no-plan", "   ", "--repo", str(repo), "--agent", "scripted")
     assert result.returncode == 1
     assert "goal is empty" in result.stderr
 
@@ -93,7 +93,7 @@ async def test_service_is_discoverable_as_a_nats_micro_service(daemon: Daemon):
     info = json.loads(reply.data)
     assert info["name"] == "numerus"
     assert sorted(e["subject"] for e in info["endpoints"]) == [
-        f"numerus.cmd.{verb}" for verb in sorted(["events", "kill", "logs", "run", "status"])
+        f"numerus.cmd.{verb}" for verb in sorted(["events", "kill", "logs", "plan", "run", "status"])
     ]
 
 

@@ -28,13 +28,43 @@ PROG = "numerus-scripted-agent"
 USAGE = "Usage: codex exec [OPTIONS] [PROMPT]\n       codex exec [OPTIONS] resume <SESSION_ID> [PROMPT]"
 SANDBOX_MODES = ("read-only", "workspace-write", "danger-full-access")
 
+_ONE_TASK_PLAN = {
+    "summary": "One task: the scripted agent writes SCRIPTED.md.",
+    "tasks": [
+        {
+            "id": "t1",
+            "title": "Write SCRIPTED.md",
+            "instructions": "Write SCRIPTED.md holding this prompt.",
+            "role": "executor",
+            "deps": [],
+            "intents": [{"path": "SCRIPTED.md", "mode": "create"}],
+        }
+    ],
+}
+
+#: Played without a scenario: every role of a planned job answers (a one-task plan, its claim, a pass), and an
+#: executor, or a prompt of no role, writes SCRIPTED.md.
 DEFAULT_SCENARIO: dict[str, Any] = {
+    "cases": [
+        {"match": {"role": "planner"}, "steps": [{"answer": _ONE_TASK_PLAN}]},
+        {"match": {"role": "queen"}, "steps": [{"answer": _ONE_TASK_PLAN}]},
+        {
+            "match": {"role": "claimer"},
+            "steps": [
+                {"answer": {"paths": [{"path": "SCRIPTED.md", "kind": "file", "mode": "create"}], "commands": []}}
+            ],
+        },
+        {
+            "match": {"role": "reviewer"},
+            "steps": [{"answer": {"verdict": "pass", "reasons": ["SCRIPTED.md is there"]}}],
+        },
+    ],
     "steps": [
         {"say": "Scripted agent: writing SCRIPTED.md."},
         {"write": "SCRIPTED.md", "content": "Written by numerus-scripted-agent for the prompt:\n\n{prompt}\n"},
         {"say": "Done: SCRIPTED.md holds the prompt."},
         {"usage": {"input_tokens": 1200, "cached_input_tokens": 200, "output_tokens": 80}},
-    ]
+    ],
 }
 
 #: Step kinds and the other keys each may carry.
