@@ -54,6 +54,7 @@ from numerusctl.connection import (
 )
 from numerusd.protocol.audit import Auditor
 from numerusd.protocol.commands import (
+    ROLES,
     EventsReply,
     GetEvents,
     GetLogs,
@@ -84,8 +85,6 @@ _any_json = msgspec.json.Decoder()
 _JOB_END = {"JobCompleted": 0, "JobFailed": EXIT_FAILED, "JobKilled": EXIT_FAILED, "JobInterrupted": EXIT_FAILED}
 _JOB_END_SUFFIXES = {snake_name(name) for name in _JOB_END}
 
-#: The roles of a planned job; the daemon's `numerusd.config.ROLES` (numerusctl may import only the protocol).
-ROLES = ("planner", "queen", "executor", "reviewer")
 
 T = TypeVar("T")
 

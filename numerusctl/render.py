@@ -204,11 +204,11 @@ def kill_text(reply: KillReply) -> str:
     return f"job {reply.job}: stopping {', '.join(reply.tasks)}"
 
 
-def summary(type_name: str, data: Any, job: str | None = None) -> str:
-    """One line saying what an event's payload says (`data` as decoded from JSON; `job` names its branches)."""
+def summary(type_name: str, data: Any) -> str:
+    """One line saying what an event's payload says (`data` as decoded from JSON)."""
     d = data if isinstance(data, dict) else {}
     get = d.get
-    story = _pipeline_story(type_name, d, job)
+    story = _pipeline_story(type_name, d)
     if story is not None:
         return cut(story, SUMMARY_WIDTH)
     match type_name:
@@ -251,12 +251,7 @@ def summary(type_name: str, data: Any, job: str | None = None) -> str:
     return cut(text, SUMMARY_WIDTH)
 
 
-def integration_branch(job: str) -> str:
-    """A job's integration branch, `numerus/<job>.integration` (the name numerusd's git module gives it)."""
-    return f"numerus/{job}.integration"
-
-
-def _pipeline_story(type_name: str, d: dict[str, Any], job: str | None) -> str | None:
+def _pipeline_story(type_name: str, d: dict[str, Any]) -> str | None:
     """What a step of the planned pipeline did, told the same way by `events` and `run --wait` (without the
     task's id, which each puts in its own place); None for every other event."""
     get = d.get
@@ -304,7 +299,7 @@ def _pipeline_story(type_name: str, d: dict[str, Any], job: str | None) -> str |
         case "GateFailed":
             return f"gate failed: {_reasons(get('reasons'))}"
         case "TaskMerged":
-            branch = integration_branch(job) if job else "the integration branch"
+            branch = get("integration") or "the integration branch"
             if get("created") is False:
                 return f"already in {branch} at {_sha(get('sha'))} (nothing new to merge)"
             return f"merged into {branch} at {_sha(get('sha'))}"
@@ -374,7 +369,7 @@ def event_line(seq: int | None, wire: bytes) -> str:
         data = _data_decoder.decode(env.data)
     except (InvalidEvent, msgspec.DecodeError, UnicodeDecodeError) as e:
         return f"{where:>6}  (not a valid event: {cut(str(e), SUMMARY_WIDTH)})"
-    text = summary(env.type, data, env.job)
+    text = summary(env.type, data)
     return f"{where:>6}  {local_time(env.time)}  {env.type:<{TYPE_WIDTH}} {env.task or '-':<6} {text}".rstrip()
 
 
@@ -383,7 +378,7 @@ def progress_line(job: str, type_name: str, task: str | None, data: Any) -> str 
     d = data if isinstance(data, dict) else {}
     reason = f": {first_line(d['reason'], REASON_WIDTH)}" if isinstance(d.get("reason"), str) else ""
     # LocksReleased and MergeStarted tell no story of their own here: the line after them says what came of it.
-    story = _pipeline_story(type_name, d, job)
+    story = _pipeline_story(type_name, d)
     if story is not None:
         return cut(story if task is None else f"{task} {story}", SUMMARY_WIDTH)
     match type_name:

@@ -45,7 +45,7 @@ import msgspec
 
 from numerusd.agents.base import AgentProfile
 from numerusd.errors import ConfigError
-from numerusd.protocol.commands import DEFAULT_STATE_DIR
+from numerusd.protocol.commands import DEFAULT_STATE_DIR, ROLES
 
 #: The profiles every installation has; a file's `[agents.<name>]` table is merged over them field by field.
 BUILTIN_AGENTS: dict[str, AgentProfile] = {
@@ -66,9 +66,6 @@ ENV_VARS: dict[str, str] = {
     "log_flush_ms": "NUMERUS_LOG_FLUSH_MS",
     "parallel": "NUMERUS_PARALLEL",
 }
-
-#: The roles of a planned job; each is played by an agent profile (`[roles]`, else `default_agent`).
-ROLES = ("planner", "queen", "executor", "reviewer")
 
 CONFIG_ENV_VAR = "NUMERUS_CONFIG"
 CONFIG_FILE_NAME = "numerus.toml"

@@ -257,7 +257,7 @@ class Daemon:
             await self.record(
                 job.id,
                 lambda _job: [
-                    (task.id, TaskMerged(sha=sha)),
+                    (task.id, TaskMerged(sha=sha, integration=job.integration or "")),
                     (task.id, LocksReleased(reason="merged")),
                     (task.id, TaskCompleted()),
                 ],

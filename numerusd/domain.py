@@ -657,7 +657,7 @@ def decide_skip(job: JobState, task_id: str, reason: str) -> Decision:
 def decide_merged(job: JobState, task_id: str, sha: str, created: bool) -> Decision:
     """The task's work is on the integration branch: it is done and gives its locks back."""
     events: Decision = [
-        (task_id, TaskMerged(sha=sha, created=created)),
+        (task_id, TaskMerged(sha=sha, created=created, integration=job.integration or "")),
         (task_id, LocksReleased(reason="merged")),
         (task_id, TaskCompleted()),
     ]

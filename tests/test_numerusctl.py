@@ -22,9 +22,8 @@ from click.testing import CliRunner, Result
 from nats.aio.client import Client
 from nats.js.api import StreamConfig
 
-from numerusctl.cli import ROLES, _follow_job, _follow_logs, cli
+from numerusctl.cli import _follow_job, _follow_logs, cli
 from numerusctl.render import event_line, job_detail, jobs_table
-from numerusd.config import ROLES as DAEMON_ROLES
 from numerusd.config import write_connection_file
 from numerusd.embedded_nats import EmbeddedNats
 from numerusd.protocol import events as ev
@@ -160,10 +159,6 @@ def test_usage_errors_exit_2_in_one_line(args: list[str], says: str):
     assert result.exit_code == 2, result.output
     assert says in one_line_error(result)
     assert "--help')" in result.stderr
-
-
-def test_the_roles_numerusctl_accepts_are_the_daemons():
-    assert ROLES == DAEMON_ROLES  # numerusctl may not import numerusd.config, so it keeps a copy
 
 
 def test_repo_must_be_a_directory(tmp_path: Path):
@@ -523,7 +518,7 @@ def planned_job(job: str) -> Script:
         (ev.ReviewCompleted(verdict="pass", reasons=("does what t1 asks",)), "t1"),
         (ev.GatePassed(), "t1"),
         (ev.MergeStarted(integration=branch, parent=base, task_sha=sha("d00d1e5")), "t1"),
-        (ev.TaskMerged(sha=sha("beef123")), "t1"),
+        (ev.TaskMerged(sha=sha("beef123"), integration=f"numerus/{JOB}.integration"), "t1"),
         (ev.LocksReleased(reason="merged"), "t1"),
         (ev.TaskCompleted(), "t1"),
         (ev.ClaimGranted(locks=(Lock("src/app.py", "modify"),)), "t2"),

@@ -7,8 +7,12 @@ handler and its test. An error reply carries the micro-service error headers and
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Literal
 
 import msgspec
+
+#: The roles of a planned job; each is played by an agent profile (numerus.toml `[roles]`, `run --role`).
+ROLES = ("planner", "queen", "executor", "reviewer")
 
 
 class Request(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -36,7 +40,7 @@ class GetPlan(Request, frozen=True, kw_only=True):
     """`numerusctl plan`: a job's current plan, drawn as text, Graphviz dot or Mermaid."""
 
     job: str
-    format: str = "text"
+    format: Literal["text", "dot", "mermaid"] = "text"
 
 
 class GetStatus(Request, frozen=True, kw_only=True):

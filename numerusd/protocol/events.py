@@ -262,6 +262,7 @@ class TaskMerged(TaskEvent, frozen=True, kw_only=True):
 
     sha: str
     created: bool = True
+    integration: str = ""
 
 
 class MergeConflicted(TaskEvent, frozen=True, kw_only=True):
