@@ -52,6 +52,7 @@ from numerusd.protocol.events import (
     MergeStarted,
     PlanRequested,
     ReviewCompleted,
+    TaskRetryScheduled,
     TaskWorkCommitted,
     WorktreeCreated,
 )
@@ -136,12 +137,13 @@ class JobPipeline:
         async with self.changed:
             self.changed.notify_all()
 
-    async def record(self, decide: Callable[[domain.JobState], domain.Decision]) -> None:
-        """Append the decision; when it released locks, grant the tasks that were waiting for them."""
+    async def record(self, decide: Callable[[domain.JobState], domain.Decision]) -> list[EventData]:
+        """Append the decision (its payloads are returned); when it released locks, grant those waiting for them."""
         sealed = await self.daemon.record(self.job_id, decide)
         if any(isinstance(event.envelope.data, LocksReleased) for event in sealed):
             await self.daemon.record(self.job_id, domain.decide_wake)
         await self.poke()
+        return [event.envelope.data for event in sealed]
 
     async def task_events(self, task_id: str, *events: EventData) -> None:
         """Append events of one task."""
@@ -303,14 +305,14 @@ class JobPipeline:
             if self.job.kill_requested:
                 await self.record(lambda job: domain.decide_task_killed(job, task_id))
                 return
-            await self.record(partial(domain.decide_attempt_failed, task_id=task_id, reasons=tuple(reasons)))
+            decided = await self.record(partial(domain.decide_attempt_failed, task_id=task_id, reasons=tuple(reasons)))
             if self.job.status == "replanning":
                 await self.replan()
                 return
-            task = self.job.tasks[task_id]
-            if task.status != "retrying":
+            retry = next((event for event in decided if isinstance(event, TaskRetryScheduled)), None)
+            if retry is None:
                 return
-            await self._pause(self.job.backoff_s[min(max(task.attempt, 1), len(self.job.backoff_s)) - 1])
+            await self._pause(retry.delay_s)
 
     async def _pause(self, seconds: float) -> None:
         """Sleep before a retry; a kill or a stop ends the pause early."""

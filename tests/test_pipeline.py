@@ -399,3 +399,29 @@ async def test_the_scripted_agent_without_a_scenario_plays_every_role_of_a_plann
         assert "Write SCRIPTED.md holding this prompt." in show(repo, view["integration"], "SCRIPTED.md")
     finally:
         daemon.stop()
+
+
+async def test_an_agent_silent_for_longer_than_the_idle_timeout_is_stopped_and_retried(tmp_path: Path):
+    one_task = {"summary": "one", "tasks": [{"id": "t1", "title": "Write", "instructions": "write", "intents": []}]}
+    team = {
+        "cases": [
+            {"match": {"role": "planner"}, "steps": [{"answer": one_task}]},
+            {"match": {"role": "claimer"}, "steps": [{"answer": claim(("OUT.md", "create"))}]},
+            {"match": {"role": "executor", "attempt": 1}, "steps": [{"say": "thinking"}, {"sleep": 30}]},
+            {"match": {"role": "executor"}, "steps": [{"write": "OUT.md", "content": "done\n"}]},
+            {"match": {"role": "reviewer"}, "steps": [{"answer": {"verdict": "pass", "reasons": []}}]},
+        ]
+    }
+    config = "idle_timeout_s = 1.5\nbackoff_s = [0.1]\nkill_grace_s = 1\n"
+    daemon = Daemon(tmp_path / "state", agents={"team": team}, config=config).start()
+    try:
+        repo = git_repo(tmp_path / "repo")
+        result = daemon.ctl("run", "write", "--repo", str(repo), "--agent", "team", "--wait", timeout=60)
+        assert result.returncode == 0, result.stdout + daemon.stderr()[-3000:]
+        events = daemon.events(result.stdout.splitlines()[0].strip())
+        (retry,) = by_type(events, "TaskRetryScheduled", "t1")
+        assert retry["data"]["reasons"] == ["timed out: printed nothing for 1.5 s"]
+        first_exit = by_type(events, "TaskExited", "t1")[0]
+        assert first_exit["data"]["signal"] is not None and first_exit["data"]["duration_s"] < 10
+    finally:
+        daemon.stop()
