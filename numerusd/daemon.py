@@ -64,6 +64,8 @@ class Daemon:
         self.runs: dict[tuple[str, str], TaskRun | AgentCall] = {}
         self.pipelines: dict[str, JobPipeline] = {}
         self.breaker = CircuitBreaker()
+        #: Why planned jobs cannot run here (no git, or one too old for merges without a checkout), if so.
+        self.git_problem: str | None = None
         self.should_exit = asyncio.Event()
         self.nc: Client = None  # type: ignore[assignment]  # set by startup()
         self.js: JetStreamContext = None  # type: ignore[assignment]
@@ -99,6 +101,11 @@ class Daemon:
         self._lock_file = state_lock.take(settings.state_dir)  # held for the life of the process
         self.keyring = Keyring.load_or_create(settings.keys_path)
         self._write_agent_schemas()
+        try:
+            await git.check_git()
+        except git.GitError as e:
+            self.git_problem = e.message
+            log.warning("%s: planned jobs are refused, --no-plan jobs still run", e.message)
         url, user, password = await asyncio.to_thread(self._nats_endpoint)
         self.nc = await self._connect(url, user, password)
         check_server_version(self.nc)

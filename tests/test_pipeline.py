@@ -425,3 +425,25 @@ async def test_an_agent_silent_for_longer_than_the_idle_timeout_is_stopped_and_r
         assert first_exit["data"]["signal"] is not None and first_exit["data"]["duration_s"] < 10
     finally:
         daemon.stop()
+
+
+async def test_with_a_git_too_old_for_merges_a_planned_job_is_refused_and_no_plan_still_runs(tmp_path: Path):
+    import os
+
+    fake_bin = tmp_path / "bin"
+    fake_bin.mkdir()
+    old_git = fake_bin / "git"
+    old_git.write_text('#!/bin/sh\ncase "$*" in *--version*) echo "git version 2.30.1"; exit 0;; esac\nexit 1\n')
+    old_git.chmod(0o755)
+    env = {"PATH": f"{fake_bin}:{os.environ['PATH']}"}
+    daemon = Daemon(tmp_path / "state", env=env).start()
+    try:
+        repo = git_repo(tmp_path / "repo")
+        refused = daemon.ctl("run", "plan it", "--repo", str(repo), "--agent", "scripted")
+        assert refused.returncode == 1
+        assert "needs git 2.38 or newer" in refused.stderr and "--no-plan" in refused.stderr
+        assert len(refused.stderr.strip().splitlines()) == 1
+        single = daemon.ctl("run", "--no-plan", "just do it", "--repo", str(repo), "--agent", "scripted", "--wait")
+        assert single.returncode == 0, single.stdout + single.stderr
+    finally:
+        daemon.stop()

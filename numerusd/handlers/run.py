@@ -33,6 +33,8 @@ async def handle(daemon: Daemon, request: RunJob) -> RunReply:
         agent = roles["executor"]
         await daemon.record(job_id, lambda _none: domain.decide_run(request.goal, str(repo), agent))
     else:
+        if daemon.git_problem is not None:
+            raise BadRequest(f"{daemon.git_problem}; install a newer git, or use --no-plan")
         try:
             await git.resolve(repo, "HEAD")
         except git.GitError:
