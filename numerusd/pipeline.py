@@ -57,7 +57,7 @@ from numerusd.protocol.events import (
     WorktreeCreated,
 )
 from numerusd.protocol.review import decode_verdict
-from numerusd.supervisor import AgentCall, AgentProcess, CallResult, TaskRun
+from numerusd.supervisor import DAEMON_ONLY_ENV, AgentCall, AgentProcess, CallResult, TaskRun
 
 if TYPE_CHECKING:
     from numerusd.daemon import Daemon
@@ -480,13 +480,18 @@ class JobPipeline:
         return await self.review(task_id, worktree, listed, tuple(passed))
 
     async def check(self, cwd: Path, command: str) -> tuple[int | None, str, float]:
-        """Run one check command in the worktree: its exit code (None on timeout), output and duration."""
+        """Run one check command in the worktree: its exit code (None on timeout), output and duration.
+
+        The command gets the daemon's environment without its secrets, as agents do.
+        """
         started = time.monotonic()
+        env = {name: value for name, value in os.environ.items() if name not in DAEMON_ONLY_ENV}
         process = await asyncio.create_subprocess_exec(
             "/bin/sh",
             "-c",
             command,
             cwd=cwd,
+            env=env,
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT,

@@ -17,7 +17,8 @@ def test_a_job_runs_against_an_existing_server(nats_server, tmp_path: Path):
         "NUMERUS_NATS_PASSWORD": nats_server.password,
     }
     agent = [*HELLO, {"run": "env"}]
-    daemon = Daemon(tmp_path / "state", agents={"scripted": agent}, env=env).start()
+    planned = '[agents.planned]\nkind = "scripted"\n'  # the scripted agent's own scenario: every role answers
+    daemon = Daemon(tmp_path / "state", agents={"scripted": agent}, env=env, config=planned).start()
     try:
         assert not (daemon.state_dir / "nats").exists()  # no embedded server was started
         assert daemon.connection()["url"] == nats_server.url
@@ -29,6 +30,13 @@ def test_a_job_runs_against_an_existing_server(nats_server, tmp_path: Path):
         agent_saw = Path(job["tasks"][0]["log_path"]).read_text()
         assert "HOME=" in agent_saw  # the agent got an environment...
         assert nats_server.password not in agent_saw  # ...but not the daemon's NATS password
+
+        # Nor do a planned job's check commands, which run in the task's worktree.
+        result = daemon.ctl("run", "Greet", "--repo", str(repo), "--agent", "planned", "--check", "env", "--wait")
+        assert result.returncode == 0, result.stdout + result.stderr
+        job = result.stdout.splitlines()[0].strip()
+        (check,) = [e["data"] for e in daemon.events(job) if e["type"] == "CheckCompleted"]
+        assert "HOME=" in check["output"] and nats_server.password not in check["output"]
     finally:
         assert daemon.stop() == 0
     assert nats_server.process is not None and nats_server.process.poll() is None  # not ours to stop
