@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: install demo test lint bench schemas clean
+.PHONY: install demo test lint bench schemas codex-check clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,10 @@ bench: install
 ## schemas: regenerate schemas/*.json from the protocol types
 schemas: install
 	$(BIN)/python -m numerusd.schemas
+
+## codex-check: a planned job run by the real `codex exec` (installed: CODEX_BIN or PATH) against a scripted model
+codex-check: install
+	$(BIN)/python scripts/codex_check.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info
