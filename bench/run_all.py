@@ -44,6 +44,14 @@ TARGETS = [
     Target("locks", "go_us_p99", "<=", 1000.0, "arbitration of a 20-path claim, 1,000 locks held (issue 3), p99"),
     Target("spawn", "growth_ratio", "<=", 1.5, "spawn latency at ~1 GiB resident vs small (issue 3)"),
     Target("spawn", "spawn_big_ms_p99", "<=", 10.0, "spawn of an agent at ~1 GiB resident (issue 3), p99"),
+    Target(
+        "pipeline",
+        "noop200_ratio",
+        "<=",
+        1.3,
+        "200 no-op tasks through the whole pipeline, parallel 8, review off, vs `xargs -P8` of the agent (issue 3)",
+    ),
+    Target("pipeline", "sleep64_speedup", ">=", 10.0, "64 tasks of 1 s, review off: parallel 16 vs 1 (issue 3)"),
 ]
 
 #: Command line of each benchmark: full size, and a quick size for a smoke run.
@@ -54,6 +62,7 @@ BENCHES = {
     "plan": (["bench_plan.py"], ["bench_plan.py"]),
     "locks": (["bench_locks.py"], ["bench_locks.py"]),
     "spawn": (["bench_spawn.py"], ["bench_spawn.py", "--quick"]),
+    "pipeline": (["bench_pipeline.py"], ["bench_pipeline.py", "--quick"]),
 }
 
 
@@ -109,6 +118,12 @@ def markdown(results: dict[str, dict], quick: bool) -> str:
         "  until its byte is read, at small resident memory and with 1 GiB more mapped and written (512 MiB quick),",
         "  against `ptyprocess.PtyProcess.spawn` and `asyncio.create_subprocess_exec` under asyncio and uvloop, the",
         "  same spawns in turns at both sizes. `growth_ratio` is big p50 / small p50.",
+        "- `bench/bench_pipeline.py`: the real `numerusd` and `numerusctl run --wait` of a planned job whose every",
+        "  role is the scripted agent: a plan of independent tasks, one claim call and one no-op executor run per",
+        "  task (plus a review when on), worktrees, gate and merges; wall time from `run` to its exit. 200 tasks at",
+        "  `parallel = 8` against `xargs -0 -P8 -n1` running the executor's exact command line 200 times (mean of a",
+        "  run before and one after); `noop200_ratio` is the review-off run, the review-on run is reported beside",
+        "  it. 64 tasks of 1 s each at `parallel = 1` and `16`, review off; `sleep64_speedup` is p1 / p16.",
         "",
     ]
     return "\n".join(lines)
