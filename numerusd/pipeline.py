@@ -518,7 +518,9 @@ class JobPipeline:
         attempt = task.attempt
         problem = ""
         for call_number in (1, 2):
-            prompt = prompts.reviewer(self.job_id, task_id, task.title, task.instructions, attempt, changes, checks)
+            prompt = prompts.reviewer(
+                self.job_id, task_id, task.title, task.instructions, attempt, worktree.base_sha, changes, checks
+            )
             call_dir = self.settings.runs_dir / self.job_id / task_id / f"review-{attempt}-{call_number}"
             name = f"{task_id}.review"
             result = await self.call("reviewer", task_id, name, call_dir, prompt, "review", worktree.path)

@@ -101,6 +101,7 @@ def reviewer(
     title: str,
     instructions: str,
     attempt: int,
+    base_sha: str,
     changes: tuple[str, ...],
     checks: tuple[str, ...],
 ) -> str:
@@ -108,8 +109,8 @@ def reviewer(
     parts = [
         header("reviewer", job, task, attempt),
         "",
-        "Review the work an agent did for the task below. It is in the current directory, a git worktree; "
-        "compare it with its base using git (e.g. `git diff HEAD~1`). Change nothing.",
+        "Review the work an agent did for the task below. It is in the current directory, a git worktree, "
+        f"committed on top of commit {base_sha}: see all of it with `git diff {base_sha}`. Change nothing.",
         "",
         f"Task {task}: {title}",
         instructions.strip(),

@@ -374,3 +374,28 @@ def test_line_buffer_splits_chunks_anywhere() -> None:
     got += lines.close()
     assert got == ['é{"type":"turn.started"}', "second line ✓", "unterminated"]
     assert LineBuffer().feed(b"bad \xff byte\n") == ["bad \ufffd byte"]
+
+
+def test_codex_is_given_resolved_paths_since_it_refuses_symlinked_ones(tmp_path: Path) -> None:
+    # codex 0.169: `-o` through a symlink fails with "Not a directory", and the workspace-write sandbox refuses
+    # every command in a -C directory reached through a symlink (macOS's /tmp is one).
+    repo = git_init(tmp_path / "repo")
+    (tmp_path / "link").symlink_to(tmp_path)
+    via_link = tmp_path / "link" / "repo"
+    invocation = AgentInvocation(
+        prompt="p",
+        repo=via_link,
+        output_schema=tmp_path / "link" / "plan.schema.json",
+        output_file=tmp_path / "link" / "answer.json",
+    )
+    argv, _ = CodexAdapter(AgentProfile()).command(invocation)
+    assert argv[argv.index("-C") + 1] == str(repo.resolve())
+    assert argv[argv.index("-o") + 1] == str((tmp_path / "answer.json").resolve())
+    assert argv[argv.index("--output-schema") + 1] == str((tmp_path / "plan.schema.json").resolve())
+
+
+def test_a_fatal_error_codex_prints_before_any_event_is_reported() -> None:
+    line = 'Error: Failed to open last message file "/x/answer.json": Not a directory (os error 20)'
+    assert CodexOutputParser().feed("\x1b[31m" + line + "\x1b[0m") == [
+        AgentErrorReported(message='Failed to open last message file "/x/answer.json": Not a directory (os error 20)')
+    ]

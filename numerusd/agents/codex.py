@@ -57,15 +57,18 @@ class CodexAdapter:
     def command(self, invocation: AgentInvocation) -> tuple[list[str], dict[str, str]]:
         """`codex exec --json …` for this invocation, and the profile's extra environment."""
         profile = self.profile
-        argv = [*self.launcher(), "exec", "--json", "-C", str(invocation.repo), "--sandbox", profile.sandbox]
-        if not inside_git_repository(invocation.repo):
+        # Paths are resolved: codex refuses an -o path through a symlink, and its sandbox refuses to write in a
+        # -C directory reached through one (macOS's /tmp and /var are symlinks).
+        repo = invocation.repo.resolve()
+        argv = [*self.launcher(), "exec", "--json", "-C", str(repo), "--sandbox", profile.sandbox]
+        if not inside_git_repository(repo):
             argv.append("--skip-git-repo-check")
         if profile.model:
             argv += ["-m", profile.model]
         if invocation.output_schema is not None:
-            argv += ["--output-schema", str(invocation.output_schema)]
+            argv += ["--output-schema", str(invocation.output_schema.resolve())]
         if invocation.output_file is not None:
-            argv += ["-o", str(invocation.output_file)]
+            argv += ["-o", str(invocation.output_file.resolve())]
         argv += profile.args
         if invocation.resume_thread is not None:
             argv += ["resume", invocation.resume_thread]
@@ -173,6 +176,10 @@ class CodexOutputParser:
         """One line of terminal output -> the payloads it stands for; never raises."""
         raw = _json_part(line)
         if raw is None:
+            # Codex's fatal errors before any event (a refused -o path, a bad config) are plain stderr lines.
+            plain = _ANSI.sub("", line).strip()
+            if plain.startswith("Error: "):
+                return [AgentErrorReported(message=plain.removeprefix("Error: "))]
             return []
         try:
             event = _EVENT_DECODER.decode(raw)
