@@ -47,6 +47,7 @@ import posixpath
 import shutil
 import subprocess
 import uuid
+import weakref
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -265,8 +266,14 @@ async def create_worktree(repo: Path, job: str, task: str, base: str, path: Path
     interrupted (still locked "initializing") or whose directory vanished is recreated, and a healthy one is
     reused as it is, with any work in it. `base` is resolved to a sha; after a crash pass the sha recorded in
     the intent event. Refuses (GitError) a path holding another branch, a non-empty directory git does not know
-    as a worktree, and an existing branch that does not contain `base`.
+    as a worktree, and an existing branch that does not contain `base`. One worktree command at a time per
+    repository.
     """
+    async with _worktree_lock(repo):
+        return await _create_worktree(repo, job, task, base, path)
+
+
+async def _create_worktree(repo: Path, job: str, task: str, base: str, path: Path) -> Worktree:
     branch = task_branch(job, task)
     ref = f"refs/heads/{branch}"
     path = Path(os.path.abspath(path))
@@ -304,6 +311,11 @@ async def remove_worktree(repo: Path, worktree: Worktree, *, delete_branch: bool
 
     A directory at `worktree.path` that git does not know as a worktree is left alone.
     """
+    async with _worktree_lock(repo):
+        await _remove_worktree(repo, worktree, delete_branch=delete_branch)
+
+
+async def _remove_worktree(repo: Path, worktree: Worktree, *, delete_branch: bool) -> None:
     path = Path(os.path.abspath(worktree.path))
     if _find_worktree(await _worktrees(repo), path) is not None:
         try:
@@ -442,7 +454,9 @@ async def merge_task(
     current = tips[ref]
     parent = expected_integration or current
     theirs = task_sha or tips[task_ref]
-    for entry in await _worktrees(repo):
+    async with _worktree_lock(repo):
+        entries = await _worktrees(repo)
+    for entry in entries:
         if entry.branch == ref:
             raise BranchCheckedOut(
                 f"{integration} is checked out in {entry.path}: switch that checkout to another branch so Numerus "
@@ -673,7 +687,21 @@ async def _worktrees(repo: Path) -> list[_WorktreeEntry]:
 
 def _find_worktree(entries: Iterable[_WorktreeEntry], path: Path) -> _WorktreeEntry | None:
     wanted = os.path.realpath(path)
-    return next((e for e in entries if os.path.realpath(e.path) == wanted), None)
+    name = os.path.basename(wanted)
+    # realpath costs a stat per component: only for entries that can be it (same last name), not for all.
+    return next((e for e in entries if e.path.name == name and os.path.realpath(e.path) == wanted), None)
+
+
+#: One lock per event loop and repository around `git worktree` commands: two of them at once in one repository
+#: race (`git worktree list` reads a half-written `.git/worktrees/<name>/commondir` of a concurrent `add`).
+_worktree_locks: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, asyncio.Lock]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _worktree_lock(repo: Path) -> asyncio.Lock:
+    locks = _worktree_locks.setdefault(asyncio.get_running_loop(), {})
+    return locks.setdefault(os.path.realpath(repo), asyncio.Lock())
 
 
 # --- inside: diffs -----------------------------------------------------------------------------------------

@@ -299,7 +299,12 @@ class JobPipeline:
             if self.job.kill_requested:
                 await self.record(lambda job: domain.decide_task_killed(job, task_id))
                 return
-            reasons = await self.attempt(task_id)
+            try:
+                reasons = await self.attempt(task_id)
+            except git.GitError as e:  # one task's git trouble is that task's failed attempt, not the job's end
+                log.warning("task %s/%s: %s", self.job_id, task_id, e.message)
+                self.fresh.add(task_id)
+                reasons = [f"git failed: {e.message}"]
             if reasons is None:
                 return
             if self.job.kill_requested:

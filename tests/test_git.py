@@ -181,6 +181,21 @@ async def test_create_worktree_then_reuse_it(repo: Path) -> None:
     assert snapshot(repo) == before
 
 
+async def test_many_worktrees_created_and_removed_at_once_in_one_repository(repo: Path) -> None:
+    # Concurrent `git worktree` commands in one repository race (a `list` reads a half-written entry of an
+    # `add`: "failed to read .git/worktrees/t17/commondir"); a job starts many tasks at once.
+    import asyncio
+
+    integration = await git.create_integration_branch(repo, JOB)
+    tasks = [f"t{n}" for n in range(24)]
+    made = await asyncio.gather(*(start_task(repo, task, integration.sha) for task in tasks))
+    assert [wt.branch for wt in made] == [f"numerus/{JOB}/{task}" for task in tasks]
+    assert all((wt.path / "README.md").exists() for wt in made)
+    await asyncio.gather(*(git.remove_worktree(repo, wt) for wt in made))
+    assert not any(wt.path.exists() for wt in made)
+    assert len(run_git(repo, "worktree", "list").splitlines()) == 1  # only the main checkout
+
+
 async def test_create_worktree_repairs_an_interrupted_checkout(repo: Path) -> None:
     await git.create_integration_branch(repo, JOB)
     wt = await start_task(repo, "t1")
