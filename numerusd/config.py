@@ -39,7 +39,7 @@ import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import msgspec
 
@@ -104,6 +104,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     #: Attempts per task (first run and retries) and the pauses between them, in seconds.
     max_attempts: Annotated[int, msgspec.Meta(ge=1, le=20)] = 3
     backoff_s: tuple[Annotated[float, msgspec.Meta(ge=0)], ...] = (1.0, 2.0, 4.0)
+    #: Where a task's claim comes from: `agent` asks its executor (read-only) before it runs; `plan` takes the
+    #: plan's file intents as the claim (a glob claims the directory above it), saving one agent call per task.
+    claims: Literal["agent", "plan"] = "agent"
     #: Times the queen may revise a job's plan when one of its tasks fails for good (0: never ask her).
     max_replans: Annotated[int, msgspec.Meta(ge=0, le=10)] = 1
     #: A task's agent is stopped after this long in all, or after this long without printing anything.

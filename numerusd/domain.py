@@ -8,6 +8,7 @@ touch NATS. Events are returned as `(task id or None, payload)` pairs; the event
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterable
 from datetime import datetime
 
@@ -140,6 +141,7 @@ class JobState(msgspec.Struct, frozen=True, kw_only=True):
     backoff_s: tuple[float, ...] = (1.0, 2.0, 4.0)
     max_replans: int = 0
     replans: int = 0
+    claims: str = "agent"
     #: The task whose failure asked for the last revised plan, and why it failed.
     replan_for: tuple[str, str] | None = None
     plan: Plan | None = None
@@ -183,6 +185,7 @@ def evolve(state: JobState | None, event: Envelope) -> JobState:
             max_attempts=data.max_attempts,
             backoff_s=data.backoff_s,
             max_replans=data.max_replans,
+            claims=data.claims,
         )
     job = msgspec.structs.replace(state, updated=event.time, events=state.events + 1, last_event_id=event.id)
     if event.task is not None:
@@ -234,14 +237,36 @@ def _add_usage(job: JobState, usage: Usage) -> JobState:
     )
 
 
+#: Tables recently built or folded, by the identity of the two dicts a JobState holds them as. Building a table
+#: indexes every lock, so a job of many tasks would pay it at every claim event; the dicts are never mutated
+#: (states are immutable), and each entry keeps its dicts alive, so an id cannot be reused while cached.
+_TABLES: dict[tuple[int, int], tuple[dict[str, tuple[Lock, ...]], dict[str, tuple[Lock, ...]], locks.LockTable]] = {}
+_TABLES_KEPT = 64
+_TABLES_LOCK = threading.Lock()
+
+
 def lock_table(job: JobState) -> locks.LockTable:
-    """The job's lock table, built from the plain data its events folded."""
-    return locks.LockTable(job.lock_holds, job.lock_queue)
+    """The job's lock table, built from the plain data its events folded (or found where it was last built)."""
+    cached = _TABLES.get((id(job.lock_holds), id(job.lock_queue)))
+    if cached is not None and cached[0] is job.lock_holds and cached[1] is job.lock_queue:
+        return cached[2]
+    table = locks.LockTable(job.lock_holds, job.lock_queue)
+    _remember(job.lock_holds, job.lock_queue, table)
+    return table
+
+
+def _remember(holds: dict[str, tuple[Lock, ...]], queue: dict[str, tuple[Lock, ...]], table: locks.LockTable) -> None:
+    with _TABLES_LOCK:  # the projector may fold in another thread
+        if len(_TABLES) >= _TABLES_KEPT:
+            del _TABLES[next(iter(_TABLES))]
+        _TABLES[(id(holds), id(queue))] = (holds, queue, table)
 
 
 def _with_table(job: JobState, table: locks.LockTable) -> JobState:
     queue = {task: claim for task in table.waiting if (claim := table.queued_claim(task)) is not None}
-    return msgspec.structs.replace(job, lock_holds=dict(table.holders), lock_queue=queue)
+    holds = dict(table.holders)
+    _remember(holds, queue, table)
+    return msgspec.structs.replace(job, lock_holds=holds, lock_queue=queue)
 
 
 def _evolve_task(job: JobState, task_id: str, time: datetime, data: EventData) -> JobState:
@@ -484,6 +509,7 @@ def decide_submit(
     max_attempts: int,
     backoff_s: tuple[float, ...],
     max_replans: int = 0,
+    claims: str = "agent",
 ) -> Decision:
     """A new planned job: the planner is asked next."""
     if not goal.strip():
@@ -503,6 +529,7 @@ def decide_submit(
                 max_attempts=max_attempts,
                 backoff_s=backoff_s,
                 max_replans=max_replans,
+                claims=claims,
             ),
         )
     ]

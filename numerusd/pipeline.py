@@ -21,11 +21,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
 import logging
 import os
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -36,7 +37,7 @@ from numerusd import domain, git, locks, prompts
 from numerusd.agents.base import AgentInvocation, adapter_for
 from numerusd.errors import NumerusError
 from numerusd.plans import ValidatedPlan, validate_plan
-from numerusd.protocol.claims import Lock, decode_claim
+from numerusd.protocol.claims import Claim, ClaimedPath, Lock, decode_claim
 from numerusd.protocol.commands import JOB_DONE
 from numerusd.protocol.events import (
     CheckCompleted,
@@ -56,6 +57,7 @@ from numerusd.protocol.events import (
     TaskWorkCommitted,
     WorktreeCreated,
 )
+from numerusd.protocol.plan import FileIntent
 from numerusd.protocol.review import decode_verdict
 from numerusd.supervisor import DAEMON_ONLY_ENV, AgentCall, AgentProcess, CallResult, TaskRun
 
@@ -84,7 +86,7 @@ class JobPipeline:
         job = self.job
         self.repo = Path(job.repo)
         self.changed = asyncio.Condition()
-        self.slots = asyncio.Semaphore(max(1, job.parallel))
+        self.slots = Slots(max(1, job.parallel))
         self.merging = asyncio.Lock()
         #: Tasks whose next attempt needs a new worktree from the integration tip (after a merge conflict).
         self.fresh: set[str] = set()
@@ -325,7 +327,17 @@ class JobPipeline:
             await asyncio.wait_for(self.until(lambda job: job.kill_requested), timeout=seconds)
 
     async def claim(self, task_id: str) -> tuple[Lock, ...] | None:
-        """Ask the task's executor what it will touch until it answers a usable claim; None when the task failed."""
+        """Ask the task's executor what it will touch until it answers a usable claim; None when the task failed.
+
+        With `claims = "plan"` the plan's file intents are the claim, and no agent is asked (unless they cannot
+        be locked, which validation makes unlikely).
+        """
+        if self.job.claims == "plan":
+            claimed = intents_claim(self.job.tasks[task_id].intents)
+            wanted = locks.claim_locks(claimed, self.repo)
+            if not isinstance(wanted, locks.BadClaim):
+                await self.task_events(task_id, ClaimProposed(attempt=0, paths=claimed.paths, commands=()))
+                return wanted
         errors: tuple[str, ...] = ()
         for attempt in range(1, self.settings.claim_attempts + 1):
             task = self.job.tasks[task_id]
@@ -422,7 +434,7 @@ class JobPipeline:
             decide=False,
             breaker=self.daemon.breaker,
         )
-        async with self.slots:
+        async with self.slots.taken(priority=0):
             self._check_stopping()
             timeout = asyncio.create_task(self._watch(run.process))
             self.daemon.runs[(self.job_id, task_id)] = run
@@ -552,6 +564,13 @@ class JobPipeline:
         """Merge the task's commit into the integration branch, one task at a time; None when merged."""
         integration = self.job.integration
         assert integration is not None
+        if commit == worktree.base_sha:
+            # No change: nothing to merge, and the integration branch only moves forward from the base.
+            tip = await git.resolve(self.repo, integration)
+            await self.record(lambda job: domain.decide_merged(job, task_id, tip, created=False))
+            with contextlib.suppress(NumerusError, OSError):
+                await git.remove_worktree(self.repo, worktree)
+            return None
         async with self.merging:
             parent = await git.resolve(self.repo, integration)
             await self.task_events(task_id, MergeStarted(integration=integration, parent=parent, task_sha=commit))
@@ -597,7 +616,9 @@ class JobPipeline:
             breaker=self.daemon.breaker,
         )
         call = AgentCall(process, call_dir / "answer.json")
-        async with self.slots:
+        # Work already granted goes first: a claim waits while an executor or a reviewer wants a slot, so that
+        # tasks finish (and release their locks) instead of every claim of the job being asked first.
+        async with self.slots.taken(priority=1 if role == "executor" else 0):
             self._check_stopping()
             key = (self.job_id, name)
             self.daemon.runs[key] = call
@@ -617,3 +638,59 @@ def _settled(job: domain.JobState, task_id: str) -> bool:
     if job.status == "replanning":
         return False
     return all(job.tasks[dep].status in domain.TASK_DONE for dep in job.tasks[task_id].deps if dep in job.tasks)
+
+
+def intents_claim(intents: tuple[FileIntent, ...]) -> Claim:
+    """The claim a task's plan intents stand for: a path as a file (a directory when it ends with '/'), a glob as
+    the directory above its first wildcard (the whole worktree for `*.md`)."""
+    paths = []
+    for intent in intents:
+        parts = intent.path.split("/")
+        wild = next((i for i, part in enumerate(parts) if any(c in part for c in "*?[")), None)
+        if wild is not None:
+            paths.append(ClaimedPath("/".join(parts[:wild]) or ".", "dir", intent.mode))
+        elif intent.path.endswith("/"):
+            paths.append(ClaimedPath(intent.path, "dir", intent.mode))
+        else:
+            paths.append(ClaimedPath(intent.path, "file", intent.mode))
+    return Claim(paths=tuple(paths), commands=())
+
+
+class Slots:
+    """At most `size` agents at once; a freed slot goes to the waiter of lowest priority number, FIFO within."""
+
+    def __init__(self, size: int) -> None:
+        self.free = size
+        self._waiters: list[tuple[int, int, asyncio.Future[None]]] = []
+        self._order = 0
+
+    @contextlib.asynccontextmanager
+    async def taken(self, priority: int) -> AsyncIterator[None]:
+        """Hold a slot for the body of the `async with`."""
+        if self.free > 0 and not self._waiters:
+            self.free -= 1
+        else:
+            waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._order += 1
+            heapq.heappush(self._waiters, (priority, self._order, waiter))
+            try:
+                await waiter  # the slot was handed over: `free` already counts it
+            except asyncio.CancelledError:
+                if waiter.done() and not waiter.cancelled():
+                    self._release()  # handed over, then cancelled: pass it on
+                else:
+                    self._waiters = [entry for entry in self._waiters if entry[2] is not waiter]
+                    heapq.heapify(self._waiters)
+                raise
+        try:
+            yield
+        finally:
+            self._release()
+
+    def _release(self) -> None:
+        while self._waiters:
+            _, _, waiter = heapq.heappop(self._waiters)
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+        self.free += 1

@@ -447,3 +447,39 @@ async def test_with_a_git_too_old_for_merges_a_planned_job_is_refused_and_no_pla
         assert single.returncode == 0, single.stdout + single.stderr
     finally:
         daemon.stop()
+
+
+async def test_with_claims_from_the_plan_no_executor_is_asked_and_overlapping_intents_still_wait(tmp_path: Path):
+    plan = {
+        "summary": "two tasks, one file",
+        "tasks": [
+            {"id": "a", "title": "A", "instructions": "a", "intents": [{"path": "F.md", "mode": "create"}]},
+            {"id": "b", "title": "B", "instructions": "b", "intents": [{"path": "*.md", "mode": "modify"}]},
+        ],
+    }
+    team = {  # no claimer case: a claim question would fail the task
+        "cases": [
+            {"match": {"role": "planner"}, "steps": [{"answer": plan}]},
+            {
+                "match": {"role": "executor", "task": "a"},
+                "steps": [{"sleep": 0.5}, {"write": "F.md", "content": "a\n"}],
+            },
+            {"match": {"role": "executor", "task": "b"}, "steps": [{"run": "echo b >> F.md"}]},
+        ]
+    }
+    config = 'claims = "plan"\nreview = false\n'
+    daemon = Daemon(tmp_path / "state", agents={"team": team}, config=config).start()
+    try:
+        repo = git_repo(tmp_path / "repo")
+        result = daemon.ctl("run", "two", "--repo", str(repo), "--agent", "team", "--wait", timeout=60)
+        assert result.returncode == 0, result.stdout + daemon.stderr()[-3000:]
+        job = result.stdout.splitlines()[0].strip()
+        events = daemon.events(job)
+        assert [e["data"]["attempt"] for e in by_type(events, "ClaimProposed")] == [0, 0]
+        assert not list((daemon.state_dir / "runs" / job).glob("*/claim-*"))
+        (denied,) = by_type(events, "ClaimDenied")
+        assert denied["task"] == "b" and denied["data"]["holders"] == ["a"]
+        assert not by_type(events, "ReviewCompleted")
+        assert show(repo, f"numerus/{job}.integration", "F.md") == "a\nb\n"
+    finally:
+        daemon.stop()

@@ -49,6 +49,8 @@ class JobSubmitted(EventData, frozen=True, kw_only=True):
     backoff_s: tuple[float, ...] = (1.0, 2.0, 4.0)
     #: Times the queen may revise the plan when a task fails for good.
     max_replans: int = 0
+    #: Where claims come from: `agent` (each executor is asked) or `plan` (the plan's file intents).
+    claims: str = "agent"
 
 
 class ReplanRequested(EventData, frozen=True, kw_only=True):
