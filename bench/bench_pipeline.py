@@ -136,6 +136,7 @@ def pipeline(
     steps: list[dict],
     profile: Path | None,
     path_env: str | None,
+    claims: str = "agent",
 ) -> Outcome:
     """Start numerusd on a fresh state directory, time `numerusctl run --wait` of one job, stop the daemon."""
     state, repo = where / "state", git_repo(where / "repo")
@@ -143,7 +144,7 @@ def pipeline(
     scenario_file = state / "scenario.json"
     scenario_file.write_text(json.dumps(scenario(tasks, steps)))
     (state / "numerus.toml").write_text(
-        f'default_agent = "bench"\nparallel = {parallel}\nreview = {str(review).lower()}\n'
+        f'default_agent = "bench"\nparallel = {parallel}\nreview = {str(review).lower()}\nclaims = "{claims}"\n'
         f'[agents.bench]\nkind = "scripted"\nenv = {{ NUMERUS_SCENARIO = {json.dumps(str(scenario_file))} }}\n'
     )
     log = open(state / "numerusd.stderr", "wb")  # noqa: SIM115 - closed below
@@ -371,6 +372,8 @@ def main() -> None:
             plain = measure("noop", tasks=n, parallel=8, review=False, steps=NOOP)
             second_s, _ = xargs(root / "xargs-2", runs=n, parallel=8, steps=NOOP)
             reviewed = measure("noop-review", tasks=n, parallel=8, review=True, steps=NOOP)
+            # Claims taken from the plan's intents (`claims = "plan"`): one agent run per task, as xargs has.
+            from_plan = measure("noop-plan-claims", tasks=n, parallel=8, review=False, steps=NOOP, claims="plan")
             xargs_s = (first_s + second_s) / 2
             figures["noop200_xargs_s"] = round(xargs_s, 2)
             figures["noop200_xargs_runs_s"] = f"{first_s:.2f} / {second_s:.2f}"
@@ -378,6 +381,8 @@ def main() -> None:
             figures["noop200_pipeline_s"] = _wall(plain)
             figures["noop200_pipeline_review_s"] = _wall(reviewed)
             figures["noop200_ratio"] = round(_wall(plain) / xargs_s, 2)
+            figures["noop200_plan_claims_s"] = _wall(from_plan)
+            figures["noop200_plan_claims_ratio"] = round(_wall(from_plan) / xargs_s, 2)
             if plain is not None:
                 figures["agent_runs"] = agent_runs(plain.events)
                 figures["noop_daemon_cpu_s"] = round(plain.daemon_cpu_s, 2)

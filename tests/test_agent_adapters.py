@@ -12,6 +12,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -81,10 +82,8 @@ async def run_agent(adapter: AgentAdapter, invocation: AgentInvocation, *, stop_
 def profile_for(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Callable[..., AgentProfile]:
     """Makes a profile of each adapter kind that plays a given scenario."""
     if request.param == "codex":
-        launcher = scripted_agent_launcher()
-        if len(launcher) != 1:
-            pytest.skip("the numerus-scripted-agent console script is not installed beside the interpreter")
-        monkeypatch.setenv("CODEX_BIN", launcher[0])
+        # `codex` run as codex is: one program on CODEX_BIN, here the scripted agent's console script.
+        monkeypatch.setenv("CODEX_BIN", str(Path(sys.executable).parent / "numerus-scripted-agent"))
 
     def make(scenario: str, **fields: object) -> AgentProfile:
         return AgentProfile(kind=request.param, env={"NUMERUS_SCENARIO": str(SCENARIOS / scenario)}, **fields)
