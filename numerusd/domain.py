@@ -151,6 +151,8 @@ class JobState(msgspec.Struct, frozen=True, kw_only=True):
     plan_errors: tuple[str, ...] = ()
     integration: str | None = None
     base_sha: str | None = None
+    #: Where the integration branch is: its base, then each merge's commit (Numerus is its only writer).
+    integration_tip: str | None = None
     #: The lock table as plain data (holders and the FIFO queue of waiting claims); `lock_table()` builds it.
     lock_holds: dict[str, tuple[Lock, ...]] = {}
     lock_queue: dict[str, tuple[Lock, ...]] = {}
@@ -213,7 +215,7 @@ def evolve(state: JobState | None, event: Envelope) -> JobState:
             job = replace(job, plan=plan, plan_version=version, plan_hash=plan_hash, plan_errors=(), status="running")
             return _add_usage(job, usage)
         case IntegrationBranchCreated(branch=branch, base_sha=base_sha):
-            return replace(job, integration=branch, base_sha=base_sha)
+            return replace(job, integration=branch, base_sha=base_sha, integration_tip=base_sha)
         case JobCompleted():
             return replace(job, status="completed")
         case JobFailed(reason=reason):
@@ -318,6 +320,7 @@ def _evolve_task(job: JobState, task_id: str, time: datetime, data: EventData) -
             task = replace(task, status="merging", merge_parent=parent)
         case TaskMerged(sha=sha):
             task = replace(task, merged_sha=sha)
+            job = replace(job, integration_tip=sha)
         case MergeConflicted(paths=paths):
             task = replace(task, feedback=(f"merging into the integration branch conflicts on {', '.join(paths)}",))
         case TaskSkipped(reason=reason):

@@ -44,6 +44,7 @@ from __future__ import annotations
 import asyncio
 import os
 import posixpath
+import re
 import shutil
 import subprocess
 import uuid
@@ -258,6 +259,9 @@ async def create_integration_branch(repo: Path, job: str, start: str = "HEAD") -
 
 # --- worktrees ---------------------------------------------------------------------------------------------
 
+#: A full commit id (SHA-1 or SHA-256), which needs no `rev-parse` to be used as a base.
+_FULL_SHA = re.compile(r"[0-9a-f]{40}|[0-9a-f]{64}")
+
 
 async def create_worktree(repo: Path, job: str, task: str, base: str, path: Path) -> Worktree:
     """Check out the task's branch `numerus/<job>/<task>` in a worktree at `path`, branched from `base`.
@@ -277,7 +281,7 @@ async def _create_worktree(repo: Path, job: str, task: str, base: str, path: Pat
     branch = task_branch(job, task)
     ref = f"refs/heads/{branch}"
     path = Path(os.path.abspath(path))
-    base_sha = await resolve(repo, base)
+    base_sha = base if _FULL_SHA.fullmatch(base) else await resolve(repo, base)
     entries = await _worktrees(repo)
     here = _find_worktree(entries, path)
     elsewhere = next((e for e in entries if e.branch == ref and e is not here), None)
@@ -317,7 +321,12 @@ async def remove_worktree(repo: Path, worktree: Worktree, *, delete_branch: bool
 
 async def _remove_worktree(repo: Path, worktree: Worktree, *, delete_branch: bool) -> None:
     path = Path(os.path.abspath(worktree.path))
-    if _find_worktree(await _worktrees(repo), path) is not None:
+    removed = False
+    if (path / ".git").is_file():
+        # The usual case, a healthy worktree: one git command. Anything else takes the careful path below.
+        result = await _git(repo, "worktree", "remove", "--force", "--force", str(path), ok=(0, 128))
+        removed = result.returncode == 0
+    if not removed and _find_worktree(await _worktrees(repo), path) is not None:
         try:
             await _git(repo, "worktree", "remove", "--force", "--force", str(path))
         except GitError:

@@ -407,7 +407,7 @@ class JobPipeline:
             old = git.Worktree(Path(task.worktree), task.branch, task.base_sha or "")
             await git.remove_worktree(self.repo, old, delete_branch=True)
         self.fresh.discard(task_id)
-        base = await git.resolve(self.repo, integration)
+        base = self.job.integration_tip or await git.resolve(self.repo, integration)
         created = await git.create_worktree(self.repo, self.job_id, task_id, base, path)
         await self.task_events(
             task_id, WorktreeCreated(path=str(created.path), branch=created.branch, base_sha=created.base_sha)
@@ -566,13 +566,14 @@ class JobPipeline:
         assert integration is not None
         if commit == worktree.base_sha:
             # No change: nothing to merge, and the integration branch only moves forward from the base.
-            tip = await git.resolve(self.repo, integration)
+            tip = self.job.integration_tip or await git.resolve(self.repo, integration)
             await self.record(lambda job: domain.decide_merged(job, task_id, tip, created=False))
             with contextlib.suppress(NumerusError, OSError):
                 await git.remove_worktree(self.repo, worktree)
             return None
         async with self.merging:
-            parent = await git.resolve(self.repo, integration)
+            # Numerus alone moves the branch: its tip is the last merge recorded (merge_task checks it still is).
+            parent = self.job.integration_tip or await git.resolve(self.repo, integration)
             await self.task_events(task_id, MergeStarted(integration=integration, parent=parent, task_sha=commit))
             task = self.job.tasks[task_id]
             message = f"Merge {task_id}: {task.title}\n\nNumerus job {self.job_id}, plan {self.job.plan_hash}"
