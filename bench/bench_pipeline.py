@@ -406,6 +406,14 @@ def main() -> None:
             figures["sleep64_p1_s"] = _wall(p1)
             figures["sleep64_p16_s"] = _wall(p16)
             figures["sleep64_speedup"] = round(_wall(p1) / _wall(p16), 2) if p1 is not None else 0.0
+            # The same with claims from the plan's intents: one agent run per task instead of two.
+            p1_plan = measure("sleep-p1-plan-claims", tasks=n, parallel=1, review=False, steps=SLEEP, claims="plan")
+            p16_plan = measure("sleep-p16-plan-claims", tasks=n, parallel=16, review=False, steps=SLEEP, claims="plan")
+            figures["sleep64_plan_claims_p1_s"] = _wall(p1_plan)
+            figures["sleep64_plan_claims_p16_s"] = _wall(p16_plan)
+            figures["sleep64_plan_claims_speedup"] = (
+                round(_wall(p1_plan) / _wall(p16_plan), 2) if p1_plan is not None else 0.0
+            )
             if p16 is not None:
                 figures.update({f"sleep_p16_{k}": v for k, v in phases(p16.events).items()})
                 figures["sleep_p16_cpu_s"] = round(p16.daemon_cpu_s + p16.children_cpu_s + p16.nats_cpu_s, 2)
