@@ -52,6 +52,20 @@ TARGETS = [
         "200 no-op tasks through the whole pipeline, parallel 8, review off, vs `xargs -P8` of the agent (issue 3)",
     ),
     Target("pipeline", "sleep64_speedup", ">=", 10.0, "64 tasks of 1 s, review off: parallel 16 vs 1 (issue 3)"),
+    Target(
+        "pipeline",
+        "noop200_plan_claims_ratio",
+        "<=",
+        1.3,
+        "the same 200 no-op tasks with claims from the plan (`claims = \"plan\"`: one agent run per task)",
+    ),
+    Target(
+        "pipeline",
+        "sleep64_plan_claims_speedup",
+        ">=",
+        10.0,
+        "the same 64 tasks of 1 s with claims from the plan",
+    ),
 ]
 
 #: Command line of each benchmark: full size, and a quick size for a smoke run.
