@@ -11,6 +11,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterable
 from datetime import datetime
+from typing import TypeVar
 
 import msgspec
 
@@ -161,6 +162,10 @@ class JobState(msgspec.Struct, frozen=True, kw_only=True):
     output_tokens: int = 0
 
 
+#: A state that counts tokens: a job or a task.
+_Counted = TypeVar("_Counted", JobState, TaskState)
+
+
 # --- evolve -------------------------------------------------------------------------------------------------
 
 
@@ -227,15 +232,15 @@ def evolve(state: JobState | None, event: Envelope) -> JobState:
     return job
 
 
-def _add_usage(job: JobState, usage: Usage) -> JobState:
-    """Tokens of an agent call that belongs to the job (planner, queen), not to one task's attempt."""
+def _add_usage(state: _Counted, usage: Usage) -> _Counted:
+    """`state` (a job: planner and queen calls; a task: claims and reviews) with the call's tokens added."""
     if usage == Usage():
-        return job
+        return state
     return msgspec.structs.replace(
-        job,
-        input_tokens=job.input_tokens + usage.input_tokens,
-        cached_input_tokens=job.cached_input_tokens + usage.cached_input_tokens,
-        output_tokens=job.output_tokens + usage.output_tokens,
+        state,
+        input_tokens=state.input_tokens + usage.input_tokens,
+        cached_input_tokens=state.cached_input_tokens + usage.cached_input_tokens,
+        output_tokens=state.output_tokens + usage.output_tokens,
     )
 
 
@@ -289,9 +294,9 @@ def _evolve_task(job: JobState, task_id: str, time: datetime, data: EventData) -
     replace = msgspec.structs.replace
     match data:
         case ClaimProposed(attempt=attempt, paths=paths, commands=commands, usage=usage):
-            task = _task_usage(replace(task, claim=paths, commands=commands, claim_attempts=attempt), usage)
+            task = _add_usage(replace(task, claim=paths, commands=commands, claim_attempts=attempt), usage)
         case ClaimRejected(attempt=attempt, errors=errors, usage=usage):
-            task = _task_usage(replace(task, claim_attempts=attempt, feedback=errors), usage)
+            task = _add_usage(replace(task, claim_attempts=attempt, feedback=errors), usage)
         case ClaimGranted(locks=granted):
             job = _with_table(job, locks.apply_granted(lock_table(job), task_id, granted))
             if task_id in job.lock_holds:
@@ -309,7 +314,7 @@ def _evolve_task(job: JobState, task_id: str, time: datetime, data: EventData) -
         case ClaimViolated() | CheckCompleted():
             return job  # the reasons reach the state through GateFailed
         case ReviewCompleted(usage=usage):
-            task = _task_usage(task, usage)
+            task = _add_usage(task, usage)
         case GatePassed():
             task = replace(task, status="merging", feedback=())
         case GateFailed(reasons=reasons):
@@ -364,17 +369,6 @@ def _evolve_task(job: JobState, task_id: str, time: datetime, data: EventData) -
         case AgentMessageReceived() | AgentCommandExecuted() | AgentFileChanged() | AgentErrorReported():
             return job  # recorded in the stream and the event index; no state of their own
     return msgspec.structs.replace(job, tasks={**job.tasks, task_id: task})
-
-
-def _task_usage(task: TaskState, usage: Usage) -> TaskState:
-    if usage == Usage():
-        return task
-    return msgspec.structs.replace(
-        task,
-        input_tokens=task.input_tokens + usage.input_tokens,
-        cached_input_tokens=task.cached_input_tokens + usage.cached_input_tokens,
-        output_tokens=task.output_tokens + usage.output_tokens,
-    )
 
 
 def fold(events: Iterable[Envelope]) -> dict[str, JobState]:

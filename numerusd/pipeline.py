@@ -76,6 +76,10 @@ class _Stopped(Exception):
     """The daemon is stopping: leave the job as it is; shutdown records it interrupted."""
 
 
+class _Killed(Exception):
+    """A kill arrived while the planner or the queen was asked; the job's end is recorded."""
+
+
 class JobPipeline:
     """Drives one planned job; `run()` returns when the job has ended or the daemon stops."""
 
@@ -167,102 +171,85 @@ class JobPipeline:
         """Ask the planner until it answers a valid plan; False when the job ended instead."""
         while True:
             attempt = self.job.plan_attempts + 1
-            profile_name = self.job.roles.get("planner", self.job.agent)
             call_dir = self.settings.runs_dir / self.job_id / "plan" / str(attempt)
-            requested = PlanRequested(attempt=attempt, agent=profile_name, log_path=str(call_dir / "stdout.log"))
-            await self.record(partial(_job_event, requested))
             prompt = prompts.planner(self.job_id, self.job.goal, attempt, self.job.plan_errors)
-            result = await self.call("planner", None, f"plan-{attempt}", call_dir, prompt, "plan", self.repo)
-            self._check_stopping()
-            if self.job.kill_requested:
-                await self.record(domain.decide_planning_killed)
+            try:
+                errors = await self.ask_for_plan("planner", attempt, call_dir, prompt, self.settings.plan_attempts)
+            except _Killed:
                 return False
-            failure = result.failure()
-            checked = [failure] if failure else validate_plan(result.answer or "", repo=self.repo)
-            if isinstance(checked, ValidatedPlan):
-                await self.record(
-                    partial(
-                        domain.decide_plan_validated,
-                        attempt=attempt,
-                        plan=checked.plan,
-                        plan_hash=checked.hash,
-                        usage=result.usage,
-                    )
-                )
+            if errors is None:
                 return True
-            await self.record(
-                partial(
-                    domain.decide_plan_rejected,
-                    attempt=attempt,
-                    errors=[str(error) for error in checked],
-                    answer=result.answer or "",
-                    usage=result.usage,
-                    max_attempts=self.settings.plan_attempts,
-                )
-            )
             if self.job.status in JOB_DONE:
                 return False
 
     async def replan(self) -> None:
         """Ask the queen for a revised plan (the job is `replanning`); start the tasks it adds."""
         async with self.replanning:
-            job = self.job
-            failed, reason = job.replan_for or ("-", "a task failed")
-            errors: tuple[str, ...] = ()
+            failed, reason = self.job.replan_for or ("-", "a task failed")
+            errors: list[str] = []
             for attempt in range(1, self.settings.plan_attempts + 1):
-                profile_name = job.roles.get("queen", job.agent)
-                call_dir = self.settings.runs_dir / self.job_id / f"replan-{job.replans}" / str(attempt)
-                requested = PlanRequested(
-                    attempt=attempt, agent=profile_name, role="queen", log_path=str(call_dir / "stdout.log")
-                )
-                await self.record(partial(_job_event, requested))
                 job = self.job
                 assert job.plan is not None
+                call_dir = self.settings.runs_dir / self.job_id / f"replan-{job.replans}" / str(attempt)
+                statuses = {task.id: task.status for task in job.tasks.values()}
+                plan_json = msgspec.json.encode(job.plan).decode()
                 prompt = prompts.queen(
-                    self.job_id,
-                    job.goal,
-                    msgspec.json.encode(job.plan).decode(),
-                    {task.id: task.status for task in job.tasks.values()},
-                    failed,
-                    reason,
-                    attempt,
-                    errors,
+                    self.job_id, job.goal, plan_json, statuses, failed, reason, attempt, tuple(errors)
                 )
-                result = await self.call("queen", None, "queen", call_dir, prompt, "plan", self.repo)
-                self._check_stopping()
-                if self.job.kill_requested:
-                    await self.record(domain.decide_planning_killed)
+                try:
+                    # Never the job's end: a queen without a usable answer leaves the plan as it is (below).
+                    found = await self.ask_for_plan("queen", attempt, call_dir, prompt, self.settings.plan_attempts + 1)
+                except _Killed:
                     return
-                failure = result.failure()
-                checked = [failure] if failure else validate_plan(result.answer or "", repo=self.repo)
-                if isinstance(checked, ValidatedPlan):
-                    problems = domain.replan_errors(self.job, checked.plan)
-                    if not problems:
-                        await self.record(
-                            partial(
-                                domain.decide_plan_validated,
-                                attempt=attempt,
-                                plan=checked.plan,
-                                plan_hash=checked.hash,
-                                usage=result.usage,
-                            )
-                        )
-                        self.start_flows()
-                        return
-                    checked = problems
-                errors = tuple(str(error) for error in checked)
-                await self.record(
-                    partial(
-                        domain.decide_plan_rejected,
-                        attempt=attempt,
-                        errors=list(errors),
-                        answer=result.answer or "",
-                        usage=result.usage,
-                        max_attempts=self.settings.plan_attempts + 1,  # the queen failing does not fail the job
-                    )
-                )
+                if found is None:
+                    self.start_flows()
+                    return
+                errors = found
             why = f"the queen gave no valid revised plan in {self.settings.plan_attempts} answers: {'; '.join(errors)}"
             await self.record(partial(domain.decide_replan_failed, reason=why))
+
+    async def ask_for_plan(
+        self, role: str, attempt: int, call_dir: Path, prompt: str, max_attempts: int
+    ) -> list[str] | None:
+        """One question to the planner or the queen: None when its plan was accepted, else why not (recorded).
+
+        A revised plan (the queen's) must also keep what is done (`domain.replan_errors`). Raises _Killed when
+        a kill arrived meanwhile (the job's end is recorded).
+        """
+        profile_name = self.job.roles.get(role, self.job.agent)
+        requested = PlanRequested(attempt=attempt, agent=profile_name, role=role, log_path=str(call_dir / "stdout.log"))
+        await self.record(partial(_job_event, requested))
+        result = await self.call(role, None, f"{role}-{attempt}", call_dir, prompt, "plan", self.repo)
+        self._check_stopping()
+        if self.job.kill_requested:
+            await self.record(domain.decide_planning_killed)
+            raise _Killed
+        failure = result.failure()
+        checked = [failure] if failure else validate_plan(result.answer or "", repo=self.repo)
+        if isinstance(checked, ValidatedPlan):
+            problems = domain.replan_errors(self.job, checked.plan) if role == "queen" else []
+            if not problems:
+                accept = partial(
+                    domain.decide_plan_validated,
+                    attempt=attempt,
+                    plan=checked.plan,
+                    plan_hash=checked.hash,
+                    usage=result.usage,
+                )
+                await self.record(accept)
+                return None
+            checked = problems
+        errors = [str(error) for error in checked]
+        reject = partial(
+            domain.decide_plan_rejected,
+            attempt=attempt,
+            errors=errors,
+            answer=result.answer or "",
+            usage=result.usage,
+            max_attempts=max_attempts,
+        )
+        await self.record(reject)
+        return errors
 
     async def integration_branch(self) -> None:
         """Create the job's integration branch at the repository's HEAD, once."""

@@ -25,6 +25,11 @@ def _bullets(items: Iterable[str]) -> str:
     return "\n".join(f"- {item}" for item in items)
 
 
+def _refused(what: str, errors: tuple[str, ...]) -> list[str]:
+    """The lines telling an agent why its previous answer was refused, all reasons at once."""
+    return ["", f"Your previous {what} was refused. Fix every one of these problems:", _bullets(errors)]
+
+
 def planner(job: str, goal: str, attempt: int, errors: tuple[str, ...] = ()) -> str:
     """Ask for a plan: tasks with ids, dependencies and file intents, as JSON following the plan schema."""
     parts = [
@@ -44,7 +49,7 @@ def planner(job: str, goal: str, attempt: int, errors: tuple[str, ...] = ()) -> 
         "Answer with the plan as JSON only, following the schema you were given.",
     ]
     if errors:
-        parts += ["", "Your previous answer was refused. Fix every one of these problems:", _bullets(errors)]
+        parts += _refused("answer", errors)
     return "\n".join(parts) + "\n"
 
 
@@ -67,7 +72,7 @@ def claim(job: str, task: str, title: str, instructions: str, attempt: int, erro
         "Answer with the claim as JSON only, following the schema you were given.",
     ]
     if errors:
-        parts += ["", "Your previous claim was refused. Fix every one of these problems:", _bullets(errors)]
+        parts += _refused("claim", errors)
     return "\n".join(parts) + "\n"
 
 
@@ -161,5 +166,5 @@ def queen(
         "as needed; a task that failed cannot come back under its id: give what replaces it a new id.",
     ]
     if errors:
-        parts += ["", "Your previous answer was refused. Fix every one of these problems:", _bullets(errors)]
+        parts += _refused("answer", errors)
     return "\n".join(parts) + "\n"

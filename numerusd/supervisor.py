@@ -230,7 +230,26 @@ class Outcome:
         return f"exit code {self.exit_code}" if self.signal is None else f"signal {self.signal}"
 
 
-class TaskRun:
+class _ProcessRun:
+    """What the daemon needs of a running agent, whatever it runs for: stop it, and say it is being stopped."""
+
+    process: AgentProcess
+
+    @property
+    def stopping(self) -> bool:
+        """True once the daemon or a kill asked the agent to stop."""
+        return self.process.stopping
+
+    @stopping.setter
+    def stopping(self, value: bool) -> None:
+        self.process.stopping = value
+
+    async def terminate(self, grace: float) -> None:
+        """Stop the agent's whole process group: TERM, then KILL after `grace` seconds."""
+        await self.process.terminate(grace)
+
+
+class TaskRun(_ProcessRun):
     """One attempt of one task: spawn its agent, pump its output, record its events and its exit.
 
     On the single-task path the exit decides the task (`decide_exit`); in a planned job (`decide=False`) only
@@ -275,15 +294,6 @@ class TaskRun:
             breaker=breaker,
         )
 
-    @property
-    def stopping(self) -> bool:
-        """True once the daemon or a kill asked the agent to stop."""
-        return self.process.stopping
-
-    @stopping.setter
-    def stopping(self, value: bool) -> None:
-        self.process.stopping = value
-
     async def run(self) -> Outcome | None:
         """Run the attempt to its end; every outcome, including failure to start, ends up as events.
 
@@ -312,10 +322,6 @@ class TaskRun:
             await self.record(self.job_id, lambda job: domain.decide_exit(job, self.task_id, **fields))
         return outcome
 
-    async def terminate(self, grace: float) -> None:
-        """Stop the agent's whole process group: TERM, then KILL after `grace` seconds."""
-        await self.process.terminate(grace)
-
     async def _task_events(self, events: list[EventData]) -> None:
         task_id = self.task_id
         await self.record(self.job_id, lambda _job: [(task_id, event) for event in events])
@@ -342,21 +348,12 @@ class CallResult:
         return None
 
 
-class AgentCall:
+class AgentCall(_ProcessRun):
     """One question to an agent (plan, claim, review): run it, collect its tokens, read its answer file."""
 
     def __init__(self, process: AgentProcess, answer_path: Path) -> None:
         self.process = process
         self.answer_path = answer_path
-
-    @property
-    def stopping(self) -> bool:
-        """True once the daemon or a kill asked the agent to stop."""
-        return self.process.stopping
-
-    @stopping.setter
-    def stopping(self, value: bool) -> None:
-        self.process.stopping = value
 
     async def run(self) -> CallResult:
         """Run the call to its end; never raises for what the agent does."""
@@ -384,7 +381,3 @@ class AgentCall:
             answer = None
         spent = Usage(input_tokens=usage[0], cached_input_tokens=usage[1], output_tokens=usage[2])
         return CallResult(outcome=outcome, answer=answer, usage=spent, errors=errors)
-
-    async def terminate(self, grace: float) -> None:
-        """Stop the agent's whole process group."""
-        await self.process.terminate(grace)
