@@ -17,7 +17,10 @@ async def test_verify_passes_then_names_a_forged_event_and_the_daemon_shrugs_it_
     daemon = Daemon(tmp_path / "state", agents={"scripted": HELLO}).start()
     try:
         repo = git_repo(tmp_path / "repo")
-        assert daemon.ctl("run", "--no-plan", "Greet", "--repo", str(repo), "--agent", "scripted", "--wait").returncode == 0
+        assert (
+            daemon.ctl("run", "--no-plan", "Greet", "--repo", str(repo), "--agent", "scripted", "--wait").returncode
+            == 0
+        )
         job = daemon.ctl_json("status")["jobs"][0]["id"]
         result = daemon.ctl("audit", "verify")
         assert result.returncode == 0, result.stdout + result.stderr

@@ -48,7 +48,10 @@ async def test_logs_follow_streams_output_live_and_ends_with_the_job(daemon: Dae
 
 async def test_log_chunks_on_nats_add_up_to_the_log_file(daemon: Daemon, tmp_path: Path):
     repo = git_repo(tmp_path / "repo")
-    assert daemon.ctl("run", "--no-plan", "Build it", "--repo", str(repo), "--agent", "talkative", "--wait").returncode == 0
+    assert (
+        daemon.ctl("run", "--no-plan", "Build it", "--repo", str(repo), "--agent", "talkative", "--wait").returncode
+        == 0
+    )
     (job,) = daemon.ctl_json("status")["jobs"]
     log = Path(job["tasks"][0]["log_path"]).read_bytes()
     c = daemon.connection()
