@@ -37,7 +37,6 @@ from numerusd.pipeline import JobPipeline
 from numerusd.projections import Projector, Rejected
 from numerusd.protocol.commands import JOB_DONE, EventsReply
 from numerusd.protocol.envelope import InvalidEvent, Sealed, open_event
-from numerusd.protocol.events import LocksReleased, TaskCompleted, TaskMerged
 from numerusd.protocol.ids import new_ulid
 from numerusd.schemas import agent_output_schemas
 from numerusd.service import start_service
@@ -260,15 +259,8 @@ class Daemon:
             return
         if isinstance(state, git.Done):
             log.info("merge of %s/%s had happened before the restart: recording it", job.id, task.id)
-            sha = state.sha
-            await self.record(
-                job.id,
-                lambda _job: [
-                    (task.id, TaskMerged(sha=sha, integration=job.integration or "")),
-                    (task.id, LocksReleased(reason="merged")),
-                    (task.id, TaskCompleted()),
-                ],
-            )
+            sha, created = state.sha, state.sha != task.merge_parent
+            await self.record(job.id, lambda job: domain.decide_merged(job, task.id, sha, created))
 
     async def _project(self) -> None:
         assert self.projector is not None

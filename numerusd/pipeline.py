@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING
 
 import msgspec
 
-from numerusd import domain, git, locks, prompts
+from numerusd import domain, failpoints, git, locks, prompts
 from numerusd.agents.base import AgentInvocation, adapter_for
 from numerusd.errors import NumerusError
 from numerusd.plans import ValidatedPlan, validate_plan
@@ -567,6 +567,7 @@ class JobPipeline:
             result = await git.merge_task(
                 self.repo, integration, worktree.branch, message, expected_integration=parent, task_sha=commit
             )
+            failpoints.hit("after-merge")  # tests: a crash between the merge and its record
             if isinstance(result, git.Conflict):
                 await self.task_events(task_id, MergeConflicted(paths=result.paths, messages=result.messages))
                 self.fresh.add(task_id)

@@ -483,3 +483,35 @@ async def test_with_claims_from_the_plan_no_executor_is_asked_and_overlapping_in
         assert show(repo, f"numerus/{job}.integration", "F.md") == "a\nb\n"
     finally:
         daemon.stop()
+
+
+async def test_a_crash_between_a_merge_and_its_record_is_repaired_on_restart_not_merged_again(tmp_path: Path):
+    import subprocess as sp
+    import time
+
+    daemon = Daemon(tmp_path / "state", env={"NUMERUS_FAILPOINTS": "after-merge"}).start()
+    repo = git_repo(tmp_path / "repo")
+    job = daemon.ctl("run", "say hello", "--repo", str(repo), "--agent", "scripted", check=True).stdout.strip()
+    process = daemon.process
+    assert process is not None
+    deadline = time.monotonic() + 60
+    while process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert process.returncode == 137  # died right after git merged, before TaskMerged was recorded
+    daemon.stop()
+    branch = f"numerus/{job}.integration"
+    merges = sp.run(["git", "-C", str(repo), "rev-list", "--merges", branch], capture_output=True, text=True).stdout
+    assert len(merges.split()) == 1
+
+    daemon.env = {}
+    daemon.start()
+    try:
+        view = daemon.status(job)
+        assert view["status"] == "completed"
+        (merged,) = by_type(daemon.events(job), "TaskMerged", "t1")
+        assert merged["data"]["sha"] == merges.split()[0]
+        again = sp.run(["git", "-C", str(repo), "rev-list", "--merges", branch], capture_output=True, text=True)
+        assert again.stdout == merges  # recorded, never merged twice
+        assert daemon.ctl("audit", "verify", job).returncode == 0
+    finally:
+        daemon.stop()
