@@ -119,48 +119,46 @@ CREATE INDEX IF NOT EXISTS events_time ON events (time);
 
 
 class _Insert:
-    """An INSERT of many rows per statement: `chunks(rows)` gives executemany one parameter list per chunk.
+    """An INSERT of many rows per statement: `statements(rows)` gives each statement and its parameter lists.
 
-    Rows go to SQLite in multi-row VALUES statements, the last chunk padded with rows of NULLs that the WHERE
-    drops. Against one-row executemany that halves SQLite's CPU per row, and it matters more for how the write
-    runs beside the folding: the thread writing takes the GIL back after every statement it executes, and while
-    the event loop's thread is busy folding the next batch each such hand-over waits out the interpreter's
-    switch interval (5 ms). A few statements per batch keep the write parallel; a handful of statement shapes
-    (chunk sizes) keep one-event live batches cheap and the statement cache warm.
+    Rows go to SQLite in multi-row `VALUES` statements of `largest` rows, the rest in pieces of power-of-two
+    sizes, so a few statement shapes (which stay in sqlite3's statement cache) serve every batch, and a one-event
+    live batch is one one-row statement. Against one-row executemany this halves SQLite's CPU per row; larger
+    statements, or the `SELECT * FROM (VALUES …)` form that pads with NULL rows, cost more again.
     """
 
-    def __init__(self, table: str, columns: str, conflict: str = "", largest: int = 2048) -> None:
+    def __init__(self, table: str, columns: str, conflict: str = "", largest: int = 256) -> None:
         self.table, self.columns, self.conflict = table, columns, conflict
         self.width = len(columns.split(","))
         self.largest = largest
-        self.sizes: tuple[int, ...] = ()
-        self.sql: dict[int, str] = {}
+        self._sql: dict[int, str] = {}
 
     def fitted(self, max_params: int) -> _Insert:
-        """This insert with chunks small enough for SQLite's limit on parameters per statement."""
-        fitted = _Insert(self.table, self.columns, self.conflict, self.largest)
-        largest = max(1, min(self.largest, max_params // self.width))
-        fitted.sizes = tuple(sorted({min(4, largest), min(64, largest), largest}))
-        row = f"({', '.join('?' * self.width)})"
-        fitted.sql = {
-            size: f"INSERT INTO {self.table} ({self.columns}) SELECT * FROM (VALUES {', '.join([row] * size)}) "
-            f"WHERE column1 IS NOT NULL {self.conflict}"
-            for size in fitted.sizes
-        }
-        return fitted
+        """This insert with statements small enough for SQLite's limit on parameters per statement."""
+        largest = 1
+        while largest * 2 <= min(self.largest, max_params // self.width):
+            largest *= 2
+        return _Insert(self.table, self.columns, self.conflict, largest)
 
-    def chunks(self, rows: list[tuple[Any, ...]]) -> tuple[str, list[list[Any]]]:
-        """The statement for this many rows and its parameters, flattened and padded, chunk by chunk."""
-        size = next((size for size in self.sizes if size >= len(rows)), self.sizes[-1])
-        width = self.width
-        params = []
-        for start in range(0, len(rows), size):
-            chunk = rows[start : start + size]
-            flat = [value for row in chunk for value in row]
-            if len(chunk) < size:
-                flat.extend([None] * (width * (size - len(chunk))))
-            params.append(flat)
-        return self.sql[size], params
+    def statements(self, rows: Sequence[tuple[Any, ...]]) -> Iterator[tuple[str, list[list[Any]]]]:
+        """(statement, parameter lists): the rows, flattened, a statement's worth per list."""
+        at, size = 0, self.largest
+        while at < len(rows):
+            count = (len(rows) - at) // size
+            if count:
+                end = at + count * size
+                params = [[value for row in rows[i : i + size] for value in row] for i in range(at, end, size)]
+                yield self._statement(size), params
+                at = end
+            size //= 2
+
+    def _statement(self, size: int) -> str:
+        sql = self._sql.get(size)
+        if sql is None:
+            row = f"({', '.join('?' * self.width)})"
+            values = ", ".join([row] * size)
+            sql = self._sql[size] = f"INSERT INTO {self.table} ({self.columns}) VALUES {values} {self.conflict}"
+        return sql
 
 
 _INSERTS = (
@@ -170,7 +168,6 @@ _INSERTS = (
         "ON CONFLICT (id) DO UPDATE SET goal = excluded.goal, repo = excluded.repo, agent = excluded.agent, "
         "status = excluded.status, reason = excluded.reason, created = excluded.created, "
         "updated = excluded.updated, events = excluded.events, state = excluded.state",
-        largest=512,
     ),
     _Insert(
         "tasks",
@@ -182,15 +179,13 @@ _INSERTS = (
         "input_tokens = excluded.input_tokens, cached_input_tokens = excluded.cached_input_tokens, "
         "output_tokens = excluded.output_tokens, log_path = excluded.log_path, started = excluded.started, "
         "ended = excluded.ended",
-        largest=1024,
     ),
-    _Insert("events", "seq, id, job, task, type, time, subject", largest=4096),
+    _Insert("events", "seq, id, job, task, type, time, subject"),
     _Insert(
         "rejected",
         "seq, subject, reason, message",
         "ON CONFLICT (seq) DO UPDATE SET subject = excluded.subject, reason = excluded.reason, "
         "message = excluded.message",
-        largest=256,
     ),
 )
 _SET_POSITION = "UPDATE position SET seq = ? WHERE singleton = 1"
@@ -341,10 +336,12 @@ class Projector:
 
     async def _setup(self, bulk: bool) -> None:
         db = self.db
-        await db.execute("PRAGMA journal_mode = WAL")
         # NORMAL in WAL mode may lose the last commits on power loss but never corrupts; the views and
         # their position are lost together and are replayed from the stream. A bulk rebuild writes a
-        # scratch file that is thrown away if anything goes wrong, so it need not sync at all.
+        # scratch file that is thrown away if anything goes wrong, so it need not sync at all, nor write
+        # every page twice (to the WAL, then to the file): its rollback journal is kept in memory, and the
+        # file turns to WAL when it is finished.
+        await db.execute(f"PRAGMA journal_mode = {'MEMORY' if bulk else 'WAL'}")
         await db.execute(f"PRAGMA synchronous = {'OFF' if bulk else 'NORMAL'}")
         # A bulk rebuild gets a 64 MiB page cache; the live daemon 8 MiB, so it stays small once idle.
         await db.execute(f"PRAGMA cache_size = {-65536 if bulk else -8192}")
@@ -377,6 +374,7 @@ class Projector:
             with _translated("finish the rebuild", self.path):
                 await self._write(_Prepared(self._position, {}, {}, dirty, [], [], False))
                 await self.db.execute(f"PRAGMA user_version = {FILE_VERSION}")
+                await self.db.execute("PRAGMA journal_mode = WAL")
                 await self.db.execute("PRAGMA synchronous = NORMAL")
             self._dirty.clear()
             self._bulk = False
@@ -629,8 +627,8 @@ class Projector:
         # The sqlite3 module opens the transaction itself before the first insert (legacy transaction control),
         # which spares a round trip to aiosqlite's thread; the position is set in it, then it is committed.
         for insert, rows in zip(self._inserts, (job_rows, tasks, prepared.event_rows, rejected), strict=True):
-            if rows:
-                await db.executemany(*insert.chunks(rows))
+            for statement, params in insert.statements(rows):
+                await db.executemany(statement, params)
         await db.execute(_SET_POSITION, (prepared.last_seq,))
         await db.commit()
 
