@@ -57,7 +57,7 @@ TARGETS = [
         "noop200_plan_claims_ratio",
         "<=",
         1.3,
-        "the same 200 no-op tasks with claims from the plan (`claims = \"plan\"`: one agent run per task)",
+        'the same 200 no-op tasks with claims from the plan (`claims = "plan"`: one agent run per task)',
     ),
     Target(
         "pipeline",

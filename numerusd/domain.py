@@ -569,9 +569,7 @@ def decide_plan_validated(job: JobState, attempt: int, plan: Plan, plan_hash: st
     """
     executor = job.roles.get("executor", job.agent)
     version = job.plan_version + 1
-    events: Decision = [
-        (None, PlanValidated(version=version, attempt=attempt, hash=plan_hash, plan=plan, usage=usage))
-    ]
+    events: Decision = [(None, PlanValidated(version=version, attempt=attempt, hash=plan_hash, plan=plan, usage=usage))]
     listed = {task.id for task in plan.tasks}
     for task in job.tasks.values():
         if task.status == "pending" and task.id not in listed:
