@@ -289,8 +289,8 @@ def _evolve_task(job: JobState, task_id: str, time: datetime, data: EventData) -
         )
         return msgspec.structs.replace(job, tasks={**job.tasks, task_id: task})
     task = job.tasks.get(task_id)
-    if task is None:
-        return job
+    if task is None or type(data) in _NO_TASK_STATE:
+        return job  # the most frequent events (what agents say and do) are settled before the long match
     replace = msgspec.structs.replace
     match data:
         case ClaimProposed(attempt=attempt, paths=paths, commands=commands, usage=usage):
@@ -366,9 +366,11 @@ def _evolve_task(job: JobState, task_id: str, time: datetime, data: EventData) -
             task = replace(task, status="killed", reason=reason, ended=task.ended or time)
         case TaskInterrupted(reason=reason):
             task = replace(task, status="interrupted", reason=reason, ended=task.ended or time)
-        case AgentMessageReceived() | AgentCommandExecuted() | AgentFileChanged() | AgentErrorReported():
-            return job  # recorded in the stream and the event index; no state of their own
     return msgspec.structs.replace(job, tasks={**job.tasks, task_id: task})
+
+
+#: Task events with no state of their own: recorded in the stream and the event index only.
+_NO_TASK_STATE = frozenset({AgentMessageReceived, AgentCommandExecuted, AgentFileChanged, AgentErrorReported})
 
 
 def fold(events: Iterable[Envelope]) -> dict[str, JobState]:
