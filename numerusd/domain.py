@@ -548,15 +548,15 @@ def decide_plan_rejected(
 def replan_errors(job: JobState, plan: Plan) -> list[str]:
     """Why the queen's revised plan cannot replace the current one (beyond `validate_plan`'s checks).
 
-    A revised plan lists the whole job again: completed tasks stay as they are (listed so that others may
-    depend on them), pending ones may be kept, changed or dropped, new ones added; but a task that failed,
-    was skipped or killed cannot come back under its id (its branch and events are its own): a new task
-    needs a new id.
+    A revised plan lists the whole job again: completed and running tasks stay as they are (listed so that
+    others may depend on them), pending ones may be kept, changed or dropped, new ones added; but a task that
+    ended without completing (failed, skipped, killed) cannot come back under its id (its branch and events are
+    its own): a new task needs a new id.
     """
     errors = []
     for task in plan.tasks:
         existing = job.tasks.get(task.id)
-        if existing is not None and existing.status not in ("pending", "completed"):
+        if existing is not None and existing.status in TASK_DONE and existing.status != "completed":
             errors.append(
                 f"task {task.id} already {existing.status}: give the task that replaces it a new id, e.g. {task.id}b"
             )
@@ -578,8 +578,8 @@ def decide_plan_validated(job: JobState, attempt: int, plan: Plan, plan_hash: st
             events.append((task.id, TaskSkipped(reason=f"dropped by plan v{version}")))
     for task in plan.tasks:
         existing = job.tasks.get(task.id)
-        if existing is not None and existing.status == "completed":
-            continue
+        if existing is not None and existing.status != "pending":
+            continue  # completed, or under way: it stays as it is
         created = TaskCreated(
             title=task.title,
             instructions=task.instructions,
@@ -631,6 +631,20 @@ def decide_attempt_failed(job: JobState, task_id: str, reasons: tuple[str, ...])
             events.insert(0, (task_id, LocksReleased(reason="failed")))
         return [*events, (None, ReplanRequested(task=task_id, reason=reason[:4000]))]
     return decide_task_failed(job, task_id, reason)
+
+
+def decide_settled(job: JobState) -> Decision:
+    """Every task of the job has ended: the job's end, if no decision recorded it yet."""
+    if job.status in JOB_DONE:
+        return []
+    return _job_outcome(job, {})
+
+
+def decide_stalled(job: JobState, idle_s: float) -> Decision:
+    """No task has completed for `idle_s` seconds: ask the queen for a revised plan, if she may still be asked."""
+    if job.status != "running" or job.kill_requested or job.replans >= job.max_replans:
+        return []
+    return [(None, ReplanRequested(task="", reason=f"no task completed for {idle_s:g} s"))]
 
 
 def decide_replan_failed(job: JobState, reason: str) -> Decision:

@@ -52,7 +52,9 @@ from numerusd.protocol.events import (
     MergeConflicted,
     MergeStarted,
     PlanRequested,
+    PlanValidated,
     ReviewCompleted,
+    TaskCompleted,
     TaskRetryScheduled,
     TaskWorkCommitted,
     WorktreeCreated,
@@ -95,6 +97,8 @@ class JobPipeline:
         #: Tasks whose next attempt needs a new worktree from the integration tip (after a merge conflict).
         self.fresh: set[str] = set()
         self.flows: dict[str, asyncio.Task[None]] = {}
+        #: When a task last completed (or a plan was accepted): a job without progress for too long is stalled.
+        self.progress_at = time.monotonic()
         self.replanning = asyncio.Lock()
         #: Why an agent process was stopped by `_watch`, by `id()` of the process, until `execute` reads it.
         self.timeouts: dict[int, str] = {}
@@ -115,11 +119,15 @@ class JobPipeline:
                 return
             await self.integration_branch()
             self.start_flows()
-            while self.flows:
-                done, _ = await asyncio.wait(self.flows.values(), return_when=asyncio.FIRST_COMPLETED)
+            watch = asyncio.create_task(self._watch_progress(), name=f"{self.job_id} progress")
+            self.flows["-progress"] = watch  # cancelled with the flows; never ends on its own
+            # Until every task has ended and no revised plan is on its way (the queen may add tasks).
+            while len(self.flows) > 1 or self.job.status == "replanning":
+                done, _ = await asyncio.wait(self.flows.values(), timeout=1.0, return_when=asyncio.FIRST_COMPLETED)
                 for flow in done:
                     self.flows = {task: f for task, f in self.flows.items() if f is not flow}
-                    flow.result()  # an error in a flow is the pipeline's
+                    flow.result()  # an error in a flow (or the watch) is the pipeline's
+            await self.record(domain.decide_settled)
         except _Stopped:
             return
         except Exception as e:
@@ -146,6 +154,8 @@ class JobPipeline:
     async def record(self, decide: Callable[[domain.JobState], domain.Decision]) -> list[EventData]:
         """Append the decision (its payloads are returned); when it released locks, grant those waiting for them."""
         sealed = await self.daemon.record(self.job_id, decide)
+        if any(isinstance(event.envelope.data, (TaskCompleted, PlanValidated)) for event in sealed):
+            self.progress_at = time.monotonic()
         if any(isinstance(event.envelope.data, LocksReleased) for event in sealed):
             await self.daemon.record(self.job_id, domain.decide_wake)
         await self.poke()
@@ -185,7 +195,9 @@ class JobPipeline:
     async def replan(self) -> None:
         """Ask the queen for a revised plan (the job is `replanning`); start the tasks it adds."""
         async with self.replanning:
-            failed, reason = self.job.replan_for or ("-", "a task failed")
+            if self.job.status != "replanning":
+                return  # another flow's request was answered meanwhile
+            failed, reason = self.job.replan_for or ("", "a task failed")
             errors: list[str] = []
             for attempt in range(1, self.settings.plan_attempts + 1):
                 job = self.job
@@ -207,6 +219,18 @@ class JobPipeline:
                 errors = found
             why = f"the queen gave no valid revised plan in {self.settings.plan_attempts} answers: {'; '.join(errors)}"
             await self.record(partial(domain.decide_replan_failed, reason=why))
+
+    async def _watch_progress(self) -> None:
+        """Ask the queen for a revised plan when no task has completed for `stall_timeout_s`."""
+        stall = self.settings.stall_timeout_s
+        while True:
+            await asyncio.sleep(min(5.0, stall / 4))
+            if time.monotonic() - self.progress_at < stall:
+                continue
+            self.progress_at = time.monotonic()
+            await self.record(partial(domain.decide_stalled, idle_s=stall))
+            if self.job.status == "replanning":
+                await self.replan()
 
     async def ask_for_plan(
         self, role: str, attempt: int, call_dir: Path, prompt: str, max_attempts: int

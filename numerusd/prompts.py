@@ -147,13 +147,14 @@ def queen(
     parts = [
         header("queen", job, failed, attempt),
         "",
-        "You coordinate a team of coding agents on this repository. A task of the plan failed after all its "
-        "attempts; decide how the goal can still be reached. Read what you need; change nothing.",
+        "You coordinate a team of coding agents on this repository. The plan is not working out (a task failed "
+        "after all its attempts, or the job stopped making progress); decide how the goal can still be reached. "
+        "Read what you need; change nothing.",
         "",
         "Goal:",
         goal.strip(),
         "",
-        f"Task {failed} failed: {reason}",
+        f"Task {failed} failed: {reason}" if failed else f"The job is stalled: {reason}.",
         "",
         "The current plan:",
         plan_json,

@@ -515,3 +515,50 @@ async def test_a_crash_between_a_merge_and_its_record_is_repaired_on_restart_not
         assert daemon.ctl("audit", "verify", job).returncode == 0
     finally:
         daemon.stop()
+
+
+async def test_a_stalled_job_asks_the_queen_who_may_drop_and_add_tasks_while_others_run(tmp_path: Path):
+    first = {
+        "summary": "slow build, then docs",
+        "tasks": [
+            {"id": "t1", "title": "Build", "instructions": "build", "intents": []},
+            {"id": "t2", "title": "Docs", "instructions": "docs", "deps": ["t1"], "intents": []},
+        ],
+    }
+    revised = {
+        "summary": "keep the build, write the docs now",
+        "tasks": [
+            {"id": "t1", "title": "Build", "instructions": "build", "intents": []},
+            {"id": "t3", "title": "Docs now", "instructions": "docs", "intents": []},
+        ],
+    }
+    team = {
+        "cases": [
+            {"match": {"role": "planner"}, "steps": [{"answer": first}]},
+            {"match": {"role": "queen"}, "steps": [{"answer": revised}]},
+            {"match": {"role": "claimer"}, "steps": [{"answer": claim(("{task}.md", "create"))}]},
+            {
+                "match": {"role": "executor", "task": "t1"},
+                "steps": [{"say": "building"}, {"sleep": 4}, {"write": "t1.md", "content": "built\n"}],
+            },
+            {"match": {"role": "executor"}, "steps": [{"write": "{task}.md", "content": "{task}\n"}]},
+            {"match": {"role": "reviewer"}, "steps": [{"answer": {"verdict": "pass", "reasons": []}}]},
+        ]
+    }
+    config = "stall_timeout_s = 1.5\nmax_replans = 1\n"
+    daemon = Daemon(tmp_path / "state", agents={"team": team}, config=config).start()
+    try:
+        repo = git_repo(tmp_path / "repo")
+        result = daemon.ctl("run", "build", "--repo", str(repo), "--agent", "team", "--wait", timeout=90)
+        assert result.returncode == 0, result.stdout + daemon.stderr()[-3000:]
+        job = result.stdout.splitlines()[0].strip()
+        view = daemon.status(job)
+        assert {t["id"]: t["status"] for t in view["tasks"]} == {"t1": "completed", "t2": "skipped", "t3": "completed"}
+        events = daemon.events(job)
+        (stalled,) = by_type(events, "ReplanRequested")
+        assert stalled["data"] == {"task": "", "reason": "no task completed for 1.5 s"}
+        assert by_type(events, "TaskSkipped", "t2")[0]["data"]["reason"] == "dropped by plan v2"
+        # t3 was added and done while t1 still ran.
+        assert when(by_type(events, "TaskCompleted", "t3")[0]) < when(by_type(events, "TaskExited", "t1")[0])
+    finally:
+        daemon.stop()
