@@ -281,6 +281,12 @@ def _checks(_ctx: click.Context, param: click.Parameter, values: tuple[str, ...]
     help="Whether the reviewer must agree before a task merges [numerusd's review].",
 )
 @click.option(
+    "--claims",
+    type=click.Choice(["agent", "plan"]),
+    help="Where each task's claim on files comes from: its executor, asked first (agent), or the plan's intents "
+    "(plan, one agent call fewer per task) [numerusd's claims].",
+)
+@click.option(
     "--plan/--no-plan",
     default=True,
     help="Plan the goal into tasks (the default); --no-plan: one supervised agent works on the whole goal, with "
@@ -298,6 +304,7 @@ def run(
     parallel: int | None,
     checks: tuple[str, ...],
     review: bool | None,
+    claims: str | None,
     plan: bool,
     wait: bool,
     as_json: bool,
@@ -310,9 +317,17 @@ def run(
     """
     opts = _options(ctx, as_json)  # the goal itself is numerusd's to judge: one place says what a good one is
     if not plan:
-        _refuse_with_no_plan(roles, parallel, checks, review)
+        _refuse_with_no_plan(roles, parallel, checks, review, claims)
     job = RunJob(
-        goal=goal, repo=str(repo), agent=agent, plan=plan, roles=roles, parallel=parallel, checks=checks, review=review
+        goal=goal,
+        repo=str(repo),
+        agent=agent,
+        plan=plan,
+        roles=roles,
+        parallel=parallel,
+        checks=checks,
+        review=review,
+        claims=claims,
     )
 
     async def body(nc: Client) -> int:
@@ -327,7 +342,7 @@ def run(
 
 
 def _refuse_with_no_plan(
-    roles: dict[str, str], parallel: int | None, checks: tuple[str, ...], review: bool | None
+    roles: dict[str, str], parallel: int | None, checks: tuple[str, ...], review: bool | None, claims: str | None
 ) -> None:
     """A usage error for an option that the single-task path (`--no-plan`) would silently ignore."""
     ignored = [f"--role {role}=..." for role in roles if role != "executor"]
@@ -337,6 +352,8 @@ def _refuse_with_no_plan(
         ignored.append("--check")
     if review is not None:
         ignored.append("--review" if review else "--no-review")
+    if claims is not None:
+        ignored.append("--claims")
     if ignored:
         raise click.UsageError(
             f"--no-plan runs one agent with no plan, claims, checks or review, so {', '.join(ignored)} cannot apply"

@@ -269,7 +269,7 @@ async def test_run_sends_the_pipeline_options_as_the_daemon_reads_them(state_dir
     result = await ainvoke(
         "--state-dir", str(state_dir), "run", "add a parser", "--repo", str(tmp_path),
         "--role", "planner=strong", "--role", "reviewer = careful", "--parallel", "3",
-        "--check", "pytest -q", "--check", "ruff check", "--no-review",
+        "--check", "pytest -q", "--check", "ruff check", "--no-review", "--claims", "plan",
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     assert result.stdout == f"{JOB}\n"
@@ -288,11 +288,13 @@ async def test_run_sends_the_pipeline_options_as_the_daemon_reads_them(state_dir
             parallel=3,
             checks=("pytest -q", "ruff check"),
             review=False,
+            claims="plan",
         ),
         RunJob(goal="fix it", repo=str(tmp_path), plan=False),
         RunJob(goal="fix it", repo=str(tmp_path), agent="fast", review=True),
     ]
     assert sent[2].plan is True and sent[2].parallel is None and sent[2].checks == () and sent[2].roles == {}
+    assert sent[2].claims is None  # numerusd's configuration decides
 
 
 PLAN_TEXT = "Add a parser, then use it.\n2 tasks in 2 waves\n\nwave 1\n  t1  Add the parser\n\nwave 2\n  t2  Use it\n"

@@ -467,11 +467,11 @@ async def test_with_claims_from_the_plan_no_executor_is_asked_and_overlapping_in
             {"match": {"role": "executor", "task": "b"}, "steps": [{"run": "echo b >> F.md"}]},
         ]
     }
-    config = 'claims = "plan"\nreview = false\n'
-    daemon = Daemon(tmp_path / "state", agents={"team": team}, config=config).start()
+    daemon = Daemon(tmp_path / "state", agents={"team": team}, config="review = false\n").start()
     try:
         repo = git_repo(tmp_path / "repo")
-        result = daemon.ctl("run", "two", "--repo", str(repo), "--agent", "team", "--wait", timeout=60)
+        argv = ("run", "two", "--repo", str(repo), "--agent", "team", "--claims", "plan", "--wait")
+        result = daemon.ctl(*argv, timeout=60)
         assert result.returncode == 0, result.stdout + daemon.stderr()[-3000:]
         job = result.stdout.splitlines()[0].strip()
         events = daemon.events(job)

@@ -55,7 +55,7 @@ async def handle(daemon: Daemon, request: RunJob) -> RunReply:
             max_attempts=settings.max_attempts,
             backoff_s=settings.backoff_s,
             max_replans=settings.max_replans,
-            claims=settings.claims,
+            claims=request.claims or settings.claims,
         )
         await daemon.record(job_id, lambda _none: decision)
     daemon.schedule(job_id)

@@ -34,6 +34,8 @@ class RunJob(Request, frozen=True, kw_only=True):
     #: Check commands added to the configured ones.
     checks: tuple[str, ...] = ()
     review: bool | None = None
+    #: Where claims come from: `agent` (each executor is asked) or `plan` (the plan's file intents).
+    claims: Literal["agent", "plan"] | None = None
 
 
 class GetPlan(Request, frozen=True, kw_only=True):
