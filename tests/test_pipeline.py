@@ -104,6 +104,16 @@ def daemon(tmp_path: Path):
     d.stop()
 
 
+REVIEW_PASSES = {"match": {"role": "reviewer"}, "steps": [{"answer": {"verdict": "pass", "reasons": []}}]}
+
+
+def run_job(daemon: Daemon, repo: Path, goal: str, *flags: str, timeout: float = 90) -> str:
+    """`numerusctl run GOAL --repo REPO FLAGS --wait`, which must exit 0; the job's id."""
+    result = daemon.ctl("run", goal, "--repo", str(repo), *flags, "--wait", timeout=timeout)
+    assert result.returncode == 0, result.stdout + result.stderr + daemon.stderr()[-3000:]
+    return result.stdout.splitlines()[0].strip()
+
+
 def by_type(events: list[dict], type_name: str, task: str | None = None) -> list[dict]:
     return [e for e in events if e["type"] == type_name and (task is None or e["task"] == task)]
 
@@ -317,7 +327,7 @@ def replanning_team(queen_steps: list[dict]) -> dict:
             {"match": {"role": "claimer"}, "steps": [{"answer": claim(("{task}.md", "create"))}]},
             {"match": {"role": "executor", "task": "t1"}, "steps": [{"say": "cannot"}, {"exit": 1}]},
             {"match": {"role": "executor"}, "steps": [{"write": "{task}.md", "content": "{task}\n"}]},
-            {"match": {"role": "reviewer"}, "steps": [{"answer": {"verdict": "pass", "reasons": []}}]},
+            REVIEW_PASSES,
         ]
     }
 
@@ -338,9 +348,7 @@ async def test_a_task_that_fails_for_good_makes_the_queen_revise_the_plan_and_th
     daemon = Daemon(tmp_path / "state", agents={"team": team}, config=FAST_RETRIES).start()
     try:
         repo = git_repo(tmp_path / "repo")
-        result = daemon.ctl("run", "build", "--repo", str(repo), "--agent", "team", "--wait", timeout=90)
-        assert result.returncode == 0, result.stdout + daemon.stderr()[-3000:]
-        job = result.stdout.splitlines()[0].strip()
+        job = run_job(daemon, repo, "build", "--agent", "team", timeout=90)
         view = daemon.status(job)
         assert view["status"] == "completed" and view["plan_version"] == 2
         assert {t["id"]: t["status"] for t in view["tasks"]} == {"t1": "failed", "t2": "completed", "t1b": "completed"}
@@ -409,7 +417,7 @@ async def test_an_agent_silent_for_longer_than_the_idle_timeout_is_stopped_and_r
             {"match": {"role": "claimer"}, "steps": [{"answer": claim(("OUT.md", "create"))}]},
             {"match": {"role": "executor", "attempt": 1}, "steps": [{"say": "thinking"}, {"sleep": 30}]},
             {"match": {"role": "executor"}, "steps": [{"write": "OUT.md", "content": "done\n"}]},
-            {"match": {"role": "reviewer"}, "steps": [{"answer": {"verdict": "pass", "reasons": []}}]},
+            REVIEW_PASSES,
         ]
     }
     config = "idle_timeout_s = 1.5\nbackoff_s = [0.1]\nkill_grace_s = 1\n"
@@ -542,16 +550,14 @@ async def test_a_stalled_job_asks_the_queen_who_may_drop_and_add_tasks_while_oth
                 "steps": [{"say": "building"}, {"sleep": 4}, {"write": "t1.md", "content": "built\n"}],
             },
             {"match": {"role": "executor"}, "steps": [{"write": "{task}.md", "content": "{task}\n"}]},
-            {"match": {"role": "reviewer"}, "steps": [{"answer": {"verdict": "pass", "reasons": []}}]},
+            REVIEW_PASSES,
         ]
     }
     config = "stall_timeout_s = 1.5\nmax_replans = 1\n"
     daemon = Daemon(tmp_path / "state", agents={"team": team}, config=config).start()
     try:
         repo = git_repo(tmp_path / "repo")
-        result = daemon.ctl("run", "build", "--repo", str(repo), "--agent", "team", "--wait", timeout=90)
-        assert result.returncode == 0, result.stdout + daemon.stderr()[-3000:]
-        job = result.stdout.splitlines()[0].strip()
+        job = run_job(daemon, repo, "build", "--agent", "team", timeout=90)
         view = daemon.status(job)
         assert {t["id"]: t["status"] for t in view["tasks"]} == {"t1": "completed", "t2": "skipped", "t3": "completed"}
         events = daemon.events(job)
