@@ -600,14 +600,18 @@ def decide_claim(job: JobState, task_id: str, wanted: tuple[Lock, ...]) -> Decis
     return [(task_id, ClaimDenied(locks=decision.locks, holders=decision.holders, conflicts=tuple(decision.conflicts)))]
 
 
-def decide_wake(job: JobState) -> Decision:
-    """Grant every waiting task whose way is now clear, in FIFO order, with the claim it waits with."""
+def _release(job: JobState, task_id: str, reason: str) -> Decision:
+    """The task gives its locks back (or leaves the queue), and every waiting task whose way that clears is
+    granted in the same decision, in FIFO order, with the claim it waits with. Nothing when it holds nothing."""
     table = lock_table(job)
-    events: Decision = []
-    for task_id in locks.wakeable(table):
-        claim = table.queued_claim(task_id)
+    if task_id not in table.holders and table.queued_claim(task_id) is None:
+        return []
+    table = locks.release(table, task_id)
+    events: Decision = [(task_id, LocksReleased(reason=reason))]
+    for woken in locks.wakeable(table):
+        claim = table.queued_claim(woken)
         if claim is not None:
-            events.append((task_id, ClaimGranted(locks=claim)))
+            events.append((woken, ClaimGranted(locks=claim)))
     return events
 
 
@@ -626,10 +630,8 @@ def decide_attempt_failed(job: JobState, task_id: str, reasons: tuple[str, ...])
         return [(task_id, TaskRetryScheduled(next_attempt=task.attempt + 1, delay_s=delay, reasons=reasons))]
     reason = f"failed after {task.attempt} attempt{'s' if task.attempt != 1 else ''}: {'; '.join(reasons)}"
     if job.replans < job.max_replans and job.status == "running":
-        events: Decision = [(task_id, TaskFailed(reason=reason[:4000]))]
-        if task_id in job.lock_holds or task_id in job.lock_queue:
-            events.insert(0, (task_id, LocksReleased(reason="failed")))
-        return [*events, (None, ReplanRequested(task=task_id, reason=reason[:4000]))]
+        failed = (task_id, TaskFailed(reason=reason[:4000]))
+        return [*_release(job, task_id, "failed"), failed, (None, ReplanRequested(task=task_id, reason=reason[:4000]))]
     return decide_task_failed(job, task_id, reason)
 
 
@@ -666,9 +668,7 @@ def decide_replan_failed(job: JobState, reason: str) -> Decision:
 
 def decide_task_failed(job: JobState, task_id: str, reason: str) -> Decision:
     """The task fails for good: its locks go, the tasks that depend on it are skipped, maybe the job ends."""
-    events: Decision = [(task_id, TaskFailed(reason=reason[:4000]))]
-    if task_id in job.lock_holds or task_id in job.lock_queue:
-        events.insert(0, (task_id, LocksReleased(reason="failed")))
+    events: Decision = [*_release(job, task_id, "failed"), (task_id, TaskFailed(reason=reason[:4000]))]
     changed = {task_id: "failed"}
     for skipped in _dependents(job, task_id):
         if job.tasks[skipped].status == "pending":
@@ -679,9 +679,7 @@ def decide_task_failed(job: JobState, task_id: str, reason: str) -> Decision:
 
 def decide_task_killed(job: JobState, task_id: str) -> Decision:
     """The job is being killed: the task stops where it is and gives its locks back."""
-    events: Decision = [(task_id, TaskKilled())]
-    if task_id in job.lock_holds or task_id in job.lock_queue:
-        events.insert(0, (task_id, LocksReleased(reason="killed")))
+    events: Decision = [*_release(job, task_id, "killed"), (task_id, TaskKilled())]
     return events + _job_outcome(job, {task_id: "killed"})
 
 
@@ -696,7 +694,7 @@ def decide_merged(job: JobState, task_id: str, sha: str, created: bool) -> Decis
     """The task's work is on the integration branch: it is done and gives its locks back."""
     events: Decision = [
         (task_id, TaskMerged(sha=sha, created=created, integration=job.integration or "")),
-        (task_id, LocksReleased(reason="merged")),
+        *_release(job, task_id, "merged"),
         (task_id, TaskCompleted()),
     ]
     return events + _job_outcome(job, {task_id: "completed"})

@@ -13,7 +13,7 @@ One `JobPipeline` per running planned job drives it from `JobSubmitted` to `JobC
 
 Every step is decided by `numerusd.domain` against the folded state and appended before it is acted on, the way
 `Daemon.record` does everything; this module only sequences the steps and does the I/O (agents, git, checks).
-Locks released by one task wake the tasks waiting for them (`decide_wake`) in the same breath. At most
+A decision that releases a task's locks also grants the tasks waiting for them, in the same append. At most
 `parallel` agents of the job run at once. A daemon that stops leaves the job to be recorded `interrupted`.
 """
 
@@ -48,7 +48,6 @@ from numerusd.protocol.events import (
     GateFailed,
     GatePassed,
     IntegrationBranchCreated,
-    LocksReleased,
     MergeConflicted,
     MergeStarted,
     PlanRequested,
@@ -152,12 +151,10 @@ class JobPipeline:
             self.changed.notify_all()
 
     async def record(self, decide: Callable[[domain.JobState], domain.Decision]) -> list[EventData]:
-        """Append the decision (its payloads are returned); when it released locks, grant those waiting for them."""
+        """Append the decision and wake the steps waiting for the job to change; the payloads appended."""
         sealed = await self.daemon.record(self.job_id, decide)
         if any(isinstance(event.envelope.data, (TaskCompleted, PlanValidated)) for event in sealed):
             self.progress_at = time.monotonic()
-        if any(isinstance(event.envelope.data, LocksReleased) for event in sealed):
-            await self.daemon.record(self.job_id, domain.decide_wake)
         await self.poke()
         return [event.envelope.data for event in sealed]
 

@@ -15,6 +15,7 @@ from numerusd.protocol.events import (
     ReplanRequested,
     TaskFailed,
     TaskKilled,
+    TaskMerged,
     TaskRetryScheduled,
     TaskStarted,
     Usage,
@@ -76,11 +77,13 @@ def test_no_go_names_the_holder_and_the_release_wakes_the_waiter_in_the_same_bre
     assert [type(event) for _, event in decision] == [ClaimDenied]
     job = apply(job, "J", decision)
     assert job.tasks["b"].status == "waiting" and job.tasks["b"].holders == ("a",)
-    assert domain.decide_wake(job) == []  # a still holds F.md
-    job = apply(job, "J", [("a", LocksReleased(reason="merged"))])
-    woken = domain.decide_wake(job)
-    assert woken == [("b", ClaimGranted(locks=locks_for("F.md")))]
-    job = apply(job, "J", woken)
+    merged = domain.decide_merged(job, "a", "c" * 40, created=True)
+    # a's merge gives F.md back and grants it to b in the same decision.
+    assert [(task, type(event)) for task, event in merged[:3]] == [
+        ("a", TaskMerged), ("a", LocksReleased), ("b", ClaimGranted)
+    ]  # fmt: skip
+    assert merged[2][1] == ClaimGranted(locks=locks_for("F.md"))
+    job = apply(job, "J", merged)
     assert job.tasks["b"].status == "granted" and job.tasks["b"].holders == ()
 
 
