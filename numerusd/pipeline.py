@@ -99,8 +99,6 @@ class JobPipeline:
         #: When a task last completed (or a plan was accepted): a job without progress for too long is stalled.
         self.progress_at = time.monotonic()
         self.replanning = asyncio.Lock()
-        #: Why an agent process was stopped by `_watch`, by `id()` of the process, until `execute` reads it.
-        self.timeouts: dict[int, str] = {}
 
     @property
     def job(self) -> domain.JobState:
@@ -444,19 +442,18 @@ class JobPipeline:
         )
         async with self.slots.taken(priority=0):
             self._check_stopping()
-            timeout = asyncio.create_task(self._watch(run.process))
+            watch = asyncio.create_task(self._watch(run.process))
             self.daemon.runs[(self.job_id, task_id)] = run
             try:
                 outcome = await run.run()
             finally:
                 self.daemon.runs.pop((self.job_id, task_id), None)
-                timeout.cancel()
+                watch.cancel()
         await self.poke()
         if outcome is None:
             return f"the agent did not start: {run.spawn_error}"
-        timed_out = self.timeouts.pop(id(run.process), None)
-        if timed_out is not None:
-            return timed_out
+        if run.process.stopped_because is not None:
+            return run.process.stopped_because
         if outcome.exit_code != 0:
             return f"the agent ended with {outcome.describe()}"
         return None
@@ -475,8 +472,7 @@ class JobPipeline:
                 reason = f"timed out: printed nothing for {idle:g} s"
             else:
                 continue
-            self.timeouts[id(process)] = reason
-            await process.terminate(self.settings.kill_grace_s)
+            await process.terminate(self.settings.kill_grace_s, because=reason)
             return
 
     async def gate(self, task_id: str, worktree: git.Worktree, changes: list[git.Change]) -> list[str]:

@@ -136,6 +136,8 @@ class AgentProcess:
         self._started = 0.0
         #: `time.monotonic()` of the start and of the last output, for the pipeline's timeouts.
         self.last_output = 0.0
+        #: Why the daemon stopped the agent (a timeout), when it says so.
+        self.stopped_because: str | None = None
 
     async def spawn(self) -> Terminal:
         """Start the agent; AgentError with a one-line reason when it cannot start."""
@@ -197,8 +199,9 @@ class AgentProcess:
         """`time.monotonic()` when the agent was spawned."""
         return self._started
 
-    async def terminate(self, grace: float) -> None:
-        """Stop the agent's whole process group: TERM, then KILL after `grace` seconds."""
+    async def terminate(self, grace: float, because: str | None = None) -> None:
+        """Stop the agent's whole process group: TERM, then KILL after `grace` seconds; `because` is kept."""
+        self.stopped_because = because or self.stopped_because
         if self.terminal is not None:
             await self.terminal.terminate(grace)
 
