@@ -21,12 +21,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import heapq
 import logging
 import os
 import signal
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -60,6 +59,7 @@ from numerusd.protocol.events import (
 )
 from numerusd.protocol.plan import FileIntent
 from numerusd.protocol.review import decode_verdict
+from numerusd.slots import Slots
 from numerusd.supervisor import DAEMON_ONLY_ENV, AgentCall, AgentProcess, CallResult, TaskRun
 
 if TYPE_CHECKING:
@@ -660,43 +660,3 @@ def intents_claim(intents: tuple[FileIntent, ...]) -> Claim:
         else:
             paths.append(ClaimedPath(intent.path, "file", intent.mode))
     return Claim(paths=tuple(paths), commands=())
-
-
-class Slots:
-    """At most `size` agents at once; a freed slot goes to the waiter of lowest priority number, FIFO within."""
-
-    def __init__(self, size: int) -> None:
-        self.free = size
-        self._waiters: list[tuple[int, int, asyncio.Future[None]]] = []
-        self._order = 0
-
-    @contextlib.asynccontextmanager
-    async def taken(self, priority: int) -> AsyncIterator[None]:
-        """Hold a slot for the body of the `async with`."""
-        if self.free > 0 and not self._waiters:
-            self.free -= 1
-        else:
-            waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-            self._order += 1
-            heapq.heappush(self._waiters, (priority, self._order, waiter))
-            try:
-                await waiter  # the slot was handed over: `free` already counts it
-            except asyncio.CancelledError:
-                if waiter.done() and not waiter.cancelled():
-                    self._release()  # handed over, then cancelled: pass it on
-                else:
-                    self._waiters = [entry for entry in self._waiters if entry[2] is not waiter]
-                    heapq.heapify(self._waiters)
-                raise
-        try:
-            yield
-        finally:
-            self._release()
-
-    def _release(self) -> None:
-        while self._waiters:
-            _, _, waiter = heapq.heappop(self._waiters)
-            if not waiter.done():
-                waiter.set_result(None)
-                return
-        self.free += 1

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import asyncio
 
-from numerusd.pipeline import Slots, intents_claim
+from numerusd.pipeline import intents_claim
 from numerusd.protocol.claims import ClaimedPath
 from numerusd.protocol.plan import FileIntent
+from numerusd.slots import Slots
 
 
 async def test_slots_limit_concurrency_and_serve_lower_priority_numbers_first():
