@@ -161,8 +161,8 @@ def pipeline(
         if profile is not None:
             profile.mkdir(parents=True, exist_ok=True)
             spy = subprocess.Popen(
-                [str(BIN / "py-spy"), "record", "--pid", str(daemon.pid), "--rate", "200",
-                 "-o", str(profile / f"{where.name}.svg")],
+                [str(BIN / "py-spy"), "record", "--pid", str(daemon.pid), "--rate", "200", "--gil",
+                 "--format", "raw", "-o", str(profile / f"{where.name}.txt")],
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             )  # fmt: skip
             time.sleep(1)  # py-spy attaches

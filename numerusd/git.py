@@ -42,6 +42,7 @@ This module is the one place where failures of git become `GitError`:
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import posixpath
 import re
@@ -135,6 +136,14 @@ class Change:
     path: str
     kind: ChangeKind
     old_path: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Work:
+    """A task's work, committed: the task branch's tip and every path changed since the task's base."""
+
+    commit: str
+    changes: tuple[Change, ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -282,6 +291,16 @@ async def _create_worktree(repo: Path, job: str, task: str, base: str, path: Pat
     ref = f"refs/heads/{branch}"
     path = Path(os.path.abspath(path))
     base_sha = base if _FULL_SHA.fullmatch(base) else await resolve(repo, base)
+    if not os.path.lexists(path):
+        # The usual case, a new task: its branch created (refused when it exists) and checked out in two
+        # commands. Any refusal (a branch left by a crash, a stale registration of the path) takes the careful
+        # path below, which can tell these cases apart.
+        created = await _git(repo, "update-ref", "-m", "numerus: create branch", ref, base_sha, "", ok=(0, 128))
+        if created.returncode == 0:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            added = await _git(repo, "worktree", "add", "--quiet", str(path), branch, ok=(0, 128))
+            if added.returncode == 0:
+                return Worktree(path, branch, base_sha)
     entries = await _worktrees(repo)
     here = _find_worktree(entries, path)
     elsewhere = next((e for e in entries if e.branch == ref and e is not here), None)
@@ -351,46 +370,46 @@ async def changed_paths(worktree: Worktree) -> list[Change]:
     What counts is the worktree's files as they are, compared with the base commit, whoever made the change (the
     agent's tools, a shell command, a commit). Files the repository ignores (`.gitignore`, `info/exclude`) are
     not changes: they are never committed or merged. Renames are found by content similarity (git's 50%).
-    The worktree's own index is left as it was: the snapshot is taken through a temporary index.
+    A look, not a change: the snapshot is taken through a temporary copy of the index, so the worktree's own
+    staging area is left as it was (`commit_work` is the same look when the work is to be committed anyway).
     Raises BaseNotAncestor when HEAD no longer descends from `base_sha`, since then the branch would not merge
     what this diff shows.
     """
-    tree = await _snapshot_tree(worktree)
-    out = await _git(
-        worktree.path, "diff-tree", "-r", "-z", "--no-commit-id", "--find-renames", "--name-status",
-        worktree.base_sha, tree,
-    )  # fmt: skip
-    return _parse_name_status(out.stdout)
+    head = await _head(worktree)
+    tree = await _snapshot_tree(worktree, head.git_dir)
+    return [] if tree == head.base_tree else await _diff(worktree, tree)
 
 
-async def commit_all(worktree: Worktree, message: str, *, author: tuple[str, str] | None = None) -> str:
-    """Commit everything the worktree holds on the task's branch, on top of any commits the agent made.
+async def commit_work(worktree: Worktree, message: str, *, author: tuple[str, str] | None = None) -> Work:
+    """Commit everything the worktree holds on the task's branch; the tip, and what changed since the base.
 
-    Returns the branch's tip: the new commit, or the existing HEAD when there was nothing left to commit (so a
-    second call after a crash is harmless). Ignored files are not committed. `author` is a (name, email) pair;
-    the committer is always Numerus. Raises GitError when HEAD is not on the task's branch (the agent switched
-    branches or detached HEAD), since the work would then not reach the branch that gets merged.
+    The commit goes on top of any commits the agent made. The tip is the new commit, or the existing HEAD when
+    there was nothing left to commit (so a second call after a crash is harmless). The changes are those
+    `changed_paths` would have listed before the commit: the task's real diff. Ignored files are not committed.
+    `author` is a (name, email) pair; the committer is always Numerus. Raises GitError when HEAD is not on the
+    task's branch (the agent switched branches or detached HEAD), since the work would then not reach the
+    branch that gets merged, and BaseNotAncestor as `changed_paths` does. Three git commands when the agent
+    changed nothing, six when it did.
     """
+    head = await _head(worktree)
     ref = f"refs/heads/{worktree.branch}"
-    head_ref = await _git(worktree.path, "symbolic-ref", "-q", "HEAD", ok=(0, 1))
-    if head_ref.returncode != 0 or head_ref.text() != ref:
-        where = head_ref.text() if head_ref.returncode == 0 else "a detached HEAD"
+    if head.ref != ref:
+        where = "a detached HEAD" if head.ref == "HEAD" else head.ref
         raise GitError(
             f"{worktree.path} is on {where}, not on {ref}: refusing to commit there", path=str(worktree.path)
         )
     await _git(worktree.path, "add", "--all")
     tree = (await _git(worktree.path, "write-tree")).text()
-    head, head_tree = (await _git(worktree.path, "rev-parse", "HEAD", "HEAD^{tree}")).text().split()
-    if tree == head_tree:
-        return head
-    env = {}
-    if author is not None:
-        env = {"GIT_AUTHOR_NAME": author[0], "GIT_AUTHOR_EMAIL": author[1]}
-    new = (
-        await _git(worktree.path, "commit-tree", "--no-gpg-sign", tree, "-p", head, "-F", "-", input=message, env=env)
-    ).text()
-    await _update_ref(worktree.path, ref, new, head, reason=f"numerus: commit the work of {worktree.branch}")
-    return new
+    tip = head.sha
+    if tree != head.tree:
+        env = {}
+        if author is not None:
+            env = {"GIT_AUTHOR_NAME": author[0], "GIT_AUTHOR_EMAIL": author[1]}
+        commit_tree = ("commit-tree", "--no-gpg-sign", tree, "-p", head.sha, "-F", "-")
+        tip = (await _git(worktree.path, *commit_tree, input=message, env=env)).text()
+        await _update_ref(worktree.path, ref, tip, head.sha, reason=f"numerus: commit the work of {worktree.branch}")
+    changes = [] if tree == head.base_tree else await _diff(worktree, tree)
+    return Work(tip, tuple(changes))
 
 
 def outside_claim(
@@ -536,11 +555,17 @@ def _environment(cwd: Path) -> dict[str, str]:
         "GIT_CONFIG_NOSYSTEM": "1",
         "GIT_CONFIG_GLOBAL": os.devnull,
         # Look for the repository in `cwd` itself and nowhere above it.
-        "GIT_CEILING_DIRECTORIES": os.path.dirname(os.path.realpath(cwd)),
+        "GIT_CEILING_DIRECTORIES": _ceiling(str(cwd)),
     }
     if "HOME" in os.environ:  # `~` in the repository's own config
         env["HOME"] = os.environ["HOME"]
     return env
+
+
+@functools.lru_cache(maxsize=1024)
+def _ceiling(cwd: str) -> str:
+    """The directory above `cwd`, symlinks resolved: a stat per component, so remembered per directory."""
+    return os.path.dirname(os.path.realpath(cwd))
 
 
 _CONFIG = (
@@ -716,19 +741,38 @@ def _worktree_lock(repo: Path) -> asyncio.Lock:
 # --- inside: diffs -----------------------------------------------------------------------------------------
 
 
-async def _snapshot_tree(worktree: Worktree) -> str:
-    """The tree of the worktree's files as they are, written through a throwaway copy of its index."""
-    info = await _git(worktree.path, "rev-parse", "--show-toplevel", "--absolute-git-dir")
-    toplevel, git_dir = info.stdout.decode("utf-8", "surrogateescape").splitlines()
+@dataclass(frozen=True, slots=True)
+class _Head:
+    """Where a task's worktree stands: HEAD's commit and tree, the ref HEAD is on, the base's tree."""
+
+    git_dir: str
+    sha: str
+    tree: str
+    ref: str  # "HEAD" when detached
+    base_tree: str
+
+
+async def _head(worktree: Worktree) -> _Head:
+    """Read the worktree's HEAD in one command; GitError unless it is the top of a worktree descending from base."""
+    info = await _git(
+        worktree.path, "rev-parse", "--show-toplevel", "--absolute-git-dir", "HEAD", "HEAD^{tree}",
+        f"{worktree.base_sha}^{{tree}}", "--symbolic-full-name", "HEAD",
+    )  # fmt: skip
+    toplevel, git_dir, sha, tree, base_tree, ref = info.stdout.decode("utf-8", "surrogateescape").splitlines()
     if os.path.realpath(toplevel) != os.path.realpath(worktree.path):
         raise GitError(f"{worktree.path} is not the top of a worktree", path=str(worktree.path))
-    if not await _is_ancestor(worktree.path, worktree.base_sha, "HEAD"):
+    if sha != worktree.base_sha and not await _is_ancestor(worktree.path, worktree.base_sha, sha):
         raise BaseNotAncestor(
             f"HEAD of {worktree.path} does not descend from the task's base {worktree.base_sha}: history was "
             "rewritten or another branch checked out",
             path=str(worktree.path),
             base_sha=worktree.base_sha,
         )
+    return _Head(git_dir, sha, tree, ref, base_tree)
+
+
+async def _snapshot_tree(worktree: Worktree, git_dir: str) -> str:
+    """The tree of the worktree's files as they are, written through a throwaway copy of its index."""
     # A copy of the real index, beside it, keeps git's stat cache (only changed files are hashed again) and any
     # split-index companion files within reach, and leaves the worktree's staging area exactly as it was.
     index = Path(git_dir) / "index"
@@ -743,6 +787,15 @@ async def _snapshot_tree(worktree: Worktree) -> str:
         return (await _git(worktree.path, "write-tree", env=env)).text()
     finally:
         scratch.unlink(missing_ok=True)
+
+
+async def _diff(worktree: Worktree, tree: str) -> list[Change]:
+    """The changes from the task's base to `tree`, renames found."""
+    out = await _git(
+        worktree.path, "diff-tree", "-r", "-z", "--no-commit-id", "--find-renames", "--name-status",
+        worktree.base_sha, tree,
+    )  # fmt: skip
+    return _parse_name_status(out.stdout)
 
 
 _KINDS: dict[str, ChangeKind] = {"A": "add", "M": "modify", "T": "modify", "D": "delete"}

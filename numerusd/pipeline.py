@@ -25,7 +25,7 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -390,16 +390,16 @@ class JobPipeline:
             return ["killed"]
         if why is not None:
             return [why]
-        changes = await git.changed_paths(worktree)
-        commit = await git.commit_all(worktree, f"{task_id}: {task.title}\n\nNumerus job {self.job_id}", author=AUTHOR)
-        listed = tuple(f"{change.kind} {change.path}" for change in changes)
-        await self.task_events(task_id, TaskWorkCommitted(commit=commit, changes=listed))
-        reasons = await self.gate(task_id, worktree, changes)
+        message = f"{task_id}: {task.title}\n\nNumerus job {self.job_id}"
+        work = await git.commit_work(worktree, message, author=AUTHOR)
+        listed = tuple(f"{change.kind} {change.path}" for change in work.changes)
+        await self.task_events(task_id, TaskWorkCommitted(commit=work.commit, changes=listed))
+        reasons = await self.gate(task_id, worktree, work.changes)
         if reasons:
             await self.task_events(task_id, GateFailed(reasons=tuple(reasons)))
             return reasons
         await self.task_events(task_id, GatePassed())
-        return await self.merge(task_id, worktree, commit)
+        return await self.merge(task_id, worktree, work.commit)
 
     async def worktree(self, task_id: str) -> git.Worktree:
         """The task's worktree: the one it has, or a new one from the integration branch's tip."""
@@ -475,7 +475,7 @@ class JobPipeline:
             await process.terminate(self.settings.kill_grace_s, because=reason)
             return
 
-    async def gate(self, task_id: str, worktree: git.Worktree, changes: list[git.Change]) -> list[str]:
+    async def gate(self, task_id: str, worktree: git.Worktree, changes: Sequence[git.Change]) -> list[str]:
         """The quality gate: the diff within the claim, every check passing, the reviewer agreeing."""
         task = self.job.tasks[task_id]
         violations = git.outside_claim(changes, task.claim or ())

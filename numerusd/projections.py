@@ -211,6 +211,12 @@ _SLICE = 64
 # Commits queued behind one another while the next batches are folded.
 _IN_FLIGHT = 3
 
+# Following a live stream, a batch smaller than this is followed by a pause of `_LINGER_S` before the next read,
+# so that a busy daemon's events are written in a few transactions a second rather than one or two per event:
+# each costs a commit and the encoding of its jobs' whole state. The views trail the stream by that much more.
+_LINGER_BELOW = 1_000
+_LINGER_S = 0.05
+
 # SQLite's default limit on host parameters is 32766 since 3.32; stay far below it.
 _IN_CHUNK = 500
 
@@ -314,6 +320,7 @@ class Projector:
         self._bulk = False
         self._dirty: set[str] = set()  # bulk loads: jobs whose rows are behind their cached state
         self._committing: asyncio.Future[None] | None = None  # the last commit queued beside `_prepare`
+        self._lettered = 0  # the last seq dead-lettered by this projector (after a restart: again, not lost)
         self._inserts = tuple(insert.fitted(999) for insert in _INSERTS)
 
     # --- lifecycle -------------------------------------------------------------------------------------------
@@ -738,7 +745,8 @@ class Projector:
         Up to `_IN_FLIGHT` commits queue behind one another (each waits for the one before it), so the folding
         only waits for the writing when the writing falls behind, not for every hand-over between threads.
         Waiting for the next batch also watches the oldest commit (a failed write is raised at once, not when
-        the next event happens to arrive) and `stop` (which ends the wait at once).
+        the next event happens to arrive) and `stop` (which ends the wait at once). Following a live stream, a
+        small batch is followed by a pause of `_LINGER_S`, so that the next events gather into one transaction.
         """
         from numerusd.stream_reader import read_stream
 
@@ -772,13 +780,18 @@ class Projector:
                 prepared = await self._prepare(batch, careful=careful)
                 if prepared is None:
                     continue
-                if prepared.rejected and on_rejected is not None:
-                    await on_rejected(prepared.rejected)
+                # A batch prepared again (a repeated id made its commit fail) must not dead-letter twice.
+                letters = [r for r in prepared.rejected if r.seq > self._lettered]
+                if letters and on_rejected is not None:
+                    await on_rejected(letters)
+                    self._lettered = letters[-1].seq
                 while len(flight) >= _IN_FLIGHT:
                     await settle()
                 after = flight[-1][0] if flight else None
                 self._committing = asyncio.ensure_future(self._commit(prepared, after=after))
                 flight.append((self._committing, len(batch), len(prepared.rejected)))
+                if stopping is not None and len(batch) < _LINGER_BELOW:
+                    await asyncio.wait([stopping], timeout=_LINGER_S)
             while flight:
                 await settle()
         except BaseException:

@@ -133,7 +133,7 @@ async def test_integration_branch_from_head_is_idempotent(repo: Path) -> None:
     # Merges have moved it since: the recorded start is in its history, so it is accepted as it is.
     wt = await start_task(repo, "t1")
     write(wt.path / "src" / "new.py", "x\n")
-    await git.commit_all(wt, "t1")
+    await git.commit_work(wt, "t1")
     merged = await git.merge_task(repo, branch.name, wt.branch, "merge t1")
     assert await git.create_integration_branch(repo, JOB, head) == branch
     assert run_git(repo, "rev-parse", f"refs/heads/{branch.name}") == merged.sha
@@ -314,7 +314,7 @@ async def test_changed_paths_refuses_a_branch_that_left_its_base(repo: Path) -> 
         await git.changed_paths(rewritten)
 
 
-async def test_commit_all_keeps_the_agents_commits(repo: Path) -> None:
+async def test_commit_work_keeps_the_agents_commits_and_lists_the_real_diff(repo: Path) -> None:
     await git.create_integration_branch(repo, JOB)
     wt = await start_task(repo, "t1")
     write(wt.path / "src" / "a.py", "one\nTWO\nthree\n")
@@ -324,26 +324,48 @@ async def test_commit_all_keeps_the_agents_commits(repo: Path) -> None:
     write(wt.path / "debug.log", "ignored\n")
     changes = await git.changed_paths(wt)
 
-    sha = await git.commit_all(wt, "t1: the task's work\n\nwith a body", author=("Codex", "codex@example.org"))
-    assert run_git(wt.path, "rev-parse", "HEAD") == sha
+    work = await git.commit_work(wt, "t1: the task's work\n\nwith a body", author=("Codex", "codex@example.org"))
+    assert list(work.changes) == changes
+    assert changes_set(changes) == {("src/a.py", "modify", None), ("src/b.py", "modify", None), ("fresh.txt", "add", None)}
+    assert run_git(wt.path, "rev-parse", "HEAD") == work.commit
     assert run_git(wt.path, "rev-parse", "HEAD^") == agent_commit
-    assert run_git(wt.path, "log", "-1", "--format=%an <%ae>|%cn|%B", sha) == (
+    assert run_git(wt.path, "log", "-1", "--format=%an <%ae>|%cn|%B", work.commit) == (
         "Codex <codex@example.org>|Numerus|t1: the task's work\n\nwith a body"
     )
     assert run_git(wt.path, "status", "--porcelain") == ""
     assert "debug.log" not in run_git(wt.path, "ls-files")
     assert await git.changed_paths(wt) == changes
-    # Nothing left to commit: the same tip, so a repeat after a crash is harmless.
-    assert await git.commit_all(wt, "again") == sha
+    # Nothing left to commit: the same tip and the same diff, so a repeat after a crash is harmless.
+    assert await git.commit_work(wt, "again") == work
 
 
-async def test_commit_all_refuses_a_detached_head(repo: Path) -> None:
+async def test_commit_work_of_nothing_is_the_base(repo: Path) -> None:
+    integration = await git.create_integration_branch(repo, JOB)
+    wt = await start_task(repo, "t1")
+    write(wt.path / "debug.log", "ignored\n")
+    assert await git.commit_work(wt, "t1") == git.Work(integration.sha, ())
+    assert run_git(wt.path, "rev-parse", "HEAD") == integration.sha
+
+
+async def test_commit_work_refuses_a_detached_head(repo: Path) -> None:
     await git.create_integration_branch(repo, JOB)
     wt = await start_task(repo, "t1")
     run_git(wt.path, "checkout", "-q", "--detach")
     write(wt.path / "x.txt", "x\n")
     with pytest.raises(GitError, match="detached"):
-        await git.commit_all(wt, "t1")
+        await git.commit_work(wt, "t1")
+
+
+async def test_commit_work_refuses_a_branch_that_left_its_base(repo: Path) -> None:
+    integration = await git.create_integration_branch(repo, JOB)
+    wt = await start_task(repo, "t1")
+    write(wt.path / "x.txt", "x\n")
+    rewritten = Worktree(wt.path, wt.branch, commit(wt.path, "x"))
+    run_git(wt.path, "reset", "-q", "--hard", integration.sha)
+    write(wt.path / "y.txt", "y\n")
+    with pytest.raises(BaseNotAncestor):
+        await git.commit_work(rewritten, "t1")
+    assert run_git(wt.path, "rev-parse", "HEAD") == integration.sha
 
 
 # --- claims ------------------------------------------------------------------------------------------------
@@ -433,7 +455,7 @@ async def finished_task(repo: Path, task: str, edits: dict[str, str], base: str 
     wt = await start_task(repo, task, base)
     for path, text in edits.items():
         write(wt.path / path, text)
-    await git.commit_all(wt, f"{task}: work")
+    await git.commit_work(wt, f"{task}: work")
     return wt
 
 
@@ -487,7 +509,7 @@ async def test_modify_delete_conflict_names_the_file(repo: Path) -> None:
     integration = await git.create_integration_branch(repo, JOB)
     t1 = await start_task(repo, "t1")
     (t1.path / "src" / "b.py").unlink()
-    await git.commit_all(t1, "t1")
+    await git.commit_work(t1, "t1")
     t2 = await finished_task(repo, "t2", {"src/b.py": "alpha\nchanged\n"})
     assert isinstance(await git.merge_task(repo, integration.name, t1.branch, "Merge t1"), Merged)
     result = await git.merge_task(repo, integration.name, t2.branch, "Merge t2")
@@ -516,7 +538,7 @@ async def test_merge_refuses_a_moved_or_checked_out_branch(repo: Path) -> None:
 async def test_nothing_to_merge(repo: Path) -> None:
     integration = await git.create_integration_branch(repo, JOB)
     t1 = await start_task(repo, "t1")
-    assert await git.commit_all(t1, "nothing") == integration.sha
+    assert (await git.commit_work(t1, "nothing")).commit == integration.sha
     result = await git.merge_task(repo, integration.name, t1.branch, "Merge t1")
     assert result == Merged(sha=integration.sha, parent=integration.sha, task_sha=integration.sha, created=False)
     assert await git.merge_state(repo, integration.name, integration.sha, integration.sha) == Done(integration.sha)
