@@ -35,7 +35,8 @@ of a task (`*_ms_p50`).
 A job that fails (see `--serialize-worktrees`) is run again, up to `--tries` times; the failures are
 reported (`<run>_failed_runs`, `<run>_failure`), and a run none of whose tries completed counts as infinitely
 slow. `--keep DIR` keeps every state directory, repository and the job's `events.jsonl` there; `--profile DIR`
-records the daemon of each pipeline run with py-spy into `DIR/<run>.svg`.
+records the daemon of each pipeline run with py-spy into `DIR/<run>.txt`: collapsed stacks of the thread holding
+the GIL (its CPU, not its waiting), one `frame;frame;... count` line each, for `flamegraph.pl` or a grep.
 """
 
 from __future__ import annotations
@@ -191,7 +192,7 @@ def pipeline(
         nats = sum(cpu_seconds(child)[0] for child in children(daemon.pid))
     finally:
         if spy is not None:
-            spy.send_signal(2)  # SIGINT: py-spy writes its flame graph and exits
+            spy.send_signal(2)  # SIGINT: py-spy writes its stacks and exits
             spy.wait(60)
         daemon.terminate()
         try:
