@@ -30,7 +30,7 @@ from numerusd.agents.base import adapter_for
 from numerusd.breaker import CircuitBreaker
 from numerusd.config import Settings, write_connection_file
 from numerusd.embedded_nats import EmbeddedNats
-from numerusd.errors import NatsUnavailable, NotFound
+from numerusd.errors import NatsUnavailable, NotFound, StoreError
 from numerusd.event_store import EventStore
 from numerusd.keys import Keyring
 from numerusd.pipeline import JobPipeline
@@ -72,7 +72,8 @@ class Daemon:
         self.keyring: Keyring = None  # type: ignore[assignment]
         self.embedded: EmbeddedNats | None = None
         self.projector: Projector | None = None
-        self._locks: dict[str, asyncio.Lock] = {}
+        #: Each job's state with its events still on their way to disk, while there are any (see `record`).
+        self._ahead: dict[str, domain.JobState] = {}
         self._background: set[asyncio.Task[None]] = set()
         self._lock_file: int | None = None
         self._service = None
@@ -288,22 +289,42 @@ class Daemon:
     async def record(
         self, job_id: str, decide: Callable[[domain.JobState], domain.Decision], correlation_id: str | None = None
     ) -> list[Sealed]:
-        """Decide against the job's current state, append the events durably, then fold them in."""
-        lock = self._locks.setdefault(job_id, asyncio.Lock())
-        async with lock:
-            state = self.jobs.get(job_id)
-            decision = decide(state)  # type: ignore[arg-type]  # None only for a new job's decide_run
-            if not decision:
-                return []
-            sealed = await self.store.append(
-                job_id,
-                decision,
-                correlation_id=correlation_id or job_id,
-                causation_id=state.last_event_id if state is not None else None,
-            )
-            for event in sealed:
-                self._fold(event)
-            return sealed
+        """Decide against the job's latest state, append the events durably, and fold them in.
+
+        Deciding, sealing and queueing for the WAL are one synchronous step, against the state that includes
+        the job's events still on their way to disk (`_ahead`): decisions of one job follow one another without
+        each waiting for the fdatasync of the one before, and share it. `jobs`, which status and the pipeline
+        read, moves only once the events are durable, in WAL order, whether or not the caller still waits.
+        """
+        state = self._ahead.get(job_id) or self.jobs.get(job_id)
+        decision = decide(state)  # type: ignore[arg-type]  # None only for a new job's decide_run
+        if not decision:
+            return []
+        assert self.store is not None
+        after: list[domain.JobState] = []  # filled below, before the WAL can call back
+        sealed, durable = self.store.submit(
+            job_id,
+            decision,
+            correlation_id=correlation_id or job_id,
+            causation_id=state.last_event_id if state is not None else None,
+            on_durable=lambda: self._landed(job_id, after[0]),
+        )
+        for event in sealed:
+            state = domain.evolve(state, event.envelope)
+        after.append(state)
+        self._ahead[job_id] = state
+        try:
+            await asyncio.shield(durable)  # a caller that gives up does not take the events back
+        except StoreError:
+            self._ahead.pop(job_id, None)  # never durable: nothing may build on it (the WAL refuses more anyway)
+            raise
+        return sealed
+
+    def _landed(self, job_id: str, state: domain.JobState) -> None:
+        """A decision's events are durable: the job is now as they left it (called in WAL order)."""
+        self.jobs[job_id] = state
+        if self._ahead.get(job_id) is state:
+            del self._ahead[job_id]  # nothing of this job is on its way any more
 
     def _fold(self, sealed: Sealed) -> None:
         event = sealed.envelope

@@ -38,7 +38,6 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
-from functools import partial
 
 import msgspec
 import nats.errors
@@ -275,10 +274,33 @@ class EventStore:
         Returns once they are fdatasync'd in the WAL; their publication and acknowledgement follow in the
         background (see `flush`). Raises StoreError if the WAL cannot write them.
         """
+        sealed, durable = self.submit(job, events, correlation_id=correlation_id, causation_id=causation_id)
+        await durable
+        return sealed
+
+    def submit(
+        self,
+        job: str,
+        events: Sequence[tuple[str | None, EventData]],
+        *,
+        correlation_id: str,
+        causation_id: str | None = None,
+        on_durable: Callable[[], None] | None = None,
+    ) -> tuple[list[Sealed], asyncio.Future[None]]:
+        """Seal `events` for `job` and queue them for the WAL, in one synchronous step; `append` without the wait.
+
+        Returns the sealed events and a future that resolves once they are durable (StoreError if they cannot
+        be). The order of calls is the order of the chain, of the WAL and of the stream. `on_durable` is called
+        once they are durable, in that order, whether or not anyone awaits the future. Raises StoreError at once
+        for an event too large for the server.
+        """
         if not self._started or self._closed:
             raise StoreError("the event store is not running (recover() first, or it was closed)")
+        loop = asyncio.get_running_loop()
         if not events:
-            return []
+            done = loop.create_future()
+            done.set_result(None)
+            return [], done
         now = datetime.now(UTC)
         kid = self._keyring.current_kid
         key = self._keyring.current_key
@@ -311,19 +333,26 @@ class EventStore:
                 "store large outputs as files referenced by path and hash",
                 size=big,
             )
+
+        def landed() -> None:
+            self._on_durable(entries)
+            if on_durable is not None:
+                on_durable()
+
         # Heads advance in the same synchronous step that fixes the WAL order (no await in between). Once
         # durable the events go to the outbox, in WAL order, even if this caller has given up waiting: they
         # are the store's now.
-        durable = self._wal.submit(entries, partial(self._on_durable, entries))
+        durable = self._wal.submit(entries, landed)
         self._heads[job] = prev
         self._unacked += len(entries)
         self._all_acked.clear()
-        try:
-            await durable
-        except StoreError:
-            self._settle(len(entries))
-            raise
-        return sealed
+
+        def failed(durable: asyncio.Future[None]) -> None:
+            if not durable.cancelled() and durable.exception() is not None:
+                self._settle(len(entries))  # never to be acknowledged
+
+        durable.add_done_callback(failed)
+        return sealed, durable
 
     def _on_durable(self, entries: list[WalEntry]) -> None:
         self._outbox.extend(entries)

@@ -506,9 +506,7 @@ async def merge_task(
     tree, paths, messages = _parse_merge_tree(result.stdout)
     if result.returncode == 1:
         return Conflict(paths=paths, messages=messages, parent=parent, task_sha=theirs)
-    new = (
-        await _git(repo, "commit-tree", "--no-gpg-sign", tree, "-p", parent, "-p", theirs, "-m", message)
-    ).text()
+    new = (await _git(repo, "commit-tree", "--no-gpg-sign", tree, "-p", parent, "-p", theirs, "-m", message)).text()
     await _update_ref(repo, ref, new, parent, reason=f"numerus: merge {task}")
     return Merged(sha=new, parent=parent, task_sha=theirs)
 

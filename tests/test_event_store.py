@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 
 import nats
@@ -161,6 +162,33 @@ async def test_appended_events_are_stored_signed_and_chained(nc, js, tmp_path, k
         assert store.chain_head(job) == digest(next(w for _, _, w in reversed(messages) if job.encode() in w))
         assert len(ids[job]) == 1 + 2 * sum(1 + i % 3 for i in range(30))
     assert len(store._wal) == 0 and store.unacknowledged == 0
+    await store.close()
+
+
+async def test_decisions_submitted_together_share_a_sync_and_land_in_order(nc, js, tmp_path, keyring):
+    # What the daemon's `record` relies on: a job's decisions are sealed and queued one after another without
+    # waiting for each other's fdatasync, and each one's `on_durable` runs in order, before its future resolves.
+    store, _ = await open_store(nc, js, tmp_path, keyring)
+    job = new_ulid()
+    await store.append(job, [(None, JobSubmitted(goal="g", repo="/r", agent="codex"))], correlation_id="c")
+    syncs = store._wal.syncs
+    landed: list[int] = []
+    futures = []
+    for n in range(20):
+        _, durable = store.submit(
+            job, [("t1", AgentMessageReceived(text=str(n)))], correlation_id="c", on_durable=partial(landed.append, n)
+        )
+        futures.append(durable)
+    await futures[0]
+    assert landed[0] == 0
+    await asyncio.gather(*futures)
+    assert landed == list(range(20))
+    assert store._wal.syncs - syncs <= 2, f"{store._wal.syncs - syncs} fdatasyncs for 20 queued decisions"
+    await store.flush(timeout=10)
+    messages = await stored(nc)
+    assert len(verify(messages, keyring.keys)[job]) == 21  # one unbroken chain, in submission order
+    texts = [open_event(wire, keyring.keys).data.text for _, _, wire in messages[1:]]
+    assert texts == [str(n) for n in range(20)]
     await store.close()
 
 

@@ -326,7 +326,11 @@ async def test_commit_work_keeps_the_agents_commits_and_lists_the_real_diff(repo
 
     work = await git.commit_work(wt, "t1: the task's work\n\nwith a body", author=("Codex", "codex@example.org"))
     assert list(work.changes) == changes
-    assert changes_set(changes) == {("src/a.py", "modify", None), ("src/b.py", "modify", None), ("fresh.txt", "add", None)}
+    assert changes_set(changes) == {
+        ("src/a.py", "modify", None),
+        ("src/b.py", "modify", None),
+        ("fresh.txt", "add", None),
+    }
     assert run_git(wt.path, "rev-parse", "HEAD") == work.commit
     assert run_git(wt.path, "rev-parse", "HEAD^") == agent_commit
     assert run_git(wt.path, "log", "-1", "--format=%an <%ae>|%cn|%B", work.commit) == (
