@@ -276,32 +276,42 @@ _FULL_SHA = re.compile(r"[0-9a-f]{40}|[0-9a-f]{64}")
 async def create_worktree(repo: Path, job: str, task: str, base: str, path: Path) -> Worktree:
     """Check out the task's branch `numerus/<job>/<task>` in a worktree at `path`, branched from `base`.
 
-    Idempotent, and it repairs: a branch left without its worktree gets one, a worktree whose checkout was
-    interrupted (still locked "initializing") or whose directory vanished is recreated, and a healthy one is
+    Idempotent, and it repairs: a branch left without its worktree gets one, a worktree whose creation or
+    checkout was interrupted or whose directory vanished is recreated or checked out, and a healthy one is
     reused as it is, with any work in it. `base` is resolved to a sha; after a crash pass the sha recorded in
     the intent event. Refuses (GitError) a path holding another branch, a non-empty directory git does not know
-    as a worktree, and an existing branch that does not contain `base`. One worktree command at a time per
-    repository.
+    as a worktree, and an existing branch that does not contain `base`.
+
+    Concurrent `git worktree` commands in one repository race (one reads the half-written registration of
+    another), so only the registration (`worktree add --no-checkout`) runs under the repository's lock; the
+    branch is created before it and the files are checked out after it, beside other tasks' steps.
     """
-    async with _worktree_lock(repo):
-        return await _create_worktree(repo, job, task, base, path)
-
-
-async def _create_worktree(repo: Path, job: str, task: str, base: str, path: Path) -> Worktree:
     branch = task_branch(job, task)
     ref = f"refs/heads/{branch}"
     path = Path(os.path.abspath(path))
     base_sha = base if _FULL_SHA.fullmatch(base) else await resolve(repo, base)
     if not os.path.lexists(path):
-        # The usual case, a new task: its branch created (refused when it exists) and checked out in two
-        # commands. Any refusal (a branch left by a crash, a stale registration of the path) takes the careful
-        # path below, which can tell these cases apart.
+        # The usual case, a new task: its branch created (refused when it exists), registered, checked out.
+        # Any refusal (a branch left by a crash, a stale registration of the path) takes the careful path
+        # below, which can tell these cases apart.
         created = await _git(repo, "update-ref", "-m", "numerus: create branch", ref, base_sha, "", ok=(0, 128))
         if created.returncode == 0:
             path.parent.mkdir(parents=True, exist_ok=True)
-            added = await _git(repo, "worktree", "add", "--quiet", str(path), branch, ok=(0, 128))
+            async with _worktree_lock(repo):
+                added = await _git(repo, "worktree", "add", "--quiet", "--no-checkout", str(path), branch, ok=(0, 128))
             if added.returncode == 0:
+                await _check_out(path)
                 return Worktree(path, branch, base_sha)
+    async with _worktree_lock(repo):
+        await _register_worktree(repo, branch, base_sha, path)
+    if not _index_path(path).exists():
+        await _check_out(path)
+    return Worktree(path, branch, base_sha)
+
+
+async def _register_worktree(repo: Path, branch: str, base_sha: str, path: Path) -> None:
+    """The careful path of `create_worktree`, under the lock: make `path` a registered worktree of `branch`."""
+    ref = f"refs/heads/{branch}"
     entries = await _worktrees(repo)
     here = _find_worktree(entries, path)
     elsewhere = next((e for e in entries if e.branch == ref and e is not here), None)
@@ -317,17 +327,30 @@ async def _create_worktree(repo: Path, job: str, task: str, base: str, path: Pat
     force: tuple[str, ...] = ()
     if here is not None:
         if here.locked != "initializing" and (path / ".git").is_file():
-            return Worktree(path, branch, base_sha)
-        # An interrupted `git worktree add` (git locks a new worktree "initializing" until its checkout is
-        # complete) or a directory removed behind git's back. Git knows this path as this branch's worktree, so
-        # what is left of it is ours to clear; `add -f -f` then replaces the stale registration (and only it,
-        # unlike `git worktree prune`, which would also drop a user's worktree on an unmounted disk).
+            return  # registered; checked out unless it has no index yet
+        # An interrupted `git worktree add` (git locks a new worktree "initializing" until it is complete) or a
+        # directory removed behind git's back. Git knows this path as this branch's worktree, so what is left
+        # of it is ours to clear; `add -f -f` then replaces the stale registration (and only it, unlike
+        # `git worktree prune`, which would also drop a user's worktree on an unmounted disk).
         if path.exists():
             shutil.rmtree(path)
         force = ("--force", "--force")
     path.parent.mkdir(parents=True, exist_ok=True)
-    await _git(repo, "worktree", "add", "--quiet", *force, str(path), branch)
-    return Worktree(path, branch, base_sha)
+    await _git(repo, "worktree", "add", "--quiet", "--no-checkout", *force, str(path), branch)
+
+
+async def _check_out(path: Path) -> None:
+    """Fill a worktree registered with `--no-checkout`: its index and files, from its HEAD (what `add` does)."""
+    await _git(path, "reset", "--hard", "--quiet", "--no-recurse-submodules")
+
+
+def _index_path(path: Path) -> Path:
+    """The index of the worktree at `path`, in the repository's `.git/worktrees/<name>/`: absent until checked out."""
+    try:
+        gitdir = (path / ".git").read_text().removeprefix("gitdir:").strip()
+    except OSError:
+        return path / ".git" / "index"  # not a linked worktree's `.git` file: no index to be found there
+    return Path(path, gitdir) / "index"
 
 
 async def remove_worktree(repo: Path, worktree: Worktree, *, delete_branch: bool = False) -> None:

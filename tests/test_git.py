@@ -211,6 +211,22 @@ async def test_create_worktree_repairs_an_interrupted_checkout(repo: Path) -> No
     assert "locked" not in listing
 
 
+async def test_create_worktree_checks_out_a_worktree_registered_but_never_filled(repo: Path) -> None:
+    integration = await git.create_integration_branch(repo, JOB)
+    # What a crash between the registration and the checkout leaves: a worktree with no index and no files.
+    branch = git.task_branch(JOB, "t1")
+    run_git(repo, "branch", branch, integration.sha)
+    run_git(repo, "worktree", "add", "--quiet", "--no-checkout", str(worktree_path(repo, "t1")), branch)
+    assert not (worktree_path(repo, "t1") / "src").exists()
+    wt = await start_task(repo, "t1")
+    assert (wt.path / "src" / "a.py").read_text() == "one\ntwo\nthree\n"
+    assert run_git(wt.path, "status", "--porcelain") == ""
+    # Once filled it is reused as it is: the agent's work stays.
+    (wt.path / "src" / "a.py").unlink()
+    assert await start_task(repo, "t1") == wt
+    assert not (wt.path / "src" / "a.py").exists()
+
+
 async def test_create_worktree_repairs_a_vanished_directory(repo: Path) -> None:
     await git.create_integration_branch(repo, JOB)
     wt = await start_task(repo, "t1")
