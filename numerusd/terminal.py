@@ -5,8 +5,9 @@ new session with that PTY as its controlling terminal; the daemon keeps the mast
 blocking the event loop. Spawning must stay cheap however large the daemon grows, so:
 
 - no `fork()` of the daemon (ptyprocess.spawn forks the whole process: 52 ms at 1 GiB RSS) and no
-  `preexec_fn`, which forces CPython onto fork: `subprocess.Popen` then uses vfork, and the new session and
-  controlling terminal come from util-linux `setsid --ctty` as a tiny launcher that execs the agent;
+  `preexec_fn`, which forces CPython onto fork: `subprocess.Popen` then uses vfork (called in a worker thread,
+  so that the event loop does not wait for the child to reach its exec), and the new session and controlling
+  terminal come from util-linux `setsid --ctty` as a tiny launcher that execs the agent;
 - no asyncio subprocess transports (three times slower under uvloop) and no child-watcher threads: exit is
   noticed through a pidfd registered with the loop, and reaped with `waitpid(WNOHANG)`.
 
@@ -31,7 +32,7 @@ import signal
 import struct
 import subprocess
 import termios
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from numerusd.errors import AgentError
@@ -230,7 +231,8 @@ async def spawn(argv: list[str], *, cwd: Path, env: Mapping[str, str] | None = N
         if setsid is not None:
             # `setsid --ctty` calls setsid() and makes its stdin (our slave) the controlling terminal, then
             # execs the agent; it does not fork, because a child of Popen is never a process group leader.
-            popen = subprocess.Popen(
+            start = functools.partial(
+                subprocess.Popen,
                 [setsid, "--ctty", "--", program, *argv[1:]],
                 stdin=slave,
                 stdout=slave,
@@ -238,6 +240,7 @@ async def spawn(argv: list[str], *, cwd: Path, env: Mapping[str, str] | None = N
                 cwd=cwd,
                 env=env,
             )
+            popen = await _in_thread(start)
         else:
             popen = subprocess.Popen(
                 [program, *argv[1:]],
@@ -266,6 +269,25 @@ async def spawn(argv: list[str], *, cwd: Path, env: Mapping[str, str] | None = N
         popen.wait()
         raise AgentError(f"cannot watch {argv[0]}: pidfd_open failed: {e.strerror}") from e
     return Terminal(popen, master, pidfd, process_start_ticks(popen.pid) or 0)
+
+
+async def _in_thread(start: Callable[[], subprocess.Popen[bytes]]) -> subprocess.Popen[bytes]:
+    """Run `start` in a worker thread: `subprocess` lets go of the GIL while its vfork child gets to its exec,
+    which on a busy machine takes milliseconds the event loop would otherwise spend blocked.
+
+    A caller cancelled meanwhile still waits for the thread (its file descriptors must outlive it), then kills
+    and reaps what it started.
+    """
+    started = asyncio.ensure_future(asyncio.to_thread(start))
+    try:
+        return await asyncio.shield(started)
+    except asyncio.CancelledError:
+        with contextlib.suppress(BaseException):
+            popen = await started
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(popen.pid, signal.SIGKILL)
+            popen.wait()
+        raise
 
 
 def process_start_ticks(pid: int) -> int | None:
