@@ -38,6 +38,7 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
+from functools import partial
 
 import msgspec
 import nats.errors
@@ -334,11 +335,7 @@ class EventStore:
                 size=big,
             )
 
-        def landed() -> None:
-            self._on_durable(entries)
-            if on_durable is not None:
-                on_durable()
-
+        landed = partial(self._on_durable, entries, on_durable)
         # Heads advance in the same synchronous step that fixes the WAL order (no await in between). Once
         # durable the events go to the outbox, in WAL order, even if this caller has given up waiting: they
         # are the store's now.
@@ -354,9 +351,11 @@ class EventStore:
         durable.add_done_callback(failed)
         return sealed, durable
 
-    def _on_durable(self, entries: list[WalEntry]) -> None:
+    def _on_durable(self, entries: list[WalEntry], then: Callable[[], None] | None) -> None:
         self._outbox.extend(entries)
         self._wake.set()
+        if then is not None:
+            then()
 
     async def flush(self, timeout: float = 10.0) -> None:
         """Wait until every event appended so far is acknowledged by JetStream; StoreError after `timeout`."""
