@@ -292,6 +292,14 @@ def _evolve_task(job: JobState, task_id: str, time: datetime, data: EventData) -
     if task is None or type(data) in _NO_TASK_STATE:
         return job  # the most frequent events (what agents say and do) are settled before the long match
     replace = msgspec.structs.replace
+    if type(data) is TokensUsed:  # the most frequent one with state (a replay spends its time on it): no match
+        task = replace(
+            task,
+            input_tokens=task.input_tokens + data.input_tokens,
+            cached_input_tokens=task.cached_input_tokens + data.cached_input_tokens,
+            output_tokens=task.output_tokens + data.output_tokens,
+        )
+        return replace(job, tasks={**job.tasks, task_id: task})
     match data:
         case ClaimProposed(attempt=attempt, paths=paths, commands=commands, usage=usage):
             task = _add_usage(replace(task, claim=paths, commands=commands, claim_attempts=attempt), usage)
@@ -349,13 +357,6 @@ def _evolve_task(job: JobState, task_id: str, time: datetime, data: EventData) -
             task = replace(task, reason=reason)
         case AgentThreadStarted(thread_id=thread_id):
             task = replace(task, thread_id=thread_id)
-        case TokensUsed():
-            task = replace(
-                task,
-                input_tokens=task.input_tokens + data.input_tokens,
-                cached_input_tokens=task.cached_input_tokens + data.cached_input_tokens,
-                output_tokens=task.output_tokens + data.output_tokens,
-            )
         case TaskExited(exit_code=exit_code):
             task = replace(task, exit_code=exit_code, ended=time)
         case TaskCompleted():

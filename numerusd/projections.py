@@ -579,13 +579,13 @@ class Projector:
         """
         for seq, subject, wire, event in opened:
             job = event.job
-            if event.id in known:
-                message = f"event {event.id} was applied before"
+            id = event.id
+            if id in known:
+                message = f"event {id} was applied before"
                 rejected.append(Rejected(seq, subject, "duplicate", message, wire))
                 continue
-            if job in work:
-                state = work[job]
-            else:
+            state = work.get(job)
+            if state is None:
                 state = before[job] if job in before else before.setdefault(job, cache.get(job))
             try:
                 work[job] = evolve(state, event)
@@ -593,11 +593,11 @@ class Projector:
                 rejected.append(Rejected(seq, subject, "refused", str(e), wire))
                 continue
             except Exception as e:  # a domain bug must not wedge the projector on one poison event
-                log.exception("evolve failed on event %s (seq %d)", event.id, seq)
+                log.exception("evolve failed on event %s (seq %d)", id, seq)
                 rejected.append(Rejected(seq, subject, "evolve_error", f"{type(e).__name__}: {e}", wire))
                 continue
-            known.add(event.id)  # a repeat later in the same batch
-            rows.append((seq, event.id, job, event.task, event.type, utc_text(event.time), subject))
+            known.add(id)  # a repeat later in the same batch
+            rows.append((seq, id, job, event.task, event.type, utc_text(event.time), subject))
 
     async def _commit(self, prepared: _Prepared, after: asyncio.Future[None] | None = None) -> None:
         """Write a prepared batch's rows and its position in one transaction: both or neither.
