@@ -320,14 +320,18 @@ async def test_changed_paths_sees_a_shell_command_edit(repo: Path) -> None:
     }
 
 
-async def test_changed_paths_refuses_a_branch_that_left_its_base(repo: Path) -> None:
+async def test_a_branch_that_left_its_base_is_neither_diffed_nor_committed(repo: Path) -> None:
     integration = await git.create_integration_branch(repo, JOB)
     wt = await start_task(repo, "t1")
     write(wt.path / "x.txt", "x\n")
     rewritten = Worktree(wt.path, wt.branch, commit(wt.path, "x"))
     run_git(wt.path, "reset", "-q", "--hard", integration.sha)
+    write(wt.path / "y.txt", "y\n")
     with pytest.raises(BaseNotAncestor):
         await git.changed_paths(rewritten)
+    with pytest.raises(BaseNotAncestor):
+        await git.commit_work(rewritten, "t1")
+    assert run_git(wt.path, "rev-parse", "HEAD") == integration.sha
 
 
 async def test_commit_work_keeps_the_agents_commits_and_lists_the_real_diff(repo: Path) -> None:
@@ -374,18 +378,6 @@ async def test_commit_work_refuses_a_detached_head(repo: Path) -> None:
     write(wt.path / "x.txt", "x\n")
     with pytest.raises(GitError, match="detached"):
         await git.commit_work(wt, "t1")
-
-
-async def test_commit_work_refuses_a_branch_that_left_its_base(repo: Path) -> None:
-    integration = await git.create_integration_branch(repo, JOB)
-    wt = await start_task(repo, "t1")
-    write(wt.path / "x.txt", "x\n")
-    rewritten = Worktree(wt.path, wt.branch, commit(wt.path, "x"))
-    run_git(wt.path, "reset", "-q", "--hard", integration.sha)
-    write(wt.path / "y.txt", "y\n")
-    with pytest.raises(BaseNotAncestor):
-        await git.commit_work(rewritten, "t1")
-    assert run_git(wt.path, "rev-parse", "HEAD") == integration.sha
 
 
 # --- claims ------------------------------------------------------------------------------------------------
