@@ -301,7 +301,7 @@ def test_runs_as_a_module_too(tmp_path: Path) -> None:
 
 # --- one scenario for every role: cases, answers, placeholders ------------------------------------------------
 
-PIPELINE = Path(__file__).parent / "data" / "scenarios" / "pipeline.json"
+PIPELINE = Path(__file__).parent / "scenarios" / "pipeline.json"
 JOB = "01JX7Z8Q4M2N5P6R7S8T9V0W1X"
 
 
@@ -311,7 +311,7 @@ def role_prompt(role: str, task: str = "-", attempt: int = 1, body: str = "Do th
 
 
 def play_pipeline(tmp_path: Path, prompt: str) -> tuple[subprocess.CompletedProcess[str], Path]:
-    """Play tests/data/scenarios/pipeline.json for the prompt, with `-o`; the run and the `-o` file."""
+    """Play tests/scenarios/pipeline.json for the prompt, with `-o`; the run and the `-o` file."""
     answer = tmp_path / "answer.json"
     done = play(tmp_path, None, "-o", str(answer), prompt=prompt, env={"NUMERUS_SCENARIO": str(PIPELINE)})
     return done, answer

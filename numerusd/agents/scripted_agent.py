@@ -4,7 +4,7 @@ It takes the command line of `codex exec` (the options the codex adapter passes,
 which ones may follow `resume`, and codex's exit status 2 for a usage error) and prints the same `--json`
 events, so tests and demos run the daemon's real code path with no network and no cost. What it does comes
 from a scenario file (JSON), found through the environment variable `NUMERUS_SCENARIO`: a path, or the name
-of a scenario shipped in `numerusd/demo/` (`hello`). Without one it plays a default scenario: say a message,
+of a scenario shipped in `numerusd/demo/` (`team`, `hello`). Without one it plays a default scenario: say a message,
 write `SCRIPTED.md`, finish. The scenario format is documented in docs/agents.md.
 
 One scenario can serve every role the daemon calls an agent in: the prompts the daemon builds start with a line
@@ -206,7 +206,7 @@ def load_scenario(env: Mapping[str, str]) -> dict[str, Any]:
         return DEFAULT_SCENARIO
     path = where
     if not os.path.exists(path) and os.sep not in where and not where.endswith(".json"):
-        # A bare name: a scenario shipped with the package, e.g. `hello` for `make demo`.
+        # A bare name: a scenario shipped with the package, e.g. `team`, which `make demo` plays.
         path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "demo", where + ".json")
     try:
         with open(path, encoding="utf-8") as f:
