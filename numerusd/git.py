@@ -53,7 +53,6 @@ import re
 import shutil
 import signal
 import subprocess
-import uuid
 import weakref
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -392,32 +391,19 @@ async def _remove_worktree(repo: Path, worktree: Worktree, *, delete_branch: boo
 # --- a task's real diff ------------------------------------------------------------------------------------
 
 
-async def changed_paths(worktree: Worktree) -> list[Change]:
-    """Every path the task changed since its base: committed, staged, unstaged and untracked alike.
-
-    What counts is the worktree's files as they are, compared with the base commit, whoever made the change (the
-    agent's tools, a shell command, a commit). Files the repository ignores (`.gitignore`, `info/exclude`) are
-    not changes: they are never committed or merged. Renames are found by content similarity (git's 50%).
-    A look, not a change: the snapshot is taken through a temporary copy of the index, so the worktree's own
-    staging area is left as it was (`commit_work` is the same look when the work is to be committed anyway).
-    Raises BaseNotAncestor when HEAD no longer descends from `base_sha`, since then the branch would not merge
-    what this diff shows.
-    """
-    head = await _head(worktree)
-    tree = await _snapshot_tree(worktree, head.git_dir)
-    return [] if tree == head.base_tree else await _diff(worktree, tree)
-
-
 async def commit_work(worktree: Worktree, message: str, *, author: tuple[str, str] | None = None) -> Work:
     """Commit everything the worktree holds on the task's branch; the tip, and what changed since the base.
 
     The commit goes on top of any commits the agent made. The tip is the new commit, or the existing HEAD when
-    there was nothing left to commit (so a second call after a crash is harmless). The changes are those
-    `changed_paths` would have listed before the commit: the task's real diff. Ignored files are not committed.
+    there was nothing left to commit (so a second call after a crash is harmless). The changes are the task's
+    real diff: the worktree's files as they are against the base commit, committed, staged, unstaged and
+    untracked alike, whoever made them (the agent's tools, a shell command, a commit); renames are found by
+    content similarity (git's 50%). Ignored files (`.gitignore`, `info/exclude`) are neither changes nor committed.
     `author` is a (name, email) pair; the committer is always Numerus. Raises GitError when HEAD is not on the
     task's branch (the agent switched branches or detached HEAD), since the work would then not reach the
-    branch that gets merged, and BaseNotAncestor as `changed_paths` does. Three git commands when the agent
-    changed nothing, six when it did.
+    branch that gets merged, and BaseNotAncestor when HEAD no longer descends from `base_sha`, since then the
+    branch would not merge what the diff shows. Three git commands when the agent changed nothing, six when it
+    did.
     """
     head = await _head(worktree)
     ref = f"refs/heads/{worktree.branch}"
@@ -823,7 +809,6 @@ def _worktree_lock(repo: Path) -> asyncio.Lock:
 class _Head:
     """Where a task's worktree stands: HEAD's commit and tree, the ref HEAD is on, the base's tree."""
 
-    git_dir: str
     sha: str
     tree: str
     ref: str  # "HEAD" when detached
@@ -833,10 +818,10 @@ class _Head:
 async def _head(worktree: Worktree) -> _Head:
     """Read the worktree's HEAD in one command; GitError unless it is the top of a worktree descending from base."""
     info = await _git(
-        worktree.path, "rev-parse", "--show-toplevel", "--absolute-git-dir", "HEAD", "HEAD^{tree}",
+        worktree.path, "rev-parse", "--show-toplevel", "HEAD", "HEAD^{tree}",
         f"{worktree.base_sha}^{{tree}}", "--symbolic-full-name", "HEAD",
     )  # fmt: skip
-    toplevel, git_dir, sha, tree, base_tree, ref = info.stdout.decode("utf-8", "surrogateescape").splitlines()
+    toplevel, sha, tree, base_tree, ref = info.stdout.decode("utf-8", "surrogateescape").splitlines()
     if os.path.realpath(toplevel) != os.path.realpath(worktree.path):
         raise GitError(f"{worktree.path} is not the top of a worktree", path=str(worktree.path))
     if sha != worktree.base_sha and not await _is_ancestor(worktree.path, worktree.base_sha, sha):
@@ -846,25 +831,7 @@ async def _head(worktree: Worktree) -> _Head:
             path=str(worktree.path),
             base_sha=worktree.base_sha,
         )
-    return _Head(git_dir, sha, tree, ref, base_tree)
-
-
-async def _snapshot_tree(worktree: Worktree, git_dir: str) -> str:
-    """The tree of the worktree's files as they are, written through a throwaway copy of its index."""
-    # A copy of the real index, beside it, keeps git's stat cache (only changed files are hashed again) and any
-    # split-index companion files within reach, and leaves the worktree's staging area exactly as it was.
-    index = Path(git_dir) / "index"
-    scratch = Path(git_dir) / f"numerus-index-{uuid.uuid4().hex}"
-    try:
-        if index.exists():
-            shutil.copyfile(index, scratch)
-        else:
-            await _git(worktree.path, "read-tree", "HEAD", env={"GIT_INDEX_FILE": str(scratch)})
-        env = {"GIT_INDEX_FILE": str(scratch)}
-        await _git(worktree.path, "add", "--all", env=env)
-        return (await _git(worktree.path, "write-tree", env=env)).text()
-    finally:
-        scratch.unlink(missing_ok=True)
+    return _Head(sha, tree, ref, base_tree)
 
 
 async def _diff(worktree: Worktree, tree: str) -> list[Change]:

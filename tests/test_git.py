@@ -156,7 +156,7 @@ async def test_a_directory_inside_a_repository_is_not_taken_for_it(repo: Path) -
     with pytest.raises(GitError, match="not a git repository"):
         await git.resolve(repo / "src", "HEAD")
     with pytest.raises(GitError):
-        await git.changed_paths(Worktree(repo / "src", "main", run_git(repo, "rev-parse", "HEAD")))
+        await git.commit_work(Worktree(repo / "src", "main", run_git(repo, "rev-parse", "HEAD")), "x")
 
 
 # --- worktrees ---------------------------------------------------------------------------------------------
@@ -278,7 +278,7 @@ async def test_remove_worktree(repo: Path) -> None:
 # --- the real diff -----------------------------------------------------------------------------------------
 
 
-async def test_changed_paths_sees_committed_staged_unstaged_untracked_deleted_renamed(repo: Path) -> None:
+async def test_commit_work_sees_committed_staged_unstaged_untracked_deleted_renamed(repo: Path) -> None:
     await git.create_integration_branch(repo, JOB)
     wt = await start_task(repo, "t1")
     write(wt.path / "src" / "a.py", "one\nTWO\nthree\n")
@@ -290,10 +290,9 @@ async def test_changed_paths_sees_committed_staged_unstaged_untracked_deleted_re
     (wt.path / "README.md").unlink()  # deleted
     (wt.path / "docs" / "old.md").rename(wt.path / "docs" / "new.md")  # renamed, git never told
     write(wt.path / "build.log", "ignored by .gitignore\n")
-    index_before = (Path(run_git(wt.path, "rev-parse", "--absolute-git-dir")) / "index").read_bytes()
 
-    changes = await git.changed_paths(wt)
-    assert changes_set(changes) == {
+    work = await git.commit_work(wt, "t1")
+    assert changes_set(list(work.changes)) == {
         ("src/a.py", "modify", None),
         ("src/staged.py", "add", None),
         ("src/b.py", "modify", None),
@@ -301,18 +300,20 @@ async def test_changed_paths_sees_committed_staged_unstaged_untracked_deleted_re
         ("README.md", "delete", None),
         ("docs/new.md", "rename", "docs/old.md"),
     }
-    # A look, not a change: the agent's staging area is as it left it.
-    assert (Path(run_git(wt.path, "rev-parse", "--absolute-git-dir")) / "index").read_bytes() == index_before
-    assert run_git(wt.path, "diff", "--cached", "--name-only") == "src/staged.py"
+    # The commit holds every one of them, and what the repository ignores stays out of it.
+    files = run_git(wt.path, "ls-tree", "-r", "--name-only", work.commit).splitlines()
+    assert {"src/staged.py", "src/pkg/untracked.py", "docs/new.md"} <= set(files)
+    assert not {"README.md", "docs/old.md", "build.log"} & set(files)
+    assert run_git(wt.path, "status", "--porcelain") == ""
 
 
-async def test_changed_paths_sees_a_shell_command_edit(repo: Path) -> None:
-    await git.create_integration_branch(repo, JOB)
+async def test_commit_work_sees_a_shell_command_edit(repo: Path) -> None:
+    integration = await git.create_integration_branch(repo, JOB)
     wt = await start_task(repo, "t1")
-    assert await git.changed_paths(wt) == []
+    assert await git.commit_work(wt, "nothing yet") == git.Work(integration.sha, ())
     script = "sed -i 's/two/2/' src/a.py && printf 'x\\n' > 'with space.txt' && rm src/b.py && mkdir -p d && touch d/e"
     subprocess.run(["sh", "-c", script], cwd=wt.path, check=True)
-    assert changes_set(await git.changed_paths(wt)) == {
+    assert changes_set(list((await git.commit_work(wt, "t1")).changes)) == {
         ("src/a.py", "modify", None),
         ("with space.txt", "add", None),
         ("src/b.py", "delete", None),
@@ -320,15 +321,13 @@ async def test_changed_paths_sees_a_shell_command_edit(repo: Path) -> None:
     }
 
 
-async def test_a_branch_that_left_its_base_is_neither_diffed_nor_committed(repo: Path) -> None:
+async def test_commit_work_refuses_a_branch_that_left_its_base(repo: Path) -> None:
     integration = await git.create_integration_branch(repo, JOB)
     wt = await start_task(repo, "t1")
     write(wt.path / "x.txt", "x\n")
     rewritten = Worktree(wt.path, wt.branch, commit(wt.path, "x"))
     run_git(wt.path, "reset", "-q", "--hard", integration.sha)
     write(wt.path / "y.txt", "y\n")
-    with pytest.raises(BaseNotAncestor):
-        await git.changed_paths(rewritten)
     with pytest.raises(BaseNotAncestor):
         await git.commit_work(rewritten, "t1")
     assert run_git(wt.path, "rev-parse", "HEAD") == integration.sha
@@ -342,11 +341,9 @@ async def test_commit_work_keeps_the_agents_commits_and_lists_the_real_diff(repo
     write(wt.path / "src" / "b.py", "changed after\n")
     write(wt.path / "fresh.txt", "new\n")
     write(wt.path / "debug.log", "ignored\n")
-    changes = await git.changed_paths(wt)
 
     work = await git.commit_work(wt, "t1: the task's work\n\nwith a body", author=("Codex", "codex@example.org"))
-    assert list(work.changes) == changes
-    assert changes_set(changes) == {
+    assert changes_set(list(work.changes)) == {
         ("src/a.py", "modify", None),
         ("src/b.py", "modify", None),
         ("fresh.txt", "add", None),
@@ -358,7 +355,6 @@ async def test_commit_work_keeps_the_agents_commits_and_lists_the_real_diff(repo
     )
     assert run_git(wt.path, "status", "--porcelain") == ""
     assert "debug.log" not in run_git(wt.path, "ls-files")
-    assert await git.changed_paths(wt) == changes
     # Nothing left to commit: the same tip and the same diff, so a repeat after a crash is harmless.
     assert await git.commit_work(wt, "again") == work
 
