@@ -354,23 +354,18 @@ class JobPipeline:
             if self.job.kill_requested:
                 await self.record(lambda job: domain.decide_task_killed(job, task_id))
                 return None
-            failure = result.failure()
-            if failure is None:
-                try:
-                    claimed = decode_claim(result.answer or "")
-                except msgspec.DecodeError as e:
-                    failure = f"the claim is not valid: {e}"
-                else:
-                    wanted = locks.claim_locks(claimed, self.repo)
-                    if not isinstance(wanted, locks.BadClaim):
-                        proposed = ClaimProposed(
-                            attempt=attempt, paths=claimed.paths, commands=claimed.commands, usage=result.usage
-                        )
-                        await self.task_events(task_id, proposed)
-                        return wanted
-                    errors = tuple(str(error) for error in wanted.errors)
-            if failure is not None:
-                errors = (failure,)
+            claimed = result.decoded(decode_claim, "the claim")
+            if isinstance(claimed, str):
+                errors = (claimed,)
+            else:
+                wanted = locks.claim_locks(claimed, self.repo)
+                if not isinstance(wanted, locks.BadClaim):
+                    proposed = ClaimProposed(
+                        attempt=attempt, paths=claimed.paths, commands=claimed.commands, usage=result.usage
+                    )
+                    await self.task_events(task_id, proposed)
+                    return wanted
+                errors = tuple(str(error) for error in wanted.errors)
             await self.task_events(task_id, ClaimRejected(attempt=attempt, errors=errors, usage=result.usage))
         reason = f"no usable claim after {self.settings.claim_attempts} answers: {'; '.join(errors)}"
         await self.record(lambda job: domain.decide_task_failed(job, task_id, reason))
@@ -546,22 +541,18 @@ class JobPipeline:
             name = f"{task_id}.review"
             result = await self.call("reviewer", task_id, name, call_dir, prompt, "review", worktree.path)
             self._check_stopping()
-            failure = result.failure()
-            if failure is None:
-                try:
-                    verdict = decode_verdict(result.answer or "")
-                except msgspec.DecodeError as e:
-                    failure = f"not a verdict: {e}"
-                else:
-                    await self.task_events(
-                        task_id, ReviewCompleted(verdict=verdict.verdict, reasons=verdict.reasons, usage=result.usage)
-                    )
-                    if verdict.verdict == "pass":
-                        return []
-                    return [f"the reviewer failed the work: {reason}" for reason in verdict.reasons] or [
-                        "the reviewer failed the work without saying why"
-                    ]
-            problem = failure
+            verdict = result.decoded(decode_verdict, "the verdict")
+            if isinstance(verdict, str):
+                problem = verdict
+                continue
+            await self.task_events(
+                task_id, ReviewCompleted(verdict=verdict.verdict, reasons=verdict.reasons, usage=result.usage)
+            )
+            if verdict.verdict == "pass":
+                return []
+            return [f"the reviewer failed the work: {reason}" for reason in verdict.reasons] or [
+                "the reviewer failed the work without saying why"
+            ]
         return [f"the reviewer gave no verdict: {problem}"]
 
     async def merge(self, task_id: str, worktree: git.Worktree, commit: str) -> list[str] | None:

@@ -17,7 +17,9 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
+import msgspec
 from nats.aio.client import Client
 
 from numerusd import domain
@@ -28,6 +30,9 @@ from numerusd.protocol.events import AgentErrorReported, AgentSpawned, AgentSpaw
 from numerusd.terminal import Terminal, spawn
 
 log = logging.getLogger(__name__)
+
+#: What an agent call's answer decodes to (a claim, a verdict): a msgspec Struct, never a str.
+_Answer = TypeVar("_Answer")
 
 #: The daemon's own environment that an agent must not inherit: its NATS secrets and systemd's sockets.
 DAEMON_ONLY_ENV = frozenset(
@@ -349,6 +354,16 @@ class CallResult:
         if not self.answer or not self.answer.strip():
             return "the agent gave no answer (its last message was empty)"
         return None
+
+    def decoded(self, decode: Callable[[str], _Answer], what: str) -> _Answer | str:
+        """The answer read with `decode`, or why it cannot be: `failure()`, or `<what> is not valid: <error>`."""
+        failure = self.failure()
+        if failure is not None:
+            return failure
+        try:
+            return decode(self.answer or "")
+        except msgspec.DecodeError as e:
+            return f"{what} is not valid: {e}"
 
 
 class AgentCall(_ProcessRun):

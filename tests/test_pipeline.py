@@ -68,6 +68,8 @@ SCENARIO = {
             "match": {"role": "claimer", "task": "t3"},
             "steps": [{"sleep": 0.8}, {"answer": claim(("HELLO.md", "modify"))}],
         },
+        # t4's claimer first answers prose instead of JSON: refused with the reason, and asked again.
+        {"match": {"role": "claimer", "task": "t4", "attempt": 1}, "steps": [{"answer": "INDEX.md, I think"}]},
         {"match": {"role": "claimer", "task": "t4"}, "steps": [{"answer": claim(("INDEX.md", "create"))}]},
         {
             "match": {"role": "executor", "task": "t1"},
@@ -166,6 +168,11 @@ async def test_a_planned_job_runs_in_parallel_waits_for_locks_catches_strays_ret
     (violated,) = by_type(events, "ClaimViolated", "t2")
     assert "STRAY.md" in " ".join(violated["data"]["violations"])
     assert [e["data"]["attempt"] for e in by_type(events, "TaskStarted", "t2")] == [1, 2]
+
+    # t4's first claim was not JSON: rejected with the reason, and its second answer was taken.
+    (bad_claim,) = by_type(events, "ClaimRejected", "t4")
+    assert bad_claim["data"]["errors"][0].startswith("the claim is not valid")
+    assert [e["data"]["attempt"] for e in by_type(events, "ClaimProposed", "t4")] == [2]
 
     # t4's failing check was retried with the output, then passed; it ran after t2, which it depends on.
     checks = by_type(events, "CheckCompleted", "t4")
