@@ -84,6 +84,13 @@ class Daemon:
         path = self.state_dir / "numerusd.stderr"
         return path.read_text(errors="replace") if path.exists() else ""
 
+    def __enter__(self) -> Daemon:
+        """`with Daemon(...).start() as daemon:` stops it (by pid) however the block ends."""
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
     @property
     def alive(self) -> bool:
         return self.process is not None and self.process.poll() is None

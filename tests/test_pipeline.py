@@ -209,8 +209,7 @@ async def test_a_planner_that_never_answers_a_valid_plan_fails_the_job_with_the_
             {"answer": {"summary": "x", "tasks": [{"id": "t1", "title": "a", "instructions": "b", "deps": ["t9"]}]}}
         ]
     }
-    daemon = Daemon(tmp_path / "state", agents={"bad": scenario}, config="plan_attempts = 2\n").start()
-    try:
+    with Daemon(tmp_path / "state", agents={"bad": scenario}, config="plan_attempts = 2\n").start() as daemon:
         repo = git_repo(tmp_path / "repo")
         result = daemon.ctl("run", "anything", "--repo", str(repo), "--agent", "bad", "--wait", timeout=60)
         assert result.returncode == 1
@@ -219,14 +218,11 @@ async def test_a_planner_that_never_answers_a_valid_plan_fails_the_job_with_the_
         assert view["status"] == "failed"
         assert "no valid plan after 2 attempts" in view["reason"] and "t9" in view["reason"]
         assert len(by_type(daemon.events(job), "PlanRejected")) == 2
-    finally:
-        daemon.stop()
 
 
 async def test_an_agent_that_cannot_start_trips_the_circuit_breaker_which_says_why(tmp_path: Path):
     config = 'plan_attempts = 3\n[agents.missing]\nkind = "codex"\nbinary = "/nonexistent/codex"\n'
-    daemon = Daemon(tmp_path / "state", config=config).start()
-    try:
+    with Daemon(tmp_path / "state", config=config).start() as daemon:
         repo = git_repo(tmp_path / "repo")
         first = daemon.ctl("run", "anything", "--repo", str(repo), "--agent", "missing", "--wait", timeout=60)
         assert first.returncode == 1
@@ -240,8 +236,6 @@ async def test_an_agent_that_cannot_start_trips_the_circuit_breaker_which_says_w
         error = by_type(daemon.events(job), "PlanRejected")[0]["data"]["errors"][0]
         assert "failed to start 3 times in a row" in error and "next try in" in error
         assert daemon.alive
-    finally:
-        daemon.stop()
 
 
 SLOW_TEAM = {
@@ -285,8 +279,7 @@ def tasks_by_id(view: dict) -> dict[str, dict]:
 
 
 async def test_kill_stops_a_planned_job_with_one_task_running_and_one_waiting(tmp_path: Path):
-    daemon = Daemon(tmp_path / "state", agents={"team": SLOW_TEAM}, env={"NUMERUS_KILL_GRACE_S": "1"}).start()
-    try:
+    with Daemon(tmp_path / "state", agents={"team": SLOW_TEAM}, env={"NUMERUS_KILL_GRACE_S": "1"}).start() as daemon:
         repo = git_repo(tmp_path / "repo")
         job = daemon.ctl("run", "slow", "--repo", str(repo), "--agent", "team", check=True).stdout.strip()
         view = wait_for(daemon, job, lambda v: [t["status"] for t in v["tasks"]] == ["running", "waiting"], timeout=30)
@@ -297,15 +290,12 @@ async def test_kill_stops_a_planned_job_with_one_task_running_and_one_waiting(tm
         released = by_type(daemon.events(job), "LocksReleased")
         assert {e["task"] for e in released} == {"a", "b"}
         assert daemon.ctl("audit", "verify", job).returncode == 0
-    finally:
-        daemon.stop()
 
 
 async def test_a_planned_job_cut_by_a_daemon_crash_reads_interrupted_after_restart(tmp_path: Path):
     import signal
 
-    daemon = Daemon(tmp_path / "state", agents={"team": SLOW_TEAM}).start()
-    try:
+    with Daemon(tmp_path / "state", agents={"team": SLOW_TEAM}).start() as daemon:
         repo = git_repo(tmp_path / "repo")
         job = daemon.ctl("run", "slow", "--repo", str(repo), "--agent", "team", check=True).stdout.strip()
         wait_for(daemon, job, lambda v: [t["status"] for t in v["tasks"]] == ["running", "waiting"], timeout=30)
@@ -315,8 +305,6 @@ async def test_a_planned_job_cut_by_a_daemon_crash_reads_interrupted_after_resta
         assert view["status"] == "interrupted"
         assert {t["id"]: t["status"] for t in view["tasks"]} == {"a": "interrupted", "b": "interrupted"}
         assert daemon.ctl("audit", "verify", job).returncode == 0
-    finally:
-        daemon.stop()
 
 
 def replanning_team(queen_steps: list[dict]) -> dict:
@@ -352,8 +340,7 @@ FAST_RETRIES = "max_attempts = 2\nbackoff_s = [0.1]\nmax_replans = 1\n"
 
 async def test_a_task_that_fails_for_good_makes_the_queen_revise_the_plan_and_the_job_completes(tmp_path: Path):
     team = replanning_team([{"answer": REVISED}])
-    daemon = Daemon(tmp_path / "state", agents={"team": team}, config=FAST_RETRIES).start()
-    try:
+    with Daemon(tmp_path / "state", agents={"team": team}, config=FAST_RETRIES).start() as daemon:
         repo = git_repo(tmp_path / "repo")
         job = run_job(daemon, repo, "build", "--agent", "team", timeout=90)
         view = daemon.status(job)
@@ -365,16 +352,13 @@ async def test_a_task_that_fails_for_good_makes_the_queen_revise_the_plan_and_th
         assert [e["data"]["role"] for e in by_type(events, "PlanRequested")] == ["planner", "queen"]
         assert [e["data"]["version"] for e in by_type(events, "PlanValidated")] == [1, 2]
         assert show(repo, view["integration"], "t2.md") == "t2\n"
-    finally:
-        daemon.stop()
 
 
 async def test_when_the_queen_gives_no_valid_plan_the_dependents_are_skipped_and_the_job_fails(tmp_path: Path):
     reused = {**REVISED, "tasks": [{**REVISED["tasks"][0], "id": "t1"}, {**REVISED["tasks"][1], "deps": ["t1"]}]}
     team = replanning_team([{"answer": reused}])
     config = FAST_RETRIES + "plan_attempts = 2\n"
-    daemon = Daemon(tmp_path / "state", agents={"team": team}, config=config).start()
-    try:
+    with Daemon(tmp_path / "state", agents={"team": team}, config=config).start() as daemon:
         repo = git_repo(tmp_path / "repo")
         result = daemon.ctl("run", "build", "--repo", str(repo), "--agent", "team", "--wait", timeout=90)
         assert result.returncode == 1
@@ -385,13 +369,10 @@ async def test_when_the_queen_gives_no_valid_plan_the_dependents_are_skipped_and
         rejected = by_type(daemon.events(job), "PlanRejected")
         assert len(rejected) == 2 and "give the task that replaces it a new id" in rejected[0]["data"]["errors"][0]
         assert "queen gave no valid revised plan" in view["reason"]
-    finally:
-        daemon.stop()
 
 
 async def test_the_demo_team_scenario_shipped_for_make_demo_completes_its_job(tmp_path: Path):
-    daemon = Daemon(tmp_path / "state", env={"NUMERUS_SCENARIO": "team"}).start()
-    try:
+    with Daemon(tmp_path / "state", env={"NUMERUS_SCENARIO": "team"}).start() as daemon:
         repo = git_repo(tmp_path / "repo")
         result = daemon.ctl("run", "Welcome newcomers", "--repo", str(repo), "--agent", "scripted", "--wait")
         assert result.returncode == 0, result.stdout + daemon.stderr()[-3000:]
@@ -400,20 +381,15 @@ async def test_the_demo_team_scenario_shipped_for_make_demo_completes_its_job(tm
         hello = show(repo, view["integration"], "HELLO.md")
         assert hello.startswith("# Hello") and hello.endswith("-- the Numerus demo team\n")
         assert tasks_by_id(view).keys() == {"greet", "contrib", "sign"}
-    finally:
-        daemon.stop()
 
 
 async def test_the_scripted_agent_without_a_scenario_plays_every_role_of_a_planned_job(tmp_path: Path):
-    daemon = Daemon(tmp_path / "state").start()
-    try:
+    with Daemon(tmp_path / "state").start() as daemon:
         repo = git_repo(tmp_path / "repo")
         result = daemon.ctl("run", "say hello", "--repo", str(repo), "--agent", "scripted", "--wait")
         assert result.returncode == 0, result.stdout + daemon.stderr()[-3000:]
         view = daemon.status(result.stdout.splitlines()[0].strip())
         assert "Write SCRIPTED.md holding this prompt." in show(repo, view["integration"], "SCRIPTED.md")
-    finally:
-        daemon.stop()
 
 
 async def test_an_agent_silent_for_longer_than_the_idle_timeout_is_stopped_and_retried(tmp_path: Path):
@@ -428,8 +404,7 @@ async def test_an_agent_silent_for_longer_than_the_idle_timeout_is_stopped_and_r
         ]
     }
     config = "idle_timeout_s = 1.5\nbackoff_s = [0.1]\nkill_grace_s = 1\n"
-    daemon = Daemon(tmp_path / "state", agents={"team": team}, config=config).start()
-    try:
+    with Daemon(tmp_path / "state", agents={"team": team}, config=config).start() as daemon:
         repo = git_repo(tmp_path / "repo")
         result = daemon.ctl("run", "write", "--repo", str(repo), "--agent", "team", "--wait", timeout=60)
         assert result.returncode == 0, result.stdout + daemon.stderr()[-3000:]
@@ -438,8 +413,6 @@ async def test_an_agent_silent_for_longer_than_the_idle_timeout_is_stopped_and_r
         assert retry["data"]["reasons"] == ["timed out: printed nothing for 1.5 s"]
         first_exit = by_type(events, "TaskExited", "t1")[0]
         assert first_exit["data"]["signal"] is not None and first_exit["data"]["duration_s"] < 10
-    finally:
-        daemon.stop()
 
 
 async def test_with_a_git_too_old_for_merges_a_planned_job_is_refused_and_no_plan_still_runs(tmp_path: Path):
@@ -451,8 +424,7 @@ async def test_with_a_git_too_old_for_merges_a_planned_job_is_refused_and_no_pla
     old_git.write_text('#!/bin/sh\ncase "$*" in *--version*) echo "git version 2.30.1"; exit 0;; esac\nexit 1\n')
     old_git.chmod(0o755)
     env = {"PATH": f"{fake_bin}:{os.environ['PATH']}"}
-    daemon = Daemon(tmp_path / "state", env=env).start()
-    try:
+    with Daemon(tmp_path / "state", env=env).start() as daemon:
         repo = git_repo(tmp_path / "repo")
         refused = daemon.ctl("run", "plan it", "--repo", str(repo), "--agent", "scripted")
         assert refused.returncode == 1
@@ -460,8 +432,6 @@ async def test_with_a_git_too_old_for_merges_a_planned_job_is_refused_and_no_pla
         assert len(refused.stderr.strip().splitlines()) == 1
         single = daemon.ctl("run", "--no-plan", "just do it", "--repo", str(repo), "--agent", "scripted", "--wait")
         assert single.returncode == 0, single.stdout + single.stderr
-    finally:
-        daemon.stop()
 
 
 async def test_with_claims_from_the_plan_no_executor_is_asked_and_overlapping_intents_still_wait(tmp_path: Path):
@@ -482,8 +452,7 @@ async def test_with_claims_from_the_plan_no_executor_is_asked_and_overlapping_in
             {"match": {"role": "executor", "task": "b"}, "steps": [{"run": "echo b >> F.md"}]},
         ]
     }
-    daemon = Daemon(tmp_path / "state", agents={"team": team}, config="review = false\n").start()
-    try:
+    with Daemon(tmp_path / "state", agents={"team": team}, config="review = false\n").start() as daemon:
         repo = git_repo(tmp_path / "repo")
         argv = ("run", "two", "--repo", str(repo), "--agent", "team", "--claims", "plan", "--wait")
         result = daemon.ctl(*argv, timeout=60)
@@ -496,8 +465,6 @@ async def test_with_claims_from_the_plan_no_executor_is_asked_and_overlapping_in
         assert denied["task"] == "b" and denied["data"]["holders"] == ["a"]
         assert not by_type(events, "ReviewCompleted")
         assert show(repo, f"numerus/{job}.integration", "F.md") == "a\nb\n"
-    finally:
-        daemon.stop()
 
 
 async def test_a_crash_between_a_merge_and_its_record_is_repaired_on_restart_not_merged_again(tmp_path: Path):
@@ -561,8 +528,7 @@ async def test_a_stalled_job_asks_the_queen_who_may_drop_and_add_tasks_while_oth
         ]
     }
     config = "stall_timeout_s = 1.5\nmax_replans = 1\n"
-    daemon = Daemon(tmp_path / "state", agents={"team": team}, config=config).start()
-    try:
+    with Daemon(tmp_path / "state", agents={"team": team}, config=config).start() as daemon:
         repo = git_repo(tmp_path / "repo")
         job = run_job(daemon, repo, "build", "--agent", "team", timeout=90)
         view = daemon.status(job)
@@ -573,5 +539,3 @@ async def test_a_stalled_job_asks_the_queen_who_may_drop_and_add_tasks_while_oth
         assert by_type(events, "TaskSkipped", "t2")[0]["data"]["reason"] == "dropped by plan v2"
         # t3 was added and done while t1 still ran.
         assert when(by_type(events, "TaskCompleted", "t3")[0]) < when(by_type(events, "TaskExited", "t1")[0])
-    finally:
-        daemon.stop()
