@@ -44,7 +44,7 @@ import os
 import sqlite3
 import time
 import zlib
-from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -56,6 +56,8 @@ from numerusd.domain import JobState, evolve
 from numerusd.errors import StoreError
 from numerusd.protocol.commands import JOB_DONE, JobView, TaskView
 from numerusd.protocol.envelope import Envelope, InvalidEvent, open_event
+from numerusd.stream_pump import NatsAddress, pumped_stream
+from numerusd.stream_reader import StreamMessage, read_stream
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +87,9 @@ CACHE_JOBS = 10_000
 #: stream reader's StreamMessage is one; `apply` takes them as they come rather than copying them into tuples.
 Message = tuple[int, str, bytes] | tuple[int, str, bytes, int]
 
+#: How a replay reads the stream: batches of messages from a stream sequence on, until caught up.
+Reading = Callable[[int], AsyncIterator[Sequence[Message]]]
+
 _TABLES = ("jobs", "tasks", "events", "rejected", "position")
 
 _SCHEMA = """
@@ -110,8 +115,9 @@ CREATE TABLE IF NOT EXISTS position (
     singleton INTEGER PRIMARY KEY CHECK (singleton = 1), seq INTEGER NOT NULL
 );
 INSERT OR IGNORE INTO position (singleton, seq) VALUES (1, 0);
--- Maintained row by row even during a rebuild: that work runs in the writing thread beside the folding, where
--- building them once at the end (cheaper in CPU) would add to the rebuild's time on any machine of two cores.
+"""
+
+_INDEXES = """
 CREATE INDEX IF NOT EXISTS jobs_created ON jobs (created);
 CREATE INDEX IF NOT EXISTS events_job ON events (job, seq);
 CREATE INDEX IF NOT EXISTS events_type ON events (type, seq);
@@ -383,6 +389,7 @@ class Projector:
             dirty = {job: self._cache[job] for job in self._dirty}
             with _translated("finish the rebuild", self.path):
                 await self._write(_Prepared(self._position, {}, {}, dirty, [], [], False))
+                await self.db.executescript(_INDEXES)
                 await self.db.execute(f"PRAGMA user_version = {FILE_VERSION}")
                 await self.db.execute("PRAGMA journal_mode = WAL")
                 await self.db.execute("PRAGMA synchronous = NORMAL")
@@ -414,7 +421,7 @@ class Projector:
         return self._db
 
     async def _create(self) -> None:
-        await self.db.executescript(_SCHEMA)
+        await self.db.executescript(_SCHEMA if self._bulk else _SCHEMA + _INDEXES)
         await self.db.execute(f"PRAGMA user_version = {0 if self._bulk else FILE_VERSION}")
 
     async def _drop_tables(self) -> None:
@@ -633,14 +640,11 @@ class Projector:
             tasks = [row for job, state in jobs.items() for row in _changed_task_rows(state, before[job])]
         job_rows = [_job_row(state) for state in jobs.values()]
         rejected = [(r.seq, r.subject, r.reason, r.message) for r in prepared.rejected]
-        db = self.db
-        # The sqlite3 module opens the transaction itself before the first insert (legacy transaction control),
-        # which spares a round trip to aiosqlite's thread; the position is set in it, then it is committed.
-        for insert, rows in zip(self._inserts, (job_rows, tasks, prepared.event_rows, rejected), strict=True):
-            for statement, params in insert.statements(rows):
-                await db.executemany(statement, params)
-        await db.execute(_SET_POSITION, (prepared.last_seq,))
-        await db.commit()
+        tables = (job_rows, tasks, prepared.event_rows, rejected)
+        statements = [
+            pair for insert, rows in zip(self._inserts, tables, strict=True) for pair in insert.statements(rows)
+        ]
+        await _in_db_thread(self.db, _write_batch, statements, prepared.last_seq)
 
     def _reset(self) -> None:
         self._cache.clear()
@@ -676,15 +680,19 @@ class Projector:
 
     # --- following and replaying the stream -------------------------------------------------------------------
 
-    async def catch_up(self, nc: Any, stream: str = STREAM) -> RebuildReport:
+    async def catch_up(self, nc: Any = None, stream: str = STREAM, *, read: Reading | None = None) -> RebuildReport:
         """Apply every message after the stored position up to the stream's end; report what was done.
 
         Batch n+1 is read and folded while batch n is being written (the write runs in aiosqlite's thread with
-        the GIL released), so a replay costs little more than reading and verifying the stream.
+        the GIL released). The stream is read through `nc`, or by `read` (`rebuild` reads it in a child process).
         """
         started = time.perf_counter()
         counts = [0, 0]
-        await self._follow(nc, stream, counts, stop=None, on_rejected=None)
+        if read is None:
+            if nc is None:
+                raise ValueError("catch_up needs a NATS connection or a way to read the stream")
+            read = functools.partial(_read_from, nc, stream, follow=False)
+        await self._follow(read, counts, stop=None, on_rejected=None)
         messages, rejected = counts
         return await self._report(messages, messages - rejected, rejected, time.perf_counter() - started)
 
@@ -707,12 +715,12 @@ class Projector:
         before their batch commits: a crash in between repeats a dead letter rather than losing it. A failure
         to write the views is raised (StoreError); the caller decides whether to restart.
         """
-        await self._follow(nc, stream, [0, 0], stop=stop, on_rejected=on_rejected or _dead_letter(nc))
+        read = functools.partial(_read_from, nc, stream, follow=True)
+        await self._follow(read, [0, 0], stop=stop, on_rejected=on_rejected or _dead_letter(nc))
 
     async def _follow(
         self,
-        nc: Any,
-        stream: str,
+        read: Reading,
         counts: list[int],
         *,
         stop: asyncio.Event | None,
@@ -720,7 +728,7 @@ class Projector:
     ) -> None:
         async with self._lock:
             try:
-                await self._replay(nc, stream, counts, stop=stop, on_rejected=on_rejected, careful=False)
+                await self._replay(read, counts, stop=stop, on_rejected=on_rejected, careful=False)
             except _Duplicate:
                 # A repeated event id (which the event store is built never to write): start again from the
                 # last commit, checking every id against the index from now on. A bulk load has no usable last
@@ -728,12 +736,11 @@ class Projector:
                 if self._bulk:
                     await self._drop()
                     counts[:] = [0, 0]
-                await self._replay(nc, stream, counts, stop=stop, on_rejected=on_rejected, careful=True)
+                await self._replay(read, counts, stop=stop, on_rejected=on_rejected, careful=True)
 
     async def _replay(
         self,
-        nc: Any,
-        stream: str,
+        read: Reading,
         counts: list[int],
         *,
         stop: asyncio.Event | None,
@@ -748,9 +755,7 @@ class Projector:
         the next event happens to arrive) and `stop` (which ends the wait at once). Following a live stream, a
         small batch is followed by a pause of `_LINGER_S`, so that the next events gather into one transaction.
         """
-        from numerusd.stream_reader import read_stream
-
-        reader = read_stream(nc, stream, start_seq=self._position + 1, follow=stop is not None, batch=_READ_BATCH)
+        reader = read(self._position + 1)
         stopping = asyncio.ensure_future(stop.wait()) if stop is not None else None
         following: asyncio.Future[list[Any]] | None = None
         # Commits in flight, oldest first, with the message and rejection counts they will account for.
@@ -922,11 +927,15 @@ async def dump(db: str | Path) -> dict[str, list[tuple[Any, ...]]]:
             return {name: [tuple(row) for row in await conn.execute_fetchall(q)] for name, q in _DUMP_QUERIES.items()}
 
 
-async def rebuild(nc: Any, keys: dict[str, bytes], db_path: str | Path, *, stream: str = STREAM) -> RebuildReport:
+async def rebuild(
+    address: NatsAddress, keys: dict[str, bytes], db_path: str | Path, *, stream: str = STREAM
+) -> RebuildReport:
     """Replay the whole stream into a fresh file beside `db_path`, then swap it in.
 
-    Until the swap the old views stay as they were, so an interrupted rebuild changes nothing. Run it with the
-    daemon stopped: the daemon keeps the file open.
+    The stream is read by a child process (`numerusd.stream_pump`), connected to the server at `address`, so
+    that its reading and this process's verifying, folding and writing run on two cores. Until the swap the
+    old views stay as they were, so an interrupted rebuild changes nothing. Run it with the daemon stopped: the
+    daemon keeps the file open.
     """
     path = Path(db_path)
     scratch = path.with_name(path.name + ".rebuild")
@@ -935,7 +944,8 @@ async def rebuild(nc: Any, keys: dict[str, bytes], db_path: str | Path, *, strea
     await projector.open(bulk=True)
     try:
         started = time.perf_counter()
-        replayed = await projector.catch_up(nc, stream)
+        read = functools.partial(pumped_stream, address, stream, batch=_READ_BATCH)
+        replayed = await projector.catch_up(stream=stream, read=lambda start: read(start_seq=start))
         await projector.finish()
         # Counted again now that the rows held back by the bulk load are written, and timed with the indexing.
         report = await projector._report(
@@ -961,6 +971,10 @@ def _remove_database(path: Path, *, keep_main: bool = False) -> None:
             os.unlink(f"{path}{suffix}")
 
 
+def _read_from(nc: Any, stream: str, start_seq: int, *, follow: bool) -> AsyncIterator[list[StreamMessage]]:
+    return read_stream(nc, stream, start_seq=start_seq, follow=follow, batch=_READ_BATCH)
+
+
 def _dead_letter(nc: Any) -> Callable[[list[Rejected]], Awaitable[None]]:
     async def send(rejected: list[Rejected]) -> None:
         for r in rejected:
@@ -971,6 +985,26 @@ def _dead_letter(nc: Any) -> Callable[[list[Rejected]], Awaitable[None]]:
 
 
 # --- rows ---------------------------------------------------------------------------------------------------
+
+
+def _write_batch(db: sqlite3.Connection, statements: list[tuple[str, list[list[Any]]]], last_seq: int) -> None:
+    """In the database's thread: a batch's rows and its position, in one transaction."""
+    # The sqlite3 module opens the transaction itself before the first insert (legacy transaction control).
+    for statement, params in statements:
+        db.executemany(statement, params)
+    db.execute(_SET_POSITION, (last_seq,))
+    db.commit()
+
+
+async def _in_db_thread(db: aiosqlite.Connection, fn: Callable[..., Any], *args: Any) -> Any:
+    """Run `fn(connection, *args)` in aiosqlite's thread, as one call.
+
+    A batch written as one awaited `executemany` after another crossed between threads three or four times per
+    statement, and each time the database thread waited for the GIL while the folding held it (up to the 5 ms
+    switch interval): in a 100k-event rebuild the folding then waited for the writing 0.7 s out of 4. aiosqlite
+    has no public way to run a function in its thread; `_execute` is what each of its own methods calls.
+    """
+    return await db._execute(lambda: fn(db._conn, *args))
 
 
 def _job_row(state: JobState) -> tuple[Any, ...]:

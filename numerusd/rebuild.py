@@ -11,14 +11,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import nats
-
 from numerusd import state_lock
 from numerusd.config import Settings
 from numerusd.embedded_nats import EmbeddedNats
-from numerusd.errors import ConfigError, NatsUnavailable
+from numerusd.errors import ConfigError
 from numerusd.keys import Keyring
 from numerusd.projections import RebuildReport, rebuild
+from numerusd.stream_pump import NatsAddress
 
 
 async def rebuild_views(settings: Settings, target: Path | None) -> str:
@@ -31,23 +30,21 @@ async def rebuild_views(settings: Settings, target: Path | None) -> str:
         )
     embedded = None
     if settings.nats_url:
-        url, user, password = settings.nats_url, settings.nats_user, settings.nats_password
+        address = NatsAddress(
+            url=settings.nats_url,
+            user=settings.nats_user,
+            password=settings.nats_password,
+            creds=str(settings.nats_creds) if settings.nats_creds else None,
+        )
     elif running:
         connection = json.loads(settings.connection_path.read_text())
-        url, user, password = connection["url"], connection["user"], connection["password"]
+        address = NatsAddress(url=connection["url"], user=connection["user"], password=connection["password"])
     else:
         embedded = EmbeddedNats(store_dir=settings.nats_store_dir)
-        url, user, password = embedded.start(), embedded.user, embedded.password
+        address = NatsAddress(url=embedded.start(), user=embedded.user, password=embedded.password)
     try:
-        try:
-            nc = await nats.connect(url, user=user, password=password, allow_reconnect=False, connect_timeout=5)
-        except Exception as e:
-            raise NatsUnavailable(f"cannot connect to NATS at {url}: {e}") from e
-        try:
-            db_path = target or settings.db_path
-            report: RebuildReport = await rebuild(nc, keyring.keys, db_path)
-        finally:
-            await nc.close()
+        db_path = target or settings.db_path
+        report: RebuildReport = await rebuild(address, keyring.keys, db_path)
     finally:
         if embedded is not None:
             embedded.stop()

@@ -17,6 +17,7 @@ import pytest
 from nats.aio.client import Client
 
 from numerusd.embedded_nats import EmbeddedNats
+from numerusd.stream_pump import NatsAddress
 
 
 @pytest.fixture
@@ -26,6 +27,12 @@ def nats_server(tmp_path: Path) -> Iterator[EmbeddedNats]:
     server.start()
     yield server
     server.stop()
+
+
+@pytest.fixture
+def nats_address(nats_server: EmbeddedNats) -> NatsAddress:
+    """Where the test server is and how to log in, for what connects by itself (a rebuild's reading process)."""
+    return NatsAddress(url=nats_server.url, user=nats_server.user, password=nats_server.password)
 
 
 @pytest.fixture

@@ -20,7 +20,7 @@ from nats.aio.client import Client
 
 from numerusd import domain
 from numerusd.errors import StoreError
-from numerusd.projections import Projector, dlq_subject, dump, rebuild, utc_text
+from numerusd.projections import FILE_VERSION, Projector, dlq_subject, dump, rebuild, utc_text
 from numerusd.protocol.envelope import _SIG_MARK, Sealed, _encoder, _Unsigned, seal
 from numerusd.protocol.events import (
     AgentMessageReceived,
@@ -35,6 +35,7 @@ from numerusd.protocol.events import (
     TaskStarted,
     TokensUsed,
 )
+from numerusd.stream_pump import NatsAddress
 from numerusd.streams import ensure_stream, stream_specs
 from tests.conftest import eventually
 
@@ -364,7 +365,7 @@ async def test_a_bulk_load_left_unfinished_is_dropped_on_open(tmp_path: Path):
 # --- against a real stream ----------------------------------------------------------------------------------
 
 
-async def test_rebuild_from_the_stream_equals_the_live_views(nc: Client, tmp_path: Path):
+async def test_rebuild_from_the_stream_equals_the_live_views(nc: Client, nats_address: NatsAddress, tmp_path: Path):
     js = nc.jetstream()
     await ensure_stream(js, stream_specs()[0])
     dead = await nc.subscribe("numerus.dlq.projector.>")
@@ -393,16 +394,21 @@ async def test_rebuild_from_the_stream_equals_the_live_views(nc: Client, tmp_pat
     await projector.close()
 
     rebuilt_path = tmp_path / "rebuilt.db"
-    report = await rebuild(nc, KEYS, rebuilt_path)
+    report = await rebuild(nats_address, KEYS, rebuilt_path)
     assert (report.messages, report.applied, report.rejected) == (last, last - 2, 2)
     assert (report.jobs, report.tasks, report.last_seq) == (5, 5, last)
     assert await dump(rebuilt_path) == live_views
     assert not Path(f"{rebuilt_path}.rebuild").exists()
+    # A rebuild builds the indexes once its rows are in: they are there, and the file says it is whole.
+    with contextlib.closing(sqlite3.connect(rebuilt_path)) as db:
+        indexes = {name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
+        assert {"jobs_created", "events_job", "events_type", "events_time"} <= indexes
+        assert db.execute("PRAGMA user_version").fetchone()[0] == FILE_VERSION
 
     # In place, on an open projector, and again over an existing file: the same rows.
     async with Projector(live_path, KEYS) as projector:
         again = await projector.drop_and_rebuild(nc)
         assert again.messages == last
         assert await projector.dump() == live_views
-    await rebuild(nc, KEYS, rebuilt_path)
+    await rebuild(nats_address, KEYS, rebuilt_path)
     assert await dump(rebuilt_path) == live_views

@@ -1,0 +1,172 @@
+"""Reading a stream in a child process, so that a replay uses a second core.
+
+Reading a stream through nats-py costs about 20 µs of Python a message (its protocol parser, a `Msg` each), as
+much as verifying, decoding and folding the event takes afterwards. A rebuild doing both in one process runs at
+half the speed of a bare read. `pumped_stream` moves the reading into a child process (`python -m
+numerusd.stream_pump`) that runs the lean reader of `numerusd.stream_reader` and writes what it reads to a pipe,
+a batch per frame; the parent decodes a frame in one msgspec call and gets the same `StreamMessage` batches
+`read_stream` yields. The parent gives the child its connection details on stdin, never on the command line.
+
+A frame is a 4-byte big-endian length, then a one-byte kind and its body:
+
+* `B` a batch: msgpack of `[[seq, subject, data, time_ns], ...]`;
+* `D` done: the stream was read to its end;
+* `U` the server could not be reached or refused the login; `E` reading failed: the reason in UTF-8, one line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import os
+import struct
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import msgspec
+
+from numerusd.errors import NatsUnavailable, NumerusError, StoreError
+from numerusd.stream_reader import DEFAULT_BATCH, StreamMessage, read_stream
+
+
+class NatsAddress(msgspec.Struct, frozen=True, kw_only=True):
+    """Where a NATS server is and how to log in to it."""
+
+    url: str
+    user: str | None = None
+    password: str | None = None
+    creds: str | None = None
+
+    def options(self) -> dict[str, str]:
+        """nats-py `connect` keyword arguments for the credentials."""
+        options = {}
+        if self.user:
+            options |= {"user": self.user, "password": self.password or ""}
+        if self.creds:
+            options["user_credentials"] = self.creds
+        return options
+
+
+class _Request(msgspec.Struct, frozen=True, kw_only=True):
+    address: NatsAddress
+    stream: str
+    start_seq: int
+    batch: int
+
+
+_HEADER = struct.Struct(">I")
+_BATCH, _DONE, _UNREACHABLE, _FAILED = b"B", b"D", b"U", b"E"
+# A pipe of 1 MiB (Linux's default ceiling for unprivileged processes) holds a few batches: the child rarely
+# waits for the parent to read.
+_PIPE_BYTES = 1 << 20
+_batch_decoder = msgspec.msgpack.Decoder(list[StreamMessage])
+
+
+async def pumped_stream(
+    address: NatsAddress, stream: str, *, start_seq: int = 1, batch: int = DEFAULT_BATCH
+) -> AsyncIterator[list[StreamMessage]]:
+    """Yield batches of `stream` from `start_seq` until caught up, read by a child process."""
+    request = msgspec.json.encode(_Request(address=address, stream=stream, start_seq=start_seq, batch=batch))
+    # The child imports this package from where the parent did, whatever the parent's sys.path was.
+    package_root = str(Path(__file__).resolve().parent.parent)
+    path = os.environ.get("PYTHONPATH")
+    env = os.environ | {"PYTHONPATH": package_root + (os.pathsep + path if path else "")}
+    child = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "numerusd.stream_pump",
+        env=env,
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        limit=4 * _PIPE_BYTES,
+    )
+    assert child.stdin is not None and child.stdout is not None and child.stderr is not None
+    try:
+        child.stdin.write(request + b"\n")
+        await child.stdin.drain()
+        child.stdin.close()
+        while True:
+            try:
+                size = _HEADER.unpack(await child.stdout.readexactly(_HEADER.size))[0]
+                frame = await child.stdout.readexactly(size)
+            except asyncio.IncompleteReadError:
+                code = await child.wait()
+                said = (await child.stderr.read()).decode(errors="replace").strip().splitlines()
+                raise StoreError(
+                    f"the process reading stream {stream} exited with code {code} before the end"
+                    + (f": {said[-1]}" if said else "")
+                ) from None
+            kind, body = frame[:1], frame[1:]
+            if kind == _BATCH:
+                yield _batch_decoder.decode(body)
+            elif kind == _DONE:
+                return
+            elif kind == _UNREACHABLE:
+                raise NatsUnavailable(body.decode(errors="replace"))
+            else:
+                raise StoreError(body.decode(errors="replace"))
+    finally:
+        if child.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                child.kill()
+            await child.wait()
+
+
+async def _pump(request: _Request, out: int) -> None:
+    import nats
+
+    def send(kind: bytes, body: bytes) -> None:
+        view = memoryview(_HEADER.pack(len(body) + 1) + kind + body)
+        while view:
+            view = view[os.write(out, view) :]
+
+    try:
+        nc = await nats.connect(
+            request.address.url, allow_reconnect=False, connect_timeout=5, **request.address.options()
+        )
+    except Exception as e:
+        send(_UNREACHABLE, f"cannot connect to NATS at {request.address.url}: {e}".encode())
+        return
+    encoder = msgspec.msgpack.Encoder()
+    try:
+        # The reader yields whatever has arrived, often a few hundred messages; the parent commits a transaction
+        # per batch it gets, so after the first (sent at once, for the parent to start on) they are sent on in
+        # batches of the size asked.
+        pending: list[StreamMessage] = []
+        least = 1
+        async for batch in read_stream(nc, request.stream, start_seq=request.start_seq, batch=request.batch):
+            pending += batch
+            if len(pending) >= least:
+                send(_BATCH, encoder.encode(pending))
+                pending = []
+                least = request.batch
+        if pending:
+            send(_BATCH, encoder.encode(pending))
+        send(_DONE, b"")
+    except NumerusError as e:  # says what it was doing already
+        send(_FAILED, str(e).encode())
+    except Exception as e:
+        send(_FAILED, f"cannot read stream {request.stream}: {e}".encode())
+    finally:
+        with contextlib.suppress(Exception):
+            await nc.close()
+
+
+def main() -> None:
+    """The child: read the request on stdin, pump the stream to stdout."""
+    request = msgspec.json.decode(sys.stdin.buffer.readline(), type=_Request)
+    with contextlib.suppress(OSError):
+        fcntl.fcntl(1, fcntl.F_SETPIPE_SZ, _PIPE_BYTES)
+    try:
+        import uvloop
+
+        uvloop.run(_pump(request, 1))
+    except BrokenPipeError:
+        pass  # the parent stopped reading: nothing left to do
+
+
+if __name__ == "__main__":
+    main()

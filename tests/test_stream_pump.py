@@ -1,0 +1,85 @@
+"""Reading a stream in a child process: the same messages as reading it here, clear errors, no process left."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from nats.aio.client import Client
+
+from numerusd.embedded_nats import EmbeddedNats
+from numerusd.errors import NatsUnavailable, StoreError
+from numerusd.stream_pump import NatsAddress, pumped_stream
+from numerusd.stream_reader import read_stream
+from numerusd.streams import ensure_stream, stream_specs
+
+EVENTS = "NUMERUS_EVENTS"
+
+
+async def fill(nc: Client, count: int) -> None:
+    js = nc.jetstream()
+    await ensure_stream(js, stream_specs()[0])
+    for i in range(count):
+        # Some with headers, as the event store publishes them, some without; bytes that are not UTF-8 too.
+        headers = {"Nats-Msg-Id": f"m{i}"} if i % 2 else None
+        await js.publish_async(f"numerus.job.j{i % 7}.JobSubmitted", b"\xff%d\x00" % i, headers=headers)
+    await js.publish_async_completed()
+
+
+def pump_children() -> list[int]:
+    """Pids of this process's children running the pump."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            cmdline = (entry / "cmdline").read_bytes()
+        except (OSError, ValueError, IndexError):
+            continue
+        if ppid == os.getpid() and b"numerusd.stream_pump" in cmdline:
+            found.append(int(entry.name))
+    return found
+
+
+async def test_a_pumped_stream_yields_what_reading_it_here_yields(nc: Client, nats_address: NatsAddress):
+    await fill(nc, 2500)
+    for start in (1, 1001):
+        here = [m async for batch in read_stream(nc, EVENTS, start_seq=start, batch=300) for m in batch]
+        batches = [batch async for batch in pumped_stream(nats_address, EVENTS, start_seq=start, batch=300)]
+        pumped = [m for batch in batches for m in batch]
+        assert [(m.seq, m.subject, m.data) for m in pumped] == [(m.seq, m.subject, m.data) for m in here]
+        assert pumped[0].seq == start and pumped[-1].seq == 2500
+        assert all(m.time_ns > 0 for m in pumped)
+        # After the first, batches come whole (the parent commits one transaction per batch).
+        assert all(len(batch) >= 300 for batch in batches[1:-1])
+    assert pump_children() == []
+
+
+async def test_an_empty_stream_yields_nothing(nc: Client, nats_address: NatsAddress):
+    await ensure_stream(nc.jetstream(), stream_specs()[0])
+    assert [batch async for batch in pumped_stream(nats_address, EVENTS)] == []
+
+
+async def test_a_refused_login_is_one_clear_line(nats_server: EmbeddedNats):
+    wrong = NatsAddress(url=nats_server.url, user=nats_server.user, password="not-the-password")
+    with pytest.raises(NatsUnavailable) as caught:
+        [batch async for batch in pumped_stream(wrong, EVENTS)]
+    assert str(caught.value).startswith(f"cannot connect to NATS at {nats_server.url}: ")
+    assert "\n" not in str(caught.value)
+
+
+async def test_a_missing_stream_is_named(nats_address: NatsAddress):
+    with pytest.raises(StoreError, match=r"^cannot create a reader on stream NOT_THERE: .*stream not found"):
+        [batch async for batch in pumped_stream(nats_address, "NOT_THERE")]
+
+
+async def test_stopping_early_stops_the_child(nc: Client, nats_address: NatsAddress):
+    await fill(nc, 3000)
+    batches = pumped_stream(nats_address, EVENTS, batch=500)
+    first = await anext(batches)
+    assert first[0].seq == 1
+    assert len(pump_children()) == 1
+    await batches.aclose()
+    assert pump_children() == []
