@@ -22,8 +22,9 @@ import fcntl
 import os
 import struct
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import msgspec
 
@@ -115,41 +116,87 @@ async def pumped_stream(
             await child.wait()
 
 
+class _Pipe(asyncio.Protocol):
+    """The child's end of the pipe, written through the event loop with flow control.
+
+    Up to 16 MiB waits here when the parent is slow to read: a blocking write would stop the reading of the
+    stream as well, and the two processes would take turns waiting for each other.
+    """
+
+    def __init__(self) -> None:
+        self.writable = asyncio.Event()
+        self.writable.set()
+        self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def pause_writing(self) -> None:
+        self.writable.clear()
+
+    def resume_writing(self) -> None:
+        self.writable.set()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.writable.set()
+        if not self.closed.done():
+            self.closed.set_result(None)
+
+
+async def _quiet(_error: Exception) -> None:
+    """nats-py's error callback: the failure is reported to the parent, not logged with a traceback per try."""
+
+
 async def _pump(request: _Request, out: int) -> None:
     import nats
 
-    def send(kind: bytes, body: bytes) -> None:
-        view = memoryview(_HEADER.pack(len(body) + 1) + kind + body)
-        while view:
-            view = view[os.write(out, view) :]
+    transport, pipe = await asyncio.get_running_loop().connect_write_pipe(_Pipe, os.fdopen(out, "wb"))
+    transport.set_write_buffer_limits(high=16 * _PIPE_BYTES)
+
+    async def send(kind: bytes, body: bytes) -> None:
+        if transport.is_closing():
+            raise BrokenPipeError("the parent stopped reading")
+        transport.write(_HEADER.pack(len(body) + 1) + kind + body)
+        await pipe.writable.wait()
 
     try:
-        nc = await nats.connect(
-            request.address.url, allow_reconnect=False, connect_timeout=5, **request.address.options()
-        )
-    except Exception as e:
-        send(_UNREACHABLE, f"cannot connect to NATS at {request.address.url}: {e}".encode())
-        return
+        try:
+            nc = await nats.connect(
+                request.address.url,
+                allow_reconnect=False,
+                connect_timeout=5,
+                error_cb=_quiet,
+                **request.address.options(),
+            )
+        except Exception as e:
+            await send(_UNREACHABLE, f"cannot connect to NATS at {request.address.url}: {e}".encode())
+            return
+        await _pump_stream(nc, request, send)
+    finally:
+        transport.close()  # once what is buffered is written
+        await pipe.closed
+
+
+async def _pump_stream(nc: Any, request: _Request, send: Callable[[bytes, bytes], Awaitable[None]]) -> None:
     encoder = msgspec.msgpack.Encoder()
     try:
         # The reader yields whatever has arrived, often a few hundred messages; the parent commits a transaction
-        # per batch it gets, so after the first (sent at once, for the parent to start on) they are sent on in
-        # batches of the size asked.
+        # per batch it gets, so they are sent on in batches of the size asked. The first ones are smaller (the
+        # first as it comes, then each at most twice the one before) so that the parent starts at once.
         pending: list[StreamMessage] = []
         least = 1
         async for batch in read_stream(nc, request.stream, start_seq=request.start_seq, batch=request.batch):
             pending += batch
             if len(pending) >= least:
-                send(_BATCH, encoder.encode(pending))
+                await send(_BATCH, encoder.encode(pending))
+                least = min(request.batch, 2 * len(pending))
                 pending = []
-                least = request.batch
         if pending:
-            send(_BATCH, encoder.encode(pending))
-        send(_DONE, b"")
+            await send(_BATCH, encoder.encode(pending))
+        await send(_DONE, b"")
+    except BrokenPipeError:
+        raise  # nobody to tell
     except NumerusError as e:  # says what it was doing already
-        send(_FAILED, str(e).encode())
+        await send(_FAILED, str(e).encode())
     except Exception as e:
-        send(_FAILED, f"cannot read stream {request.stream}: {e}".encode())
+        await send(_FAILED, f"cannot read stream {request.stream}: {e}".encode())
     finally:
         with contextlib.suppress(Exception):
             await nc.close()
