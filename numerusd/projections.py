@@ -20,12 +20,14 @@ Tables (times are UTC, `YYYY-MM-DDTHH:MM:SS.ffffffZ`, so they sort as text):
     rejected  seq PK, subject, reason, message
     position  one row: seq, the last stream sequence applied
 
-How it goes fast (`numerusd rebuild` replays the whole stream; see docs/projections.md for figures): each
-message is decoded and verified once; while the cache holds every job it is folded at once and dropped; the
-rows of a batch go to SQLite in multi-row VALUES statements of up to 256 rows from aiosqlite's thread, up to
-three batches queued behind one another while the next ones are folded, so SQLite's work runs beside Python's.
-A bulk load (a rebuild into a fresh file) also skips fsync, keeps its rollback journal in memory rather than
-writing every page twice through the WAL, and writes each job's rows once, when the job ends.
+How it goes fast (`numerusd rebuild` replays the whole stream; see docs/projections.md for figures): a
+rebuild's stream is read by a child process (`numerusd.stream_pump`), so reading and folding use two cores;
+each message is decoded and verified once; while the cache holds every job it is folded at once and dropped;
+the rows of a batch go to SQLite in multi-row VALUES statements of up to 256 rows, in one call to aiosqlite's
+thread, up to three batches queued behind one another while the next ones are folded, so SQLite's work runs
+beside Python's. A bulk load (a rebuild into a fresh file) also skips fsync, keeps its rollback journal in
+memory rather than writing every page twice through the WAL, writes each job's rows once, when the job ends,
+builds the secondary indexes once its rows are in, and pauses the cyclic garbage collector.
 
 The file's `user_version` fingerprints the tables and the shape of JobState: after an upgrade that changes
 either, the views are dropped and rebuilt from the stream on open.
@@ -945,9 +947,12 @@ async def rebuild(
     await projector.open(bulk=True)
     try:
         started = time.perf_counter()
-        read = functools.partial(pumped_stream, address, stream, batch=_READ_BATCH)
+
+        def read(start: int) -> AsyncIterator[list[StreamMessage]]:
+            return pumped_stream(address, stream, start_seq=start, batch=_READ_BATCH)
+
         with _collector_paused():
-            replayed = await projector.catch_up(stream=stream, read=lambda start: read(start_seq=start))
+            replayed = await projector.catch_up(read=read)
             await projector.finish()
         # Counted again now that the rows held back by the bulk load are written, and timed with the indexing.
         report = await projector._report(
