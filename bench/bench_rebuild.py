@@ -35,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).parent))  # for _common when run as a scri
 from _common import Stopwatch, base_parser, connect, embedded_nats, report, run
 from nats.aio.client import Client
 
+from numerusd.config import NatsAddress
 from numerusd.projections import rebuild
 from numerusd.protocol.envelope import check_signature, decode_wire, seal
 from numerusd.protocol.events import (
@@ -53,7 +54,6 @@ from numerusd.protocol.events import (
     TokensUsed,
 )
 from numerusd.protocol.ids import new_ulid
-from numerusd.stream_pump import NatsAddress
 from numerusd.stream_reader import read_stream
 from numerusd.streams import EVENTS, ensure_stream, stream_specs
 

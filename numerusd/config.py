@@ -71,6 +71,30 @@ CONFIG_ENV_VAR = "NUMERUS_CONFIG"
 CONFIG_FILE_NAME = "numerus.toml"
 
 
+class NatsAddress(msgspec.Struct, frozen=True, kw_only=True):
+    """Where a NATS server is and how to log in to it."""
+
+    url: str
+    user: str | None = None
+    password: str | None = None
+    #: A credentials file (JWT and nkey seed).
+    creds: str | None = None
+
+    def options(self) -> dict[str, str]:
+        """nats-py `connect` keyword arguments for the credentials."""
+        options = {}
+        if self.user:
+            options |= {"user": self.user, "password": self.password or ""}
+        if self.creds:
+            options["user_credentials"] = self.creds
+        return options
+
+    def __repr__(self) -> str:
+        # As for Settings: the password never reaches a log line.
+        password = "<set>" if self.password else None
+        return f"NatsAddress(url={self.url!r}, user={self.user!r}, password={password}, creds={self.creds!r})"
+
+
 class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """Everything numerusd is told from outside; build it with `load_settings`, not by hand."""
 
@@ -125,6 +149,13 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
 
     def __rich_repr__(self) -> Any:
         yield from ((f.name, getattr(self, f.name)) for f in msgspec.structs.fields(self) if f.name != "nats_password")
+
+    def configured_nats(self) -> NatsAddress | None:
+        """The external NATS server configured (`nats_url` and its credentials); None: the embedded one."""
+        if not self.nats_url:
+            return None
+        creds = str(self.nats_creds) if self.nats_creds else None
+        return NatsAddress(url=self.nats_url, user=self.nats_user, password=self.nats_password, creds=creds)
 
     @property
     def runs_dir(self) -> Path:

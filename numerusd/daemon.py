@@ -28,7 +28,7 @@ from nats.js import JetStreamContext
 from numerusd import domain, git, state_lock
 from numerusd.agents.base import adapter_for
 from numerusd.breaker import CircuitBreaker
-from numerusd.config import Settings, write_connection_file
+from numerusd.config import NatsAddress, Settings, write_connection_file
 from numerusd.embedded_nats import EmbeddedNats
 from numerusd.errors import NatsUnavailable, NotFound, StoreError
 from numerusd.event_store import EventStore
@@ -106,8 +106,8 @@ class Daemon:
         except git.GitError as e:
             self.git_problem = e.message
             log.warning("%s: planned jobs are refused, --no-plan jobs still run", e.message)
-        url, user, password = await asyncio.to_thread(self._nats_endpoint)
-        self.nc = await self._connect(url, user, password)
+        address = await asyncio.to_thread(self._nats_endpoint)
+        self.nc = await self._connect(address)
         check_server_version(self.nc)
         self.js = self.nc.jetstream()
         await ensure_streams(self.js)
@@ -118,14 +118,14 @@ class Daemon:
         self.projector = await Projector(settings.db_path, self.keyring.keys).open()
         self._projector_task = asyncio.create_task(self._project(), name="projector")
         self._service = await start_service(self)
-        write_connection_file(settings.connection_path, url, user, password)
+        write_connection_file(settings.connection_path, address.url, address.user, address.password)
         self._wrote_connection = True
         for job in list(self.jobs.values()):
             if job.status not in JOB_DONE:
                 self.schedule(job.id)
         self._spawn_background(watchdog(self.should_exit), name="systemd watchdog")
-        notify(f"READY=1\nSTATUS=serving {len(self.jobs)} jobs on {url}\nMAINPID={os.getpid()}")
-        log.info("numerusd ready on %s, state in %s", url, settings.state_dir)
+        notify(f"READY=1\nSTATUS=serving {len(self.jobs)} jobs on {address.url}\nMAINPID={os.getpid()}")
+        log.info("numerusd ready on %s, state in %s", address.url, settings.state_dir)
 
     async def shutdown(self) -> None:
         """Stop agents (recorded interrupted), flush every event to JetStream, close what startup opened.
@@ -178,15 +178,15 @@ class Daemon:
                 tmp.write_text(text)
                 tmp.replace(path)
 
-    def _nats_endpoint(self) -> tuple[str, str | None, str | None]:
-        settings = self.settings
-        if settings.nats_url:
-            return settings.nats_url, settings.nats_user, settings.nats_password
-        self.embedded = EmbeddedNats(store_dir=settings.nats_store_dir)
+    def _nats_endpoint(self) -> NatsAddress:
+        configured = self.settings.configured_nats()
+        if configured is not None:
+            return configured
+        self.embedded = EmbeddedNats(store_dir=self.settings.nats_store_dir)
         url = self.embedded.start()
-        return url, self.embedded.user, self.embedded.password
+        return NatsAddress(url=url, user=self.embedded.user, password=self.embedded.password)
 
-    async def _connect(self, url: str, user: str | None, password: str | None) -> Client:
+    async def _connect(self, address: NatsAddress) -> Client:
         async def reconnected() -> None:
             log.info("reconnected to NATS; resending unacknowledged events")
             await self.store.on_reconnected()
@@ -204,14 +204,10 @@ class Daemon:
             "reconnect_time_wait": 0.5,
             "connect_timeout": 5,
         }
-        if user:
-            options |= {"user": user, "password": password}
-        if self.settings.nats_creds:
-            options["user_credentials"] = str(self.settings.nats_creds)
         try:
-            nc = await nats.connect(url, **options)
+            nc = await nats.connect(address.url, **options, **address.options())
         except Exception as e:
-            raise NatsUnavailable(f"cannot connect to NATS at {url}: {e}") from e
+            raise NatsUnavailable(f"cannot connect to NATS at {address.url}: {e}") from e
         nc.options["max_reconnect_attempts"] = -1  # read by nats-py at each reconnect: never stop trying
         return nc
 

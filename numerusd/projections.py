@@ -55,11 +55,12 @@ from typing import Any, NamedTuple
 import aiosqlite
 import msgspec
 
+from numerusd.config import NatsAddress
 from numerusd.domain import JobState, evolve
 from numerusd.errors import StoreError
 from numerusd.protocol.commands import JOB_DONE, JobView, TaskView
 from numerusd.protocol.envelope import Envelope, InvalidEvent, open_event
-from numerusd.stream_pump import NatsAddress, pumped_stream
+from numerusd.stream_pump import pumped_stream
 from numerusd.stream_reader import StreamMessage, read_stream
 
 log = logging.getLogger(__name__)

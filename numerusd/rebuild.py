@@ -12,12 +12,11 @@ import json
 from pathlib import Path
 
 from numerusd import state_lock
-from numerusd.config import Settings
+from numerusd.config import NatsAddress, Settings
 from numerusd.embedded_nats import EmbeddedNats
 from numerusd.errors import ConfigError
 from numerusd.keys import Keyring
 from numerusd.projections import RebuildReport, rebuild
-from numerusd.stream_pump import NatsAddress
 
 
 async def rebuild_views(settings: Settings, target: Path | None) -> str:
@@ -29,17 +28,11 @@ async def rebuild_views(settings: Settings, target: Path | None) -> str:
             f"numerusd is running on {settings.state_dir}; stop it first, or rebuild into another file with --to FILE"
         )
     embedded = None
-    if settings.nats_url:
-        address = NatsAddress(
-            url=settings.nats_url,
-            user=settings.nats_user,
-            password=settings.nats_password,
-            creds=str(settings.nats_creds) if settings.nats_creds else None,
-        )
-    elif running:
+    address = settings.configured_nats()
+    if address is None and running:
         connection = json.loads(settings.connection_path.read_text())
         address = NatsAddress(url=connection["url"], user=connection["user"], password=connection["password"])
-    else:
+    elif address is None:
         embedded = EmbeddedNats(store_dir=settings.nats_store_dir)
         address = NatsAddress(url=embedded.start(), user=embedded.user, password=embedded.password)
     try:

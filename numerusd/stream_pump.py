@@ -28,26 +28,9 @@ from typing import Any
 
 import msgspec
 
+from numerusd.config import NatsAddress
 from numerusd.errors import NatsUnavailable, NumerusError, StoreError
 from numerusd.stream_reader import DEFAULT_BATCH, StreamMessage, read_stream
-
-
-class NatsAddress(msgspec.Struct, frozen=True, kw_only=True):
-    """Where a NATS server is and how to log in to it."""
-
-    url: str
-    user: str | None = None
-    password: str | None = None
-    creds: str | None = None
-
-    def options(self) -> dict[str, str]:
-        """nats-py `connect` keyword arguments for the credentials."""
-        options = {}
-        if self.user:
-            options |= {"user": self.user, "password": self.password or ""}
-        if self.creds:
-            options["user_credentials"] = self.creds
-        return options
 
 
 class _Request(msgspec.Struct, frozen=True, kw_only=True):

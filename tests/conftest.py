@@ -16,8 +16,8 @@ import nats
 import pytest
 from nats.aio.client import Client
 
+from numerusd.config import NatsAddress
 from numerusd.embedded_nats import EmbeddedNats
-from numerusd.stream_pump import NatsAddress
 
 
 @pytest.fixture

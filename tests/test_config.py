@@ -105,6 +105,12 @@ def test_password_never_in_repr(tmp_path: Path):
     assert settings.nats_password == "hunter2"
     assert "hunter2" not in repr(settings) and "hunter2" not in str(settings)
     assert "nats_password=<set>" in repr(settings)
+    # Nor in the address it gives to whatever connects (the daemon, a rebuild's reading process).
+    address = load_settings(
+        state_dir=tmp_path, nats_url="nats://127.0.0.1:4222", nats_user="numerus", nats_password="hunter2", env={}
+    ).configured_nats()
+    assert address is not None and address.options() == {"user": "numerus", "password": "hunter2"}
+    assert "hunter2" not in repr(address) and "password=<set>" in repr(address)
 
 
 def test_connection_file_is_private_and_replaced_atomically(tmp_path: Path):

@@ -19,6 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from nats.aio.client import Client
 
 from numerusd import domain
+from numerusd.config import NatsAddress
 from numerusd.errors import StoreError
 from numerusd.projections import FILE_VERSION, Projector, dlq_subject, dump, rebuild, utc_text
 from numerusd.protocol.envelope import _SIG_MARK, Sealed, _encoder, _Unsigned, seal
@@ -35,7 +36,6 @@ from numerusd.protocol.events import (
     TaskStarted,
     TokensUsed,
 )
-from numerusd.stream_pump import NatsAddress
 from numerusd.streams import ensure_stream, stream_specs
 from tests.conftest import eventually
 

@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 from nats.aio.client import Client
 
+from numerusd.config import NatsAddress
 from numerusd.embedded_nats import EmbeddedNats
 from numerusd.errors import NatsUnavailable, StoreError
-from numerusd.stream_pump import NatsAddress, pumped_stream
+from numerusd.stream_pump import pumped_stream
 from numerusd.stream_reader import read_stream
 from numerusd.streams import ensure_stream, stream_specs
 
