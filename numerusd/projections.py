@@ -342,7 +342,7 @@ class Projector:
         rows written once, when the job ends, leaves the cache or at `finish()`, rather than after every batch.
         Until `finish()` the file is stamped incomplete (user_version 0), so a file left by an interrupted bulk
         load is dropped and rebuilt on its next open, never read as if it were whole. Feed a bulk load through
-        `catch_up` (as `rebuild` does): it alone can start over when the stream repeats an event.
+        `catch_up` or `catch_up_from` (as `rebuild` does): it alone can start over when the stream repeats an event.
         """
         with _translated("open", self.path):
             self._db = await aiosqlite.connect(self.path)
@@ -684,18 +684,18 @@ class Projector:
 
     # --- following and replaying the stream -------------------------------------------------------------------
 
-    async def catch_up(self, nc: Any = None, stream: str = STREAM, *, read: Reading | None = None) -> RebuildReport:
-        """Apply every message after the stored position up to the stream's end; report what was done.
+    async def catch_up(self, nc: Any, stream: str = STREAM) -> RebuildReport:
+        """Apply every message after the stored position up to the stream's end; report what was done."""
+        return await self.catch_up_from(functools.partial(_read_from, nc, stream, follow=False))
+
+    async def catch_up_from(self, read: Reading) -> RebuildReport:
+        """`catch_up`, reading the stream with `read` (`rebuild` reads it in a child process).
 
         Batch n+1 is read and folded while batch n is being written (the write runs in aiosqlite's thread with
-        the GIL released). The stream is read through `nc`, or by `read` (`rebuild` reads it in a child process).
+        the GIL released).
         """
         started = time.perf_counter()
         counts = [0, 0]
-        if read is None:
-            if nc is None:
-                raise ValueError("catch_up needs a NATS connection or a way to read the stream")
-            read = functools.partial(_read_from, nc, stream, follow=False)
         await self._follow(read, counts, stop=None, on_rejected=None)
         messages, rejected = counts
         return await self._report(messages, messages - rejected, rejected, time.perf_counter() - started)
@@ -953,7 +953,7 @@ async def rebuild(
             return pumped_stream(address, stream, start_seq=start, batch=_READ_BATCH)
 
         with _collector_paused():
-            replayed = await projector.catch_up(read=read)
+            replayed = await projector.catch_up_from(read)
             await projector.finish()
         # Counted again now that the rows held back by the bulk load are written, and timed with the indexing.
         report = await projector._report(
