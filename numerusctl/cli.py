@@ -265,7 +265,7 @@ def _checks(_ctx: click.Context, param: click.Parameter, values: tuple[str, ...]
     "--parallel",
     type=click.IntRange(1, 256),
     metavar="N",
-    help="Most agents of the job running at once [numerusd's parallel].",
+    help="Most agents of the job working at once, claims asked ahead aside [numerusd's parallel].",
 )
 @click.option(
     "--check",

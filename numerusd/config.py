@@ -115,7 +115,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     log_flush_ms: Annotated[int, msgspec.Meta(ge=1)] = 100
     #: Agent profile of each role of a planned job; a role not named here is played by `default_agent`.
     roles: dict[str, str] = {}
-    #: Most agents of one job running at once (`numerusctl run --parallel`).
+    #: Most agents of one job working at once (`numerusctl run --parallel`); claims are asked for as many tasks ahead.
     parallel: Annotated[int, msgspec.Meta(ge=1, le=256)] = 4
     #: Shell commands the quality gate runs in each task's worktree (`numerusctl run --check` adds to them).
     checks: tuple[str, ...] = ()

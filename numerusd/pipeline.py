@@ -91,7 +91,10 @@ class JobPipeline:
         job = self.job
         self.repo = Path(job.repo)
         self.changed = asyncio.Condition()
+        #: Executors, reviews, the planner and the queen: at most `parallel` at once.
         self.slots = Slots(max(1, job.parallel))
+        #: Tasks being asked their claim or holding GO without an executor yet: at most `parallel` ahead of `slots`.
+        self.ahead = Slots(max(1, job.parallel))
         self.merging = asyncio.Lock()
         #: Tasks whose next attempt needs a new worktree from the integration tip (after a merge conflict).
         self.fresh: set[str] = set()
@@ -281,6 +284,12 @@ class JobPipeline:
 
     async def task_flow(self, task_id: str) -> None:
         """Take one task from pending to merged (or failed, skipped, killed)."""
+        try:
+            await self._task_flow(task_id)
+        finally:
+            self.ahead.give_back(task_id)  # kept by a claim whose executor will not run (failed, killed)
+
+    async def _task_flow(self, task_id: str) -> None:
         await self.until(lambda job: job.status in JOB_DONE or _settled(job, task_id))
         job = self.job
         if job.tasks[task_id].status != "pending":
@@ -298,6 +307,8 @@ class JobPipeline:
         if wanted is None:
             return
         await self.record(lambda job: domain.decide_claim(job, task_id, wanted))
+        if task_id not in self.job.lock_holds:
+            self.ahead.give_back(task_id)  # NO GO: it waits for the holder without keeping others from asking
         await self.until(
             lambda job: task_id in job.lock_holds or job.tasks[task_id].status in domain.TASK_DONE or job.kill_requested
         )
@@ -349,7 +360,11 @@ class JobPipeline:
             task = self.job.tasks[task_id]
             prompt = prompts.claim(self.job_id, task_id, task.title, task.instructions, attempt, errors)
             call_dir = self.settings.runs_dir / self.job_id / task_id / f"claim-{attempt}"
-            result = await self.call("executor", task_id, f"{task_id}.claim", call_dir, prompt, "claim", self.repo)
+            # Asked ahead of the executors' slots, and still counted ahead until its executor gets one.
+            turn = self.ahead.taken(task=task_id, hand_on=True)
+            result = await self.call(
+                "executor", task_id, f"{task_id}.claim", call_dir, prompt, "claim", self.repo, turn=turn
+            )
             self._check_stopping()
             if self.job.kill_requested:
                 await self.record(lambda job: domain.decide_task_killed(job, task_id))
@@ -435,7 +450,8 @@ class JobPipeline:
             decide=False,
             breaker=self.daemon.breaker,
         )
-        async with self.slots.taken(priority=0):
+        async with self.slots.taken():
+            self.ahead.give_back(task_id)  # running now: the next task may be asked its claim
             self._check_stopping()
             watch = asyncio.create_task(self._watch(run.process))
             self.daemon.runs[(self.job_id, task_id)] = run
@@ -588,9 +604,21 @@ class JobPipeline:
     # --- agent calls --------------------------------------------------------------------------------------
 
     async def call(
-        self, role: str, task_id: str | None, name: str, call_dir: Path, prompt: str, schema: str, cwd: Path
+        self,
+        role: str,
+        task_id: str | None,
+        name: str,
+        call_dir: Path,
+        prompt: str,
+        schema: str,
+        cwd: Path,
+        *,
+        turn: contextlib.AbstractAsyncContextManager[None] | None = None,
     ) -> CallResult:
-        """Ask the agent playing `role` one question, read-only, answered as JSON following `schema`."""
+        """Ask the agent playing `role` one question, read-only, answered as JSON following `schema`.
+
+        The agent runs once `turn` is entered: by default when one of the job's `slots` is free.
+        """
         job = self.job
         profile_name = job.roles.get(role) or job.agent
         profile = msgspec.structs.replace(self.settings.agents[profile_name], sandbox="read-only")
@@ -613,9 +641,7 @@ class JobPipeline:
             breaker=self.daemon.breaker,
         )
         call = AgentCall(process, call_dir / "answer.json")
-        # Work already granted goes first: a claim waits while an executor or a reviewer wants a slot, so that
-        # tasks finish (and release their locks) instead of every claim of the job being asked first.
-        async with self.slots.taken(priority=1 if role == "executor" else 0):
+        async with turn or self.slots.taken():
             self._check_stopping()
             key = (self.job_id, name)
             self.daemon.runs[key] = call

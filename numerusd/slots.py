@@ -1,51 +1,73 @@
-"""Agent slots of a job: at most `parallel` agents at once, and a freed slot goes to the most urgent waiter.
+"""Slots of a job: at most `size` holders at once, served in the order they asked.
 
-Granted work (executors, reviewers) takes a slot before new claims, so tasks that hold locks finish and release
-them, rather than every claim of the job being asked before any task runs.
+A job has two kinds (see `JobPipeline`): `parallel` slots for the agents that work (executors, reviews, the
+planner, the queen), and as many for tasks asked their claim ahead of them. A task keeps its claim's slot
+(`hand_on`) until its executor runs or it is told NO GO (`give_back`), so claims run ahead of the executors by
+at most one round, while the executors sleep or wait on a model, instead of every claim of the job first.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import heapq
+from collections import deque
 from collections.abc import AsyncIterator
 
 
 class Slots:
-    """At most `size` agents at once; a freed slot goes to the waiter of lowest priority number, FIFO within."""
+    """At most `size` holders at once; a freed slot goes to the longest waiter."""
 
     def __init__(self, size: int) -> None:
         self.free = size
-        self._waiters: list[tuple[int, int, asyncio.Future[None]]] = []
-        self._order = 0
+        self._waiters: deque[asyncio.Future[None]] = deque()
+        #: Tasks that kept their slot when the body of `taken` ended (`hand_on`).
+        self._kept: set[str] = set()
 
     @contextlib.asynccontextmanager
-    async def taken(self, priority: int) -> AsyncIterator[None]:
-        """Hold a slot for the body of the `async with`."""
-        if self.free > 0 and not self._waiters:
-            self.free -= 1
+    async def taken(self, *, task: str | None = None, hand_on: bool = False) -> AsyncIterator[None]:
+        """Hold a slot for the body of the `async with`.
+
+        With `task`, a slot the task kept is used at once. With `hand_on`, the task keeps the slot when the body
+        ends without an error, until `give_back` or its next `taken`.
+        """
+        if task is not None and task in self._kept:
+            self._kept.discard(task)
         else:
-            waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-            self._order += 1
-            heapq.heappush(self._waiters, (priority, self._order, waiter))
-            try:
-                await waiter  # the slot was handed over: `free` already counts it
-            except asyncio.CancelledError:
-                if waiter.done() and not waiter.cancelled():
-                    self._release()  # handed over, then cancelled: pass it on
-                else:
-                    self._waiters = [entry for entry in self._waiters if entry[2] is not waiter]
-                    heapq.heapify(self._waiters)
-                raise
+            await self._acquire()
+        kept = False
         try:
             yield
+            if hand_on and task is not None:
+                self._kept.add(task)
+                kept = True
         finally:
+            if not kept:
+                self._release()
+
+    def give_back(self, task: str) -> None:
+        """Free the slot `task` kept, if it kept one."""
+        if task in self._kept:
+            self._kept.discard(task)
             self._release()
+
+    async def _acquire(self) -> None:
+        if self.free > 0 and not self._waiters:
+            self.free -= 1
+            return
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        try:
+            await waiter  # the slot was handed over: `free` already counts it
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled():
+                self._release()  # handed over, then cancelled: pass it on
+            else:
+                self._waiters.remove(waiter)
+            raise
 
     def _release(self) -> None:
         while self._waiters:
-            _, _, waiter = heapq.heappop(self._waiters)
+            waiter = self._waiters.popleft()
             if not waiter.done():
                 waiter.set_result(None)
                 return

@@ -1,8 +1,9 @@
-"""The pipeline's small parts: slots that serve granted work before new claims, and claims from plan intents."""
+"""The pipeline's small parts: slots served in order and kept from a claim for its executor; plan intents."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 from numerusd.pipeline import intents_claim
 from numerusd.protocol.claims import ClaimedPath
@@ -10,33 +11,63 @@ from numerusd.protocol.plan import FileIntent
 from numerusd.slots import Slots
 
 
-async def test_slots_limit_concurrency_and_serve_lower_priority_numbers_first():
+async def test_slots_limit_concurrency_and_serve_waiters_in_order():
     slots = Slots(2)
     running: list[str] = []
     peak = 0
     order: list[str] = []
     gate = asyncio.Event()
 
-    async def work(name: str, priority: int) -> None:
+    async def work(name: str) -> None:
         nonlocal peak
-        async with slots.taken(priority):
+        async with slots.taken():
             order.append(name)
             running.append(name)
             peak = max(peak, len(running))
             await gate.wait()
             running.remove(name)
 
-    first = [asyncio.create_task(work(f"early{n}", 1)) for n in range(2)]
-    await asyncio.sleep(0)
-    later = [asyncio.create_task(work("claim-a", 1)), asyncio.create_task(work("claim-b", 1))]
-    await asyncio.sleep(0)
-    urgent = asyncio.create_task(work("executor", 0))
-    await asyncio.sleep(0)
+    names = ["a", "b", "c", "d", "e"]
+    tasks = []
+    for name in names:
+        tasks.append(asyncio.create_task(work(name)))
+        await asyncio.sleep(0)
     gate.set()
-    await asyncio.gather(*first, *later, urgent)
+    await asyncio.gather(*tasks)
     assert peak == 2
-    assert order == ["early0", "early1", "executor", "claim-a", "claim-b"]
+    assert order == names
     assert slots.free == 2
+
+
+async def test_a_slot_handed_on_stays_with_its_task_until_used_or_given_back():
+    slots = Slots(1)
+    async with slots.taken(task="t1", hand_on=True):
+        pass
+    assert slots.free == 0  # kept by t1: a stranger waits
+    stranger = asyncio.create_task(_take(slots))
+    await asyncio.sleep(0.01)
+    assert not stranger.done()
+    async with slots.taken(task="t1"):  # t1 uses its kept slot at once
+        assert not stranger.done()
+    await asyncio.wait_for(stranger, 1)  # and frees it when done
+    async with slots.taken(task="t2", hand_on=True):
+        pass
+    slots.give_back("t2")
+    slots.give_back("t2")  # a second time: nothing more to give
+    assert slots.free == 1
+
+
+async def test_a_body_that_fails_keeps_no_slot_for_its_task():
+    slots = Slots(1)
+    with contextlib.suppress(RuntimeError):
+        async with slots.taken(task="t1", hand_on=True):
+            raise RuntimeError("the claim call failed")
+    assert slots.free == 1
+
+
+async def _take(slots: Slots) -> None:
+    async with slots.taken():
+        pass
 
 
 async def test_a_cancelled_waiter_gives_its_turn_away_and_loses_no_slot():
@@ -44,7 +75,7 @@ async def test_a_cancelled_waiter_gives_its_turn_away_and_loses_no_slot():
     release = asyncio.Event()
 
     async def hold() -> None:
-        async with slots.taken(0):
+        async with slots.taken():
             await release.wait()
 
     holder = asyncio.create_task(hold())
@@ -56,7 +87,7 @@ async def test_a_cancelled_waiter_gives_its_turn_away_and_loses_no_slot():
     await holder
     await asyncio.gather(waiter, return_exceptions=True)
     assert slots.free == 1
-    async with slots.taken(5):
+    async with slots.taken():
         assert slots.free == 0
 
 
