@@ -21,13 +21,13 @@ Tables (times are UTC, `YYYY-MM-DDTHH:MM:SS.ffffffZ`, so they sort as text):
     position  one row: seq, the last stream sequence applied
 
 How it goes fast (`numerusd rebuild` replays the whole stream; see docs/projections.md for figures): a
-rebuild's stream is read by a child process (`numerusd.stream_pump`), so reading and folding use two cores;
-each message is decoded and verified once; while the cache holds every job it is folded at once and dropped;
-the rows of a batch go to SQLite in multi-row VALUES statements of up to 256 rows, in one call to aiosqlite's
-thread, up to three batches queued behind one another while the next ones are folded, so SQLite's work runs
-beside Python's. A bulk load (a rebuild into a fresh file) also skips fsync, keeps its rollback journal in
-memory rather than writing every page twice through the WAL, writes each job's rows once, when the job ends,
-builds the secondary indexes once its rows are in, and pauses the cyclic garbage collector.
+rebuild's stream is read by a child process (`numerusd.stream_pump`; by this one while the child starts), so
+reading and folding use two cores; each message is decoded and verified once; while the cache holds every job
+it is folded at once and dropped; the rows of a batch go to SQLite in multi-row VALUES statements of up to 256
+rows, in one call to aiosqlite's thread, up to three batches queued behind one another while the next ones are
+folded, so SQLite's work runs beside Python's. A bulk load (a rebuild into a fresh file) also skips fsync, keeps
+its rollback journal in memory rather than writing every page twice through the WAL, writes each job's rows
+once, when the job ends, builds the secondary indexes once its rows are in, and pauses the cyclic garbage collector.
 
 The file's `user_version` fingerprints the tables and the shape of JobState: after an upgrade that changes
 either, the views are dropped and rebuilt from the stream on open.
@@ -60,7 +60,7 @@ from numerusd.domain import JobState, evolve
 from numerusd.errors import StoreError
 from numerusd.protocol.commands import JOB_DONE, JobView, TaskView
 from numerusd.protocol.envelope import Envelope, InvalidEvent, open_event
-from numerusd.stream_pump import pumped_stream
+from numerusd.stream_pump import head_started_stream
 from numerusd.stream_reader import StreamMessage, read_stream
 
 log = logging.getLogger(__name__)
@@ -936,10 +936,10 @@ async def rebuild(
 ) -> RebuildReport:
     """Replay the whole stream into a fresh file beside `db_path`, then swap it in.
 
-    The stream is read by a child process (`numerusd.stream_pump`), connected to the server at `address`, so
-    that its reading and this process's verifying, folding and writing run on two cores. Until the swap the
-    old views stay as they were, so an interrupted rebuild changes nothing. Run it with the daemon stopped: the
-    daemon keeps the file open.
+    The stream is read by a child process (`numerusd.stream_pump`; by this one while the child starts),
+    connected to the server at `address`, so that its reading and this process's verifying, folding and
+    writing run on two cores. Until the swap the old views stay as they were, so an interrupted rebuild changes
+    nothing. Run it with the daemon stopped: the daemon keeps the file open.
     """
     path = Path(db_path)
     scratch = path.with_name(path.name + ".rebuild")
@@ -950,7 +950,7 @@ async def rebuild(
         started = time.perf_counter()
 
         def read(start: int) -> AsyncIterator[list[StreamMessage]]:
-            return pumped_stream(address, stream, start_seq=start, batch=_READ_BATCH)
+            return head_started_stream(address, stream, start_seq=start, batch=_READ_BATCH)
 
         with _collector_paused():
             replayed = await projector.catch_up_from(read)

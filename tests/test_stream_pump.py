@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import os
 from pathlib import Path
@@ -12,7 +13,7 @@ from nats.aio.client import Client
 from numerusd.config import NatsAddress
 from numerusd.embedded_nats import EmbeddedNats
 from numerusd.errors import NatsUnavailable, StoreError
-from numerusd.stream_pump import pumped_stream
+from numerusd.stream_pump import head_started_stream, pumped_stream
 from numerusd.stream_reader import read_stream
 from numerusd.streams import ensure_stream, stream_specs
 
@@ -87,4 +88,33 @@ async def test_stopping_early_stops_the_child(nc: Client, nats_address: NatsAddr
     assert first[0].seq == 1
     assert len(pump_children()) == 1
     await batches.aclose()
+    assert pump_children() == []
+
+
+async def test_a_head_started_stream_hands_over_to_the_child_with_no_gap_and_no_repeat(
+    nc: Client, nats_address: NatsAddress
+):
+    await fill(nc, 2500)
+    here = [(m.seq, m.subject, m.data) async for batch in read_stream(nc, EVENTS, start_seq=11) for m in batch]
+    got = []
+    async for batch in head_started_stream(nats_address, EVENTS, start_seq=11, batch=300):
+        got += [(m.seq, m.subject, m.data) for m in batch]
+        await asyncio.sleep(0.15)  # a slow fold: the child is reading long before this process is done
+    assert got == here
+    assert pump_children() == []
+
+
+async def test_a_small_stream_read_here_to_its_end_leaves_no_child(nc: Client, nats_address: NatsAddress):
+    await fill(nc, 40)
+    got = [m.seq async for batch in head_started_stream(nats_address, EVENTS) for m in batch]
+    assert got == list(range(1, 41))
+    assert pump_children() == []
+
+
+async def test_a_head_started_stream_refused_login_is_one_clear_line(nats_server: EmbeddedNats):
+    wrong = NatsAddress(url=nats_server.url, user=nats_server.user, password="not-the-password")
+    with pytest.raises(NatsUnavailable) as caught:
+        [batch async for batch in head_started_stream(wrong, EVENTS)]
+    assert str(caught.value).startswith(f"cannot connect to NATS at {nats_server.url}: ")
+    assert "\n" not in str(caught.value)
     assert pump_children() == []
