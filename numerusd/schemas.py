@@ -7,6 +7,7 @@ python -m numerusd.schemas --check    # exit 1 naming each stale file (the test 
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import sys
 from pathlib import Path
@@ -26,7 +27,20 @@ SCHEMA_URL = "https://json-schema.org/draft/2020-12/schema"
 
 
 def _dump(value: Any) -> str:
-    return json.dumps(value, indent=2, sort_keys=True) + "\n"
+    return json.dumps(_cleaned(value), indent=2, sort_keys=True) + "\n"
+
+
+def _cleaned(value: Any) -> Any:
+    """`value` with every `description` dedented as `inspect.cleandoc` does: msgspec 0.23 does it to docstrings
+    and earlier versions did not, and the files must not depend on which one is installed."""
+    if isinstance(value, dict):
+        return {
+            key: inspect.cleandoc(item) if key == "description" and isinstance(item, str) else _cleaned(item)
+            for key, item in value.items()
+        }
+    if isinstance(value, list):
+        return [_cleaned(item) for item in value]
+    return value
 
 
 def events_schema() -> dict[str, Any]:
@@ -113,7 +127,7 @@ def events_doc() -> str:
 def agent_output_schemas() -> dict[str, str]:
     """The `--output-schema` files agents answer with, by name: plan, claim and review (a verdict)."""
     schemas = {"plan": plan_output_schema(), "claim": claim_output_schema(), "review": review_output_schema()}
-    return {name: json.dumps(schema, indent=2) + "\n" for name, schema in schemas.items()}
+    return {name: json.dumps(_cleaned(schema), indent=2) + "\n" for name, schema in schemas.items()}
 
 
 def generated(root: Path = ROOT) -> dict[Path, str]:
