@@ -68,12 +68,14 @@ async def test_an_empty_stream_yields_nothing(nc: Client, nats_address: NatsAddr
     assert [batch async for batch in pumped_stream(nats_address, EVENTS)] == []
 
 
-async def test_a_refused_login_is_one_clear_line(nats_server: EmbeddedNats):
+@pytest.mark.parametrize("reading", [pumped_stream, head_started_stream])
+async def test_a_refused_login_is_one_clear_line(nats_server: EmbeddedNats, reading):
     wrong = NatsAddress(url=nats_server.url, user=nats_server.user, password="not-the-password")
     with pytest.raises(NatsUnavailable) as caught:
-        [batch async for batch in pumped_stream(wrong, EVENTS)]
+        [batch async for batch in reading(wrong, EVENTS)]
     assert str(caught.value).startswith(f"cannot connect to NATS at {nats_server.url}: ")
     assert "\n" not in str(caught.value)
+    assert pump_children() == []
 
 
 async def test_a_missing_stream_is_named(nats_address: NatsAddress):
@@ -108,13 +110,4 @@ async def test_a_small_stream_read_here_to_its_end_leaves_no_child(nc: Client, n
     await fill(nc, 40)
     got = [m.seq async for batch in head_started_stream(nats_address, EVENTS) for m in batch]
     assert got == list(range(1, 41))
-    assert pump_children() == []
-
-
-async def test_a_head_started_stream_refused_login_is_one_clear_line(nats_server: EmbeddedNats):
-    wrong = NatsAddress(url=nats_server.url, user=nats_server.user, password="not-the-password")
-    with pytest.raises(NatsUnavailable) as caught:
-        [batch async for batch in head_started_stream(wrong, EVENTS)]
-    assert str(caught.value).startswith(f"cannot connect to NATS at {nats_server.url}: ")
-    assert "\n" not in str(caught.value)
     assert pump_children() == []
