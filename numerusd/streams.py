@@ -46,6 +46,10 @@ DEFAULT_LOGS_MAX_AGE = 7 * 24 * 3600.0
 DEFAULT_DLQ_MAX_AGE = 30 * 24 * 3600.0
 
 
+#: JetStream's `err_code` for "stream not found", which a `StoreError` carries.
+STREAM_NOT_FOUND = 10059
+
+
 @contextlib.contextmanager
 def jetstream_errors(doing: str) -> Iterator[None]:
     """Translate nats-py errors raised while `doing` something into Numerus errors.
