@@ -130,15 +130,24 @@ class JobPipeline:
             await self.record(domain.decide_settled)
         except _Stopped:
             return
+        except git.RefMoved as e:
+            await self._fail(
+                f"{e.message}. Numerus alone moves {self.job.integration}: the job stops rather than merge onto "
+                "work its gate did not check"
+            )
         except Exception as e:
             if self.daemon.should_exit.is_set():
                 return
             log.exception("pipeline of job %s failed", self.job_id)
-            reason = f"internal error in the pipeline: {e}"
-            await self.record(lambda job: domain.decide_job_failed(job, reason))
+            await self._fail(f"internal error in the pipeline: {e}")
         finally:
             for flow in self.flows.values():
                 flow.cancel()
+
+    async def _fail(self, reason: str) -> None:
+        """End the job as failed, its running agents stopped (their flows are cancelled next, not waited for)."""
+        self.daemon.terminate_job(self.job_id)
+        await self.record(lambda job: domain.decide_job_failed(job, reason))
 
     def start_flows(self) -> None:
         """A flow for every pending task that has none (the plan's tasks, then those a revised plan adds)."""
@@ -320,6 +329,8 @@ class JobPipeline:
                 return
             try:
                 reasons = await self.attempt(task_id)
+            except git.RefMoved:
+                raise  # the integration branch moved under the job: no attempt of any task can merge now
             except git.GitError as e:  # one task's git trouble is that task's failed attempt, not the job's end
                 log.warning("task %s/%s: %s", self.job_id, task_id, e.message)
                 self.fresh.add(task_id)

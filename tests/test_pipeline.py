@@ -539,3 +539,56 @@ async def test_a_stalled_job_asks_the_queen_who_may_drop_and_add_tasks_while_oth
         assert by_type(events, "TaskSkipped", "t2")[0]["data"]["reason"] == "dropped by plan v2"
         # t3 was added and done while t1 still ran.
         assert when(by_type(events, "TaskCompleted", "t3")[0]) < when(by_type(events, "TaskExited", "t1")[0])
+
+
+async def test_an_integration_branch_moved_behind_numerus_fails_the_job_at_once_and_stops_its_agents(tmp_path: Path):
+    import time
+
+    plan = {
+        "summary": "two tasks",
+        "tasks": [
+            {"id": "a", "title": "A", "instructions": "a", "intents": [{"path": "A.md", "mode": "create"}]},
+            {"id": "b", "title": "B", "instructions": "b", "intents": [{"path": "B.md", "mode": "create"}]},
+        ],
+    }
+    team = {
+        "cases": [
+            {"match": {"role": "planner"}, "steps": [{"answer": plan}]},
+            {
+                "match": {"role": "executor", "task": "a"},
+                "steps": [{"sleep": 1.0}, {"write": "A.md", "content": "a\n"}],
+            },
+            {"match": {"role": "executor", "task": "b"}, "steps": [{"sleep": 60}]},
+        ]
+    }
+    config = 'review = false\nclaims = "plan"\nbackoff_s = [0.1]\nkill_grace_s = 1\n'
+    with Daemon(tmp_path / "state", agents={"team": team}, config=config).start() as daemon:
+        repo = git_repo(tmp_path / "repo")
+        job = daemon.ctl("run", "two", "--repo", str(repo), "--agent", "team", check=True).stdout.strip()
+        branch = f"numerus/{job}.integration"
+        deadline = time.monotonic() + 30
+        while len(by_type(daemon.events(job), "TaskStarted")) < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        # Somebody commits on the job's integration branch while its tasks run.
+        git = ["git", "-C", str(repo)]
+        tree = subprocess.run([*git, "rev-parse", f"{branch}^{{tree}}"], capture_output=True, text=True).stdout.strip()
+        stranger = subprocess.run(
+            [*git, "commit-tree", tree, "-p", branch, "-m", "a stranger's commit"],
+            capture_output=True, text=True, check=True,
+        ).stdout.strip()  # fmt: skip
+        subprocess.run([*git, "update-ref", f"refs/heads/{branch}", stranger], check=True)
+        while daemon.status(job)["status"] not in ("completed", "failed") and time.monotonic() < deadline:
+            time.sleep(0.1)
+        view = daemon.status(job)
+        assert view["status"] == "failed"
+        assert f"Numerus alone moves {branch}" in view["reason"]
+        events = daemon.events(job)
+        assert not by_type(events, "TaskRetryScheduled")  # no agent run again for a merge that cannot happen
+        assert {t["id"]: t["status"] for t in view["tasks"]} == {"a": "failed", "b": "failed"}
+        # b's agent, asleep for a minute, was stopped with the job rather than left running.
+        (spawned,) = by_type(events, "AgentSpawned", "b")
+        while Path(f"/proc/{spawned['data']['pid']}").exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not Path(f"/proc/{spawned['data']['pid']}").exists()
+        assert subprocess.run([*git, "rev-parse", branch], capture_output=True, text=True).stdout.strip() == stranger
+        assert daemon.ctl("audit", "verify", job).returncode == 0
