@@ -305,6 +305,8 @@ def _pipeline_story(type_name: str, d: dict[str, Any]) -> str | None:
             return f"merged into {branch} at {_sha(get('sha'))}"
         case "MergeConflicted":
             return f"merge conflicts on {_listed(get('paths') or [])}; retried from the new tip"
+        case "MergeBlocked":
+            return f"merge waits (tried again every {float(get('retry_s') or 0):g} s): {get('reason')}"
     return None
 
 

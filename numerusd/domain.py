@@ -45,6 +45,7 @@ from numerusd.protocol.events import (
     JobSubmitted,
     KillRequested,
     LocksReleased,
+    MergeBlocked,
     MergeConflicted,
     MergeStarted,
     PlanRejected,
@@ -331,6 +332,8 @@ def _evolve_task(job: JobState, task_id: str, time: datetime, data: EventData) -
             task = replace(task, status="retrying", feedback=reasons)
         case MergeStarted(parent=parent):
             task = replace(task, status="merging", merge_parent=parent)
+        case MergeBlocked():
+            return job  # told to the user; the task stays merging and the merge is tried again
         case TaskMerged(sha=sha):
             task = replace(task, merged_sha=sha)
             job = replace(job, integration_tip=sha)

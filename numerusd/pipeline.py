@@ -47,6 +47,7 @@ from numerusd.protocol.events import (
     GateFailed,
     GatePassed,
     IntegrationBranchCreated,
+    MergeBlocked,
     MergeConflicted,
     MergeStarted,
     PlanRequested,
@@ -69,6 +70,8 @@ log = logging.getLogger(__name__)
 
 #: Who commits an agent's work on its task branch.
 AUTHOR = ("Numerus agent", "agent@numerus.invalid")
+#: Seconds between tries of a merge blocked by a checkout of the integration branch.
+MERGE_RETRY_S = 2.0
 #: How much of a failing check's output is kept in its event and told to the next attempt.
 CHECK_OUTPUT_CHARS = 2000
 
@@ -599,9 +602,9 @@ class JobPipeline:
             await self.task_events(task_id, MergeStarted(integration=integration, parent=parent, task_sha=commit))
             task = self.job.tasks[task_id]
             message = f"Merge {task_id}: {task.title}\n\nNumerus job {self.job_id}, plan {self.job.plan_hash}"
-            result = await git.merge_task(
-                self.repo, integration, worktree.branch, message, expected_integration=parent, task_sha=commit
-            )
+            result = await self._merge_unblocked(task_id, integration, worktree.branch, message, parent, commit)
+            if result is None:
+                return ["killed"]
             failpoints.hit("after-merge")  # tests: a crash between the merge and its record
             if isinstance(result, git.Conflict):
                 await self.task_events(task_id, MergeConflicted(paths=result.paths, messages=result.messages))
@@ -611,6 +614,27 @@ class JobPipeline:
         with contextlib.suppress(NumerusError, OSError):
             await git.remove_worktree(self.repo, worktree)
         return None
+
+    async def _merge_unblocked(
+        self, task_id: str, integration: str, branch: str, message: str, parent: str, commit: str
+    ) -> git.MergeResult | None:
+        """`git.merge_task`, tried again every MERGE_RETRY_S while a worktree has the integration branch checked
+        out (a user looking at the job's progress there), said once as MergeBlocked: the task's work is kept and
+        its agent not run again. None when a kill arrives meanwhile."""
+        told = False
+        while True:
+            try:
+                return await git.merge_task(
+                    self.repo, integration, branch, message, expected_integration=parent, task_sha=commit
+                )
+            except git.BranchCheckedOut as e:
+                if not told:
+                    await self.task_events(task_id, MergeBlocked(reason=e.message, retry_s=MERGE_RETRY_S))
+                    told = True
+            await self._pause(MERGE_RETRY_S)
+            self._check_stopping()
+            if self.job.kill_requested:
+                return None
 
     # --- agent calls --------------------------------------------------------------------------------------
 

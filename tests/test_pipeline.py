@@ -592,3 +592,42 @@ async def test_an_integration_branch_moved_behind_numerus_fails_the_job_at_once_
         assert not Path(f"/proc/{spawned['data']['pid']}").exists()
         assert subprocess.run([*git, "rev-parse", branch], capture_output=True, text=True).stdout.strip() == stranger
         assert daemon.ctl("audit", "verify", job).returncode == 0
+
+
+async def test_a_merge_waits_while_the_integration_branch_is_checked_out_and_lands_once_it_is_not(tmp_path: Path):
+    import time
+
+    plan = {"summary": "one", "tasks": [{"id": "a", "title": "A", "instructions": "a", "intents": []}]}
+    team = {
+        "cases": [
+            {"match": {"role": "planner"}, "steps": [{"answer": plan}]},
+            {"match": {"role": "claimer"}, "steps": [{"answer": claim(("A.md", "create"))}]},
+            {"match": {"role": "executor"}, "steps": [{"sleep": 1.0}, {"write": "A.md", "content": "a\n"}]},
+            REVIEW_PASSES,
+        ]
+    }
+    with Daemon(tmp_path / "state", agents={"team": team}, config="backoff_s = [0.1]\n").start() as daemon:
+        repo = git_repo(tmp_path / "repo")
+        job = daemon.ctl("run", "one", "--repo", str(repo), "--agent", "team", check=True).stdout.strip()
+        branch = f"numerus/{job}.integration"
+        deadline = time.monotonic() + 30
+        while not by_type(daemon.events(job), "TaskStarted") and time.monotonic() < deadline:
+            time.sleep(0.1)
+        # The user looks at the job's progress in a checkout of its integration branch while the task runs.
+        look = tmp_path / "look"
+        subprocess.run(["git", "-C", str(repo), "worktree", "add", "-q", str(look), branch], check=True)
+        while not by_type(daemon.events(job), "MergeBlocked") and time.monotonic() < deadline:
+            time.sleep(0.1)
+        (blocked,) = by_type(daemon.events(job), "MergeBlocked")
+        assert f"is checked out in {look}" in blocked["data"]["reason"]
+        assert daemon.status(job)["status"] == "running"
+        subprocess.run(["git", "-C", str(look), "switch", "-q", "--detach"], check=True)
+        while daemon.status(job)["status"] == "running" and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert daemon.status(job)["status"] == "completed"
+        events = daemon.events(job)
+        assert len(by_type(events, "TaskStarted", "a")) == 1  # the work was kept: no agent ran again
+        assert not by_type(events, "TaskRetryScheduled")
+        assert show(repo, branch, "A.md") == "a\n"
+        (line,) = [line for line in daemon.ctl("events", job, check=True).stdout.splitlines() if "MergeBlocked" in line]
+        assert "merge waits (tried again every 2 s): numerus/" in line

@@ -259,6 +259,14 @@ class MergeStarted(TaskEvent, frozen=True, kw_only=True):
     task_sha: str
 
 
+class MergeBlocked(TaskEvent, frozen=True, kw_only=True):
+    """The merge cannot land for now (`reason`: the integration branch is checked out in a worktree); nothing was
+    changed, the task's work is kept, and the merge is tried again every `retry_s` seconds."""
+
+    reason: str
+    retry_s: float
+
+
 class TaskMerged(TaskEvent, frozen=True, kw_only=True):
     """The task's work is on the integration branch, whose tip is now `sha`."""
 
@@ -421,6 +429,7 @@ EVENT_TYPES: dict[str, type[EventData]] = {
         GateFailed,
         TaskRetryScheduled,
         MergeStarted,
+        MergeBlocked,
         TaskMerged,
         MergeConflicted,
         TaskCompleted,
