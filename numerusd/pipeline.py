@@ -14,7 +14,8 @@ One `JobPipeline` per running planned job drives it from `JobSubmitted` to `JobC
 Every step is decided by `numerusd.domain` against the folded state and appended before it is acted on, the way
 `Daemon.record` does everything; this module only sequences the steps and does the I/O (agents, git, checks).
 A decision that releases a task's locks also grants the tasks waiting for them, in the same append. At most
-`parallel` agents of the job run at once. A daemon that stops leaves the job to be recorded `interrupted`.
+`parallel` agents of the job work at once, and claims are asked for at most `parallel` tasks ahead of them (see
+`numerusd.slots`). A daemon that stops leaves the job to be recorded `interrupted`.
 """
 
 from __future__ import annotations
