@@ -631,3 +631,39 @@ async def test_a_merge_waits_while_the_integration_branch_is_checked_out_and_lan
         assert show(repo, branch, "A.md") == "a\n"
         (line,) = [line for line in daemon.ctl("events", job, check=True).stdout.splitlines() if "MergeBlocked" in line]
         assert "merge waits (tried again every 2 s): numerus/" in line
+
+
+async def test_parallel_bounds_the_executors_while_claims_are_asked_ahead_of_them(tmp_path: Path):
+    plan = {
+        "summary": "six",
+        "tasks": [{"id": f"t{n}", "title": f"T{n}", "instructions": "wait", "intents": []} for n in range(1, 7)],
+    }
+    team = {
+        "cases": [
+            {"match": {"role": "planner"}, "steps": [{"answer": plan}]},
+            *(
+                {"match": {"role": "claimer", "task": f"t{n}"}, "steps": [{"answer": claim((f"F{n}.md", "create"))}]}
+                for n in range(1, 7)
+            ),
+            {"match": {"role": "executor"}, "steps": [{"sleep": 0.6}]},
+        ]
+    }
+    with Daemon(tmp_path / "state", agents={"team": team}, config="review = false\n").start() as daemon:
+        repo = git_repo(tmp_path / "repo")
+        job = run_job(daemon, repo, "six", "--agent", "team", "--parallel", "2")
+        events = daemon.events(job)
+    # Executors: never more than two at once, and two at once at some point.
+    edges = sorted(
+        [(when(e), 1) for e in by_type(events, "TaskStarted")] + [(when(e), -1) for e in by_type(events, "TaskExited")]
+    )
+    running = peak = 0
+    for _, step in edges:
+        running += step
+        peak = max(peak, running)
+    assert peak == 2
+    # Claims run ahead, not all first: the first executor started before the last claim was answered, and every
+    # claim was answered before its task's executor started.
+    claims = {e["task"]: when(e) for e in by_type(events, "ClaimProposed")}
+    starts = {e["task"]: when(e) for e in by_type(events, "TaskStarted")}
+    assert min(starts.values()) < max(claims.values())
+    assert all(claims[task] < starts[task] for task in starts)
