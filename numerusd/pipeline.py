@@ -621,7 +621,8 @@ class JobPipeline:
     ) -> git.MergeResult | None:
         """`git.merge_task`, tried again every MERGE_RETRY_S while a worktree has the integration branch checked
         out (a user looking at the job's progress there), said once as MergeBlocked: the task's work is kept and
-        its agent not run again. None when a kill arrives meanwhile."""
+        its agent not run again. None when a kill arrives meanwhile. Waiting on the user is no stall of the job: a
+        revised plan could not move their checkout."""
         told = False
         while True:
             try:
@@ -632,6 +633,7 @@ class JobPipeline:
                 if not told:
                     await self.task_events(task_id, MergeBlocked(reason=e.message, retry_s=MERGE_RETRY_S))
                     told = True
+            self.progress_at = time.monotonic()
             await self._pause(MERGE_RETRY_S)
             self._check_stopping()
             if self.job.kill_requested:

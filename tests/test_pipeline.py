@@ -606,7 +606,9 @@ async def test_a_merge_waits_while_the_integration_branch_is_checked_out_and_lan
             REVIEW_PASSES,
         ]
     }
-    with Daemon(tmp_path / "state", agents={"team": team}, config="backoff_s = [0.1]\n").start() as daemon:
+    # A stall (no task completed for 2.5 s) would ask the queen for a revised plan: waiting on the user is none.
+    config = "backoff_s = [0.1]\nstall_timeout_s = 2.5\nmax_replans = 1\n"
+    with Daemon(tmp_path / "state", agents={"team": team}, config=config).start() as daemon:
         repo = git_repo(tmp_path / "repo")
         job = daemon.ctl("run", "one", "--repo", str(repo), "--agent", "team", check=True).stdout.strip()
         branch = f"numerus/{job}.integration"
@@ -620,6 +622,7 @@ async def test_a_merge_waits_while_the_integration_branch_is_checked_out_and_lan
             time.sleep(0.1)
         (blocked,) = by_type(daemon.events(job), "MergeBlocked")
         assert f"is checked out in {look}" in blocked["data"]["reason"]
+        time.sleep(3)  # longer than the stall timeout
         assert daemon.status(job)["status"] == "running"
         subprocess.run(["git", "-C", str(look), "switch", "-q", "--detach"], check=True)
         while daemon.status(job)["status"] == "running" and time.monotonic() < deadline:
@@ -628,6 +631,7 @@ async def test_a_merge_waits_while_the_integration_branch_is_checked_out_and_lan
         events = daemon.events(job)
         assert len(by_type(events, "TaskStarted", "a")) == 1  # the work was kept: no agent ran again
         assert not by_type(events, "TaskRetryScheduled")
+        assert not by_type(events, "ReplanRequested")
         assert show(repo, branch, "A.md") == "a\n"
         (line,) = [line for line in daemon.ctl("events", job, check=True).stdout.splitlines() if "MergeBlocked" in line]
         assert "merge waits (tried again every 2 s): numerus/" in line
