@@ -111,19 +111,12 @@ async def head_started_stream(
     when the child's first batch is there it switches over, dropping what the child sends again. A stream read
     here to its end (a small one) does not wait for the child at all.
     """
-    from nats.aio.client import Client
-
     pumped = pumped_stream(address, stream, start_seq=start_seq, batch=batch)
     first = asyncio.ensure_future(anext(pumped, None))
     read = start_seq - 1
-    nc = Client()
+    nc = None
     try:
-        try:
-            await nc.connect(
-                address.url, allow_reconnect=False, connect_timeout=5, error_cb=_quiet, **address.options()
-            )
-        except Exception as e:
-            raise NatsUnavailable(f"cannot connect to NATS at {address.url}: {e}") from e
+        nc = await _connect(address)
         async with contextlib.aclosing(read_stream(nc, stream, start_seq=read + 1, batch=batch)) as here:
             async for messages in here:
                 yield messages
@@ -140,8 +133,8 @@ async def head_started_stream(
                 yield fresh
             messages = await anext(pumped, None)
     finally:
-        if not nc.is_closed:
-            await nc.close()  # read to its end here, stopped early, or a refused login, which leaves a socket open
+        if nc is not None and not nc.is_closed:
+            await nc.close()  # read to its end here, or stopped early
         if not first.done():
             first.cancel()
         with contextlib.suppress(asyncio.CancelledError, NumerusError):
@@ -173,13 +166,24 @@ class _Pipe(asyncio.Protocol):
             self.closed.set_result(None)
 
 
+async def _connect(address: NatsAddress) -> Any:
+    """One connection for one read, no reconnecting; NatsUnavailable with one line when there is none."""
+    from nats.aio.client import Client
+
+    nc = Client()
+    try:
+        await nc.connect(address.url, allow_reconnect=False, connect_timeout=5, error_cb=_quiet, **address.options())
+    except Exception as e:
+        await nc.close()  # a refused login leaves its socket open
+        raise NatsUnavailable(f"cannot connect to NATS at {address.url}: {e}") from e
+    return nc
+
+
 async def _quiet(_error: Exception) -> None:
-    """nats-py's error callback: the failure is reported to the parent, not logged with a traceback per try."""
+    """nats-py's error callback: the failure is reported (to the parent, to the caller), not logged per try."""
 
 
 async def _pump(request: _Request, out: int) -> None:
-    import nats
-
     transport, pipe = await asyncio.get_running_loop().connect_write_pipe(_Pipe, os.fdopen(out, "wb"))
     transport.set_write_buffer_limits(high=16 * _PIPE_BYTES)
 
@@ -191,15 +195,9 @@ async def _pump(request: _Request, out: int) -> None:
 
     try:
         try:
-            nc = await nats.connect(
-                request.address.url,
-                allow_reconnect=False,
-                connect_timeout=5,
-                error_cb=_quiet,
-                **request.address.options(),
-            )
-        except Exception as e:
-            await send(_UNREACHABLE, f"cannot connect to NATS at {request.address.url}: {e}".encode())
+            nc = await _connect(request.address)
+        except NatsUnavailable as e:
+            await send(_UNREACHABLE, e.message.encode())
             return
         await _pump_stream(nc, request, send)
     finally:
