@@ -47,15 +47,13 @@ from numerusctl.connection import (
     LOGS_STREAM,
     CtlError,
     StreamFeed,
-    Unreachable,
     connected,
     decode_reply,
     request,
     resolve_target,
-    server_of,
     state_dir_or_default,
+    stored_batches,
 )
-from numerusd.errors import NatsUnavailable, StoreError
 from numerusd.protocol.audit import Auditor
 from numerusd.protocol.commands import (
     ROLES,
@@ -75,8 +73,6 @@ from numerusd.protocol.commands import (
 from numerusd.protocol.envelope import InvalidEvent, decode_wire
 from numerusd.protocol.events import snake_name
 from numerusd.protocol.ids import is_token
-from numerusd.stream_reader import read_stream
-from numerusd.streams import STREAM_NOT_FOUND
 
 # One decoder per reply, built once (decode at the edge, once).
 _run_reply = msgspec.json.Decoder(RunReply)
@@ -644,7 +640,9 @@ def verify(
     subject = "numerus.job.>" if job is None else f"numerus.job.{job}.>"
 
     async def body(nc: Client) -> int:
-        await _audit_stream(nc, subject, auditor)
+        async for batch in stored_batches(nc, EVENTS_STREAM, subject):
+            for stored in batch:
+                auditor.feed(stored.seq, stored.subject, stored.data)
         report = auditor.report()
         if opts.json:
             _out(msgspec.json.encode(report).decode())
@@ -666,23 +664,6 @@ def verify(
         return EXIT_FAILED
 
     _run(_with_daemon(opts, body))
-
-
-async def _audit_stream(nc: Client, subject: str, auditor: Auditor) -> None:
-    """Feed the auditor every event stored on `subject`, read with the lean pull loop of `numerusd.stream_reader`
-    (a quarter faster than an ordered consumer over 100k events: no metadata to parse per message)."""
-    try:
-        async for batch in read_stream(nc, EVENTS_STREAM, filter_subjects=[subject]):
-            for stored in batch:
-                auditor.feed(stored.seq, stored.subject, stored.data)
-    except StoreError as e:
-        if e.fields.get("err_code") == STREAM_NOT_FOUND:
-            raise CtlError(
-                f"stream {EVENTS_STREAM} does not exist on {server_of(nc)}: has numerusd ever run against this server?"
-            ) from None
-        raise CtlError(e.message) from None
-    except NatsUnavailable as e:
-        raise Unreachable(e.message) from None
 
 
 def main() -> None:

@@ -28,7 +28,10 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js.api import ConsumerConfig, DeliverPolicy
 
+from numerusd.errors import NatsUnavailable, StoreError
 from numerusd.protocol.commands import DEFAULT_STATE_DIR, ErrorReply, Request, command_subject
+from numerusd.stream_reader import StreamMessage, read_stream
+from numerusd.streams import STREAM_NOT_FOUND
 
 CONNECTION_FILE = "connection.json"
 
@@ -237,6 +240,25 @@ def decode_reply(decoder: msgspec.json.Decoder[Any], verb: str, data: bytes) -> 
         ) from None
 
 
+async def stored_batches(nc: Client, stream: str, subject: str) -> AsyncIterator[list[StreamMessage]]:
+    """Batches of everything stored on `subject` now, read with the lean pull loop of `numerusd.stream_reader`
+    (an ephemeral consumer, nothing acknowledged): a quarter faster than an ordered consumer over 100k events, for
+    a reader that only goes through the whole history once (`audit verify`)."""
+    try:
+        async for batch in read_stream(nc, stream, filter_subjects=[subject]):
+            yield batch
+    except StoreError as e:
+        if e.fields.get("err_code") == STREAM_NOT_FOUND:
+            raise _no_stream(nc, stream) from None
+        raise CtlError(e.message) from None
+    except NatsUnavailable as e:
+        raise Unreachable(e.message) from None
+
+
+def _no_stream(nc: Client, stream: str) -> CtlError:
+    return CtlError(f"stream {stream} does not exist on {server_of(nc)}: has numerusd ever run against this server?")
+
+
 class Stored(NamedTuple):
     """One message as JetStream stores it."""
 
@@ -275,10 +297,7 @@ class StreamFeed:
             )
             info = await self._sub.consumer_info()
         except nats.js.errors.NotFoundError:
-            raise CtlError(
-                f"stream {self._stream} does not exist on {server_of(self._nc)}: "
-                "has numerusd ever run against this server?"
-            ) from None
+            raise _no_stream(self._nc, self._stream) from None
         except nats.js.errors.APIError as e:
             raise CtlError(f"cannot read stream {self._stream}: {e.description or e}") from None
         if info.num_pending == 0 and info.delivered.consumer_seq == 0:
