@@ -6,12 +6,14 @@ playing one scenario for all roles, so the daemon runs the same code path as wit
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 from datetime import datetime
 from pathlib import Path
 
 import pytest
 
+from tests.conftest import eventually
 from tests.daemon_harness import Daemon, git_repo
 
 PLAN = {
@@ -44,6 +46,11 @@ PLAN = {
         },
     ],
 }
+
+
+def task(id: str, *intents: tuple[str, str]) -> dict:
+    """A plan's task whose title is its id in capitals and whose instructions are its id."""
+    return {"id": id, "title": id.upper(), "instructions": id, "intents": [{"path": p, "mode": m} for p, m in intents]}
 
 
 def claim(*paths: tuple[str, str]) -> dict:
@@ -435,13 +442,7 @@ async def test_with_a_git_too_old_for_merges_a_planned_job_is_refused_and_no_pla
 
 
 async def test_with_claims_from_the_plan_no_executor_is_asked_and_overlapping_intents_still_wait(tmp_path: Path):
-    plan = {
-        "summary": "two tasks, one file",
-        "tasks": [
-            {"id": "a", "title": "A", "instructions": "a", "intents": [{"path": "F.md", "mode": "create"}]},
-            {"id": "b", "title": "B", "instructions": "b", "intents": [{"path": "*.md", "mode": "modify"}]},
-        ],
-    }
+    plan = {"summary": "two tasks, one file", "tasks": [task("a", ("F.md", "create")), task("b", ("*.md", "modify"))]}
     team = {  # no claimer case: a claim question would fail the task
         "cases": [
             {"match": {"role": "planner"}, "steps": [{"answer": plan}]},
@@ -542,15 +543,7 @@ async def test_a_stalled_job_asks_the_queen_who_may_drop_and_add_tasks_while_oth
 
 
 async def test_an_integration_branch_moved_behind_numerus_fails_the_job_at_once_and_stops_its_agents(tmp_path: Path):
-    import time
-
-    plan = {
-        "summary": "two tasks",
-        "tasks": [
-            {"id": "a", "title": "A", "instructions": "a", "intents": [{"path": "A.md", "mode": "create"}]},
-            {"id": "b", "title": "B", "instructions": "b", "intents": [{"path": "B.md", "mode": "create"}]},
-        ],
-    }
+    plan = {"summary": "two tasks", "tasks": [task("a", ("A.md", "create")), task("b", ("B.md", "create"))]}
     team = {
         "cases": [
             {"match": {"role": "planner"}, "steps": [{"answer": plan}]},
@@ -566,9 +559,7 @@ async def test_an_integration_branch_moved_behind_numerus_fails_the_job_at_once_
         repo = git_repo(tmp_path / "repo")
         job = daemon.ctl("run", "two", "--repo", str(repo), "--agent", "team", check=True).stdout.strip()
         branch = f"numerus/{job}.integration"
-        deadline = time.monotonic() + 30
-        while len(by_type(daemon.events(job), "TaskStarted")) < 2 and time.monotonic() < deadline:
-            time.sleep(0.1)
+        await eventually(lambda: len(by_type(daemon.events(job), "TaskStarted")) == 2, timeout=30, interval=0.1)
         # Somebody commits on the job's integration branch while its tasks run.
         git = ["git", "-C", str(repo)]
         tree = subprocess.run([*git, "rev-parse", f"{branch}^{{tree}}"], capture_output=True, text=True).stdout.strip()
@@ -577,9 +568,7 @@ async def test_an_integration_branch_moved_behind_numerus_fails_the_job_at_once_
             capture_output=True, text=True, check=True,
         ).stdout.strip()  # fmt: skip
         subprocess.run([*git, "update-ref", f"refs/heads/{branch}", stranger], check=True)
-        while daemon.status(job)["status"] not in ("completed", "failed") and time.monotonic() < deadline:
-            time.sleep(0.1)
-        view = daemon.status(job)
+        view = wait_for(daemon, job, lambda v: v["status"] != "running")
         assert view["status"] == "failed"
         assert f"Numerus alone moves {branch}" in view["reason"]
         events = daemon.events(job)
@@ -587,17 +576,13 @@ async def test_an_integration_branch_moved_behind_numerus_fails_the_job_at_once_
         assert {t["id"]: t["status"] for t in view["tasks"]} == {"a": "failed", "b": "failed"}
         # b's agent, asleep for a minute, was stopped with the job rather than left running.
         (spawned,) = by_type(events, "AgentSpawned", "b")
-        while Path(f"/proc/{spawned['data']['pid']}").exists() and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert not Path(f"/proc/{spawned['data']['pid']}").exists()
+        await eventually(lambda: not Path(f"/proc/{spawned['data']['pid']}").exists(), timeout=10, interval=0.1)
         assert subprocess.run([*git, "rev-parse", branch], capture_output=True, text=True).stdout.strip() == stranger
         assert daemon.ctl("audit", "verify", job).returncode == 0
 
 
 async def test_a_merge_waits_while_the_integration_branch_is_checked_out_and_lands_once_it_is_not(tmp_path: Path):
-    import time
-
-    plan = {"summary": "one", "tasks": [{"id": "a", "title": "A", "instructions": "a", "intents": []}]}
+    plan = {"summary": "one", "tasks": [task("a")]}
     team = {
         "cases": [
             {"match": {"role": "planner"}, "steps": [{"answer": plan}]},
@@ -612,22 +597,17 @@ async def test_a_merge_waits_while_the_integration_branch_is_checked_out_and_lan
         repo = git_repo(tmp_path / "repo")
         job = daemon.ctl("run", "one", "--repo", str(repo), "--agent", "team", check=True).stdout.strip()
         branch = f"numerus/{job}.integration"
-        deadline = time.monotonic() + 30
-        while not by_type(daemon.events(job), "TaskStarted") and time.monotonic() < deadline:
-            time.sleep(0.1)
+        await eventually(lambda: bool(by_type(daemon.events(job), "TaskStarted")), timeout=30, interval=0.1)
         # The user looks at the job's progress in a checkout of its integration branch while the task runs.
         look = tmp_path / "look"
         subprocess.run(["git", "-C", str(repo), "worktree", "add", "-q", str(look), branch], check=True)
-        while not by_type(daemon.events(job), "MergeBlocked") and time.monotonic() < deadline:
-            time.sleep(0.1)
+        await eventually(lambda: bool(by_type(daemon.events(job), "MergeBlocked")), timeout=30, interval=0.1)
         (blocked,) = by_type(daemon.events(job), "MergeBlocked")
         assert f"is checked out in {look}" in blocked["data"]["reason"]
-        time.sleep(3)  # longer than the stall timeout
+        await asyncio.sleep(3)  # longer than the stall timeout
         assert daemon.status(job)["status"] == "running"
         subprocess.run(["git", "-C", str(look), "switch", "-q", "--detach"], check=True)
-        while daemon.status(job)["status"] == "running" and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert daemon.status(job)["status"] == "completed"
+        assert wait_for(daemon, job, lambda v: v["status"] != "running")["status"] == "completed"
         events = daemon.events(job)
         assert len(by_type(events, "TaskStarted", "a")) == 1  # the work was kept: no agent ran again
         assert not by_type(events, "TaskRetryScheduled")
@@ -638,10 +618,7 @@ async def test_a_merge_waits_while_the_integration_branch_is_checked_out_and_lan
 
 
 async def test_parallel_bounds_the_executors_while_claims_are_asked_ahead_of_them(tmp_path: Path):
-    plan = {
-        "summary": "six",
-        "tasks": [{"id": f"t{n}", "title": f"T{n}", "instructions": "wait", "intents": []} for n in range(1, 7)],
-    }
+    plan = {"summary": "six", "tasks": [task(f"t{n}") for n in range(1, 7)]}
     team = {
         "cases": [
             {"match": {"role": "planner"}, "steps": [{"answer": plan}]},
