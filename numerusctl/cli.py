@@ -336,6 +336,8 @@ def run(
         data = await request(nc, "run", job, opts.timeout)
         reply: RunReply = decode_reply(_run_reply, "run", data)
         _out(data.decode() if opts.json else reply.job)
+        for note in [] if opts.json else reply.notes:  # --json has them in the reply
+            click.echo(f"numerusctl: note: {note}", err=True)
         if not wait:
             return 0
         return await _follow_job(nc, reply.job, opts.json)

@@ -216,6 +216,10 @@ def summary(type_name: str, data: Any) -> str:
             text = f"{get('goal', '')!r} in {get('repo')} with {get('agent')}"
             if get("plan"):
                 text += f", planned, {get('parallel')} at once"
+            if get("base_sha"):
+                text += f", from {_sha(get('base_sha'))}"
+            if get("uncommitted_count"):
+                text += f" ({_n(get('uncommitted_count'), 'uncommitted change')} left out)"
         case "TaskCreated":
             deps = get("deps") or []
             text = f"{get('title', '')} ({get('agent')}{', after ' + ', '.join(deps) if deps else ''})"

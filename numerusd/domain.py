@@ -9,7 +9,7 @@ touch NATS. Events are returned as `(task id or None, payload)` pairs; the event
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from datetime import datetime
 from typing import TypeVar
 
@@ -21,6 +21,7 @@ from numerusd.protocol.claims import ClaimedPath, Lock
 from numerusd.protocol.commands import JOB_DONE, JobView, TaskView
 from numerusd.protocol.envelope import Envelope
 from numerusd.protocol.events import (
+    UNCOMMITTED_NAMED,
     AgentCommandExecuted,
     AgentErrorReported,
     AgentFileChanged,
@@ -152,6 +153,7 @@ class JobState(msgspec.Struct, frozen=True, kw_only=True):
     plan_attempts: int = 0
     plan_errors: tuple[str, ...] = ()
     integration: str | None = None
+    #: The commit the job works from (recorded at submission; older jobs: when the integration branch was made).
     base_sha: str | None = None
     #: Where the integration branch is: its base, then each merge's commit (Numerus is its only writer).
     integration_tip: str | None = None
@@ -194,6 +196,7 @@ def evolve(state: JobState | None, event: Envelope) -> JobState:
             backoff_s=data.backoff_s,
             max_replans=data.max_replans,
             claims=data.claims,
+            base_sha=data.base_sha,
         )
     job = msgspec.structs.replace(state, updated=event.time, events=state.events + 1, last_event_id=event.id)
     if event.task is not None:
@@ -513,8 +516,10 @@ def decide_submit(
     backoff_s: tuple[float, ...],
     max_replans: int = 0,
     claims: str = "agent",
+    base_sha: str | None = None,
+    uncommitted: Sequence[str] = (),
 ) -> Decision:
-    """A new planned job: the planner is asked next."""
+    """A new planned job, working from `base_sha` without the `uncommitted` changes: the planner is asked next."""
     if not goal.strip():
         raise BadRequest("the goal is empty: say what the agents should do, e.g. numerusctl run 'fix the tests'")
     return [
@@ -533,6 +538,9 @@ def decide_submit(
                 backoff_s=backoff_s,
                 max_replans=max_replans,
                 claims=claims,
+                base_sha=base_sha,
+                uncommitted_count=len(uncommitted),
+                uncommitted=tuple(uncommitted[:UNCOMMITTED_NAMED]),
             ),
         )
     ]

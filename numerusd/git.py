@@ -257,6 +257,19 @@ async def resolve(repo: Path, rev: str) -> str:
     return result.text()
 
 
+async def uncommitted(repo: Path) -> list[str]:
+    """The paths of `repo`'s working tree whose state is not in its HEAD commit: staged, unstaged and untracked
+    changes alike (an untracked directory is one path, ending in `/`); ignored files are not changes.
+
+    A planned job works from a commit, so these are what its agents will not see.
+    """
+    # No optional locks: `status` would otherwise refresh the user's index, and hold index.lock while it does.
+    status = ("--no-optional-locks", "status", "--porcelain=v1", "-z", "--no-renames", "--untracked-files=normal")
+    out = await _git(repo, *status)
+    # Each entry is `XY <path>`, NUL-terminated (with --no-renames never followed by an old path).
+    return [entry[3:].decode("utf-8", "surrogateescape") for entry in out.stdout.split(b"\0") if entry]
+
+
 async def create_integration_branch(repo: Path, job: str, start: str = "HEAD") -> Branch:
     """Create the job's integration branch at `start` (resolved to a sha first); idempotent.
 
@@ -366,7 +379,15 @@ async def remove_worktree(repo: Path, worktree: Worktree, *, delete_branch: bool
 
 
 async def _remove_worktree(repo: Path, worktree: Worktree, *, delete_branch: bool) -> None:
-    path = Path(os.path.abspath(worktree.path))
+    await _unregister(repo, Path(os.path.abspath(worktree.path)))
+    if delete_branch:
+        ref = f"refs/heads/{worktree.branch}"
+        if await _ref_sha(repo, ref) is not None:
+            await _git(repo, "update-ref", "-d", ref)
+
+
+async def _unregister(repo: Path, path: Path) -> None:
+    """Remove the worktree at `path` (an absolute path), its files and its registration, if git knows it."""
     removed = False
     if (path / ".git").is_file():
         # The usual case, a healthy worktree: one git command. Anything else takes the careful path below.
@@ -382,10 +403,41 @@ async def _remove_worktree(repo: Path, worktree: Worktree, *, delete_branch: boo
                 raise
             shutil.rmtree(path)
             await _git(repo, "worktree", "remove", "--force", "--force", str(path))
-    if delete_branch:
-        ref = f"refs/heads/{worktree.branch}"
-        if await _ref_sha(repo, ref) is not None:
-            await _git(repo, "update-ref", "-d", ref)
+
+
+# --- read-only checkouts -----------------------------------------------------------------------------------
+
+
+async def create_checkout(repo: Path, sha: str, path: Path) -> Path:
+    """Check out commit `sha` at `path` on no branch (a detached worktree); the absolute path.
+
+    For the agents that are only asked to read (the planner, the queen, claimers): they look at the commit the
+    job's tasks start from, not at the user's working tree. Whatever is at `path` already (a checkout left by a
+    crash) is replaced: the caller owns the directory.
+    """
+    path = Path(os.path.abspath(path))
+    add = ("worktree", "add", "--quiet", "--detach", "--no-checkout", str(path), sha)
+    async with _worktree_lock(repo):
+        if os.path.lexists(path):
+            await _remove_checkout(repo, path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if (await _git(repo, *add, ok=(0, 128))).returncode != 0:
+            await _remove_checkout(repo, path)  # registered, its directory gone: git refuses until it is removed
+            await _git(repo, *add)
+    await _check_out(path)
+    return path
+
+
+async def remove_checkout(repo: Path, path: Path) -> None:
+    """Remove a checkout `create_checkout` made (or began); idempotent."""
+    async with _worktree_lock(repo):
+        await _remove_checkout(repo, Path(os.path.abspath(path)))
+
+
+async def _remove_checkout(repo: Path, path: Path) -> None:
+    await _unregister(repo, path)
+    if os.path.lexists(path):
+        shutil.rmtree(path)
 
 
 # --- a task's real diff ------------------------------------------------------------------------------------

@@ -35,6 +35,7 @@ import msgspec
 
 from numerusd import domain, failpoints, git, locks, prompts
 from numerusd.agents.base import AgentInvocation, adapter_for
+from numerusd.checkouts import Checkouts
 from numerusd.errors import NumerusError
 from numerusd.plans import ValidatedPlan, validate_plan
 from numerusd.protocol.claims import Claim, ClaimedPath, Lock, decode_claim
@@ -106,6 +107,8 @@ class JobPipeline:
         #: When a task last completed (or a plan was accepted): a job without progress for too long is stalled.
         self.progress_at = time.monotonic()
         self.replanning = asyncio.Lock()
+        #: What the planner, the queen and the claimers read (see numerusd.checkouts).
+        self.checkouts = Checkouts(self.repo, self.settings.worktrees_dir / f"{job_id}.checkouts")
 
     @property
     def job(self) -> domain.JobState:
@@ -117,6 +120,7 @@ class JobPipeline:
     async def run(self) -> None:
         """Plan if needed, then run every task to its end."""
         try:
+            await self.checkouts.clear()  # left by a daemon that stopped in the middle
             if self.job.status == "planning" and not await self.plan():
                 return
             if self.job.status in JOB_DONE:
@@ -147,6 +151,10 @@ class JobPipeline:
         finally:
             for flow in self.flows.values():
                 flow.cancel()
+            try:
+                await asyncio.shield(self.checkouts.clear())
+            except git.GitError as e:
+                log.warning("job %s: cannot remove its read-only checkouts: %s", self.job_id, e)
 
     async def _fail(self, reason: str) -> None:
         """End the job as failed, its running agents stopped (their flows are cancelled next, not waited for)."""
@@ -254,13 +262,15 @@ class JobPipeline:
         profile_name = self.job.roles.get(role, self.job.agent)
         requested = PlanRequested(attempt=attempt, agent=profile_name, role=role, log_path=str(call_dir / "stdout.log"))
         await self.record(partial(_job_event, requested))
-        result = await self.call(role, None, f"{role}-{attempt}", call_dir, prompt, "plan", self.repo)
-        self._check_stopping()
-        if self.job.kill_requested:
-            await self.record(domain.decide_planning_killed)
-            raise _Killed
-        failure = result.failure()
-        checked = [failure] if failure else validate_plan(result.answer or "", repo=self.repo)
+        # The planner reads the commit the job works from; the queen, the work merged so far.
+        async with self.checkouts.at(await self.tip()) as checkout:
+            result = await self.call(role, None, f"{role}-{attempt}", call_dir, prompt, "plan", checkout)
+            self._check_stopping()
+            if self.job.kill_requested:
+                await self.record(domain.decide_planning_killed)
+                raise _Killed
+            failure = result.failure()
+            checked = [failure] if failure else validate_plan(result.answer or "", repo=checkout)
         if isinstance(checked, ValidatedPlan):
             problems = domain.replan_errors(self.job, checked.plan) if role == "queen" else []
             if not problems:
@@ -286,11 +296,21 @@ class JobPipeline:
         await self.record(reject)
         return errors
 
+    async def tip(self) -> str:
+        """The commit the job's work stands at: the integration branch's tip, else the commit the job started from."""
+        job = self.job
+        return job.integration_tip or job.base_sha or await git.resolve(self.repo, "HEAD")
+
     async def integration_branch(self) -> None:
-        """Create the job's integration branch at the repository's HEAD, once."""
+        """Create the job's integration branch at the commit the job works from, once.
+
+        That commit was recorded at submission: commits the user makes while the planner works do not move it,
+        and after a crash the branch is made (or found) at the same place. A job recorded before the commit
+        was takes the repository's HEAD now.
+        """
         if self.job.integration is not None:
             return
-        branch = await git.create_integration_branch(self.repo, self.job_id)
+        branch = await git.create_integration_branch(self.repo, self.job_id, self.job.base_sha or "HEAD")
         await self.record(lambda _job: [(None, IntegrationBranchCreated(branch=branch.name, base_sha=branch.sha))])
 
     # --- one task -----------------------------------------------------------------------------------------
@@ -375,11 +395,13 @@ class JobPipeline:
             task = self.job.tasks[task_id]
             prompt = prompts.claim(self.job_id, task_id, task.title, task.instructions, attempt, errors)
             call_dir = self.settings.runs_dir / self.job_id / task_id / f"claim-{attempt}"
-            # Asked ahead of the executors' slots, and still counted ahead until its executor gets one.
+            # Asked ahead of the executors' slots, and still counted ahead until its executor gets one. It reads
+            # the work merged so far, which its worktree will start from (its dependencies' work included).
             turn = self.ahead.taken(task=task_id, hand_on=True)
-            result = await self.call(
-                "executor", task_id, f"{task_id}.claim", call_dir, prompt, "claim", self.repo, turn=turn
-            )
+            async with self.checkouts.at(await self.tip()) as checkout:
+                result = await self.call(
+                    "executor", task_id, f"{task_id}.claim", call_dir, prompt, "claim", checkout, turn=turn
+                )
             self._check_stopping()
             if self.job.kill_requested:
                 await self.record(lambda job: domain.decide_task_killed(job, task_id))

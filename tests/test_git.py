@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from numerusd import git
+from numerusd.checkouts import Checkouts
 from numerusd.git import (
     BaseNotAncestor,
     BranchCheckedOut,
@@ -151,6 +152,18 @@ async def test_resolve_errors_name_the_revision(repo: Path) -> None:
         await git.resolve(repo, "--output=/tmp/x")
 
 
+async def test_uncommitted_lists_staged_unstaged_and_untracked_changes_but_not_ignored_files(repo: Path) -> None:
+    write(repo / "build.log", "ignored\n")
+    write(repo / "new dir" / "ünïcode.md", "in an untracked directory\n")
+    (repo / "docs" / "old.md").unlink()
+    before = snapshot(repo)
+    assert sorted(await git.uncommitted(repo)) == ["README.md", "docs/old.md", "new dir/", "notes.txt", "src/b.py"]
+    assert snapshot(repo) == before  # only looked
+    run_git(repo, "add", "--all")
+    run_git(repo, "commit", "-q", "-m", "the user's work")
+    assert await git.uncommitted(repo) == []
+
+
 async def test_a_directory_inside_a_repository_is_not_taken_for_it(repo: Path) -> None:
     # git would otherwise walk up from src/ and act on the repository around it.
     with pytest.raises(GitError, match="not a git repository"):
@@ -273,6 +286,54 @@ async def test_remove_worktree(repo: Path) -> None:
     # A fresh start for a retry.
     again = await start_task(repo, "t1")
     assert not (again.path / "uncommitted.txt").exists()
+
+
+# --- read-only checkouts ----------------------------------------------------------------------------------
+
+
+def files(root: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(root)): p.read_text() for p in sorted(root.rglob("*")) if p.is_file() and p.name != ".git"
+    }
+
+
+async def test_a_checkout_holds_the_commit_not_the_working_tree_and_replaces_what_a_crash_left(repo: Path) -> None:
+    before = snapshot(repo)
+    head = run_git(repo, "rev-parse", "HEAD")
+    path = repo.parent / "state" / "checkouts" / head
+    assert await git.create_checkout(repo, head, path) == path
+    assert files(path)["README.md"] == "# project\n" and "notes.txt" not in files(path)
+    # Left by a crash: scribbled on, then its directory gone while git still has it registered.
+    write(path / "scribble.txt", "x\n")
+    await git.create_checkout(repo, head, path)
+    assert "scribble.txt" not in files(path)
+    shutil.rmtree(path)
+    await git.create_checkout(repo, head, path)
+    assert files(path)["src/a.py"] == "one\ntwo\nthree\n"
+    await git.remove_checkout(repo, path)
+    await git.remove_checkout(repo, path)  # again: nothing to do
+    assert not path.exists() and str(path) not in run_git(repo, "worktree", "list", "--porcelain")
+    assert snapshot(repo) == before
+
+
+async def test_checkouts_are_shared_at_one_commit_and_removed_once_unread_and_superseded(repo: Path) -> None:
+    first = run_git(repo, "rev-parse", "HEAD")
+    second = commit(repo, "the user's work")
+    root = repo.parent / "state" / "job.checkouts"
+    (root / "left-by-a-crash").mkdir(parents=True)
+    checkouts = Checkouts(repo, root)
+    await checkouts.clear()
+    assert list(root.iterdir()) == []
+    async with checkouts.at(first) as one, checkouts.at(first) as same:
+        assert one == same and "notes.txt" not in files(one)
+        async with checkouts.at(second) as newer:
+            assert files(newer)["notes.txt"] == "the user's untracked notes\n"
+        assert one.exists() and newer.exists()  # `one` is read; `newer` is the newest asked for
+    assert not one.exists() and newer.exists()
+    async with checkouts.at(second) as again:
+        assert again == newer
+    await checkouts.clear()
+    assert list(root.iterdir()) == [] and str(root) not in run_git(repo, "worktree", "list", "--porcelain")
 
 
 # --- the real diff -----------------------------------------------------------------------------------------

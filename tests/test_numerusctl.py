@@ -489,7 +489,19 @@ def planned_job(job: str) -> Script:
     output = "E   assert 1 == 2\n1 failed in 0.1s\n"
     check_failed = f"the check `pytest -q` failed with exit code 1:\n{output}"
     return [
-        (ev.JobSubmitted(goal="add a parser", repo="/r", agent="codex", plan=True, parallel=2), None),
+        (
+            ev.JobSubmitted(
+                goal="add a parser",
+                repo="/r",
+                agent="codex",
+                plan=True,
+                parallel=2,
+                base_sha="abc1234" + "0" * 33,
+                uncommitted_count=2,
+                uncommitted=("README.md", "draft.txt"),
+            ),
+            None,
+        ),
         (ev.PlanRequested(attempt=1, agent="careful"), None),
         (ev.PlanRejected(attempt=1, errors=("$.tasks[0].deps[0]: unknown task t9", "$.tasks[1].id: twice")), None),
         (ev.PlanRequested(attempt=2, agent="careful"), None),
@@ -587,7 +599,10 @@ def test_event_lines_of_a_planned_job_say_what_each_step_did():
     def says(key: str) -> str:
         return lines[key].split(maxsplit=5)[-1]  # after seq, date, time, type and task (or -)
 
-    assert says("JobSubmitted") == "'add a parser' in /r with codex, planned, 2 at once"
+    assert (
+        says("JobSubmitted")
+        == "'add a parser' in /r with codex, planned, 2 at once, from abc1234 (2 uncommitted changes left out)"
+    )
     assert says("PlanValidated") == "plan v1 accepted: 3 tasks (hash 1a2b3c4d)"
     assert says("ClaimDeniedt2") == "NO GO: src/app.py held by t1 (modify)"
     assert says("TaskRetryScheduledt1") == "retry 2 in 1s: the check `pytest -q` failed with exit code 1"

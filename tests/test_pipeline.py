@@ -7,6 +7,7 @@ playing one scenario for all roles, so the daemon runs the same code path as wit
 from __future__ import annotations
 
 import asyncio
+import json
 import subprocess
 from datetime import datetime
 from pathlib import Path
@@ -648,3 +649,71 @@ async def test_parallel_bounds_the_executors_while_claims_are_asked_ahead_of_the
     starts = {e["task"]: when(e) for e in by_type(events, "TaskStarted")}
     assert min(starts.values()) < max(claims.values())
     assert all(claims[task] < starts[task] for task in starts)
+
+
+def commands_seen(log: Path) -> dict[str, str]:
+    """What each command an agent ran printed, from its terminal log (the `codex exec --json` lines)."""
+    seen = {}
+    for line in log.read_text().splitlines():
+        item = json.loads(line).get("item") or {} if line.startswith("{") else {}
+        if item.get("type") == "command_execution" and item.get("status") == "completed":
+            seen[item["command"]] = item["aggregated_output"]
+    return seen
+
+
+async def test_a_job_works_from_the_commit_it_was_submitted_at_and_its_readers_see_that_not_the_working_tree(
+    tmp_path: Path,
+):
+    plan = {
+        "summary": "two",
+        "tasks": [task("a", ("A.md", "create")), {**task("b", ("A.md", "modify")), "deps": ["a"]}],
+    }
+    team = {
+        "cases": [
+            {"match": {"role": "planner"}, "steps": [{"run": "cat README.md; ls"}, {"sleep": 1.5}, {"answer": plan}]},
+            {"match": {"role": "claimer", "task": "a"}, "steps": [{"answer": claim(("A.md", "create"))}]},
+            {
+                "match": {"role": "claimer", "task": "b"},
+                "steps": [{"run": "cat A.md"}, {"answer": claim(("A.md", "modify"))}],
+            },
+            {"match": {"role": "executor", "task": "a"}, "steps": [{"write": "A.md", "content": "a\n"}]},
+            {"match": {"role": "executor", "task": "b"}, "steps": [{"run": "echo b >> A.md"}]},
+        ]
+    }
+    with Daemon(tmp_path / "state", agents={"team": team}, config="review = false\n").start() as daemon:
+        repo = git_repo(tmp_path / "repo")
+        submitted_at = subprocess.run(
+            ["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+        # The user has work of their own in the working tree: an edit and a new file, neither committed.
+        (repo / "README.md").write_text("# edited, not committed\n")
+        (repo / "draft.txt").write_text("not committed either\n")
+        result = daemon.ctl("run", "two", "--repo", str(repo), "--agent", "team", check=True)
+        job = result.stdout.strip()
+        (note,) = result.stderr.splitlines()
+        assert note.startswith("numerusctl: note: 2 uncommitted changes in ")
+        assert f"(README.md, draft.txt) left out: the job works from commit {submitted_at[:12]} (HEAD)" in note
+        # While the planner works, the user commits their work: the job still works from where it was submitted.
+        commit = ["-c", "user.name=u", "-c", "user.email=u@example.invalid", "commit", "-qam", "the user's edit"]
+        subprocess.run(["git", "-C", str(repo), *commit], check=True)
+        view = wait_for(daemon, job, lambda v: v["status"] not in ("planning", "running"))
+        assert view["status"] == "completed", daemon.stderr()[-3000:]
+        (submitted,) = by_type(daemon.events(job), "JobSubmitted")
+        assert submitted["data"]["base_sha"] == submitted_at
+        assert submitted["data"]["uncommitted_count"] == 2
+        assert view["base_sha"] == submitted_at
+        branch = f"numerus/{job}.integration"
+        assert show(repo, branch, "README.md") == "# test repo\n"  # not the user's later commit
+        assert show(repo, branch, "A.md") == "a\nb\n"
+        # The planner read the commit, not the working tree; b's claimer read a's merged work.
+        runs = daemon.state_dir / "runs" / job
+        assert commands_seen(runs / "plan" / "1" / "stdout.log")["cat README.md; ls"] == "# test repo\nREADME.md\n"
+        assert commands_seen(runs / "b" / "claim-1" / "stdout.log")["cat A.md"] == "a\n"
+
+    def worktrees() -> str:
+        return subprocess.run(
+            ["git", "-C", str(repo), "worktree", "list", "--porcelain"], capture_output=True, text=True, check=True
+        ).stdout
+
+    # Nothing of the job's reading is left in the user's repository once it has ended.
+    await eventually(lambda: ".checkouts" not in worktrees(), timeout=10, interval=0.1)

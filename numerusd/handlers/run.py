@@ -29,6 +29,7 @@ async def handle(daemon: Daemon, request: RunJob) -> RunReply:
             played = "" if agent == request.agent else f" (for the {role})"
             raise BadRequest(f"unknown agent {agent!r}{played}; configured agents: {known}")
     job_id = new_ulid()
+    notes: list[str] = []
     if not request.plan:
         agent = roles["executor"]
         await daemon.record(job_id, lambda _none: domain.decide_run(request.goal, str(repo), agent))
@@ -36,7 +37,8 @@ async def handle(daemon: Daemon, request: RunJob) -> RunReply:
         if daemon.git_problem is not None:
             raise BadRequest(f"{daemon.git_problem}; install a newer git, or use --no-plan")
         try:
-            await git.resolve(repo, "HEAD")
+            base_sha = await git.resolve(repo, "HEAD")
+            uncommitted = await git.uncommitted(repo)
         except git.GitError:
             raise BadRequest(
                 f"repo {repo} is not a git repository with a commit; a planned job works on branches of it "
@@ -56,7 +58,21 @@ async def handle(daemon: Daemon, request: RunJob) -> RunReply:
             backoff_s=settings.backoff_s,
             max_replans=settings.max_replans,
             claims=request.claims or settings.claims,
+            base_sha=base_sha,
+            uncommitted=uncommitted,
         )
         await daemon.record(job_id, lambda _none: decision)
+        if uncommitted:
+            notes.append(uncommitted_note(repo, base_sha, uncommitted))
     daemon.schedule(job_id)
-    return RunReply(job=job_id, subject=f"numerus.job.{job_id}.>")
+    return RunReply(job=job_id, subject=f"numerus.job.{job_id}.>", notes=notes)
+
+
+def uncommitted_note(repo: Path, base_sha: str, paths: list[str]) -> str:
+    """What the user is told when the job leaves out changes of their working tree."""
+    shown = ", ".join(paths[:3]) + (f" and {len(paths) - 3} more" if len(paths) > 3 else "")
+    changes = "1 uncommitted change" if len(paths) == 1 else f"{len(paths)} uncommitted changes"
+    return (
+        f"{changes} in {repo} ({shown}) left out: the job works from commit {base_sha[:12]} (HEAD), "
+        "so its agents do not see them; to include them, commit them and submit the job again"
+    )

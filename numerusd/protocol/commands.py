@@ -140,10 +140,12 @@ class PlanReply(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class RunReply(msgspec.Struct, frozen=True, kw_only=True):
-    """The job was accepted; its events are on `numerus.job.<job>.>`."""
+    """The job was accepted; its events are on `numerus.job.<job>.>`. `notes` are for the user to read: what the
+    job will not do that they might expect (work from uncommitted changes)."""
 
     job: str
     subject: str
+    notes: list[str] = []
 
 
 class StatusReply(msgspec.Struct, frozen=True, kw_only=True):

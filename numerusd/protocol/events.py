@@ -27,6 +27,9 @@ class EventData(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
 
 # --- the job aggregate -------------------------------------------------------------------------------------
 
+#: The uncommitted paths a JobSubmitted names; the others are only counted.
+UNCOMMITTED_NAMED = 20
+
 
 class JobSubmitted(EventData, frozen=True, kw_only=True):
     """A user asked for a goal to be worked on in a repository."""
@@ -51,6 +54,13 @@ class JobSubmitted(EventData, frozen=True, kw_only=True):
     max_replans: int = 0
     #: Where claims come from: `agent` (each executor is asked) or `plan` (the plan's file intents).
     claims: str = "agent"
+    #: The commit the job works from: the repository's HEAD when it was submitted (None before this was recorded:
+    #: then HEAD when the integration branch was created).
+    base_sha: str | None = None
+    #: How many paths of the working tree held changes not in `base_sha` (staged, unstaged, untracked), which the
+    #: agents do not see; `uncommitted` names the first UNCOMMITTED_NAMED of them.
+    uncommitted_count: int = 0
+    uncommitted: tuple[str, ...] = ()
 
 
 class ReplanRequested(EventData, frozen=True, kw_only=True):

@@ -1,0 +1,61 @@
+"""Read-only checkouts of a job's commits, for the agents that are only asked questions.
+
+The planner, the queen and the claimers read the repository to answer: they should read what the job's tasks
+will start from, not the user's working tree (which may hold uncommitted work the tasks never see, and lacks
+what the job has merged so far). `Checkouts.at(sha)` lends a detached worktree of `sha`, shared by the calls
+asking at that commit. One stays until the job ends: the newest asked for, since the next question is most
+likely asked there too; the others are removed as soon as nobody reads them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import os
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+from numerusd import git
+
+
+class Checkouts:
+    """The read-only checkouts of one job, in `root` (one directory per commit)."""
+
+    def __init__(self, repo: Path, root: Path) -> None:
+        self._repo = repo
+        self._root = root
+        self._made: dict[str, Path] = {}
+        self._readers: collections.Counter[str] = collections.Counter()
+        self._newest: str | None = None
+        self._lock = asyncio.Lock()
+
+    @contextlib.asynccontextmanager
+    async def at(self, sha: str) -> AsyncIterator[Path]:
+        """A checkout of commit `sha`, for as long as the block runs."""
+        async with self._lock:
+            self._newest = sha
+            if sha not in self._made:
+                self._made[sha] = await git.create_checkout(self._repo, sha, self._root / sha)
+            self._readers[sha] += 1
+        try:
+            yield self._made[sha]
+        finally:
+            self._readers[sha] -= 1
+            await asyncio.shield(self._tidy())  # a cancelled reader still lets go of what it read
+
+    async def _tidy(self) -> None:
+        async with self._lock:
+            await self._drop(lambda made: made != self._newest and not self._readers[made])
+
+    async def clear(self) -> None:
+        """Remove every checkout, also those a crashed daemon left in `root`."""
+        async with self._lock:
+            await self._drop(lambda _made: True)
+            for name in os.listdir(self._root) if self._root.is_dir() else ():
+                await git.remove_checkout(self._repo, self._root / name)
+
+    async def _drop(self, unused: Callable[[str], bool]) -> None:
+        for sha in [sha for sha in self._made if unused(sha)]:
+            await git.remove_checkout(self._repo, self._made.pop(sha))
+            del self._readers[sha]
