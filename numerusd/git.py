@@ -428,6 +428,11 @@ async def create_checkout(repo: Path, sha: str, path: Path) -> Path:
     return path
 
 
+async def move_checkout(path: Path, sha: str) -> None:
+    """Make the checkout at `path` one of commit `sha`: only the files that differ are written."""
+    await _git(path, "reset", "--hard", "--quiet", "--no-recurse-submodules", sha)
+
+
 async def remove_checkout(repo: Path, path: Path) -> None:
     """Remove a checkout `create_checkout` made (or began); idempotent."""
     async with _worktree_lock(repo):

@@ -316,7 +316,7 @@ async def test_a_checkout_holds_the_commit_not_the_working_tree_and_replaces_wha
     assert snapshot(repo) == before
 
 
-async def test_checkouts_are_shared_at_one_commit_and_removed_once_unread_and_superseded(repo: Path) -> None:
+async def test_checkouts_are_shared_at_one_commit_moved_when_unread_and_removed_once_superseded(repo: Path) -> None:
     first = run_git(repo, "rev-parse", "HEAD")
     second = commit(repo, "the user's work")
     root = repo.parent / "state" / "job.checkouts"
@@ -332,6 +332,9 @@ async def test_checkouts_are_shared_at_one_commit_and_removed_once_unread_and_su
     assert not one.exists() and newer.exists()
     async with checkouts.at(second) as again:
         assert again == newer
+    # The checkout nobody reads is moved to the next commit asked for, not made again.
+    async with checkouts.at(first) as moved:
+        assert moved == newer and "notes.txt" not in files(moved) and len(list(root.iterdir())) == 1
     await checkouts.clear()
     assert list(root.iterdir()) == [] and str(root) not in run_git(repo, "worktree", "list", "--porcelain")
 
