@@ -171,12 +171,14 @@ def _task_status(task: TaskView) -> str:
 
 
 def _task_note(task: TaskView) -> str | None:
-    """Why a task is retrying, failed or never ran, in one line; None for a task doing fine."""
+    """Why a task is retrying, failed, never ran or cannot merge yet, in one line; None for a task doing fine."""
     if task.status in ("retrying", "failed") and task.feedback:
         more = len(task.feedback) - 1
         return f"{task.status}: {first_line(task.feedback[0])}" + (f" (+{more} more)" if more else "")
     if task.status in ("failed", "skipped", "interrupted") and task.reason:
         return f"{task.status}: {first_line(task.reason)}"
+    if task.status == "merging" and task.reason:
+        return f"merge waits: {first_line(task.reason)}"
     return None
 
 

@@ -335,10 +335,11 @@ def _evolve_task(job: JobState, task_id: str, time: datetime, data: EventData) -
             task = replace(task, status="retrying", feedback=reasons)
         case MergeStarted(parent=parent):
             task = replace(task, status="merging", merge_parent=parent)
-        case MergeBlocked():
-            return job  # told to the user; the task stays merging and the merge is tried again
+        case MergeBlocked(reason=reason):
+            task = replace(task, reason=reason)  # it stays merging, and says what it waits for
+
         case TaskMerged(sha=sha):
-            task = replace(task, merged_sha=sha)
+            task = replace(task, merged_sha=sha, reason=None)
             job = replace(job, integration_tip=sha)
         case MergeConflicted(paths=paths):
             task = replace(task, feedback=(f"merging into the integration branch conflicts on {', '.join(paths)}",))

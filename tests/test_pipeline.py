@@ -605,6 +605,9 @@ async def test_a_merge_waits_while_the_integration_branch_is_checked_out_and_lan
         await eventually(lambda: bool(by_type(daemon.events(job), "MergeBlocked")), timeout=30, interval=0.1)
         (blocked,) = by_type(daemon.events(job), "MergeBlocked")
         assert f"is checked out in {look}" in blocked["data"]["reason"]
+        # `status` says why the task is still merging.
+        note = f"a: merge waits: {branch} is checked out in "
+        await eventually(lambda: note in daemon.ctl("status", job, check=True).stdout, timeout=10, interval=0.1)
         await asyncio.sleep(3)  # longer than the stall timeout
         assert daemon.status(job)["status"] == "running"
         subprocess.run(["git", "-C", str(look), "switch", "-q", "--detach"], check=True)
@@ -614,6 +617,7 @@ async def test_a_merge_waits_while_the_integration_branch_is_checked_out_and_lan
         assert not by_type(events, "TaskRetryScheduled")
         assert not by_type(events, "ReplanRequested")
         assert show(repo, branch, "A.md") == "a\n"
+        assert "merge waits" not in daemon.ctl("status", job, check=True).stdout
         (line,) = [line for line in daemon.ctl("events", job, check=True).stdout.splitlines() if "MergeBlocked" in line]
         assert "merge waits (tried again every 2 s): numerus/" in line
 
