@@ -36,7 +36,7 @@ from numerusd.keys import Keyring
 from numerusd.pipeline import JobPipeline
 from numerusd.projections import Projector, Rejected
 from numerusd.protocol.commands import JOB_DONE, EventsReply
-from numerusd.protocol.envelope import InvalidEvent, Sealed, open_event
+from numerusd.protocol.envelope import InvalidEvent, Sealed, open_untyped
 from numerusd.protocol.ids import new_ulid
 from numerusd.schemas import agent_output_schemas
 from numerusd.service import start_service
@@ -218,8 +218,8 @@ class Daemon:
         async for batch in read_stream(self.nc, EVENTS):
             for message in batch:
                 try:
-                    event = open_event(message.data, keys)
-                    self.jobs[event.job] = domain.evolve(self.jobs.get(event.job), event)
+                    event = open_untyped(message.data, keys)
+                    self.jobs[event.job] = domain.evolve_untyped(self.jobs.get(event.job), event)
                 except (InvalidEvent, ValueError) as e:
                     log.warning("skipping event at seq %d on %s: %s", message.seq, message.subject, e)
                     continue

@@ -19,7 +19,7 @@ from numerusd import locks
 from numerusd.errors import BadRequest, CommandRefused
 from numerusd.protocol.claims import ClaimedPath, Lock
 from numerusd.protocol.commands import JOB_DONE, JobView, TaskView
-from numerusd.protocol.envelope import Envelope
+from numerusd.protocol.envelope import Envelope, WireEnvelope, typed
 from numerusd.protocol.events import (
     UNCOMMITTED_NAMED,
     AgentCommandExecuted,
@@ -379,6 +379,18 @@ def _evolve_task(job: JobState, task_id: str, time: datetime, data: EventData) -
 
 #: Task events with no state of their own: recorded in the stream and the event index only.
 _NO_TASK_STATE = frozenset({AgentMessageReceived, AgentCommandExecuted, AgentFileChanged, AgentErrorReported})
+#: The names of the event types a job only counts, the most frequent ones (what agents say and do).
+_COUNTED_ONLY = frozenset(cls.__name__ for cls in _NO_TASK_STATE)
+
+
+def evolve_untyped(state: JobState | None, event: WireEnvelope) -> JobState:
+    """`evolve` for an event whose payload is still raw bytes (`envelope.open_untyped`), decoded only if the job
+    needs it: most events are only counted. Raises InvalidEvent when the payload does not fit its type."""
+    if event.type not in _COUNTED_ONLY:
+        return evolve(state, typed(event))
+    if state is None:
+        raise ValueError(f"job {event.job} starts with {event.type}, not JobSubmitted")
+    return msgspec.structs.replace(state, updated=event.time, events=state.events + 1, last_event_id=event.id)
 
 
 def fold(events: Iterable[Envelope]) -> dict[str, JobState]:

@@ -56,10 +56,10 @@ import aiosqlite
 import msgspec
 
 from numerusd.config import NatsAddress
-from numerusd.domain import JobState, evolve
+from numerusd.domain import JobState, evolve_untyped
 from numerusd.errors import StoreError
 from numerusd.protocol.commands import JOB_DONE, JobView, TaskView
-from numerusd.protocol.envelope import Envelope, InvalidEvent, open_event
+from numerusd.protocol.envelope import InvalidEvent, WireEnvelope, open_untyped
 from numerusd.stream_pump import head_started_stream
 from numerusd.stream_reader import StreamMessage, read_stream
 
@@ -521,13 +521,16 @@ class Projector:
         flush = self._remember(work)
         return _Prepared(batch[-1][0], work, before, flush, event_rows, rejected, careful)
 
-    def _open(self, batch: Sequence[Message], rejected: list[Rejected]) -> Iterator[tuple[int, str, bytes, Envelope]]:
-        """Decode and verify each message once; an event that does not open is rejected, not folded."""
+    def _open(
+        self, batch: Sequence[Message], rejected: list[Rejected]
+    ) -> Iterator[tuple[int, str, bytes, WireEnvelope]]:
+        """Decode and verify each message once, its payload left for `_fold` to type (the views need the payloads
+        of a few events only); an event that does not open is rejected, not folded."""
         keys = self._keys
         for message in batch:
             seq, subject, wire = message[0], message[1], message[2]  # a Message, or the reader's StreamMessage
             try:
-                event = open_event(wire, keys)
+                event = open_untyped(wire, keys)
             except InvalidEvent as e:
                 rejected.append(Rejected(seq, subject, e.reason, str(e), wire))
                 continue
@@ -574,7 +577,7 @@ class Projector:
 
     @staticmethod
     def _fold(
-        opened: Iterable[tuple[int, str, bytes, Envelope]],
+        opened: Iterable[tuple[int, str, bytes, WireEnvelope]],
         *,
         cache: dict[str, JobState],
         before: dict[str, JobState | None],
@@ -599,7 +602,10 @@ class Projector:
             if state is None:
                 state = before[job] if job in before else before.setdefault(job, cache.get(job))
             try:
-                work[job] = evolve(state, event)
+                work[job] = evolve_untyped(state, event)
+            except InvalidEvent as e:
+                rejected.append(Rejected(seq, subject, e.reason, str(e), wire))
+                continue
             except ValueError as e:
                 rejected.append(Rejected(seq, subject, "refused", str(e), wire))
                 continue

@@ -17,7 +17,7 @@ import msgspec
 
 from numerusd.protocol.claims import output_schema as claim_output_schema
 from numerusd.protocol.commands import REPLIES, REQUESTS, ErrorReply
-from numerusd.protocol.envelope import _WireEnvelope
+from numerusd.protocol.envelope import WireEnvelope
 from numerusd.protocol.events import EVENT_TYPES, SUBJECT_SUFFIX
 from numerusd.protocol.plan import output_schema as plan_output_schema
 from numerusd.protocol.review import output_schema as review_output_schema
@@ -46,8 +46,8 @@ def _cleaned(value: Any) -> Any:
 def events_schema() -> dict[str, Any]:
     """The envelope, with `data` tied to `type` by one if/then per event type."""
     types = list(EVENT_TYPES.values())
-    _, components = msgspec.json.schema_components([_WireEnvelope, *types], ref_template="#/$defs/{name}")
-    envelope_def = components.pop("_WireEnvelope")
+    _, components = msgspec.json.schema_components([WireEnvelope, *types], ref_template="#/$defs/{name}")
+    envelope_def = components.pop("WireEnvelope")
     envelope_def["title"] = "Envelope"
     envelope_def["description"] = "One signed, chained Numerus event, as published on numerus.job.<job>.>"
     envelope_def["properties"]["type"] = {"enum": sorted(EVENT_TYPES)}

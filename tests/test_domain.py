@@ -4,12 +4,23 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
+import msgspec
 import pytest
 
 from numerusd import domain
 from numerusd.errors import BadRequest, CommandRefused
-from numerusd.protocol.envelope import Envelope
-from numerusd.protocol.events import JobKilled, KillRequested, TaskKilled
+from numerusd.protocol.envelope import Envelope, InvalidEvent, decode_wire
+from numerusd.protocol.events import (
+    AgentCommandExecuted,
+    AgentErrorReported,
+    AgentFileChanged,
+    AgentMessageReceived,
+    EventData,
+    JobKilled,
+    KillRequested,
+    TaskKilled,
+    TokensUsed,
+)
 
 T0 = datetime(2026, 11, 22, tzinfo=UTC)
 
@@ -127,3 +138,36 @@ def test_job_view_shows_tasks():
     assert view.status == "completed"
     assert view.tasks[0].status == "completed"
     assert view.tasks[0].attempt == 1
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        AgentMessageReceived(text="looking at the tests"),
+        AgentCommandExecuted(command="pytest -q", exit_code=1),
+        AgentFileChanged(path="src/app.py", kind="update"),
+        AgentErrorReported(message="stream error, retrying"),
+        TokensUsed(input_tokens=100, cached_input_tokens=50, output_tokens=10),
+        TaskKilled(reason="killed by user"),
+    ],
+    ids=lambda data: type(data).__name__,
+)
+@pytest.mark.parametrize("task", ["t1", "t9", None])
+def test_an_event_folded_before_its_payload_is_decoded_leaves_the_job_as_evolve_does(data: EventData, task: str | None):
+    """Replays fold most events without decoding their payloads: the job must come out the same."""
+    job = started_job()
+    (event,) = envelopes("J", [(task, data)])
+    untyped = decode_wire(msgspec.json.encode(event))
+    assert domain.evolve_untyped(job, untyped) == domain.evolve(job, event)
+    with pytest.raises(ValueError, match="not JobSubmitted"):
+        domain.evolve_untyped(None, untyped)
+
+
+def test_a_payload_that_does_not_fit_its_type_is_refused_when_it_is_needed():
+    job = started_job()
+    (event,) = envelopes("J", [("t1", TokensUsed(input_tokens=1, cached_input_tokens=0, output_tokens=1))])
+    untyped = msgspec.structs.replace(
+        decode_wire(msgspec.json.encode(event)), data=msgspec.Raw(b'{"input_tokens": "x"}')
+    )
+    with pytest.raises(InvalidEvent, match="TokensUsed"):
+        domain.evolve_untyped(job, untyped)

@@ -64,7 +64,7 @@ class _Unsigned(msgspec.Struct, frozen=True, kw_only=True):
     kid: str
 
 
-class _WireEnvelope(msgspec.Struct, frozen=True, kw_only=True):
+class WireEnvelope(msgspec.Struct, frozen=True, kw_only=True):
     """The envelope as read off the wire, its payload left as raw bytes until its type is known."""
 
     id: str
@@ -79,6 +79,11 @@ class _WireEnvelope(msgspec.Struct, frozen=True, kw_only=True):
     prev: str
     kid: str
     sig: str
+
+    @property
+    def subject(self) -> str:
+        """The NATS subject this event is published on."""
+        return event_subject(self.job, self.task, self.type)
 
 
 class Sealed(msgspec.Struct, frozen=True):
@@ -98,7 +103,7 @@ class InvalidEvent(ValueError):
 
 
 _encoder = msgspec.json.Encoder(order="deterministic")
-_wire_decoder = msgspec.json.Decoder(_WireEnvelope)
+_wire_decoder = msgspec.json.Decoder(WireEnvelope)
 _data_decoders = {name: msgspec.json.Decoder(cls) for name, cls in EVENT_TYPES.items()}
 
 
@@ -197,7 +202,7 @@ def check_signature(wire: bytes, keys: dict[str, bytes], kid: str) -> None:
         raise InvalidEvent("bad_signature", "signature does not match its content")
 
 
-def decode_wire(wire: bytes) -> _WireEnvelope:
+def decode_wire(wire: bytes) -> WireEnvelope:
     """Decode the envelope without its payload (cheap: the payload stays raw bytes)."""
     try:
         return _wire_decoder.decode(wire)
@@ -207,8 +212,21 @@ def decode_wire(wire: bytes) -> _WireEnvelope:
 
 def open_event(wire: bytes, keys: dict[str, bytes]) -> Envelope:
     """Decode, verify and type one event from its wire bytes; raise InvalidEvent when any of that fails."""
+    return typed(open_untyped(wire, keys))
+
+
+def open_untyped(wire: bytes, keys: dict[str, bytes]) -> WireEnvelope:
+    """Decode and verify one event of a known type, its payload left as raw bytes (`typed` decodes it): for a
+    reader that needs the payloads of some events only."""
     raw = decode_wire(wire)
     check_signature(wire, keys, raw.kid)
+    if raw.type not in _data_decoders:
+        raise InvalidEvent("unknown_type", f"unknown event type {raw.type!r}")
+    return raw
+
+
+def typed(raw: WireEnvelope) -> Envelope:
+    """The event with its payload decoded into its type; InvalidEvent when it does not fit the type."""
     decoder = _data_decoders.get(raw.type)
     if decoder is None:
         raise InvalidEvent("unknown_type", f"unknown event type {raw.type!r}")
