@@ -1,6 +1,6 @@
 """`numerusctl`: the thin client. Each command sends one request to `numerus.cmd.<verb>` and prints the reply.
 
-    numerusctl run GOAL --repo PATH [--agent NAME] [--role ROLE=PROFILE]... [--parallel N] [--check CMD]...
+    numerusctl run GOAL [--repo PATH] [--agent NAME] [--role ROLE=PROFILE]... [--parallel N] [--check CMD]...
                    [--no-review] [--no-plan] [--wait]
     numerusctl plan JOB [--format text|dot|mermaid]
     numerusctl status [JOB]
@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import subprocess
 import sys
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
@@ -250,9 +251,9 @@ def _checks(_ctx: click.Context, param: click.Parameter, values: tuple[str, ...]
 @click.argument("goal")
 @click.option(
     "--repo",
-    required=True,
     type=click.Path(exists=True, file_okay=False, dir_okay=True, resolve_path=True, path_type=Path),
-    help="The repository to work in (for a planned job, a git repository with a commit).",
+    help="The repository to work in: for a planned job, a git repository with a commit (any directory in it names "
+    "it) [the repository of the current directory].",
 )
 @click.option("--agent", help="Agent profile of every role [numerusd's configured roles, else its default_agent].")
 @click.option(
@@ -300,7 +301,7 @@ def _checks(_ctx: click.Context, param: click.Parameter, values: tuple[str, ...]
 def run(
     ctx: click.Context,
     goal: str,
-    repo: Path,
+    repo: Path | None,
     agent: str | None,
     roles: dict[str, str],
     parallel: int | None,
@@ -322,7 +323,7 @@ def run(
         _refuse_with_no_plan(roles, parallel, checks, review, claims)
     job = RunJob(
         goal=goal,
-        repo=str(repo),
+        repo=str(_repository(repo, plan)),
         agent=agent,
         plan=plan,
         roles=roles,
@@ -343,6 +344,26 @@ def run(
         return await _follow_job(nc, reply.job, opts.json)
 
     _run(_with_daemon(opts, body))
+
+
+def _repository(given: Path | None, plan: bool) -> Path:
+    """The repository a job works in: `--repo` (for a planned job, the top of the git working tree it is in, as
+    git itself takes any directory in a repository for it), else the repository of the current directory.
+
+    Outside a git working tree it is the directory itself: the single-task path needs none, and numerusd says
+    what a planned job needs.
+    """
+    if given is not None and not plan:
+        return given  # the agent works where it is told
+    start = given or Path.cwd()
+    try:
+        found = subprocess.run(
+            ["git", "-C", str(start), "rev-parse", "--show-toplevel"], capture_output=True, text=True, timeout=10
+        )
+    except (OSError, subprocess.SubprocessError):
+        return start  # no git here: numerusd, which needs one for a planned job, says so
+    top = found.stdout.strip()
+    return Path(top) if found.returncode == 0 and top else start
 
 
 def _refuse_with_no_plan(

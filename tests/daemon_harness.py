@@ -117,13 +117,16 @@ class Daemon:
         """The command line of numerusctl against this daemon."""
         return [str(BIN / "numerusctl"), "--state-dir", str(self.state_dir), *args]
 
-    def ctl(self, *args: str, timeout: float = 60.0, check: bool = False) -> subprocess.CompletedProcess[str]:
-        """Run numerusctl against this daemon."""
+    def ctl(
+        self, *args: str, timeout: float = 60.0, check: bool = False, cwd: Path | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        """Run numerusctl against this daemon (in `cwd`, by default this process's)."""
         result = subprocess.run(
             self.ctl_argv(*args),
             capture_output=True,
             text=True,
             timeout=timeout,
+            cwd=cwd,
             env={**os.environ, **self.env},
         )
         if check and result.returncode != 0:

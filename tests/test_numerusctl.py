@@ -132,7 +132,6 @@ async def publish(nc: Client, events: list[Sealed]) -> list[int]:
     [
         (["run"], "Missing argument 'GOAL'"),
         (["run", "do it", "--repo", "/no/such/dir"], "'/no/such/dir' does not exist"),
-        (["run", "do it"], "Missing option '--repo'"),
         (["status", "a.b"], "'a.b' is not an id"),
         (["logs", "J", "--task", ">"], "'>' is not an id"),
         (["audit", "verify", "--expect-head", "ab"], "--expect-head needs a JOB"),

@@ -44,6 +44,17 @@ def test_run_wait_completes_and_the_agent_changed_the_repository(daemon: Daemon,
     assert task["thread_id"]
 
 
+def test_without_repo_a_job_works_in_the_repository_of_the_current_directory(daemon: Daemon, tmp_path: Path):
+    repo = git_repo(tmp_path / "repo")
+    (repo / "src").mkdir()
+    result = daemon.ctl("run", "--no-plan", "Write a greeting", "--agent", "scripted", "--wait", cwd=repo / "src")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert (repo / "HELLO.md").read_text() == "hello from the scripted agent\n"  # at the top, not in src/
+    # A planned job named by a directory inside the repository works on the repository, as git would.
+    job = daemon.ctl("run", "Plan it", "--repo", str(repo / "src"), "--agent", "scripted", check=True).stdout.strip()
+    assert daemon.status(job)["repo"] == str(repo)
+
+
 def test_terminal_output_is_kept_whole_and_its_hash_recorded(daemon: Daemon, tmp_path: Path):
     repo = git_repo(tmp_path / "repo")
     job = daemon.ctl_json("run", "--no-plan", "Write a greeting", "--repo", str(repo), "--agent", "scripted")["job"]
