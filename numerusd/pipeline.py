@@ -263,14 +263,13 @@ class JobPipeline:
         requested = PlanRequested(attempt=attempt, agent=profile_name, role=role, log_path=str(call_dir / "stdout.log"))
         await self.record(partial(_job_event, requested))
         # The planner reads the commit the job works from; the queen, the work merged so far.
-        async with self.checkouts.at(await self.tip()) as checkout:
-            result = await self.call(role, None, f"{role}-{attempt}", call_dir, prompt, "plan", checkout)
-            self._check_stopping()
-            if self.job.kill_requested:
-                await self.record(domain.decide_planning_killed)
-                raise _Killed
-            failure = result.failure()
-            checked = [failure] if failure else validate_plan(result.answer or "", repo=checkout)
+        result = await self.call(role, None, f"{role}-{attempt}", call_dir, prompt, "plan")
+        self._check_stopping()
+        if self.job.kill_requested:
+            await self.record(domain.decide_planning_killed)
+            raise _Killed
+        failure = result.failure()
+        checked = [failure] if failure else validate_plan(result.answer or "", repo=self.repo)
         if isinstance(checked, ValidatedPlan):
             problems = domain.replan_errors(self.job, checked.plan) if role == "queen" else []
             if not problems:
@@ -398,10 +397,7 @@ class JobPipeline:
             # Asked ahead of the executors' slots, and still counted ahead until its executor gets one. It reads
             # the work merged so far, which its worktree will start from (its dependencies' work included).
             turn = self.ahead.taken(task=task_id, hand_on=True)
-            async with self.checkouts.at(await self.tip()) as checkout:
-                result = await self.call(
-                    "executor", task_id, f"{task_id}.claim", call_dir, prompt, "claim", checkout, turn=turn
-                )
+            result = await self.call("executor", task_id, f"{task_id}.claim", call_dir, prompt, "claim", turn=turn)
             self._check_stopping()
             if self.job.kill_requested:
                 await self.record(lambda job: domain.decide_task_killed(job, task_id))
@@ -592,7 +588,7 @@ class JobPipeline:
             )
             call_dir = self.settings.runs_dir / self.job_id / task_id / f"review-{attempt}-{call_number}"
             name = f"{task_id}.review"
-            result = await self.call("reviewer", task_id, name, call_dir, prompt, "review", worktree.path)
+            result = await self.call("reviewer", task_id, name, call_dir, prompt, "review", cwd=worktree.path)
             self._check_stopping()
             verdict = result.decoded(decode_verdict, "the verdict")
             if isinstance(verdict, str):
@@ -671,44 +667,48 @@ class JobPipeline:
         call_dir: Path,
         prompt: str,
         schema: str,
-        cwd: Path,
         *,
+        cwd: Path | None = None,
         turn: contextlib.AbstractAsyncContextManager[None] | None = None,
     ) -> CallResult:
         """Ask the agent playing `role` one question, read-only, answered as JSON following `schema`.
 
-        The agent runs once `turn` is entered: by default when one of the job's `slots` is free.
+        The agent runs once `turn` is entered (by default when one of the job's `slots` is free), in `cwd`, by
+        default a checkout of the work the job has merged so far (its base commit before the first merge),
+        taken then.
         """
         job = self.job
         profile_name = job.roles.get(role) or job.agent
         profile = msgspec.structs.replace(self.settings.agents[profile_name], sandbox="read-only")
-        invocation = AgentInvocation(
-            prompt=prompt,
-            repo=cwd,
-            output_schema=self.settings.schemas_dir / f"{schema}.schema.json",
-            output_file=call_dir / "answer.json",
-        )
-        process = AgentProcess(
-            adapter=adapter_for(profile),
-            invocation=invocation,
-            extra_env=dict(profile.env),
-            cwd=call_dir,
-            log_path=call_dir / "stdout.log",
-            subject=f"numerus.log.{self.job_id}.{task_id or 'plan'}",
-            nc=self.daemon.nc,
-            chunk_bytes=self.settings.log_chunk_bytes,
-            flush_s=self.settings.log_flush_ms / 1000,
-            breaker=self.daemon.breaker,
-        )
-        call = AgentCall(process, call_dir / "answer.json")
         async with turn or self.slots.taken():
             self._check_stopping()
-            key = (self.job_id, name)
-            self.daemon.runs[key] = call
-            try:
-                return await call.run()
-            finally:
-                self.daemon.runs.pop(key, None)
+            place = contextlib.nullcontext(cwd) if cwd is not None else self.checkouts.at(await self.tip())
+            async with place as where:
+                invocation = AgentInvocation(
+                    prompt=prompt,
+                    repo=where,
+                    output_schema=self.settings.schemas_dir / f"{schema}.schema.json",
+                    output_file=call_dir / "answer.json",
+                )
+                process = AgentProcess(
+                    adapter=adapter_for(profile),
+                    invocation=invocation,
+                    extra_env=dict(profile.env),
+                    cwd=call_dir,
+                    log_path=call_dir / "stdout.log",
+                    subject=f"numerus.log.{self.job_id}.{task_id or 'plan'}",
+                    nc=self.daemon.nc,
+                    chunk_bytes=self.settings.log_chunk_bytes,
+                    flush_s=self.settings.log_flush_ms / 1000,
+                    breaker=self.daemon.breaker,
+                )
+                call = AgentCall(process, call_dir / "answer.json")
+                key = (self.job_id, name)
+                self.daemon.runs[key] = call
+                try:
+                    return await call.run()
+                finally:
+                    self.daemon.runs.pop(key, None)
 
 
 def _job_event(event: EventData, _job: domain.JobState) -> domain.Decision:
