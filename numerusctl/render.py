@@ -138,7 +138,7 @@ def _plan_fields(job: JobView) -> list[tuple[str, str]]:
     else:
         plan = f"v{job.plan_version}, hash {job.plan_hash[:HASH_WIDTH]} ('numerusctl plan {job.id}' draws it)"
     branch = "not yet created" if job.integration is None else job.integration
-    if job.integration is not None and job.base_sha:
+    if job.base_sha:
         branch += f" (from {job.base_sha[:SHA_WIDTH]})"
     own = job.input_tokens + job.output_tokens
     tokens = count(own + sum(_tokens(t) for t in job.tasks)) + f" ({count(own)} planning)"

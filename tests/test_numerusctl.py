@@ -651,10 +651,10 @@ def test_status_of_a_planned_job_shows_its_plan_branch_and_where_each_task_stand
         "t5: skipped: depends on t4, which failed",
     ]
     planning = msgspec.structs.replace(
-        job, status="planning", plan_version=0, plan_hash=None, integration=None, tasks=[]
+        job, status="planning", plan_version=0, plan_hash=None, integration=None, tasks=[], base_sha="c0ffee" * 6
     )
     text = job_detail(planning, now)
-    assert "plan     none yet (the planner is at work)" in text and "branch   not yet created" in text
+    assert "plan     none yet (the planner is at work)" in text and "branch   not yet created (from c0ffee" in text
     assert text.endswith("\n\nno tasks yet")
 
 
