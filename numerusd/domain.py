@@ -337,7 +337,6 @@ def _evolve_task(job: JobState, task_id: str, time: datetime, data: EventData) -
             task = replace(task, status="merging", merge_parent=parent)
         case MergeBlocked(reason=reason):
             task = replace(task, reason=reason)  # it stays merging, and says what it waits for
-
         case TaskMerged(sha=sha):
             task = replace(task, merged_sha=sha, reason=None)
             job = replace(job, integration_tip=sha)
