@@ -202,6 +202,14 @@ async def test_a_planned_job_runs_in_parallel_waits_for_locks_catches_strays_ret
         ).stdout
     )
     assert sorted(p.name for p in repo.iterdir() if p.name != ".git") == ["README.md"]
+    # Merged tasks leave no branch behind: each one's work is the second parent of its merge.
+    branches = subprocess.run(
+        ["git", "-C", str(repo), "branch", "--list", "--format=%(refname:short)", "numerus/*"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    assert branches == [branch]
 
     # plan and audit tell the same story.
     drawn = daemon.ctl("plan", job, "--format", "mermaid", check=True).stdout
