@@ -30,7 +30,7 @@ from numerusd.agents.base import adapter_for
 from numerusd.breaker import CircuitBreaker
 from numerusd.config import NatsAddress, Settings, write_connection_file
 from numerusd.embedded_nats import EmbeddedNats
-from numerusd.errors import NatsUnavailable, NotFound, StoreError
+from numerusd.errors import NatsUnavailable, NotFound, NumerusError, StoreError
 from numerusd.event_store import EventStore
 from numerusd.keys import Keyring
 from numerusd.pipeline import JobPipeline
@@ -258,6 +258,10 @@ class Daemon:
             log.info("merge of %s/%s had happened before the restart: recording it", job.id, task.id)
             sha, created = state.sha, state.sha != task.merge_parent
             await self.record(job.id, lambda job: domain.decide_merged(job, task.id, sha, created))
+            if task.worktree and task.branch:  # as after any merge (JobPipeline._tidy_merged)
+                worktree = git.Worktree(Path(task.worktree), task.branch, task.base_sha or "")
+                with contextlib.suppress(NumerusError, OSError):
+                    await git.remove_worktree(Path(job.repo), worktree, delete_branch=True)
 
     async def _project(self) -> None:
         assert self.projector is not None

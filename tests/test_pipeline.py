@@ -504,6 +504,10 @@ async def test_a_crash_between_a_merge_and_its_record_is_repaired_on_restart_not
         assert merged["data"]["sha"] == merges.split()[0]
         again = sp.run(["git", "-C", str(repo), "rev-list", "--merges", branch], capture_output=True, text=True)
         assert again.stdout == merges  # recorded, never merged twice
+        # And tidied as after any merge: the task's worktree and branch are gone.
+        tasks = sp.run(["git", "-C", str(repo), "branch", "--list", f"numerus/{job}/*"], capture_output=True, text=True)
+        assert tasks.stdout == ""
+        assert not (daemon.state_dir / "worktrees" / job / "t1").exists()
         assert daemon.ctl("audit", "verify", job).returncode == 0
     finally:
         daemon.stop()
