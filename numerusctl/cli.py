@@ -3,7 +3,7 @@
     numerusctl run GOAL [--repo PATH] [--agent NAME] [--role ROLE=PROFILE]... [--parallel N] [--check CMD]...
                    [--no-review] [--no-plan] [--wait]
     numerusctl plan JOB [--format text|dot|mermaid]
-    numerusctl status [JOB]
+    numerusctl status [JOB] [--limit N | --all]
     numerusctl logs JOB [--task T] [-f]
     numerusctl events [JOB] [-f]
     numerusctl kill JOB
@@ -76,6 +76,8 @@ from numerusd.protocol.events import snake_name
 from numerusd.protocol.ids import is_token
 
 # One decoder per reply, built once (decode at the edge, once).
+#: Jobs `status` lists by default, newest first.
+STATUS_LIMIT = 20
 _run_reply = msgspec.json.Decoder(RunReply)
 _status_reply = msgspec.json.Decoder(StatusReply)
 _kill_reply = msgspec.json.Decoder(KillReply)
@@ -412,21 +414,31 @@ async def _follow_job(nc: Client, job: str, as_json: bool) -> int:
 
 @cli.command()
 @click.argument("job", required=False, callback=_token)
+@click.option(
+    "--limit",
+    type=click.IntRange(min=1),
+    default=STATUS_LIMIT,
+    show_default=True,
+    metavar="N",
+    help="Without JOB: list the newest N jobs.",
+)
+@click.option("--all", "every", is_flag=True, help="Without JOB: list every job.")
 @json_option
 @click.pass_context
-def status(ctx: click.Context, job: str | None, as_json: bool) -> None:
-    """Every job, or one JOB with its tasks."""
+def status(ctx: click.Context, job: str | None, limit: int, every: bool, as_json: bool) -> None:
+    """The newest jobs, one line each, or one JOB with its tasks."""
     opts = _options(ctx, as_json)
 
     async def body(nc: Client) -> int:
-        data = await request(nc, "status", GetStatus(job=job), opts.timeout)
+        query = GetStatus(job=job) if job is not None else GetStatus(limit=None if every else limit)
+        data = await request(nc, "status", query, opts.timeout)
         reply: StatusReply = decode_reply(_status_reply, "status", data)
         if opts.json:
             _out(data.decode())
         elif job is not None and len(reply.jobs) == 1:
             _out(render.job_detail(reply.jobs[0], datetime.now(UTC)))
         else:
-            _out(render.jobs_table(reply.jobs, datetime.now(UTC)))
+            _out(render.jobs_table(reply.jobs, datetime.now(UTC), reply.total))
         return 0
 
     _run(_with_daemon(opts, body))

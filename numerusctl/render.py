@@ -75,8 +75,9 @@ def _tokens(task: TaskView) -> int:
     return task.input_tokens + task.output_tokens
 
 
-def jobs_table(jobs: Sequence[JobView], now: datetime) -> str:
-    """The `status` overview: one line per job, newest first as the daemon sent them."""
+def jobs_table(jobs: Sequence[JobView], now: datetime, total: int = 0) -> str:
+    """The `status` overview: one line per job, newest first as the daemon sent them, and how many it left out
+    of `total`."""
     if not jobs:
         return "no jobs"
     rows = [
@@ -84,14 +85,17 @@ def jobs_table(jobs: Sequence[JobView], now: datetime) -> str:
             job.id,
             job.status,
             job.agent,
-            f"{sum(t.status == 'completed' for t in job.tasks)}/{len(job.tasks)}",
-            count(sum(_tokens(t) for t in job.tasks)),
+            f"{job.tasks_done}/{job.tasks_total}",
+            count(job.tokens),
             age(now, job.created),
             cut(job.goal, GOAL_WIDTH),
         ]
         for job in jobs
     ]
-    return table(["JOB", "STATUS", "AGENT", "TASKS", "TOKENS", "AGE", "GOAL"], rows)
+    text = table(["JOB", "STATUS", "AGENT", "TASKS", "TOKENS", "AGE", "GOAL"], rows)
+    if total > len(jobs):
+        text += f"\n\nthe newest {len(jobs)} of {total} jobs; 'numerusctl status --all' lists every one"
+    return text
 
 
 def job_detail(job: JobView, now: datetime) -> str:

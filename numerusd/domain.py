@@ -792,8 +792,9 @@ def ready_tasks(job: JobState) -> list[TaskState]:
     return [task for task in job.tasks.values() if task.status == "pending" and set(task.deps) <= done]
 
 
-def job_view(job: JobState) -> JobView:
-    """What `status` shows of a job."""
+def job_view(job: JobState, *, tasks: bool = True) -> JobView:
+    """What `status` shows of a job: with `tasks`, each of its tasks too (else only how many there are)."""
+    own = job.input_tokens + job.output_tokens
     return JobView(
         id=job.id,
         goal=job.goal,
@@ -812,6 +813,9 @@ def job_view(job: JobState) -> JobView:
         parallel=job.parallel,
         input_tokens=job.input_tokens,
         output_tokens=job.output_tokens,
+        tasks_total=len(job.tasks),
+        tasks_done=sum(task.status == "completed" for task in job.tasks.values()),
+        tokens=own + sum(task.input_tokens + task.output_tokens for task in job.tasks.values()),
         tasks=[
             TaskView(
                 id=task.id,
@@ -835,6 +839,6 @@ def job_view(job: JobState) -> JobView:
                 started=task.started,
                 ended=task.ended,
             )
-            for task in job.tasks.values()
+            for task in (job.tasks.values() if tasks else ())
         ],
     )

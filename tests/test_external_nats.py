@@ -26,7 +26,8 @@ def test_a_job_runs_against_an_existing_server(nats_server, tmp_path: Path):
         result = daemon.ctl("run", "--no-plan", "Greet", "--repo", str(repo), "--agent", "scripted", "--wait")
         assert result.returncode == 0, result.stderr
         assert (repo / "HELLO.md").exists()
-        (job,) = daemon.ctl_json("status")["jobs"]
+        (listed,) = daemon.ctl_json("status")["jobs"]
+        job = daemon.status(listed["id"])
         agent_saw = Path(job["tasks"][0]["log_path"]).read_text()
         assert "HOME=" in agent_saw  # the agent got an environment...
         assert nats_server.password not in agent_saw  # ...but not the daemon's NATS password

@@ -52,7 +52,8 @@ async def test_log_chunks_on_nats_add_up_to_the_log_file(daemon: Daemon, tmp_pat
         daemon.ctl("run", "--no-plan", "Build it", "--repo", str(repo), "--agent", "talkative", "--wait").returncode
         == 0
     )
-    (job,) = daemon.ctl_json("status")["jobs"]
+    (listed,) = daemon.ctl_json("status")["jobs"]
+    job = daemon.status(listed["id"])
     log = Path(job["tasks"][0]["log_path"]).read_bytes()
     c = daemon.connection()
     nc = await nats.connect(c["url"], user=c["user"], password=c["password"])

@@ -220,7 +220,7 @@ async def test_server_without_daemon_or_with_wrong_password_exits_3(state_dir: P
 
 async def test_error_reply_prints_its_message_and_exits_1(state_dir: Path, nc: Client):
     async def refuse(msg) -> None:
-        assert json.loads(msg.data) == {"job": "01NOSUCHJOB"}
+        assert json.loads(msg.data) == {"job": "01NOSUCHJOB", "limit": None}
         body = json.dumps({"code": "not_found", "message": "no job '01NOSUCHJOB'; 'numerusctl status' lists the jobs"})
         await nc.publish(
             msg.reply,
@@ -434,7 +434,6 @@ async def test_follow_logs_writes_chunks_raw_and_stops_after_the_job_ends(
 
 def test_status_table_and_event_lines_are_aligned_plain_text():
     now = datetime(2025, 5, 1, 12, 0, tzinfo=UTC)
-    task = TaskView(id="t1", title="x", agent="codex", status="completed", input_tokens=1500, output_tokens=200)
     jobs = [
         JobView(
             id="01JA",
@@ -445,7 +444,9 @@ def test_status_table_and_event_lines_are_aligned_plain_text():
             created=now - timedelta(minutes=5),
             updated=now,
             events=9,
-            tasks=[task, TaskView(id="t2", title="y", agent="codex", status="running")],
+            tasks_total=2,
+            tasks_done=1,
+            tokens=1700,
         ),
         JobView(
             id="01JBBBBB", goal="g", repo="/r", agent="scripted", status="completed", created=now, updated=now, events=3
@@ -456,6 +457,10 @@ def test_status_table_and_event_lines_are_aligned_plain_text():
         "01JA      running    codex     1/2    1.7k    5m   make the failing test pass please",
         "01JBBBBB  completed  scripted  0/0    0       0s   g",
     ]
+    # A list the daemon cut short says so.
+    assert jobs_table(jobs, now, total=35).endswith(
+        "\n\nthe newest 2 of 35 jobs; 'numerusctl status --all' lists every one"
+    )
     line = event_line(12, chain(JOB)[3].wire)
     assert line.split()[0] == "12" and "AgentMessageReceived" in line and line.endswith("t0     hello world")
     assert "not a valid event" in event_line(None, b'{"id": 1}')

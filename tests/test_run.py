@@ -36,7 +36,8 @@ def test_run_wait_completes_and_the_agent_changed_the_repository(daemon: Daemon,
     result = daemon.ctl("run", "--no-plan", "Write a greeting", "--repo", str(repo), "--agent", "scripted", "--wait")
     assert result.returncode == 0, result.stdout + result.stderr
     assert (repo / "HELLO.md").read_text() == "hello from the scripted agent\n"
-    (job,) = [j for j in daemon.ctl_json("status")["jobs"] if j["repo"] == str(repo)]
+    (listed,) = [j for j in daemon.ctl_json("status", "--all")["jobs"] if j["repo"] == str(repo)]
+    job = daemon.status(listed["id"])
     assert job["status"] == "completed"
     (task,) = job["tasks"]
     assert (task["status"], task["exit_code"], task["attempt"]) == ("completed", 0, 1)
@@ -53,6 +54,26 @@ def test_without_repo_a_job_works_in_the_repository_of_the_current_directory(dae
     # A planned job named by a directory inside the repository works on the repository, as git would.
     job = daemon.ctl("run", "Plan it", "--repo", str(repo / "src"), "--agent", "scripted", check=True).stdout.strip()
     assert daemon.status(job)["repo"] == str(repo)
+
+
+def test_status_lists_the_newest_jobs_one_line_each_and_says_how_many_it_left_out(tmp_path: Path):
+    with Daemon(tmp_path / "state", agents={"scripted": HELLO}).start() as d:
+        jobs = []
+        for n in range(3):
+            repo = git_repo(tmp_path / f"repo{n}")
+            jobs.append(d.ctl("run", "--no-plan", f"greet {n}", "--repo", str(repo), "--agent", "scripted", "--wait"))
+        ids = [result.stdout.splitlines()[0] for result in jobs]
+        listed = d.ctl_json("status", "--limit", "2")
+        assert [j["id"] for j in listed["jobs"]] == ids[:0:-1] and listed["total"] == 3  # newest first
+        assert all(
+            j["tasks"] == [] and (j["tasks_total"], j["tasks_done"], j["tokens"]) == (1, 1, 1050)
+            for j in listed["jobs"]
+        )
+        text = d.ctl("status", "--limit", "2", check=True).stdout
+        assert text.endswith("the newest 2 of 3 jobs; 'numerusctl status --all' lists every one\n")
+        assert ids[0] not in text and ids[2] in text
+        assert [j["id"] for j in d.ctl_json("status", "--all")["jobs"]] == ids[::-1]
+        assert len(d.status(ids[0])["tasks"]) == 1  # one job: with its tasks
 
 
 def test_terminal_output_is_kept_whole_and_its_hash_recorded(daemon: Daemon, tmp_path: Path):
@@ -111,7 +132,8 @@ def test_agent_that_exits_nonzero_fails_the_job_and_wait_says_so(daemon: Daemon,
     repo = git_repo(tmp_path / "repo")
     result = daemon.ctl("run", "--no-plan", "Impossible", "--repo", str(repo), "--agent", "failing", "--wait")
     assert result.returncode == 1, result.stdout + result.stderr
-    (job,) = [j for j in daemon.ctl_json("status")["jobs"] if j["repo"] == str(repo)]
+    (listed,) = [j for j in daemon.ctl_json("status", "--all")["jobs"] if j["repo"] == str(repo)]
+    job = daemon.status(listed["id"])
     assert job["status"] == "failed"
     assert job["tasks"][0]["reason"] == "agent ended with exit code 3"
 
@@ -122,7 +144,8 @@ def test_missing_agent_binary_fails_the_task_with_the_reason(tmp_path: Path):
     try:
         result = d.ctl("run", "--no-plan", "Anything", "--repo", str(repo), "--agent", "codex", "--wait")
         assert result.returncode == 1
-        (job,) = d.ctl_json("status")["jobs"]
+        (listed,) = d.ctl_json("status")["jobs"]
+        job = d.status(listed["id"])
         assert job["status"] == "failed"
         assert "no-such-codex" in job["tasks"][0]["reason"]
     finally:

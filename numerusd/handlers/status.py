@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import heapq
 from typing import TYPE_CHECKING
 
 from numerusd import domain
@@ -14,6 +15,6 @@ if TYPE_CHECKING:
 async def handle(daemon: Daemon, request: GetStatus) -> StatusReply:
     """Answered from the in-memory fold, so it costs the same with 10 or 100k events in the stream."""
     if request.job is not None:
-        return StatusReply(jobs=[domain.job_view(daemon.job(request.job))])
-    jobs = sorted(daemon.jobs.values(), key=lambda job: job.created, reverse=True)
-    return StatusReply(jobs=[domain.job_view(job) for job in jobs])
+        return StatusReply(jobs=[domain.job_view(daemon.job(request.job))], total=len(daemon.jobs))
+    newest = heapq.nlargest(request.limit or len(daemon.jobs), daemon.jobs.values(), key=lambda job: job.created)
+    return StatusReply(jobs=[domain.job_view(job, tasks=False) for job in newest], total=len(daemon.jobs))

@@ -7,7 +7,7 @@ handler and its test. An error reply carries the micro-service error headers and
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Literal
+from typing import Annotated, Literal
 
 import msgspec
 
@@ -46,9 +46,11 @@ class GetPlan(Request, frozen=True, kw_only=True):
 
 
 class GetStatus(Request, frozen=True, kw_only=True):
-    """`numerusctl status`: one job, or every job when `job` is None."""
+    """`numerusctl status`: one job with its tasks, or when `job` is None the newest `limit` jobs (every one when
+    `limit` is None) without their tasks: a list stays small however long the daemon's history."""
 
     job: str | None = None
+    limit: Annotated[int, msgspec.Meta(ge=1)] | None = None
 
 
 class KillJob(Request, frozen=True, kw_only=True):
@@ -115,7 +117,12 @@ class JobView(msgspec.Struct, frozen=True, kw_only=True):
     created: datetime
     updated: datetime
     events: int
+    #: Its tasks, in creation order: all of them for one job, none in a list of jobs.
     tasks: list[TaskView] = []
+    #: How many tasks it has and how many completed; the tokens of its own agent calls and of all its tasks'.
+    tasks_total: int = 0
+    tasks_done: int = 0
+    tokens: int = 0
     planned: bool = False
     plan_version: int = 0
     plan_hash: str | None = None
@@ -149,9 +156,10 @@ class RunReply(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class StatusReply(msgspec.Struct, frozen=True, kw_only=True):
-    """The jobs asked for, newest first."""
+    """The jobs asked for, newest first; `total`: how many jobs the daemon knows (a list may show fewer)."""
 
     jobs: list[JobView]
+    total: int = 0
 
 
 class KillReply(msgspec.Struct, frozen=True, kw_only=True):
