@@ -891,9 +891,13 @@ class Projector:
                 created=_parse_time(created),
                 updated=_parse_time(updated),
                 events=events,
-                tasks=by_job.get(id, []),
+                tasks=views,
+                tasks_total=len(views),
+                tasks_done=sum(task.status == "completed" for task in views),
+                tokens=sum(task.input_tokens + task.output_tokens for task in views),
             )
             for id, goal, repo, agent, status, reason, created, updated, events in jobs
+            for views in [by_job.get(id, [])]
         ]
 
     async def job_state(self, job: str) -> JobState | None:
