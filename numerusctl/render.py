@@ -224,7 +224,9 @@ def summary(type_name: str, data: Any) -> str:
                 text += f", planned, {get('parallel')} at once"
             if get("base_sha"):
                 text += f", from {_sha(get('base_sha'))}"
-            if get("uncommitted_count"):
+            if get("uncommitted_count") is None and "uncommitted_count" in d:
+                text += " (uncommitted changes: not known)"
+            elif get("uncommitted_count"):
                 text += f" ({_n(get('uncommitted_count'), 'uncommitted change')} left out)"
         case "TaskCreated":
             deps = get("deps") or []

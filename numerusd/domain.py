@@ -529,9 +529,10 @@ def decide_submit(
     max_replans: int = 0,
     claims: str = "agent",
     base_sha: str | None = None,
-    uncommitted: Sequence[str] = (),
+    uncommitted: Sequence[str] | None = (),
 ) -> Decision:
-    """A new planned job, working from `base_sha` without the `uncommitted` changes: the planner is asked next."""
+    """A new planned job, working from `base_sha` without the `uncommitted` changes (None: not known): the
+    planner is asked next."""
     if not goal.strip():
         raise BadRequest("the goal is empty: say what the agents should do, e.g. numerusctl run 'fix the tests'")
     return [
@@ -551,8 +552,8 @@ def decide_submit(
                 max_replans=max_replans,
                 claims=claims,
                 base_sha=base_sha,
-                uncommitted_count=len(uncommitted),
-                uncommitted=tuple(uncommitted[:UNCOMMITTED_NAMED]),
+                uncommitted_count=None if uncommitted is None else len(uncommitted),
+                uncommitted=tuple((uncommitted or ())[:UNCOMMITTED_NAMED]),
             ),
         )
     ]

@@ -132,6 +132,12 @@ def when(event: dict) -> datetime:
     return datetime.fromisoformat(event["time"].replace("Z", "+00:00"))
 
 
+def git_head(repo: Path) -> str:
+    return subprocess.run(
+        ["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True, check=True
+    ).stdout.strip()
+
+
 def show(repo: Path, rev: str, path: str) -> str:
     return subprocess.run(
         ["git", "-C", str(repo), "show", f"{rev}:{path}"], capture_output=True, text=True, check=True
@@ -698,9 +704,7 @@ async def test_a_job_works_from_the_commit_it_was_submitted_at_and_its_readers_s
     }
     with Daemon(tmp_path / "state", agents={"team": team}, config="review = false\n").start() as daemon:
         repo = git_repo(tmp_path / "repo")
-        submitted_at = subprocess.run(
-            ["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True, check=True
-        ).stdout.strip()
+        submitted_at = git_head(repo)
         # The user has work of their own in the working tree: an edit and a new file, neither committed.
         (repo / "README.md").write_text("# edited, not committed\n")
         (repo / "draft.txt").write_text("not committed either\n")
@@ -733,3 +737,27 @@ async def test_a_job_works_from_the_commit_it_was_submitted_at_and_its_readers_s
 
     # Nothing of the job's reading is left in the user's repository once it has ended.
     await eventually(lambda: ".checkouts" not in worktrees(), timeout=10, interval=0.1)
+
+
+async def test_a_repository_too_slow_to_tell_its_uncommitted_changes_does_not_hold_the_submission_up(
+    tmp_path: Path,
+):
+    import os
+    import shutil
+
+    fake_bin = tmp_path / "bin"
+    fake_bin.mkdir()
+    slow_git = fake_bin / "git"  # `git status` of a huge working tree
+    slow_git.write_text(f'#!/bin/sh\ncase " $* " in *" status "*) sleep 4;; esac\nexec {shutil.which("git")} "$@"\n')
+    slow_git.chmod(0o755)
+    with Daemon(tmp_path / "state", env={"PATH": f"{fake_bin}:{os.environ['PATH']}"}).start() as daemon:
+        repo = git_repo(tmp_path / "repo")
+        result = daemon.ctl("run", "say hello", "--repo", str(repo), "--agent", "scripted", check=True)
+        job = result.stdout.strip()
+        assert result.stderr.splitlines() == [
+            f"numerusctl: note: could not tell within 2 s whether {repo} has uncommitted changes; the job works "
+            f"from commit {git_head(repo)[:12]} (HEAD), without any"
+        ]
+        (submitted,) = by_type(daemon.events(job), "JobSubmitted")
+        assert submitted["data"]["uncommitted_count"] is None and submitted["data"]["base_sha"] == git_head(repo)
+        assert wait_for(daemon, job, lambda v: v["status"] not in ("planning", "running"))["status"] == "completed"

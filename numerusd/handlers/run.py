@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -38,12 +39,12 @@ async def handle(daemon: Daemon, request: RunJob) -> RunReply:
             raise BadRequest(f"{daemon.git_problem}; install a newer git, or use --no-plan")
         try:
             base_sha = await git.resolve(repo, "HEAD")
-            uncommitted = await git.uncommitted(repo)
         except git.GitError:
             raise BadRequest(
                 f"repo {repo} is not a git repository with a commit; a planned job works on branches of it "
                 "(git init && git commit), or use --no-plan"
             ) from None
+        uncommitted = await _uncommitted(repo)
         parallel = request.parallel or settings.parallel
         if not 1 <= parallel <= 256:
             raise BadRequest(f"parallel {parallel} is out of range; give --parallel between 1 and 256")
@@ -62,10 +63,27 @@ async def handle(daemon: Daemon, request: RunJob) -> RunReply:
             uncommitted=uncommitted,
         )
         await daemon.record(job_id, lambda _none: decision)
-        if uncommitted:
+        if uncommitted is None:
+            notes.append(
+                f"could not tell within {UNCOMMITTED_WAIT_S:g} s whether {repo} has uncommitted changes; the job "
+                f"works from commit {base_sha[:12]} (HEAD), without any"
+            )
+        elif uncommitted:
             notes.append(uncommitted_note(repo, base_sha, uncommitted))
     daemon.schedule(job_id)
     return RunReply(job=job_id, subject=f"numerus.job.{job_id}.>", notes=notes)
+
+
+#: How long `run` waits for `git status` (a huge working tree can take seconds; numerusctl waits 5 s in all).
+UNCOMMITTED_WAIT_S = 2.0
+
+
+async def _uncommitted(repo: Path) -> list[str] | None:
+    """The repository's uncommitted paths; None when git cannot tell in time (or at all: the job goes on)."""
+    try:
+        return await asyncio.wait_for(git.uncommitted(repo), UNCOMMITTED_WAIT_S)
+    except (TimeoutError, git.GitError):
+        return None
 
 
 def uncommitted_note(repo: Path, base_sha: str, paths: list[str]) -> str:

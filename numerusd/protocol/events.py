@@ -58,8 +58,9 @@ class JobSubmitted(EventData, frozen=True, kw_only=True):
     #: then HEAD when the integration branch was created).
     base_sha: str | None = None
     #: How many paths of the working tree held changes not in `base_sha` (staged, unstaged, untracked), which the
-    #: agents do not see; `uncommitted` names the first UNCOMMITTED_NAMED of them.
-    uncommitted_count: int = 0
+    #: agents do not see (None: not known, the repository too slow to tell); `uncommitted` names the first
+    #: UNCOMMITTED_NAMED of them.
+    uncommitted_count: int | None = 0
     uncommitted: tuple[str, ...] = ()
 
 
