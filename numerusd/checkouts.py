@@ -19,6 +19,9 @@ from pathlib import Path
 
 from numerusd import git
 
+#: A job's checkouts are in `<worktrees>/<job><CHECKOUTS_SUFFIX>/`, beside its tasks' `<worktrees>/<job>/`.
+CHECKOUTS_SUFFIX = ".checkouts"
+
 
 class Checkouts:
     """The read-only checkouts of one job, directories of `root`."""

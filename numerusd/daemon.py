@@ -28,6 +28,7 @@ from nats.js import JetStreamContext
 from numerusd import domain, git, state_lock
 from numerusd.agents.base import adapter_for
 from numerusd.breaker import CircuitBreaker
+from numerusd.checkouts import CHECKOUTS_SUFFIX, Checkouts
 from numerusd.config import NatsAddress, Settings, write_connection_file
 from numerusd.embedded_nats import EmbeddedNats
 from numerusd.errors import NatsUnavailable, NotFound, NumerusError, StoreError
@@ -123,6 +124,7 @@ class Daemon:
         for job in list(self.jobs.values()):
             if job.status not in JOB_DONE:
                 self.schedule(job.id)
+        self._spawn_background(self._sweep_checkouts(), name="checkouts of ended jobs")
         self._spawn_background(watchdog(self.should_exit), name="systemd watchdog")
         notify(f"READY=1\nSTATUS=serving {len(self.jobs)} jobs on {address.url}\nMAINPID={os.getpid()}")
         log.info("numerusd ready on %s, state in %s", address.url, settings.state_dir)
@@ -246,6 +248,20 @@ class Daemon:
             await self.record(
                 job.id, lambda state: domain.decide_interrupt(state, "numerusd stopped while the agent was running")
             )
+
+    async def _sweep_checkouts(self) -> None:
+        """Remove the read-only checkouts of jobs that ended while a daemon stopped before removing them (a
+        running job's pipeline clears its own when it starts again)."""
+        root = self.settings.worktrees_dir
+        for path in sorted(root.glob(f"*{CHECKOUTS_SUFFIX}")) if root.is_dir() else ():
+            job = self.jobs.get(path.name.removesuffix(CHECKOUTS_SUFFIX))
+            if job is None or job.status not in JOB_DONE:
+                continue
+            try:
+                await Checkouts(Path(job.repo), path).clear()
+                path.rmdir()
+            except (NumerusError, OSError) as e:
+                log.warning("cannot remove the checkouts of job %s in %s: %s", job.id, path, e)
 
     async def _repair_merge(self, job: domain.JobState, task: domain.TaskState) -> None:
         assert job.integration and task.merge_parent and task.commit

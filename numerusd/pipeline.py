@@ -35,7 +35,7 @@ import msgspec
 
 from numerusd import domain, failpoints, git, locks, prompts
 from numerusd.agents.base import AgentInvocation, adapter_for
-from numerusd.checkouts import Checkouts
+from numerusd.checkouts import CHECKOUTS_SUFFIX, Checkouts
 from numerusd.errors import NumerusError
 from numerusd.plans import ValidatedPlan, validate_plan
 from numerusd.protocol.claims import Claim, ClaimedPath, Lock, decode_claim
@@ -108,7 +108,7 @@ class JobPipeline:
         self.progress_at = time.monotonic()
         self.replanning = asyncio.Lock()
         #: What the planner, the queen and the claimers read (see numerusd.checkouts).
-        self.checkouts = Checkouts(self.repo, self.settings.worktrees_dir / f"{job_id}.checkouts")
+        self.checkouts = Checkouts(self.repo, self.settings.worktrees_dir / f"{job_id}{CHECKOUTS_SUFFIX}")
 
     @property
     def job(self) -> domain.JobState:

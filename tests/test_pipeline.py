@@ -761,3 +761,26 @@ async def test_a_repository_too_slow_to_tell_its_uncommitted_changes_does_not_ho
         (submitted,) = by_type(daemon.events(job), "JobSubmitted")
         assert submitted["data"]["uncommitted_count"] is None and submitted["data"]["base_sha"] == git_head(repo)
         assert wait_for(daemon, job, lambda v: v["status"] not in ("planning", "running"))["status"] == "completed"
+
+
+async def test_checkouts_an_ended_job_left_behind_a_stopped_daemon_are_removed_when_the_next_one_starts(
+    tmp_path: Path,
+):
+    daemon = Daemon(tmp_path / "state").start()
+    repo = git_repo(tmp_path / "repo")
+    try:
+        job = run_job(daemon, repo, "say hello", "--agent", "scripted")
+    finally:
+        daemon.stop()
+    # As a daemon killed between the job's end and the removal of its checkouts would leave it.
+    left = daemon.state_dir / "worktrees" / f"{job}.checkouts" / "1"
+    subprocess.run(["git", "-C", str(repo), "worktree", "add", "-q", "--detach", str(left), "HEAD"], check=True)
+
+    def registered() -> str:
+        return subprocess.run(
+            ["git", "-C", str(repo), "worktree", "list", "--porcelain"], capture_output=True, text=True, check=True
+        ).stdout
+
+    assert str(left) in registered()
+    with daemon.start():
+        await eventually(lambda: str(left) not in registered() and not left.parent.exists(), timeout=20)
