@@ -34,7 +34,7 @@ from numerusd.embedded_nats import EmbeddedNats
 from numerusd.errors import NatsUnavailable, NotFound, NumerusError, StoreError
 from numerusd.event_store import EventStore
 from numerusd.keys import Keyring
-from numerusd.pipeline import JobPipeline
+from numerusd.pipeline import JobPipeline, remove_merged
 from numerusd.projections import Projector, Rejected
 from numerusd.protocol.commands import JOB_DONE, EventsReply
 from numerusd.protocol.envelope import InvalidEvent, Sealed, open_untyped
@@ -274,10 +274,8 @@ class Daemon:
             log.info("merge of %s/%s had happened before the restart: recording it", job.id, task.id)
             sha, created = state.sha, state.sha != task.merge_parent
             await self.record(job.id, lambda job: domain.decide_merged(job, task.id, sha, created))
-            if task.worktree and task.branch:  # as after any merge (JobPipeline._tidy_merged)
-                worktree = git.Worktree(Path(task.worktree), task.branch, task.base_sha or "")
-                with contextlib.suppress(NumerusError, OSError):
-                    await git.remove_worktree(Path(job.repo), worktree, delete_branch=True)
+            if task.worktree and task.branch:  # as after any merge
+                await remove_merged(Path(job.repo), git.Worktree(Path(task.worktree), task.branch, task.base_sha or ""))
 
     async def _project(self) -> None:
         assert self.projector is not None

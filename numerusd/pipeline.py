@@ -612,7 +612,7 @@ class JobPipeline:
             # No change: nothing to merge, and the integration branch only moves forward from the base.
             tip = self.job.integration_tip or await git.resolve(self.repo, integration)
             await self.record(lambda job: domain.decide_merged(job, task_id, tip, created=False))
-            await self._tidy_merged(worktree)
+            await remove_merged(self.repo, worktree)
             return None
         async with self.merging:
             # Numerus alone moves the branch: its tip is the last merge recorded (merge_task checks it still is).
@@ -629,14 +629,8 @@ class JobPipeline:
                 self.fresh.add(task_id)
                 return [f"merging into {integration} conflicts on {', '.join(result.paths)}; start again from its tip"]
             await self.record(lambda job: domain.decide_merged(job, task_id, result.sha, result.created))
-        await self._tidy_merged(worktree)
+        await remove_merged(self.repo, worktree)
         return None
-
-    async def _tidy_merged(self, worktree: git.Worktree) -> None:
-        """A merged task's worktree and branch go: its work is on the integration branch (the merge's second
-        parent), and the user's `git branch` need not list every task of every job. A failed task keeps both."""
-        with contextlib.suppress(NumerusError, OSError):
-            await git.remove_worktree(self.repo, worktree, delete_branch=True)
 
     async def _merge_unblocked(
         self, task_id: str, integration: str, branch: str, message: str, parent: str, commit: str
@@ -713,6 +707,14 @@ class JobPipeline:
                     return await call.run()
                 finally:
                     self.daemon.runs.pop(key, None)
+
+
+async def remove_merged(repo: Path, worktree: git.Worktree) -> None:
+    """A merged task's worktree and branch go: its work is on the integration branch (the merge's second parent),
+    and the user's `git branch` need not list every task of every job. A task that failed keeps both. Best effort:
+    what is left is tidied by hand, and changes nothing the job recorded."""
+    with contextlib.suppress(NumerusError, OSError):
+        await git.remove_worktree(repo, worktree, delete_branch=True)
 
 
 def _job_event(event: EventData, _job: domain.JobState) -> domain.Decision:
