@@ -145,7 +145,7 @@ def _plan_fields(job: JobView) -> list[tuple[str, str]]:
     if job.base_sha:
         branch += f" (from {job.base_sha[:SHA_WIDTH]})"
     own = job.input_tokens + job.output_tokens
-    tokens = count(own + sum(_tokens(t) for t in job.tasks)) + f" ({count(own)} planning)"
+    tokens = count(job.tokens) + f" ({count(own)} planning)"
     return [("plan", plan), ("branch", branch), ("parallel", str(job.parallel)), ("tokens", tokens)]
 
 

@@ -628,7 +628,7 @@ def test_status_of_a_planned_job_shows_its_plan_branch_and_where_each_task_stand
     job = JobView(
         id=JOB, goal="add a parser", repo="/r", agent="codex", status="running", created=now, updated=now, events=40,
         planned=True, plan_version=2, plan_hash="1a2b3c4d" + "0" * 56, integration=f"numerus/{JOB}.integration",
-        base_sha="abc1234" + "0" * 33, parallel=4, input_tokens=1000, output_tokens=500,
+        base_sha="abc1234" + "0" * 33, parallel=4, input_tokens=1000, output_tokens=500, tokens=3500,
         tasks=[
             task("t1", "merging", attempt=1, input_tokens=2000),
             task("t2", "waiting", deps=["t1"], holders=["t1"]),
