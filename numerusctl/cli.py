@@ -75,9 +75,10 @@ from numerusd.protocol.envelope import InvalidEvent, decode_wire
 from numerusd.protocol.events import snake_name
 from numerusd.protocol.ids import is_token
 
-# One decoder per reply, built once (decode at the edge, once).
 #: Jobs `status` lists by default, newest first.
 STATUS_LIMIT = 20
+
+# One decoder per reply, built once (decode at the edge, once).
 _run_reply = msgspec.json.Decoder(RunReply)
 _status_reply = msgspec.json.Decoder(StatusReply)
 _kill_reply = msgspec.json.Decoder(KillReply)

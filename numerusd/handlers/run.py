@@ -15,6 +15,10 @@ if TYPE_CHECKING:
     from numerusd.daemon import Daemon
 
 
+#: How long `run` waits for `git status` (a huge working tree can take seconds; numerusctl waits 5 s in all).
+UNCOMMITTED_WAIT_S = 2.0
+
+
 async def handle(daemon: Daemon, request: RunJob) -> RunReply:
     """Validate, record `JobSubmitted` (and, on the single-task path, its task), then start the job."""
     settings = daemon.settings
@@ -72,10 +76,6 @@ async def handle(daemon: Daemon, request: RunJob) -> RunReply:
             notes.append(uncommitted_note(repo, base_sha, uncommitted))
     daemon.schedule(job_id)
     return RunReply(job=job_id, subject=f"numerus.job.{job_id}.>", notes=notes)
-
-
-#: How long `run` waits for `git status` (a huge working tree can take seconds; numerusctl waits 5 s in all).
-UNCOMMITTED_WAIT_S = 2.0
 
 
 async def _uncommitted(repo: Path) -> list[str] | None:
