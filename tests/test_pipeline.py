@@ -138,6 +138,13 @@ def git_head(repo: Path) -> str:
     ).stdout.strip()
 
 
+def worktrees(repo: Path) -> str:
+    """`git worktree list --porcelain`: every worktree git knows in the repository."""
+    return subprocess.run(
+        ["git", "-C", str(repo), "worktree", "list", "--porcelain"], capture_output=True, text=True, check=True
+    ).stdout
+
+
 def show(repo: Path, rev: str, path: str) -> str:
     return subprocess.run(
         ["git", "-C", str(repo), "show", f"{rev}:{path}"], capture_output=True, text=True, check=True
@@ -730,13 +737,8 @@ async def test_a_job_works_from_the_commit_it_was_submitted_at_and_its_readers_s
         assert commands_seen(runs / "plan" / "1" / "stdout.log")["cat README.md; ls"] == "# test repo\nREADME.md\n"
         assert commands_seen(runs / "b" / "claim-1" / "stdout.log")["cat A.md"] == "a\n"
 
-    def worktrees() -> str:
-        return subprocess.run(
-            ["git", "-C", str(repo), "worktree", "list", "--porcelain"], capture_output=True, text=True, check=True
-        ).stdout
-
     # Nothing of the job's reading is left in the user's repository once it has ended.
-    await eventually(lambda: ".checkouts" not in worktrees(), timeout=10, interval=0.1)
+    await eventually(lambda: ".checkouts" not in worktrees(repo), timeout=10, interval=0.1)
 
 
 async def test_a_repository_too_slow_to_tell_its_uncommitted_changes_does_not_hold_the_submission_up(
@@ -775,12 +777,6 @@ async def test_checkouts_an_ended_job_left_behind_a_stopped_daemon_are_removed_w
     # As a daemon killed between the job's end and the removal of its checkouts would leave it.
     left = daemon.state_dir / "worktrees" / f"{job}.checkouts" / "1"
     subprocess.run(["git", "-C", str(repo), "worktree", "add", "-q", "--detach", str(left), "HEAD"], check=True)
-
-    def registered() -> str:
-        return subprocess.run(
-            ["git", "-C", str(repo), "worktree", "list", "--porcelain"], capture_output=True, text=True, check=True
-        ).stdout
-
-    assert str(left) in registered()
+    assert str(left) in worktrees(repo)
     with daemon.start():
-        await eventually(lambda: str(left) not in registered() and not left.parent.exists(), timeout=20)
+        await eventually(lambda: str(left) not in worktrees(repo) and not left.parent.exists(), timeout=20)
