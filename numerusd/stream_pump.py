@@ -5,11 +5,15 @@ much as verifying, decoding and folding the event takes afterwards. A rebuild do
 half the speed of a bare read. `pumped_stream` moves the reading into a child process (`python -m
 numerusd.stream_pump`) that runs the lean reader of `numerusd.stream_reader` and writes what it reads to a pipe,
 a batch per frame; the parent decodes a frame in one msgspec call and gets the same `StreamMessage` batches
-`read_stream` yields. The parent gives the child its connection details on stdin, never on the command line.
-`head_started_stream` reads the head of the stream in the parent while the child starts, then hands over.
+`read_stream` yields. `head_started_stream` reads the head of the stream in the parent while the child starts,
+then hands over.
 
-A frame is a 4-byte big-endian length, then a one-byte kind and its body:
+The parent talks to the child on its stdin, never on the command line: first a JSON line with the connection
+details, the stream and the batch size; once the child says it is connected, a line with the sequence to start
+from (the parent knows it only then: it reads the head itself meanwhile). A frame from the child is a 4-byte
+big-endian length, then a one-byte kind and its body:
 
+* `R` ready: connected, waiting for the start line;
 * `B` a batch: msgpack of `[[seq, subject, data, time_ns], ...]`;
 * `D` done: the stream was read to its end;
 * `U` the server could not be reached or refused the login; `E` reading failed: the reason in UTF-8, one line.
@@ -37,67 +41,108 @@ from numerusd.stream_reader import DEFAULT_BATCH, StreamMessage, read_stream
 class _Request(msgspec.Struct, frozen=True, kw_only=True):
     address: NatsAddress
     stream: str
-    start_seq: int
     batch: int
 
 
 _HEADER = struct.Struct(">I")
-_BATCH, _DONE, _UNREACHABLE, _FAILED = b"B", b"D", b"U", b"E"
+_READY, _BATCH, _DONE, _UNREACHABLE, _FAILED = b"R", b"B", b"D", b"U", b"E"
 # A pipe of 1 MiB (Linux's default ceiling for unprivileged processes) holds a few batches: the child rarely
 # waits for the parent to read.
 _PIPE_BYTES = 1 << 20
 _batch_decoder = msgspec.msgpack.Decoder(list[StreamMessage])
 
 
-async def pumped_stream(
-    address: NatsAddress, stream: str, *, start_seq: int = 1, batch: int = DEFAULT_BATCH
-) -> AsyncIterator[list[StreamMessage]]:
-    """Yield batches of `stream` from `start_seq` until caught up, read by a child process."""
-    request = msgspec.json.encode(_Request(address=address, stream=stream, start_seq=start_seq, batch=batch))
-    # The child imports this package from where the parent did, whatever the parent's sys.path was.
-    package_root = str(Path(__file__).resolve().parent.parent)
-    path = os.environ.get("PYTHONPATH")
-    env = os.environ | {"PYTHONPATH": package_root + (os.pathsep + path if path else "")}
-    child = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "numerusd.stream_pump",
-        env=env,
-        stdin=asyncio.subprocess.PIPE,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        limit=4 * _PIPE_BYTES,
-    )
-    assert child.stdin is not None and child.stdout is not None and child.stderr is not None
-    try:
-        child.stdin.write(request + b"\n")
-        await child.stdin.drain()
-        child.stdin.close()
+class _Child:
+    """The parent's handle on a pumping child: `ready()` once it is connected, then `begin()` and `batches()`."""
+
+    def __init__(self, process: asyncio.subprocess.Process, stream: str) -> None:
+        assert process.stdin is not None and process.stdout is not None and process.stderr is not None
+        self._process = process
+        self._stdin, self._stdout, self._stderr = process.stdin, process.stdout, process.stderr
+        self._stream = stream
+
+    @classmethod
+    async def start(cls, address: NatsAddress, stream: str, batch: int) -> _Child:
+        """Start the child and give it its connection details; it connects while the caller goes on."""
+        # The child imports this package from where the parent did, whatever the parent's sys.path was.
+        package_root = str(Path(__file__).resolve().parent.parent)
+        path = os.environ.get("PYTHONPATH")
+        env = os.environ | {"PYTHONPATH": package_root + (os.pathsep + path if path else "")}
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "numerusd.stream_pump",
+            env=env,
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            limit=4 * _PIPE_BYTES,
+        )
+        child = cls(process, stream)
+        child._stdin.write(msgspec.json.encode(_Request(address=address, stream=stream, batch=batch)) + b"\n")
+        return child
+
+    async def ready(self) -> None:
+        """Wait until the child is connected; NatsUnavailable or StoreError when it cannot be."""
+        kind, body = await self._frame()
+        if kind != _READY:
+            self._fail(kind, body)
+
+    def begin(self, start_seq: int) -> None:
+        """Tell the ready child to read from `start_seq` on."""
+        self._stdin.write(b"%d\n" % start_seq)
+        self._stdin.close()
+
+    async def batches(self) -> AsyncIterator[list[StreamMessage]]:
+        """The batches the child reads, until the stream's end."""
         while True:
-            try:
-                size = _HEADER.unpack(await child.stdout.readexactly(_HEADER.size))[0]
-                frame = await child.stdout.readexactly(size)
-            except asyncio.IncompleteReadError:
-                code = await child.wait()
-                said = (await child.stderr.read()).decode(errors="replace").strip().splitlines()
-                raise StoreError(
-                    f"the process reading stream {stream} exited with code {code} before the end"
-                    + (f": {said[-1]}" if said else "")
-                ) from None
-            kind, body = frame[:1], frame[1:]
+            kind, body = await self._frame()
             if kind == _BATCH:
                 yield _batch_decoder.decode(body)
             elif kind == _DONE:
                 return
-            elif kind == _UNREACHABLE:
-                raise NatsUnavailable(body.decode(errors="replace"))
             else:
-                raise StoreError(body.decode(errors="replace"))
-    finally:
-        if child.returncode is None:
+                self._fail(kind, body)
+
+    async def stop(self) -> None:
+        """End the child if it still runs (the caller stopped early, or read the stream without it)."""
+        if self._process.returncode is None:
             with contextlib.suppress(ProcessLookupError):
-                child.kill()
-            await child.wait()
+                self._process.kill()
+        await self._process.wait()
+
+    async def _frame(self) -> tuple[bytes, bytes]:
+        try:
+            size = _HEADER.unpack(await self._stdout.readexactly(_HEADER.size))[0]
+            frame = await self._stdout.readexactly(size)
+        except asyncio.IncompleteReadError:
+            code = await self._process.wait()
+            said = (await self._stderr.read()).decode(errors="replace").strip().splitlines()
+            raise StoreError(
+                f"the process reading stream {self._stream} exited with code {code} before the end"
+                + (f": {said[-1]}" if said else "")
+            ) from None
+        return frame[:1], frame[1:]
+
+    @staticmethod
+    def _fail(kind: bytes, body: bytes) -> None:
+        if kind == _UNREACHABLE:
+            raise NatsUnavailable(body.decode(errors="replace"))
+        raise StoreError(body.decode(errors="replace"))
+
+
+async def pumped_stream(
+    address: NatsAddress, stream: str, *, start_seq: int = 1, batch: int = DEFAULT_BATCH
+) -> AsyncIterator[list[StreamMessage]]:
+    """Yield batches of `stream` from `start_seq` until caught up, read by a child process."""
+    child = await _Child.start(address, stream, batch)
+    try:
+        await child.ready()
+        child.begin(start_seq)
+        async for messages in child.batches():
+            yield messages
+    finally:
+        await child.stop()
 
 
 async def head_started_stream(
@@ -108,11 +153,11 @@ async def head_started_stream(
 
     The child needs a fifth of a second to import and connect, a tenth of a whole rebuild of 100k events that
     would otherwise be spent waiting for its first batch. Meanwhile this process reads with its own connection;
-    when the child's first batch is there it switches over, dropping what the child sends again. A stream read
-    here to its end (a small one) does not wait for the child at all.
+    when the child says it is connected, it is told to start where this process stopped, so that nothing is
+    read twice. A stream read here to its end (a small one) does not wait for the child at all.
     """
-    pumped = pumped_stream(address, stream, start_seq=start_seq, batch=batch)
-    first = asyncio.ensure_future(anext(pumped, None))
+    child = await _Child.start(address, stream, batch)
+    ready = asyncio.ensure_future(child.ready())
     read = start_seq - 1
     nc = None
     try:
@@ -121,25 +166,23 @@ async def head_started_stream(
             async for messages in here:
                 yield messages
                 read = messages[-1].seq
-                if first.done():
+                if ready.done():
                     break
             else:
                 return  # read to its end here
         await nc.close()
-        messages = await first
-        while messages is not None:
-            fresh = messages if messages[0].seq > read else [m for m in messages if m.seq > read]
-            if fresh:
-                yield fresh
-            messages = await anext(pumped, None)
+        await ready
+        child.begin(read + 1)
+        async for messages in child.batches():
+            yield messages
     finally:
         if nc is not None and not nc.is_closed:
             await nc.close()  # read to its end here, or stopped early
-        if not first.done():
-            first.cancel()
+        if not ready.done():
+            ready.cancel()
         with contextlib.suppress(asyncio.CancelledError, NumerusError):
-            await first
-        await pumped.aclose()
+            await ready
+        await child.stop()
 
 
 class _Pipe(asyncio.Protocol):
@@ -183,8 +226,12 @@ async def _quiet(_error: Exception) -> None:
     """nats-py's error callback: the failure is reported (to the parent, to the caller), not logged per try."""
 
 
-async def _pump(request: _Request, out: int) -> None:
-    transport, pipe = await asyncio.get_running_loop().connect_write_pipe(_Pipe, os.fdopen(out, "wb"))
+async def _pump(into: int, out: int) -> None:
+    loop = asyncio.get_running_loop()
+    lines = asyncio.StreamReader()
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(lines), os.fdopen(into, "rb"))
+    request = msgspec.json.decode(await lines.readline(), type=_Request)
+    transport, pipe = await loop.connect_write_pipe(_Pipe, os.fdopen(out, "wb"))
     transport.set_write_buffer_limits(high=16 * _PIPE_BYTES)
 
     async def send(kind: bytes, body: bytes) -> None:
@@ -199,13 +246,20 @@ async def _pump(request: _Request, out: int) -> None:
         except NatsUnavailable as e:
             await send(_UNREACHABLE, e.message.encode())
             return
-        await _pump_stream(nc, request, send)
+        await send(_READY, b"")
+        start = (await lines.readline()).strip()
+        if not start:  # the parent read the whole stream itself, or stopped
+            await nc.close()
+            return
+        await _pump_stream(nc, request, int(start), send)
     finally:
         transport.close()  # once what is buffered is written
         await pipe.closed
 
 
-async def _pump_stream(nc: Any, request: _Request, send: Callable[[bytes, bytes], Awaitable[None]]) -> None:
+async def _pump_stream(
+    nc: Any, request: _Request, start_seq: int, send: Callable[[bytes, bytes], Awaitable[None]]
+) -> None:
     encoder = msgspec.msgpack.Encoder()
     try:
         # The reader yields whatever has arrived, often a few hundred messages; the parent commits a transaction
@@ -213,7 +267,7 @@ async def _pump_stream(nc: Any, request: _Request, send: Callable[[bytes, bytes]
         # first as it comes, then each at most twice the one before) so that the parent starts at once.
         pending: list[StreamMessage] = []
         least = 1
-        async for batch in read_stream(nc, request.stream, start_seq=request.start_seq, batch=request.batch):
+        async for batch in read_stream(nc, request.stream, start_seq=start_seq, batch=request.batch):
             pending += batch
             if len(pending) >= least:
                 await send(_BATCH, encoder.encode(pending))
@@ -235,13 +289,12 @@ async def _pump_stream(nc: Any, request: _Request, send: Callable[[bytes, bytes]
 
 def main() -> None:
     """The child: read the request on stdin, pump the stream to stdout."""
-    request = msgspec.json.decode(sys.stdin.buffer.readline(), type=_Request)
     with contextlib.suppress(OSError):
         fcntl.fcntl(1, fcntl.F_SETPIPE_SZ, _PIPE_BYTES)
     try:
         import uvloop
 
-        uvloop.run(_pump(request, 1))
+        uvloop.run(_pump(0, 1))
     except BrokenPipeError:
         pass  # the parent stopped reading: nothing left to do
 
