@@ -56,9 +56,9 @@ import aiosqlite
 import msgspec
 
 from numerusd.config import NatsAddress
-from numerusd.domain import JobState, evolve_untyped
+from numerusd.domain import JobState, evolve_untyped, job_view
 from numerusd.errors import StoreError
-from numerusd.protocol.commands import JOB_DONE, JobView, TaskView
+from numerusd.protocol.commands import JOB_DONE, JobView
 from numerusd.protocol.envelope import InvalidEvent, WireEnvelope, open_untyped
 from numerusd.stream_pump import head_started_stream
 from numerusd.stream_reader import StreamMessage, read_stream
@@ -861,44 +861,14 @@ class Projector:
         return [(seq, subject) for seq, subject in rows]
 
     async def job_rows(self, job: str | None = None) -> list[JobView]:
-        """What `status` shows: one job, or every job newest first, with its tasks in creation order."""
+        """What `status` shows: one job, or every job newest first, each with its tasks, made from the stored
+        state by the same `domain.job_view` the daemon answers with (the jobs and tasks tables are its columns)."""
         with _translated("read jobs", self.path):
             if job is None:
-                jobs = await self.db.execute_fetchall(
-                    "SELECT id, goal, repo, agent, status, reason, created, updated, events FROM jobs "
-                    "ORDER BY created DESC, id DESC"
-                )
-                tasks = await self.db.execute_fetchall(f"SELECT {_TASK_VIEW} FROM tasks ORDER BY job, ord")
+                rows = await self.db.execute_fetchall("SELECT state FROM jobs ORDER BY created DESC, id DESC")
             else:
-                jobs = await self.db.execute_fetchall(
-                    "SELECT id, goal, repo, agent, status, reason, created, updated, events FROM jobs WHERE id = ?",
-                    (job,),
-                )
-                tasks = await self.db.execute_fetchall(
-                    f"SELECT {_TASK_VIEW} FROM tasks WHERE job = ? ORDER BY ord", (job,)
-                )
-        by_job: dict[str, list[TaskView]] = {}
-        for row in tasks:
-            by_job.setdefault(row[0], []).append(_task_view(row))
-        return [
-            JobView(
-                id=id,
-                goal=goal,
-                repo=repo,
-                agent=agent,
-                status=status,
-                reason=reason,
-                created=_parse_time(created),
-                updated=_parse_time(updated),
-                events=events,
-                tasks=views,
-                tasks_total=len(views),
-                tasks_done=sum(task.status == "completed" for task in views),
-                tokens=sum(task.input_tokens + task.output_tokens for task in views),
-            )
-            for id, goal, repo, agent, status, reason, created, updated, events in jobs
-            for views in [by_job.get(id, [])]
-        ]
+                rows = await self.db.execute_fetchall("SELECT state FROM jobs WHERE id = ?", (job,))
+        return [job_view(_state_decoder.decode(state)) for (state,) in rows]
 
     async def job_state(self, job: str) -> JobState | None:
         """The domain state of one job as of the stored position (None if the views do not know it)."""
@@ -923,12 +893,6 @@ class Projector:
             return {
                 name: [tuple(row) for row in await self.db.execute_fetchall(q)] for name, q in _DUMP_QUERIES.items()
             }
-
-
-_TASK_VIEW = (
-    "job, id, title, agent, status, attempt, pid, exit_code, reason, thread_id, input_tokens, "
-    "cached_input_tokens, output_tokens, log_path, started, ended"
-)
 
 
 async def dump(db: str | Path) -> dict[str, list[tuple[Any, ...]]]:
@@ -1081,31 +1045,6 @@ def _changed_task_rows(state: JobState, before: JobState | None) -> Iterator[tup
             utc_text(task.started),
             utc_text(task.ended),
         )
-
-
-def _task_view(row: Sequence[Any]) -> TaskView:
-    (_, id, title, agent, status, attempt, pid, exit_code, reason, thread_id, tin, tcached, tout, log_path) = row[:14]
-    return TaskView(
-        id=id,
-        title=title,
-        agent=agent,
-        status=status,
-        attempt=attempt,
-        pid=pid,
-        exit_code=exit_code,
-        reason=reason,
-        thread_id=thread_id,
-        input_tokens=tin,
-        cached_input_tokens=tcached,
-        output_tokens=tout,
-        log_path=log_path,
-        started=_parse_time(row[14]),
-        ended=_parse_time(row[15]),
-    )
-
-
-def _parse_time(text: str | None) -> datetime | None:
-    return None if text is None else datetime.fromisoformat(text)
 
 
 def _chunks(items: Sequence[str], size: int) -> Iterator[Sequence[str]]:

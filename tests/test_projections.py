@@ -28,14 +28,19 @@ from numerusd.protocol.events import (
     AgentSpawned,
     AgentThreadStarted,
     EventData,
+    IntegrationBranchCreated,
     JobCompleted,
     JobSubmitted,
+    PlanRequested,
+    PlanValidated,
     TaskCompleted,
     TaskCreated,
     TaskExited,
     TaskStarted,
     TokensUsed,
+    Usage,
 )
+from numerusd.protocol.plan import Plan, PlannedTask
 from numerusd.streams import ensure_stream, stream_specs
 from tests.conftest import eventually
 
@@ -95,6 +100,24 @@ def realistic_job(job: str) -> list[Sealed]:
     ]
 
 
+def planned_job(job: str) -> list[Sealed]:
+    """A planned job: the planner's tokens are the job's own, its branch and plan are recorded, a task runs."""
+    e = Chain(job)
+    plan = Plan(summary="one step", tasks=(PlannedTask(id="t1", title="do it", instructions="do it"),))
+    return [
+        e(JobSubmitted(goal="do it", repo="/repo", agent="codex", plan=True, parallel=2, base_sha="b" * 40)),
+        e(PlanRequested(attempt=1, agent="codex")),
+        e(
+            PlanValidated(
+                version=1, attempt=1, hash="h" * 64, plan=plan, usage=Usage(input_tokens=900, output_tokens=90)
+            )
+        ),
+        e(IntegrationBranchCreated(branch=f"numerus/{job}.integration", base_sha="b" * 40)),
+        e(TaskCreated(title="do it", instructions="do it", agent="codex"), "t1"),
+        e(TokensUsed(input_tokens=100, cached_input_tokens=20, output_tokens=7), "t1"),
+    ]
+
+
 def messages(events: list[Sealed], first_seq: int = 1) -> list[tuple[int, str, bytes]]:
     return [(first_seq + i, s.envelope.subject, s.wire) for i, s in enumerate(events)]
 
@@ -120,6 +143,20 @@ async def project(path: Path, batch: list[tuple[int, str, bytes]], **options: in
 
 
 # --- folding ------------------------------------------------------------------------------------------------
+
+
+async def test_a_job_read_from_the_views_is_the_job_the_daemon_shows(tmp_path: Path):
+    """The planner's tokens, the plan and the branch too, not only what the jobs and tasks columns hold."""
+    events = planned_job("J2") + realistic_job("J1")
+    async with Projector(tmp_path / "views.db", KEYS) as projector:
+        assert await projector.apply(messages(events)) == []
+        folded = domain.fold(s.envelope for s in events)
+        [j2] = await projector.job_rows("J2")
+        assert j2 == domain.job_view(folded["J2"])
+        assert (j2.tokens, j2.plan_version, j2.integration) == (900 + 90 + 100 + 7, 1, "numerus/J2.integration")
+        # Newest first; these two were created at the same time, so by id, descending.
+        assert await projector.job_rows() == [j2, domain.job_view(folded["J1"])]
+        assert await projector.job_rows("J9") == []
 
 
 async def test_a_realistic_job_gives_its_job_and_task_rows(tmp_path: Path):
