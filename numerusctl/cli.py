@@ -58,6 +58,8 @@ from numerusctl.connection import (
 from numerusd.protocol.audit import Auditor
 from numerusd.protocol.commands import (
     ROLES,
+    CleanJobs,
+    CleanReply,
     EventsReply,
     GetEvents,
     GetLogs,
@@ -82,6 +84,7 @@ STATUS_LIMIT = 20
 _run_reply = msgspec.json.Decoder(RunReply)
 _status_reply = msgspec.json.Decoder(StatusReply)
 _kill_reply = msgspec.json.Decoder(KillReply)
+_clean_reply = msgspec.json.Decoder(CleanReply)
 _logs_reply = msgspec.json.Decoder(LogsReply)
 _events_reply = msgspec.json.Decoder(EventsReply)
 _plan_reply = msgspec.json.Decoder(PlanReply)
@@ -611,6 +614,42 @@ def kill(ctx: click.Context, job: str, as_json: bool) -> None:
         reply: KillReply = decode_reply(_kill_reply, "kill", data)
         _out(data.decode() if opts.json else render.kill_text(reply))
         return 0
+
+    _run(_with_daemon(opts, body))
+
+
+# --- clean ----------------------------------------------------------------------------------------------------
+
+
+def _tokens(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> tuple[str, ...]:
+    for value in values:
+        _token(ctx, param, value)
+    return values
+
+
+@cli.command()
+@click.argument("jobs", metavar="[JOB]...", nargs=-1, callback=_tokens)
+@click.option("--ended", is_flag=True, help="Every ended job not cleaned yet.")
+@click.option("--logs", is_flag=True, help="Their logs too (terminal output, agents' answers); events stay.")
+@json_option
+@click.pass_context
+def clean(ctx: click.Context, jobs: tuple[str, ...], ended: bool, logs: bool, as_json: bool) -> None:
+    """Remove what ended jobs left on disk: the worktrees and branches of their tasks that did not merge.
+
+    Each job's integration branch, its result, stays; so does its history. A job still running is refused.
+    """
+    opts = _options(ctx, as_json)
+    if bool(jobs) == ended:
+        raise CtlError("name the jobs to clean, or clean every ended job with --ended (not both)", EXIT_USAGE)
+
+    async def body(nc: Client) -> int:
+        data = await request(nc, "clean", CleanJobs(jobs=list(jobs), ended=ended, logs=logs), opts.timeout)
+        reply: CleanReply = decode_reply(_clean_reply, "clean", data)
+        _out(data.decode() if opts.json else render.clean_text(reply))
+        problems = [f"numerusctl: job {job.job}: {problem}" for job in reply.jobs for problem in job.problems]
+        for line in problems:
+            click.echo(line, err=True)
+        return EXIT_FAILED if problems else 0
 
     _run(_with_daemon(opts, body))
 

@@ -13,7 +13,7 @@ from typing import Any
 import msgspec
 
 from numerusd.protocol.claims import Conflict
-from numerusd.protocol.commands import JobView, KillReply, PlanReply, TaskView
+from numerusd.protocol.commands import CleanedJob, CleanReply, JobView, KillReply, PlanReply, TaskView
 from numerusd.protocol.envelope import InvalidEvent, decode_wire
 from numerusd.protocol.events import EVENT_TYPES
 
@@ -114,6 +114,9 @@ def job_detail(job: JobView, now: datetime) -> str:
         ("updated", f"{local_time(job.updated)} ({age(now, job.updated)} ago)"),
         ("events", str(job.events)),
     ]
+    if job.cleaned:
+        removed = "worktrees, task branches and logs" if job.logs_removed else "worktrees and task branches"
+        fields.append(("cleaned", f"{removed} removed ('numerusctl clean')"))
     head = "\n".join(f"{name:<8} {value}" for name, value in fields)
     if not job.tasks:
         return head + "\n\nno tasks yet"
@@ -210,6 +213,35 @@ def kill_text(reply: KillReply) -> str:
     return f"job {reply.job}: stopping {', '.join(reply.tasks)}"
 
 
+def clean_text(reply: CleanReply) -> str:
+    """What `clean` removed, a line per job."""
+    if not reply.jobs:
+        return "no ended job left anything to remove"
+    return "\n".join(_cleaned_line(job) for job in reply.jobs)
+
+
+def _cleaned_line(job: CleanedJob) -> str:
+    line = f"job {job.job}: {_removed(len(job.worktrees), len(job.branches), job.logs, job.freed_bytes)}"
+    return line + (f"; kept its result, branch {job.kept}" if job.kept else "")
+
+
+def _removed(worktrees: int, branches: int, logs: bool, freed_bytes: int) -> str:
+    """`removed 1 worktree, 2 branches, the logs (3.0 MiB)`, or `nothing left to remove`."""
+    parts = [_n(n, noun) for n, noun in ((worktrees, "worktree"), (branches, "branch")) if n]
+    parts += ["the logs"] if logs else []
+    return f"removed {', '.join(parts)} ({_size(freed_bytes)})" if parts else "nothing left to remove"
+
+
+def _size(size: int) -> str:
+    """`1,234 bytes`, `5.1 MiB`: a size as people read it."""
+    if size < 1024:
+        return f"{size:,} bytes"
+    value, units = size / 1024, ["KiB", "MiB", "GiB", "TiB"]
+    while value >= 1024 and len(units) > 1:
+        value, units = value / 1024, units[1:]
+    return f"{value:,.1f} {units[0]}"
+
+
 def summary(type_name: str, data: Any) -> str:
     """One line saying what an event's payload says (`data` as decoded from JSON)."""
     d = data if isinstance(data, dict) else {}
@@ -254,6 +286,9 @@ def summary(type_name: str, data: Any) -> str:
             text = f"{_retry(d)}: {_reasons(get('reasons'))}"
         case "LocksReleased":
             text = f"locks released ({get('reason') or 'no reason given'})"
+        case "JobCleaned":
+            worktrees, branches = len(get("worktrees") or []), len(get("branches") or [])
+            text = _removed(worktrees, branches, bool(get("logs")), get("freed_bytes") or 0)
         case "MergeStarted":
             text = f"merging {_sha(get('task_sha'))} into {get('integration')} at {_sha(get('parent'))}"
         case _:
@@ -323,7 +358,8 @@ def _pipeline_story(type_name: str, d: dict[str, Any]) -> str | None:
 
 
 def _n(n: int, noun: str) -> str:
-    return f"{n} {noun}{'' if n == 1 else 's'}"
+    """`1 branch`, `2 branches`, `0 tasks`."""
+    return f"{n} {noun}{'' if n == 1 else 'es' if noun.endswith(('ch', 'sh', 's', 'x')) else 's'}"
 
 
 def _sha(value: Any) -> str:

@@ -39,6 +39,7 @@ from numerusd.protocol.events import (
     GateFailed,
     GatePassed,
     IntegrationBranchCreated,
+    JobCleaned,
     JobCompleted,
     JobFailed,
     JobInterrupted,
@@ -157,6 +158,9 @@ class JobState(msgspec.Struct, frozen=True, kw_only=True):
     base_sha: str | None = None
     #: Where the integration branch is: its base, then each merge's commit (Numerus is its only writer).
     integration_tip: str | None = None
+    #: `numerusctl clean` removed its worktrees and task branches; with `logs_removed`, its logs too.
+    cleaned: bool = False
+    logs_removed: bool = False
     #: The lock table as plain data (holders and the FIFO queue of waiting claims); `lock_table()` builds it.
     lock_holds: dict[str, tuple[Lock, ...]] = {}
     lock_queue: dict[str, tuple[Lock, ...]] = {}
@@ -233,6 +237,8 @@ def evolve(state: JobState | None, event: Envelope) -> JobState:
             return replace(job, status="killed", reason=reason)
         case JobInterrupted(reason=reason):
             return replace(job, status="interrupted", reason=reason)
+        case JobCleaned(logs=logs):
+            return replace(job, cleaned=True, logs_removed=job.logs_removed or logs)
     return job
 
 
@@ -412,6 +418,24 @@ def decide_run(goal: str, repo: str, agent: str) -> Decision:
         (None, JobSubmitted(goal=goal, repo=repo, agent=agent)),
         ("t1", TaskCreated(title=title, instructions=goal, agent=agent)),
     ]
+
+
+def check_cleanable(job: JobState) -> None:
+    """Refuse to clean a job that has not ended: its agents and merges still use its worktrees and branches."""
+    if job.status not in JOB_DONE:
+        raise CommandRefused(
+            f"job {job.id} is {job.status}: its tasks still use their worktrees; wait for it to end, or "
+            f"'numerusctl kill {job.id}' first. Nothing was removed",
+            job=job.id,
+        )
+
+
+def decide_cleaned(job: JobState, cleaned: JobCleaned) -> Decision:
+    """Record what `clean` removed: nothing when it removed nothing from a job already cleaned."""
+    check_cleanable(job)
+    if job.cleaned and not (cleaned.worktrees or cleaned.branches or cleaned.logs):
+        return []
+    return [(None, cleaned)]
 
 
 def decide_kill(job: JobState) -> Decision:
@@ -814,6 +838,8 @@ def job_view(job: JobState, *, tasks: bool = True) -> JobView:
         parallel=job.parallel,
         input_tokens=job.input_tokens,
         output_tokens=job.output_tokens,
+        cleaned=job.cleaned,
+        logs_removed=job.logs_removed,
         tasks_total=len(job.tasks),
         tasks_done=sum(task.status == "completed" for task in job.tasks.values()),
         tokens=own + sum(task.input_tokens + task.output_tokens for task in job.tasks.values()),

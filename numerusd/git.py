@@ -386,6 +386,22 @@ async def _remove_worktree(repo: Path, worktree: Worktree, *, delete_branch: boo
             await _git(repo, "update-ref", "-d", ref)
 
 
+async def task_branches(repo: Path, job: str) -> list[str]:
+    """The short names of the job's task branches that exist (`numerus/<job>/<task>`; not its integration branch)."""
+    parent = f"refs/heads/{task_branch(job, 'x').removesuffix('/x')}"
+    # A pattern matches the refs beneath it, up to a slash: `numerus/<job>/…`, not `numerus/<job>.integration`.
+    out = await _git(repo, "for-each-ref", "--format=%(refname)", parent)
+    return [ref.removeprefix("refs/heads/") for ref in out.text().splitlines() if ref.startswith(parent + "/")]
+
+
+async def delete_branch(repo: Path, branch: str) -> None:
+    """Delete a branch whatever it holds (its work is gone with it); idempotent."""
+    ref = f"refs/heads/{branch}"
+    async with _worktree_lock(repo):
+        if await _ref_sha(repo, ref) is not None:
+            await _git(repo, "update-ref", "-d", ref)
+
+
 async def _unregister(repo: Path, path: Path) -> None:
     """Remove the worktree at `path` (an absolute path), its files and its registration, if git knows it."""
     removed = False

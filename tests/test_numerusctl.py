@@ -23,12 +23,21 @@ from nats.aio.client import Client
 from nats.js.api import StreamConfig
 
 from numerusctl.cli import _follow_job, _follow_logs, cli
-from numerusctl.render import event_line, job_detail, jobs_table
+from numerusctl.render import clean_text, event_line, job_detail, jobs_table, summary
 from numerusd.config import write_connection_file
 from numerusd.embedded_nats import EmbeddedNats
 from numerusd.protocol import events as ev
 from numerusd.protocol.claims import ClaimedPath, Conflict, Lock
-from numerusd.protocol.commands import GetPlan, JobView, PlanReply, RunJob, RunReply, TaskView
+from numerusd.protocol.commands import (
+    CleanedJob,
+    CleanReply,
+    GetPlan,
+    JobView,
+    PlanReply,
+    RunJob,
+    RunReply,
+    TaskView,
+)
 from numerusd.protocol.envelope import Sealed, seal
 from numerusd.protocol.plan import FileIntent, Plan, PlannedTask
 
@@ -673,3 +682,23 @@ def test_status_of_a_single_task_job_is_as_before():
         "TASK  STATUS           AGENT  ATTEMPT  PID  EXIT  TOKENS  TITLE",
         "t1    failed (exit 1)  s      1        42   1     0       x",
     ]
+
+
+def test_clean_says_what_it_removed_and_what_it_kept():
+    reply = CleanReply(
+        jobs=[
+            CleanedJob(job="J1", worktrees=["/w/a"], branches=["numerus/J1/a", "numerus/J1/b"], freed_bytes=3 << 20),
+            CleanedJob(job="J2", logs=True, freed_bytes=512, kept="numerus/J2.integration"),
+            CleanedJob(job="J3", kept="numerus/J3.integration"),
+        ]
+    )
+    assert clean_text(reply).splitlines() == [
+        "job J1: removed 1 worktree, 2 branches (3.0 MiB)",
+        "job J2: removed the logs (512 bytes); kept its result, branch numerus/J2.integration",
+        "job J3: nothing left to remove; kept its result, branch numerus/J3.integration",
+    ]
+    assert clean_text(CleanReply(jobs=[])) == "no ended job left anything to remove"
+    cleaned = ev.JobCleaned(worktrees=("/w/a",), branches=("numerus/J1/a",), logs=True, freed_bytes=5 << 30)
+    assert (
+        summary("JobCleaned", msgspec.to_builtins(cleaned)) == "removed 1 worktree, 1 branch, the logs (5.0 GiB)"
+    )

@@ -4,7 +4,7 @@ Each module exports `async def handle(daemon, request) -> reply`. A handler sees
 service decodes at the edge) and raises `CommandRefused` and its subclasses to refuse.
 """
 
-from numerusd.handlers import events, kill, logs, plan, run, status
+from numerusd.handlers import clean, events, kill, logs, plan, run, status
 
 #: The handler of each verb.
 HANDLERS = {
@@ -14,4 +14,5 @@ HANDLERS = {
     "logs": logs.handle,
     "events": events.handle,
     "plan": plan.handle,
+    "clean": clean.handle,
 }

@@ -17,6 +17,8 @@ async def handle(daemon: Daemon, request: GetLogs) -> LogsReply:
     if not 0 < request.tail_bytes <= 4 * 1024 * 1024:
         raise BadRequest("tail_bytes must be between 1 and 4194304")
     job = daemon.job(request.job)
+    if job.logs_removed:
+        raise NotFound(f"the logs of job {job.id} were removed by 'numerusctl clean --logs'; its events remain")
     if request.task is not None and request.task not in job.tasks:
         raise NotFound(f"job {job.id} has no task {request.task!r}; tasks: {', '.join(job.tasks)}")
     logs = []

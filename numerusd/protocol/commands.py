@@ -59,6 +59,15 @@ class KillJob(Request, frozen=True, kw_only=True):
     job: str
 
 
+class CleanJobs(Request, frozen=True, kw_only=True):
+    """`numerusctl clean`: remove what ended jobs left on disk (their tasks' worktrees and branches, with `logs`
+    their logs too): the jobs named, or with `ended` every ended job not cleaned yet."""
+
+    jobs: list[str] = []
+    ended: bool = False
+    logs: bool = False
+
+
 class GetLogs(Request, frozen=True, kw_only=True):
     """`numerusctl logs`: the terminal output of a job's tasks, the last `tail_bytes` of each."""
 
@@ -133,6 +142,9 @@ class JobView(msgspec.Struct, frozen=True, kw_only=True):
     #: Tokens of the job's own agent calls (planner, queen); each task counts its own.
     input_tokens: int = 0
     output_tokens: int = 0
+    #: `numerusctl clean` removed its worktrees and task branches (with `logs_removed`, its logs too).
+    cleaned: bool = False
+    logs_removed: bool = False
 
 
 class PlanReply(msgspec.Struct, frozen=True, kw_only=True):
@@ -167,6 +179,25 @@ class KillReply(msgspec.Struct, frozen=True, kw_only=True):
 
     job: str
     tasks: list[str]
+
+
+class CleanedJob(msgspec.Struct, frozen=True, kw_only=True):
+    """What cleaning one job removed; `kept` names its integration branch (its result), `problems` what could not
+    be removed and why."""
+
+    job: str
+    worktrees: list[str] = []
+    branches: list[str] = []
+    logs: bool = False
+    freed_bytes: int = 0
+    kept: str | None = None
+    problems: list[str] = []
+
+
+class CleanReply(msgspec.Struct, frozen=True, kw_only=True):
+    """The jobs cleaned, in the order asked (oldest first with `ended`)."""
+
+    jobs: list[CleanedJob]
 
 
 class TaskLog(msgspec.Struct, frozen=True, kw_only=True):
@@ -210,6 +241,7 @@ REQUESTS: dict[str, type[Request]] = {
     "logs": GetLogs,
     "events": GetEvents,
     "plan": GetPlan,
+    "clean": CleanJobs,
 }
 
 #: Reply type by verb.
@@ -220,6 +252,7 @@ REPLIES: dict[str, type[msgspec.Struct]] = {
     "logs": LogsReply,
     "events": EventsReply,
     "plan": PlanReply,
+    "clean": CleanReply,
 }
 
 #: Where the daemon keeps its state (and `connection.json`) when neither a flag nor NUMERUS_STATE_DIR says.

@@ -148,6 +148,17 @@ class JobInterrupted(EventData, frozen=True, kw_only=True):
     reason: str
 
 
+class JobCleaned(EventData, frozen=True, kw_only=True):
+    """What an ended job left on disk was removed at a user's request (`numerusctl clean`): its tasks' worktrees
+    and branches, and with `logs` its run directory (terminal logs, agents' answers). The integration branch,
+    the job's result, is kept. Each list names what was there and is gone; `freed_bytes` is their size."""
+
+    worktrees: tuple[str, ...] = ()
+    branches: tuple[str, ...] = ()
+    logs: bool = False
+    freed_bytes: int = 0
+
+
 # --- the task aggregate (inside a job) ---------------------------------------------------------------------
 
 
@@ -409,6 +420,7 @@ EVENT_TYPES: dict[str, type[EventData]] = {
         JobFailed,
         JobKilled,
         JobInterrupted,
+        JobCleaned,
         ReplanRequested,
         ReplanFailed,
         PlanRequested,

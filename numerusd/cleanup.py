@@ -1,0 +1,118 @@
+"""`numerusctl clean`: remove what an ended job left on disk.
+
+A job leaves behind the worktrees and branches of the tasks that did not merge (a merged task's go as soon as
+it merges), whatever read-only checkouts a crash left, and its run directory: terminal logs, prompts, the
+agents' answers. None of it is state (the events are), so removing it loses no history, only the files a user
+looks at to see why a task failed. It goes on request only, for ended jobs only, and the integration branch,
+the job's result, always stays.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+from collections.abc import Awaitable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from numerusd import git
+from numerusd.checkouts import CHECKOUTS_SUFFIX, Checkouts
+from numerusd.config import Settings
+from numerusd.domain import JobState
+from numerusd.errors import NumerusError
+from numerusd.protocol.events import JobCleaned
+
+
+@dataclass
+class Removed:
+    """What cleaning one job removed, and what it could not (one line each)."""
+
+    worktrees: list[str] = field(default_factory=list)
+    branches: list[str] = field(default_factory=list)
+    logs: bool = False
+    freed_bytes: int = 0
+    problems: list[str] = field(default_factory=list)
+
+    def event(self) -> JobCleaned:
+        return JobCleaned(
+            worktrees=tuple(self.worktrees), branches=tuple(self.branches), logs=self.logs, freed_bytes=self.freed_bytes
+        )
+
+
+async def clean_job(settings: Settings, job: JobState, *, logs: bool) -> Removed:
+    """Remove the job's task worktrees and branches, its checkouts, and with `logs` its run directory.
+
+    Each removal stands alone: one that fails is reported and the others go on. Cleaning again finds only
+    what is still there.
+    """
+    removed = Removed()
+    repo = Path(job.repo)
+    # A repository deleted since: its worktrees' registrations went with it, and there are no branches left.
+    known = os.path.lexists(repo / ".git")
+    checkouts = settings.worktrees_dir / f"{job.id}{CHECKOUTS_SUFFIX}"
+    if checkouts.is_dir():
+        await _attempt(removed, f"remove the checkouts in {checkouts}", _remove_checkouts(repo, checkouts, known))
+    for task in job.tasks.values():
+        if task.worktree is None or not os.path.lexists(task.worktree):
+            continue
+        path = Path(task.worktree)
+        size = await asyncio.to_thread(_disk_usage, path)
+        worktree = git.Worktree(path, task.branch or git.task_branch(job.id, task.id), task.base_sha or "")
+        done = git.remove_worktree(repo, worktree) if known else asyncio.to_thread(shutil.rmtree, path)
+        if await _attempt(removed, f"remove the worktree of task {task.id} at {path}", done):
+            removed.worktrees.append(str(path))
+            removed.freed_bytes += size
+    if known:
+        try:
+            branches = await git.task_branches(repo, job.id)
+        except (NumerusError, OSError) as e:
+            removed.problems.append(f"cannot list the task branches in {repo}: {e}")
+            branches = []
+        for branch in branches:
+            if await _attempt(removed, f"delete branch {branch}", git.delete_branch(repo, branch)):
+                removed.branches.append(branch)
+    # What is left in the job's worktree directory git did not know (a worktree half made when a daemon died);
+    # kept if any worktree could not be removed, as git may still count on its files.
+    left = settings.worktrees_dir / job.id
+    if left.is_dir() and not removed.problems:
+        size = await asyncio.to_thread(_disk_usage, left)
+        if await _attempt(removed, f"remove {left}", asyncio.to_thread(shutil.rmtree, left)):
+            removed.freed_bytes += size
+    runs = settings.runs_dir / job.id
+    if logs and runs.is_dir():
+        size = await asyncio.to_thread(_disk_usage, runs)
+        if await _attempt(removed, f"remove the logs in {runs}", asyncio.to_thread(shutil.rmtree, runs)):
+            removed.logs = True
+            removed.freed_bytes += size
+    return removed
+
+
+async def _remove_checkouts(repo: Path, root: Path, known: bool) -> None:
+    if known:
+        await Checkouts(repo, root).clear()
+        root.rmdir()
+    else:
+        await asyncio.to_thread(shutil.rmtree, root)
+
+
+async def _attempt(removed: Removed, what: str, step: Awaitable[object]) -> bool:
+    """Await `step`; on failure note "cannot <what>: <why>" and say False."""
+    try:
+        await step
+    except (NumerusError, OSError) as e:
+        removed.problems.append(f"cannot {what}: {e}")
+        return False
+    return True
+
+
+def _disk_usage(path: Path) -> int:
+    """The bytes of disk the files under `path` take (as `du` counts them), links not followed."""
+    total = 0
+    for root, dirs, files in os.walk(path):
+        for name in dirs + files:
+            try:
+                total += os.lstat(os.path.join(root, name)).st_blocks * 512
+            except OSError:
+                continue
+    return total

@@ -1,0 +1,126 @@
+"""`numerusctl clean`: an ended job's leftover worktrees, branches and logs go; its result and history stay.
+
+The real numerusd and numerusctl, a real nats-server and git; the agents are the scripted fake `codex exec`.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+from tests.daemon_harness import Daemon, git_repo
+
+
+def claim(path: str) -> dict:
+    return {"paths": [{"path": path, "kind": "file", "mode": "create"}], "commands": []}
+
+
+#: A planned job of two tasks: `ok` writes its file and merges, `bad` fails for good (one attempt, no replan).
+TEAM = {
+    "cases": [
+        {
+            "match": {"role": "planner"},
+            "steps": [
+                {
+                    "answer": {
+                        "summary": "two files",
+                        "tasks": [
+                            {"id": "ok", "title": "OK", "instructions": "write OK.md", "intents": []},
+                            {"id": "bad", "title": "BAD", "instructions": "write BAD.md", "intents": []},
+                        ],
+                    }
+                }
+            ],
+        },
+        {"match": {"role": "claimer", "task": "ok"}, "steps": [{"answer": claim("OK.md")}]},
+        {"match": {"role": "claimer", "task": "bad"}, "steps": [{"answer": claim("BAD.md")}]},
+        {"match": {"role": "executor", "task": "ok"}, "steps": [{"write": "OK.md", "content": "ok\n"}]},
+        {
+            "match": {"role": "executor", "task": "bad"},
+            "steps": [{"write": "BAD.md", "content": "half done\n"}, {"say": "giving up"}, {"exit": 1}],
+        },
+        {"match": {"role": "reviewer"}, "steps": [{"answer": {"verdict": "pass", "reasons": []}}]},
+    ]
+}
+SLOW = [{"say": "working"}, {"run": "sleep 300"}]
+CONFIG = "max_attempts = 1\nreview = false\n"
+
+
+def git(repo: Path, *args: str) -> str:
+    return subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True, check=True).stdout
+
+
+def branches(repo: Path) -> set[str]:
+    return set(git(repo, "for-each-ref", "--format=%(refname:short)", "refs/heads").split())
+
+
+async def test_clean_removes_an_ended_jobs_worktrees_branches_then_logs_and_refuses_a_running_job(tmp_path: Path):
+    with Daemon(tmp_path / "state", agents={"team": TEAM, "slow": SLOW}, config=CONFIG).start() as daemon:
+        repo = git_repo(tmp_path / "repo")
+        failed = daemon.ctl("run", "two files", "--repo", str(repo), "--agent", "team", "--wait", timeout=90)
+        assert failed.returncode == 1, failed.stderr
+        job = failed.stdout.splitlines()[0].strip()
+        view = daemon.status(job)
+        assert {t["id"]: t["status"] for t in view["tasks"]} == {"ok": "completed", "bad": "failed"}
+        bad_worktree = daemon.state_dir / "worktrees" / job / "bad"
+        assert bad_worktree.is_dir() and str(bad_worktree) in git(repo, "worktree", "list")
+        assert branches(repo) == {"main", f"numerus/{job}.integration", f"numerus/{job}/bad"}
+
+        running = daemon.ctl("run", "wait", "--repo", str(repo), "--agent", "slow", "--no-plan", check=True)
+        busy = running.stdout.strip()
+
+        # Named with a running job, nothing is removed, and the refusal says what to do.
+        refused = daemon.ctl("clean", job, busy)
+        assert refused.returncode == 1
+        assert refused.stderr.strip() == (
+            f"numerusctl: job {busy} is running: its tasks still use their worktrees; wait for it to end, or "
+            f"'numerusctl kill {busy}' first. Nothing was removed"
+        )
+        assert bad_worktree.is_dir() and f"numerus/{job}/bad" in branches(repo)
+
+        cleaned = daemon.ctl("clean", job)
+        assert cleaned.returncode == 0, cleaned.stderr
+        line = cleaned.stdout.strip()
+        assert line.startswith(f"job {job}: removed 1 worktree, 1 branch (")
+        assert line.endswith(f"); kept its result, branch numerus/{job}.integration")
+        assert not bad_worktree.exists() and not (daemon.state_dir / "worktrees" / job).exists()
+        assert str(bad_worktree) not in git(repo, "worktree", "list")
+        assert branches(repo) == {"main", f"numerus/{job}.integration"}
+        assert git(repo, "show", f"numerus/{job}.integration:OK.md") == "ok\n"  # the result stays
+        assert "giving up" in daemon.ctl("logs", job, "--task", "bad", check=True).stdout  # logs too, unasked
+        [event] = [e for e in daemon.events(job) if e["type"] == "JobCleaned"]
+        assert event["data"]["worktrees"] == [str(bad_worktree)]
+        assert event["data"]["branches"] == [f"numerus/{job}/bad"]
+        assert event["data"]["logs"] is False and event["data"]["freed_bytes"] > 0
+        assert (
+            "cleaned  worktrees and task branches removed ('numerusctl clean')"
+            in daemon.ctl("status", job, check=True).stdout
+        )
+
+        # Every ended job, logs included: the cleaned job's logs go now; the running job is left alone.
+        again = daemon.ctl("--json", "clean", "--ended", "--logs", check=True)
+        [reply] = json.loads(again.stdout)["jobs"]
+        assert (reply["job"], reply["worktrees"], reply["branches"], reply["logs"]) == (job, [], [], True)
+        assert not (daemon.state_dir / "runs" / job).exists()
+        assert (daemon.state_dir / "runs" / busy).is_dir()
+        logs = daemon.ctl("logs", job)
+        assert logs.returncode == 1
+        assert "the logs of job" in logs.stderr and "were removed by 'numerusctl clean --logs'" in logs.stderr
+        assert daemon.ctl("clean", "--ended", check=True).stdout.strip() == "no ended job left anything to remove"
+        assert daemon.status(busy)["status"] == "running"
+        assert daemon.ctl("audit", "verify", job).returncode == 0
+
+
+async def test_clean_is_told_which_jobs(tmp_path: Path):
+    with Daemon(tmp_path / "state").start() as daemon:
+        for args in ((), ("J1", "--ended")):
+            result = daemon.ctl("clean", *args)
+            assert result.returncode == 2
+            assert result.stderr.strip() == (
+                "numerusctl: name the jobs to clean, or clean every ended job with --ended (not both)"
+            )
+        unknown = daemon.ctl("clean", "J404")
+        assert unknown.returncode == 1 and "no job 'J404'" in unknown.stderr
+        assert daemon.ctl("clean", "a.b").returncode == 2
+        assert daemon.alive
