@@ -6,6 +6,7 @@ The real numerusd and numerusctl, a real nats-server and git; the agents are the
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -124,3 +125,17 @@ async def test_clean_is_told_which_jobs(tmp_path: Path):
         assert unknown.returncode == 1 and "no job 'J404'" in unknown.stderr
         assert daemon.ctl("clean", "a.b").returncode == 2
         assert daemon.alive
+
+
+async def test_a_job_whose_repository_was_deleted_is_cleaned_of_what_is_left_in_the_state_directory(tmp_path: Path):
+    with Daemon(tmp_path / "state", agents={"team": TEAM}, config=CONFIG).start() as daemon:
+        repo = git_repo(tmp_path / "repo")
+        job = daemon.ctl("run", "two files", "--repo", str(repo), "--agent", "team", "--wait", timeout=90)
+        job = job.stdout.splitlines()[0].strip()
+        leftover = daemon.state_dir / "worktrees" / job / "bad"
+        assert leftover.is_dir()
+        shutil.rmtree(repo)
+        cleaned = daemon.ctl("clean", job)
+        assert cleaned.returncode == 0, cleaned.stderr
+        assert cleaned.stdout.startswith(f"job {job}: removed 1 worktree (")
+        assert not (daemon.state_dir / "worktrees" / job).exists()
