@@ -79,6 +79,8 @@ from numerusd.protocol.ids import is_token
 
 #: Jobs `status` lists by default, newest first.
 STATUS_LIMIT = 20
+#: How long `clean` waits for its answer (or --timeout, if longer): removing many worktrees takes a while.
+CLEAN_WAIT_S = 600.0
 
 # One decoder per reply, built once (decode at the edge, once).
 _run_reply = msgspec.json.Decoder(RunReply)
@@ -643,7 +645,8 @@ def clean(ctx: click.Context, jobs: tuple[str, ...], ended: bool, logs: bool, as
         raise CtlError("name the jobs to clean, or clean every ended job with --ended (not both)", EXIT_USAGE)
 
     async def body(nc: Client) -> int:
-        data = await request(nc, "clean", CleanJobs(jobs=list(jobs), ended=ended, logs=logs), opts.timeout)
+        query = CleanJobs(jobs=list(jobs), ended=ended, logs=logs)
+        data = await request(nc, "clean", query, max(opts.timeout, CLEAN_WAIT_S))
         reply: CleanReply = decode_reply(_clean_reply, "clean", data)
         _out(data.decode() if opts.json else render.clean_text(reply))
         problems = [f"numerusctl: job {job.job}: {problem}" for job in reply.jobs for problem in job.problems]
