@@ -57,6 +57,10 @@ async def clean_job(settings: Settings, job: JobState, *, logs: bool) -> Removed
         if task.worktree is None or not os.path.lexists(task.worktree):
             continue
         path = Path(task.worktree)
+        if not known and not path.resolve().is_relative_to(settings.worktrees_dir.resolve()):
+            # With no repository to ask, only a directory of ours is removed (the state directory may have moved).
+            removed.problems.append(f"not removing {path}: no git repository at {repo} says it is a worktree")
+            continue
         size = await asyncio.to_thread(_disk_usage, path)
         worktree = git.Worktree(path, task.branch or git.task_branch(job.id, task.id), task.base_sha or "")
         done = git.remove_worktree(repo, worktree) if known else asyncio.to_thread(shutil.rmtree, path)
