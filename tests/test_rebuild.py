@@ -4,9 +4,24 @@ from __future__ import annotations
 
 import asyncio
 import subprocess
+from datetime import UTC, datetime
 from pathlib import Path
 
+import nats
+
+from numerusd.daemon import BULK_VIEWS_FROM
+from numerusd.keys import Keyring
 from numerusd.projections import dump
+from numerusd.protocol.envelope import Sealed, seal
+from numerusd.protocol.events import (
+    AgentMessageReceived,
+    JobCompleted,
+    JobSubmitted,
+    TaskCompleted,
+    TaskCreated,
+    TokensUsed,
+)
+from numerusd.protocol.ids import new_ulid
 from tests.conftest import eventually
 from tests.daemon_harness import BIN, Daemon, git_repo
 from tests.test_run import HELLO
@@ -57,3 +72,65 @@ async def test_rebuild_equals_live_views_and_status_is_unchanged(tmp_path: Path)
         assert daemon.ctl_json("status") == statuses
     finally:
         daemon.stop()
+
+
+def finished_jobs(count: int, kid: str, key: bytes) -> list[Sealed]:
+    """`count` jobs of one task each, from submission to completion, signed and chained as numerusd writes them."""
+    sealed = []
+    for n in range(count):
+        job, prev = f"J{n:05d}", ""
+        life = [
+            (None, JobSubmitted(goal="fix it", repo="/nowhere", agent="codex")),
+            ("t1", TaskCreated(title="fix it", instructions="fix it", agent="codex")),
+            ("t1", TokensUsed(input_tokens=10, cached_input_tokens=0, output_tokens=1)),
+            ("t1", AgentMessageReceived(text="done")),
+            ("t1", TaskCompleted()),
+            (None, JobCompleted()),
+        ]
+        for task, data in life:
+            event = seal(
+                data,
+                id=new_ulid(),
+                job=job,
+                task=task,
+                time=datetime.now(UTC),
+                actor="numerusd",
+                correlation_id=job,
+                causation_id=None,
+                prev=prev,
+                kid=kid,
+                key=key,
+            )
+            prev = event.digest
+            sealed.append(event)
+    return sealed
+
+
+async def test_a_daemon_that_finds_its_views_empty_and_a_long_stream_loads_them_in_bulk(tmp_path: Path):
+    daemon = Daemon(tmp_path / "state").start()
+    try:
+        keyring = Keyring.load(daemon.state_dir / "keys.json")
+        events = finished_jobs(BULK_VIEWS_FROM // 6 + 1, keyring.current_kid, keyring.current_key)
+        connection = daemon.connection()
+        nc = await nats.connect(connection["url"], user=connection["user"], password=connection["password"])
+        js = nc.jetstream(publish_async_max_pending=2000)
+        for event in events:
+            await js.publish_async(event.envelope.subject, event.wire, headers={"Nats-Msg-Id": event.envelope.id})
+        await js.publish_async_completed()
+        await nc.close()
+        await eventually(lambda: projected(daemon, len(events)), timeout=60)
+    finally:
+        assert daemon.stop() == 0
+    for suffix in ("", "-wal", "-shm"):  # the views lost (or dropped for a new schema)
+        Path(f"{daemon.state_dir / 'views.sqlite3'}{suffix}").unlink(missing_ok=True)
+
+    daemon.start()
+    try:
+        await eventually(lambda: projected(daemon, len(events)), timeout=60)
+        assert f"loaded the views in bulk: {len(events)} events, 0 rejected" in daemon.stderr()
+        assert daemon.ctl_json("status", "--limit", "1")["total"] == len(events) // 6
+        result = rebuild(daemon, "--to", str(tmp_path / "rebuilt.sqlite3"))
+        assert result.returncode == 0, result.stderr
+        assert await dump(tmp_path / "rebuilt.sqlite3") == await dump(daemon.state_dir / "views.sqlite3")
+    finally:
+        assert daemon.stop() == 0
