@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import logging
 import os
 import struct
 import sys
@@ -43,6 +44,8 @@ class _Request(msgspec.Struct, frozen=True, kw_only=True):
     stream: str
     batch: int
 
+
+log = logging.getLogger(__name__)
 
 _HEADER = struct.Struct(">I")
 _READY, _BATCH, _DONE, _UNREACHABLE, _FAILED = b"R", b"B", b"D", b"U", b"E"
@@ -154,11 +157,13 @@ async def head_started_stream(
     The child needs a fifth of a second to import and connect, a tenth of a whole rebuild of 100k events that
     would otherwise be spent waiting for its first batch. Meanwhile this process reads with its own connection;
     when the child says it is connected, it is told to start where this process stopped, so that nothing is
-    read twice. A stream read here to its end (a small one) does not wait for the child at all.
+    read twice. A stream read here to its end (a small one) does not wait for the child at all; nor does one
+    whose child fails to start or connect: it is read here to its end, only slower.
     """
     child = await _Child.start(address, stream, batch)
     ready = asyncio.ensure_future(child.ready())
     read = start_seq - 1
+    warned = False
     nc = None
     try:
         nc = await _connect(address)
@@ -167,7 +172,12 @@ async def head_started_stream(
                 yield messages
                 read = messages[-1].seq
                 if ready.done():
-                    break
+                    failed = ready.exception()
+                    if failed is None:
+                        break
+                    if not warned:  # the child could not start or connect: slower, but this process reads on
+                        log.warning("reading stream %s here: its reading process failed: %s", stream, failed)
+                        warned = True
             else:
                 return  # read to its end here
         await nc.close()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -110,4 +111,18 @@ async def test_a_small_stream_read_here_to_its_end_leaves_no_child(nc: Client, n
     await fill(nc, 40)
     got = [m.seq async for batch in head_started_stream(nats_address, EVENTS) for m in batch]
     assert got == list(range(1, 41))
+    assert pump_children() == []
+
+
+async def test_a_head_started_stream_whose_child_cannot_start_is_read_here_to_its_end(
+    nc: Client, nats_address: NatsAddress, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+):
+    await fill(nc, 2500)
+    monkeypatch.setattr(sys, "executable", "/bin/false")  # the child exits at once, saying nothing
+    got = []
+    async for batch in head_started_stream(nats_address, EVENTS, batch=300):
+        got += [m.seq for m in batch]
+        await asyncio.sleep(0.05)  # time for the child to have failed before the stream's end
+    assert got == list(range(1, 2501))
+    assert "reading stream NUMERUS_EVENTS here: its reading process failed: the process reading stream" in caplog.text
     assert pump_children() == []
