@@ -41,6 +41,7 @@ from numerusd.protocol.envelope import InvalidEvent, Sealed, open_untyped
 from numerusd.protocol.ids import new_ulid
 from numerusd.schemas import agent_output_schemas
 from numerusd.service import start_service
+from numerusd.stream_pump import head_started_stream
 from numerusd.stream_reader import StreamReader, last_sequence, read_stream
 from numerusd.streams import EVENTS, check_server_version, ensure_streams
 from numerusd.supervisor import AgentCall, TaskRun
@@ -52,6 +53,8 @@ log = logging.getLogger(__name__)
 
 #: Empty views and at least this many events in the stream: the views are loaded in bulk before they follow it.
 BULK_VIEWS_FROM = 10_000
+#: At least this many events in the stream: the startup replay reads it in a child process.
+PUMPED_REPLAY_FROM = 10_000
 
 #: Exit codes of `numerusd` (sysexits-style), documented in docs/operations.md.
 EXIT_OK, EXIT_CONFIG, EXIT_UNAVAILABLE, EXIT_SOFTWARE, EXIT_LOCKED = 0, 78, 69, 70, 75
@@ -116,7 +119,7 @@ class Daemon:
         self.js = self.nc.jetstream()
         await ensure_streams(self.js)
         self.store = EventStore(self.nc, self.js, WriteAheadLog.open(settings.wal_path), self.keyring)
-        replayed = await self._replay()
+        replayed = await self._replay(address)
         log.info("replayed %d events into %d jobs", replayed, len(self.jobs))
         await self._reconcile()
         self.projector = await Projector(settings.db_path, self.keyring.keys).open()
@@ -216,11 +219,20 @@ class Daemon:
         nc.options["max_reconnect_attempts"] = -1  # read by nats-py at each reconnect: never stop trying
         return nc
 
-    async def _replay(self) -> int:
-        """Fold the whole stream into memory, then what the WAL holds that the stream does not."""
+    async def _replay(self, address: NatsAddress) -> int:
+        """Fold the whole stream into memory, then what the WAL holds that the stream does not.
+
+        A long stream is read by a child process (`stream_pump`), as a rebuild reads it: this process only
+        verifies and folds, on the other core.
+        """
         count = 0
         keys = self.keyring.keys
-        async for batch in read_stream(self.nc, EVENTS):
+        if (last := await last_sequence(self.js, EVENTS)) >= PUMPED_REPLAY_FROM:
+            log.debug("replaying %d events read by a child process", last)
+            batches = head_started_stream(address, EVENTS)
+        else:
+            batches = read_stream(self.nc, EVENTS)
+        async for batch in batches:
             for message in batch:
                 try:
                     event = open_untyped(message.data, keys)

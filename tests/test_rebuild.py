@@ -9,7 +9,7 @@ from pathlib import Path
 
 import nats
 
-from numerusd.daemon import BULK_VIEWS_FROM
+from numerusd.daemon import BULK_VIEWS_FROM, PUMPED_REPLAY_FROM
 from numerusd.keys import Keyring
 from numerusd.projections import dump
 from numerusd.protocol.envelope import Sealed, seal
@@ -106,11 +106,12 @@ def finished_jobs(count: int, kid: str, key: bytes) -> list[Sealed]:
     return sealed
 
 
-async def test_a_daemon_that_finds_its_views_empty_and_a_long_stream_loads_them_in_bulk(tmp_path: Path):
+async def test_a_daemon_restarted_on_a_long_stream_reads_it_in_a_child_and_loads_empty_views_in_bulk(tmp_path: Path):
     daemon = Daemon(tmp_path / "state").start()
     try:
         keyring = Keyring.load(daemon.state_dir / "keys.json")
-        events = finished_jobs(BULK_VIEWS_FROM // 6 + 1, keyring.current_kid, keyring.current_key)
+        enough = max(BULK_VIEWS_FROM, PUMPED_REPLAY_FROM)
+        events = finished_jobs(enough // 6 + 1, keyring.current_kid, keyring.current_key)
         connection = daemon.connection()
         nc = await nats.connect(connection["url"], user=connection["user"], password=connection["password"])
         js = nc.jetstream(publish_async_max_pending=2000)
@@ -128,7 +129,10 @@ async def test_a_daemon_that_finds_its_views_empty_and_a_long_stream_loads_them_
     try:
         await eventually(lambda: projected(daemon, len(events)), timeout=60)
         assert f"loaded the views in bulk: {len(events)} events, 0 rejected" in daemon.stderr()
+        # The daemon's own replay of a stream this long is read by a child process too: every job is there.
+        assert f"replaying {len(events)} events read by a child process" in daemon.stderr()
         assert daemon.ctl_json("status", "--limit", "1")["total"] == len(events) // 6
+        assert daemon.status("J00007")["status"] == "completed"
         result = rebuild(daemon, "--to", str(tmp_path / "rebuilt.sqlite3"))
         assert result.returncode == 0, result.stderr
         assert await dump(tmp_path / "rebuilt.sqlite3") == await dump(daemon.state_dir / "views.sqlite3")
