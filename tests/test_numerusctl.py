@@ -699,6 +699,4 @@ def test_clean_says_what_it_removed_and_what_it_kept():
     ]
     assert clean_text(CleanReply(jobs=[])) == "no ended job left anything to remove"
     cleaned = ev.JobCleaned(worktrees=("/w/a",), branches=("numerus/J1/a",), logs=True, freed_bytes=5 << 30)
-    assert (
-        summary("JobCleaned", msgspec.to_builtins(cleaned)) == "removed 1 worktree, 1 branch, the logs (5.0 GiB)"
-    )
+    assert summary("JobCleaned", msgspec.to_builtins(cleaned)) == "removed 1 worktree, 1 branch, the logs (5.0 GiB)"
