@@ -51,9 +51,10 @@ T0 = datetime(2026, 11, 22, 9, 30, tzinfo=UTC)
 class Chain:
     """Seals one job's events in order, chaining each to the previous one."""
 
-    def __init__(self, job: str, kid: str = "k1") -> None:
+    def __init__(self, job: str, kid: str = "k1", key: bytes | None = None) -> None:
         self.job = job
         self.kid = kid
+        self.key = KEYS[kid] if key is None else key
         self.prev = ""
         self.count = 0
 
@@ -70,7 +71,7 @@ class Chain:
             causation_id=None,
             prev=self.prev,
             kid=self.kid,
-            key=KEYS[self.kid],
+            key=self.key,
         )
         self.prev = sealed.digest
         return sealed

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import subprocess
-from datetime import UTC, datetime
 from pathlib import Path
 
 import nats
@@ -12,7 +11,7 @@ import nats
 from numerusd.daemon import BULK_VIEWS_FROM, PUMPED_REPLAY_FROM
 from numerusd.keys import Keyring
 from numerusd.projections import dump
-from numerusd.protocol.envelope import Sealed, seal
+from numerusd.protocol.envelope import Sealed
 from numerusd.protocol.events import (
     AgentMessageReceived,
     JobCompleted,
@@ -21,9 +20,9 @@ from numerusd.protocol.events import (
     TaskCreated,
     TokensUsed,
 )
-from numerusd.protocol.ids import new_ulid
 from tests.conftest import eventually
 from tests.daemon_harness import BIN, Daemon, git_repo
+from tests.test_projections import Chain
 from tests.test_run import HELLO
 
 
@@ -78,31 +77,15 @@ def finished_jobs(count: int, kid: str, key: bytes) -> list[Sealed]:
     """`count` jobs of one task each, from submission to completion, signed and chained as numerusd writes them."""
     sealed = []
     for n in range(count):
-        job, prev = f"J{n:05d}", ""
-        life = [
-            (None, JobSubmitted(goal="fix it", repo="/nowhere", agent="codex")),
-            ("t1", TaskCreated(title="fix it", instructions="fix it", agent="codex")),
-            ("t1", TokensUsed(input_tokens=10, cached_input_tokens=0, output_tokens=1)),
-            ("t1", AgentMessageReceived(text="done")),
-            ("t1", TaskCompleted()),
-            (None, JobCompleted()),
+        e = Chain(f"J{n:05d}", kid, key)
+        sealed += [
+            e(JobSubmitted(goal="fix it", repo="/nowhere", agent="codex")),
+            e(TaskCreated(title="fix it", instructions="fix it", agent="codex"), "t1"),
+            e(TokensUsed(input_tokens=10, cached_input_tokens=0, output_tokens=1), "t1"),
+            e(AgentMessageReceived(text="done"), "t1"),
+            e(TaskCompleted(), "t1"),
+            e(JobCompleted()),
         ]
-        for task, data in life:
-            event = seal(
-                data,
-                id=new_ulid(),
-                job=job,
-                task=task,
-                time=datetime.now(UTC),
-                actor="numerusd",
-                correlation_id=job,
-                causation_id=None,
-                prev=prev,
-                kid=kid,
-                key=key,
-            )
-            prev = event.digest
-            sealed.append(event)
     return sealed
 
 
