@@ -444,7 +444,7 @@ def status(ctx: click.Context, job: str | None, limit: int, every: bool, as_json
         elif job is not None and len(reply.jobs) == 1:
             _out(render.job_detail(reply.jobs[0], datetime.now(UTC)))
         else:
-            _out(render.jobs_table(reply.jobs, datetime.now(UTC), reply.total))
+            _out(render.jobs_table(reply.jobs, datetime.now(UTC), reply.total, reply.cleanable))
         return 0
 
     _run(_with_daemon(opts, body))

@@ -75,9 +75,9 @@ def _tokens(task: TaskView) -> int:
     return task.input_tokens + task.output_tokens
 
 
-def jobs_table(jobs: Sequence[JobView], now: datetime, total: int = 0) -> str:
-    """The `status` overview: one line per job, newest first as the daemon sent them, and how many it left out
-    of `total`."""
+def jobs_table(jobs: Sequence[JobView], now: datetime, total: int = 0, cleanable: int = 0) -> str:
+    """The `status` overview: one line per job, newest first as the daemon sent them, how many it left out of
+    `total`, and how many ended jobs keep worktrees `clean` would remove."""
     if not jobs:
         return "no jobs"
     rows = [
@@ -95,6 +95,11 @@ def jobs_table(jobs: Sequence[JobView], now: datetime, total: int = 0) -> str:
     text = table(["JOB", "STATUS", "AGENT", "TASKS", "TOKENS", "AGE", "GOAL"], rows)
     if total > len(jobs):
         text += f"\n\nthe newest {len(jobs)} of {total} jobs; 'numerusctl status --all' lists every one"
+    if cleanable:
+        text += (
+            f"\n\n{_n(cleanable, 'ended job')} {'keeps' if cleanable == 1 else 'keep'} the worktrees of tasks that "
+            "did not merge; 'numerusctl clean --ended' removes them"
+        )
     return text
 
 
@@ -117,6 +122,9 @@ def job_detail(job: JobView, now: datetime) -> str:
     if job.cleaned:
         removed = "worktrees, task branches and logs" if job.logs_removed else "worktrees and task branches"
         fields.append(("cleaned", f"{removed} removed ('numerusctl clean')"))
+    if job.leftovers:
+        kept = f"worktrees and branches of {', '.join(job.leftovers)} ('numerusctl clean {job.id}' removes them)"
+        fields.append(("kept", kept))
     head = "\n".join(f"{name:<8} {value}" for name, value in fields)
     if not job.tasks:
         return head + "\n\nno tasks yet"

@@ -817,6 +817,13 @@ def ready_tasks(job: JobState) -> list[TaskState]:
     return [task for task in job.tasks.values() if task.status == "pending" and set(task.deps) <= done]
 
 
+def leftovers(job: JobState) -> list[str]:
+    """The tasks of an ended job whose worktrees it keeps (those that did not merge), until `numerusctl clean`."""
+    if job.status not in JOB_DONE or job.cleaned:
+        return []
+    return [task.id for task in job.tasks.values() if task.worktree is not None and task.status != "completed"]
+
+
 def job_view(job: JobState, *, tasks: bool = True) -> JobView:
     """What `status` shows of a job: with `tasks`, each of its tasks too (else only how many there are)."""
     own = job.input_tokens + job.output_tokens
@@ -840,6 +847,7 @@ def job_view(job: JobState, *, tasks: bool = True) -> JobView:
         output_tokens=job.output_tokens,
         cleaned=job.cleaned,
         logs_removed=job.logs_removed,
+        leftovers=leftovers(job),
         tasks_total=len(job.tasks),
         tasks_done=sum(task.status == "completed" for task in job.tasks.values()),
         tokens=own + sum(task.input_tokens + task.output_tokens for task in job.tasks.values()),

@@ -68,6 +68,12 @@ async def test_clean_removes_an_ended_jobs_worktrees_branches_then_logs_and_refu
         assert bad_worktree.is_dir() and str(bad_worktree) in git(repo, "worktree", "list")
         assert branches(repo) == {"main", f"numerus/{job}.integration", f"numerus/{job}/bad"}
 
+        # `status` says what is kept and how to remove it.
+        footer = "1 ended job keeps the worktrees of tasks that did not merge; 'numerusctl clean --ended' removes them"
+        assert daemon.ctl("status", check=True).stdout.rstrip().endswith(footer)
+        kept = f"kept     worktrees and branches of bad ('numerusctl clean {job}' removes them)"
+        assert kept in daemon.ctl("status", job, check=True).stdout
+
         running = daemon.ctl("run", "wait", "--repo", str(repo), "--agent", "slow", "--no-plan", check=True)
         busy = running.stdout.strip()
 
@@ -94,10 +100,9 @@ async def test_clean_removes_an_ended_jobs_worktrees_branches_then_logs_and_refu
         assert event["data"]["worktrees"] == [str(bad_worktree)]
         assert event["data"]["branches"] == [f"numerus/{job}/bad"]
         assert event["data"]["logs"] is False and event["data"]["freed_bytes"] > 0
-        assert (
-            "cleaned  worktrees and task branches removed ('numerusctl clean')"
-            in daemon.ctl("status", job, check=True).stdout
-        )
+        detail = daemon.ctl("status", job, check=True).stdout
+        assert "cleaned  worktrees and task branches removed ('numerusctl clean')" in detail
+        assert "kept " not in detail and "clean --ended" not in daemon.ctl("status", check=True).stdout
 
         # Every ended job, logs included: the cleaned job's logs go now; the running job is left alone.
         again = daemon.ctl("--json", "clean", "--ended", "--logs", check=True)

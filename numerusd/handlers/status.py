@@ -17,4 +17,7 @@ async def handle(daemon: Daemon, request: GetStatus) -> StatusReply:
     if request.job is not None:
         return StatusReply(jobs=[domain.job_view(daemon.job(request.job))], total=len(daemon.jobs))
     newest = heapq.nlargest(request.limit or len(daemon.jobs), daemon.jobs.values(), key=lambda job: job.created)
-    return StatusReply(jobs=[domain.job_view(job, tasks=False) for job in newest], total=len(daemon.jobs))
+    cleanable = sum(1 for job in daemon.jobs.values() if domain.leftovers(job))
+    return StatusReply(
+        jobs=[domain.job_view(job, tasks=False) for job in newest], total=len(daemon.jobs), cleanable=cleanable
+    )

@@ -145,6 +145,8 @@ class JobView(msgspec.Struct, frozen=True, kw_only=True):
     #: `numerusctl clean` removed its worktrees and task branches (with `logs_removed`, its logs too).
     cleaned: bool = False
     logs_removed: bool = False
+    #: The tasks of an ended job whose worktrees and branches it keeps (those that did not merge).
+    leftovers: list[str] = []
 
 
 class PlanReply(msgspec.Struct, frozen=True, kw_only=True):
@@ -172,6 +174,8 @@ class StatusReply(msgspec.Struct, frozen=True, kw_only=True):
 
     jobs: list[JobView]
     total: int = 0
+    #: How many ended jobs keep worktrees of tasks that did not merge (all jobs, not only those listed).
+    cleanable: int = 0
 
 
 class KillReply(msgspec.Struct, frozen=True, kw_only=True):
