@@ -304,10 +304,11 @@ class Daemon:
 
     async def _load_views(self, address: NatsAddress) -> None:
         """Views that start empty (new, lost, or dropped for a new schema) while the stream holds many events are
-        loaded as `numerusd rebuild` does, two to three times faster than following the stream from its start.
+        loaded as `numerusd rebuild` does, about twice as fast as following the stream from its start.
 
         Meanwhile the views stay as they were (empty) and commands are answered from memory as always. Events a
-        bulk load rejects are counted and logged, not dead-lettered again (the daemon did when it first saw them).
+        bulk load rejects are counted and logged, not dead-lettered again (the projector did when it first met
+        them).
         """
         assert self.projector is not None
         if self.projector.position() > 0 or await last_sequence(self.js, EVENTS) < BULK_VIEWS_FROM:
