@@ -381,9 +381,7 @@ async def remove_worktree(repo: Path, worktree: Worktree, *, delete_branch: bool
 async def _remove_worktree(repo: Path, worktree: Worktree, *, delete_branch: bool) -> None:
     await _unregister(repo, Path(os.path.abspath(worktree.path)))
     if delete_branch:
-        ref = f"refs/heads/{worktree.branch}"
-        if await _ref_sha(repo, ref) is not None:
-            await _git(repo, "update-ref", "-d", ref)
+        await _delete_branch(repo, worktree.branch)
 
 
 async def task_branches(repo: Path, job: str) -> list[str]:
@@ -396,10 +394,14 @@ async def task_branches(repo: Path, job: str) -> list[str]:
 
 async def delete_branch(repo: Path, branch: str) -> None:
     """Delete a branch whatever it holds (its work is gone with it); idempotent."""
-    ref = f"refs/heads/{branch}"
     async with _worktree_lock(repo):
-        if await _ref_sha(repo, ref) is not None:
-            await _git(repo, "update-ref", "-d", ref)
+        await _delete_branch(repo, branch)
+
+
+async def _delete_branch(repo: Path, branch: str) -> None:
+    ref = f"refs/heads/{branch}"
+    if await _ref_sha(repo, ref) is not None:
+        await _git(repo, "update-ref", "-d", ref)
 
 
 async def _unregister(repo: Path, path: Path) -> None:
