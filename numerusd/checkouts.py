@@ -68,11 +68,14 @@ class Checkouts:
         return await git.create_checkout(self._repo, sha, self._root / str(self._made_count))
 
     async def clear(self) -> None:
-        """Remove every checkout, also those a crashed daemon left in `root`."""
+        """Remove every checkout, also those a crashed daemon left in `root`, and `root` itself (made again when
+        a checkout is asked for)."""
         async with self._lock:
             await self._drop(lambda _made: True)
             for name in os.listdir(self._root) if self._root.is_dir() else ():
                 await git.remove_checkout(self._repo, self._root / name)
+            with contextlib.suppress(FileNotFoundError):
+                self._root.rmdir()
 
     async def _drop(self, unused: Callable[[str], bool]) -> None:
         for sha in [sha for sha in self._made if unused(sha)]:

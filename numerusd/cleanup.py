@@ -95,7 +95,6 @@ async def clean_job(settings: Settings, job: JobState, *, logs: bool) -> Removed
 async def _remove_checkouts(repo: Path, root: Path, known: bool) -> None:
     if known:
         await Checkouts(repo, root).clear()
-        root.rmdir()
     else:
         await asyncio.to_thread(shutil.rmtree, root)
 

@@ -274,7 +274,6 @@ class Daemon:
                 continue
             try:
                 await Checkouts(Path(job.repo), path).clear()
-                path.rmdir()
             except (NumerusError, OSError) as e:
                 log.warning("cannot remove the checkouts of job %s in %s: %s", job.id, path, e)
 
