@@ -711,8 +711,8 @@ class JobPipeline:
 
 async def remove_merged(repo: Path, worktree: git.Worktree) -> None:
     """A merged task's worktree and branch go: its work is on the integration branch (the merge's second parent),
-    and the user's `git branch` need not list every task of every job. A task that failed keeps both. Best effort:
-    what is left is tidied by hand, and changes nothing the job recorded."""
+    and the user's `git branch` need not list every task of every job. A task that failed keeps both, until
+    `numerusctl clean`. Best effort: what is left `clean` removes too, and it changes nothing the job recorded."""
     with contextlib.suppress(NumerusError, OSError):
         await git.remove_worktree(repo, worktree, delete_branch=True)
 
