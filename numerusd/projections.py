@@ -25,7 +25,7 @@ rebuild's stream is read by a child process (`numerusd.stream_pump`; by this one
 reading and folding use two cores; each message is decoded and verified once; while the cache holds every job
 it is folded at once and dropped; the rows of a batch go to SQLite in multi-row VALUES statements of up to 256
 rows, in one call to aiosqlite's thread, up to three batches queued behind one another while the next ones are
-folded, so SQLite's work runs beside Python's. A bulk load (a rebuild into a fresh file) also skips fsync, keeps
+folded, so the folding waits for SQLite only when it is three commits ahead. A bulk load (a rebuild into a fresh file) also skips fsync, keeps
 its rollback journal in memory rather than writing every page twice through the WAL, writes each job's rows
 once, when the job ends, builds the secondary indexes once its rows are in, and pauses the cyclic garbage collector.
 
@@ -479,8 +479,13 @@ class Projector:
 
         Event ids are checked against the index only when `careful`: normally the index's UNIQUE constraint
         catches a repeated id at commit time for free, and the batch is then prepared again, carefully. The
-        loops yield to the event loop every few hundred events so that the commit of the previous batch,
-        running beside this one, gets its next statement issued without waiting for the whole batch.
+        loops yield to the event loop every `_SLICE` events so that a long batch does not hold up the daemon's
+        other work (its requests, its timers). They do not make the commit running beside start sooner: a
+        thread waiting for the GIL is handed it only when the holder keeps it for a whole switch interval, and
+        each yield lets go of it and takes it back at once, so the database thread waits for the folding to
+        await something (measured: a write queued as a batch's folding began started when it ended, 37 ms on).
+        Without the yields it starts at once, then waits an interval per statement; whole rebuilds were no
+        faster either way (docs/projections.md).
         """
         if self._stale:
             with _translated("read the position", self.path):
