@@ -123,7 +123,7 @@ def markdown(results: dict[str, dict], quick: bool) -> str:
         "  published, acknowledged), in alternating rounds, medians compared.",
         "- `bench/bench_rebuild.py`: the lean stream reader plus an HMAC check per event (the cheapest honest",
         "  read-and-verify loop) against a full rebuild: read, verify, decode, fold with `evolve`, project to SQLite;",
-        "  five pairs, one after the other, and the median of their ratios.",
+        "  nine pairs, one after the other, and the median of their ratios.",
         "- `bench/bench_status.py`: the real `numerusd` after replaying 100k events; `status JOB` requests one at a",
         "  time against a trivial nats-py responder on the same server; then VmRSS once idle.",
         "- `bench/bench_plan.py`: decode, check and hash a 200-task plan with deps and intents, against `json.loads`",
