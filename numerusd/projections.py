@@ -25,9 +25,10 @@ rebuild's stream is read by a child process (`numerusd.stream_pump`; by this one
 reading and folding use two cores; each message is decoded and verified once; while the cache holds every job
 it is folded at once and dropped; the rows of a batch go to SQLite in multi-row VALUES statements of up to 256
 rows, in one call to aiosqlite's thread, up to three batches queued behind one another while the next ones are
-folded, so the folding waits for SQLite only when it is three commits ahead. A bulk load (a rebuild into a fresh file) also skips fsync, keeps
-its rollback journal in memory rather than writing every page twice through the WAL, writes each job's rows
-once, when the job ends, builds the secondary indexes once its rows are in, and pauses the cyclic garbage collector.
+folded, so the folding waits for SQLite only when it is three commits ahead. A bulk load (a rebuild into a
+fresh file) also skips fsync, keeps its rollback journal in memory rather than writing every page twice through
+the WAL, writes each job's rows once, when the job ends, builds the secondary indexes once its rows are in, and
+pauses the cyclic garbage collector.
 
 The file's `user_version` fingerprints the tables and the shape of JobState: after an upgrade that changes
 either, the views are dropped and rebuilt from the stream on open.
