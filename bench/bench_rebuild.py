@@ -15,7 +15,7 @@ pairwise ratios: each rebuild's speed against the raw read just before it. This 
 a quarter from one minute to the next (the same raw read took 1.1 to 1.9 s in one series), and a ratio of the
 two bests pairs a raw read from a fast minute with a rebuild from a slow one, or the other way round:
 `best_ratio` is that figure, kept for comparison with earlier runs. Single pairs of the same code range from
-0.48 to 0.85 here, so a median of five moved by ±0.06 from one run to the next (0.577 to 0.70 over one
+0.48 to 0.91 here, so a median of five moved by ±0.06 from one run to the next (0.577 to 0.70 over one
 day); nine pairs (the default) narrow that at the cost of half a minute. The CPU seconds (the process's, every
 thread, and the reading process's) show how much of a difference is work rather than waiting.
 """
