@@ -28,6 +28,16 @@ def git_repo(path: Path) -> Path:
     return path
 
 
+def git(repo: Path, *args: str) -> str:
+    """What `git -C repo ARGS...` prints (it must succeed)."""
+    return subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True, check=True).stdout
+
+
+def claim(*paths: tuple[str, str]) -> dict:
+    """A claimer's answer: these (path, mode) files, no commands."""
+    return {"paths": [{"path": path, "kind": "file", "mode": mode} for path, mode in paths], "commands": []}
+
+
 def write_scenario(path: Path, scenario: list[dict] | dict) -> Path:
     """A scenario file for the scripted agent: a list of steps, or a whole scenario (with `cases`)."""
     path.write_text(json.dumps({"steps": scenario} if isinstance(scenario, list) else scenario))

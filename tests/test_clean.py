@@ -7,15 +7,9 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
 from pathlib import Path
 
-from tests.daemon_harness import Daemon, git_repo
-
-
-def claim(path: str) -> dict:
-    return {"paths": [{"path": path, "kind": "file", "mode": "create"}], "commands": []}
-
+from tests.daemon_harness import Daemon, claim, git, git_repo
 
 #: A planned job of two tasks: `ok` writes its file and merges, `bad` fails for good (one attempt, no replan).
 TEAM = {
@@ -34,8 +28,8 @@ TEAM = {
                 }
             ],
         },
-        {"match": {"role": "claimer", "task": "ok"}, "steps": [{"answer": claim("OK.md")}]},
-        {"match": {"role": "claimer", "task": "bad"}, "steps": [{"answer": claim("BAD.md")}]},
+        {"match": {"role": "claimer", "task": "ok"}, "steps": [{"answer": claim(("OK.md", "create"))}]},
+        {"match": {"role": "claimer", "task": "bad"}, "steps": [{"answer": claim(("BAD.md", "create"))}]},
         {"match": {"role": "executor", "task": "ok"}, "steps": [{"write": "OK.md", "content": "ok\n"}]},
         {
             "match": {"role": "executor", "task": "bad"},
@@ -46,10 +40,6 @@ TEAM = {
 }
 SLOW = [{"say": "working"}, {"run": "sleep 300"}]
 CONFIG = "max_attempts = 1\nreview = false\n"
-
-
-def git(repo: Path, *args: str) -> str:
-    return subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True, check=True).stdout
 
 
 def branches(repo: Path) -> set[str]:

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import eventually
-from tests.daemon_harness import Daemon, git_repo
+from tests.daemon_harness import Daemon, claim, git, git_repo
 
 PLAN = {
     "summary": "Greet, take notes, check them",
@@ -52,10 +52,6 @@ PLAN = {
 def task(id: str, *intents: tuple[str, str]) -> dict:
     """A plan's task whose title is its id in capitals and whose instructions are its id."""
     return {"id": id, "title": id.upper(), "instructions": id, "intents": [{"path": p, "mode": m} for p, m in intents]}
-
-
-def claim(*paths: tuple[str, str]) -> dict:
-    return {"paths": [{"path": path, "kind": "file", "mode": mode} for path, mode in paths], "commands": []}
 
 
 SCENARIO = {
@@ -133,16 +129,12 @@ def when(event: dict) -> datetime:
 
 
 def git_head(repo: Path) -> str:
-    return subprocess.run(
-        ["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True, check=True
-    ).stdout.strip()
+    return git(repo, "rev-parse", "HEAD").strip()
 
 
 def worktrees(repo: Path) -> str:
     """`git worktree list --porcelain`: every worktree git knows in the repository."""
-    return subprocess.run(
-        ["git", "-C", str(repo), "worktree", "list", "--porcelain"], capture_output=True, text=True, check=True
-    ).stdout
+    return git(repo, "worktree", "list", "--porcelain")
 
 
 def show(repo: Path, rev: str, path: str) -> str:
@@ -216,13 +208,7 @@ async def test_a_planned_job_runs_in_parallel_waits_for_locks_catches_strays_ret
     )
     assert sorted(p.name for p in repo.iterdir() if p.name != ".git") == ["README.md"]
     # Merged tasks leave no branch behind: each one's work is the second parent of its merge.
-    branches = subprocess.run(
-        ["git", "-C", str(repo), "branch", "--list", "--format=%(refname:short)", "numerus/*"],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.split()
-    assert branches == [branch]
+    assert git(repo, "branch", "--list", "--format=%(refname:short)", "numerus/*").split() == [branch]
 
     # plan and audit tell the same story.
     drawn = daemon.ctl("plan", job, "--format", "mermaid", check=True).stdout
