@@ -20,8 +20,8 @@ from numerusd import git
 from numerusd.checkouts import CHECKOUTS_SUFFIX, Checkouts
 from numerusd.config import Settings
 from numerusd.domain import JobState
+from numerusd.domain.observations import CleanedUp
 from numerusd.errors import NumerusError
-from numerusd.protocol.events import JobCleaned
 
 
 @dataclass
@@ -34,8 +34,9 @@ class Removed:
     freed_bytes: int = 0
     problems: list[str] = field(default_factory=list)
 
-    def event(self) -> JobCleaned:
-        return JobCleaned(
+    def observation(self) -> CleanedUp:
+        """What the job book is told, to record as `JobCleaned`."""
+        return CleanedUp(
             worktrees=tuple(self.worktrees), branches=tuple(self.branches), logs=self.logs, freed_bytes=self.freed_bytes
         )
 

@@ -7,6 +7,7 @@
     │   ├── WalCorrupted           the write-ahead log holds a record that fails its checksum mid-file
     │   └── StreamMismatch         a stream exists with settings that would break an invariant
     ├── AgentError                 an agent could not be started or spoke nonsense
+    ├── InvalidTransition          the domain refused an observation the job's state does not allow (a bug)
     └── CommandRefused             a request was understood and refused (unknown job, job already done, …)
         ├── BadRequest             the request does not decode or fails validation; names the path
         └── NotFound               the request names a job or task that does not exist
@@ -64,6 +65,12 @@ class AgentError(NumerusError):
     """An agent could not be started, or its output could not be understood."""
 
     code = "agent"
+
+
+class InvalidTransition(NumerusError):
+    """An observation of a side effect that cannot happen in the job's state: nothing is recorded."""
+
+    code = "invalid_transition"
 
 
 class CommandRefused(NumerusError):

@@ -11,11 +11,14 @@ One `JobPipeline` per running planned job drives it from `JobSubmitted` to `JobC
                     claim, check commands, reviewer; then the merge into the integration branch, one at a time
         retry       a failed attempt is retried after 1, 2, 4 s with its reasons, up to `max_attempts`
 
-Every step is decided by `numerusd.domain` against the folded state and appended before it is acted on, the way
-`Daemon.record` does everything; this module only sequences the steps and does the I/O (agents, git, checks).
-A decision that releases a task's locks also grants the tasks waiting for them, in the same append. At most
-`parallel` agents of the job work at once, and claims are asked for at most `parallel` tasks ahead of them (see
-`numerusd.slots`). A daemon that stops leaves the job to be recorded `interrupted`.
+A job run with `--no-plan` is a plan of one task that its agent works on in place, in the repository itself:
+no integration branch, claim, worktree, gate or merge; its task ends when its agent does.
+
+This module only sequences the steps and does the I/O (agents, git, checks): what each step observed goes to
+`JobBook.decide`, which decides it in the job's state (and may refuse it) and appends the events before the
+next step acts. A decision that releases a task's locks also grants the tasks waiting for them, in the same
+append. At most `parallel` agents of the job work at once, and claims are asked for at most `parallel` tasks
+ahead of them (see `numerusd.slots`). A daemon that stops leaves the job to be recorded `interrupted`.
 """
 
 from __future__ import annotations
@@ -27,46 +30,50 @@ import os
 import signal
 import time
 from collections.abc import Callable, Sequence
-from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import msgspec
 
 from numerusd import domain, failpoints, git, locks, prompts
-from numerusd.agents.base import AgentInvocation, adapter_for
+from numerusd.agents.base import AgentInvocation
+from numerusd.agents.registry import adapter_for
+from numerusd.book import JobBook
 from numerusd.checkouts import CHECKOUTS_SUFFIX, Checkouts
+from numerusd.config import Settings
+from numerusd.domain.observations import (
+    AttemptFailed,
+    CheckRan,
+    ClaimAnswered,
+    ClaimCompared,
+    FinishedInPlace,
+    GateDone,
+    IntegrationReady,
+    MergeBegun,
+    MergeConflict,
+    Merged,
+    MergeWaiting,
+    Observation,
+    PipelineFailed,
+    PlanAnswered,
+    PlanAsked,
+    ReplanGaveUp,
+    Reviewed,
+    Settled,
+    Stalled,
+    StoppedForKill,
+    TaskReady,
+    WorkCommitted,
+    WorktreeReady,
+)
 from numerusd.errors import NumerusError
 from numerusd.plans import ValidatedPlan, validate_plan
-from numerusd.protocol.claims import Claim, ClaimedPath, Lock, decode_claim
+from numerusd.protocol.claims import Claim, ClaimedPath, decode_claim
 from numerusd.protocol.commands import JOB_DONE
-from numerusd.protocol.events import (
-    CheckCompleted,
-    ClaimProposed,
-    ClaimRejected,
-    ClaimViolated,
-    EventData,
-    GateFailed,
-    GatePassed,
-    IntegrationBranchCreated,
-    MergeBlocked,
-    MergeConflicted,
-    MergeStarted,
-    PlanRequested,
-    PlanValidated,
-    ReviewCompleted,
-    TaskCompleted,
-    TaskRetryScheduled,
-    TaskWorkCommitted,
-    WorktreeCreated,
-)
+from numerusd.protocol.events import EventData, PlanRejected, PlanValidated, TaskCompleted, TaskRetryScheduled
 from numerusd.protocol.plan import FileIntent
 from numerusd.protocol.review import decode_verdict
 from numerusd.slots import Slots
-from numerusd.supervisor import DAEMON_ONLY_ENV, AgentCall, AgentProcess, CallResult, TaskRun
-
-if TYPE_CHECKING:
-    from numerusd.daemon import Daemon
+from numerusd.supervisor import DAEMON_ONLY_ENV, AgentCall, AgentProcess, Agents, CallResult, TaskRun
 
 log = logging.getLogger(__name__)
 
@@ -87,11 +94,19 @@ class _Killed(Exception):
 
 
 class JobPipeline:
-    """Drives one planned job; `run()` returns when the job has ended or the daemon stops."""
+    """Drives one job; `run()` returns when the job has ended or the daemon stops.
 
-    def __init__(self, daemon: Daemon, job_id: str) -> None:
-        self.daemon = daemon
-        self.settings = daemon.settings
+    It sees the daemon through narrow seams: the job `book` (state, and `decide` to change it), the `settings`,
+    the `agents` it runs (through which a kill or a shutdown stops them), and the daemon's `stopping` flag.
+    """
+
+    def __init__(
+        self, job_id: str, *, book: JobBook, settings: Settings, agents: Agents, stopping: asyncio.Event
+    ) -> None:
+        self.book = book
+        self.settings = settings
+        self.agents = agents
+        self.stopping = stopping
         self.job_id = job_id
         job = self.job
         self.repo = Path(job.repo)
@@ -101,8 +116,6 @@ class JobPipeline:
         #: Tasks being asked their claim or holding GO without an executor yet: at most `parallel` ahead of `slots`.
         self.ahead = Slots(max(1, job.parallel))
         self.merging = asyncio.Lock()
-        #: Tasks whose next attempt needs a new worktree from the integration tip (after a merge conflict).
-        self.fresh: set[str] = set()
         self.flows: dict[str, asyncio.Task[None]] = {}
         #: When a task last completed (or a plan was accepted): a job without progress for too long is stalled.
         self.progress_at = time.monotonic()
@@ -113,19 +126,22 @@ class JobPipeline:
     @property
     def job(self) -> domain.JobState:
         """The job as its events made it, now."""
-        return self.daemon.jobs[self.job_id]
+        return self.book.jobs[self.job_id]
 
     # --- the job ----------------------------------------------------------------------------------------------
 
     async def run(self) -> None:
         """Plan if needed, then run every task to its end."""
+        in_place = self.job.in_place
         try:
-            await self.checkouts.clear()  # left by a daemon that stopped in the middle
+            if not in_place:
+                await self.checkouts.clear()  # left by a daemon that stopped in the middle
             if self.job.status == "planning" and not await self.plan():
                 return
             if self.job.status in JOB_DONE:
                 return
-            await self.integration_branch()
+            if not in_place:
+                await self.integration_branch()
             self.start_flows()
             watch = asyncio.create_task(self._watch_progress(), name=f"{self.job_id} progress")
             self.flows["-progress"] = watch  # cancelled with the flows; never ends on its own
@@ -135,7 +151,7 @@ class JobPipeline:
                 for flow in done:
                     self.flows = {task: f for task, f in self.flows.items() if f is not flow}
                     flow.result()  # an error in a flow (or the watch) is the pipeline's
-            await self.record(domain.decide_settled)
+            await self.observe(Settled())
         except _Stopped:
             return
         except git.RefMoved as e:
@@ -144,22 +160,24 @@ class JobPipeline:
                 "work its gate did not check"
             )
         except Exception as e:
-            if self.daemon.should_exit.is_set():
+            if self.stopping.is_set():
                 return
             log.exception("pipeline of job %s failed", self.job_id)
             await self._fail(f"internal error in the pipeline: {e}")
         finally:
             for flow in self.flows.values():
                 flow.cancel()
-            try:
-                await asyncio.shield(self.checkouts.clear())
-            except git.GitError as e:
-                log.warning("job %s: cannot remove its read-only checkouts: %s", self.job_id, e)
+            await asyncio.gather(*self.flows.values(), return_exceptions=True)
+            if not in_place:
+                try:
+                    await asyncio.shield(self.checkouts.clear())
+                except git.GitError as e:
+                    log.warning("job %s: cannot remove its read-only checkouts: %s", self.job_id, e)
 
     async def _fail(self, reason: str) -> None:
-        """End the job as failed, its running agents stopped (their flows are cancelled next, not waited for)."""
-        self.daemon.terminate_job(self.job_id)
-        await self.record(lambda job: domain.decide_job_failed(job, reason))
+        """End the job as failed, its running agents stopped (their flows are cancelled next)."""
+        await self.agents.terminate(self.job_id)
+        await self.observe(PipelineFailed(reason=reason))
 
     def start_flows(self) -> None:
         """A flow for every pending task that has none (the plan's tasks, then those a revised plan adds)."""
@@ -172,26 +190,23 @@ class JobPipeline:
         async with self.changed:
             self.changed.notify_all()
 
-    async def record(self, decide: Callable[[domain.JobState], domain.Decision]) -> list[EventData]:
-        """Append the decision and wake the steps waiting for the job to change; the payloads appended."""
-        sealed = await self.daemon.record(self.job_id, decide)
+    async def observe(self, observation: Observation) -> list[EventData]:
+        """Have the book decide what was observed, wake the steps waiting for the job to change; the payloads
+        appended."""
+        sealed = await self.book.decide(self.job_id, observation)
         if any(isinstance(event.envelope.data, (TaskCompleted, PlanValidated)) for event in sealed):
             self.progress_at = time.monotonic()
         await self.poke()
         return [event.envelope.data for event in sealed]
 
-    async def task_events(self, task_id: str, *events: EventData) -> None:
-        """Append events of one task."""
-        await self.record(lambda _job: [(task_id, event) for event in events])
-
     async def until(self, predicate: Callable[[domain.JobState], bool]) -> None:
         """Wait until the job's state satisfies `predicate`."""
         async with self.changed:
-            await self.changed.wait_for(lambda: predicate(self.job) or self.daemon.should_exit.is_set())
+            await self.changed.wait_for(lambda: predicate(self.job) or self.stopping.is_set())
         self._check_stopping()
 
     def _check_stopping(self) -> None:
-        if self.daemon.should_exit.is_set():
+        if self.stopping.is_set():
             raise _Stopped
 
     # --- plan ---------------------------------------------------------------------------------------------
@@ -237,7 +252,7 @@ class JobPipeline:
                     return
                 errors = found
             why = f"the queen gave no valid revised plan in {self.settings.plan_attempts} answers: {'; '.join(errors)}"
-            await self.record(partial(domain.decide_replan_failed, reason=why))
+            await self.observe(ReplanGaveUp(reason=why))
 
     async def _watch_progress(self) -> None:
         """Ask the queen for a revised plan when no task has completed for `stall_timeout_s`."""
@@ -247,7 +262,7 @@ class JobPipeline:
             if time.monotonic() - self.progress_at < stall:
                 continue
             self.progress_at = time.monotonic()
-            await self.record(partial(domain.decide_stalled, idle_s=stall))
+            await self.observe(Stalled(idle_s=stall))
             if self.job.status == "replanning":
                 await self.replan()
 
@@ -256,44 +271,30 @@ class JobPipeline:
     ) -> list[str] | None:
         """One question to the planner or the queen: None when its plan was accepted, else why not (recorded).
 
-        A revised plan (the queen's) must also keep what is done (`domain.replan_errors`). Raises _Killed when
-        a kill arrived meanwhile (the job's end is recorded).
+        The answer is validated here (it may read the repository's symlinks), and the domain decides on the
+        result (a queen's plan must also keep what is done). Raises _Killed when a kill arrived meanwhile (the
+        job's end is recorded).
         """
         profile_name = self.job.roles.get(role, self.job.agent)
-        requested = PlanRequested(attempt=attempt, agent=profile_name, role=role, log_path=str(call_dir / "stdout.log"))
-        await self.record(partial(_job_event, requested))
+        log_path = str(call_dir / "stdout.log")
+        await self.observe(PlanAsked(role=role, attempt=attempt, agent=profile_name, log_path=log_path))
         # The planner reads the commit the job works from; the queen, the work merged so far.
         result = await self.call(role, None, f"{role}-{attempt}", call_dir, prompt, "plan")
         self._check_stopping()
-        if self.job.kill_requested:
-            await self.record(domain.decide_planning_killed)
-            raise _Killed
         failure = result.failure()
         checked = [failure] if failure else validate_plan(result.answer or "", repo=self.repo)
-        if isinstance(checked, ValidatedPlan):
-            problems = domain.replan_errors(self.job, checked.plan) if role == "queen" else []
-            if not problems:
-                accept = partial(
-                    domain.decide_plan_validated,
-                    attempt=attempt,
-                    plan=checked.plan,
-                    plan_hash=checked.hash,
-                    usage=result.usage,
-                )
-                await self.record(accept)
-                return None
-            checked = problems
-        errors = [str(error) for error in checked]
-        reject = partial(
-            domain.decide_plan_rejected,
-            attempt=attempt,
-            errors=errors,
-            answer=result.answer or "",
-            usage=result.usage,
-            max_attempts=max_attempts,
+        answer = PlanAnswered(
+            role=role, attempt=attempt, answer=result.answer or "", usage=result.usage, max_attempts=max_attempts
         )
-        await self.record(reject)
-        return errors
+        if isinstance(checked, ValidatedPlan):
+            answer = msgspec.structs.replace(answer, plan=checked.plan, plan_hash=checked.hash)
+        else:
+            answer = msgspec.structs.replace(answer, errors=tuple(str(error) for error in checked))
+        decided = await self.observe(answer)
+        if self.job.kill_requested:
+            raise _Killed
+        rejected = next((event for event in decided if isinstance(event, PlanRejected)), None)
+        return None if rejected is None else list(rejected.errors)
 
     async def tip(self) -> str:
         """The commit the job's work stands at: the integration branch's tip, else the commit the job started from."""
@@ -310,7 +311,7 @@ class JobPipeline:
         if self.job.integration is not None:
             return
         branch = await git.create_integration_branch(self.repo, self.job_id, self.job.base_sha or "HEAD")
-        await self.record(lambda _job: [(None, IntegrationBranchCreated(branch=branch.name, base_sha=branch.sha))])
+        await self.observe(IntegrationReady(branch=branch.name, base_sha=branch.sha))
 
     # --- one task -----------------------------------------------------------------------------------------
 
@@ -323,47 +324,38 @@ class JobPipeline:
 
     async def _task_flow(self, task_id: str) -> None:
         await self.until(lambda job: job.status in JOB_DONE or _settled(job, task_id))
-        job = self.job
-        if job.tasks[task_id].status != "pending":
+        if self.job.tasks[task_id].status != "pending":
             return  # skipped, dropped or killed meanwhile
-        deps = job.tasks[task_id].deps
-        if job.kill_requested:
-            await self.record(lambda job: domain.decide_task_killed(job, task_id))
+        await self.observe(TaskReady(task=task_id))  # killed, or skipped for a dependency that did not complete
+        if self.job.tasks[task_id].status != "pending":
             return
-        unmet = sorted(dep for dep in deps if job.tasks[dep].status != "completed")
-        if unmet:
-            reason = f"depends on {', '.join(unmet)}, which did not complete"
-            await self.record(lambda job: domain.decide_skip(job, task_id, reason))
-            return
-        wanted = await self.claim(task_id)
-        if wanted is None:
-            return
-        await self.record(lambda job: domain.decide_claim(job, task_id, wanted))
-        if task_id not in self.job.lock_holds:
-            self.ahead.give_back(task_id)  # NO GO: it waits for the holder without keeping others from asking
-        await self.until(
-            lambda job: task_id in job.lock_holds or job.tasks[task_id].status in domain.TASK_DONE or job.kill_requested
-        )
-        if self.job.tasks[task_id].status in domain.TASK_DONE:
-            return
+        if self.job.claims != "none":
+            if not await self.claim(task_id):
+                return
+            if task_id not in self.job.lock_holds:
+                self.ahead.give_back(task_id)  # NO GO: it waits for the holder without keeping others from asking
+            await self.until(
+                lambda job: (
+                    task_id in job.lock_holds or job.tasks[task_id].status in domain.TASK_DONE or job.kill_requested
+                )
+            )
+            if self.job.tasks[task_id].status in domain.TASK_DONE:
+                return
         while True:
             if self.job.kill_requested:
-                await self.record(lambda job: domain.decide_task_killed(job, task_id))
+                await self.observe(StoppedForKill(task=task_id))
                 return
+            fresh = False
             try:
                 reasons = await self.attempt(task_id)
             except git.RefMoved:
                 raise  # the integration branch moved under the job: no attempt of any task can merge now
             except git.GitError as e:  # one task's git trouble is that task's failed attempt, not the job's end
                 log.warning("task %s/%s: %s", self.job_id, task_id, e.message)
-                self.fresh.add(task_id)
-                reasons = [f"git failed: {e.message}"]
+                reasons, fresh = [f"git failed: {e.message}"], True
             if reasons is None:
                 return
-            if self.job.kill_requested:
-                await self.record(lambda job: domain.decide_task_killed(job, task_id))
-                return
-            decided = await self.record(partial(domain.decide_attempt_failed, task_id=task_id, reasons=tuple(reasons)))
+            decided = await self.observe(AttemptFailed(task=task_id, reasons=tuple(reasons), fresh_worktree=fresh))
             if self.job.status == "replanning":
                 await self.replan()
                 return
@@ -377,8 +369,9 @@ class JobPipeline:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self.until(lambda job: job.kill_requested), timeout=seconds)
 
-    async def claim(self, task_id: str) -> tuple[Lock, ...] | None:
-        """Ask the task's executor what it will touch until it answers a usable claim; None when the task failed.
+    async def claim(self, task_id: str) -> bool:
+        """Ask the task's executor what it will touch until it answers a usable claim, arbitrated at once (GO or
+        NO GO); False when the task ended instead (no usable claim, or killed).
 
         With `claims = "plan"` the plan's file intents are the claim, and no agent is asked (unless they cannot
         be locked, which validation makes unlikely).
@@ -387,10 +380,11 @@ class JobPipeline:
             claimed = intents_claim(self.job.tasks[task_id].intents)
             wanted = locks.claim_locks(claimed, self.repo)
             if not isinstance(wanted, locks.BadClaim):
-                await self.task_events(task_id, ClaimProposed(attempt=0, paths=claimed.paths, commands=()))
-                return wanted
+                await self.observe(ClaimAnswered(task=task_id, attempt=0, paths=claimed.paths, locks=wanted))
+                return True
         errors: tuple[str, ...] = ()
-        for attempt in range(1, self.settings.claim_attempts + 1):
+        attempts = self.settings.claim_attempts
+        for attempt in range(1, attempts + 1):
             task = self.job.tasks[task_id]
             prompt = prompts.claim(self.job_id, task_id, task.title, task.instructions, attempt, errors)
             call_dir = self.settings.runs_dir / self.job_id / task_id / f"claim-{attempt}"
@@ -399,35 +393,39 @@ class JobPipeline:
             turn = self.ahead.taken(task=task_id, hand_on=True)
             result = await self.call("executor", task_id, f"{task_id}.claim", call_dir, prompt, "claim", turn=turn)
             self._check_stopping()
-            if self.job.kill_requested:
-                await self.record(lambda job: domain.decide_task_killed(job, task_id))
-                return None
+            answer = ClaimAnswered(task=task_id, attempt=attempt, usage=result.usage, max_attempts=attempts)
             claimed = result.decoded(decode_claim, "the claim")
             if isinstance(claimed, str):
                 errors = (claimed,)
             else:
+                # Where the claim's paths really lead is read from the worktree's files once, here, and recorded.
                 wanted = locks.claim_locks(claimed, self.repo)
                 if not isinstance(wanted, locks.BadClaim):
-                    proposed = ClaimProposed(
-                        attempt=attempt, paths=claimed.paths, commands=claimed.commands, usage=result.usage
-                    )
-                    await self.task_events(task_id, proposed)
-                    return wanted
+                    paths, commands = claimed.paths, claimed.commands
+                    await self.observe(msgspec.structs.replace(answer, paths=paths, commands=commands, locks=wanted))
+                    return self.job.tasks[task_id].status not in domain.TASK_DONE
                 errors = tuple(str(error) for error in wanted.errors)
-            await self.task_events(task_id, ClaimRejected(attempt=attempt, errors=errors, usage=result.usage))
-        reason = f"no usable claim after {self.settings.claim_attempts} answers: {'; '.join(errors)}"
-        await self.record(lambda job: domain.decide_task_failed(job, task_id, reason))
-        return None
+            await self.observe(msgspec.structs.replace(answer, errors=errors))
+            if self.job.tasks[task_id].status in domain.TASK_DONE:
+                return False  # its last answer, or killed meanwhile
+        return False
 
     async def attempt(self, task_id: str) -> list[str] | None:
-        """One attempt with GO in hand: run, gate, merge. None when merged; else why it failed."""
+        """One attempt with GO in hand: run, gate, merge (in place: run). None when done; else why it failed."""
+        job, task = self.job, self.job.tasks[task_id]
+        number = task.next_attempt
+        if job.in_place:
+            why = await self.execute(task_id, self.repo, task.instructions, number)
+            self._check_stopping()
+            if why is not None:
+                return [why]
+            await self.observe(FinishedInPlace(task=task_id))
+            return None
         worktree = await self.worktree(task_id)
-        task = self.job.tasks[task_id]
-        number = task.attempt + 1
         prompt = prompts.executor(
             self.job_id, task_id, task.title, task.instructions, number, task.claim, task.feedback
         )
-        why = await self.execute(task_id, worktree, prompt, number)
+        why = await self.execute(task_id, worktree.path, prompt, number)
         self._check_stopping()
         if self.job.kill_requested:
             return ["killed"]
@@ -436,64 +434,55 @@ class JobPipeline:
         message = f"{task_id}: {task.title}\n\nNumerus job {self.job_id}"
         work = await git.commit_work(worktree, message, author=AUTHOR)
         listed = tuple(f"{change.kind} {change.path}" for change in work.changes)
-        await self.task_events(task_id, TaskWorkCommitted(commit=work.commit, changes=listed))
+        await self.observe(WorkCommitted(task=task_id, commit=work.commit, changes=listed))
         reasons = await self.gate(task_id, worktree, work.changes)
+        await self.observe(GateDone(task=task_id, reasons=tuple(reasons)))
         if reasons:
-            await self.task_events(task_id, GateFailed(reasons=tuple(reasons)))
             return reasons
-        await self.task_events(task_id, GatePassed())
         return await self.merge(task_id, worktree, work.commit)
 
     async def worktree(self, task_id: str) -> git.Worktree:
-        """The task's worktree: the one it has, or a new one from the integration branch's tip."""
+        """The task's worktree: the one it has, or a new one from the integration branch's tip (the first time,
+        or when the last attempt ended in a conflict or a git error)."""
         task = self.job.tasks[task_id]
         integration = self.job.integration
         assert integration is not None
         path = self.settings.worktrees_dir / self.job_id / task_id
-        if task.worktree is not None and task.base_sha is not None and task_id not in self.fresh:
+        if task.worktree is not None and task.base_sha is not None and not task.fresh_worktree:
             return await git.create_worktree(self.repo, self.job_id, task_id, task.base_sha, path)
-        if task_id in self.fresh and task.worktree is not None and task.branch is not None:
+        if task.fresh_worktree and task.worktree is not None and task.branch is not None:
             old = git.Worktree(Path(task.worktree), task.branch, task.base_sha or "")
             await git.remove_worktree(self.repo, old, delete_branch=True)
-        self.fresh.discard(task_id)
         base = self.job.integration_tip or await git.resolve(self.repo, integration)
         created = await git.create_worktree(self.repo, self.job_id, task_id, base, path)
-        await self.task_events(
-            task_id, WorktreeCreated(path=str(created.path), branch=created.branch, base_sha=created.base_sha)
+        await self.observe(
+            WorktreeReady(task=task_id, path=str(created.path), branch=created.branch, base_sha=created.base_sha)
         )
         return created
 
-    async def execute(self, task_id: str, worktree: git.Worktree, prompt: str, attempt: int) -> str | None:
-        """Run the executor in the worktree; why the run failed, or None when it exited 0."""
-        job, task = self.job, self.job.tasks[task_id]
+    async def execute(self, task_id: str, workdir: Path, prompt: str, attempt: int) -> str | None:
+        """Run the executor in `workdir`; why the run failed, or None when it exited 0."""
+        task = self.job.tasks[task_id]
         profile = self.settings.agents[task.agent]
         run_dir = self.settings.runs_dir / self.job_id / task_id
-        run = TaskRun(
-            job=job,
-            task=task,
+        process = self.agents.process(
             adapter=adapter_for(profile),
+            invocation=AgentInvocation(prompt=prompt, repo=workdir),
             extra_env=dict(profile.env),
-            run_dir=run_dir,
-            nc=self.daemon.nc,
-            record=self.daemon.record,
-            chunk_bytes=self.settings.log_chunk_bytes,
-            flush_s=self.settings.log_flush_ms / 1000,
-            invocation=AgentInvocation(prompt=prompt, repo=worktree.path),
+            cwd=run_dir,
             log_path=run_dir / f"attempt-{attempt}.log",
-            decide=False,
-            breaker=self.daemon.breaker,
+            subject=f"numerus.log.{self.job_id}.{task_id}",
         )
+        run = TaskRun(task_id=task_id, process=process, observe=self.observe)
         async with self.slots.taken():
             self.ahead.give_back(task_id)  # running now: the next task may be asked its claim
             self._check_stopping()
             watch = asyncio.create_task(self._watch(run.process))
-            self.daemon.runs[(self.job_id, task_id)] = run
             try:
-                outcome = await run.run()
+                with self.agents.running(self.job_id, task_id, run):
+                    outcome = await run.run()
             finally:
-                self.daemon.runs.pop((self.job_id, task_id), None)
                 watch.cancel()
-        await self.poke()
         if outcome is None:
             return f"the agent did not start: {run.spawn_error}"
         if run.process.stopped_because is not None:
@@ -523,17 +512,16 @@ class JobPipeline:
         """The quality gate: the diff within the claim, every check passing, the reviewer agreeing."""
         task = self.job.tasks[task_id]
         violations = git.outside_claim(changes, task.claim or ())
-        if violations:
-            reasons = tuple(f"{violation.path}: {violation.reason}" for violation in violations)
-            await self.task_events(task_id, ClaimViolated(violations=reasons))
+        reasons = tuple(f"{violation.path}: {violation.reason}" for violation in violations)
+        await self.observe(ClaimCompared(task=task_id, violations=reasons))
+        if reasons:
             return [f"changed outside the claim: {reason}" for reason in reasons]
         passed: list[str] = []
         for command in self.job.checks:
             exit_code, output, duration = await self.check(worktree.path, command)
             tail = output[-CHECK_OUTPUT_CHARS:]
-            await self.task_events(
-                task_id,
-                CheckCompleted(command=command, exit_code=exit_code, duration_s=round(duration, 3), output=tail),
+            await self.observe(
+                CheckRan(task=task_id, command=command, exit_code=exit_code, duration_s=duration, output=tail)
             )
             if exit_code != 0:
                 how = f"exit code {exit_code}" if exit_code is not None else "a timeout"
@@ -594,8 +582,8 @@ class JobPipeline:
             if isinstance(verdict, str):
                 problem = verdict
                 continue
-            await self.task_events(
-                task_id, ReviewCompleted(verdict=verdict.verdict, reasons=verdict.reasons, usage=result.usage)
+            await self.observe(
+                Reviewed(task=task_id, verdict=verdict.verdict, reasons=verdict.reasons, usage=result.usage)
             )
             if verdict.verdict == "pass":
                 return []
@@ -611,13 +599,13 @@ class JobPipeline:
         if commit == worktree.base_sha:
             # No change: nothing to merge, and the integration branch only moves forward from the base.
             tip = self.job.integration_tip or await git.resolve(self.repo, integration)
-            await self.record(lambda job: domain.decide_merged(job, task_id, tip, created=False))
+            await self.observe(Merged(task=task_id, sha=tip, created=False))
             await remove_merged(self.repo, worktree)
             return None
         async with self.merging:
             # Numerus alone moves the branch: its tip is the last merge recorded (merge_task checks it still is).
             parent = self.job.integration_tip or await git.resolve(self.repo, integration)
-            await self.task_events(task_id, MergeStarted(integration=integration, parent=parent, task_sha=commit))
+            await self.observe(MergeBegun(task=task_id, integration=integration, parent=parent, task_sha=commit))
             task = self.job.tasks[task_id]
             message = f"Merge {task_id}: {task.title}\n\nNumerus job {self.job_id}, plan {self.job.plan_hash}"
             result = await self._merge_unblocked(task_id, integration, worktree.branch, message, parent, commit)
@@ -625,10 +613,9 @@ class JobPipeline:
                 return ["killed"]
             failpoints.hit("after-merge")  # tests: a crash between the merge and its record
             if isinstance(result, git.Conflict):
-                await self.task_events(task_id, MergeConflicted(paths=result.paths, messages=result.messages))
-                self.fresh.add(task_id)
+                await self.observe(MergeConflict(task=task_id, paths=result.paths, messages=result.messages))
                 return [f"merging into {integration} conflicts on {', '.join(result.paths)}; start again from its tip"]
-            await self.record(lambda job: domain.decide_merged(job, task_id, result.sha, result.created))
+            await self.observe(Merged(task=task_id, sha=result.sha, created=result.created))
         await remove_merged(self.repo, worktree)
         return None
 
@@ -647,7 +634,7 @@ class JobPipeline:
                 )
             except git.BranchCheckedOut as e:
                 if not told:
-                    await self.task_events(task_id, MergeBlocked(reason=e.message, retry_s=MERGE_RETRY_S))
+                    await self.observe(MergeWaiting(task=task_id, reason=e.message, retry_s=MERGE_RETRY_S))
                     told = True
             self.progress_at = time.monotonic()
             await self._pause(MERGE_RETRY_S)
@@ -688,25 +675,17 @@ class JobPipeline:
                     output_schema=self.settings.schemas_dir / f"{schema}.schema.json",
                     output_file=call_dir / "answer.json",
                 )
-                process = AgentProcess(
+                process = self.agents.process(
                     adapter=adapter_for(profile),
                     invocation=invocation,
                     extra_env=dict(profile.env),
                     cwd=call_dir,
                     log_path=call_dir / "stdout.log",
                     subject=f"numerus.log.{self.job_id}.{task_id or 'plan'}",
-                    nc=self.daemon.nc,
-                    chunk_bytes=self.settings.log_chunk_bytes,
-                    flush_s=self.settings.log_flush_ms / 1000,
-                    breaker=self.daemon.breaker,
                 )
                 call = AgentCall(process, call_dir / "answer.json")
-                key = (self.job_id, name)
-                self.daemon.runs[key] = call
-                try:
+                with self.agents.running(self.job_id, name, call):
                     return await call.run()
-                finally:
-                    self.daemon.runs.pop(key, None)
 
 
 async def remove_merged(repo: Path, worktree: git.Worktree) -> None:
@@ -715,11 +694,6 @@ async def remove_merged(repo: Path, worktree: git.Worktree) -> None:
     `numerusctl clean`. Best effort: what is left `clean` removes too, and it changes nothing the job recorded."""
     with contextlib.suppress(NumerusError, OSError):
         await git.remove_worktree(repo, worktree, delete_branch=True)
-
-
-def _job_event(event: EventData, _job: domain.JobState) -> domain.Decision:
-    """A decision of one job event that needs no look at the state."""
-    return [(None, event)]
 
 
 def _settled(job: domain.JobState, task_id: str) -> bool:

@@ -9,21 +9,21 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import msgspec
+from nats.aio.client import Client
 from nats.micro import add_service
 from nats.micro.request import Request
 from nats.micro.service import Service
 
 from numerusd import __version__
+from numerusd.dead_letters import DeadLetters
 from numerusd.errors import BadRequest, CommandRefused, NotFound, NumerusError
 from numerusd.handlers import HANDLERS
+from numerusd.handlers.context import Context
 from numerusd.protocol.commands import REQUESTS, ErrorReply, command_subject
 from numerusd.protocol.ids import new_ulid
-
-if TYPE_CHECKING:
-    from numerusd.daemon import Daemon
 
 log = logging.getLogger(__name__)
 
@@ -41,21 +41,22 @@ def _status(error: NumerusError) -> str:
     return "503"
 
 
-async def start_service(daemon: Daemon) -> Service:
-    """Register one endpoint per verb on `numerus.cmd.<verb>`."""
+async def start_service(nc: Client, context: Context, dead_letters: DeadLetters) -> Service:
+    """Register one endpoint per verb on `numerus.cmd.<verb>`, each calling its handler with `context`."""
     service = await add_service(
-        daemon.nc,
+        nc,
         name="numerus",
         version=__version__,
         description="Numerus daemon: runs coding agents on a goal, every state change an event",
     )
     for verb, handler in HANDLERS.items():
-        await service.add_endpoint(name=verb, subject=command_subject(verb), handler=_endpoint(daemon, verb, handler))
+        endpoint = _endpoint(context, dead_letters, verb, handler)
+        await service.add_endpoint(name=verb, subject=command_subject(verb), handler=endpoint)
     return service
 
 
 def _endpoint(
-    daemon: Daemon, verb: str, handler: Callable[[Any, Any], Awaitable[Any]]
+    context: Context, dead_letters: DeadLetters, verb: str, handler: Callable[[Context, Any], Awaitable[Any]]
 ) -> Callable[[Request], Awaitable[None]]:
     decoder = _DECODERS[verb]
 
@@ -65,10 +66,10 @@ def _endpoint(
                 command = decoder.decode(request.data or b"{}")
             except msgspec.DecodeError as e:  # ValidationError is a DecodeError; both name the bad path
                 raise BadRequest(f"bad {verb} request: {e}") from e
-            reply = await handler(daemon, command)
+            reply = await handler(context, command)
         except NumerusError as e:
             if isinstance(e, BadRequest):
-                await daemon.dead_letter("cmd", "bad_request", request.data, e.message)
+                await dead_letters.keep("cmd", "bad_request", request.data, e.message)
             await _error(request, _status(e), e.code, e.message)
             return
         except Exception:

@@ -10,23 +10,31 @@ between is visible on restart as a task that started and never ended.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import msgspec
 from nats.aio.client import Client
 
-from numerusd import domain
 from numerusd.agents.base import AgentAdapter, AgentInvocation, LineBuffer
 from numerusd.breaker import CircuitBreaker
+from numerusd.domain.observations import (
+    AgentExited,
+    AgentFailedToStart,
+    AgentReported,
+    AgentStarted,
+    AgentStarting,
+    Observation,
+)
 from numerusd.errors import AgentError
-from numerusd.protocol.events import AgentErrorReported, AgentSpawned, AgentSpawnFailed, EventData, TokensUsed, Usage
+from numerusd.protocol.events import AgentErrorReported, EventData, TokensUsed, Usage
 from numerusd.terminal import Terminal, spawn
 
 log = logging.getLogger(__name__)
@@ -38,9 +46,6 @@ _Answer = TypeVar("_Answer")
 DAEMON_ONLY_ENV = frozenset(
     {"NUMERUS_NATS_PASSWORD", "NUMERUS_NATS_CREDS", "NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS"}
 )
-
-#: Appends the decision `decide(state)` for a job and returns once it is durable.
-Record = Callable[[str, Callable[[domain.JobState], domain.Decision]], Awaitable[object]]
 
 
 @dataclass
@@ -137,7 +142,6 @@ class AgentProcess:
         inherited = {name: value for name, value in os.environ.items() if name not in DAEMON_ONLY_ENV}
         self.env = {**inherited, **extra_env, **agent_env}
         self.terminal: Terminal | None = None
-        self.stopping = False
         self._started = 0.0
         #: `time.monotonic()` of the start and of the last output, for the pipeline's timeouts.
         self.last_output = 0.0
@@ -222,8 +226,8 @@ class Outcome:
     log_bytes: int
     duration_s: float
 
-    def fields(self) -> dict[str, object]:
-        """The keyword arguments of `domain.decide_exit`."""
+    def fields(self) -> dict[str, Any]:
+        """The fields of the `AgentExited` observation."""
         return {
             "exit_code": self.exit_code,
             "signal": self.signal,
@@ -239,100 +243,54 @@ class Outcome:
 
 
 class _ProcessRun:
-    """What the daemon needs of a running agent, whatever it runs for: stop it, and say it is being stopped."""
+    """What the daemon needs of a running agent, whatever it runs for: to stop it."""
 
     process: AgentProcess
-
-    @property
-    def stopping(self) -> bool:
-        """True once the daemon or a kill asked the agent to stop."""
-        return self.process.stopping
-
-    @stopping.setter
-    def stopping(self, value: bool) -> None:
-        self.process.stopping = value
 
     async def terminate(self, grace: float) -> None:
         """Stop the agent's whole process group: TERM, then KILL after `grace` seconds."""
         await self.process.terminate(grace)
 
 
-class TaskRun(_ProcessRun):
-    """One attempt of one task: spawn its agent, pump its output, record its events and its exit.
+#: Decides an observation of one task's agent for its job, and returns once the events are durable.
+Observe = Callable[[Observation], Awaitable[object]]
 
-    On the single-task path the exit decides the task (`decide_exit`); in a planned job (`decide=False`) only
-    `TaskExited` is recorded and the pipeline's quality gate decides what follows.
+
+class TaskRun(_ProcessRun):
+    """One attempt of one task: spawn its agent, pump its output, and report what it does as observations.
+
+    The start is observed before the spawn and the exit after it; what the exit means for the task (the gate,
+    a retry, the job's end) is the pipeline's to observe next.
     """
 
-    def __init__(
-        self,
-        *,
-        job: domain.JobState,
-        task: domain.TaskState,
-        adapter: AgentAdapter,
-        extra_env: dict[str, str],
-        run_dir: Path,
-        nc: Client,
-        record: Record,
-        chunk_bytes: int = 16 * 1024,
-        flush_s: float = 0.05,
-        invocation: AgentInvocation | None = None,
-        log_path: Path | None = None,
-        decide: bool = True,
-        breaker: CircuitBreaker | None = None,
-    ) -> None:
-        self.job_id = job.id
-        self.task_id = task.id
-        self.task = task
-        self.run_dir = run_dir
-        self.record = record
-        self.decide = decide
+    def __init__(self, *, task_id: str, process: AgentProcess, observe: Observe) -> None:
+        self.task_id = task_id
+        self.process = process
+        self.observe = observe
         self.spawn_error: str | None = None
-        invocation = invocation or AgentInvocation(prompt=task.instructions, repo=Path(job.repo))
-        self.process = AgentProcess(
-            adapter=adapter,
-            invocation=invocation,
-            extra_env=extra_env,
-            cwd=run_dir,
-            log_path=log_path or run_dir / "stdout.log",
-            subject=f"numerus.log.{job.id}.{task.id}",
-            nc=nc,
-            chunk_bytes=chunk_bytes,
-            flush_s=flush_s,
-            breaker=breaker,
-        )
 
     async def run(self) -> Outcome | None:
-        """Run the attempt to its end; every outcome, including failure to start, ends up as events.
-
-        Returns how the agent ended, or None when it never started (then the task has failed).
-        """
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        process = self.process
-        argv, workdir, log_path = process.argv, str(self.run_dir), str(process.log_path)
-        await self.record(self.job_id, lambda job: domain.decide_start(job, self.task, argv, workdir, log_path))
+        """Run the attempt to its end; how the agent ended, or None when it never started (`spawn_error` says why)."""
+        process, task_id = self.process, self.task_id
+        process.cwd.mkdir(parents=True, exist_ok=True)
+        await self.observe(
+            AgentStarting(
+                task=task_id, argv=tuple(process.argv), workdir=str(process.cwd), log_path=str(process.log_path)
+            )
+        )
         try:
             terminal = await process.spawn()
         except AgentError as e:
-            reason = self.spawn_error = e.message
-            if self.decide:
-                await self.record(self.job_id, lambda job: domain.decide_spawn_failed(job, self.task_id, reason))
-            else:
-                await self._task_events([AgentSpawnFailed(reason=reason)])
+            self.spawn_error = e.message
+            await self.observe(AgentFailedToStart(task=task_id, reason=e.message))
             return None
-        await self._task_events([AgentSpawned(pid=terminal.pid, start_ticks=terminal.start_ticks)])
-        outcome = await process.pump(self._task_events)
-        fields = outcome.fields()
-        if self.stopping or not self.decide:
-            # Shutting down (the outcome is "interrupted") or in a pipeline (the gate decides): the exit only.
-            await self.record(self.job_id, lambda job: domain.decide_exit(job, self.task_id, **fields)[:1])
-        else:
-            await self.record(self.job_id, lambda job: domain.decide_exit(job, self.task_id, **fields))
+        await self.observe(AgentStarted(task=task_id, pid=terminal.pid, start_ticks=terminal.start_ticks))
+        outcome = await process.pump(self._reported)
+        await self.observe(AgentExited(task=task_id, **outcome.fields()))
         return outcome
 
-    async def _task_events(self, events: list[EventData]) -> None:
-        task_id = self.task_id
-        await self.record(self.job_id, lambda _job: [(task_id, event) for event in events])
+    async def _reported(self, events: list[EventData]) -> None:
+        await self.observe(AgentReported(task=self.task_id, events=tuple(events)))
 
 
 @dataclass
@@ -399,3 +357,64 @@ class AgentCall(_ProcessRun):
             answer = None
         spent = Usage(input_tokens=usage[0], cached_input_tokens=usage[1], output_tokens=usage[2])
         return CallResult(outcome=outcome, answer=answer, usage=spent, errors=errors)
+
+
+class Agents:
+    """The agent processes this daemon runs, each under a key (job, task) or (job, "<task>.claim"…).
+
+    Every agent is made here (`process`) with the daemon's log settings and circuit breaker, and runs under
+    `running(...)`, so that a kill or a shutdown finds it (`terminate`) whatever it runs for.
+    """
+
+    def __init__(
+        self, nc: Client, *, chunk_bytes: int, flush_s: float, kill_grace_s: float, breaker: CircuitBreaker
+    ) -> None:
+        self.nc = nc
+        self.chunk_bytes = chunk_bytes
+        self.flush_s = flush_s
+        self.kill_grace_s = kill_grace_s
+        self.breaker = breaker
+        self._running: dict[tuple[str, str], TaskRun | AgentCall] = {}
+
+    def process(
+        self,
+        *,
+        adapter: AgentAdapter,
+        invocation: AgentInvocation,
+        extra_env: dict[str, str],
+        cwd: Path,
+        log_path: Path,
+        subject: str,
+    ) -> AgentProcess:
+        """An agent process, not started yet, whose output goes to `log_path` and `subject`."""
+        return AgentProcess(
+            adapter=adapter,
+            invocation=invocation,
+            extra_env=extra_env,
+            cwd=cwd,
+            log_path=log_path,
+            subject=subject,
+            nc=self.nc,
+            chunk_bytes=self.chunk_bytes,
+            flush_s=self.flush_s,
+            breaker=self.breaker,
+        )
+
+    @contextlib.contextmanager
+    def running(self, job_id: str, name: str, run: TaskRun | AgentCall) -> Iterator[None]:
+        """Keep `run` findable by `terminate` while the block runs it."""
+        self._running[(job_id, name)] = run
+        try:
+            yield
+        finally:
+            self._running.pop((job_id, name), None)
+
+    def of_job(self, job_id: str) -> list[tuple[str, TaskRun | AgentCall]]:
+        """The job's agents running now, by name."""
+        return [(name, run) for (job, name), run in self._running.items() if job == job_id]
+
+    async def terminate(self, job_id: str | None = None, *, grace: float | None = None) -> None:
+        """Stop the agents of one job (or all of them): TERM, then KILL after `grace` (default: kill_grace_s)."""
+        runs = [run for (job, _), run in self._running.items() if job_id in (None, job)]
+        grace = self.kill_grace_s if grace is None else grace
+        await asyncio.gather(*(run.terminate(grace) for run in runs), return_exceptions=True)

@@ -21,8 +21,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from numerusd.agents.base import AgentAdapter, AgentInvocation, AgentProfile, LineBuffer, adapter_for
+from numerusd.agents.base import AgentAdapter, AgentInvocation, AgentProfile, LineBuffer
 from numerusd.agents.codex import CodexAdapter, CodexOutputParser
+from numerusd.agents.registry import adapter_for
 from numerusd.agents.scripted import ScriptedAdapter, scripted_agent_launcher
 from numerusd.errors import ConfigError
 from numerusd.protocol.events import (

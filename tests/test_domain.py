@@ -8,7 +8,18 @@ import msgspec
 import pytest
 
 from numerusd import domain
-from numerusd.errors import BadRequest, CommandRefused
+from numerusd.domain.observations import (
+    AgentExited,
+    AgentReported,
+    AgentStarting,
+    AttemptFailed,
+    FinishedInPlace,
+    Interrupted,
+    SubmitJob,
+    WorkCommitted,
+)
+from numerusd.errors import BadRequest, CommandRefused, InvalidTransition
+from numerusd.protocol.commands import KillJob
 from numerusd.protocol.envelope import Envelope, InvalidEvent, decode_wire
 from numerusd.protocol.events import (
     AgentCommandExecuted,
@@ -17,8 +28,10 @@ from numerusd.protocol.events import (
     AgentMessageReceived,
     EventData,
     JobKilled,
+    JobSubmitted,
     KillRequested,
     TaskKilled,
+    TaskStarted,
     TokensUsed,
 )
 
@@ -51,29 +64,41 @@ def apply(state: domain.JobState | None, job: str, decision: domain.Decision) ->
     return state
 
 
+def decide(job: domain.JobState | None, message: object) -> domain.JobState:
+    """The job after `message` is decided and its events folded."""
+    return apply(job, "J", domain.decide(job, message))  # type: ignore[arg-type]
+
+
+IN_PLACE = SubmitJob(goal="fix the tests\nand more", repo="/repo", roles={"executor": "scripted"}, plan=False)
+
+
 def started_job() -> domain.JobState:
-    job = apply(None, "J", domain.decide_run("fix the tests", "/repo", "scripted"))
-    task = job.tasks["t1"]
-    return apply(job, "J", domain.decide_start(job, task, ["codex", "exec"], "/runs/J/t1", "/runs/J/t1/stdout.log"))
+    job = decide(None, IN_PLACE)
+    return decide(job, AgentStarting(task="t1", argv=("codex", "exec"), workdir="/runs/J/t1", log_path="l"))
 
 
 def exit_with(job: domain.JobState, code: int | None, signal: int | None = None) -> domain.JobState:
-    decision = domain.decide_exit(
-        job, "t1", exit_code=code, signal=signal, log_path="l", log_sha256="h", log_bytes=1, duration_s=0.5
+    """The agent ends; the pipeline observes the end of the attempt as it would."""
+    exited = AgentExited(
+        task="t1", exit_code=code, signal=signal, log_path="l", log_sha256="h", log_bytes=1, duration_s=0.5
     )
-    return apply(job, "J", decision)
+    job = decide(job, exited)
+    if code == 0:
+        return decide(job, FinishedInPlace(task="t1"))
+    how = f"exit code {code}" if signal is None else f"signal {signal}"
+    return decide(job, AttemptFailed(task="t1", reasons=(f"the agent ended with {how}",)))
 
 
-def test_run_creates_one_pending_task_for_the_goal():
-    job = apply(None, "J", domain.decide_run("fix the tests\nand more", "/repo", "scripted"))
-    assert job.status == "running"
+def test_no_plan_is_a_plan_of_one_task_worked_on_in_place_with_one_attempt():
+    job = decide(None, IN_PLACE)
+    assert job.status == "running" and job.in_place
     assert [(t.id, t.title, t.status) for t in job.tasks.values()] == [("t1", "fix the tests", "pending")]
-    assert domain.ready_tasks(job) == [job.tasks["t1"]]
+    assert (job.claims, job.review, job.checks, job.max_attempts) == ("none", False, (), 1)
 
 
 def test_empty_goal_is_refused():
     with pytest.raises(BadRequest, match="goal is empty"):
-        domain.decide_run("  ", "/repo", "scripted")
+        domain.decide(None, msgspec.structs.replace(IN_PLACE, goal="  "))
 
 
 def test_exit_zero_completes_task_and_job():
@@ -86,12 +111,12 @@ def test_nonzero_exit_fails_with_reason():
     job = exit_with(started_job(), 3)
     assert job.tasks["t1"].status == "failed"
     assert job.status == "failed"
-    assert job.tasks["t1"].reason == "agent ended with exit code 3"
+    assert job.tasks["t1"].reason == "the agent ended with exit code 3"
 
 
 def test_kill_of_running_job_waits_for_the_agent_then_records_killed():
     job = started_job()
-    decision = domain.decide_kill(job)
+    decision = domain.decide(job, KillJob(job="J"))
     assert [type(d) for _, d in decision] == [KillRequested]
     job = apply(job, "J", decision)
     assert job.status == "running" and job.kill_requested
@@ -99,26 +124,56 @@ def test_kill_of_running_job_waits_for_the_agent_then_records_killed():
     assert job.tasks["t1"].status == "killed"
     assert job.status == "killed"
     with pytest.raises(CommandRefused, match="already killed"):
-        domain.decide_kill(job)
+        domain.decide(job, KillJob(job="J"))
 
 
 def test_kill_of_job_not_yet_started_is_immediate():
-    job = apply(None, "J", domain.decide_run("goal", "/repo", "scripted"))
-    decision = domain.decide_kill(job)
+    job = decide(None, IN_PLACE)
+    decision = domain.decide(job, KillJob(job="J"))
     assert [type(d) for _, d in decision] == [KillRequested, TaskKilled, JobKilled]
     assert apply(job, "J", decision).status == "killed"
 
 
 def test_restart_marks_running_task_interrupted_never_completed():
-    job = apply(started_job(), "J", domain.decide_interrupt(started_job(), "daemon restarted"))
+    job = decide(started_job(), Interrupted(reason="daemon restarted"))
     assert job.tasks["t1"].status == "interrupted"
     assert job.status == "interrupted"
-    assert domain.decide_interrupt(job, "again") == []
+    assert domain.decide(job, Interrupted(reason="again")) == []
+
+
+def test_an_interrupted_job_leaves_no_task_pending():
+    """A task that never started reads `interrupted` with its job, not `pending` (it was a defect)."""
+    job = decide(None, IN_PLACE)
+    job = decide(job, Interrupted(reason="numerusd stopped"))
+    assert (job.status, job.tasks["t1"].status) == ("interrupted", "interrupted")
+    assert job.tasks["t1"].reason == "numerusd stopped"
 
 
 def test_restart_leaves_finished_jobs_alone():
     job = exit_with(started_job(), 0)
-    assert domain.decide_interrupt(job, "daemon restarted") == []
+    assert domain.decide(job, Interrupted(reason="daemon restarted")) == []
+
+
+def test_an_observation_the_state_does_not_allow_is_refused_and_records_nothing():
+    job = decide(None, IN_PLACE)
+    exited = AgentExited(task="t1", exit_code=0, signal=None, log_path="l", log_sha256="h", log_bytes=1, duration_s=1)
+    with pytest.raises(InvalidTransition, match="which is pending"):
+        domain.decide(job, exited)  # its agent never started
+    with pytest.raises(InvalidTransition, match="does not have"):
+        domain.decide(job, AgentExited(**{**msgspec.structs.asdict(exited), "task": "t9"}))
+    with pytest.raises(InvalidTransition, match="works in place"):
+        domain.decide(started_job(), WorkCommitted(task="t1", commit="c" * 40))
+    with pytest.raises(InvalidTransition, match="cannot report JobSubmitted"):
+        domain.decide(started_job(), AgentReported(task="t1", events=(JobSubmitted(goal="g", repo="/", agent="a"),)))
+    with pytest.raises(InvalidTransition, match="submitted already"):
+        domain.decide(job, IN_PLACE)
+
+
+def test_the_start_is_recorded_with_the_attempt_it_begins():
+    job = decide(None, IN_PLACE)
+    (start,) = domain.decide(job, AgentStarting(task="t1", argv=("a",), workdir="w", log_path="l"))
+    assert isinstance(start[1], TaskStarted) and start[1].attempt == 1
+    assert started_job().tasks["t1"].attempt == 1
 
 
 def test_tokens_add_up_per_task():

@@ -2,12 +2,33 @@
 
 from __future__ import annotations
 
+import msgspec
+import pytest
+
 from numerusd import domain
+from numerusd.domain.observations import (
+    AgentExited,
+    AgentStarting,
+    AttemptFailed,
+    ClaimAnswered,
+    GateDone,
+    Merged,
+    PipelineFailed,
+    PlanAnswered,
+    Settled,
+    Stalled,
+    StoppedForKill,
+    SubmitJob,
+    WorkCommitted,
+)
+from numerusd.errors import InvalidTransition
 from numerusd.locks import claim_locks
 from numerusd.protocol.claims import Claim, ClaimedPath
+from numerusd.protocol.commands import KillJob
 from numerusd.protocol.events import (
     ClaimDenied,
     ClaimGranted,
+    ClaimProposed,
     JobCompleted,
     JobFailed,
     JobKilled,
@@ -21,23 +42,26 @@ from numerusd.protocol.events import (
     Usage,
 )
 from numerusd.protocol.plan import Plan, PlannedTask
-from tests.test_domain import apply
+from tests.test_domain import apply, decide
 
 ROLES = dict.fromkeys(("planner", "queen", "executor", "reviewer"), "scripted")
 
 
-def planned(*tasks: PlannedTask, max_replans: int = 0, max_attempts: int = 3) -> domain.JobState:
-    job = apply(
-        None,
-        "J",
-        domain.decide_submit(
-            "goal", "/repo", ROLES, parallel=2, checks=(), review=True, max_attempts=max_attempts,
-            backoff_s=(1.0, 2.0, 4.0), max_replans=max_replans,
-        ),
-    )  # fmt: skip
+def submitted(max_replans: int = 0, max_attempts: int = 3) -> domain.JobState:
+    submit = SubmitJob(
+        goal="goal", repo="/repo", roles=ROLES, parallel=2, max_attempts=max_attempts, max_replans=max_replans
+    )
+    job = decide(None, submit)
     assert job.status == "planning"
-    plan = Plan(summary="s", tasks=tasks)
-    return apply(job, "J", domain.decide_plan_validated(job, 1, plan, "h" * 64, Usage(input_tokens=5)))
+    return job
+
+
+def answer(job: domain.JobState, plan: Plan, role: str = "planner") -> domain.JobState:
+    return decide(job, PlanAnswered(role=role, attempt=1, plan=plan, plan_hash="h" * 64, usage=Usage(input_tokens=5)))
+
+
+def planned(*tasks: PlannedTask, max_replans: int = 0, max_attempts: int = 3) -> domain.JobState:
+    return answer(submitted(max_replans, max_attempts), Plan(summary="s", tasks=tasks))
 
 
 def task(task_id: str, *deps: str) -> PlannedTask:
@@ -50,8 +74,28 @@ def locks_for(path: str, mode: str = "modify") -> tuple:
     return wanted
 
 
+def claimed(task_id: str, path: str) -> ClaimAnswered:
+    paths = (ClaimedPath(path, "file", "modify"),)
+    return ClaimAnswered(task=task_id, attempt=1, paths=paths, locks=locks_for(path), max_attempts=2)
+
+
 def start(job: domain.JobState, task_id: str) -> domain.JobState:
-    return apply(job, "J", domain.decide_start(job, job.tasks[task_id], ["a"], "w", "l"))
+    return decide(job, AgentStarting(task=task_id, argv=("a",), workdir="w", log_path="l"))
+
+
+def to_merge(job: domain.JobState, task_id: str) -> domain.JobState:
+    """The task's agent ran and exited, its work was committed and passed the gate: it is merging."""
+    if job.tasks[task_id].status == "pending":
+        job = decide(job, claimed(task_id, f"{task_id}.txt"))
+    job = start(job, task_id)
+    exited = AgentExited(
+        task=task_id, exit_code=0, signal=None, log_path="l", log_sha256="h", log_bytes=1, duration_s=1
+    )
+    job = decide(job, exited)
+    job = decide(job, WorkCommitted(task=task_id, commit="c" * 40))
+    job = decide(job, GateDone(task=task_id))
+    assert job.tasks[task_id].status == "merging"
+    return job
 
 
 def test_a_valid_plan_creates_its_tasks_and_the_job_runs():
@@ -61,39 +105,40 @@ def test_a_valid_plan_creates_its_tasks_and_the_job_runs():
 
 
 def test_the_last_rejected_plan_fails_the_job_with_its_reasons():
-    job = apply(None, "J", domain.decide_submit("g", "/r", ROLES, parallel=1, checks=(), review=True,
-                                                max_attempts=3, backoff_s=(1.0,)))  # fmt: skip
-    job = apply(job, "J", domain.decide_plan_rejected(job, 1, ["$.tasks: missing"], "{", Usage(), 2))
+    job = submitted()
+    rejected = PlanAnswered(role="planner", attempt=1, errors=("$.tasks: missing",), answer="{", max_attempts=2)
+    job = decide(job, rejected)
     assert job.status == "planning" and job.plan_errors == ("$.tasks: missing",)
-    job = apply(job, "J", domain.decide_plan_rejected(job, 2, ["$.tasks: missing"], "{", Usage(), 2))
+    job = decide(job, msgspec.structs.replace(rejected, attempt=2))
     assert job.status == "failed" and job.reason == "no valid plan after 2 attempts: $.tasks: missing"
 
 
 def test_no_go_names_the_holder_and_the_release_wakes_the_waiter_in_the_same_breath():
     job = planned(task("a"), task("b"))
-    job = apply(job, "J", domain.decide_claim(job, "a", locks_for("F.md")))
+    job = decide(job, claimed("a", "F.md"))
     assert job.tasks["a"].status == "granted" and "a" in job.lock_holds
-    decision = domain.decide_claim(job, "b", locks_for("F.md"))
-    assert [type(event) for _, event in decision] == [ClaimDenied]
+    assert job.tasks["a"].claimed_locks == locks_for("F.md")  # the fact the arbitration used, recorded
+    decision = domain.decide(job, claimed("b", "F.md"))
+    assert [type(event) for _, event in decision] == [ClaimProposed, ClaimDenied]
     job = apply(job, "J", decision)
     assert job.tasks["b"].status == "waiting" and job.tasks["b"].holders == ("a",)
-    merged = domain.decide_merged(job, "a", "c" * 40, created=True)
+    merged = domain.decide(to_merge(job, "a"), Merged(task="a", sha="c" * 40, created=True))
     # a's merge gives F.md back and grants it to b in the same decision.
     assert [(task, type(event)) for task, event in merged[:3]] == [
         ("a", TaskMerged), ("a", LocksReleased), ("b", ClaimGranted)
     ]  # fmt: skip
     assert merged[2][1] == ClaimGranted(locks=locks_for("F.md"))
-    job = apply(job, "J", merged)
+    job = apply(to_merge(job, "a"), "J", merged)
     assert job.tasks["b"].status == "granted" and job.tasks["b"].holders == ()
 
 
 def test_a_failed_attempt_is_retried_after_1_2_then_4_seconds_then_fails_and_skips_its_dependents():
     job = planned(task("t1"), task("t2", "t1"), max_attempts=3)
-    job = apply(job, "J", domain.decide_claim(job, "t1", locks_for("a.py")))
+    job = decide(job, claimed("t1", "a.py"))
     delays = []
     for _ in range(2):
         job = start(job, "t1")
-        decision = domain.decide_attempt_failed(job, "t1", ("check failed",))
+        decision = domain.decide(job, AttemptFailed(task="t1", reasons=("check failed",)))
         (retry,) = [event for _, event in decision]
         assert isinstance(retry, TaskRetryScheduled) and retry.reasons == ("check failed",)
         delays.append(retry.delay_s)
@@ -101,7 +146,7 @@ def test_a_failed_attempt_is_retried_after_1_2_then_4_seconds_then_fails_and_ski
         assert job.tasks["t1"].status == "retrying" and job.tasks["t1"].feedback == ("check failed",)
     assert delays == [1.0, 2.0]
     job = start(job, "t1")
-    job = apply(job, "J", domain.decide_attempt_failed(job, "t1", ("check failed",)))
+    job = decide(job, AttemptFailed(task="t1", reasons=("check failed",)))
     assert job.tasks["t1"].status == "failed" and "after 3 attempts: check failed" in (job.tasks["t1"].reason or "")
     assert job.tasks["t2"].status == "skipped"
     assert job.lock_holds == {} and job.status == "failed"
@@ -109,9 +154,9 @@ def test_a_failed_attempt_is_retried_after_1_2_then_4_seconds_then_fails_and_ski
 
 def test_with_a_replan_left_a_task_failing_for_good_asks_the_queen_and_its_dependents_wait():
     job = planned(task("t1"), task("t2", "t1"), max_replans=1, max_attempts=1)
-    job = start(job, "t1")
-    decision = domain.decide_attempt_failed(job, "t1", ("boom",))
-    assert [type(event) for _, event in decision] == [TaskFailed, ReplanRequested]
+    job = start(decide(job, claimed("t1", "a.py")), "t1")
+    decision = domain.decide(job, AttemptFailed(task="t1", reasons=("boom",)))
+    assert [type(event) for _, event in decision] == [LocksReleased, TaskFailed, ReplanRequested]
     job = apply(job, "J", decision)
     assert job.status == "replanning" and job.tasks["t2"].status == "pending" and job.replan_for is not None
 
@@ -120,60 +165,86 @@ def test_with_a_replan_left_a_task_failing_for_good_asks_the_queen_and_its_depen
     assert domain.replan_errors(job, reused) == [
         "task t1 already failed: give the task that replaces it a new id, e.g. t1b"
     ]
+    refused = domain.decide(job, PlanAnswered(role="queen", attempt=1, plan=reused, plan_hash="g" * 64, max_attempts=2))
+    assert refused[0][1].errors == ("task t1 already failed: give the task that replaces it a new id, e.g. t1b",)
     revised = Plan(summary="s", tasks=(task("t1b"), task("t2", "t1b")))
     assert domain.replan_errors(job, revised) == []
-    job = apply(job, "J", domain.decide_plan_validated(job, 1, revised, "g" * 64, Usage()))
+    job = answer(job, revised, role="queen")
     assert job.status == "running" and job.plan_version == 2
     assert job.tasks["t2"].deps == ("t1b",) and job.tasks["t1b"].status == "pending"
 
     # The failed t1 is not part of the current plan: once t1b and t2 complete, the job has completed.
     for task_id in ("t1b", "t2"):
-        job = apply(job, "J", domain.decide_merged(job, task_id, "c" * 40, created=True))
+        job = decide(to_merge(job, task_id), Merged(task=task_id, sha="c" * 40, created=True))
     assert job.status == "completed"
 
 
 def test_a_revised_plan_drops_the_pending_tasks_it_leaves_out_and_keeps_those_under_way():
     job = planned(task("t1"), task("t2"), task("t3"), max_replans=1)
-    job = start(job, "t1")
-    job = apply(job, "J", domain.decide_stalled(job, 60))
+    job = start(decide(job, claimed("t1", "a.py")), "t1")
+    job = decide(job, Stalled(idle_s=60))
     assert job.status == "replanning" and job.replan_for == ("", "no task completed for 60 s")
     revised = Plan(summary="s", tasks=(task("t1"), task("t4")))
-    job = apply(job, "J", domain.decide_plan_validated(job, 1, revised, "g" * 64, Usage()))
+    job = answer(job, revised, role="queen")
     statuses = {t.id: t.status for t in job.tasks.values()}
     assert statuses == {"t1": "running", "t2": "skipped", "t3": "skipped", "t4": "pending"}
     assert job.tasks["t2"].reason == "dropped by plan v2"
-    assert domain.decide_stalled(job, 60) == []  # no replan left
+    assert domain.decide(job, Stalled(idle_s=60)) == []  # no replan left
 
 
 def test_kill_ends_waiting_and_pending_tasks_at_once_and_the_job_when_nothing_runs():
     job = planned(task("a"), task("b"), task("c"))
-    job = apply(job, "J", domain.decide_claim(job, "a", locks_for("F.md")))
-    job = apply(job, "J", domain.decide_claim(job, "b", locks_for("F.md")))
-    decision = domain.decide_kill(job)
+    job = decide(job, claimed("a", "F.md"))
+    job = decide(job, claimed("b", "F.md"))
+    decision = domain.decide(job, KillJob(job="J"))
     events = [(task_id, type(event)) for task_id, event in decision]
     assert ("b", LocksReleased) in events and ("b", TaskKilled) in events and ("c", TaskKilled) in events
     assert (None, JobKilled) not in events  # a holds its GO: its flow ends it
     job = apply(job, "J", decision)
-    job = apply(job, "J", domain.decide_task_killed(job, "a"))
+    job = decide(job, StoppedForKill(task="a"))
     assert job.status == "killed" and job.lock_holds == {} and job.lock_queue == {}
 
 
 def test_the_job_ends_when_its_tasks_have_and_settled_adds_nothing_after():
-    job = planned(task("t1"))
-    decision = domain.decide_merged(job, "t1", "c" * 40, created=False)
+    job = to_merge(planned(task("t1")), "t1")
+    decision = domain.decide(job, Merged(task="t1", sha="c" * 40, created=False))
     assert isinstance(decision[-1][1], JobCompleted)
     job = apply(job, "J", decision)
     assert job.integration_tip == "c" * 40
-    assert domain.decide_settled(job) == []
+    assert domain.decide(job, Settled()) == []
 
 
 def test_an_internal_error_fails_every_unfinished_task_and_the_job():
-    job = start(planned(task("t1"), task("t2")), "t1")
-    decision = domain.decide_job_failed(job, "internal error")
+    job = start(decide(planned(task("t1"), task("t2")), claimed("t1", "a.py")), "t1")
+    decision = domain.decide(job, PipelineFailed(reason="internal error"))
     assert [(t, type(e)) for t, e in decision] == [("t1", TaskFailed), ("t2", TaskFailed), (None, JobFailed)]
 
 
-def test_decide_start_counts_attempts():
-    job = start(start(planned(task("t1")), "t1"), "t1")
-    assert job.tasks["t1"].attempt == 2
-    assert isinstance(domain.decide_start(job, job.tasks["t1"], [], "w", "l")[0][1], TaskStarted)
+def test_each_start_is_recorded_with_the_attempt_it_begins():
+    job = start(decide(planned(task("t1")), claimed("t1", "a.py")), "t1")
+    job = decide(job, AttemptFailed(task="t1", reasons=("boom",)))
+    (started,) = domain.decide(job, AgentStarting(task="t1", argv=(), workdir="w", log_path="l"))
+    assert isinstance(started[1], TaskStarted) and started[1].attempt == 2
+    assert start(job, "t1").tasks["t1"].attempt == 2
+
+
+def test_attempts_that_fail_before_their_agent_starts_count_too():
+    """A worktree that cannot be made fails the attempt: after max_attempts the task fails, not retried for ever
+    (it was a defect: 17 retries in 8 s, each `next_attempt: 1`)."""
+    job = decide(planned(task("t1"), task("t2", "t1"), max_attempts=2), claimed("t1", "a.py"))
+    failed = AttemptFailed(task="t1", reasons=("git failed: branch does not contain the base",), fresh_worktree=True)
+    (retry,) = [event for _, event in domain.decide(job, failed)]
+    assert isinstance(retry, TaskRetryScheduled) and retry.next_attempt == 2 and retry.fresh_worktree
+    job = decide(job, failed)
+    assert job.tasks["t1"].fresh_worktree and job.tasks["t1"].failed_attempts == 1
+    job = decide(job, failed)
+    assert job.tasks["t1"].status == "failed" and "after 2 attempts: git failed" in (job.tasks["t1"].reason or "")
+    assert job.tasks["t2"].status == "skipped" and job.status == "failed"
+
+
+def test_a_merge_is_refused_to_a_task_that_did_not_pass_its_gate():
+    job = start(decide(planned(task("t1")), claimed("t1", "a.py")), "t1")
+    with pytest.raises(InvalidTransition, match="which is running"):
+        domain.decide(job, Merged(task="t1", sha="c" * 40, created=True))
+    with pytest.raises(InvalidTransition, match="not being killed"):
+        domain.decide(job, StoppedForKill(task="t1"))

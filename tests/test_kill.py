@@ -74,7 +74,7 @@ def test_kill_of_unknown_job_is_refused(daemon: Daemon):
 
 
 def log_bytes(daemon: Daemon, job: str) -> bytes:
-    path = daemon.state_dir / "runs" / job / "t1" / "stdout.log"
+    path = daemon.state_dir / "runs" / job / "t1" / "attempt-1.log"
     return path.read_bytes() if path.exists() else b""
 
 

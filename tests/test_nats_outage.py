@@ -21,7 +21,7 @@ async def test_the_job_survives_a_server_restart_and_nothing_is_lost_or_doubled(
     try:
         repo = git_repo(tmp_path / "repo")
         job = daemon.ctl_json("run", "--no-plan", "Talk", "--repo", str(repo), "--agent", "chatty")["job"]
-        log = daemon.state_dir / "runs" / job / "t1" / "stdout.log"
+        log = daemon.state_dir / "runs" / job / "t1" / "attempt-1.log"
         with restartable(nats_server) as (stop_server, start_server):
             await eventually(lambda: log.exists() and b"step 2 of 12" in log.read_bytes(), timeout=20)
             stop_server()

@@ -135,7 +135,7 @@ def test_agent_that_exits_nonzero_fails_the_job_and_wait_says_so(daemon: Daemon,
     (listed,) = [j for j in daemon.ctl_json("status", "--all")["jobs"] if j["repo"] == str(repo)]
     job = daemon.status(listed["id"])
     assert job["status"] == "failed"
-    assert job["tasks"][0]["reason"] == "agent ended with exit code 3"
+    assert job["tasks"][0]["reason"] == "the agent ended with exit code 3"
 
 
 def test_missing_agent_binary_fails_the_task_with_the_reason(tmp_path: Path):

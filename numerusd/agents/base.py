@@ -14,7 +14,6 @@ from typing import Protocol
 
 import msgspec
 
-from numerusd.errors import ConfigError
 from numerusd.protocol.events import EventData
 
 
@@ -98,25 +97,3 @@ class LineBuffer:
         rest = (self._partial + self._decoder.decode(b"", final=True)).removesuffix("\r")
         self._partial = ""
         return [rest] if rest else []
-
-
-#: The kinds `adapter_for` knows.
-KNOWN_KINDS = ("codex", "scripted")
-
-
-def adapter_for(profile: AgentProfile) -> AgentAdapter:
-    """The adapter for a profile's kind; ConfigError naming the known kinds for any other."""
-    # Imported here: the adapters import this module, and the scripted agent's start-up stays light.
-    if profile.kind == "codex":
-        from numerusd.agents.codex import CodexAdapter
-
-        return CodexAdapter(profile)
-    if profile.kind == "scripted":
-        from numerusd.agents.scripted import ScriptedAdapter
-
-        return ScriptedAdapter(profile)
-    raise ConfigError(
-        f"unknown agent kind {profile.kind!r}; known kinds: {', '.join(KNOWN_KINDS)}",
-        kind=profile.kind,
-        known=KNOWN_KINDS,
-    )

@@ -1,7 +1,8 @@
 """One module per request verb: `numerusctl <verb>` -> `numerus.cmd.<verb>` -> `handlers/<verb>.py`.
 
-Each module exports `async def handle(daemon, request) -> reply`. A handler sees typed requests only (the
-service decodes at the edge) and raises `CommandRefused` and its subclasses to refuse.
+Each module exports `async def handle(context, request) -> reply`, where `context` (see `context.py`) is all
+it may use of the daemon. A handler sees typed requests only (the service decodes at the edge) and raises
+`CommandRefused` and its subclasses to refuse.
 """
 
 from numerusd.handlers import clean, events, kill, logs, plan, run, status

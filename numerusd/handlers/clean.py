@@ -2,19 +2,14 @@
 
 from __future__ import annotations
 
-import functools
-from typing import TYPE_CHECKING
-
 from numerusd import domain
 from numerusd.cleanup import clean_job
 from numerusd.errors import BadRequest
+from numerusd.handlers.context import Context
 from numerusd.protocol.commands import JOB_DONE, CleanedJob, CleanJobs, CleanReply
 
-if TYPE_CHECKING:
-    from numerusd.daemon import Daemon
 
-
-async def handle(daemon: Daemon, request: CleanJobs) -> CleanReply:
+async def handle(context: Context, request: CleanJobs) -> CleanReply:
     """Every job named must have ended, or nothing is removed; with `ended`, every ended job not cleaned yet (or,
     with `logs`, whose logs are still there)."""
     if bool(request.jobs) == request.ended:
@@ -23,19 +18,19 @@ async def handle(daemon: Daemon, request: CleanJobs) -> CleanReply:
         jobs = sorted(
             (
                 job
-                for job in daemon.jobs.values()
+                for job in context.book.jobs.values()
                 if job.status in JOB_DONE and not (job.cleaned and (job.logs_removed or not request.logs))
             ),
             key=lambda job: job.created,
         )
     else:
-        jobs = [daemon.job(job_id) for job_id in dict.fromkeys(request.jobs)]
+        jobs = [context.book.job(job_id) for job_id in dict.fromkeys(request.jobs)]
         for job in jobs:
             domain.check_cleanable(job)
     cleaned = []
     for job in jobs:
-        removed = await clean_job(daemon.settings, job, logs=request.logs)
-        await daemon.record(job.id, functools.partial(domain.decide_cleaned, cleaned=removed.event()))
+        removed = await clean_job(context.settings, job, logs=request.logs)
+        await context.book.decide(job.id, removed.observation())
         cleaned.append(
             CleanedJob(
                 job=job.id,

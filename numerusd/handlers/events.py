@@ -2,20 +2,16 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from numerusd.errors import BadRequest
+from numerusd.handlers.context import Context
 from numerusd.protocol.commands import EventsReply, GetEvents
 
-if TYPE_CHECKING:
-    from numerusd.daemon import Daemon
 
-
-async def handle(daemon: Daemon, request: GetEvents) -> EventsReply:
+async def handle(context: Context, request: GetEvents) -> EventsReply:
     """Read from JetStream itself (filtered by subject), so the reply is the record, not a copy of it."""
     if not 0 < request.limit <= 5000:
         raise BadRequest("limit must be between 1 and 5000")
     if request.after_seq < 0:
         raise BadRequest("after_seq must be 0 or more")
-    subject = "numerus.job.>" if request.job is None else f"numerus.job.{daemon.job(request.job).id}.>"
-    return await daemon.read_events(subject, request.after_seq, request.limit)
+    subject = "numerus.job.>" if request.job is None else f"numerus.job.{context.book.job(request.job).id}.>"
+    return await context.history.read(subject, request.after_seq, request.limit)

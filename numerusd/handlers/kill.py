@@ -2,18 +2,13 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-from numerusd import domain
+from numerusd.handlers.context import Context
 from numerusd.protocol.commands import KillJob, KillReply
 
-if TYPE_CHECKING:
-    from numerusd.daemon import Daemon
 
-
-async def handle(daemon: Daemon, request: KillJob) -> KillReply:
+async def handle(context: Context, request: KillJob) -> KillReply:
     """Decide, append, then act: the agents are stopped after `KillRequested` is durable."""
-    job = daemon.job(request.job)
-    await daemon.record(job.id, domain.decide_kill)
-    stopping = daemon.terminate_job(job.id)
+    job = context.book.job(request.job)
+    await context.book.decide(job.id, request)
+    stopping = context.jobs.stop_agents(job.id)
     return KillReply(job=job.id, tasks=stopping)

@@ -3,20 +3,17 @@
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING
 
 from numerusd.errors import BadRequest, NotFound
+from numerusd.handlers.context import Context
 from numerusd.protocol.commands import GetLogs, LogsReply, TaskLog
 
-if TYPE_CHECKING:
-    from numerusd.daemon import Daemon
 
-
-async def handle(daemon: Daemon, request: GetLogs) -> LogsReply:
+async def handle(context: Context, request: GetLogs) -> LogsReply:
     """Reads at most `tail_bytes` per task, so a huge log never makes a huge reply."""
     if not 0 < request.tail_bytes <= 4 * 1024 * 1024:
         raise BadRequest("tail_bytes must be between 1 and 4194304")
-    job = daemon.job(request.job)
+    job = context.book.job(request.job)
     if job.logs_removed:
         raise NotFound(f"the logs of job {job.id} were removed by 'numerusctl clean --logs'; its events remain")
     if request.task is not None and request.task not in job.tasks:

@@ -2,24 +2,20 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from numerusd import plans
 from numerusd.errors import BadRequest, NotFound
+from numerusd.handlers.context import Context
 from numerusd.protocol.commands import GetPlan, PlanReply
-
-if TYPE_CHECKING:
-    from numerusd.daemon import Daemon
 
 RENDERERS = {"text": plans.render_text, "dot": plans.render_dot, "mermaid": plans.render_mermaid}
 
 
-async def handle(daemon: Daemon, request: GetPlan) -> PlanReply:
+async def handle(context: Context, request: GetPlan) -> PlanReply:
     """The plan the job's tasks were created from; NotFound while it is still being planned or on --no-plan."""
     render = RENDERERS.get(request.format)
     if render is None:
         raise BadRequest(f"unknown format {request.format!r}; use one of: {', '.join(RENDERERS)}")
-    job = daemon.job(request.job)
+    job = context.book.job(request.job)
     if job.plan is None or job.plan_hash is None:
         if not job.planned:
             raise NotFound(f"job {job.id} has no plan: it was run with --no-plan")

@@ -4,24 +4,21 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-from numerusd import domain, git
+from numerusd import git
+from numerusd.domain.observations import SubmitJob
 from numerusd.errors import BadRequest
+from numerusd.handlers.context import Context
 from numerusd.protocol.commands import RunJob, RunReply
 from numerusd.protocol.ids import new_ulid
-
-if TYPE_CHECKING:
-    from numerusd.daemon import Daemon
-
 
 #: How long `run` waits for `git status` (a huge working tree can take seconds; numerusctl waits 5 s in all).
 UNCOMMITTED_WAIT_S = 2.0
 
 
-async def handle(daemon: Daemon, request: RunJob) -> RunReply:
-    """Validate, record `JobSubmitted` (and, on the single-task path, its task), then start the job."""
-    settings = daemon.settings
+async def handle(context: Context, request: RunJob) -> RunReply:
+    """Validate, record `JobSubmitted` (and, for `--no-plan`, its one task), then start the job."""
+    settings = context.settings
     repo = Path(request.repo)
     if not repo.is_absolute():
         raise BadRequest(f"repo {request.repo!r} is not an absolute path; pass the repository's full path")
@@ -36,11 +33,10 @@ async def handle(daemon: Daemon, request: RunJob) -> RunReply:
     job_id = new_ulid()
     notes: list[str] = []
     if not request.plan:
-        agent = roles["executor"]
-        await daemon.record(job_id, lambda _none: domain.decide_run(request.goal, str(repo), agent))
+        submit = SubmitJob(goal=request.goal, repo=str(repo), roles=roles, plan=False)
     else:
-        if daemon.git_problem is not None:
-            raise BadRequest(f"{daemon.git_problem}; install a newer git, or use --no-plan")
+        if context.git_problem is not None:
+            raise BadRequest(f"{context.git_problem}; install a newer git, or use --no-plan")
         try:
             base_sha = await git.resolve(repo, "HEAD")
         except git.GitError:
@@ -52,10 +48,10 @@ async def handle(daemon: Daemon, request: RunJob) -> RunReply:
         parallel = request.parallel or settings.parallel
         if not 1 <= parallel <= 256:
             raise BadRequest(f"parallel {parallel} is out of range; give --parallel between 1 and 256")
-        decision = domain.decide_submit(
-            request.goal,
-            str(repo),
-            roles,
+        submit = SubmitJob(
+            goal=request.goal,
+            repo=str(repo),
+            roles=roles,
             parallel=parallel,
             checks=settings.checks + request.checks,
             review=settings.review if request.review is None else request.review,
@@ -64,9 +60,8 @@ async def handle(daemon: Daemon, request: RunJob) -> RunReply:
             max_replans=settings.max_replans,
             claims=request.claims or settings.claims,
             base_sha=base_sha,
-            uncommitted=uncommitted,
+            uncommitted=None if uncommitted is None else tuple(uncommitted),
         )
-        await daemon.record(job_id, lambda _none: decision)
         if uncommitted is None:
             notes.append(
                 f"could not tell within {UNCOMMITTED_WAIT_S:g} s whether {repo} has uncommitted changes; the job "
@@ -74,7 +69,8 @@ async def handle(daemon: Daemon, request: RunJob) -> RunReply:
             )
         elif uncommitted:
             notes.append(uncommitted_note(repo, base_sha, uncommitted))
-    daemon.schedule(job_id)
+    await context.book.decide(job_id, submit)
+    context.jobs.start(job_id)
     return RunReply(job=job_id, subject=f"numerus.job.{job_id}.>", notes=notes)
 
 

@@ -93,7 +93,7 @@ class TaskView(msgspec.Struct, frozen=True, kw_only=True):
     id: str
     title: str
     agent: str
-    status: str
+    status: TaskStatus
     role: str = "executor"
     deps: list[str] = []
     #: While the task waits (NO GO): the tasks holding what it claimed.
@@ -121,7 +121,7 @@ class JobView(msgspec.Struct, frozen=True, kw_only=True):
     goal: str
     repo: str
     agent: str
-    status: str
+    status: JobStatus
     reason: str | None = None
     created: datetime
     updated: datetime
@@ -262,8 +262,29 @@ REPLIES: dict[str, type[msgspec.Struct]] = {
 #: Where the daemon keeps its state (and `connection.json`) when neither a flag nor NUMERUS_STATE_DIR says.
 DEFAULT_STATE_DIR = "~/.local/state/numerus"
 
-#: Terminal job and task statuses.
-JOB_DONE = frozenset({"completed", "failed", "killed", "interrupted"})
+#: Where a job is: its planner is asked, its tasks run, the queen revises its plan, then how it ended.
+JobStatus = Literal["planning", "running", "replanning", "completed", "failed", "killed", "interrupted"]
+#: Where a task is: pending, waiting (NO GO), granted (GO), running (its agent), checking (the gate), retrying,
+#: merging, then how it ended.
+TaskStatus = Literal[
+    "pending",
+    "waiting",
+    "granted",
+    "running",
+    "checking",
+    "retrying",
+    "merging",
+    "completed",
+    "failed",
+    "killed",
+    "interrupted",
+    "skipped",
+]
+
+#: Terminal job statuses.
+JOB_DONE: frozenset[JobStatus] = frozenset({"completed", "failed", "killed", "interrupted"})
+#: Terminal task statuses.
+TASK_DONE: frozenset[TaskStatus] = frozenset({"completed", "failed", "killed", "interrupted", "skipped"})
 
 
 def command_subject(verb: str) -> str:

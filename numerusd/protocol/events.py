@@ -187,6 +187,9 @@ class ClaimProposed(TaskEvent, frozen=True, kw_only=True):
     paths: tuple[ClaimedPath, ...]
     commands: tuple[str, ...] = ()
     usage: Usage = Usage()
+    #: The locks the paths stand for, normalised where the claim was read (symlinks in the worktree resolved):
+    #: what the lock table arbitrates (empty in events written before this was recorded).
+    locks: tuple[Lock, ...] = ()
 
 
 class ClaimRejected(TaskEvent, frozen=True, kw_only=True):
@@ -271,6 +274,8 @@ class TaskRetryScheduled(TaskEvent, frozen=True, kw_only=True):
     next_attempt: int
     delay_s: float
     reasons: tuple[str, ...]
+    #: The next attempt starts from a new worktree at the integration tip (the last one failed in git).
+    fresh_worktree: bool = False
 
 
 class MergeStarted(TaskEvent, frozen=True, kw_only=True):

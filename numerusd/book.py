@@ -1,0 +1,86 @@
+"""The job book: every job's state as the event stream folds it, and the one way to change it.
+
+`decide(job, message)` decides the message (a command or an observation, see `numerusd.domain`) against the
+job's latest state, appends the events durably, and folds them in. Nothing else writes a job's events, and
+nothing else moves `jobs`, which `status` and the pipelines read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping
+
+from numerusd import domain
+from numerusd.domain.observations import Command, Observation
+from numerusd.errors import NotFound, StoreError
+from numerusd.event_store import EventStore
+from numerusd.protocol.envelope import Envelope, Sealed, WireEnvelope
+
+
+class JobBook:
+    """Every job of the stream, by id, and `decide`: the daemon's one piece of mutable state."""
+
+    def __init__(self, store: EventStore) -> None:
+        self.store = store
+        self._jobs: dict[str, domain.JobState] = {}
+        #: Each job's state with its events still on their way to disk, while there are any (see `decide`).
+        self._ahead: dict[str, domain.JobState] = {}
+
+    @property
+    def jobs(self) -> Mapping[str, domain.JobState]:
+        """Every job as its durable events made it."""
+        return self._jobs
+
+    def job(self, job_id: str) -> domain.JobState:
+        """The job, or NotFound with a hint."""
+        job = self._jobs.get(job_id)
+        if job is None:
+            raise NotFound(f"no job {job_id!r}; 'numerusctl status' lists the jobs")
+        return job
+
+    def fold(self, event: Envelope | WireEnvelope) -> None:
+        """Fold an event read from the stream or the WAL (a replay), its payload decoded only if needed."""
+        if isinstance(event, WireEnvelope):
+            self._jobs[event.job] = domain.evolve_untyped(self._jobs.get(event.job), event)
+        else:
+            self._jobs[event.job] = domain.evolve(self._jobs.get(event.job), event)
+
+    async def decide(
+        self, job_id: str, message: Command | Observation, correlation_id: str | None = None
+    ) -> list[Sealed]:
+        """Decide `message` against the job's latest state, append the events durably, and fold them in.
+
+        Deciding, sealing and queueing for the WAL are one synchronous step, against the state that includes
+        the job's events still on their way to disk (`_ahead`): decisions of one job follow one another without
+        each waiting for the fdatasync of the one before, and share it. `jobs` moves only once the events are
+        durable, in WAL order, whether or not the caller still waits. A refusal raises and records nothing.
+        """
+        state = self._ahead.get(job_id) or self._jobs.get(job_id)
+        decision = domain.decide(state, message)
+        if not decision:
+            return []
+        after: list[domain.JobState] = []  # filled below, before the WAL can call back
+        sealed, durable = self.store.submit(
+            job_id,
+            decision,
+            correlation_id=correlation_id or job_id,
+            causation_id=state.last_event_id if state is not None else None,
+            on_durable=lambda: self._landed(job_id, after[0]),
+        )
+        for event in sealed:
+            state = domain.evolve(state, event.envelope)
+        assert state is not None
+        after.append(state)
+        self._ahead[job_id] = state
+        try:
+            await asyncio.shield(durable)  # a caller that gives up does not take the events back
+        except StoreError:
+            self._ahead.pop(job_id, None)  # never durable: nothing may build on it (the WAL refuses more anyway)
+            raise
+        return sealed
+
+    def _landed(self, job_id: str, state: domain.JobState) -> None:
+        """A decision's events are durable: the job is now as they left it (called in WAL order)."""
+        self._jobs[job_id] = state
+        if self._ahead.get(job_id) is state:
+            del self._ahead[job_id]  # nothing of this job is on its way any more

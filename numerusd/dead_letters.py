@@ -1,0 +1,32 @@
+"""Dead letters: inputs Numerus rejected, kept on `numerus.dlq.<source>.<reason>` with why, for an operator.
+
+A request that does not decode (`cmd`), an event the projector cannot apply (`projector`): each is published
+to the `NUMERUS_DLQ` stream with its reason and fields as headers. Keeping one is best effort: a dead letter
+that cannot be stored is logged, never fatal.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from nats.js import JetStreamContext
+
+from numerusd.protocol.ids import new_ulid
+
+log = logging.getLogger(__name__)
+
+
+class DeadLetters:
+    """Publishes rejected inputs to the dead-letter stream."""
+
+    def __init__(self, js: JetStreamContext) -> None:
+        self.js = js
+
+    async def keep(self, source: str, reason: str, data: bytes, message: str, **fields: object) -> None:
+        """Keep a rejected input on `numerus.dlq.<source>.<reason>` with why, for an operator to look at."""
+        headers = {"Numerus-Reason": message[:1000], "Numerus-Id": new_ulid()}
+        headers |= {f"Numerus-{key.title()}": str(value) for key, value in fields.items()}
+        try:
+            await self.js.publish(f"numerus.dlq.{source}.{reason}", data, headers=headers)
+        except Exception as e:  # a dead letter that cannot be kept is logged, never fatal
+            log.warning("dead letter %s.%s not stored: %s", source, reason, e)

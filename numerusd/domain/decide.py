@@ -1,0 +1,605 @@
+"""`decide(job, message) -> events`: every state change of a job, decided against its folded state.
+
+A message is a command (`SubmitJob`, `KillJob`, `CleanedUp`) or an observation of a side effect (see
+`numerusd.domain.observations`). `decide` returns the events it implies, as `(task id or None, payload)` pairs
+(the event store adds the envelope), or `[]` when it implies nothing, or raises: `CommandRefused` (and its
+subclasses) for a user's command the job's state does not allow, `InvalidTransition` for an observation that
+cannot happen in the job's state (a bug or a race in the daemon; nothing is recorded). It performs no I/O,
+reads no clock and touches no NATS.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+
+import msgspec
+
+from numerusd import locks
+from numerusd.domain.observations import (
+    AgentExited,
+    AgentFailedToStart,
+    AgentReported,
+    AgentStarted,
+    AgentStarting,
+    AttemptFailed,
+    CheckRan,
+    ClaimAnswered,
+    ClaimCompared,
+    CleanedUp,
+    Command,
+    FinishedInPlace,
+    GateDone,
+    IntegrationReady,
+    Interrupted,
+    MergeBegun,
+    MergeConflict,
+    Merged,
+    MergeWaiting,
+    Observation,
+    PipelineFailed,
+    PlanAnswered,
+    PlanAsked,
+    ReplanGaveUp,
+    Reviewed,
+    Settled,
+    Stalled,
+    StoppedForKill,
+    SubmitJob,
+    TaskObservation,
+    TaskReady,
+    WorkCommitted,
+    WorktreeReady,
+)
+from numerusd.domain.state import ACTIVE, TASK_DONE, Decision, JobState, TaskState, lock_table
+from numerusd.errors import BadRequest, CommandRefused, InvalidTransition
+from numerusd.protocol.commands import JOB_DONE, KillJob, TaskStatus
+from numerusd.protocol.events import (
+    UNCOMMITTED_NAMED,
+    AgentCommandExecuted,
+    AgentErrorReported,
+    AgentFileChanged,
+    AgentMessageReceived,
+    AgentSpawned,
+    AgentSpawnFailed,
+    AgentThreadStarted,
+    CheckCompleted,
+    ClaimDenied,
+    ClaimGranted,
+    ClaimProposed,
+    ClaimRejected,
+    ClaimViolated,
+    GateFailed,
+    GatePassed,
+    IntegrationBranchCreated,
+    JobCleaned,
+    JobCompleted,
+    JobFailed,
+    JobInterrupted,
+    JobKilled,
+    JobSubmitted,
+    KillRequested,
+    LocksReleased,
+    MergeBlocked,
+    MergeConflicted,
+    MergeStarted,
+    PlanRejected,
+    PlanRequested,
+    PlanValidated,
+    ReplanFailed,
+    ReplanRequested,
+    ReviewCompleted,
+    TaskCompleted,
+    TaskCreated,
+    TaskExited,
+    TaskFailed,
+    TaskInterrupted,
+    TaskKilled,
+    TaskMerged,
+    TaskRetryScheduled,
+    TaskSkipped,
+    TaskStarted,
+    TaskWorkCommitted,
+    TokensUsed,
+    WorktreeCreated,
+)
+from numerusd.protocol.plan import Plan
+
+__all__ = ["check_cleanable", "decide", "replan_errors"]
+
+#: What an agent's output parser may report: anything else is refused.
+_REPORTED = (
+    AgentMessageReceived,
+    AgentCommandExecuted,
+    AgentFileChanged,
+    AgentErrorReported,
+    TokensUsed,
+    AgentThreadStarted,
+)
+#: The id of the one task of a job worked on in place (`--no-plan`).
+IN_PLACE_TASK = "t1"
+
+
+def decide(job: JobState | None, message: Command | Observation) -> Decision:
+    """The events `message` implies for `job` (None: no job yet, for `SubmitJob` only); see the module docstring."""
+    if isinstance(message, SubmitJob):
+        if job is not None:
+            raise InvalidTransition(f"job {job.id} was submitted already")
+        return _submit(message)
+    if job is None:
+        raise InvalidTransition(f"{type(message).__name__} for a job that was never submitted")
+    if isinstance(message, TaskObservation):
+        return _decide_task(job, _task(job, message), message)
+    match message:
+        case KillJob():
+            return _kill(job)
+        case CleanedUp():
+            return _cleaned(job, message)
+        case PlanAsked(role=role, attempt=attempt, agent=agent, log_path=log_path):
+            _expect_job(job, message, ("planning", "replanning"))
+            return [(None, PlanRequested(attempt=attempt, agent=agent, role=role, log_path=log_path))]
+        case PlanAnswered():
+            return _plan_answered(job, message)
+        case IntegrationReady(branch=branch, base_sha=base_sha):
+            if job.integration is not None:
+                raise InvalidTransition(f"job {job.id} has its integration branch already: {job.integration}")
+            return [(None, IntegrationBranchCreated(branch=branch, base_sha=base_sha))]
+        case Stalled(idle_s=idle_s):
+            if job.status != "running" or job.kill_requested or job.replans >= job.max_replans:
+                return []
+            return [(None, ReplanRequested(task="", reason=f"no task completed for {idle_s:g} s"))]
+        case ReplanGaveUp(reason=reason):
+            _expect_job(job, message, ("replanning",))
+            return _replan_failed(job, reason)
+        case PipelineFailed(reason=reason):
+            return _job_failed(job, reason)
+        case Settled():
+            return [] if job.status in JOB_DONE else _job_outcome(job, {})
+        case Interrupted(reason=reason):
+            return _interrupt(job, reason)
+    raise InvalidTransition(f"cannot decide on {type(message).__name__}")
+
+
+def _decide_task(job: JobState, task: TaskState, seen: TaskObservation) -> Decision:
+    """The events an observation of one task implies, once its status allows it."""
+    match seen:
+        case TaskReady():
+            _expect_task(job, task, seen, ("pending",))
+            return _ready(job, task)
+        case ClaimAnswered():
+            _expect_task(job, task, seen, ("pending",))
+            return _claim_answered(job, task, seen)
+        case WorktreeReady(path=path, branch=branch, base_sha=base_sha):
+            _expect_task(job, task, seen, ("granted", "retrying"))
+            return [(task.id, WorktreeCreated(path=path, branch=branch, base_sha=base_sha))]
+        case AgentStarting(argv=argv, workdir=workdir, log_path=log_path):
+            _expect_task(job, task, seen, ("granted", "retrying", *(("pending",) if job.in_place else ())))
+            started = TaskStarted(
+                attempt=task.next_attempt, agent=task.agent, argv=argv, workdir=workdir, log_path=log_path
+            )
+            return [(task.id, started)]
+        case AgentStarted(pid=pid, start_ticks=start_ticks):
+            _expect_task(job, task, seen, ("running",))
+            return [(task.id, AgentSpawned(pid=pid, start_ticks=start_ticks))]
+        case AgentFailedToStart(reason=reason):
+            _expect_task(job, task, seen, ("running",))
+            return [(task.id, AgentSpawnFailed(reason=reason))]
+        case AgentReported(events=events):
+            _expect_task(job, task, seen, ("running",))
+            for event in events:
+                if not isinstance(event, _REPORTED):
+                    raise InvalidTransition(f"an agent's output cannot report {type(event).__name__}")
+            return [(task.id, event) for event in events]
+        case AgentExited():
+            _expect_task(job, task, seen, ("running",))
+            fields = msgspec.structs.asdict(seen)
+            del fields["task"]
+            fields["duration_s"] = round(seen.duration_s, 3)
+            return [(task.id, TaskExited(**fields))]
+        case WorkCommitted(commit=commit, changes=changes):
+            _expect_task(job, task, seen, ("running",), worktree=True)
+            return [(task.id, TaskWorkCommitted(commit=commit, changes=changes))]
+        case ClaimCompared(violations=violations):
+            _expect_task(job, task, seen, ("checking",), worktree=True)
+            return [(task.id, ClaimViolated(violations=violations))] if violations else []
+        case CheckRan(command=command, exit_code=exit_code, duration_s=duration_s, output=output):
+            _expect_task(job, task, seen, ("checking",), worktree=True)
+            ran = CheckCompleted(command=command, exit_code=exit_code, duration_s=round(duration_s, 3), output=output)
+            return [(task.id, ran)]
+        case Reviewed(verdict=verdict, reasons=reasons, usage=usage):
+            _expect_task(job, task, seen, ("checking",), worktree=True)
+            return [(task.id, ReviewCompleted(verdict=verdict, reasons=reasons, usage=usage))]
+        case GateDone(reasons=reasons):
+            _expect_task(job, task, seen, ("checking",), worktree=True)
+            return [(task.id, GateFailed(reasons=reasons) if reasons else GatePassed())]
+        case MergeBegun(integration=integration, parent=parent, task_sha=task_sha):
+            _expect_task(job, task, seen, ("merging",), worktree=True)
+            return [(task.id, MergeStarted(integration=integration, parent=parent, task_sha=task_sha))]
+        case MergeWaiting(reason=reason, retry_s=retry_s):
+            _expect_task(job, task, seen, ("merging",), worktree=True)
+            return [(task.id, MergeBlocked(reason=reason, retry_s=retry_s))]
+        case MergeConflict(paths=paths, messages=messages):
+            _expect_task(job, task, seen, ("merging",), worktree=True)
+            return [(task.id, MergeConflicted(paths=paths, messages=messages))]
+        case Merged(sha=sha, created=created):
+            _expect_task(job, task, seen, ("merging",), worktree=True)
+            return _merged(job, task.id, sha, created)
+        case FinishedInPlace():
+            if not job.in_place:
+                raise InvalidTransition(f"job {job.id} works in worktrees: task {task.id} must merge to finish")
+            _expect_task(job, task, seen, ("running",))
+            return [(task.id, TaskCompleted()), *_job_outcome(job, {task.id: "completed"})]
+        case AttemptFailed(reasons=reasons, fresh_worktree=fresh):
+            _expect_task(job, task, seen, ("granted", "running", "checking", "retrying", "merging"))
+            return _attempt_failed(job, task, reasons, fresh)
+        case StoppedForKill():
+            if not job.kill_requested:
+                raise InvalidTransition(f"task {task.id} cannot stop for a kill: job {job.id} is not being killed")
+            return [] if task.status in TASK_DONE else _task_killed(job, task.id)
+    raise InvalidTransition(f"cannot decide on {type(seen).__name__}")
+
+
+def _task(job: JobState, seen: TaskObservation) -> TaskState:
+    task = job.tasks.get(seen.task)
+    if task is None:
+        raise InvalidTransition(f"{type(seen).__name__} for task {seen.task!r}, which job {job.id} does not have")
+    return task
+
+
+def _expect_task(
+    job: JobState, task: TaskState, seen: TaskObservation, statuses: Collection[TaskStatus], *, worktree: bool = False
+) -> None:
+    """Refuse `seen` unless the task is in one of `statuses` (and, with `worktree`, the job works in worktrees)."""
+    if task.status not in statuses:
+        raise InvalidTransition(
+            f"{type(seen).__name__} for task {task.id} of job {job.id}, which is {task.status} "
+            f"(expected {' or '.join(statuses)})"
+        )
+    if worktree and job.in_place:
+        raise InvalidTransition(f"{type(seen).__name__} for job {job.id}, which works in place: no worktree")
+
+
+def _expect_job(job: JobState, seen: Observation, statuses: Collection[str]) -> None:
+    if job.status not in statuses:
+        raise InvalidTransition(
+            f"{type(seen).__name__} for job {job.id}, which is {job.status} (expected {' or '.join(statuses)})"
+        )
+
+
+# --- commands ------------------------------------------------------------------------------------------------
+
+
+def _submit(command: SubmitJob) -> Decision:
+    """A new job: planned (the planner is asked next), or one task worked on in place."""
+    if not command.goal.strip():
+        raise BadRequest("the goal is empty: say what the agents should do, e.g. numerusctl run 'fix the tests'")
+    executor = command.roles["executor"]
+    uncommitted = command.uncommitted
+    if not command.plan:
+        # One task, worked on in place: nothing to plan, claim, check, review or retry.
+        title = command.goal.strip().splitlines()[0][:80]
+        submitted = JobSubmitted(
+            goal=command.goal,
+            repo=command.repo,
+            agent=executor,
+            roles={"executor": executor},
+            review=False,
+            max_attempts=1,
+            claims="none",
+        )
+        return [(None, submitted), (IN_PLACE_TASK, TaskCreated(title=title, instructions=command.goal, agent=executor))]
+    submitted = JobSubmitted(
+        goal=command.goal,
+        repo=command.repo,
+        agent=executor,
+        plan=True,
+        roles=command.roles,
+        parallel=command.parallel,
+        checks=command.checks,
+        review=command.review,
+        max_attempts=command.max_attempts,
+        backoff_s=command.backoff_s,
+        max_replans=command.max_replans,
+        claims=command.claims,
+        base_sha=command.base_sha,
+        uncommitted_count=None if uncommitted is None else len(uncommitted),
+        uncommitted=tuple((uncommitted or ())[:UNCOMMITTED_NAMED]),
+    )
+    return [(None, submitted)]
+
+
+def _kill(job: JobState) -> Decision:
+    """Record a kill; tasks not yet running are killed at once, running ones when their agent has ended."""
+    if job.status in JOB_DONE:
+        raise CommandRefused(f"job {job.id} is already {job.status}; nothing to kill", job=job.id)
+    if job.kill_requested:
+        return []
+    events: Decision = [(None, KillRequested())]
+    for task in job.tasks.values():
+        if task.status == "pending":
+            events.append((task.id, TaskKilled()))
+        elif task.status == "waiting":
+            events += [(task.id, LocksReleased(reason="killed")), (task.id, TaskKilled())]
+    busy = [task for task in job.tasks.values() if task.status in ACTIVE and task.status != "waiting"]
+    if not busy and job.status not in ("planning", "replanning"):
+        events.append((None, JobKilled()))
+    return events
+
+
+def check_cleanable(job: JobState) -> None:
+    """Refuse to clean a job that has not ended: its agents and merges still use its worktrees and branches."""
+    if job.status not in JOB_DONE:
+        raise CommandRefused(
+            f"job {job.id} is {job.status}: its tasks still use their worktrees; wait for it to end, or "
+            f"'numerusctl kill {job.id}' first. Nothing was removed",
+            job=job.id,
+        )
+
+
+def _cleaned(job: JobState, cleaned: CleanedUp) -> Decision:
+    """Record what `clean` removed: nothing when it removed nothing from a job already cleaned."""
+    check_cleanable(job)
+    if job.cleaned and not (cleaned.worktrees or cleaned.branches or cleaned.logs):
+        return []
+    fields = msgspec.structs.asdict(cleaned)
+    return [(None, JobCleaned(**fields))]
+
+
+def _interrupt(job: JobState, reason: str) -> Decision:
+    """The daemon stopped while the job was under way: every task not ended is `interrupted` (never completed,
+    nor left pending), and so is the job; of a job being killed, they are killed."""
+    if job.status in JOB_DONE:
+        return []
+    unfinished = [task.id for task in job.tasks.values() if task.status not in TASK_DONE]
+    if job.kill_requested:
+        return [(task_id, TaskKilled()) for task_id in unfinished] + [(None, JobKilled())]
+    return [
+        *((task_id, TaskInterrupted(reason=reason)) for task_id in unfinished),
+        (None, JobInterrupted(reason=reason)),
+    ]
+
+
+# --- the plan --------------------------------------------------------------------------------------------------
+
+
+def _plan_answered(job: JobState, answer: PlanAnswered) -> Decision:
+    """A valid plan is recorded with its tasks; anything else is rejected with its reasons (the last time, the
+    planner's job fails). A kill that arrived meanwhile ends the job instead."""
+    _expect_job(job, answer, ("planning", "replanning"))
+    if job.kill_requested:
+        return [(None, JobKilled())]
+    errors = list(answer.errors)
+    if answer.plan is not None and answer.role == "queen":
+        errors += replan_errors(job, answer.plan)
+    if answer.plan is not None and not errors:
+        return _plan_validated(job, answer.attempt, answer.plan, answer.plan_hash, answer)
+    if not errors:
+        errors = ["the answer holds no plan"]
+    events: Decision = [
+        (
+            None,
+            PlanRejected(attempt=answer.attempt, errors=tuple(errors), answer=answer.answer[:8192], usage=answer.usage),
+        )
+    ]
+    if answer.attempt >= answer.max_attempts:
+        shown = "; ".join(errors[:3]) + (f" (and {len(errors) - 3} more)" if len(errors) > 3 else "")
+        events.append((None, JobFailed(reason=f"no valid plan after {answer.attempt} attempts: {shown}")))
+    return events
+
+
+def replan_errors(job: JobState, plan: Plan) -> list[str]:
+    """Why the queen's revised plan cannot replace the current one (beyond `validate_plan`'s checks).
+
+    A revised plan lists the whole job again: completed and running tasks stay as they are (listed so that
+    others may depend on them), pending ones may be kept, changed or dropped, new ones added; but a task that
+    ended without completing (failed, skipped, killed) cannot come back under its id (its branch and events are
+    its own): a new task needs a new id.
+    """
+    errors = []
+    for task in plan.tasks:
+        existing = job.tasks.get(task.id)
+        if existing is not None and existing.status in TASK_DONE and existing.status != "completed":
+            errors.append(
+                f"task {task.id} already {existing.status}: give the task that replaces it a new id, e.g. {task.id}b"
+            )
+    return errors
+
+
+def _plan_validated(job: JobState, attempt: int, plan: Plan, plan_hash: str, answer: PlanAnswered) -> Decision:
+    """A valid plan: recorded with its hash, then one TaskCreated per task to do, in the plan's order.
+
+    For a revised plan (the queen's), completed tasks are left as they are, pending tasks it leaves out are
+    dropped (skipped), and pending tasks it lists are created again with their new instructions and deps.
+    """
+    executor = job.roles.get("executor", job.agent)
+    version = job.plan_version + 1
+    validated = PlanValidated(version=version, attempt=attempt, hash=plan_hash, plan=plan, usage=answer.usage)
+    events: Decision = [(None, validated)]
+    listed = {task.id for task in plan.tasks}
+    for task in job.tasks.values():
+        if task.status == "pending" and task.id not in listed:
+            events.append((task.id, TaskSkipped(reason=f"dropped by plan v{version}")))
+    for task in plan.tasks:
+        existing = job.tasks.get(task.id)
+        if existing is not None and existing.status != "pending":
+            continue  # completed, or under way: it stays as it is
+        created = TaskCreated(
+            title=task.title,
+            instructions=task.instructions,
+            agent=executor,
+            role=task.role,
+            deps=task.deps,
+            intents=task.intents,
+        )
+        events.append((task.id, created))
+    return events
+
+
+def _replan_failed(job: JobState, reason: str) -> Decision:
+    """The queen gave no usable plan: the failed tasks' dependents are skipped, and the job may end."""
+    events: Decision = [(None, ReplanFailed(reason=reason))]
+    job = msgspec.structs.replace(job, status="running")
+    changed: dict[str, TaskStatus] = {}
+    for task in job.tasks.values():
+        if task.status == "failed":
+            for skipped in _dependents(job, task.id):
+                if job.tasks[skipped].status == "pending" and skipped not in changed:
+                    events.append((skipped, TaskSkipped(reason=f"depends on {task.id}, which failed")))
+                    changed[skipped] = "skipped"
+    outcome = _job_outcome(job, changed)
+    if outcome and isinstance(outcome[0][1], JobFailed):
+        outcome = [(None, JobFailed(reason=f"{outcome[0][1].reason}; {reason}"))]
+    return events + outcome
+
+
+# --- a task --------------------------------------------------------------------------------------------------
+
+
+def _ready(job: JobState, task: TaskState) -> Decision:
+    """The task's dependencies have ended: killed with the job, skipped if one did not complete, else nothing
+    (the task goes on to its claim)."""
+    if job.kill_requested:
+        return _task_killed(job, task.id)
+    unmet = sorted(dep for dep in task.deps if dep in job.tasks and job.tasks[dep].status != "completed")
+    if unmet:
+        reason = f"depends on {', '.join(unmet)}, which did not complete"
+        return [(task.id, TaskSkipped(reason=reason)), *_job_outcome(job, {task.id: "skipped"})]
+    return []
+
+
+def _claim_answered(job: JobState, task: TaskState, claim: ClaimAnswered) -> Decision:
+    """A usable claim is recorded and arbitrated at once: GO or NO GO. An unusable one is rejected (the last
+    time, the task fails). A kill that arrived meanwhile stops the task."""
+    if job.kill_requested:
+        return _task_killed(job, task.id)
+    if claim.errors:
+        rejected = ClaimRejected(attempt=claim.attempt, errors=claim.errors, usage=claim.usage)
+        events: Decision = [(task.id, rejected)]
+        if claim.attempt >= claim.max_attempts:
+            reason = f"no usable claim after {claim.attempt} answers: {'; '.join(claim.errors)}"
+            events += _task_failed(job, task.id, reason)
+        return events
+    proposed = ClaimProposed(
+        attempt=claim.attempt, paths=claim.paths, commands=claim.commands, usage=claim.usage, locks=claim.locks
+    )
+    decision = locks.arbitrate(lock_table(job), task.id, claim.locks)
+    if isinstance(decision, locks.Granted):
+        return [(task.id, proposed), (task.id, ClaimGranted(locks=decision.locks))]
+    denied = ClaimDenied(locks=decision.locks, holders=decision.holders, conflicts=tuple(decision.conflicts))
+    return [(task.id, proposed), (task.id, denied)]
+
+
+def _release(job: JobState, task_id: str, reason: str) -> Decision:
+    """The task gives its locks back (or leaves the queue), and every waiting task whose way that clears is
+    granted in the same decision, in FIFO order, with the claim it waits with. Nothing when it holds nothing."""
+    table = lock_table(job)
+    if task_id not in table.holders and table.queued_claim(task_id) is None:
+        return []
+    table = locks.release(table, task_id)
+    events: Decision = [(task_id, LocksReleased(reason=reason))]
+    for woken in locks.wakeable(table):
+        claim = table.queued_claim(woken)
+        if claim is not None:
+            events.append((woken, ClaimGranted(locks=claim)))
+    return events
+
+
+def _attempt_failed(job: JobState, task: TaskState, reasons: tuple[str, ...], fresh: bool) -> Decision:
+    """An attempt failed (before its agent started, or after): retry after the next backoff pause, or, with no
+    attempt left, fail the task.
+
+    Every failed attempt counts, so a task whose worktree cannot be made fails after `max_attempts` like any
+    other. A task that fails for good while the job may still be replanned asks the queen (`ReplanRequested`)
+    instead of failing the tasks that depend on it.
+    """
+    if job.kill_requested:
+        return _task_killed(job, task.id)
+    failed = task.failed_attempts + 1
+    if failed < job.max_attempts:
+        pauses = job.backoff_s or (0.0,)
+        delay = pauses[min(failed, len(pauses)) - 1]  # 1 s after the first, 2 s after the second…
+        retry = TaskRetryScheduled(next_attempt=failed + 1, delay_s=delay, reasons=reasons, fresh_worktree=fresh)
+        return [(task.id, retry)]
+    if job.max_attempts == 1:
+        reason = "; ".join(reasons)
+    else:
+        reason = f"failed after {failed} attempt{'s' if failed != 1 else ''}: {'; '.join(reasons)}"
+    if job.replans < job.max_replans and job.status == "running":
+        failed_event = (task.id, TaskFailed(reason=reason[:4000]))
+        replan = (None, ReplanRequested(task=task.id, reason=reason[:4000]))
+        return [*_release(job, task.id, "failed"), failed_event, replan]
+    return _task_failed(job, task.id, reason)
+
+
+def _task_failed(job: JobState, task_id: str, reason: str) -> Decision:
+    """The task fails for good: its locks go, the tasks that depend on it are skipped, maybe the job ends."""
+    events: Decision = [*_release(job, task_id, "failed"), (task_id, TaskFailed(reason=reason[:4000]))]
+    changed: dict[str, TaskStatus] = {task_id: "failed"}
+    for skipped in _dependents(job, task_id):
+        if job.tasks[skipped].status == "pending":
+            events.append((skipped, TaskSkipped(reason=f"depends on {task_id}, which failed")))
+            changed[skipped] = "skipped"
+    return events + _job_outcome(job, changed)
+
+
+def _task_killed(job: JobState, task_id: str) -> Decision:
+    """The job is being killed: the task stops where it is and gives its locks back."""
+    events: Decision = [*_release(job, task_id, "killed"), (task_id, TaskKilled())]
+    return events + _job_outcome(job, {task_id: "killed"})
+
+
+def _merged(job: JobState, task_id: str, sha: str, created: bool) -> Decision:
+    """The task's work is on the integration branch: it is done and gives its locks back."""
+    events: Decision = [
+        (task_id, TaskMerged(sha=sha, created=created, integration=job.integration or "")),
+        *_release(job, task_id, "merged"),
+        (task_id, TaskCompleted()),
+    ]
+    return events + _job_outcome(job, {task_id: "completed"})
+
+
+# --- the job's end -------------------------------------------------------------------------------------------
+
+
+def _job_failed(job: JobState, reason: str) -> Decision:
+    """The daemon cannot go on with the job (an error of its own): every unfinished task and the job fail."""
+    if job.status in JOB_DONE:
+        return []
+    events: Decision = [
+        (task.id, TaskFailed(reason=reason)) for task in job.tasks.values() if task.status not in TASK_DONE
+    ]
+    return [*events, (None, JobFailed(reason=reason))]
+
+
+def _dependents(job: JobState, task_id: str) -> list[str]:
+    """Every task that depends on `task_id`, directly or not, in creation order."""
+    found: set[str] = {task_id}
+    changed = True
+    while changed:
+        changed = False
+        for task in job.tasks.values():
+            if task.id not in found and found.intersection(task.deps):
+                found.add(task.id)
+                changed = True
+    return [task.id for task in job.tasks.values() if task.id in found and task.id != task_id]
+
+
+def _job_outcome(job: JobState, changed: dict[str, TaskStatus]) -> Decision:
+    """The job event that follows when `changed` task statuses leave no task pending or running.
+
+    While the queen revises the plan, the job goes on. Of a planned job, the tasks that count are those of the
+    current plan: a failed task the queen replaced does not fail the job.
+    """
+    if job.status in ("planning", "replanning"):
+        return []
+    statuses = {task.id: changed.get(task.id, task.status) for task in job.tasks.values()}
+    if job.plan is not None:
+        current = {task.id for task in job.plan.tasks}
+        statuses = {task: status for task, status in statuses.items() if task in current or status == "completed"}
+    if any(status not in TASK_DONE for status in statuses.values()):
+        return []
+    if job.kill_requested:
+        return [(None, JobKilled())]
+    failed = sorted(task for task, status in statuses.items() if status != "completed")
+    if not failed:
+        return [(None, JobCompleted())]
+    return [(None, JobFailed(reason=f"task {', '.join(failed)} {statuses[failed[0]]}"))]

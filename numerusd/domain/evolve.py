@@ -1,0 +1,274 @@
+"""`evolve(state, event) -> state`: the only way a job's state changes.
+
+The daemon, the projector, a restart and an auditor's replay all fold events with it, so none of them can drift
+from the others. Events that do not apply (a forged order, a duplicate) leave the state unchanged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from datetime import datetime
+from typing import TypeVar
+
+import msgspec
+
+from numerusd import locks
+from numerusd.domain.state import JobState, TaskState, lock_table, with_table
+from numerusd.protocol.envelope import Envelope, WireEnvelope, typed
+from numerusd.protocol.events import (
+    AgentCommandExecuted,
+    AgentErrorReported,
+    AgentFileChanged,
+    AgentMessageReceived,
+    AgentSpawned,
+    AgentSpawnFailed,
+    AgentThreadStarted,
+    CheckCompleted,
+    ClaimDenied,
+    ClaimGranted,
+    ClaimProposed,
+    ClaimRejected,
+    ClaimViolated,
+    EventData,
+    GateFailed,
+    GatePassed,
+    IntegrationBranchCreated,
+    JobCleaned,
+    JobCompleted,
+    JobFailed,
+    JobInterrupted,
+    JobKilled,
+    JobSubmitted,
+    KillRequested,
+    LocksReleased,
+    MergeBlocked,
+    MergeConflicted,
+    MergeStarted,
+    PlanRejected,
+    PlanRequested,
+    PlanValidated,
+    ReplanFailed,
+    ReplanRequested,
+    ReviewCompleted,
+    TaskCompleted,
+    TaskCreated,
+    TaskExited,
+    TaskFailed,
+    TaskInterrupted,
+    TaskKilled,
+    TaskMerged,
+    TaskRetryScheduled,
+    TaskSkipped,
+    TaskStarted,
+    TaskWorkCommitted,
+    TokensUsed,
+    Usage,
+    WorktreeCreated,
+)
+
+__all__ = ["evolve", "evolve_untyped", "fold"]
+
+#: A state that counts tokens: a job or a task.
+_Counted = TypeVar("_Counted", JobState, TaskState)
+
+
+def evolve(state: JobState | None, event: Envelope) -> JobState:
+    """The job after `event`. Events that do not apply (a forged order, a duplicate) leave it unchanged."""
+    data = event.data
+    if state is None:
+        if not isinstance(data, JobSubmitted):
+            raise ValueError(f"job {event.job} starts with {event.type}, not JobSubmitted")
+        return JobState(
+            id=event.job,
+            goal=data.goal,
+            repo=data.repo,
+            agent=data.agent,
+            status="planning" if data.plan else "running",
+            created=event.time,
+            updated=event.time,
+            last_event_id=event.id,
+            planned=data.plan,
+            roles=data.roles,
+            parallel=data.parallel,
+            checks=data.checks,
+            review=data.review,
+            max_attempts=data.max_attempts,
+            backoff_s=data.backoff_s,
+            max_replans=data.max_replans,
+            claims=data.claims,
+            base_sha=data.base_sha,
+        )
+    job = msgspec.structs.replace(state, updated=event.time, events=state.events + 1, last_event_id=event.id)
+    if event.task is not None:
+        return _evolve_task(job, event.task, event.time, data)
+    replace = msgspec.structs.replace
+    match data:
+        case KillRequested():
+            return replace(job, kill_requested=True)
+        case ReplanRequested(task=failed, reason=reason):
+            return replace(
+                job,
+                status="replanning",
+                replans=job.replans + 1,
+                replan_for=(failed, reason),
+                plan_attempts=0,
+                plan_errors=(),
+            )
+        case ReplanFailed():
+            return replace(job, status="running")
+        case PlanRequested(attempt=attempt):
+            return replace(job, plan_attempts=attempt)
+        case PlanRejected(errors=errors, usage=usage):
+            return _add_usage(replace(job, plan_errors=errors), usage)
+        case PlanValidated(version=version, hash=plan_hash, plan=plan, usage=usage):
+            job = replace(job, plan=plan, plan_version=version, plan_hash=plan_hash, plan_errors=(), status="running")
+            return _add_usage(job, usage)
+        case IntegrationBranchCreated(branch=branch, base_sha=base_sha):
+            return replace(job, integration=branch, base_sha=base_sha, integration_tip=base_sha)
+        case JobCompleted():
+            return replace(job, status="completed")
+        case JobFailed(reason=reason):
+            return replace(job, status="failed", reason=reason)
+        case JobKilled(reason=reason):
+            return replace(job, status="killed", reason=reason)
+        case JobInterrupted(reason=reason):
+            return replace(job, status="interrupted", reason=reason)
+        case JobCleaned(logs=logs):
+            return replace(job, cleaned=True, logs_removed=job.logs_removed or logs)
+    return job
+
+
+def _add_usage(state: _Counted, usage: Usage) -> _Counted:
+    """`state` (a job: planner and queen calls; a task: claims and reviews) with the call's tokens added."""
+    if usage == Usage():
+        return state
+    return msgspec.structs.replace(
+        state,
+        input_tokens=state.input_tokens + usage.input_tokens,
+        cached_input_tokens=state.cached_input_tokens + usage.cached_input_tokens,
+        output_tokens=state.output_tokens + usage.output_tokens,
+    )
+
+
+def _evolve_task(job: JobState, task_id: str, time: datetime, data: EventData) -> JobState:
+    if isinstance(data, TaskCreated):
+        task = TaskState(
+            id=task_id,
+            title=data.title,
+            instructions=data.instructions,
+            agent=data.agent,
+            role=data.role,
+            deps=data.deps,
+            intents=data.intents,
+        )
+        return msgspec.structs.replace(job, tasks={**job.tasks, task_id: task})
+    task = job.tasks.get(task_id)
+    if task is None or type(data) in _NO_TASK_STATE:
+        return job  # the most frequent events (what agents say and do) are settled before the long match
+    replace = msgspec.structs.replace
+    if type(data) is TokensUsed:  # the most frequent one with state (a replay spends its time on it): no match
+        task = replace(
+            task,
+            input_tokens=task.input_tokens + data.input_tokens,
+            cached_input_tokens=task.cached_input_tokens + data.cached_input_tokens,
+            output_tokens=task.output_tokens + data.output_tokens,
+        )
+        return replace(job, tasks={**job.tasks, task_id: task})
+    match data:
+        case ClaimProposed(attempt=attempt, paths=paths, commands=commands, usage=usage, locks=claimed):
+            task = replace(task, claim=paths, commands=commands, claimed_locks=claimed, claim_attempts=attempt)
+            task = _add_usage(task, usage)
+        case ClaimRejected(attempt=attempt, errors=errors, usage=usage):
+            task = _add_usage(replace(task, claim_attempts=attempt, feedback=errors), usage)
+        case ClaimGranted(locks=granted):
+            job = with_table(job, locks.apply_granted(lock_table(job), task_id, granted))
+            if task_id in job.lock_holds:
+                task = replace(task, status="granted", holders=())
+        case ClaimDenied(locks=wanted, holders=holders):
+            job = with_table(job, locks.apply_denied(lock_table(job), task_id, wanted))
+            if task_id in job.lock_queue:
+                task = replace(task, status="waiting", holders=holders)
+        case LocksReleased():
+            job = with_table(job, locks.release(lock_table(job), task_id))
+        case WorktreeCreated(path=path, branch=branch, base_sha=base_sha):
+            task = replace(task, worktree=path, branch=branch, base_sha=base_sha, fresh_worktree=False)
+        case TaskWorkCommitted(commit=commit):
+            task = replace(task, commit=commit, status="checking")
+        case ClaimViolated() | CheckCompleted():
+            return job  # the reasons reach the state through GateFailed
+        case ReviewCompleted(usage=usage):
+            task = _add_usage(task, usage)
+        case GatePassed():
+            task = replace(task, status="merging", feedback=())
+        case GateFailed(reasons=reasons):
+            task = replace(task, feedback=reasons)
+        case TaskRetryScheduled(reasons=reasons, fresh_worktree=fresh):
+            failed = task.failed_attempts + 1
+            fresh = fresh or task.fresh_worktree
+            task = replace(task, status="retrying", feedback=reasons, failed_attempts=failed, fresh_worktree=fresh)
+        case MergeStarted(parent=parent):
+            task = replace(task, status="merging", merge_parent=parent)
+        case MergeBlocked(reason=reason):
+            task = replace(task, reason=reason)  # it stays merging, and says what it waits for
+        case TaskMerged(sha=sha):
+            task = replace(task, merged_sha=sha, reason=None)
+            job = replace(job, integration_tip=sha)
+        case MergeConflicted(paths=paths):
+            conflict = f"merging into the integration branch conflicts on {', '.join(paths)}"
+            task = replace(task, feedback=(conflict,), fresh_worktree=True)
+        case TaskSkipped(reason=reason):
+            task = replace(task, status="skipped", reason=reason, ended=task.ended or time)
+        case TaskStarted(attempt=attempt, log_path=log_path, workdir=workdir):
+            task = replace(
+                task,
+                status="running",
+                attempt=attempt,
+                log_path=log_path,
+                workdir=workdir,
+                started=time,
+                ended=None,
+                pid=None,
+                exit_code=None,
+                reason=None,
+            )
+        case AgentSpawned(pid=pid, start_ticks=start_ticks):
+            task = replace(task, pid=pid, start_ticks=start_ticks)
+        case AgentSpawnFailed(reason=reason):
+            task = replace(task, reason=reason)
+        case AgentThreadStarted(thread_id=thread_id):
+            task = replace(task, thread_id=thread_id)
+        case TaskExited(exit_code=exit_code):
+            task = replace(task, exit_code=exit_code, ended=time)
+        case TaskCompleted():
+            task = replace(task, status="completed", ended=task.ended or time)
+        case TaskFailed(reason=reason):
+            task = replace(task, status="failed", reason=reason, ended=task.ended or time)
+        case TaskKilled(reason=reason):
+            task = replace(task, status="killed", reason=reason, ended=task.ended or time)
+        case TaskInterrupted(reason=reason):
+            task = replace(task, status="interrupted", reason=reason, ended=task.ended or time)
+    return msgspec.structs.replace(job, tasks={**job.tasks, task_id: task})
+
+
+#: Task events with no state of their own: recorded in the stream and the event index only.
+_NO_TASK_STATE = frozenset({AgentMessageReceived, AgentCommandExecuted, AgentFileChanged, AgentErrorReported})
+#: The names of the event types a job only counts, the most frequent ones (what agents say and do).
+_COUNTED_ONLY = frozenset(cls.__name__ for cls in _NO_TASK_STATE)
+
+
+def evolve_untyped(state: JobState | None, event: WireEnvelope) -> JobState:
+    """`evolve` for an event whose payload is still raw bytes (`envelope.open_untyped`), decoded only if the job
+    needs it: most events are only counted. Raises InvalidEvent when the payload does not fit its type."""
+    if event.type not in _COUNTED_ONLY:
+        return evolve(state, typed(event))
+    if state is None:
+        raise ValueError(f"job {event.job} starts with {event.type}, not JobSubmitted")
+    return msgspec.structs.replace(state, updated=event.time, events=state.events + 1, last_event_id=event.id)
+
+
+def fold(events: Iterable[Envelope]) -> dict[str, JobState]:
+    """Every job's state from a sequence of events in stream order."""
+    jobs: dict[str, JobState] = {}
+    for event in events:
+        jobs[event.job] = evolve(jobs.get(event.job), event)
+    return jobs

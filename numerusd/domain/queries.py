@@ -1,0 +1,75 @@
+"""What the daemon reads from a job's state without changing it: what `status` shows, what a restart must stop."""
+
+from __future__ import annotations
+
+from numerusd.domain.state import JobState, TaskState
+from numerusd.protocol.commands import JOB_DONE, JobView, TaskView
+
+__all__ = ["job_view", "leftovers", "running_tasks"]
+
+
+def running_tasks(job: JobState) -> list[TaskState]:
+    """Tasks whose agent has been started and has not ended."""
+    return [task for task in job.tasks.values() if task.status == "running"]
+
+
+def leftovers(job: JobState) -> list[str]:
+    """The tasks of an ended job whose worktrees it keeps (those that did not merge), until `numerusctl clean`."""
+    if job.status not in JOB_DONE or job.cleaned:
+        return []
+    return [task.id for task in job.tasks.values() if task.worktree is not None and task.status != "completed"]
+
+
+def job_view(job: JobState, *, tasks: bool = True) -> JobView:
+    """What `status` shows of a job: with `tasks`, each of its tasks too (else only how many there are)."""
+    own = job.input_tokens + job.output_tokens
+    return JobView(
+        id=job.id,
+        goal=job.goal,
+        repo=job.repo,
+        agent=job.agent,
+        status=job.status,
+        reason=job.reason,
+        created=job.created,
+        updated=job.updated,
+        events=job.events,
+        planned=job.planned,
+        plan_version=job.plan_version,
+        plan_hash=job.plan_hash,
+        integration=job.integration,
+        base_sha=job.base_sha,
+        parallel=job.parallel,
+        input_tokens=job.input_tokens,
+        output_tokens=job.output_tokens,
+        cleaned=job.cleaned,
+        logs_removed=job.logs_removed,
+        leftovers=leftovers(job),
+        tasks_total=len(job.tasks),
+        tasks_done=sum(task.status == "completed" for task in job.tasks.values()),
+        tokens=own + sum(task.input_tokens + task.output_tokens for task in job.tasks.values()),
+        tasks=[
+            TaskView(
+                id=task.id,
+                title=task.title,
+                agent=task.agent,
+                status=task.status,
+                role=task.role,
+                deps=list(task.deps),
+                holders=list(task.holders),
+                branch=task.branch,
+                feedback=list(task.feedback),
+                attempt=task.attempt,
+                pid=task.pid,
+                exit_code=task.exit_code,
+                reason=task.reason,
+                thread_id=task.thread_id,
+                input_tokens=task.input_tokens,
+                cached_input_tokens=task.cached_input_tokens,
+                output_tokens=task.output_tokens,
+                log_path=task.log_path,
+                started=task.started,
+                ended=task.ended,
+            )
+            for task in (job.tasks.values() if tasks else ())
+        ],
+    )

@@ -1,0 +1,171 @@
+"""Job and task state: what the fold of a job's events holds, and the lock table it implies.
+
+States are frozen msgspec Structs, replaced (never mutated) by `numerusd.domain.evolve`. The lock table is kept
+in a job as plain data (`lock_holds`, `lock_queue`) and built into a `locks.LockTable` on demand, cached by the
+identity of those dicts.
+"""
+
+from __future__ import annotations
+
+import threading
+from datetime import datetime
+from typing import Literal
+
+import msgspec
+
+from numerusd import locks
+from numerusd.protocol.claims import ClaimedPath, Lock
+from numerusd.protocol.commands import TASK_DONE, JobStatus, TaskStatus
+from numerusd.protocol.events import EventData
+from numerusd.protocol.plan import FileIntent, Plan
+
+__all__ = ["ACTIVE", "TASK_DONE", "ClaimSource", "Decision", "JobState", "TaskState", "lock_table", "with_table"]
+
+#: Where a job's claims come from: each executor is asked (`agent`), the plan's file intents (`plan`), or none
+#: are made (`none`: a job of one task, which nothing can trample).
+ClaimSource = Literal["agent", "plan", "none"]
+
+#: What `decide` returns: payloads with the task they belong to (None for job events).
+Decision = list[tuple[str | None, EventData]]
+
+#: Task statuses in which the daemon is doing something for the task (an agent, git, a check) or it holds or
+#: waits for locks.
+ACTIVE: frozenset[TaskStatus] = frozenset({"running", "waiting", "granted", "checking", "retrying", "merging"})
+
+
+class TaskState(msgspec.Struct, frozen=True, kw_only=True):
+    """One task as its events made it."""
+
+    id: str
+    title: str
+    instructions: str
+    agent: str
+    role: str
+    deps: tuple[str, ...]
+    intents: tuple[FileIntent, ...] = ()
+    status: TaskStatus = "pending"
+    #: The attempt under way or last made (1 for the first); `failed_attempts` counts those that failed, whether
+    #: or not their agent had started (a worktree that could not be made fails an attempt too).
+    attempt: int = 0
+    failed_attempts: int = 0
+    #: The next attempt needs a new worktree from the integration tip (after a merge conflict or a git error).
+    fresh_worktree: bool = False
+    pid: int | None = None
+    start_ticks: int = 0
+    exit_code: int | None = None
+    reason: str | None = None
+    thread_id: str | None = None
+    input_tokens: int = 0
+    cached_input_tokens: int = 0
+    output_tokens: int = 0
+    log_path: str | None = None
+    workdir: str | None = None
+    started: datetime | None = None
+    ended: datetime | None = None
+    #: The claim the executor made (paths and commands), the locks they stand for as observed in its worktree
+    #: (symlinks resolved), and, while it waits, who holds what it wants.
+    claim: tuple[ClaimedPath, ...] | None = None
+    commands: tuple[str, ...] = ()
+    claimed_locks: tuple[Lock, ...] = ()
+    claim_attempts: int = 0
+    holders: tuple[str, ...] = ()
+    worktree: str | None = None
+    branch: str | None = None
+    base_sha: str | None = None
+    commit: str | None = None
+    #: Why the last attempt failed (gate, checks, review, merge): told to the next attempt.
+    feedback: tuple[str, ...] = ()
+    merge_parent: str | None = None
+    merged_sha: str | None = None
+
+    @property
+    def next_attempt(self) -> int:
+        """The number of the attempt to make next (or under way): one more than those that failed."""
+        return self.failed_attempts + 1
+
+
+class JobState(msgspec.Struct, frozen=True, kw_only=True):
+    """One job as its events made it; `tasks` keeps creation order."""
+
+    id: str
+    goal: str
+    repo: str
+    agent: str
+    status: JobStatus = "running"
+    reason: str | None = None
+    kill_requested: bool = False
+    created: datetime
+    updated: datetime
+    events: int = 1
+    last_event_id: str = ""
+    tasks: dict[str, TaskState] = {}
+    #: The pipeline's settings, as submitted (see JobSubmitted). A job not `planned` (`--no-plan`) is a plan of one
+    #: task that its agent works on in place, in the repository itself (see `in_place`).
+    planned: bool = False
+    roles: dict[str, str] = {}
+    parallel: int = 1
+    checks: tuple[str, ...] = ()
+    review: bool = True
+    max_attempts: int = 3
+    backoff_s: tuple[float, ...] = (1.0, 2.0, 4.0)
+    max_replans: int = 0
+    replans: int = 0
+    claims: ClaimSource = "agent"
+    #: The task whose failure asked for the last revised plan, and why it failed.
+    replan_for: tuple[str, str] | None = None
+    plan: Plan | None = None
+    plan_version: int = 0
+    plan_hash: str | None = None
+    plan_attempts: int = 0
+    plan_errors: tuple[str, ...] = ()
+    integration: str | None = None
+    #: The commit the job works from (recorded at submission; older jobs: when the integration branch was made).
+    base_sha: str | None = None
+    #: Where the integration branch is: its base, then each merge's commit (Numerus is its only writer).
+    integration_tip: str | None = None
+    #: `numerusctl clean` removed its worktrees and task branches; with `logs_removed`, its logs too.
+    cleaned: bool = False
+    logs_removed: bool = False
+    #: The lock table as plain data (holders and the FIFO queue of waiting claims); `lock_table()` builds it.
+    lock_holds: dict[str, tuple[Lock, ...]] = {}
+    lock_queue: dict[str, tuple[Lock, ...]] = {}
+    input_tokens: int = 0
+    cached_input_tokens: int = 0
+    output_tokens: int = 0
+
+    @property
+    def in_place(self) -> bool:
+        """Whether the job's one task works in the repository itself: no worktree, no gate, no merge (`--no-plan`)."""
+        return not self.planned
+
+
+#: Tables recently built or folded, by the identity of the two dicts a JobState holds them as. Building a table
+#: indexes every lock, so a job of many tasks would pay it at every claim event; the dicts are never mutated
+#: (states are immutable), and each entry keeps its dicts alive, so an id cannot be reused while cached.
+_TABLES: dict[tuple[int, int], tuple[dict[str, tuple[Lock, ...]], dict[str, tuple[Lock, ...]], locks.LockTable]] = {}
+_TABLES_KEPT = 64
+_TABLES_LOCK = threading.Lock()
+
+
+def lock_table(job: JobState) -> locks.LockTable:
+    """The job's lock table, built from the plain data its events folded (or found where it was last built)."""
+    cached = _TABLES.get((id(job.lock_holds), id(job.lock_queue)))
+    if cached is not None and cached[0] is job.lock_holds and cached[1] is job.lock_queue:
+        return cached[2]
+    table = locks.LockTable(job.lock_holds, job.lock_queue)
+    _remember(job.lock_holds, job.lock_queue, table)
+    return table
+
+
+def _remember(holds: dict[str, tuple[Lock, ...]], queue: dict[str, tuple[Lock, ...]], table: locks.LockTable) -> None:
+    with _TABLES_LOCK:  # the projector may fold in another thread
+        if len(_TABLES) >= _TABLES_KEPT:
+            del _TABLES[next(iter(_TABLES))]
+        _TABLES[(id(holds), id(queue))] = (holds, queue, table)
+
+
+def with_table(job: JobState, table: locks.LockTable) -> JobState:
+    queue = {task: claim for task in table.waiting if (claim := table.queued_claim(task)) is not None}
+    holds = dict(table.holders)
+    _remember(holds, queue, table)
+    return msgspec.structs.replace(job, lock_holds=holds, lock_queue=queue)

@@ -1,0 +1,36 @@
+"""The stored history, read back: a page of events exactly as JetStream holds them (the `events` verb)."""
+
+from __future__ import annotations
+
+import msgspec
+from nats.aio.client import Client
+
+from numerusd.protocol.commands import EventsReply
+from numerusd.stream_reader import StreamReader
+from numerusd.streams import EVENTS
+
+
+class EventHistory:
+    """Reads stored events from the events stream, filtered by subject."""
+
+    def __init__(self, nc: Client) -> None:
+        self.nc = nc
+
+    async def read(self, subject: str, after_seq: int, limit: int) -> EventsReply:
+        """Up to `limit` stored events on `subject` after stream sequence `after_seq`."""
+        events: list[msgspec.Raw] = []
+        seqs: list[int] = []
+        last_seq = after_seq
+        more = False
+        async with StreamReader(self.nc, EVENTS, start_seq=after_seq + 1, filter_subjects=[subject]) as reader:
+            async for batch in reader:
+                for message in batch:
+                    if len(events) == limit:
+                        more = True
+                        break
+                    events.append(msgspec.Raw(message.data))
+                    seqs.append(message.seq)
+                    last_seq = message.seq
+                if more:
+                    break
+        return EventsReply(events=events, seqs=seqs, last_seq=last_seq, more=more)
