@@ -67,6 +67,12 @@ class Runner:
         """Stop every agent and pipeline, gracefully unless `forced` is (or becomes) set; returns when all of
         what the runner started has ended."""
         self.stopping.set()
+        running = len(self.agents.of_job(None))
+        log.info(
+            "stopping: %d agents asked to end within %g s (a second signal kills them now)",
+            running,
+            self.agents.kill_grace_s,
+        )
         for pipeline in list(self._pipelines.values()):
             self._spawn(pipeline.poke(), name=f"wake {pipeline.job_id}")
         graceful = asyncio.create_task(self.agents.terminate(), name="stop agents")

@@ -409,9 +409,9 @@ class Agents:
         finally:
             self._running.pop((job_id, name), None)
 
-    def of_job(self, job_id: str) -> list[tuple[str, TaskRun | AgentCall]]:
-        """The job's agents running now, by name."""
-        return [(name, run) for (job, name), run in self._running.items() if job == job_id]
+    def of_job(self, job_id: str | None) -> list[tuple[str, TaskRun | AgentCall]]:
+        """The job's agents running now (None: every job's), by name."""
+        return [(name, run) for (job, name), run in self._running.items() if job_id in (None, job)]
 
     async def terminate(self, job_id: str | None = None, *, grace: float | None = None) -> None:
         """Stop the agents of one job (or all of them): TERM, then KILL after `grace` (default: kill_grace_s)."""
