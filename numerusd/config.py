@@ -172,11 +172,13 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
         """The `--output-schema` files agents answer with, written at start from the protocol types."""
         return self.state_dir / "schemas"
 
-    def role_agents(self, agent: str | None = None) -> dict[str, str]:
-        """The profile of each role: `agent` for all when given, else `[roles]`, else `default_agent`."""
-        if agent is not None:
-            return dict.fromkeys(ROLES, agent)
-        return {role: self.roles.get(role, self.default_agent) for role in ROLES}
+    def role_agents(self, agent: str | None = None, overrides: Mapping[str, str] | None = None) -> dict[str, str]:
+        """The profile of each role: from `overrides`, else `agent` for all when given, else `[roles]`, else
+        `default_agent`; the claimer, named nowhere, is the executor's profile (the one that will do the work)."""
+        named = {**({} if agent is not None else self.roles), **(overrides or {})}
+        roles = {role: named.get(role, agent or self.default_agent) for role in ROLES}
+        roles["claimer"] = named.get("claimer", roles["executor"])
+        return roles
 
     @property
     def wal_path(self) -> Path:

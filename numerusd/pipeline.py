@@ -391,7 +391,7 @@ class JobPipeline:
             # Asked ahead of the executors' slots, and still counted ahead until its executor gets one. It reads
             # the work merged so far, which its worktree will start from (its dependencies' work included).
             turn = self.ahead.taken(task=task_id, hand_on=True)
-            result = await self.call("executor", task_id, f"{task_id}.claim", call_dir, prompt, "claim", turn=turn)
+            result = await self.call("claimer", task_id, f"{task_id}.claim", call_dir, prompt, "claim", turn=turn)
             self._check_stopping()
             answer = ClaimAnswered(task=task_id, attempt=attempt, usage=result.usage, max_attempts=attempts)
             claimed = result.decoded(decode_claim, "the claim")

@@ -132,3 +132,14 @@ def test_connection_file_is_private_and_replaced_atomically(tmp_path: Path):
     assert json.loads(path.read_text())["url"] == "nats://127.0.0.1:5555"
     assert path.stat().st_ino != inode  # a new file renamed over the old one, not rewritten in place
     assert [p.name for p in path.parent.iterdir()] == ["connection.json"]
+
+
+def test_each_role_has_a_profile_and_the_claim_is_asked_of_the_executor_unless_a_claimer_is_named():
+    settings = Settings(default_agent="codex", roles={"executor": "strong", "reviewer": "careful"})
+    assert settings.role_agents() == {
+        "planner": "codex", "queen": "codex", "claimer": "strong", "executor": "strong", "reviewer": "careful"
+    }  # fmt: skip
+    assert settings.role_agents(overrides={"executor": "other"})["claimer"] == "other"
+    assert settings.role_agents(overrides={"claimer": "cheap"})["claimer"] == "cheap"
+    assert set(settings.role_agents("scripted").values()) == {"scripted"}
+    assert settings.role_agents("scripted", {"reviewer": "careful"})["reviewer"] == "careful"

@@ -24,7 +24,7 @@ async def handle(context: Context, request: RunJob) -> RunReply:
         raise BadRequest(f"repo {request.repo!r} is not an absolute path; pass the repository's full path")
     if not repo.is_dir():
         raise BadRequest(f"repo {request.repo} is not a directory; pass --repo with an existing repository")
-    roles = settings.role_agents(request.agent) | request.roles
+    roles = settings.role_agents(request.agent, request.roles)
     for role, agent in roles.items():
         if agent not in settings.agents:
             known = ", ".join(sorted(settings.agents))

@@ -12,7 +12,7 @@ from typing import Annotated, Literal
 import msgspec
 
 #: The roles of a planned job; each is played by an agent profile (numerus.toml `[roles]`, `run --role`).
-ROLES = ("planner", "queen", "executor", "reviewer")
+ROLES = ("planner", "queen", "claimer", "executor", "reviewer")
 
 
 class Request(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
