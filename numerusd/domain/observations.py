@@ -44,7 +44,7 @@ class SubmitJob(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class CleanedUp(msgspec.Struct, frozen=True, kw_only=True):
-    """`clean` removed what an ended job left on disk (see `numerusd.cleanup`)."""
+    """`clean` removed what an ended job left on disk (see `numerusd.clean`)."""
 
     worktrees: tuple[str, ...] = ()
     branches: tuple[str, ...] = ()

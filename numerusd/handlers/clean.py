@@ -1,9 +1,9 @@
-"""`clean`: remove what ended jobs left on disk (see `numerusd.cleanup`), then record what went."""
+"""`clean`: remove what ended jobs left on disk (see `numerusd.clean`), then record what went."""
 
 from __future__ import annotations
 
 from numerusd import domain
-from numerusd.cleanup import clean_job
+from numerusd.clean import clean_job
 from numerusd.errors import BadRequest
 from numerusd.handlers.context import Context
 from numerusd.protocol.commands import JOB_DONE, CleanedJob, CleanJobs, CleanReply

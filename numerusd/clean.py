@@ -1,4 +1,4 @@
-"""`numerusctl clean`: remove what an ended job left on disk.
+"""`numerusctl clean`: remove what an ended job left on disk (the handler, `handlers/clean.py`, records it).
 
 A job leaves behind the worktrees and branches of the tasks that did not merge (a merged task's go as soon as
 it merges), whatever read-only checkouts a crash left, and its run directory: terminal logs, prompts, the
