@@ -26,6 +26,7 @@ from numerusd import domain
 from numerusd.agents.base import AgentAdapter, AgentInvocation, LineBuffer
 from numerusd.breaker import CircuitBreaker
 from numerusd.errors import AgentError
+from numerusd.processes import DAEMON_ONLY_ENV
 from numerusd.protocol.events import AgentErrorReported, AgentSpawned, AgentSpawnFailed, EventData, TokensUsed, Usage
 from numerusd.terminal import Terminal, spawn
 
@@ -33,11 +34,6 @@ log = logging.getLogger(__name__)
 
 #: What an agent call's answer decodes to (a claim, a verdict): a msgspec Struct, never a str.
 _Answer = TypeVar("_Answer")
-
-#: The daemon's own environment that an agent must not inherit: its NATS secrets and systemd's sockets.
-DAEMON_ONLY_ENV = frozenset(
-    {"NUMERUS_NATS_PASSWORD", "NUMERUS_NATS_CREDS", "NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS"}
-)
 
 #: Appends the decision `decide(state)` for a job and returns once it is durable.
 Record = Callable[[str, Callable[[domain.JobState], domain.Decision]], Awaitable[object]]
