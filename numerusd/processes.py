@@ -19,8 +19,8 @@ it when it exits: background jobs it started are killed before it is reaped, so 
 reaches end of file. OS errors are raised as they are: the caller knows what it was starting (`terminal.py` makes
 them `AgentError`, `numerusd.git` `GitError`).
 
-`DAEMON_ONLY_ENV` is what of the daemon's environment no child other than git may inherit; `inherited_environment()`
-is the rest.
+`DAEMON_ONLY_ENV` is what of the daemon's environment agents and check commands must not inherit;
+`inherited_environment()` is the rest. (Git gets an environment of its own making, `numerusd.git.command`.)
 """
 
 from __future__ import annotations

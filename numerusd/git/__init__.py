@@ -19,7 +19,7 @@ The package, by concern (callers use the names re-exported here: `git.resolve(..
     merge.py       `merge_task` into the integration branch, `merge_state` after a crash
     errors.py      the GitError family
 
-`numerusd.git.command` is the one place where failures of git become `GitError`:
+This package is the one place where failures of git become `GitError` (a failed command, in `command.py`):
 
     GitError(NumerusError)   a git command failed: `command`, `returncode`, the end of `stderr`, `cwd`
     ├── RefMoved             a ref was not at the value the caller expected; nothing was changed

@@ -17,7 +17,7 @@ How git runs:
 - Numerus's own commits are made with plumbing (`commit-tree`, `update-ref`), as `Numerus <numerus@localhost>`
   unless told otherwise, never signed.
 
-This module is the one place where failures of git become `GitError`.
+This module is the one place where a git command that fails, or cannot run, becomes a `GitError`.
 """
 
 from __future__ import annotations
