@@ -181,7 +181,9 @@ async def start(
     new_session: bool = False,
     group: bool = False,
 ) -> Child:
-    """Start `argv` (`env` is its whole environment; None: the daemon's) and watch it; OSError when it cannot start.
+    """Start `argv` (`env` is its whole environment; None: the daemon's) and watch it.
+
+    OSError when it cannot start (no such program or directory, …), ValueError for a NUL byte in an argument.
 
     `new_session` starts it as the leader of a new session and process group; `group` says it leads one of its own
     some other way (a `setsid` launcher). A caller cancelled while the child starts still waits for the worker thread
@@ -204,11 +206,13 @@ async def start(
     except asyncio.CancelledError:
         with contextlib.suppress(BaseException):
             started = await spawning
-            with contextlib.suppress(ProcessLookupError):
+            try:
                 if new_session or group:
                     os.killpg(started.pid, signal.SIGKILL)
                 else:
                     started.kill()
+            except ProcessLookupError:
+                started.kill()  # a launcher that has not made its group yet: the child alone
             started.wait()
         raise
     return Child(popen, group=new_session or group)
