@@ -26,8 +26,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
-import signal
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -39,6 +37,8 @@ from numerusd.agents.base import AgentInvocation
 from numerusd.agents.registry import adapter_for
 from numerusd.book import JobBook
 from numerusd.checkouts import CHECKOUTS_SUFFIX, Checkouts
+from numerusd.checks import run_check
+from numerusd.claims import outside_claim
 from numerusd.config import Settings
 from numerusd.domain.observations import (
     AttemptFailed,
@@ -73,7 +73,7 @@ from numerusd.protocol.events import EventData, PlanRejected, PlanValidated, Tas
 from numerusd.protocol.plan import FileIntent
 from numerusd.protocol.review import decode_verdict
 from numerusd.slots import Slots
-from numerusd.supervisor import DAEMON_ONLY_ENV, AgentCall, AgentProcess, Agents, CallResult, TaskRun
+from numerusd.supervisor import AgentCall, AgentProcess, Agents, CallResult, TaskRun
 
 log = logging.getLogger(__name__)
 
@@ -511,7 +511,7 @@ class JobPipeline:
     async def gate(self, task_id: str, worktree: git.Worktree, changes: Sequence[git.Change]) -> list[str]:
         """The quality gate: the diff within the claim, every check passing, the reviewer agreeing."""
         task = self.job.tasks[task_id]
-        violations = git.outside_claim(changes, task.claim or ())
+        violations = outside_claim(changes, task.claim or ())
         reasons = tuple(f"{violation.path}: {violation.reason}" for violation in violations)
         await self.observe(ClaimCompared(task=task_id, violations=reasons))
         if reasons:
@@ -537,31 +537,7 @@ class JobPipeline:
 
         The command gets the daemon's environment without its secrets, as agents do.
         """
-        started = time.monotonic()
-        env = {name: value for name, value in os.environ.items() if name not in DAEMON_ONLY_ENV}
-        process = await asyncio.create_subprocess_exec(
-            "/bin/sh",
-            "-c",
-            command,
-            cwd=cwd,
-            env=env,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT,
-            start_new_session=True,
-        )
-        try:
-            output, _ = await asyncio.wait_for(process.communicate(), timeout=self.settings.check_timeout_s)
-        except TimeoutError:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGKILL)
-            await process.wait()
-            return None, f"stopped after {self.settings.check_timeout_s:g} s", time.monotonic() - started
-        except asyncio.CancelledError:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGKILL)
-            raise
-        return process.returncode, output.decode("utf-8", "replace"), time.monotonic() - started
+        return await run_check(cwd, command, timeout=self.settings.check_timeout_s)
 
     async def review(
         self, task_id: str, worktree: git.Worktree, changes: tuple[str, ...], checks: tuple[str, ...]

@@ -13,7 +13,6 @@ import asyncio
 import contextlib
 import hashlib
 import logging
-import os
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
@@ -34,6 +33,7 @@ from numerusd.domain.observations import (
     Observation,
 )
 from numerusd.errors import AgentError
+from numerusd.processes import inherited_environment
 from numerusd.protocol.events import AgentErrorReported, EventData, TokensUsed, Usage
 from numerusd.terminal import Terminal, spawn
 
@@ -41,11 +41,6 @@ log = logging.getLogger(__name__)
 
 #: What an agent call's answer decodes to (a claim, a verdict): a msgspec Struct, never a str.
 _Answer = TypeVar("_Answer")
-
-#: The daemon's own environment that an agent must not inherit: its NATS secrets and systemd's sockets.
-DAEMON_ONLY_ENV = frozenset(
-    {"NUMERUS_NATS_PASSWORD", "NUMERUS_NATS_CREDS", "NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS"}
-)
 
 
 @dataclass
@@ -139,8 +134,7 @@ class AgentProcess:
         self.chunk_bytes = chunk_bytes
         self.flush_s = flush_s
         self.argv, agent_env = adapter.command(invocation)
-        inherited = {name: value for name, value in os.environ.items() if name not in DAEMON_ONLY_ENV}
-        self.env = {**inherited, **extra_env, **agent_env}
+        self.env = {**inherited_environment(), **extra_env, **agent_env}
         self.terminal: Terminal | None = None
         self._started = 0.0
         #: `time.monotonic()` of the start and of the last output, for the pipeline's timeouts.

@@ -2,18 +2,17 @@
 
 `spawn()` starts a process whose stdin, stdout and stderr are the slave side of a fresh PTY, as the leader of a
 new session with that PTY as its controlling terminal; the daemon keeps the master side and reads it without
-blocking the event loop. Spawning must stay cheap however large the daemon grows, so:
+blocking the event loop. The process is started as every child of the daemon is (`numerusd.processes`: vfork
+in a worker thread, exit noticed through a pidfd); a PTY adds two things:
 
 - no `fork()` of the daemon (ptyprocess.spawn forks the whole process: 52 ms at 1 GiB RSS) and no
-  `preexec_fn`, which forces CPython onto fork: `subprocess.Popen` then uses vfork (called in a worker thread,
-  so that the event loop does not wait for the child to reach its exec), and the new session and controlling
-  terminal come from util-linux `setsid --ctty` as a tiny launcher that execs the agent;
-- no asyncio subprocess transports (three times slower under uvloop) and no child-watcher threads: exit is
-  noticed through a pidfd registered with the loop, and reaped with `waitpid(WNOHANG)`.
+  `preexec_fn`, which forces CPython onto fork: the new session and controlling terminal come from util-linux
+  `setsid --ctty` as a tiny launcher that execs the agent (without util-linux, a `preexec_fn` does it, slowly);
+- the terminal is set so output is byte-exact (no OPOST, so `\\n` is not turned into `\\r\\n`) with a fixed
+  200x50 window.
 
-The terminal is set so output is byte-exact (no OPOST, so `\\n` is not turned into `\\r\\n`) with a fixed
-200x50 window. When the process exits, whatever is left of its process group (background jobs it started) is
-killed before it is reaped, so nothing outlives the agent and the PTY always reaches end of file.
+The process leads its own process group: when it exits, whatever is left of the group (background jobs it
+started) is killed before it is reaped, so nothing outlives the agent and the PTY always reaches end of file.
 
 This module is the one place where OS errors of process spawning become `AgentError`.
 """
@@ -32,10 +31,12 @@ import signal
 import struct
 import subprocess
 import termios
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 
+from numerusd import processes
 from numerusd.errors import AgentError
+from numerusd.processes import Child
 
 #: The window every agent sees: wide enough that tools do not wrap their output.
 COLUMNS = 200
@@ -44,39 +45,35 @@ _READ_SIZE = 65536
 
 
 class Terminal:
-    """One spawned process, its PTY master and its pidfd.
+    """One spawned process and its PTY master.
 
     Read its output with `read()` until it returns `b""`, learn how it ended with `wait()`, stop it with
-    `terminate()`. Both file descriptors are closed by themselves once the output reached its end and the
-    process was reaped; `close()` releases everything at once (killing the process group if it still runs).
+    `terminate()`. The PTY is closed by itself once the output reached its end, and the process (a `Child` leading
+    its own process group) is reaped as soon as it exits; `close()` releases everything at once (killing the process
+    group if it still runs).
     """
 
     pid: int
     start_ticks: int
 
-    def __init__(self, popen: subprocess.Popen[bytes], master_fd: int, pidfd: int, start_ticks: int) -> None:
-        self.pid = popen.pid
+    def __init__(self, child: Child, master_fd: int, start_ticks: int) -> None:
+        self.pid = child.pid
         self.start_ticks = start_ticks
-        self._popen = popen
+        self._child = child
         self._master: int | None = master_fd
-        self._pidfd: int | None = pidfd
         self._loop = asyncio.get_running_loop()
-        self._exited: asyncio.Future[tuple[int | None, int | None]] = self._loop.create_future()
         self._reading = False
         self._read_waiter: asyncio.Future[None] | None = None
-        # The pidfd is watched from the start, so the process is reaped as soon as it exits even when nobody
-        # awaits wait(): no zombie outlives its terminal.
-        self._loop.add_reader(pidfd, self._on_pidfd_readable)
-        self._on_pidfd_readable()
 
     def __repr__(self) -> str:
-        state = "running" if not self._exited.done() else f"exited {self._exited.result()}"
+        state = "running" if self.returncode is None else f"exited {self.returncode}"
         return f"<Terminal pid={self.pid} {state}>"
 
     @property
     def returncode(self) -> tuple[int | None, int | None] | None:
         """`(exit_code, signal)` once the process has been reaped, else None."""
-        return self._exited.result() if self._exited.done() else None
+        code = self._child.returncode
+        return None if code is None else _exit_and_signal(code)
 
     async def read(self) -> bytes:
         """The next chunk of output, `b""` once every holder of the PTY's slave side has gone."""
@@ -104,27 +101,21 @@ class Terminal:
 
     async def wait(self) -> tuple[int | None, int | None]:
         """`(exit_code, None)` when the process exited, `(None, signal)` when a signal killed it."""
-        return await asyncio.shield(self._exited)
+        return _exit_and_signal(await self._child.wait())
 
     async def terminate(self, grace: float = 5.0) -> tuple[int | None, int | None]:
         """SIGTERM to the whole process group, SIGKILL after `grace` seconds; returns how the process ended."""
-        if not self._exited.done():
-            self._signal_group(signal.SIGTERM)
+        if self._child.returncode is None:
+            self._child.send_signal(signal.SIGTERM)
             try:
-                await asyncio.wait_for(asyncio.shield(self._exited), grace)
+                await asyncio.wait_for(self._child.wait(), grace)
             except TimeoutError:
-                self._signal_group(signal.SIGKILL)
+                self._child.kill()
         return await self.wait()
 
     def close(self) -> None:
         """Release the PTY and the pidfd now; a process still running is killed with its group and reaped."""
-        if not self._exited.done():
-            self._signal_group(signal.SIGKILL)
-            # SIGKILL cannot be caught, so this blocking reap is short.
-            with contextlib.suppress(ChildProcessError):
-                _, status = os.waitpid(self.pid, 0)
-                self._set_exited(status)
-        self._close_pidfd()
+        self._child.close()
         self._close_master()
 
     # --- inside ---------------------------------------------------------------------------------------------
@@ -140,62 +131,6 @@ class Terminal:
             if self._master == fd:  # else close() has unregistered it already
                 self._loop.remove_reader(fd)
 
-    def _on_pidfd_readable(self) -> None:
-        # Look without reaping first: while the exited leader is a zombie its pid, and so its process group
-        # id, cannot be reused, so sweeping the group below can only hit the agent's own leftovers.
-        try:
-            info = os.waitid(os.P_PID, self.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
-        except ChildProcessError:
-            # Reaped behind our back (nobody should): report what is known rather than spin on the pidfd.
-            self._set_exited_from_returncode()
-            self._close_pidfd()
-            return
-        if info is None:
-            return
-        self._signal_group(signal.SIGKILL)
-        try:
-            _, status = os.waitpid(self.pid, os.WNOHANG)
-        except ChildProcessError:
-            self._set_exited_from_returncode()
-        else:
-            self._set_exited(status)
-        self._close_pidfd()
-
-    def _set_exited(self, status: int) -> None:
-        if os.WIFSIGNALED(status):
-            result: tuple[int | None, int | None] = (None, os.WTERMSIG(status))
-        else:
-            result = (os.waitstatus_to_exitcode(status), None)
-        # Tell Popen the child is reaped, so it never waits on a pid that may belong to someone else by then.
-        self._popen.returncode = result[0] if result[0] is not None else -(result[1] or 0)
-        if not self._exited.done():
-            self._exited.set_result(result)
-
-    def _set_exited_from_returncode(self) -> None:
-        code = self._popen.returncode
-        if not self._exited.done():
-            self._exited.set_result((None, None) if code is None else (code, None) if code >= 0 else (None, -code))
-
-    def _signal_group(self, sig: signal.Signals) -> None:
-        # The process leads its own session, so its process group id is its pid. Right after spawn the child
-        # may not have called setsid() yet, so there is no such group: then it is alone, and signalled alone
-        # (its pid cannot be reused before we reap it).
-        try:
-            os.killpg(self.pid, sig)
-        except ProcessLookupError:
-            if self._popen.returncode is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(self.pid, sig)
-        except PermissionError:
-            pass
-
-    def _close_pidfd(self) -> None:
-        if self._pidfd is not None:
-            with contextlib.suppress(RuntimeError):  # the loop may be closed already
-                self._loop.remove_reader(self._pidfd)
-            os.close(self._pidfd)
-            self._pidfd = None
-
     def _close_master(self) -> None:
         if self._master is not None:
             fd, self._master = self._master, None
@@ -207,6 +142,11 @@ class Terminal:
                 if not self._read_waiter.done():
                     self._read_waiter.set_result(None)
             os.close(fd)
+
+
+def _exit_and_signal(returncode: int) -> tuple[int | None, int | None]:
+    """A `subprocess` return code as `(exit_code, None)`, or `(None, signal)` for a process a signal killed."""
+    return (returncode, None) if returncode >= 0 else (None, -returncode)
 
 
 async def spawn(argv: list[str], *, cwd: Path, env: Mapping[str, str] | None = None) -> Terminal:
@@ -231,16 +171,15 @@ async def spawn(argv: list[str], *, cwd: Path, env: Mapping[str, str] | None = N
         if setsid is not None:
             # `setsid --ctty` calls setsid() and makes its stdin (our slave) the controlling terminal, then
             # execs the agent; it does not fork, because a child of Popen is never a process group leader.
-            start = functools.partial(
-                subprocess.Popen,
+            child = await processes.start(
                 [setsid, "--ctty", "--", program, *argv[1:]],
+                cwd=cwd,
+                env=env,
                 stdin=slave,
                 stdout=slave,
                 stderr=slave,
-                cwd=cwd,
-                env=env,
+                group=True,
             )
-            popen = await _in_thread(start)
         else:
             popen = subprocess.Popen(
                 [program, *argv[1:]],
@@ -252,6 +191,7 @@ async def spawn(argv: list[str], *, cwd: Path, env: Mapping[str, str] | None = N
                 start_new_session=True,
                 preexec_fn=_take_controlling_terminal,
             )
+            child = Child(popen, group=True)
     except OSError as e:
         os.close(master)
         raise AgentError(_spawn_failure(argv[0], e), program=argv[0]) from e
@@ -260,34 +200,7 @@ async def spawn(argv: list[str], *, cwd: Path, env: Mapping[str, str] | None = N
         raise AgentError(f"cannot start {argv[0]}: {e}", program=argv[0]) from e
     finally:
         os.close(slave)
-
-    try:
-        pidfd = os.pidfd_open(popen.pid)
-    except OSError as e:
-        os.close(master)
-        popen.kill()
-        popen.wait()
-        raise AgentError(f"cannot watch {argv[0]}: pidfd_open failed: {e.strerror}") from e
-    return Terminal(popen, master, pidfd, process_start_ticks(popen.pid) or 0)
-
-
-async def _in_thread(start: Callable[[], subprocess.Popen[bytes]]) -> subprocess.Popen[bytes]:
-    """Run `start` in a worker thread: `subprocess` lets go of the GIL while its vfork child gets to its exec,
-    which on a busy machine takes milliseconds the event loop would otherwise spend blocked.
-
-    A caller cancelled meanwhile still waits for the thread (its file descriptors must outlive it), then kills
-    and reaps what it started.
-    """
-    started = asyncio.ensure_future(asyncio.to_thread(start))
-    try:
-        return await asyncio.shield(started)
-    except asyncio.CancelledError:
-        with contextlib.suppress(BaseException):
-            popen = await started
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(popen.pid, signal.SIGKILL)
-            popen.wait()
-        raise
+    return Terminal(child, master, process_start_ticks(child.pid) or 0)
 
 
 def process_start_ticks(pid: int) -> int | None:

@@ -1,0 +1,99 @@
+"""Git for Numerus: a job's integration branch, one worktree per task, a task's real diff, merges in order.
+
+Branch layout (docs/git.md says more):
+
+    numerus/<job>.integration      the job's integration branch, created from the user's HEAD at job start
+    numerus/<job>/<task>           one branch per task, checked out in its own worktree
+
+Every step is built for "decide, append, then act": each function either is idempotent (creating the
+integration branch, a worktree, committing a task's work) or can tell afterwards whether it already happened
+(`merge_state`), so a crash between the intent event and the outcome event is repaired, never repeated blindly.
+Nothing here touches the user's working tree, index or current branch.
+
+The package, by concern (callers use the names re-exported here: `git.resolve(...)`, `git.GitError`):
+
+    command.py     running the `git` binary: clean environment, no hooks, a timeout; `check_git()` at startup
+    refs.py        branch names, `resolve`, the integration branch, refs moved only from where expected
+    worktrees.py   a task's worktree, read-only checkouts of a commit, their removal; the repository's lock
+    changes.py     `commit_work` (a task's work and its real diff), `uncommitted` (a user's working tree)
+    merge.py       `merge_task` into the integration branch, `merge_state` after a crash
+    errors.py      the GitError family
+
+This package is the one place where failures of git become `GitError` (a failed command, in `command.py`):
+
+    GitError(NumerusError)   a git command failed: `command`, `returncode`, the end of `stderr`, `cwd`
+    ├── RefMoved             a ref was not at the value the caller expected; nothing was changed
+    ├── BranchCheckedOut     refusing to move a branch that a worktree has checked out
+    └── BaseNotAncestor      a task's HEAD no longer descends from the commit its worktree started from
+"""
+
+from numerusd.git.changes import Change, ChangeKind, Work, commit_work, uncommitted
+from numerusd.git.command import MINIMUM_VERSION, NUMERUS_EMAIL, NUMERUS_NAME, TIMEOUT, check_git
+from numerusd.git.errors import BaseNotAncestor, BranchCheckedOut, GitError, RefMoved
+from numerusd.git.merge import (
+    Conflict,
+    Done,
+    Merged,
+    MergeResult,
+    MergeState,
+    Moved,
+    NotStarted,
+    merge_state,
+    merge_task,
+)
+from numerusd.git.refs import (
+    Branch,
+    create_integration_branch,
+    integration_branch,
+    resolve,
+    task_branch,
+    task_branches,
+)
+from numerusd.git.worktrees import (
+    Worktree,
+    create_checkout,
+    create_worktree,
+    delete_branch,
+    move_checkout,
+    remove_checkout,
+    remove_worktree,
+)
+
+__all__ = [
+    "MINIMUM_VERSION",
+    "NUMERUS_EMAIL",
+    "NUMERUS_NAME",
+    "TIMEOUT",
+    "BaseNotAncestor",
+    "Branch",
+    "BranchCheckedOut",
+    "Change",
+    "ChangeKind",
+    "Conflict",
+    "Done",
+    "GitError",
+    "MergeResult",
+    "MergeState",
+    "Merged",
+    "Moved",
+    "NotStarted",
+    "RefMoved",
+    "Work",
+    "Worktree",
+    "check_git",
+    "commit_work",
+    "create_checkout",
+    "create_integration_branch",
+    "create_worktree",
+    "delete_branch",
+    "integration_branch",
+    "merge_state",
+    "merge_task",
+    "move_checkout",
+    "remove_checkout",
+    "remove_worktree",
+    "resolve",
+    "task_branch",
+    "task_branches",
+    "uncommitted",
+]

@@ -1,0 +1,146 @@
+"""What a task changed: its work committed on its branch, its real diff against its base, and what a user's
+working tree holds that its HEAD does not.
+
+A task's real diff is what the quality gate checks against the task's claim (`numerusd.claims`) and what its
+reviewer sees: the worktree's files as they are against the commit the task started from, whoever changed them.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from numerusd.git.command import git
+from numerusd.git.errors import BaseNotAncestor, GitError
+from numerusd.git.refs import is_ancestor, update_ref
+from numerusd.git.worktrees import Worktree
+
+#: How a path changed; a rename also names the path it had before.
+ChangeKind = Literal["add", "modify", "delete", "rename"]
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    """One changed path relative to a task's base: relative, POSIX. A rename also names the old path."""
+
+    path: str
+    kind: ChangeKind
+    old_path: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Work:
+    """A task's work, committed: the task branch's tip and every path changed since the task's base."""
+
+    commit: str
+    changes: tuple[Change, ...]
+
+
+async def uncommitted(repo: Path) -> list[str]:
+    """The paths of `repo`'s working tree whose state is not in its HEAD commit: staged, unstaged and untracked
+    changes alike (an untracked directory is one path, ending in `/`); ignored files are not changes.
+
+    A planned job works from a commit, so these are what its agents will not see.
+    """
+    # No optional locks: `status` would otherwise refresh the user's index, and hold index.lock while it does.
+    status = ("--no-optional-locks", "status", "--porcelain=v1", "-z", "--no-renames", "--untracked-files=normal")
+    out = await git(repo, *status)
+    # Each entry is `XY <path>`, NUL-terminated (with --no-renames never followed by an old path).
+    return [entry[3:].decode("utf-8", "surrogateescape") for entry in out.stdout.split(b"\0") if entry]
+
+
+async def commit_work(worktree: Worktree, message: str, *, author: tuple[str, str] | None = None) -> Work:
+    """Commit everything the worktree holds on the task's branch; the tip, and what changed since the base.
+
+    The commit goes on top of any commits the agent made. The tip is the new commit, or the existing HEAD when
+    there was nothing left to commit (so a second call after a crash is harmless). The changes are the task's
+    real diff: the worktree's files as they are against the base commit, committed, staged, unstaged and
+    untracked alike, whoever made them (the agent's tools, a shell command, a commit); renames are found by
+    content similarity (git's 50%). Ignored files (`.gitignore`, `info/exclude`) are neither changes nor committed.
+    `author` is a (name, email) pair; the committer is always Numerus. Raises GitError when HEAD is not on the
+    task's branch (the agent switched branches or detached HEAD), since the work would then not reach the
+    branch that gets merged, and BaseNotAncestor when HEAD no longer descends from `base_sha`, since then the
+    branch would not merge what the diff shows. Three git commands when the agent changed nothing, six when it
+    did.
+    """
+    head = await _head(worktree)
+    ref = f"refs/heads/{worktree.branch}"
+    if head.ref != ref:
+        where = "a detached HEAD" if head.ref == "HEAD" else head.ref
+        raise GitError(
+            f"{worktree.path} is on {where}, not on {ref}: refusing to commit there", path=str(worktree.path)
+        )
+    await git(worktree.path, "add", "--all")
+    tree = (await git(worktree.path, "write-tree")).text()
+    tip = head.sha
+    if tree != head.tree:
+        env = {}
+        if author is not None:
+            env = {"GIT_AUTHOR_NAME": author[0], "GIT_AUTHOR_EMAIL": author[1]}
+        commit_tree = ("commit-tree", "--no-gpg-sign", tree, "-p", head.sha, "-m", message)
+        tip = (await git(worktree.path, *commit_tree, env=env)).text()
+        await update_ref(worktree.path, ref, tip, head.sha, reason=f"numerus: commit the work of {worktree.branch}")
+    changes = [] if tree == head.base_tree else await _diff(worktree, tree)
+    return Work(tip, tuple(changes))
+
+
+# --- inside ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _Head:
+    """Where a task's worktree stands: HEAD's commit and tree, the ref HEAD is on, the base's tree."""
+
+    sha: str
+    tree: str
+    ref: str  # "HEAD" when detached
+    base_tree: str
+
+
+async def _head(worktree: Worktree) -> _Head:
+    """Read the worktree's HEAD in one command; GitError unless it is the top of a worktree descending from base."""
+    info = await git(
+        worktree.path, "rev-parse", "--show-toplevel", "HEAD", "HEAD^{tree}",
+        f"{worktree.base_sha}^{{tree}}", "--symbolic-full-name", "HEAD",
+    )  # fmt: skip
+    toplevel, sha, tree, base_tree, ref = info.stdout.decode("utf-8", "surrogateescape").splitlines()
+    if os.path.realpath(toplevel) != os.path.realpath(worktree.path):
+        raise GitError(f"{worktree.path} is not the top of a worktree", path=str(worktree.path))
+    if sha != worktree.base_sha and not await is_ancestor(worktree.path, worktree.base_sha, sha):
+        raise BaseNotAncestor(
+            f"HEAD of {worktree.path} does not descend from the task's base {worktree.base_sha}: history was "
+            "rewritten or another branch checked out",
+            path=str(worktree.path),
+            base_sha=worktree.base_sha,
+        )
+    return _Head(sha, tree, ref, base_tree)
+
+
+async def _diff(worktree: Worktree, tree: str) -> list[Change]:
+    """The changes from the task's base to `tree`, renames found."""
+    out = await git(
+        worktree.path, "diff-tree", "-r", "-z", "--no-commit-id", "--find-renames", "--name-status",
+        worktree.base_sha, tree,
+    )  # fmt: skip
+    return _parse_name_status(out.stdout)
+
+
+_KINDS: dict[str, ChangeKind] = {"A": "add", "M": "modify", "T": "modify", "D": "delete"}
+
+
+def _parse_name_status(out: bytes) -> list[Change]:
+    fields = [f.decode("utf-8", "surrogateescape") for f in out.split(b"\0")]
+    changes = []
+    i = 0
+    while i < len(fields) and fields[i]:
+        status = fields[i]
+        if status[0] in "RC":
+            old, new = fields[i + 1], fields[i + 2]
+            changes.append(Change(new, "rename", old) if status[0] == "R" else Change(new, "add"))
+            i += 3
+        else:
+            changes.append(Change(fields[i + 1], _KINDS.get(status[0], "modify")))
+            i += 2
+    return changes
