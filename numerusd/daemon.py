@@ -35,7 +35,6 @@ from numerusd.errors import NatsUnavailable, NotFound, NumerusError, StoreError
 from numerusd.event_store import EventStore
 from numerusd.keys import Keyring
 from numerusd.pipeline import JobPipeline, remove_merged
-from numerusd.projections import Projector, Rejected, rebuild
 from numerusd.protocol.commands import JOB_DONE, EventsReply
 from numerusd.protocol.envelope import InvalidEvent, Sealed, open_untyped
 from numerusd.protocol.ids import new_ulid
@@ -47,6 +46,9 @@ from numerusd.streams import EVENTS, check_server_version, ensure_streams
 from numerusd.supervisor import AgentCall, TaskRun
 from numerusd.systemd import notify, watchdog
 from numerusd.terminal import kill_leftover
+from numerusd.views.fold import Rejected
+from numerusd.views.projector import Projector
+from numerusd.views.rebuild import rebuild
 from numerusd.wal import WriteAheadLog
 
 log = logging.getLogger(__name__)

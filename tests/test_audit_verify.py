@@ -7,7 +7,7 @@ from pathlib import Path
 
 import nats
 
-from numerusd.projections import dump
+from numerusd.views.dump import dump
 from tests.conftest import eventually
 from tests.daemon_harness import Daemon, git_repo
 from tests.test_run import HELLO
