@@ -1,7 +1,7 @@
 """The projector: follows the event stream and commits each batch's view changes with its stream position.
 
 The stream is the truth; the views (`views.schema`) are a cache of `domain.evolve` folded over it, kept for an
-operator's `sqlite3` queries and audits; the daemon answers `status` from its own fold, never from them. The
+operator's `sqlite3` queries; the daemon answers `status` from its own fold, never from them. The
 projector follows the pattern of pyeventsourcing's `SQLiteProcessRecorder`: each batch of stream messages changes
 the views *and* the stored stream position in one SQLite transaction, so after a crash it resumes exactly where
 its last commit left off, and a batch it has already applied is skipped. Replaying the stream into an empty file
