@@ -7,7 +7,7 @@ tasks, each task mostly agent chatter and token counts, jobs interleaved as a bu
 
 * raw: the lean stream reader reads the whole stream and checks every event's HMAC signature under the key
   its envelope names: the floor any rebuild pays;
-* rebuild: `projections.rebuild`: read (in a child process), verify, decode, fold with `domain.evolve`, write
+* rebuild: `views.rebuild.rebuild`: read (in a child process), verify, decode, fold with `domain.evolve`, write
   the SQLite views into a fresh file (indexes included) and swap it in.
 
 Each is run `--repeat` times, alternating. The figure of merit, `ratio` (target 0.6), is the median of the
@@ -41,7 +41,6 @@ from _common import Stopwatch, base_parser, connect, embedded_nats, report, run
 from nats.aio.client import Client
 
 from numerusd.config import NatsAddress
-from numerusd.projections import rebuild
 from numerusd.protocol.envelope import check_signature, decode_wire, seal
 from numerusd.protocol.events import (
     AgentCommandExecuted,
@@ -61,6 +60,7 @@ from numerusd.protocol.events import (
 from numerusd.protocol.ids import new_ulid
 from numerusd.stream_reader import read_stream
 from numerusd.streams import EVENTS, ensure_stream, stream_specs
+from numerusd.views.rebuild import rebuild
 
 KID = "bench"
 KEYS = {KID: b"numerus-bench-key-0123456789abcdef"}

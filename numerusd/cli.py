@@ -64,7 +64,6 @@ def main(ctx: click.Context, **_options: object) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    logging.getLogger("aiosqlite").setLevel(logging.WARNING)  # it logs every statement at debug
     if ctx.invoked_subcommand is None:
         ctx.invoke(serve)
 
@@ -100,7 +99,7 @@ def serve(ctx: click.Context) -> None:
 @click.pass_context
 def rebuild(ctx: click.Context, target: Path | None) -> None:
     """Drop the SQLite views and replay the whole event stream into them."""
-    from numerusd.rebuild import rebuild_views
+    from numerusd.views.rebuild import rebuild_views
 
     settings = _settings(ctx)
     try:

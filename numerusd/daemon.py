@@ -45,7 +45,6 @@ from numerusd.handlers.context import Context
 from numerusd.history import EventHistory
 from numerusd.keys import Keyring
 from numerusd.pipeline import remove_merged
-from numerusd.projections import Projector, Rejected, rebuild
 from numerusd.protocol.commands import JOB_DONE
 from numerusd.protocol.envelope import InvalidEvent, open_untyped
 from numerusd.runner import Runner
@@ -57,6 +56,9 @@ from numerusd.streams import EVENTS, check_server_version, ensure_streams
 from numerusd.supervisor import Agents
 from numerusd.systemd import notify, watchdog
 from numerusd.terminal import kill_leftover
+from numerusd.views.fold import Rejected
+from numerusd.views.projector import Projector
+from numerusd.views.rebuild import rebuild
 from numerusd.wal import WriteAheadLog
 
 log = logging.getLogger(__name__)

@@ -13,7 +13,7 @@
         └── NotFound               the request names a job or task that does not exist
 
 Third-party errors (nats-py, sqlite3, git, OS errors) are translated into these in one place per dependency:
-`streams.jetstream_errors` for NATS and JetStream, `projections.py` for SQLite, `terminal.py` for starting
+`streams.jetstream_errors` for NATS and JetStream, `views/database.py` for SQLite, `terminal.py` for starting
 agents, `git/command.py` for git (its `GitError` family, in `git/errors.py`, derives from NumerusError).
 """
 

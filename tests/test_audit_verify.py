@@ -7,7 +7,7 @@ from pathlib import Path
 
 import nats
 
-from numerusd.projections import dump
+from numerusd.views.dump import dump
 from tests.conftest import eventually
 from tests.daemon_harness import Daemon, git_repo
 from tests.test_run import HELLO
@@ -51,6 +51,15 @@ async def test_verify_passes_then_names_a_forged_event_and_the_daemon_shrugs_it_
         await eventually(rejected, timeout=10)
         views = await dump(daemon.state_dir / "views.sqlite3")
         assert next(row for row in views["jobs"] if row[0] == job)[4] == "completed"
+        # The projector reported it, and the daemon dead-lettered it under the reason the views recorded.
+        [(_, _, reason, _)] = [row for row in views["rejected"] if row[0] == ack.seq]
+        nc = await nats.connect(c["url"], user=c["user"], password=c["password"])
+        try:
+            dead = await nc.jetstream().get_last_msg("NUMERUS_DLQ", f"numerus.dlq.projector.{reason}")
+        finally:
+            await nc.close()
+        assert dead.headers["Numerus-Seq"] == str(ack.seq)
+        assert dead.data == json.dumps(forged).encode()
     finally:
         daemon.stop()
 

@@ -21,7 +21,6 @@ from nats.aio.client import Client
 from numerusd import domain
 from numerusd.config import NatsAddress
 from numerusd.errors import StoreError
-from numerusd.projections import FILE_VERSION, Projector, dlq_subject, dump, rebuild, utc_text
 from numerusd.protocol.envelope import _SIG_MARK, Sealed, _encoder, _Unsigned, seal
 from numerusd.protocol.events import (
     AgentMessageReceived,
@@ -42,7 +41,14 @@ from numerusd.protocol.events import (
 )
 from numerusd.protocol.plan import Plan, PlannedTask
 from numerusd.streams import ensure_stream, stream_specs
+from numerusd.views.dump import dump
+from numerusd.views.fold import Rejected
+from numerusd.views.projector import Projector
+from numerusd.views.rebuild import rebuild
+from numerusd.views.rows import utc_text
+from numerusd.views.schema import FILE_VERSION
 from tests.conftest import eventually
+from tests.views_reader import event_index, job_state, job_views, rejections
 
 KEYS = {"k1": b"k" * 32}
 T0 = datetime(2026, 11, 22, 9, 30, tzinfo=UTC)
@@ -149,31 +155,33 @@ async def project(path: Path, batch: list[tuple[int, str, bytes]], **options: in
 async def test_a_job_read_from_the_views_is_the_job_the_daemon_shows(tmp_path: Path):
     """The planner's tokens, the plan and the branch too, not only what the jobs and tasks columns hold."""
     events = planned_job("J2") + realistic_job("J1")
-    async with Projector(tmp_path / "views.db", KEYS) as projector:
+    path = tmp_path / "views.db"
+    async with Projector(path, KEYS) as projector:
         assert await projector.apply(messages(events)) == []
         folded = domain.fold(s.envelope for s in events)
-        [j2] = await projector.job_rows("J2")
+        [j2] = job_views(path, "J2")
         assert j2 == domain.job_view(folded["J2"])
         assert (j2.tokens, j2.plan_version, j2.integration) == (900 + 90 + 100 + 7, 1, "numerus/J2.integration")
         # Newest first; these two were created at the same time, so by id, descending.
-        assert await projector.job_rows() == [j2, domain.job_view(folded["J1"])]
-        assert await projector.job_rows("J9") == []
+        assert job_views(path) == [j2, domain.job_view(folded["J1"])]
+        assert job_views(path, "J9") == []
 
 
 async def test_a_realistic_job_gives_its_job_and_task_rows(tmp_path: Path):
     events = realistic_job("J1")
-    async with Projector(tmp_path / "views.db", KEYS) as projector:
+    path = tmp_path / "views.db"
+    async with Projector(path, KEYS) as projector:
         assert await projector.apply(messages(events)) == []
         assert projector.position() == len(events)
-        views = await projector.dump()
-        [job] = await projector.job_rows()
+        views = await dump(path)
+        [job] = job_views(path)
         assert job == domain.job_view(domain.fold(s.envelope for s in events)["J1"])
-        assert await projector.job_state("J1") == domain.fold(s.envelope for s in events)["J1"]
-        assert await projector.events_index("J1", type="TokensUsed") == [
+        assert job_state(path, "J1") == domain.fold(s.envelope for s in events)["J1"]
+        assert event_index(path, "J1", type="TokensUsed") == [
             (6, "numerus.job.J1.task.t1.tokens_used"),
             (8, "numerus.job.J1.task.t1.tokens_used"),
         ]
-        assert [seq for seq, _ in await projector.events_index("J1", after_seq=9)] == [10, 11]
+        assert [seq for seq, _ in event_index(path, "J1", after_seq=9)] == [10, 11]
 
     [(job_id, goal, repo, agent, status, reason, created, updated, count, state)] = views["jobs"]
     assert (job_id, goal, repo, agent, status, reason, count) == (
@@ -252,11 +260,12 @@ async def test_invalid_messages_are_rejected_recorded_and_change_nothing(tmp_pat
         (105, events[7].envelope.subject, events[7].wire),  # a republished duplicate
         (106, "numerus.job.J1.unknown", events[0].wire.replace(b'"type":"JobSubmitted"', b'"type":"JobDreamed"')),
     ]
-    async with Projector(tmp_path / "views.db", KEYS) as projector:
+    path = tmp_path / "views.db"
+    async with Projector(path, KEYS) as projector:
         assert await projector.apply(good) == []
-        before = await projector.dump()
+        before = await dump(path)
         rejected = await projector.apply(bad)
-        after = await projector.dump()
+        after = await dump(path)
         assert [(r.seq, r.reason) for r in rejected] == [
             (100, "bad_signature"),
             (101, "malformed"),
@@ -268,13 +277,12 @@ async def test_invalid_messages_are_rejected_recorded_and_change_nothing(tmp_pat
         ]
         assert [r.wire for r in rejected] == [wire for _, _, wire in bad]
         assert all(r.message for r in rejected)
-        assert await projector.rejections() == [(r.seq, r.subject, r.reason, r.message) for r in rejected]
+        assert rejections(path) == [(r.seq, r.subject, r.reason, r.message) for r in rejected]
         assert projector.position() == 106
     for table in ("jobs", "tasks", "events"):
         assert after[table] == before[table]
     assert after["position"] == [(106,)]
     assert [row[:3] for row in after["rejected"]] == [(r.seq, r.subject, r.reason) for r in rejected]
-    assert dlq_subject("bad_signature") == "numerus.dlq.projector.bad_signature"
 
 
 async def test_an_unknown_event_type_correctly_signed_is_rejected(tmp_path: Path):
@@ -305,7 +313,7 @@ async def test_a_file_of_another_schema_version_is_dropped_and_rebuilt(tmp_path:
         conn.commit()
     async with Projector(path, KEYS) as projector:
         assert projector.position() == 0
-        assert await projector.job_rows() == []
+        assert job_views(path) == []
 
 
 # --- the property: batching does not matter -----------------------------------------------------------------
@@ -395,9 +403,7 @@ async def test_a_bulk_load_left_unfinished_is_dropped_on_open(tmp_path: Path):
     await projector.close()  # interrupted: never finished
     async with Projector(path, KEYS) as projector:
         assert projector.position() == 0
-        assert await projector.dump() == {name: [] for name in ("jobs", "tasks", "events", "rejected")} | {
-            "position": [(0,)]
-        }
+        assert await dump(path) == {name: [] for name in ("jobs", "tasks", "events", "rejected")} | {"position": [(0,)]}
 
 
 # --- against a real stream ----------------------------------------------------------------------------------
@@ -406,14 +412,21 @@ async def test_a_bulk_load_left_unfinished_is_dropped_on_open(tmp_path: Path):
 async def test_rebuild_from_the_stream_equals_the_live_views(nc: Client, nats_address: NatsAddress, tmp_path: Path):
     js = nc.jetstream()
     await ensure_stream(js, stream_specs()[0])
-    dead = await nc.subscribe("numerus.dlq.projector.>")
     events = interleaved(5)
     for sealed in events[:30]:
         await js.publish(sealed.envelope.subject, sealed.wire)
     live_path = tmp_path / "live.db"
     projector = await Projector(live_path, KEYS).open()
     stop = asyncio.Event()
-    live = asyncio.create_task(projector.run(nc, stop))
+    letters: list[Rejected] = []
+
+    async def dead_letter(rejected: list[Rejected]) -> None:
+        # Reported before their batch commits: a crash in between repeats a dead letter rather than losing it.
+        [(position,)] = (await dump(live_path))["position"]
+        assert position < rejected[0].seq
+        letters.extend(rejected)
+
+    live = asyncio.create_task(projector.run(nc, stop, on_rejected=dead_letter))
     await eventually(lambda: projector.position() == 30)
     # Published while the projector follows: it picks them up as they come, a forgery among them.
     await js.publish(events[30].envelope.subject, forged(events[30]))
@@ -424,11 +437,11 @@ async def test_rebuild_from_the_stream_equals_the_live_views(nc: Client, nats_ad
     await eventually(lambda: projector.position() == last)
     stop.set()
     await asyncio.wait_for(live, 10)
-    forgery, repeat = await dead.next_msg(timeout=5), await dead.next_msg(timeout=5)
-    assert (forgery.subject, forgery.headers["Numerus-Seq"]) == ("numerus.dlq.projector.bad_signature", "31")
-    assert (repeat.subject, repeat.headers["Numerus-Seq"]) == ("numerus.dlq.projector.duplicate", str(last))
-    assert repeat.data == events[3].wire
-    live_views = await projector.dump()
+    forgery, repeat = letters
+    assert (forgery.reason, forgery.seq) == ("bad_signature", 31)
+    assert (repeat.reason, repeat.seq) == ("duplicate", last)
+    assert repeat.wire == events[3].wire
+    live_views = await dump(live_path)
     await projector.close()
 
     rebuilt_path = tmp_path / "rebuilt.db"
@@ -443,10 +456,9 @@ async def test_rebuild_from_the_stream_equals_the_live_views(nc: Client, nats_ad
         assert {"jobs_created", "events_job", "events_type", "events_time"} <= indexes
         assert db.execute("PRAGMA user_version").fetchone()[0] == FILE_VERSION
 
-    # In place, on an open projector, and again over an existing file: the same rows.
-    async with Projector(live_path, KEYS) as projector:
-        again = await projector.drop_and_rebuild(nc)
-        assert again.messages == last
-        assert await projector.dump() == live_views
+    # In place of the live file, and again over the rebuilt one: the same rows.
+    again = await rebuild(nats_address, KEYS, live_path)
+    assert again.messages == last
+    assert await dump(live_path) == live_views
     await rebuild(nats_address, KEYS, rebuilt_path)
     assert await dump(rebuilt_path) == live_views

@@ -10,7 +10,6 @@ import nats
 
 from numerusd.daemon import BULK_VIEWS_FROM, PUMPED_REPLAY_FROM
 from numerusd.keys import Keyring
-from numerusd.projections import dump
 from numerusd.protocol.envelope import Sealed
 from numerusd.protocol.events import (
     AgentMessageReceived,
@@ -20,6 +19,7 @@ from numerusd.protocol.events import (
     TaskCreated,
     TokensUsed,
 )
+from numerusd.views.dump import dump
 from tests.conftest import eventually
 from tests.daemon_harness import BIN, Daemon, git_repo
 from tests.test_projections import Chain
