@@ -56,9 +56,6 @@ BULK_VIEWS_FROM = 10_000
 #: At least this many events in the stream: the startup replay reads it in a child process.
 PUMPED_REPLAY_FROM = 10_000
 
-#: Exit codes of `numerusd` (sysexits-style), documented in docs/operations.md.
-EXIT_OK, EXIT_CONFIG, EXIT_UNAVAILABLE, EXIT_SOFTWARE, EXIT_LOCKED = 0, 78, 69, 70, 75
-
 
 class Daemon:
     """One numerusd: its connections, its event store, the fold of its stream and its running agents."""
