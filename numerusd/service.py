@@ -19,7 +19,8 @@ from nats.micro.service import Service
 from numerusd import __version__
 from numerusd.errors import BadRequest, CommandRefused, NotFound, NumerusError
 from numerusd.handlers import HANDLERS
-from numerusd.protocol.commands import REQUESTS, ErrorReply, command_subject
+from numerusd.protocol import subjects
+from numerusd.protocol.commands import REQUESTS, ErrorReply
 from numerusd.protocol.ids import new_ulid
 
 if TYPE_CHECKING:
@@ -50,7 +51,7 @@ async def start_service(daemon: Daemon) -> Service:
         description="Numerus daemon: runs coding agents on a goal, every state change an event",
     )
     for verb, handler in HANDLERS.items():
-        await service.add_endpoint(name=verb, subject=command_subject(verb), handler=_endpoint(daemon, verb, handler))
+        await service.add_endpoint(name=verb, subject=subjects.command(verb), handler=_endpoint(daemon, verb, handler))
     return service
 
 

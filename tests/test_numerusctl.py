@@ -23,7 +23,8 @@ from nats.aio.client import Client
 from nats.js.api import StreamConfig
 
 from numerusctl.cli import _follow_job, _follow_logs, cli
-from numerusctl.render import clean_text, event_line, job_detail, jobs_table, summary
+from numerusctl.render import clean_text, job_detail, jobs_table
+from numerusctl.render_events import event_line, summary
 from numerusd.config import write_connection_file
 from numerusd.embedded_nats import EmbeddedNats
 from numerusd.protocol import events as ev

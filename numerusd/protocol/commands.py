@@ -264,8 +264,3 @@ DEFAULT_STATE_DIR = "~/.local/state/numerus"
 
 #: Terminal job and task statuses.
 JOB_DONE = frozenset({"completed", "failed", "killed", "interrupted"})
-
-
-def command_subject(verb: str) -> str:
-    """`numerus.cmd.<verb>`."""
-    return f"numerus.cmd.{verb}"
