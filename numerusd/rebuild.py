@@ -8,7 +8,6 @@ views is how an operator checks that the projection holds.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from numerusd import state_lock
@@ -17,6 +16,7 @@ from numerusd.embedded_nats import EmbeddedNats
 from numerusd.errors import ConfigError
 from numerusd.keys import Keyring
 from numerusd.projections import RebuildReport, rebuild
+from numerusd.protocol.connection import decode_connection
 
 
 async def rebuild_views(settings: Settings, target: Path | None) -> str:
@@ -30,8 +30,8 @@ async def rebuild_views(settings: Settings, target: Path | None) -> str:
     embedded = None
     address = settings.configured_nats()
     if address is None and running:
-        connection = json.loads(settings.connection_path.read_text())
-        address = NatsAddress(url=connection["url"], user=connection["user"], password=connection["password"])
+        connection = decode_connection(settings.connection_path.read_bytes())
+        address = NatsAddress(url=connection.url, user=connection.user, password=connection.password)
     elif address is None:
         embedded = EmbeddedNats(store_dir=settings.nats_store_dir)
         address = NatsAddress(url=embedded.start(), user=embedded.user, password=embedded.password)
