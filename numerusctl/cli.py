@@ -81,14 +81,7 @@ STATUS_LIMIT = 20
 #: How long `clean` waits for its answer (or --timeout, if longer): removing many worktrees takes a while.
 CLEAN_WAIT_S = 600.0
 
-# One decoder per reply, built once (decode at the edge, once).
-_run_reply = msgspec.json.Decoder(RunReply)
-_status_reply = msgspec.json.Decoder(StatusReply)
-_kill_reply = msgspec.json.Decoder(KillReply)
-_clean_reply = msgspec.json.Decoder(CleanReply)
-_logs_reply = msgspec.json.Decoder(LogsReply)
-_events_reply = msgspec.json.Decoder(EventsReply)
-_plan_reply = msgspec.json.Decoder(PlanReply)
+# Replies are decoded by their protocol type in `connection.decode_reply`; an event's payload, as plain JSON.
 _any_json = msgspec.json.Decoder()
 
 #: The job events after which `run --wait` and `logs -f` stop, and what `run --wait` then exits with.
@@ -347,7 +340,7 @@ def run(
 
     async def body(nc: Client) -> int:
         data = await request(nc, "run", job, opts.timeout)
-        reply: RunReply = decode_reply(_run_reply, "run", data)
+        reply: RunReply = decode_reply("run", data)
         _out(data.decode() if opts.json else reply.job)
         for note in [] if opts.json else reply.notes:  # --json has them in the reply
             click.echo(f"numerusctl: note: {note}", err=True)
@@ -446,7 +439,7 @@ def status(ctx: click.Context, job: str | None, limit: int, every: bool, as_json
     async def body(nc: Client) -> int:
         query = GetStatus(job=job) if job is not None else GetStatus(limit=None if every else limit)
         data = await request(nc, "status", query, opts.timeout)
-        reply: StatusReply = decode_reply(_status_reply, "status", data)
+        reply: StatusReply = decode_reply("status", data)
         if opts.json:
             _out(data.decode())
         elif job is not None and len(reply.jobs) == 1:
@@ -482,7 +475,7 @@ def plan(ctx: click.Context, job: str, fmt: str, as_json: bool) -> None:
 
     async def body(nc: Client) -> int:
         data = await request(nc, "plan", GetPlan(job=job, format=fmt), opts.timeout)
-        reply: PlanReply = decode_reply(_plan_reply, "plan", data)
+        reply: PlanReply = decode_reply("plan", data)
         if opts.json:
             _out(data.decode())
         elif fmt == "text":
@@ -509,7 +502,7 @@ def logs(ctx: click.Context, job: str, task: str | None, follow: bool, as_json: 
 
     async def body(nc: Client) -> int:
         data = await request(nc, "logs", GetLogs(job=job, task=task), opts.timeout)
-        reply: LogsReply = decode_reply(_logs_reply, "logs", data)
+        reply: LogsReply = decode_reply("logs", data)
         if not follow:
             if opts.json:
                 _out(data.decode())
@@ -593,7 +586,7 @@ def events(ctx: click.Context, job: str | None, follow: bool, as_json: bool) -> 
         after = 0
         while True:
             data = await request(nc, "events", GetEvents(job=job, after_seq=after), opts.timeout)
-            page: EventsReply = decode_reply(_events_reply, "events", data)
+            page: EventsReply = decode_reply("events", data)
             seqs: list[int | None] = list(page.seqs) or [None] * len(page.events)  # an older daemon sends none
             for seq, raw in zip(seqs, page.events, strict=True):
                 show(seq, bytes(raw))
@@ -626,7 +619,7 @@ def kill(ctx: click.Context, job: str, as_json: bool) -> None:
 
     async def body(nc: Client) -> int:
         data = await request(nc, "kill", KillJob(job=job), opts.timeout)
-        reply: KillReply = decode_reply(_kill_reply, "kill", data)
+        reply: KillReply = decode_reply("kill", data)
         _out(data.decode() if opts.json else render.kill_text(reply))
         return 0
 
@@ -660,7 +653,7 @@ def clean(ctx: click.Context, jobs: tuple[str, ...], ended: bool, logs: bool, as
     async def body(nc: Client) -> int:
         query = CleanJobs(jobs=list(jobs), ended=ended, logs=logs)
         data = await request(nc, "clean", query, max(opts.timeout, CLEAN_WAIT_S))
-        reply: CleanReply = decode_reply(_clean_reply, "clean", data)
+        reply: CleanReply = decode_reply("clean", data)
         _out(data.decode() if opts.json else render.clean_text(reply))
         problems = [f"numerusctl: job {job.job}: {problem}" for job in reply.jobs for problem in job.problems]
         for line in problems:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -26,7 +27,7 @@ import nats.errors
 from nats.aio.client import Client
 
 from numerusd.protocol import subjects
-from numerusd.protocol.commands import DEFAULT_STATE_DIR, ErrorReply, Request
+from numerusd.protocol.commands import DEFAULT_STATE_DIR, REPLIES, ErrorReply, Request
 from numerusd.protocol.connection import FILE_NAME, decode_connection
 from numerusd.protocol.exit_codes import CtlExit
 
@@ -213,10 +214,17 @@ async def request(nc: Client, verb: str, body: Request, timeout: float) -> bytes
     return reply.data
 
 
-def decode_reply(decoder: msgspec.json.Decoder[Any], verb: str, data: bytes) -> Any:
-    """Decode a reply with its module-level decoder; a reply of another shape is a version mismatch."""
+@functools.cache
+def _reply_decoder(verb: str) -> msgspec.json.Decoder[Any]:
+    # Built once, but when the verb's reply first arrives rather than at import: a process runs one command, and
+    # building every verb's decoder resolves every reply type, a cost each command would pay for the others.
+    return msgspec.json.Decoder(REPLIES[verb])
+
+
+def decode_reply(verb: str, data: bytes) -> Any:
+    """Decode the reply to `verb` as its protocol type (`REPLIES`); a reply of another shape is a version mismatch."""
     try:
-        return decoder.decode(data)
+        return _reply_decoder(verb).decode(data)
     except msgspec.DecodeError as e:
         raise CtlError(
             f"cannot read numerusd's reply to {verb} ({e}); are numerusd and numerusctl the same version?"
