@@ -8,6 +8,7 @@ imports: at the top, inside functions (lazy imports) and under `if TYPE_CHECKING
 from __future__ import annotations
 
 import ast
+import sys
 from collections import deque
 from collections.abc import Iterable
 from pathlib import Path
@@ -17,6 +18,8 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 #: The packages of this repository; an import of anything else is a third-party or standard module.
 FIRST_PARTY = ("numerusd", "numerusctl")
+#: All the client may use besides the protocol and the standard library.
+CLIENT_PACKAGES = ("nats", "click", "msgspec")
 #: What the protocol must not touch: it is types and pure functions, shared by both programs.
 NOT_IN_PROTOCOL = ("nats", "asyncio", "aiosqlite", "sqlite3", "subprocess", "socket", "uvloop")
 
@@ -122,6 +125,19 @@ def test_numerusctl_imports_nothing_of_numerusd_but_the_protocol():
                 leaks.append(" -> ".join(chain))
     assert sorted(leaks) == []
     assert graph["numerusd"] == set()
+
+
+def test_numerusctl_needs_nothing_but_nats_click_msgspec_and_the_standard_library():
+    graph = import_graph("numerusctl") | import_graph("numerusd")
+    used = {
+        name.split(".")[0]: module
+        for start in graph
+        if start.split(".")[0] == "numerusctl"
+        for module in reachable(graph, start)
+        for name in graph[module]
+    }
+    others = set(used) - set(FIRST_PARTY) - set(CLIENT_PACKAGES) - sys.stdlib_module_names
+    assert {name: used[name] for name in others} == {}
 
 
 def test_the_protocol_imports_nothing_of_the_daemon_and_does_no_io():
