@@ -41,8 +41,9 @@ from numerusd.keys import Keyring
 from numerusd.protocol.envelope import seal
 from numerusd.protocol.events import AgentMessageReceived
 from numerusd.protocol.ids import new_ulid
+from numerusd.protocol.subjects import EVENTS
 from numerusd.stream_reader import StreamReader
-from numerusd.streams import EVENTS, ensure_streams
+from numerusd.streams import ensure_streams
 from numerusd.wal import WriteAheadLog
 
 TEXT = "compiling numerusd/event_store.py and running the tests again after the fix "

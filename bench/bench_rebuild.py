@@ -58,8 +58,9 @@ from numerusd.protocol.events import (
     TokensUsed,
 )
 from numerusd.protocol.ids import new_ulid
+from numerusd.protocol.subjects import EVENTS
 from numerusd.stream_reader import read_stream
-from numerusd.streams import EVENTS, ensure_stream, stream_specs
+from numerusd.streams import ensure_stream, stream_specs
 from numerusd.views.rebuild import rebuild
 
 KID = "bench"

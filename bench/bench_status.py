@@ -31,6 +31,8 @@ from _common import base_parser, report, run
 from numerusd.embedded_nats import EmbeddedNats
 from numerusd.keys import Keyring
 from numerusd.protocol import events as ev
+from numerusd.protocol import subjects
+from numerusd.protocol.connection import decode_connection
 from numerusd.protocol.envelope import seal
 from numerusd.protocol.ids import new_ulid
 from numerusd.streams import ensure_streams
@@ -153,15 +155,16 @@ async def main() -> None:
             while projected(state / "views.sqlite3") < args.events:  # measure the daemon idle, not catching up
                 await asyncio.sleep(0.2)
             catch_up_s = time.perf_counter() - started
-            c = json.loads(connection.read_text())
-            nc = await nats.connect(c["url"], user=c["user"], password=c["password"])
+            c = decode_connection(connection.read_bytes())
+            nc = await nats.connect(c.url, user=c.user, password=c.password)
 
             async def respond(msg: nats.aio.msg.Msg) -> None:
                 await msg.respond(b"{}")
 
             echo = await nc.subscribe("bench.echo", cb=respond)
             baseline = await timed_requests(nc, "bench.echo", b"{}", args.requests)
-            status = await timed_requests(nc, "numerus.cmd.status", json.dumps({"job": job}).encode(), args.requests)
+            query = json.dumps({"job": job}).encode()
+            status = await timed_requests(nc, subjects.command("status"), query, args.requests)
             await echo.unsubscribe()
             await nc.close()
             await asyncio.sleep(2)  # idle: let the projector finish catching up and the allocator settle

@@ -66,6 +66,9 @@ TARGETS = [
         10.0,
         "the same 64 tasks of 1 s with claims from the plan",
     ),
+    Target(
+        "cli", "ratio", "<=", 1.0, "a cold `numerusctl status` process vs a cold bare nats-py request, median of pairs"
+    ),
 ]
 
 #: Command line of each benchmark: full size, and a quick size for a smoke run.
@@ -77,6 +80,7 @@ BENCHES = {
     "locks": (["bench_locks.py"], ["bench_locks.py"]),
     "spawn": (["bench_spawn.py"], ["bench_spawn.py", "--quick"]),
     "pipeline": (["bench_pipeline.py"], ["bench_pipeline.py", "--quick"]),
+    "cli": (["bench_cli.py"], ["bench_cli.py", "--pairs", "6"]),
 }
 
 
@@ -139,6 +143,10 @@ def markdown(results: dict[str, dict], quick: bool) -> str:
         "  `parallel = 8` against `xargs -0 -P8 -n1` running the executor's exact command line 200 times (mean of a",
         "  run before and one after); `noop200_ratio` is the review-off run, the review-on run is reported beside",
         "  it. 64 tasks of 1 s each at `parallel = 1` and `16`, review off; `sleep64_speedup` is p1 / p16.",
+        "- `bench/bench_cli.py`: the real `numerusd`; a fresh `numerusctl status` process against a fresh bare",
+        "  nats-py client process (read `connection.json`, connect, request `numerus.cmd.status`, print, close), both",
+        "  from bytecode, 20 pairs in alternating order; the median of the pairs' wall-time ratios, their spread, and",
+        "  the same for the CPU time each process used (far steadier on a busy machine).",
         "",
     ]
     return "\n".join(lines)

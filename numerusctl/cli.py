@@ -14,13 +14,16 @@
 branch `numerus/<job>.integration`; `--no-plan` runs one supervised agent on the goal instead.
 
 `--json` (before or after the command) prints replies and events as JSON instead of text. Following (`run
---wait`, `logs -f`, `events -f`) reads the JetStream streams directly with ordered consumers, and `audit verify`
-with the lean pull loop of `numerusd.stream_reader`; `audit verify` trusts nothing the daemon says and checks
-every event with the key.
+--wait`, `logs -f`, `events -f`) and `audit verify` read the JetStream streams directly with ordered consumers
+(`feed.py`); `audit verify` trusts nothing the daemon says and checks every event with the key.
 
-Exit codes: 0 ok; 1 refused or failed (an error reply, a failed job under `--wait`, a problem found by the
-audit); 2 usage; 3 numerusd or its NATS server cannot be reached. No failure prints a traceback (set
-`NUMERUSCTL_DEBUG=1` to see one for an unexpected error).
+Each command imports what it alone needs inside its own body (the stream reader, the event renderer, the
+auditor), so a one-request command such as `status` starts no faster or slower for the others
+(`bench/bench_cli.py` measures it against a bare nats-py request).
+
+Exit codes (`numerusd.protocol.exit_codes.CtlExit`): 0 ok; 1 refused or failed (an error reply, a failed job
+under `--wait`, a problem found by the audit); 2 usage; 3 numerusd or its NATS server cannot be reached. No
+failure prints a traceback (set `NUMERUSCTL_DEBUG=1` to see one for an unexpected error).
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 import msgspec
@@ -42,20 +45,14 @@ from nats.aio.client import Client
 
 from numerusctl import render
 from numerusctl.connection import (
-    EVENTS_STREAM,
-    EXIT_FAILED,
-    EXIT_USAGE,
-    LOGS_STREAM,
     CtlError,
-    StreamFeed,
     connected,
     decode_reply,
     request,
     resolve_target,
     state_dir_or_default,
-    stored_batches,
 )
-from numerusd.protocol.audit import Auditor
+from numerusd.protocol import subjects
 from numerusd.protocol.commands import (
     ROLES,
     CleanJobs,
@@ -73,28 +70,28 @@ from numerusd.protocol.commands import (
     RunReply,
     StatusReply,
 )
-from numerusd.protocol.envelope import InvalidEvent, decode_wire
-from numerusd.protocol.events import snake_name
+from numerusd.protocol.exit_codes import CtlExit
 from numerusd.protocol.ids import is_token
+
+if TYPE_CHECKING:
+    from numerusctl.feed import StreamFeed
 
 #: Jobs `status` lists by default, newest first.
 STATUS_LIMIT = 20
 #: How long `clean` waits for its answer (or --timeout, if longer): removing many worktrees takes a while.
 CLEAN_WAIT_S = 600.0
 
-# One decoder per reply, built once (decode at the edge, once).
-_run_reply = msgspec.json.Decoder(RunReply)
-_status_reply = msgspec.json.Decoder(StatusReply)
-_kill_reply = msgspec.json.Decoder(KillReply)
-_clean_reply = msgspec.json.Decoder(CleanReply)
-_logs_reply = msgspec.json.Decoder(LogsReply)
-_events_reply = msgspec.json.Decoder(EventsReply)
-_plan_reply = msgspec.json.Decoder(PlanReply)
+# Replies are decoded by their protocol type in `connection.decode_reply`; an event's payload, as plain JSON.
 _any_json = msgspec.json.Decoder()
 
 #: The job events after which `run --wait` and `logs -f` stop, and what `run --wait` then exits with.
-_JOB_END = {"JobCompleted": 0, "JobFailed": EXIT_FAILED, "JobKilled": EXIT_FAILED, "JobInterrupted": EXIT_FAILED}
-_JOB_END_SUFFIXES = {snake_name(name) for name in _JOB_END}
+_JOB_END = {
+    "JobCompleted": CtlExit.OK,
+    "JobFailed": CtlExit.FAILED,
+    "JobKilled": CtlExit.FAILED,
+    "JobInterrupted": CtlExit.FAILED,
+}
+_JOB_END_SUFFIXES = {subjects.snake_name(name) for name in _JOB_END}
 
 
 T = TypeVar("T")
@@ -343,7 +340,7 @@ def run(
 
     async def body(nc: Client) -> int:
         data = await request(nc, "run", job, opts.timeout)
-        reply: RunReply = decode_reply(_run_reply, "run", data)
+        reply: RunReply = decode_reply("run", data)
         _out(data.decode() if opts.json else reply.job)
         for note in [] if opts.json else reply.notes:  # --json has them in the reply
             click.echo(f"numerusctl: note: {note}", err=True)
@@ -395,7 +392,11 @@ def _refuse_with_no_plan(
 
 async def _follow_job(nc: Client, job: str, as_json: bool) -> int:
     """Print the job's events as progress (or JSON lines) from its start until it ends; its exit code."""
-    async with StreamFeed(nc, EVENTS_STREAM, f"numerus.job.{job}.>") as feed:
+    from numerusctl.feed import StreamFeed
+    from numerusctl.render_events import progress_line
+    from numerusd.protocol.envelope import InvalidEvent, decode_wire
+
+    async with StreamFeed(nc, subjects.EVENTS, subjects.job_events(job)) as feed:
         async for batch in feed.forever():
             for stored in batch:
                 try:
@@ -407,12 +408,12 @@ async def _follow_job(nc: Client, job: str, as_json: bool) -> int:
                     _out(stored.data)
                     _out("")
                 else:
-                    line = render.progress_line(job, env.type, env.task, data)
+                    line = progress_line(job, env.type, env.task, data)
                     if line is not None:
                         _out(line)
                 if env.type in _JOB_END and env.task is None:
                     return _JOB_END[env.type]
-    return EXIT_FAILED  # unreachable: forever() only ends by raising
+    return CtlExit.FAILED  # unreachable: forever() only ends by raising
 
 
 # --- status ---------------------------------------------------------------------------------------------------
@@ -438,7 +439,7 @@ def status(ctx: click.Context, job: str | None, limit: int, every: bool, as_json
     async def body(nc: Client) -> int:
         query = GetStatus(job=job) if job is not None else GetStatus(limit=None if every else limit)
         data = await request(nc, "status", query, opts.timeout)
-        reply: StatusReply = decode_reply(_status_reply, "status", data)
+        reply: StatusReply = decode_reply("status", data)
         if opts.json:
             _out(data.decode())
         elif job is not None and len(reply.jobs) == 1:
@@ -474,7 +475,7 @@ def plan(ctx: click.Context, job: str, fmt: str, as_json: bool) -> None:
 
     async def body(nc: Client) -> int:
         data = await request(nc, "plan", GetPlan(job=job, format=fmt), opts.timeout)
-        reply: PlanReply = decode_reply(_plan_reply, "plan", data)
+        reply: PlanReply = decode_reply("plan", data)
         if opts.json:
             _out(data.decode())
         elif fmt == "text":
@@ -501,7 +502,7 @@ def logs(ctx: click.Context, job: str, task: str | None, follow: bool, as_json: 
 
     async def body(nc: Client) -> int:
         data = await request(nc, "logs", GetLogs(job=job, task=task), opts.timeout)
-        reply: LogsReply = decode_reply(_logs_reply, "logs", data)
+        reply: LogsReply = decode_reply("logs", data)
         if not follow:
             if opts.json:
                 _out(data.decode())
@@ -523,11 +524,13 @@ def logs(ctx: click.Context, job: str, task: str | None, follow: bool, as_json: 
 async def _follow_logs(nc: Client, job: str, task: str | None) -> int:
     """Copy `numerus.log.<job>.<task>` chunks to stdout as they come; stop once the job has ended and all
     output stored by then has been written."""
-    subject = f"numerus.log.{job}.{task or '*'}"
+    from numerusctl.feed import StreamFeed
+
+    subject = subjects.job_logs(job) if task is None else subjects.task_log(job, task)
     out = sys.stdout.buffer  # chunks are bytes from a terminal, escapes and all: copied, not decoded
     async with (
-        StreamFeed(nc, LOGS_STREAM, subject) as log_feed,
-        StreamFeed(nc, EVENTS_STREAM, f"numerus.job.{job}.*") as job_feed,
+        StreamFeed(nc, subjects.LOGS, subject) as log_feed,
+        StreamFeed(nc, subjects.EVENTS, subjects.job_level_events(job)) as job_feed,
     ):
         ended = asyncio.create_task(_job_end(job_feed))
         try:
@@ -554,7 +557,7 @@ async def _follow_logs(nc: Client, job: str, task: str | None) -> int:
 async def _job_end(feed: StreamFeed) -> None:
     # Job-level events only (`numerus.job.<job>.*`), so task events do not have to be read through.
     async for batch in feed.forever():
-        if any(stored.subject.rsplit(".", 1)[-1] in _JOB_END_SUFFIXES for stored in batch):
+        if any(subjects.event_suffix(stored.subject) in _JOB_END_SUFFIXES for stored in batch):
             return
 
 
@@ -568,6 +571,8 @@ async def _job_end(feed: StreamFeed) -> None:
 @click.pass_context
 def events(ctx: click.Context, job: str | None, follow: bool, as_json: bool) -> None:
     """The events of JOB (or of every job), as stored: `seq time type task summary`, or exact JSON lines."""
+    from numerusctl.render_events import event_line
+
     opts = _options(ctx, as_json)
 
     def show(seq: int | None, wire: bytes) -> None:
@@ -575,13 +580,13 @@ def events(ctx: click.Context, job: str | None, follow: bool, as_json: bool) -> 
             _out(wire)
             _out("")
         else:
-            _out(render.event_line(seq, wire))
+            _out(event_line(seq, wire))
 
     async def body(nc: Client) -> int:
         after = 0
         while True:
             data = await request(nc, "events", GetEvents(job=job, after_seq=after), opts.timeout)
-            page: EventsReply = decode_reply(_events_reply, "events", data)
+            page: EventsReply = decode_reply("events", data)
             seqs: list[int | None] = list(page.seqs) or [None] * len(page.events)  # an older daemon sends none
             for seq, raw in zip(seqs, page.events, strict=True):
                 show(seq, bytes(raw))
@@ -590,8 +595,9 @@ def events(ctx: click.Context, job: str | None, follow: bool, as_json: bool) -> 
                 break
         if not follow:
             return 0
-        subject = "numerus.job.>" if job is None else f"numerus.job.{job}.>"
-        async with StreamFeed(nc, EVENTS_STREAM, subject, start_seq=after + 1) as feed:
+        from numerusctl.feed import StreamFeed
+
+        async with StreamFeed(nc, subjects.EVENTS, subjects.job_events(job), start_seq=after + 1) as feed:
             async for batch in feed.forever():
                 for stored in batch:
                     show(stored.seq, stored.data)
@@ -613,7 +619,7 @@ def kill(ctx: click.Context, job: str, as_json: bool) -> None:
 
     async def body(nc: Client) -> int:
         data = await request(nc, "kill", KillJob(job=job), opts.timeout)
-        reply: KillReply = decode_reply(_kill_reply, "kill", data)
+        reply: KillReply = decode_reply("kill", data)
         _out(data.decode() if opts.json else render.kill_text(reply))
         return 0
 
@@ -642,17 +648,17 @@ def clean(ctx: click.Context, jobs: tuple[str, ...], ended: bool, logs: bool, as
     """
     opts = _options(ctx, as_json)
     if bool(jobs) == ended:
-        raise CtlError("name the jobs to clean, or clean every ended job with --ended (not both)", EXIT_USAGE)
+        raise CtlError("name the jobs to clean, or clean every ended job with --ended (not both)", CtlExit.USAGE)
 
     async def body(nc: Client) -> int:
         query = CleanJobs(jobs=list(jobs), ended=ended, logs=logs)
         data = await request(nc, "clean", query, max(opts.timeout, CLEAN_WAIT_S))
-        reply: CleanReply = decode_reply(_clean_reply, "clean", data)
+        reply: CleanReply = decode_reply("clean", data)
         _out(data.decode() if opts.json else render.clean_text(reply))
         problems = [f"numerusctl: job {job.job}: {problem}" for job in reply.jobs for problem in job.problems]
         for line in problems:
             click.echo(line, err=True)
-        return EXIT_FAILED if problems else 0
+        return CtlExit.FAILED if problems else CtlExit.OK
 
     _run(_with_daemon(opts, body))
 
@@ -671,13 +677,15 @@ def load_keys(path: Path) -> dict[str, bytes]:
         raw = json.loads(path.read_bytes())
         keys = {str(kid): bytes.fromhex(secret) for kid, secret in raw["keys"].items()}
     except FileNotFoundError:
-        raise CtlError(f"no key file at {path}; pass --key-file", EXIT_USAGE) from None
+        raise CtlError(f"no key file at {path}; pass --key-file", CtlExit.USAGE) from None
     except OSError as e:
-        raise CtlError(f"cannot read key file {path}: {e.strerror}", EXIT_USAGE) from None
+        raise CtlError(f"cannot read key file {path}: {e.strerror}", CtlExit.USAGE) from None
     except (ValueError, KeyError, TypeError, AttributeError):
-        raise CtlError(f'key file {path} is not {{"current": KID, "keys": {{KID: HEX_SECRET}}}}', EXIT_USAGE) from None
+        raise CtlError(
+            f'key file {path} is not {{"current": KID, "keys": {{KID: HEX_SECRET}}}}', CtlExit.USAGE
+        ) from None
     if not keys:
-        raise CtlError(f"key file {path} holds no key", EXIT_USAGE)
+        raise CtlError(f"key file {path} holds no key", CtlExit.USAGE)
     return keys
 
 
@@ -708,6 +716,9 @@ def verify(
 
     Prints one line per problem and exits 1 if there is any, 0 when everything holds.
     """
+    from numerusctl.feed import StreamFeed
+    from numerusd.protocol.audit import Auditor
+
     opts = _options(ctx, as_json)
     if expect_head and job is None:
         raise click.UsageError("--expect-head needs a JOB")
@@ -715,22 +726,22 @@ def verify(
     auditor = Auditor(
         keys, expected_heads={job: expect_head} if job and expect_head else None, assume_finished=finished
     )
-    subject = "numerus.job.>" if job is None else f"numerus.job.{job}.>"
 
     async def body(nc: Client) -> int:
-        async for batch in stored_batches(nc, EVENTS_STREAM, subject):
-            for stored in batch:
-                auditor.feed(stored.seq, stored.subject, stored.data)
+        async with StreamFeed(nc, subjects.EVENTS, subjects.job_events(job)) as feed:
+            async for batch in feed.until_caught_up():
+                for stored in batch:
+                    auditor.feed(stored.seq, stored.subject, stored.data)
         report = auditor.report()
         if opts.json:
             _out(msgspec.json.encode(report).decode())
-            return 0 if report.ok else EXIT_FAILED
+            return CtlExit.OK if report.ok else CtlExit.FAILED
         for problem in report.problems:
             _out(problem.line())
         open_jobs = [j for j in report.jobs if j.tail == "open"]
         if job is not None and not report.jobs and report.events == 0:
-            _out(f"no events of job {job} in {EVENTS_STREAM}")
-            return EXIT_FAILED
+            _out(f"no events of job {job} in {subjects.EVENTS}")
+            return CtlExit.FAILED
         jobs = f"{len(report.jobs)} job{'s' if len(report.jobs) != 1 else ''}"
         if open_jobs:
             jobs += f", {len(open_jobs)} open (running, or their last events are missing: see docs/audit.md)"
@@ -739,7 +750,7 @@ def verify(
             _out(f"ok: {report.events} events in {jobs}: every signature and chain link holds{head}")
             return 0
         _out(f"FAILED: {len(report.problems)} problem(s) in {report.events} events ({jobs})")
-        return EXIT_FAILED
+        return CtlExit.FAILED
 
     _run(_with_daemon(opts, body))
 
@@ -751,4 +762,4 @@ def main() -> None:
     except BrokenPipeError:
         # `numerusctl events | head`: the reader left; say nothing more, and let no flush at exit complain.
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115
-        raise SystemExit(EXIT_FAILED) from None
+        raise SystemExit(CtlExit.FAILED) from None

@@ -1,9 +1,10 @@
-"""How numerusctl finds and talks to numerusd: where to connect, one request/reply, and reading a stream.
+"""How numerusctl finds and talks to numerusd: where to connect, and one request/reply.
 
 Where: `--nats-url` (or `$NUMERUS_NATS_URL`) with `--nats-user/--nats-password` or `--creds`, else the
 connection file the daemon writes in its state directory (`--state-dir`, `$NUMERUS_STATE_DIR`, or the default),
-`{"url", "user", "password", "pid"}`. The client connects once, with a short timeout and no reconnect loop: a
-command that cannot reach the daemon fails fast with one line and exit code 3.
+read through `numerusd.protocol.connection`. The client connects once, with a short timeout and no reconnect
+loop: a command that cannot reach the daemon fails fast with one line and exit code 3. Reading streams (for
+following and auditing) is `feed.py`'s, imported only by the commands that read them.
 
 Every failure here is a `CtlError` carrying its exit code and one line for the user; nothing below lets a
 third-party exception out.
@@ -13,32 +14,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
+import functools
 import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import click
 import msgspec
 import nats.errors
-import nats.js.errors
 from nats.aio.client import Client
-from nats.aio.msg import Msg
-from nats.js.api import ConsumerConfig, DeliverPolicy
 
-from numerusd.errors import NatsUnavailable, StoreError
-from numerusd.protocol.commands import DEFAULT_STATE_DIR, ErrorReply, Request, command_subject
-from numerusd.stream_reader import StreamMessage, read_stream
-from numerusd.streams import STREAM_NOT_FOUND
-
-CONNECTION_FILE = "connection.json"
-
-EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE = 1, 2, 3
-
-EVENTS_STREAM = "NUMERUS_EVENTS"
-LOGS_STREAM = "NUMERUS_LOGS"
+from numerusd.protocol import subjects
+from numerusd.protocol.commands import DEFAULT_STATE_DIR, REPLIES, ErrorReply, Request
+from numerusd.protocol.connection import FILE_NAME, decode_connection
+from numerusd.protocol.exit_codes import CtlExit
 
 _HINT = "start it with 'numerusd' or pass --state-dir/--nats-url"
 _error_decoder = msgspec.json.Decoder(ErrorReply)
@@ -47,7 +38,7 @@ _error_decoder = msgspec.json.Decoder(ErrorReply)
 class CtlError(click.ClickException):
     """A failure the user sees as `numerusctl: <message>` on one line, with its own exit code."""
 
-    def __init__(self, message: str, exit_code: int = EXIT_FAILED) -> None:
+    def __init__(self, message: str, exit_code: int = CtlExit.FAILED) -> None:
         super().__init__(message)
         self.exit_code = exit_code
 
@@ -60,7 +51,7 @@ class Unreachable(CtlError):
     """The daemon (or its NATS server) cannot be reached: exit 3."""
 
     def __init__(self, message: str) -> None:
-        super().__init__(message, EXIT_UNREACHABLE)
+        super().__init__(message, CtlExit.UNREACHABLE)
 
 
 @dataclass(frozen=True)
@@ -84,23 +75,16 @@ def state_dir_or_default(state_dir: Path | None) -> Path:
 def read_connection_file(path: Path) -> Target:
     """The daemon's connection file, or Unreachable saying that no daemon has written one there."""
     try:
-        raw = json.loads(path.read_bytes())
+        info = decode_connection(path.read_bytes())
     except FileNotFoundError:
         raise Unreachable(f"cannot reach numerusd: no {path} (numerusd writes it when it starts); {_HINT}") from None
     except PermissionError:
         raise CtlError(f"cannot read {path}: permission denied (it belongs to the user running numerusd)") from None
-    except (OSError, ValueError) as e:
-        raise Unreachable(f"cannot reach numerusd: {path} is unreadable ({e}); {_HINT}") from None
-    if not isinstance(raw, dict) or not isinstance(raw.get("url"), str):
-        raise Unreachable(f"cannot reach numerusd: {path} holds no server URL; {_HINT}")
-    pid = raw.get("pid")
-    return Target(
-        url=raw["url"],
-        source=str(path),
-        user=raw.get("user") or None,
-        password=raw.get("password") or None,
-        pid=pid if isinstance(pid, int) else None,
-    )
+    except OSError as e:
+        raise Unreachable(f"cannot reach numerusd: {path} is unreadable ({e.strerror}); {_HINT}") from None
+    except msgspec.DecodeError as e:
+        raise Unreachable(f"cannot reach numerusd: {path} is not numerusd's connection file ({e}); {_HINT}") from None
+    return Target(url=info.url, source=str(path), user=info.user or None, password=info.password or None, pid=info.pid)
 
 
 def resolve_target(
@@ -114,7 +98,7 @@ def resolve_target(
     """`--nats-url` and its credentials when given, else the connection file in the state directory."""
     if nats_url:
         return Target(url=nats_url, source="--nats-url", user=nats_user, password=nats_password, creds=creds)
-    return read_connection_file(state_dir_or_default(state_dir) / CONNECTION_FILE)
+    return read_connection_file(state_dir_or_default(state_dir) / FILE_NAME)
 
 
 def redact(url: str) -> str:
@@ -211,7 +195,7 @@ async def connected(target: Target, timeout: float) -> AsyncIterator[Client]:
 
 async def request(nc: Client, verb: str, body: Request, timeout: float) -> bytes:
     """Send one request to `numerus.cmd.<verb>`; the reply's bytes, or CtlError for an error reply."""
-    subject = command_subject(verb)
+    subject = subjects.command(verb)
     try:
         reply = await nc.request(subject, msgspec.json.encode(body), timeout=timeout)
     except nats.errors.NoRespondersError:
@@ -230,132 +214,18 @@ async def request(nc: Client, verb: str, body: Request, timeout: float) -> bytes
     return reply.data
 
 
-def decode_reply(decoder: msgspec.json.Decoder[Any], verb: str, data: bytes) -> Any:
-    """Decode a reply with its module-level decoder; a reply of another shape is a version mismatch."""
+@functools.cache
+def _reply_decoder(verb: str) -> msgspec.json.Decoder[Any]:
+    # Built once, but when the verb's reply first arrives rather than at import: a process runs one command, and
+    # building every verb's decoder resolves every reply type, a cost each command would pay for the others.
+    return msgspec.json.Decoder(REPLIES[verb])
+
+
+def decode_reply(verb: str, data: bytes) -> Any:
+    """Decode the reply to `verb` as its protocol type (`REPLIES`); a reply of another shape is a version mismatch."""
     try:
-        return decoder.decode(data)
+        return _reply_decoder(verb).decode(data)
     except msgspec.DecodeError as e:
         raise CtlError(
             f"cannot read numerusd's reply to {verb} ({e}); are numerusd and numerusctl the same version?"
         ) from None
-
-
-async def stored_batches(nc: Client, stream: str, subject: str) -> AsyncIterator[list[StreamMessage]]:
-    """Batches of everything stored on `subject` now, read with the lean pull loop of `numerusd.stream_reader`
-    (an ephemeral consumer, nothing acknowledged): a quarter faster than an ordered consumer over 100k events, for
-    a reader that only goes through the whole history once (`audit verify`)."""
-    try:
-        async for batch in read_stream(nc, stream, filter_subjects=[subject]):
-            yield batch
-    except StoreError as e:
-        if e.fields.get("err_code") == STREAM_NOT_FOUND:
-            raise _no_stream(nc, stream) from None
-        raise CtlError(e.message) from None
-    except NatsUnavailable as e:
-        raise Unreachable(e.message) from None
-
-
-def _no_stream(nc: Client, stream: str) -> CtlError:
-    return CtlError(f"stream {stream} does not exist on {server_of(nc)}: has numerusd ever run against this server?")
-
-
-class Stored(NamedTuple):
-    """One message as JetStream stores it."""
-
-    seq: int
-    subject: str
-    data: bytes
-
-
-class StreamFeed:
-    """An ordered consumer on one stream and subject filter, from a start sequence, handing out batches.
-
-    Ordered consumers are ephemeral, in memory and never acknowledged: nothing is left behind on the server
-    and nothing a reader does can disturb the daemon's own consumers. Messages are collected by a callback
-    (far cheaper in nats-py than `next_msg`) and handed out in whatever batches have arrived.
-    """
-
-    def __init__(self, nc: Client, stream: str, subject: str, start_seq: int = 1) -> None:
-        self._nc = nc
-        self._stream = stream
-        self._subject = subject
-        self._start_seq = start_seq
-        self._ready: list[Stored] = []
-        self._arrived = asyncio.Event()
-        self._caught_up = False
-        self._last_seq = 0
-        self._sub: Any = None
-
-    async def __aenter__(self) -> StreamFeed:
-        config = ConsumerConfig(
-            deliver_policy=DeliverPolicy.BY_START_SEQUENCE if self._start_seq > 1 else DeliverPolicy.ALL,
-            opt_start_seq=self._start_seq if self._start_seq > 1 else None,
-        )
-        try:
-            self._sub = await self._nc.jetstream().subscribe(
-                self._subject, stream=self._stream, ordered_consumer=True, config=config, cb=self._on_msg
-            )
-            info = await self._sub.consumer_info()
-        except nats.js.errors.NotFoundError:
-            raise _no_stream(self._nc, self._stream) from None
-        except nats.js.errors.APIError as e:
-            raise CtlError(f"cannot read stream {self._stream}: {e.description or e}") from None
-        if info.num_pending == 0 and info.delivered.consumer_seq == 0:
-            self._caught_up = True  # nothing stored yet; no message will come to say so
-        return self
-
-    async def __aexit__(self, *_exc: object) -> None:
-        if self._sub is not None and not self._nc.is_closed:
-            with contextlib.suppress(Exception):
-                await self._sub.unsubscribe()
-
-    async def _on_msg(self, msg: Msg) -> None:
-        meta = msg.metadata
-        self._last_seq = meta.sequence.stream
-        self._ready.append(Stored(self._last_seq, msg.subject, msg.data))
-        if meta.num_pending == 0:
-            self._caught_up = True
-        self._arrived.set()
-
-    @property
-    def caught_up(self) -> bool:
-        """True once every message stored when the feed began (and maybe more) has been handed out."""
-        return self._caught_up and not self._ready
-
-    async def next_batch(self) -> list[Stored]:
-        """What has arrived, waiting for something if nothing has."""
-        while not self._ready:
-            if self._nc.is_closed:
-                raise Unreachable("lost the connection to NATS")
-            self._arrived.clear()
-            # Wake up now and then to notice a connection that closed under us.
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._arrived.wait(), 1.0)
-        batch, self._ready = self._ready, []
-        return batch
-
-    async def until_caught_up(self) -> AsyncIterator[list[Stored]]:
-        """Batches of everything stored when the feed began, then stop."""
-        while not self.caught_up:
-            yield await self.next_batch()
-
-    async def drain(self) -> AsyncIterator[list[Stored]]:
-        """Batches until everything stored by now on the subject has been handed out (asks the server)."""
-        while True:
-            if self._ready:
-                batch, self._ready = self._ready, []
-                yield batch
-                continue
-            if self._nc.is_closed:
-                raise Unreachable("lost the connection to NATS")
-            info = await self._sub.consumer_info()
-            if info.num_pending == 0 and self._last_seq >= info.delivered.stream_seq:
-                return
-            self._arrived.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._arrived.wait(), 0.2)
-
-    async def forever(self) -> AsyncIterator[list[Stored]]:
-        """Batches as they come, without end (the caller stops)."""
-        while True:
-            yield await self.next_batch()

@@ -1,7 +1,7 @@
 """`numerusd`: run the daemon (the default), or rebuild its SQLite views from the stream.
 
-Exit codes: 0 stopped cleanly; 69 NATS unavailable or too old; 70 internal error; 75 another daemon holds the
-state directory; 78 bad configuration.
+Exit codes (`protocol/exit_codes.DaemonExit`, chosen by the error's type): 0 stopped cleanly; 69 NATS
+unavailable or too old; 70 internal error; 75 another daemon holds the state directory; 78 bad configuration.
 """
 
 from __future__ import annotations
@@ -16,9 +16,8 @@ import uvloop
 
 from numerusd import __version__
 from numerusd.config import Settings, load_settings
-from numerusd.errors import ConfigError, NatsUnavailable, NumerusError
-
-EXIT_UNAVAILABLE, EXIT_SOFTWARE, EXIT_LOCKED, EXIT_CONFIG = 69, 70, 75, 78
+from numerusd.errors import ConfigError, NatsUnavailable, NumerusError, StateLocked
+from numerusd.protocol.exit_codes import DaemonExit
 
 log = logging.getLogger("numerusd")
 
@@ -36,15 +35,20 @@ def _settings(ctx: click.Context) -> Settings:
         )
     except ConfigError as e:
         click.echo(f"numerusd: {e.message}", err=True)
-        sys.exit(EXIT_CONFIG)
+        sys.exit(_exit_code(e))
+
+
+#: The exit code of each kind of error, most specific first; any other NumerusError is internal (70).
+_EXIT_CODES: tuple[tuple[type[NumerusError], DaemonExit], ...] = (
+    (StateLocked, DaemonExit.LOCKED),
+    (ConfigError, DaemonExit.CONFIG),
+    (NatsUnavailable, DaemonExit.UNAVAILABLE),
+)
 
 
 def _exit_code(error: NumerusError) -> int:
-    if isinstance(error, NatsUnavailable):
-        return EXIT_UNAVAILABLE
-    if isinstance(error, ConfigError):
-        return EXIT_LOCKED if "another numerusd" in error.message else EXIT_CONFIG
-    return EXIT_SOFTWARE
+    """The exit code for an error that stops numerusd, chosen by its type."""
+    return next((int(code) for kind, code in _EXIT_CODES if isinstance(error, kind)), int(DaemonExit.SOFTWARE))
 
 
 @click.group(invoke_without_command=True)

@@ -35,7 +35,6 @@ daemon's side of that contract sits beside the settings that name its path.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -45,6 +44,7 @@ import msgspec
 
 from numerusd.agents.base import AgentProfile
 from numerusd.errors import ConfigError
+from numerusd.protocol import connection
 from numerusd.protocol.commands import DEFAULT_STATE_DIR, ROLES
 
 #: The profiles every installation has; a file's `[agents.<name>]` table is merged over them field by field.
@@ -198,7 +198,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     @property
     def connection_path(self) -> Path:
         """Where the running daemon tells `numerusctl` how to reach it."""
-        return self.state_dir / "connection.json"
+        return self.state_dir / connection.FILE_NAME
 
     @property
     def nats_store_dir(self) -> Path:
@@ -342,12 +342,15 @@ def load_settings(
 
 
 def write_connection_file(path: Path, url: str, user: str | None, password: str | None) -> None:
-    """Tell numerusctl how to reach this daemon: `{url, user, password, pid}`, mode 0600, replaced atomically.
+    """Tell numerusctl how to reach this daemon (`protocol.connection.ConnectionInfo`), mode 0600, replaced
+    atomically.
 
     The file holds a password, so it is created 0600 from the start (never chmod'ed after), in a temporary name
     beside the target and renamed over it, so a reader sees the old file or the new one, never half of one.
     """
-    body = json.dumps({"url": url, "user": user, "password": password, "pid": os.getpid()}).encode()
+    body = connection.encode_connection(
+        connection.ConnectionInfo(url=url, user=user, password=password, pid=os.getpid())
+    )
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)

@@ -47,12 +47,13 @@ from numerusd.keys import Keyring
 from numerusd.pipeline import remove_merged
 from numerusd.protocol.commands import JOB_DONE
 from numerusd.protocol.envelope import InvalidEvent, open_untyped
+from numerusd.protocol.subjects import EVENTS
 from numerusd.runner import Runner
 from numerusd.schemas import agent_output_schemas
 from numerusd.service import start_service
 from numerusd.stream_pump import head_started_stream
 from numerusd.stream_reader import last_sequence, read_stream
-from numerusd.streams import EVENTS, check_server_version, ensure_streams
+from numerusd.streams import check_server_version, ensure_streams
 from numerusd.supervisor import Agents
 from numerusd.systemd import notify, watchdog
 from numerusd.terminal import kill_leftover

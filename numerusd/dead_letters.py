@@ -11,6 +11,7 @@ import logging
 
 from nats.js import JetStreamContext
 
+from numerusd.protocol import subjects
 from numerusd.protocol.ids import new_ulid
 
 log = logging.getLogger(__name__)
@@ -27,6 +28,6 @@ class DeadLetters:
         headers = {"Numerus-Reason": message[:1000], "Numerus-Id": new_ulid()}
         headers |= {f"Numerus-{key.title()}": str(value) for key, value in fields.items()}
         try:
-            await self.js.publish(f"numerus.dlq.{source}.{reason}", data, headers=headers)
+            await self.js.publish(subjects.dlq(source, reason), data, headers=headers)
         except Exception as e:  # a dead letter that cannot be kept is logged, never fatal
             log.warning("dead letter %s.%s not stored: %s", source, reason, e)

@@ -1,8 +1,9 @@
 """The one exception tree of Numerus.
 
     NumerusError                   anything Numerus raises on purpose; `code` is stable, the message actionable
-    ├── ConfigError                a setting or file is wrong (numerusd exits 78, numerusctl 2)
-    ├── NatsUnavailable            no server to talk to, or one too old (exits 69 / 3)
+    ├── ConfigError                a setting or file is wrong (numerusd exits 78)
+    │   └── StateLocked            another numerusd holds the state directory (numerusd exits 75)
+    ├── NatsUnavailable            no server to talk to, or one too old (numerusd exits 69)
     ├── StoreError                 the event store could not durably append or read
     │   ├── WalCorrupted           the write-ahead log holds a record that fails its checksum mid-file
     │   └── StreamMismatch         a stream exists with settings that would break an invariant
@@ -11,6 +12,9 @@
     └── CommandRefused             a request was understood and refused (unknown job, job already done, …)
         ├── BadRequest             the request does not decode or fails validation; names the path
         └── NotFound               the request names a job or task that does not exist
+
+numerusd's exit code is chosen by the class (`numerusd/cli.py`, codes in `protocol/exit_codes.py`); numerusctl
+imports none of these: it has its own `CtlError` carrying its exit code.
 
 Third-party errors (nats-py, sqlite3, git, OS errors) are translated into these in one place per dependency:
 `streams.jetstream_errors` for NATS and JetStream, `views/database.py` for SQLite, `terminal.py` for starting
@@ -35,6 +39,12 @@ class ConfigError(NumerusError):
     """A setting, flag or configuration file is wrong."""
 
     code = "config"
+
+
+class StateLocked(ConfigError):
+    """Another numerusd holds the state directory; `pid` names it when its lock file says."""
+
+    code = "state_locked"
 
 
 class NatsUnavailable(NumerusError):

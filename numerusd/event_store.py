@@ -52,8 +52,9 @@ from numerusd.keys import Keyring
 from numerusd.protocol.envelope import Sealed, digest, open_event, seal
 from numerusd.protocol.events import EventData
 from numerusd.protocol.ids import new_ulid
+from numerusd.protocol.subjects import EVENTS
 from numerusd.stream_reader import StreamReader
-from numerusd.streams import EVENTS, jetstream_errors
+from numerusd.streams import jetstream_errors
 from numerusd.wal import WalEntry, WriteAheadLog
 
 log = logging.getLogger(__name__)

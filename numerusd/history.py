@@ -6,8 +6,8 @@ import msgspec
 from nats.aio.client import Client
 
 from numerusd.protocol.commands import EventsReply
+from numerusd.protocol.subjects import EVENTS
 from numerusd.stream_reader import StreamReader
-from numerusd.streams import EVENTS
 
 
 class EventHistory:

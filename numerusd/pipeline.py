@@ -67,6 +67,7 @@ from numerusd.domain.observations import (
 )
 from numerusd.errors import NumerusError
 from numerusd.plans import ValidatedPlan, validate_plan
+from numerusd.protocol import subjects
 from numerusd.protocol.claims import Claim, ClaimedPath, decode_claim
 from numerusd.protocol.commands import JOB_DONE
 from numerusd.protocol.events import EventData, PlanRejected, PlanValidated, TaskCompleted, TaskRetryScheduled
@@ -471,7 +472,7 @@ class JobPipeline:
             extra_env=dict(profile.env),
             cwd=run_dir,
             log_path=run_dir / f"attempt-{attempt}.log",
-            subject=f"numerus.log.{self.job_id}.{task_id}",
+            subject=subjects.task_log(self.job_id, task_id),
         )
         run = TaskRun(task_id=task_id, process=process, observe=self.observe)
         async with self.slots.taken():
@@ -657,7 +658,7 @@ class JobPipeline:
                     extra_env=dict(profile.env),
                     cwd=call_dir,
                     log_path=call_dir / "stdout.log",
-                    subject=f"numerus.log.{self.job_id}.{task_id or 'plan'}",
+                    subject=subjects.task_log(self.job_id, task_id or "plan"),
                 )
                 call = AgentCall(process, call_dir / "answer.json")
                 with self.agents.running(self.job_id, name, call):

@@ -15,10 +15,11 @@ from typing import Any
 
 import msgspec
 
+from numerusd.protocol import subjects
 from numerusd.protocol.claims import output_schema as claim_output_schema
 from numerusd.protocol.commands import REPLIES, REQUESTS, ErrorReply
 from numerusd.protocol.envelope import WireEnvelope
-from numerusd.protocol.events import EVENT_TYPES, SUBJECT_SUFFIX
+from numerusd.protocol.events import EVENT_TYPES
 from numerusd.protocol.plan import output_schema as plan_output_schema
 from numerusd.protocol.review import output_schema as review_output_schema
 
@@ -68,7 +69,7 @@ def commands_schema() -> dict[str, Any]:
     _, components = msgspec.json.schema_components(types, ref_template="#/$defs/{name}")
     verbs = {
         verb: {
-            "subject": f"numerus.cmd.{verb}",
+            "subject": subjects.command(verb),
             "request": {"$ref": f"#/$defs/{REQUESTS[verb].__name__}"},
             "reply": {"$ref": f"#/$defs/{REPLIES[verb].__name__}"},
         }
@@ -109,7 +110,7 @@ def events_doc() -> str:
     ]
     for name, cls in EVENT_TYPES.items():
         schema = components[name]
-        subject = f"numerus.job.<job>.{'task.<task>.' if cls.TASK_EVENT else ''}{SUBJECT_SUFFIX[name]}"
+        subject = subjects.job_event("<job>", name, "<task>" if cls.TASK_EVENT else None)
         lines += [f"## {name}", "", (cls.__doc__ or "").strip(), "", f"Subject: `{subject}`", ""]
         properties = schema.get("properties", {})
         if not properties:

@@ -22,7 +22,8 @@ from numerusd.dead_letters import DeadLetters
 from numerusd.errors import BadRequest, CommandRefused, NotFound, NumerusError
 from numerusd.handlers import HANDLERS
 from numerusd.handlers.context import Context
-from numerusd.protocol.commands import REQUESTS, ErrorReply, command_subject
+from numerusd.protocol import subjects
+from numerusd.protocol.commands import REQUESTS, ErrorReply
 from numerusd.protocol.ids import new_ulid
 
 log = logging.getLogger(__name__)
@@ -51,7 +52,7 @@ async def start_service(nc: Client, context: Context, dead_letters: DeadLetters)
     )
     for verb, handler in HANDLERS.items():
         endpoint = _endpoint(context, dead_letters, verb, handler)
-        await service.add_endpoint(name=verb, subject=command_subject(verb), handler=endpoint)
+        await service.add_endpoint(name=verb, subject=subjects.command(verb), handler=endpoint)
     return service
 
 

@@ -6,13 +6,13 @@ import fcntl
 import os
 from pathlib import Path
 
-from numerusd.errors import ConfigError
+from numerusd.errors import StateLocked
 
 LOCK_FILE = "numerusd.pid"
 
 
 def take(state_dir: Path) -> int:
-    """Lock the state directory for this process (the returned fd holds it until exit), or ConfigError."""
+    """Lock the state directory for this process (the returned fd holds it until exit), or StateLocked."""
     path = state_dir / LOCK_FILE
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
     try:
@@ -20,8 +20,10 @@ def take(state_dir: Path) -> int:
     except BlockingIOError:
         os.close(fd)
         other = path.read_text().strip() or "?"
-        raise ConfigError(
-            f"another numerusd (pid {other}) uses {state_dir}; stop it or pick another --state-dir"
+        raise StateLocked(
+            f"another numerusd (pid {other}) uses {state_dir}; stop it or pick another --state-dir",
+            pid=other,
+            state_dir=str(state_dir),
         ) from None
     os.ftruncate(fd, 0)
     os.write(fd, f"{os.getpid()}\n".encode())

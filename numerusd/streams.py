@@ -1,5 +1,7 @@
 """The three JetStream streams Numerus owns, created or brought up to date idempotently at startup.
 
+Their names and subjects are the protocol's (`numerusd.protocol.subjects`); what each keeps is decided here:
+
 | stream | subjects | kept |
 |---|---|---|
 | `NUMERUS_EVENTS` | `numerus.job.>` | for ever: file storage, no limits; delete, purge, rollup, TTLs refused |
@@ -29,14 +31,7 @@ from nats.js.client import JetStreamContext
 
 from numerusd.embedded_nats import MIN_SERVER_VERSION
 from numerusd.errors import NatsUnavailable, StoreError, StreamMismatch
-
-EVENTS = "NUMERUS_EVENTS"
-LOGS = "NUMERUS_LOGS"
-DLQ = "NUMERUS_DLQ"
-
-EVENTS_SUBJECTS = ("numerus.job.>",)
-LOGS_SUBJECTS = ("numerus.log.>",)
-DLQ_SUBJECTS = ("numerus.dlq.>",)
+from numerusd.protocol.subjects import DLQ, DLQ_SUBJECTS, EVENTS, EVENTS_SUBJECTS, LOGS, LOGS_SUBJECTS
 
 #: A republished event within this window is dropped by the server on its `Nats-Msg-Id`; past it the event
 #: store's own check against the stream (see event_store.py) still keeps it from being stored twice.

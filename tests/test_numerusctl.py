@@ -23,7 +23,8 @@ from nats.aio.client import Client
 from nats.js.api import StreamConfig
 
 from numerusctl.cli import _follow_job, _follow_logs, cli
-from numerusctl.render import clean_text, event_line, job_detail, jobs_table, summary
+from numerusctl.render import clean_text, job_detail, jobs_table
+from numerusctl.render_events import event_line, summary
 from numerusd.config import write_connection_file
 from numerusd.embedded_nats import EmbeddedNats
 from numerusd.protocol import events as ev
@@ -38,6 +39,7 @@ from numerusd.protocol.commands import (
     RunReply,
     TaskView,
 )
+from numerusd.protocol.connection import ConnectionInfo, decode_connection, encode_connection
 from numerusd.protocol.envelope import Sealed, seal
 from numerusd.protocol.plan import FileIntent, Plan, PlannedTask
 
@@ -196,6 +198,38 @@ def test_no_connection_file_exits_3_with_a_hint(tmp_path: Path):
     assert str(tmp_path / "connection.json") in line
     assert line.endswith("start it with 'numerusd' or pass --state-dir/--nats-url")
     assert result.stdout == ""
+
+
+def test_connection_file_round_trips_through_the_protocol_struct(tmp_path: Path):
+    path = tmp_path / "connection.json"
+    write_connection_file(path, "nats://127.0.0.1:4222", "numerus", "s3cret")
+    info = decode_connection(path.read_bytes())
+    assert info == ConnectionInfo(url="nats://127.0.0.1:4222", user="numerus", password="s3cret", pid=os.getpid())
+    assert encode_connection(info) == path.read_bytes()
+    assert "s3cret" not in repr(info) and "password=<set>" in repr(info)
+    # A member a later numerusd adds is ignored; a file without credentials has none.
+    later = decode_connection(b'{"url": "nats://h:1", "user": null, "password": null, "pid": 7, "tls": true}')
+    assert later == ConnectionInfo(url="nats://h:1", pid=7)
+
+
+@pytest.mark.parametrize(
+    ("content", "says"),
+    [
+        (b"{not json", "malformed"),
+        (b'["nats://127.0.0.1:4222"]', "Expected `object`, got `array`"),
+        (b'{"user": "numerus"}', "Object missing required field `url`"),
+        (b'{"url": 4222}', "Expected `str`, got `int` - at `$.url`"),
+        (b'{"url": "nats://127.0.0.1:4222", "pid": "12"}', "Expected `int | null`, got `str` - at `$.pid`"),
+    ],
+)
+def test_a_bad_connection_file_exits_3_in_one_line(tmp_path: Path, content: bytes, says: str):
+    (tmp_path / "connection.json").write_bytes(content)
+    result = invoke("--state-dir", str(tmp_path), "status", env={"NUMERUS_NATS_URL": ""})
+    assert result.exit_code == 3
+    line = one_line_error(result)
+    assert line.startswith(f"numerusctl: cannot reach numerusd: {tmp_path / 'connection.json'} is not numerusd's")
+    assert says in line
+    assert line.endswith("start it with 'numerusd' or pass --state-dir/--nats-url")
 
 
 def test_nothing_listening_exits_3_naming_the_url(tmp_path: Path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from numerusd.errors import BadRequest
 from numerusd.handlers.context import Context
+from numerusd.protocol import subjects
 from numerusd.protocol.commands import EventsReply, GetEvents
 
 
@@ -13,5 +14,5 @@ async def handle(context: Context, request: GetEvents) -> EventsReply:
         raise BadRequest("limit must be between 1 and 5000")
     if request.after_seq < 0:
         raise BadRequest("after_seq must be 0 or more")
-    subject = "numerus.job.>" if request.job is None else f"numerus.job.{context.book.job(request.job).id}.>"
+    subject = subjects.job_events(None if request.job is None else context.book.job(request.job).id)
     return await context.history.read(subject, request.after_seq, request.limit)

@@ -9,6 +9,7 @@ from numerusd import git
 from numerusd.domain.observations import SubmitJob
 from numerusd.errors import BadRequest
 from numerusd.handlers.context import Context
+from numerusd.protocol import subjects
 from numerusd.protocol.commands import RunJob, RunReply
 from numerusd.protocol.ids import new_ulid
 
@@ -71,7 +72,7 @@ async def handle(context: Context, request: RunJob) -> RunReply:
             notes.append(uncommitted_note(repo, base_sha, uncommitted))
     await context.book.decide(job_id, submit)
     context.jobs.start(job_id)
-    return RunReply(job=job_id, subject=f"numerus.job.{job_id}.>", notes=notes)
+    return RunReply(job=job_id, subject=subjects.job_events(job_id), notes=notes)
 
 
 async def _uncommitted(repo: Path) -> list[str] | None:

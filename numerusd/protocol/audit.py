@@ -20,7 +20,8 @@ from typing import Any
 import msgspec
 
 from numerusd.protocol.envelope import InvalidEvent, check_signature, decode_wire, digest
-from numerusd.protocol.events import EVENT_TYPES, SUBJECT_SUFFIX, snake_name
+from numerusd.protocol.events import EVENT_TYPES
+from numerusd.protocol.subjects import job_event, job_of
 
 #: Job events after which a job does nothing more (unless it is resumed, which appends after them).
 TERMINAL_JOB_EVENTS = frozenset({"JobCompleted", "JobFailed", "JobKilled", "JobInterrupted"})
@@ -121,17 +122,6 @@ def _short(digest_hex: str) -> str:
     return digest_hex[:12] if digest_hex else "(none)"
 
 
-def _expected_subject(job: str, task: str | None, type_name: str) -> str:
-    # Falls back to snake_name: an event type newer than this auditor still has a known subject.
-    suffix = SUBJECT_SUFFIX.get(type_name) or snake_name(type_name)
-    return f"numerus.job.{job}.{suffix}" if task is None else f"numerus.job.{job}.task.{task}.{suffix}"
-
-
-def _job_from_subject(subject: str) -> str | None:
-    parts = subject.split(".")
-    return parts[2] if len(parts) > 3 and parts[0] == "numerus" and parts[1] == "job" else None
-
-
 class Auditor:
     """Feed it records in stream order, then ask for the report; holds a few fields per event, not the bytes."""
 
@@ -185,7 +175,8 @@ class Auditor:
             except (msgspec.DecodeError, UnicodeDecodeError) as e:
                 self._problem(seq, env, "malformed", f"payload: {e}")
                 return
-        expected = _expected_subject(job, env.task, env.type)
+        # An event type newer than this auditor still has a known subject: it is built from the name alone.
+        expected = job_event(job, env.type, env.task)
         if subject != expected:
             self._problem(seq, env, "subject_mismatch", f"published on {subject}, its content says {expected}")
         first = self._ids.get(env.id)
@@ -224,7 +215,7 @@ class Auditor:
                 message=why,
                 seq=seq,
                 id=text("id"),
-                job=text("job") or _job_from_subject(subject),
+                job=text("job") or job_of(subject),
                 type=text("type"),
             )
         )

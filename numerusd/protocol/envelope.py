@@ -21,7 +21,8 @@ from typing import Any
 
 import msgspec
 
-from numerusd.protocol.events import EVENT_TYPES, SUBJECT_SUFFIX, EventData
+from numerusd.protocol.events import EVENT_TYPES, EventData
+from numerusd.protocol.subjects import job_event
 
 _SIG_MARK = b',"sig":"'
 
@@ -45,7 +46,7 @@ class Envelope(msgspec.Struct, frozen=True, kw_only=True):
     @property
     def subject(self) -> str:
         """The NATS subject this event is published on."""
-        return event_subject(self.job, self.task, self.type)
+        return job_event(self.job, self.type, self.task)
 
 
 class _Unsigned(msgspec.Struct, frozen=True, kw_only=True):
@@ -83,7 +84,7 @@ class WireEnvelope(msgspec.Struct, frozen=True, kw_only=True):
     @property
     def subject(self) -> str:
         """The NATS subject this event is published on."""
-        return event_subject(self.job, self.task, self.type)
+        return job_event(self.job, self.type, self.task)
 
 
 class Sealed(msgspec.Struct, frozen=True):
@@ -105,14 +106,6 @@ class InvalidEvent(ValueError):
 _encoder = msgspec.json.Encoder(order="deterministic")
 _wire_decoder = msgspec.json.Decoder(WireEnvelope)
 _data_decoders = {name: msgspec.json.Decoder(cls) for name, cls in EVENT_TYPES.items()}
-
-
-def event_subject(job: str, task: str | None, type_name: str) -> str:
-    """`numerus.job.<job>.<event>` or `numerus.job.<job>.task.<task>.<event>`."""
-    suffix = SUBJECT_SUFFIX[type_name]
-    if task is None:
-        return f"numerus.job.{job}.{suffix}"
-    return f"numerus.job.{job}.task.{task}.{suffix}"
 
 
 def seal(

@@ -4,13 +4,12 @@ An event is an `Envelope` (see `envelope.py`) whose `type` names one of the payl
 `data` is that payload. Payloads evolve by msgspec's rules: a new field gets a default, a type never changes,
 and a renamed event is a new event. `tests/data/events_v1.jsonl` holds events written by earlier versions.
 
-Subjects: job events go to `numerus.job.<job>.<snake_name>`, task events (those with `TASK_EVENT = True`) to
-`numerus.job.<job>.task.<task>.<snake_name>`.
+Subjects (built by `subjects.job_event`): job events go to `numerus.job.<job>.<snake_name>`, task events (those
+with `TASK_EVENT = True`) to `numerus.job.<job>.task.<task>.<snake_name>`.
 """
 
 from __future__ import annotations
 
-import re
 from typing import ClassVar
 
 import msgspec
@@ -467,12 +466,3 @@ EVENT_TYPES: dict[str, type[EventData]] = {
         TaskInterrupted,
     )
 }
-
-
-def snake_name(type_name: str) -> str:
-    """`ClaimGranted` -> `claim_granted`: the last token of an event's subject."""
-    return re.sub(r"(?<!^)(?=[A-Z])", "_", type_name).lower()
-
-
-#: Type name by subject suffix, and subject suffix by type name.
-SUBJECT_SUFFIX: dict[str, str] = {name: snake_name(name) for name in EVENT_TYPES}

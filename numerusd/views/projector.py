@@ -34,6 +34,7 @@ import msgspec
 
 from numerusd.domain import JobState
 from numerusd.errors import StoreError
+from numerusd.protocol import subjects
 from numerusd.protocol.commands import JOB_DONE
 from numerusd.stream_reader import StreamMessage, read_stream
 from numerusd.views import schema
@@ -44,7 +45,7 @@ from numerusd.views.rows import INSERTS, Statements, changed_task_rows, job_row,
 log = logging.getLogger(__name__)
 
 #: The stream the views are projected from.
-STREAM = "NUMERUS_EVENTS"
+STREAM = subjects.EVENTS
 
 #: Jobs whose state is kept in memory between batches; others are read back from `jobs.state` when needed.
 CACHE_JOBS = 10_000

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import json
 import os
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -31,6 +30,7 @@ from numerusd.config import NatsAddress, Settings
 from numerusd.embedded_nats import EmbeddedNats
 from numerusd.errors import ConfigError, StoreError
 from numerusd.keys import Keyring
+from numerusd.protocol.connection import decode_connection
 from numerusd.stream_pump import head_started_stream
 from numerusd.stream_reader import StreamMessage
 from numerusd.views.projector import READ_BATCH, STREAM, Projector
@@ -111,8 +111,8 @@ async def rebuild_views(settings: Settings, target: Path | None) -> str:
     embedded = None
     address = settings.configured_nats()
     if address is None and running:
-        connection = json.loads(settings.connection_path.read_text())
-        address = NatsAddress(url=connection["url"], user=connection["user"], password=connection["password"])
+        connection = decode_connection(settings.connection_path.read_bytes())
+        address = NatsAddress(url=connection.url, user=connection.user, password=connection.password)
     elif address is None:
         embedded = EmbeddedNats(store_dir=settings.nats_store_dir)
         address = NatsAddress(url=embedded.start(), user=embedded.user, password=embedded.password)

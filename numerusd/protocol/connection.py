@@ -1,0 +1,45 @@
+"""`connection.json`: how numerusctl, or any other tool, reaches a running numerusd.
+
+numerusd writes it in its state directory when it starts (`numerusd.config.write_connection_file`: mode 0600,
+since it holds a password, and replaced atomically); numerusctl reads it unless it is given `--nats-url`.
+One Struct, one encoder, one decoder, so the two sides cannot disagree on its shape::
+
+    {"url": "nats://127.0.0.1:41221", "user": "numerus", "password": "…", "pid": 12345}
+
+It evolves by msgspec's rules: a new member gets a default, and a reader ignores members it does not know.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+#: Its name in the state directory.
+FILE_NAME = "connection.json"
+
+
+class ConnectionInfo(msgspec.Struct, frozen=True, kw_only=True):
+    """Where the daemon's NATS server is, as whom to log in, and the daemon's pid (to tell a stale file)."""
+
+    url: str
+    user: str | None = None
+    password: str | None = None
+    pid: int | None = None
+
+    def __repr__(self) -> str:
+        # The password must never reach a log line or a traceback; show only whether there is one.
+        password = "<set>" if self.password else None
+        return f"ConnectionInfo(url={self.url!r}, user={self.user!r}, password={password}, pid={self.pid!r})"
+
+
+_encoder = msgspec.json.Encoder()
+_decoder = msgspec.json.Decoder(ConnectionInfo)
+
+
+def encode_connection(info: ConnectionInfo) -> bytes:
+    """The file's bytes: one JSON object, every member present (null when unset)."""
+    return _encoder.encode(info)
+
+
+def decode_connection(data: bytes) -> ConnectionInfo:
+    """The file's contents; `msgspec.DecodeError` (a `ValidationError` naming the path) when it is not one."""
+    return _decoder.decode(data)
