@@ -24,10 +24,10 @@ async def test_the_job_survives_a_server_restart_and_nothing_is_lost_or_doubled(
         log = daemon.state_dir / "runs" / job / "t1" / "stdout.log"
         with restartable(nats_server) as (stop_server, start_server):
             await eventually(lambda: log.exists() and b"step 2 of 12" in log.read_bytes(), timeout=20)
-            stop_server()
+            await stop_server()
             await eventually(lambda: b"step 6 of 12" in log.read_bytes(), timeout=20)  # talked while NATS was down
             assert daemon.alive
-            start_server()
+            await start_server()
             await eventually(lambda: daemon.ctl("status", job).returncode == 0, timeout=20)
             await eventually(lambda: daemon.status(job)["status"] == "completed", timeout=30)
             events = daemon.events(job)
