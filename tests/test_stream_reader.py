@@ -103,7 +103,6 @@ async def collect_stream(nc, stream: str) -> None:
 
 
 async def test_follow_survives_a_server_restart(nats_server):
-
     nc = await nats.connect(
         nats_server.url,
         user=nats_server.user,
