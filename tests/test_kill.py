@@ -12,6 +12,8 @@ import pytest
 from tests.conftest import eventually
 from tests.daemon_harness import Daemon, claim, git_repo
 
+pytestmark = pytest.mark.slow  # real daemons run jobs until they are killed
+
 SLOW = [{"say": "starting a long build"}, {"run": "sleep 300 & sleep 300"}, {"say": "never printed"}]
 
 #: A planned job of two tasks on one file: `a` holds it and runs SLOW's long build, `b` asks later and waits.

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import eventually, restartable
 from tests.daemon_harness import Daemon, git_repo
+
+pytestmark = pytest.mark.slow  # a real daemon runs a job through a NATS restart
 
 #: An agent that keeps talking for a while, so events are appended while the server is down.
 CHATTY = [step for i in range(12) for step in ({"say": f"step {i} of 12"}, {"sleep": 0.25})]

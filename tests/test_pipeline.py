@@ -16,6 +16,8 @@ import pytest
 from tests.conftest import eventually
 from tests.daemon_harness import Daemon, DaemonClient, claim, git, git_repo
 
+pytestmark = pytest.mark.slow  # every test runs a planned job end to end: a real daemon, several agents, git merges
+
 PLAN = {
     "summary": "Greet, take notes, check them",
     "tasks": [

@@ -12,6 +12,8 @@ from tests.conftest import eventually
 from tests.daemon_harness import Daemon, git_repo
 from tests.test_kill import KINDS, SLOW, SLOW_TEAM, TASKS, log_bytes, pid_alive, run_args, started
 
+pytestmark = pytest.mark.slow  # real daemons killed and restarted during their jobs
+
 
 def chain_of(events: list[dict]) -> list[str]:
     return [event["id"] for event in events]

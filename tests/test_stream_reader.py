@@ -102,6 +102,7 @@ async def collect_stream(nc, stream: str) -> None:
         pass
 
 
+@pytest.mark.slow
 async def test_follow_survives_a_server_restart(nats_server):
     nc = await nats.connect(
         nats_server.url,
