@@ -20,6 +20,17 @@ from numerusd.config import NatsAddress
 from numerusd.embedded_nats import EmbeddedNats
 
 
+@pytest.fixture(autouse=True, scope="session")
+def no_settings_from_the_callers_shell() -> Iterator[None]:
+    """The suite runs the same whatever the shell that runs it exports: no NUMERUS_* setting (a scenario for the
+    scripted agent, a NATS URL, a state directory...) nor CODEX_BIN reaches this process or the programs the tests
+    start, unless a test sets it. (An exported NUMERUS_SCENARIO made the scripted agent play it, failing tests.)"""
+    with pytest.MonkeyPatch.context() as patch:
+        for name in [name for name in os.environ if name.startswith("NUMERUS_") or name == "CODEX_BIN"]:
+            patch.delenv(name)
+        yield
+
+
 @pytest.fixture
 def nats_server(tmp_path: Path) -> Iterator[EmbeddedNats]:
     """A nats-server for one test, stopped by pid afterwards."""
