@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: install demo test lint bench schemas codex-check clean
+.PHONY: install demo test test-fast lint bench schemas codex-check clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +20,10 @@ demo: install
 test: install
 	$(BIN)/ruff check numerusd numerusctl tests bench
 	$(BIN)/python -m pytest -q
+
+## test-fast: the tests not marked slow, in under a minute, for the edit-and-test loop (CI runs `make test`)
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not slow"
 
 lint: install
 	$(BIN)/ruff check numerusd numerusctl tests bench

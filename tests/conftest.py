@@ -20,6 +20,17 @@ from numerusd.config import NatsAddress
 from numerusd.embedded_nats import EmbeddedNats
 
 
+@pytest.fixture(autouse=True, scope="session")
+def no_settings_from_the_callers_shell() -> Iterator[None]:
+    """The suite runs the same whatever the shell that runs it exports: no NUMERUS_* setting (a scenario for the
+    scripted agent, a NATS URL, a state directory...) nor CODEX_BIN reaches this process or the programs the tests
+    start, unless a test sets it. (An exported NUMERUS_SCENARIO made the scripted agent play it, failing tests.)"""
+    with pytest.MonkeyPatch.context() as patch:
+        for name in [name for name in os.environ if name.startswith("NUMERUS_") or name == "CODEX_BIN"]:
+            patch.delenv(name)
+        yield
+
+
 @pytest.fixture
 def nats_server(tmp_path: Path) -> Iterator[EmbeddedNats]:
     """A nats-server for one test, stopped by pid afterwards."""
@@ -60,13 +71,14 @@ async def eventually(
 
 
 @contextlib.contextmanager
-def restartable(server: EmbeddedNats) -> Iterator[tuple[Callable[[], None], Callable[[], None]]]:
-    """Yield `(stop, start)`: stop the server, and start it again on the same port and store, as a supervisor
-    would after a crash. The restarted processes are stopped (by their pid) afterwards."""
+def restartable(server: EmbeddedNats) -> Iterator[tuple[Callable[[], Awaitable[None]], Callable[[], Awaitable[None]]]]:
+    """Yield `(stop, start)`, to await: stop the server, and start it again on the same port and store, as a
+    supervisor would after a crash. Neither blocks the event loop meanwhile. The restarted processes are stopped
+    (by their pid) afterwards."""
     processes: list[subprocess.Popen[bytes]] = []
     port = int(server.url.rsplit(":", 1)[1])
 
-    def restart_stopped() -> None:
+    async def restart_stopped() -> None:
         conf = server.store_dir / "nats-server.conf"
         text = conf.read_text().replace("127.0.0.1:-1", f"127.0.0.1:{port}")
         fixed = server.store_dir / "restart.conf"
@@ -78,20 +90,23 @@ def restartable(server: EmbeddedNats) -> Iterator[tuple[Callable[[], None], Call
             process = subprocess.Popen([server.binary, "-c", str(fixed)], stdout=log, stderr=log)
         processes.append(process)
         ports = server.store_dir / "ports" / f"{Path(server.binary).name}_{process.pid}.ports"
-        deadline = time.monotonic() + 10
-        while True:  # the server writes its ports file once it listens (the file may exist still empty)
+
+        def listening() -> bool:  # the server writes its ports file once it listens (the file may exist still empty)
+            assert process.poll() is None, "nats-server did not restart"
             with contextlib.suppress(FileNotFoundError, json.JSONDecodeError):
                 assert json.loads(ports.read_text())["nats"][0].endswith(f":{port}")
-                return
-            assert process.poll() is None and time.monotonic() < deadline, "nats-server did not restart"
-            time.sleep(0.01)
+                return True
+            return False
 
-    def stop_current() -> None:
-        if processes:
-            processes[-1].send_signal(signal.SIGTERM)
-            processes[-1].wait(10)
-        else:
-            server.stop()
+        await eventually(listening, timeout=10, interval=0.01)
+
+    async def stop_current() -> None:
+        process = processes[-1] if processes else server.process
+        assert process is not None
+        process.send_signal(signal.SIGTERM)
+        await eventually(lambda: process.poll() is not None, timeout=10, interval=0.01)
+        if not processes:
+            server.stop()  # it has exited: this only tells the fixture so
 
     try:
         yield stop_current, restart_stopped

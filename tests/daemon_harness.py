@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import nats
+from nats.aio.client import Client
+
+from tests.conftest import eventually
 
 BIN = Path(sys.executable).parent
 SCENARIOS = Path(__file__).parent / "scenarios"
@@ -154,3 +161,62 @@ class Daemon:
         """The job's events as stored, via `numerusctl --json events`."""
         lines = self.ctl("--json", "events", job, check=True).stdout.splitlines()
         return [json.loads(line) for line in lines if line.strip()]
+
+    @contextlib.asynccontextmanager
+    async def client(self) -> AsyncIterator[DaemonClient]:
+        """One NATS connection to this daemon (as it runs now) for a test that polls it, closed afterwards."""
+        connection = self.connection()
+        nc = await nats.connect(connection["url"], user=connection["user"], password=connection["password"])
+        try:
+            yield DaemonClient(nc)
+        finally:
+            await nc.close()
+
+
+class DaemonClient:
+    """Asks a running daemon what `numerusctl --json status JOB` and `--json events JOB` print, by the same requests
+    on its public subjects (`numerus.cmd.<verb>`), over one connection: a test polling it starts no process per
+    poll and never blocks its event loop."""
+
+    def __init__(self, nc: Client) -> None:
+        self._nc = nc
+
+    async def jobs(self) -> list[dict]:
+        """The newest jobs, as `numerusctl --json status` lists them."""
+        return (await self._request("status", {}))["jobs"]
+
+    async def status(self, job: str) -> dict:
+        """The job's view with its tasks, as `Daemon.status` gives it."""
+        (view,) = (await self._request("status", {"job": job}))["jobs"]
+        return view
+
+    async def events(self, job: str) -> list[dict]:
+        """The job's events as stored, as `Daemon.events` gives them."""
+        events: list[dict] = []
+        after = 0
+        while True:
+            page = await self._request("events", {"job": job, "after_seq": after})
+            events += page["events"]
+            after = page["last_seq"]
+            if not page["more"]:
+                return events
+
+    async def wait_for(self, job: str, predicate: Callable[[dict], bool], timeout: float = 30.0) -> dict:
+        """The job's view once `predicate(view)` holds; the test fails, showing the last view, after `timeout` s."""
+        seen: dict = {}
+
+        async def reached() -> bool:
+            seen["view"] = await self.status(job)
+            return predicate(seen["view"])
+
+        try:
+            await eventually(reached, timeout=timeout, interval=0.1)
+        except AssertionError:
+            raise AssertionError(f"job never reached the expected state in {timeout} s: {seen.get('view')}") from None
+        return seen["view"]
+
+    async def _request(self, verb: str, body: dict) -> dict:
+        reply = await self._nc.request(f"numerus.cmd.{verb}", json.dumps(body).encode(), timeout=10)
+        if reply.headers and "Nats-Service-Error-Code" in reply.headers:
+            raise AssertionError(f"numerus.cmd.{verb} {body} was refused: {reply.data.decode(errors='replace')}")
+        return json.loads(reply.data)

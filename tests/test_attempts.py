@@ -9,8 +9,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import eventually
 from tests.daemon_harness import Daemon, git, git_repo
+
+pytestmark = pytest.mark.slow  # a real daemon runs a job
 
 PLAN = {"summary": "one", "tasks": [{"id": "t1", "title": "T1", "instructions": "t1", "intents": []}]}
 #: The planner thinks for a while, long enough for the test to put a branch in the task's way.

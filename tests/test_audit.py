@@ -7,6 +7,7 @@ import time
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -261,6 +262,7 @@ def test_open_and_truncated_tails():
     assert audit(recs, expected_heads={"J0": recs[-2].digest}).ok  # the chain may go on past a recorded head
 
 
+@pytest.mark.slow
 def test_hundred_thousand_events_in_a_few_seconds():
     recs: list[tuple[int, str, bytes]] = []
     prev: dict[str, str] = {}

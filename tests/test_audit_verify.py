@@ -6,11 +6,14 @@ import json
 from pathlib import Path
 
 import nats
+import pytest
 
 from numerusd.views.dump import dump
 from tests.conftest import eventually
 from tests.daemon_harness import Daemon, git_repo
 from tests.test_run import HELLO
+
+pytestmark = pytest.mark.slow  # a real daemon runs a job, then the stream is forged and verified
 
 
 async def test_verify_passes_then_names_a_forged_event_and_the_daemon_shrugs_it_off(tmp_path: Path):

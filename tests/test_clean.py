@@ -9,7 +9,11 @@ import json
 import shutil
 from pathlib import Path
 
+import pytest
+
 from tests.daemon_harness import Daemon, claim, git, git_repo
+
+pytestmark = pytest.mark.slow  # real daemons run planned jobs to leave something to clean
 
 #: A planned job of two tasks: `ok` writes its file and merges, `bad` fails for good (one attempt, no replan).
 TEAM = {

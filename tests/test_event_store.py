@@ -361,12 +361,12 @@ async def test_server_restart_while_appending_loses_and_duplicates_nothing(nats_
     with restartable(nats_server) as (stop_server, start_server):
         tasks = [asyncio.create_task(appender(job)) for job in jobs for _ in range(2)]
         await eventually(lambda: count > 300)
-        stop_server()
+        await stop_server()
         await eventually(lambda: not nc.is_connected)
         during = count
         await eventually(lambda: count > during + 300)  # appends go on while NATS is down: the WAL has them
         assert store.unacknowledged > 0
-        start_server()
+        await start_server()
         await eventually(lambda: nc.is_connected, timeout=10)
         after = count
         await eventually(lambda: count > after + 300)

@@ -7,8 +7,12 @@ import subprocess
 import time
 from pathlib import Path
 
+import pytest
+
 from tests.daemon_harness import Daemon, git_repo
 from tests.test_logs import TALKATIVE
+
+pytestmark = pytest.mark.slow  # a real daemon runs a job that talks for a while
 
 
 def test_events_follow_prints_the_job_as_it_happens(tmp_path: Path):

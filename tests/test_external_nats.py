@@ -6,8 +6,12 @@ import socket
 import subprocess
 from pathlib import Path
 
+import pytest
+
 from tests.daemon_harness import BIN, Daemon, git_repo
 from tests.test_run import HELLO
+
+pytestmark = pytest.mark.slow  # a daemon running jobs, and one trying for seconds to reach a server that is not there
 
 
 def test_a_job_runs_against_an_existing_server(nats_server, tmp_path: Path):

@@ -659,7 +659,7 @@ class LockMachine(RuleBasedStateMachine):
         assert must_run <= ran
 
 
-TestLockMachine = LockMachine.TestCase
+TestLockMachine = pytest.mark.slow(LockMachine.TestCase)
 TestLockMachine.settings = settings(
     max_examples=150, stateful_step_count=40, deadline=None, suppress_health_check=[HealthCheck.too_slow]
 )

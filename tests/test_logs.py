@@ -12,6 +12,8 @@ import pytest
 from tests.conftest import eventually
 from tests.daemon_harness import Daemon, git_repo
 
+pytestmark = pytest.mark.slow  # real daemons run jobs whose agents talk for a while
+
 TALKATIVE = [
     {"print": "compiling module 1 of 3"},
     {"sleep": 0.4},

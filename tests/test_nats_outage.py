@@ -4,8 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import eventually, restartable
 from tests.daemon_harness import Daemon, git_repo
+
+pytestmark = pytest.mark.slow  # a real daemon runs a job through a NATS restart
 
 #: An agent that keeps talking for a while, so events are appended while the server is down.
 CHATTY = [step for i in range(12) for step in ({"say": f"step {i} of 12"}, {"sleep": 0.25})]
@@ -24,10 +28,10 @@ async def test_the_job_survives_a_server_restart_and_nothing_is_lost_or_doubled(
         log = daemon.state_dir / "runs" / job / "t1" / "attempt-1.log"
         with restartable(nats_server) as (stop_server, start_server):
             await eventually(lambda: log.exists() and b"step 2 of 12" in log.read_bytes(), timeout=20)
-            stop_server()
+            await stop_server()
             await eventually(lambda: b"step 6 of 12" in log.read_bytes(), timeout=20)  # talked while NATS was down
             assert daemon.alive
-            start_server()
+            await start_server()
             await eventually(lambda: daemon.ctl("status", job).returncode == 0, timeout=20)
             await eventually(lambda: daemon.status(job)["status"] == "completed", timeout=30)
             events = daemon.events(job)

@@ -6,7 +6,6 @@ playing one scenario for all roles, so the daemon runs the same code path as wit
 
 from __future__ import annotations
 
-import asyncio
 import json
 import subprocess
 from datetime import datetime
@@ -15,7 +14,9 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import eventually
-from tests.daemon_harness import Daemon, claim, git, git_repo
+from tests.daemon_harness import Daemon, DaemonClient, claim, git, git_repo
+
+pytestmark = pytest.mark.slow  # every test runs a planned job end to end: a real daemon, several agents, git merges
 
 PLAN = {
     "summary": "Greet, take notes, check them",
@@ -253,73 +254,13 @@ async def test_an_agent_that_cannot_start_trips_the_circuit_breaker_which_says_w
         assert daemon.alive
 
 
-SLOW_TEAM = {
-    "cases": [
-        {
-            "match": {"role": "planner"},
-            "steps": [
-                {
-                    "answer": {
-                        "summary": "two tasks on one file",
-                        "tasks": [
-                            {"id": "a", "title": "A", "instructions": "write", "intents": []},
-                            {"id": "b", "title": "B", "instructions": "write", "intents": []},
-                        ],
-                    }
-                }
-            ],
-        },
-        {"match": {"role": "claimer", "task": "b"}, "steps": [{"sleep": 0.5}, {"answer": claim(("F.md", "create"))}]},
-        {"match": {"role": "claimer"}, "steps": [{"answer": claim(("F.md", "create"))}]},
-        {"match": {"role": "executor"}, "steps": [{"say": "working"}, {"run": "sleep 300"}]},
-    ]
-}
-
-
-def wait_for(daemon: Daemon, job: str, predicate, timeout: float = 30.0) -> dict:
-    import time
-
-    deadline = time.monotonic() + timeout
-    while True:
-        view = daemon.status(job)
-        if predicate(view):
-            return view
-        if time.monotonic() > deadline:
-            raise AssertionError(f"job never reached the expected state: {view}")
-        time.sleep(0.1)
+async def has(client: DaemonClient, job: str, type_name: str, count: int = 1) -> bool:
+    """Whether the job has recorded `count` events of this type (or more)."""
+    return len(by_type(await client.events(job), type_name)) >= count
 
 
 def tasks_by_id(view: dict) -> dict[str, dict]:
     return {task["id"]: task for task in view["tasks"]}
-
-
-async def test_kill_stops_a_planned_job_with_one_task_running_and_one_waiting(tmp_path: Path):
-    with Daemon(tmp_path / "state", agents={"team": SLOW_TEAM}, env={"NUMERUS_KILL_GRACE_S": "1"}).start() as daemon:
-        repo = git_repo(tmp_path / "repo")
-        job = daemon.ctl("run", "slow", "--repo", str(repo), "--agent", "team", check=True).stdout.strip()
-        view = wait_for(daemon, job, lambda v: [t["status"] for t in v["tasks"]] == ["running", "waiting"], timeout=30)
-        assert tasks_by_id(view)["b"]["holders"] == ["a"]
-        assert daemon.ctl("kill", job).returncode == 0
-        view = wait_for(daemon, job, lambda v: v["status"] == "killed", timeout=20)
-        assert {t["status"] for t in view["tasks"]} == {"killed"}
-        released = by_type(daemon.events(job), "LocksReleased")
-        assert {e["task"] for e in released} == {"a", "b"}
-        assert daemon.ctl("audit", "verify", job).returncode == 0
-
-
-async def test_a_planned_job_cut_by_a_daemon_crash_reads_interrupted_after_restart(tmp_path: Path):
-    import signal
-
-    with Daemon(tmp_path / "state", agents={"team": SLOW_TEAM}).start() as daemon:
-        repo = git_repo(tmp_path / "repo")
-        job = daemon.ctl("run", "slow", "--repo", str(repo), "--agent", "team", check=True).stdout.strip()
-        wait_for(daemon, job, lambda v: [t["status"] for t in v["tasks"]] == ["running", "waiting"], timeout=30)
-        daemon.stop(signal.SIGKILL)
-        daemon.start()
-        view = daemon.status(job)
-        assert view["status"] == "interrupted"
-        assert {t["id"]: t["status"] for t in view["tasks"]} == {"a": "interrupted", "b": "interrupted"}
-        assert daemon.ctl("audit", "verify", job).returncode == 0
 
 
 def replanning_team(queen_steps: list[dict]) -> dict:
@@ -478,16 +419,13 @@ async def test_with_claims_from_the_plan_no_executor_is_asked_and_overlapping_in
 
 async def test_a_crash_between_a_merge_and_its_record_is_repaired_on_restart_not_merged_again(tmp_path: Path):
     import subprocess as sp
-    import time
 
     daemon = Daemon(tmp_path / "state", env={"NUMERUS_FAILPOINTS": "after-merge"}).start()
     repo = git_repo(tmp_path / "repo")
     job = daemon.ctl("run", "say hello", "--repo", str(repo), "--agent", "scripted", check=True).stdout.strip()
     process = daemon.process
     assert process is not None
-    deadline = time.monotonic() + 60
-    while process.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
+    await eventually(lambda: process.poll() is not None, timeout=60, interval=0.05)
     assert process.returncode == 137  # died right after git merged, before TaskMerged was recorded
     daemon.stop()
     branch = f"numerus/{job}.integration"
@@ -571,16 +509,17 @@ async def test_an_integration_branch_moved_behind_numerus_fails_the_job_at_once_
         repo = git_repo(tmp_path / "repo")
         job = daemon.ctl("run", "two", "--repo", str(repo), "--agent", "team", check=True).stdout.strip()
         branch = f"numerus/{job}.integration"
-        await eventually(lambda: len(by_type(daemon.events(job), "TaskStarted")) == 2, timeout=30, interval=0.1)
-        # Somebody commits on the job's integration branch while its tasks run.
-        git = ["git", "-C", str(repo)]
-        tree = subprocess.run([*git, "rev-parse", f"{branch}^{{tree}}"], capture_output=True, text=True).stdout.strip()
-        stranger = subprocess.run(
-            [*git, "commit-tree", tree, "-p", branch, "-m", "a stranger's commit"],
-            capture_output=True, text=True, check=True,
-        ).stdout.strip()  # fmt: skip
-        subprocess.run([*git, "update-ref", f"refs/heads/{branch}", stranger], check=True)
-        view = wait_for(daemon, job, lambda v: v["status"] != "running")
+        async with daemon.client() as client:
+            await eventually(lambda: has(client, job, "TaskStarted", count=2), timeout=30, interval=0.1)
+            # Somebody commits on the job's integration branch while its tasks run.
+            git = ["git", "-C", str(repo)]
+            tree = subprocess.run([*git, "rev-parse", f"{branch}^{{tree}}"], capture_output=True, text=True)
+            stranger = subprocess.run(
+                [*git, "commit-tree", tree.stdout.strip(), "-p", branch, "-m", "a stranger's commit"],
+                capture_output=True, text=True, check=True,
+            ).stdout.strip()  # fmt: skip
+            subprocess.run([*git, "update-ref", f"refs/heads/{branch}", stranger], check=True)
+            view = await client.wait_for(job, lambda v: v["status"] != "running")
         assert view["status"] == "failed"
         assert f"Numerus alone moves {branch}" in view["reason"]
         events = daemon.events(job)
@@ -593,6 +532,9 @@ async def test_an_integration_branch_moved_behind_numerus_fails_the_job_at_once_
         assert daemon.ctl("audit", "verify", job).returncode == 0
 
 
+STALL_S = 2.5
+
+
 async def test_a_merge_waits_while_the_integration_branch_is_checked_out_and_lands_once_it_is_not(tmp_path: Path):
     plan = {"summary": "one", "tasks": [task("a")]}
     team = {
@@ -603,26 +545,30 @@ async def test_a_merge_waits_while_the_integration_branch_is_checked_out_and_lan
             REVIEW_PASSES,
         ]
     }
-    # A stall (no task completed for 2.5 s) would ask the queen for a revised plan: waiting on the user is none.
-    config = "backoff_s = [0.1]\nstall_timeout_s = 2.5\nmax_replans = 1\n"
+    # A stall (no task completed for STALL_S) would ask the queen for a revised plan: waiting on the user is none.
+    config = f"backoff_s = [0.1]\nstall_timeout_s = {STALL_S}\nmax_replans = 1\n"
     with Daemon(tmp_path / "state", agents={"team": team}, config=config).start() as daemon:
         repo = git_repo(tmp_path / "repo")
         job = daemon.ctl("run", "one", "--repo", str(repo), "--agent", "team", check=True).stdout.strip()
         branch = f"numerus/{job}.integration"
-        await eventually(lambda: bool(by_type(daemon.events(job), "TaskStarted")), timeout=30, interval=0.1)
-        # The user looks at the job's progress in a checkout of its integration branch while the task runs.
-        look = tmp_path / "look"
-        subprocess.run(["git", "-C", str(repo), "worktree", "add", "-q", str(look), branch], check=True)
-        await eventually(lambda: bool(by_type(daemon.events(job), "MergeBlocked")), timeout=30, interval=0.1)
-        (blocked,) = by_type(daemon.events(job), "MergeBlocked")
-        assert f"is checked out in {look}" in blocked["data"]["reason"]
-        # `status` says why the task is still merging.
-        note = f"a: merge waits: {branch} is checked out in "
-        await eventually(lambda: note in daemon.ctl("status", job, check=True).stdout, timeout=10, interval=0.1)
-        await asyncio.sleep(3)  # longer than the stall timeout
-        assert daemon.status(job)["status"] == "running"
-        subprocess.run(["git", "-C", str(look), "switch", "-q", "--detach"], check=True)
-        assert wait_for(daemon, job, lambda v: v["status"] != "running")["status"] == "completed"
+        async with daemon.client() as client:
+            await eventually(lambda: has(client, job, "TaskStarted"), timeout=30, interval=0.1)
+            # The user looks at the job's progress in a checkout of its integration branch while the task runs.
+            look = tmp_path / "look"
+            subprocess.run(["git", "-C", str(repo), "worktree", "add", "-q", str(look), branch], check=True)
+            await eventually(lambda: has(client, job, "MergeBlocked"), timeout=30, interval=0.1)
+            (blocked,) = by_type(await client.events(job), "MergeBlocked")
+            assert f"is checked out in {look}" in blocked["data"]["reason"]
+            # `status` says why the task is still merging.
+            note = f"a: merge waits: {branch} is checked out in "
+            await eventually(lambda: note in daemon.ctl("status", job, check=True).stdout, timeout=10, interval=0.1)
+            # The stall timeout passes while the merge waits on the user: no replan is asked for meanwhile. (An
+            # absence takes a wait to show: this one ends, failing, the moment the stall's event is recorded.)
+            with pytest.raises(AssertionError, match="condition not met"):
+                await eventually(lambda: has(client, job, "ReplanRequested"), timeout=STALL_S + 1, interval=0.1)
+            assert (await client.status(job))["status"] == "running"
+            subprocess.run(["git", "-C", str(look), "switch", "-q", "--detach"], check=True)
+            assert (await client.wait_for(job, lambda v: v["status"] != "running"))["status"] == "completed"
         events = daemon.events(job)
         assert len(by_type(events, "TaskStarted", "a")) == 1  # the work was kept: no agent ran again
         assert not by_type(events, "TaskRetryScheduled")
@@ -709,7 +655,8 @@ async def test_a_job_works_from_the_commit_it_was_submitted_at_and_its_readers_s
         # While the planner works, the user commits their work: the job still works from where it was submitted.
         commit = ["-c", "user.name=u", "-c", "user.email=u@example.invalid", "commit", "-qam", "the user's edit"]
         subprocess.run(["git", "-C", str(repo), *commit], check=True)
-        view = wait_for(daemon, job, lambda v: v["status"] not in ("planning", "running"))
+        async with daemon.client() as client:
+            view = await client.wait_for(job, lambda v: v["status"] not in ("planning", "running"))
         assert view["status"] == "completed", daemon.stderr()[-3000:]
         (submitted,) = by_type(daemon.events(job), "JobSubmitted")
         assert submitted["data"]["base_sha"] == submitted_at
@@ -735,12 +682,20 @@ async def test_a_repository_too_slow_to_tell_its_uncommitted_changes_does_not_ho
 
     fake_bin = tmp_path / "bin"
     fake_bin.mkdir()
-    slow_git = fake_bin / "git"  # `git status` of a huge working tree
-    slow_git.write_text(f'#!/bin/sh\ncase " $* " in *" status "*) sleep 4;; esac\nexec {shutil.which("git")} "$@"\n')
+    released = tmp_path / "released"
+    # `git status` of a huge working tree: it answers only once the test has its reply, so the bound always wins.
+    slow_git = fake_bin / "git"
+    slow_git.write_text(
+        f'#!/bin/sh\ncase " $* " in *" status "*) while [ ! -e {released} ]; do sleep 0.05; done;; esac\n'
+        f'exec {shutil.which("git")} "$@"\n'
+    )
     slow_git.chmod(0o755)
     with Daemon(tmp_path / "state", env={"PATH": f"{fake_bin}:{os.environ['PATH']}"}).start() as daemon:
         repo = git_repo(tmp_path / "repo")
-        result = daemon.ctl("run", "say hello", "--repo", str(repo), "--agent", "scripted", check=True)
+        try:
+            result = daemon.ctl("run", "say hello", "--repo", str(repo), "--agent", "scripted", check=True)
+        finally:
+            released.touch()  # the waiting `git status` ends, whatever the outcome
         job = result.stdout.strip()
         assert result.stderr.splitlines() == [
             f"numerusctl: note: could not tell within 2 s whether {repo} has uncommitted changes; the job works "
@@ -748,7 +703,9 @@ async def test_a_repository_too_slow_to_tell_its_uncommitted_changes_does_not_ho
         ]
         (submitted,) = by_type(daemon.events(job), "JobSubmitted")
         assert submitted["data"]["uncommitted_count"] is None and submitted["data"]["base_sha"] == git_head(repo)
-        assert wait_for(daemon, job, lambda v: v["status"] not in ("planning", "running"))["status"] == "completed"
+        async with daemon.client() as client:
+            view = await client.wait_for(job, lambda v: v["status"] not in ("planning", "running"))
+        assert view["status"] == "completed"
 
 
 async def test_checkouts_an_ended_job_left_behind_a_stopped_daemon_are_removed_when_the_next_one_starts(

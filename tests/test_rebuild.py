@@ -7,6 +7,7 @@ import subprocess
 from pathlib import Path
 
 import nats
+import pytest
 
 from numerusd.daemon import BULK_VIEWS_FROM, PUMPED_REPLAY_FROM
 from numerusd.keys import Keyring
@@ -40,6 +41,7 @@ async def projected(daemon: Daemon, events: int) -> bool:
     return len(rows["events"]) == events
 
 
+@pytest.mark.slow
 async def test_rebuild_equals_live_views_and_status_is_unchanged(tmp_path: Path):
     daemon = Daemon(tmp_path / "state", agents={"scripted": HELLO, "failing": [{"exit": 1}]}).start()
     try:
@@ -89,6 +91,7 @@ def finished_jobs(count: int, kid: str, key: bytes) -> list[Sealed]:
     return sealed
 
 
+@pytest.mark.slow
 async def test_a_daemon_restarted_on_a_long_stream_reads_it_in_a_child_and_loads_empty_views_in_bulk(tmp_path: Path):
     daemon = Daemon(tmp_path / "state").start()
     try:

@@ -6,43 +6,56 @@ import signal
 import subprocess
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import eventually
 from tests.daemon_harness import Daemon, git_repo
-from tests.test_kill import SLOW, log_bytes, pid_alive
+from tests.test_kill import KINDS, SLOW, SLOW_TEAM, TASKS, log_bytes, pid_alive, run_args, started
+
+pytestmark = pytest.mark.slow  # real daemons killed and restarted during their jobs
 
 
 def chain_of(events: list[dict]) -> list[str]:
     return [event["id"] for event in events]
 
 
-async def test_kill_9_during_a_task_then_restart_reads_interrupted(tmp_path: Path):
+#: What a restart records of a job cut by a crash: each task interrupted, then the job.
+INTERRUPTED = {
+    "single-task": ["TaskInterrupted", "JobInterrupted"],
+    "planned": ["TaskInterrupted", "TaskInterrupted", "JobInterrupted"],
+}
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_kill_9_during_a_job_then_restart_reads_it_interrupted(tmp_path: Path, kind: str):
     repo = git_repo(tmp_path / "repo")
-    daemon = Daemon(tmp_path / "state", agents={"slow": SLOW}).start()
-    job = daemon.ctl_json("run", "--no-plan", "Build forever", "--repo", str(repo), "--agent", "slow")["job"]
-    await eventually(lambda: b"sleep 300" in log_bytes(daemon, job), timeout=20)
-    before = daemon.events(job)
-    agent_pid = daemon.status(job)["tasks"][0]["pid"]
-    assert daemon.stop(signal.SIGKILL) == -signal.SIGKILL
+    with Daemon(tmp_path / "state", agents={"slow": SLOW, "team": SLOW_TEAM}).start() as daemon:
+        job = daemon.ctl_json(*run_args(kind), "--repo", str(repo))["job"]
+        view = await started(daemon, job, kind)
+        before = daemon.events(job)
+        agent_pid = view["tasks"][0]["pid"]
+        assert daemon.stop(signal.SIGKILL) == -signal.SIGKILL
 
-    daemon.start()
-    view = daemon.status(job)
-    assert view["status"] == "interrupted"
-    assert view["tasks"][0]["status"] == "interrupted"
-    assert "numerusd stopped" in view["tasks"][0]["reason"]
-    await eventually(lambda: not pid_alive(agent_pid), timeout=10)
+        daemon.start()
+        view = daemon.status(job)
+        assert view["status"] == "interrupted"
+        assert {task["id"]: task["status"] for task in view["tasks"]} == dict.fromkeys(TASKS[kind], "interrupted")
+        assert "numerusd stopped" in view["tasks"][0]["reason"]
+        await eventually(lambda: not pid_alive(agent_pid), timeout=10)
 
-    after = daemon.events(job)
-    ids = chain_of(after)
-    assert len(ids) == len(set(ids)), "an event was stored twice"
-    assert ids[: len(before)] == chain_of(before), "an event acknowledged before the crash is gone"
-    assert [event["type"] for event in after[len(before) :]] == ["TaskInterrupted", "JobInterrupted"]
-    assert daemon.ctl("audit", "verify", job).returncode == 0
+        after = daemon.events(job)
+        ids = chain_of(after)
+        assert len(ids) == len(set(ids)), "an event was stored twice"
+        assert ids[: len(before)] == chain_of(before), "an event acknowledged before the crash is gone"
+        assert [event["type"] for event in after[len(before) :]] == INTERRUPTED[kind]
+        assert {event["task"] for event in after[len(before) : -1]} == set(TASKS[kind])
+        assert daemon.ctl("audit", "verify", job).returncode == 0
 
-    # A second restart changes nothing: the interruption is recorded once.
-    daemon.stop()
-    daemon.start()
-    assert chain_of(daemon.events(job)) == ids
-    assert daemon.stop() == 0
+        # A second restart changes nothing: the interruption is recorded once.
+        daemon.stop()
+        daemon.start()
+        assert chain_of(daemon.events(job)) == ids
+        assert daemon.stop() == 0
 
 
 async def test_graceful_stop_during_a_task_records_it_interrupted(tmp_path: Path):

@@ -56,6 +56,7 @@ def test_without_repo_a_job_works_in_the_repository_of_the_current_directory(dae
     assert daemon.status(job)["repo"] == str(repo)
 
 
+@pytest.mark.slow
 def test_status_lists_the_newest_jobs_one_line_each_and_says_how_many_it_left_out(tmp_path: Path):
     with Daemon(tmp_path / "state", agents={"scripted": HELLO}).start() as d:
         jobs = []

@@ -23,15 +23,25 @@ def play(
     prompt: str | None = "the prompt",
     stdin: str | None = None,
     env: dict[str, str] | None = None,
+    skip_git_check: bool = True,
 ) -> subprocess.CompletedProcess[str]:
-    """Run `numerus-scripted-agent exec --json -C <tmp_path> --skip-git-repo-check <args> -- <prompt>`."""
+    """Run `numerus-scripted-agent exec --json -C <tmp_path> --skip-git-repo-check <args> -- <prompt>`, in
+    `tmp_path`, with no NUMERUS_SCENARIO but the one `steps` or `env` gives."""
     environment = {k: v for k, v in os.environ.items() if k != "NUMERUS_SCENARIO"}
     if steps is not None:
         scenario = tmp_path / "scenario.json"
         scenario.write_text(json.dumps({"steps": steps}))
         environment["NUMERUS_SCENARIO"] = str(scenario)
     environment.update(env or {})
-    argv = [*AGENT, "exec", "--json", "-C", str(tmp_path), "--skip-git-repo-check", *args]
+    argv = [
+        *AGENT,
+        "exec",
+        "--json",
+        "-C",
+        str(tmp_path),
+        *(["--skip-git-repo-check"] if skip_git_check else []),
+        *args,
+    ]
     if prompt is not None:
         argv += ["--", prompt]
     return subprocess.run(
@@ -219,12 +229,13 @@ def test_the_options_the_codex_adapter_passes_are_accepted(tmp_path: Path) -> No
 
 
 def test_codex_refuses_a_directory_outside_git_without_the_flag(tmp_path: Path) -> None:
-    argv = [*AGENT, "exec", "--json", "-C", str(tmp_path), "--", "p"]
-    done = subprocess.run(argv, capture_output=True, text=True, timeout=20, check=False)
+    # What this test needs but does not make: no repository above it (codex looks in every parent directory).
+    assert not [p for p in (tmp_path, *tmp_path.parents) if (p / ".git").exists()], "tmp_path is inside git"
+    done = play(tmp_path, None, prompt="p", skip_git_check=False)
     assert done.returncode == 1
     assert "Not inside a trusted directory and --skip-git-repo-check was not specified." in done.stderr
     subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
-    done = subprocess.run(argv, capture_output=True, text=True, timeout=20, check=False)
+    done = play(tmp_path, None, prompt="p", skip_git_check=False)
     assert done.returncode == 0, done.stderr
 
 

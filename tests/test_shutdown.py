@@ -10,9 +10,13 @@ import signal
 import time
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import eventually
 from tests.daemon_harness import Daemon, git_repo
 from tests.test_kill import pid_alive
+
+pytestmark = pytest.mark.slow  # a real daemon runs a job
 
 STUBBORN = """#!/bin/sh
 trap '' TERM

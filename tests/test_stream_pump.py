@@ -3,20 +3,24 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import os
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 from nats.aio.client import Client
 
+from numerusd import stream_pump
 from numerusd.config import NatsAddress
 from numerusd.embedded_nats import EmbeddedNats
 from numerusd.errors import NatsUnavailable, StoreError
 from numerusd.stream_pump import head_started_stream, pumped_stream
-from numerusd.stream_reader import read_stream
+from numerusd.stream_reader import StreamMessage, read_stream
 from numerusd.streams import ensure_stream, stream_specs
+from tests.conftest import eventually
 
 EVENTS = "NUMERUS_EVENTS"
 
@@ -94,16 +98,52 @@ async def test_stopping_early_stops_the_child(nc: Client, nats_address: NatsAddr
     assert pump_children() == []
 
 
+@pytest.fixture
+def child_answered(monkeypatch: pytest.MonkeyPatch) -> asyncio.Event:
+    """Set once the reading child has said whether it is connected (or has failed to): from then on,
+    `head_started_stream` hands over (or gives up on the child) at its next batch."""
+    answered = asyncio.Event()
+    ready = stream_pump._Child.ready
+
+    async def ready_then_tell(child: stream_pump._Child) -> None:
+        try:
+            await ready(child)
+        finally:
+            answered.set()
+
+    monkeypatch.setattr(stream_pump._Child, "ready", ready_then_tell)
+    return answered
+
+
+@pytest.fixture
+def read_here(monkeypatch: pytest.MonkeyPatch) -> list[list[int]]:
+    """The batches this process reads itself, as their sequences (the child's reading is in its own process)."""
+    batches: list[list[int]] = []
+
+    async def recorded(*args, **kwargs) -> AsyncIterator[list[StreamMessage]]:
+        async with contextlib.aclosing(read_stream(*args, **kwargs)) as reading:
+            async for batch in reading:
+                batches.append([m.seq for m in batch])
+                yield batch
+
+    monkeypatch.setattr(stream_pump, "read_stream", recorded)
+    return batches
+
+
 async def test_a_head_started_stream_hands_over_to_the_child_with_no_gap_and_no_repeat(
-    nc: Client, nats_address: NatsAddress
+    nc: Client, nats_address: NatsAddress, child_answered: asyncio.Event, read_here: list[list[int]]
 ):
     await fill(nc, 2500)
     here = [(m.seq, m.subject, m.data) async for batch in read_stream(nc, EVENTS, start_seq=11) for m in batch]
     got = []
     async for batch in head_started_stream(nats_address, EVENTS, start_seq=11, batch=300):
         got += [(m.seq, m.subject, m.data) for m in batch]
-        await asyncio.sleep(0.15)  # a slow fold: the child is reading long before this process is done
+        # A slow fold: the child is connected before this process has read far.
+        await eventually(child_answered.is_set, timeout=20)
     assert got == here
+    # This process read the head, one batch, and the child the rest, from the next message on.
+    (head,) = read_here
+    assert head == list(range(11, 11 + len(head))) and len(head) < len(got)
     assert pump_children() == []
 
 
@@ -115,14 +155,20 @@ async def test_a_small_stream_read_here_to_its_end_leaves_no_child(nc: Client, n
 
 
 async def test_a_head_started_stream_whose_child_cannot_start_is_read_here_to_its_end(
-    nc: Client, nats_address: NatsAddress, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    nc: Client,
+    nats_address: NatsAddress,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    child_answered: asyncio.Event,
+    read_here: list[list[int]],
 ):
     await fill(nc, 2500)
     monkeypatch.setattr(sys, "executable", "/bin/false")  # the child exits at once, saying nothing
     got = []
     async for batch in head_started_stream(nats_address, EVENTS, batch=300):
         got += [m.seq for m in batch]
-        await asyncio.sleep(0.05)  # time for the child to have failed before the stream's end
+        await eventually(child_answered.is_set, timeout=20)  # the child has failed before the stream's end
     assert got == list(range(1, 2501))
+    assert [seq for batch in read_here for seq in batch] == got  # all of it read here
     assert "reading stream NUMERUS_EVENTS here: its reading process failed: the process reading stream" in caplog.text
     assert pump_children() == []

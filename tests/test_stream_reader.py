@@ -11,7 +11,7 @@ from nats.js.api import StreamConfig
 
 from numerusd.errors import StoreError
 from numerusd.stream_reader import StreamMessage, StreamReader, last_sequence, read_stream
-from tests.conftest import eventually
+from tests.conftest import eventually, restartable
 
 
 @pytest.fixture
@@ -102,9 +102,8 @@ async def collect_stream(nc, stream: str) -> None:
         pass
 
 
+@pytest.mark.slow
 async def test_follow_survives_a_server_restart(nats_server):
-    from tests.test_event_store import restartable
-
     nc = await nats.connect(
         nats_server.url,
         user=nats_server.user,
@@ -125,8 +124,8 @@ async def test_follow_survives_a_server_restart(nats_server):
     task = asyncio.create_task(follow())
     with restartable(nats_server) as (stop_server, start_server):
         await eventually(lambda: len(seen) == 10)
-        stop_server()
-        start_server()
+        await stop_server()
+        await start_server()
         await eventually(lambda: stream_ready(js))  # until then the server drops publishes unanswered
         await fill(js, 5, start=10)
         await eventually(lambda: len(seen) >= 15, timeout=8)  # the lost in-memory consumer is re-created after seq 10
