@@ -150,8 +150,6 @@ class Daemon:
         self._service = await start_service(nc, context, self.dead_letters)
         write_connection_file(settings.connection_path, address.url, address.user, address.password)
         self._wrote_connection = True
-        for job in list(book.jobs.values()):
-            runner.start(job.id)
         self._spawn_background(self._sweep_checkouts(), name="checkouts of ended jobs")
         self._spawn_background(watchdog(self.should_exit), name="systemd watchdog")
         notify(f"READY=1\nSTATUS=serving {len(book.jobs)} jobs on {address.url}\nMAINPID={os.getpid()}")
