@@ -42,6 +42,7 @@ the GIL (its CPU, not its waiting), one `frame;frame;... count` line each, for `
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -189,7 +190,7 @@ def pipeline(
         events = [json.loads(line) for line in lines if line.strip()]
         (where / "events.jsonl").write_text("\n".join(lines) + "\n")  # kept with --keep, for a closer look
         own, reaped = cpu_seconds(daemon.pid)
-        nats = sum(cpu_seconds(child)[0] for child in children(daemon.pid))
+        nats = sum(cpu_seconds(child)[0] for child in children(daemon.pid, "nats-server"))
     finally:
         if spy is not None:
             spy.send_signal(2)  # SIGINT: py-spy writes its stacks and exits
@@ -238,11 +239,14 @@ def cpu_seconds(pid: int) -> tuple[float, float]:
     return (utime + stime) / tick, (cutime + cstime) / tick
 
 
-def children(pid: int) -> list[int]:
-    """The live children of a process."""
+def children(pid: int, command: str) -> list[int]:
+    """The live children of a process running `command` (the daemon's git and agents come and go meanwhile)."""
     found = []
     for task in Path(f"/proc/{pid}/task").iterdir():
-        found += [int(child) for child in (task / "children").read_text().split()]
+        for child in (task / "children").read_text().split():
+            with contextlib.suppress(FileNotFoundError):
+                if Path(f"/proc/{child}/comm").read_text().strip() == command:
+                    found.append(int(child))
     return found
 
 
