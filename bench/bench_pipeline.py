@@ -243,8 +243,8 @@ def children(pid: int, command: str) -> list[int]:
     """The live children of a process running `command` (the daemon's git and agents come and go meanwhile)."""
     found = []
     for task in Path(f"/proc/{pid}/task").iterdir():
-        for child in (task / "children").read_text().split():
-            with contextlib.suppress(FileNotFoundError):
+        with contextlib.suppress(FileNotFoundError):  # a thread, or a child, that ended meanwhile
+            for child in (task / "children").read_text().split():
                 if Path(f"/proc/{child}/comm").read_text().strip() == command:
                     found.append(int(child))
     return found
