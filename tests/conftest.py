@@ -21,13 +21,19 @@ from numerusd.embedded_nats import EmbeddedNats
 
 
 @pytest.fixture(autouse=True, scope="session")
-def no_settings_from_the_callers_shell() -> Iterator[None]:
-    """The suite runs the same whatever the shell that runs it exports: no NUMERUS_* setting (a scenario for the
-    scripted agent, a NATS URL, a state directory...) nor CODEX_BIN reaches this process or the programs the tests
-    start, unless a test sets it. (An exported NUMERUS_SCENARIO made the scripted agent play it, failing tests.)"""
+def the_same_environment_wherever_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """The suite runs the same whatever the shell that runs it exports and whatever lies above its directories.
+
+    No NUMERUS_* setting (a scenario for the scripted agent, a NATS URL, a state directory...) nor CODEX_BIN
+    reaches this process or the programs the tests start, unless a test sets it: an exported NUMERUS_SCENARIO
+    made the scripted agent play it. And no search for a repository (git's, codex's, the scripted agent's) climbs
+    out of pytest's base directory: a `.git` that came and went in /tmp on a shared machine made every test's
+    directory a repository for a moment.
+    """
     with pytest.MonkeyPatch.context() as patch:
         for name in [name for name in os.environ if name.startswith("NUMERUS_") or name == "CODEX_BIN"]:
             patch.delenv(name)
+        patch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path_factory.getbasetemp()))
         yield
 
 

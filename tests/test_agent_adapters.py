@@ -240,7 +240,7 @@ def test_codex_command_line_in_a_git_repository(tmp_path: Path, monkeypatch: pyt
     assert env == {"CODEX_HOME": "/srv/codex"}
 
 
-def test_codex_skips_the_git_check_only_outside_a_repository(tmp_path: Path) -> None:
+def test_codex_skips_the_git_check_only_outside_a_repository(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     repo = git_init(tmp_path / "repo")
     (repo / "src").mkdir()
     plain = tmp_path / "plain"
@@ -254,6 +254,10 @@ def test_codex_skips_the_git_check_only_outside_a_repository(tmp_path: Path) -> 
     assert "--skip-git-repo-check" not in argv(repo / "src")
     assert "--skip-git-repo-check" in argv(plain)
     assert argv(plain)[-2:] == ["--", "p"] and "resume" not in argv(plain) and "-m" not in argv(plain)
+    # Like git, it looks no higher than GIT_CEILING_DIRECTORIES: a ceiling is searched, not what is above it.
+    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(repo))
+    assert "--skip-git-repo-check" not in argv(repo)
+    assert "--skip-git-repo-check" in argv(repo / "src")
 
 
 def test_which_codex_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

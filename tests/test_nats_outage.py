@@ -33,7 +33,8 @@ async def test_the_job_survives_a_server_restart_and_nothing_is_lost_or_doubled(
             assert daemon.alive
             await start_server()
             await eventually(lambda: daemon.ctl("status", job).returncode == 0, timeout=20)
-            await eventually(lambda: daemon.status(job)["status"] == "completed", timeout=30)
+            async with daemon.client() as client:
+                await client.wait_for(job, lambda view: view["status"] == "completed", timeout=30)
             events = daemon.events(job)
             texts = [e["data"]["text"] for e in events if e["type"] == "AgentMessageReceived"]
             assert texts == [f"step {i} of 12" for i in range(12)]  # every message, once, in order

@@ -229,14 +229,17 @@ def test_the_options_the_codex_adapter_passes_are_accepted(tmp_path: Path) -> No
 
 
 def test_codex_refuses_a_directory_outside_git_without_the_flag(tmp_path: Path) -> None:
-    # What this test needs but does not make: no repository above it (codex looks in every parent directory).
-    assert not [p for p in (tmp_path, *tmp_path.parents) if (p / ".git").exists()], "tmp_path is inside git"
     done = play(tmp_path, None, prompt="p", skip_git_check=False)
     assert done.returncode == 1
     assert "Not inside a trusted directory and --skip-git-repo-check was not specified." in done.stderr
     subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
     done = play(tmp_path, None, prompt="p", skip_git_check=False)
     assert done.returncode == 0, done.stderr
+    # Like git, it looks no higher than GIT_CEILING_DIRECTORIES: a ceiling is searched, not what is above it.
+    (tmp_path / "src").mkdir()
+    ceiling = {"GIT_CEILING_DIRECTORIES": str(tmp_path)}
+    assert play(tmp_path, None, prompt="p", skip_git_check=False, env=ceiling).returncode == 0
+    assert play(tmp_path / "src", None, prompt="p", skip_git_check=False, env=ceiling).returncode == 1
 
 
 def test_a_missing_working_root_or_schema_fails(tmp_path: Path) -> None:

@@ -81,9 +81,17 @@ class CodexAdapter:
 
 
 def inside_git_repository(path: Path) -> bool:
-    """Whether `path` is in a git work tree (or a worktree/submodule, whose `.git` is a file)."""
+    """Whether `path` is in a git work tree (or a worktree/submodule, whose `.git` is a file), looking no higher
+    than git does: not into the directories GIT_CEILING_DIRECTORIES names. (Beyond a ceiling, codex may still
+    find a repository: the --skip-git-repo-check this adds then costs nothing.)"""
+    ceilings = {Path(p).resolve() for p in os.environ.get("GIT_CEILING_DIRECTORIES", "").split(os.pathsep) if p}
     path = path.resolve()
-    return any((directory / ".git").exists() for directory in (path, *path.parents))
+    for directory in (path, *path.parents):
+        if directory != path and directory in ceilings:
+            return False
+        if (directory / ".git").exists():
+            return True
+    return False
 
 
 # --- the JSONL events, as far as Numerus reads them; unknown fields are ignored, unknown types skipped -------

@@ -533,13 +533,16 @@ def write_out(text: str) -> None:
 
 
 def inside_git_repository(path: str) -> bool:
-    """Like codex's check: a `.git` in the directory or any parent."""
+    """Like codex's check: a `.git` in the directory or any parent, short of the directories named in
+    GIT_CEILING_DIRECTORIES, where git's own search stops too (the tests name theirs: a stray /tmp/.git on a
+    shared machine made every test directory a repository)."""
+    ceilings = {os.path.realpath(p) for p in os.environ.get("GIT_CEILING_DIRECTORIES", "").split(os.pathsep) if p}
     path = os.path.realpath(path)
     while True:
         if os.path.exists(os.path.join(path, ".git")):
             return True
         parent = os.path.dirname(path)
-        if parent == path:
+        if parent == path or parent in ceilings:
             return False
         path = parent
 
