@@ -21,7 +21,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from numerusd.agents.base import AgentAdapter, AgentInvocation, AgentProfile, LineBuffer
+from numerusd.agents.base import MAX_LINE, SPLIT_MARK, AgentAdapter, AgentInvocation, AgentProfile, LineBuffer
 from numerusd.agents.codex import CodexAdapter, CodexOutputParser
 from numerusd.agents.registry import adapter_for
 from numerusd.agents.scripted import ScriptedAdapter, scripted_agent_launcher
@@ -378,6 +378,21 @@ def test_line_buffer_splits_chunks_anywhere() -> None:
     got += lines.close()
     assert got == ['é{"type":"turn.started"}', "second line ✓", "unterminated"]
     assert LineBuffer().feed(b"bad \xff byte\n") == ["bad \ufffd byte"]
+
+
+def test_a_line_longer_than_the_limit_is_cut_into_marked_pieces_and_nothing_is_lost() -> None:
+    """An agent that prints megabytes without a newline: the parser gets 1 MiB pieces, each marked as cut."""
+    long = "é" * (2 * MAX_LINE + 10)
+    data = (long + "\r\nnext\n" + "x" * MAX_LINE).encode()
+    lines = LineBuffer()
+    got: list[str] = []
+    for start in range(0, len(data), 4093):  # odd chunks: the cuts fall inside characters and chunks
+        got += lines.feed(data[start : start + 4093])
+    got += lines.close()
+    assert [len(line) for line in got] == [MAX_LINE + len(SPLIT_MARK)] * 2 + [10, 4, MAX_LINE]
+    assert all(line.endswith(SPLIT_MARK) for line in got[:2]) and got[4] == "x" * MAX_LINE  # at the limit: whole
+    assert "".join(line.removesuffix(SPLIT_MARK) for line in got[:3]) == long
+    assert got[3] == "next"
 
 
 def test_codex_is_given_resolved_paths_since_it_refuses_symlinked_ones(tmp_path: Path) -> None:

@@ -75,25 +75,53 @@ class AgentAdapter(Protocol):
         ...
 
 
+#: The longest line a parser is given, in characters: a longer one is cut there, each piece a line of its own
+#: ending with SPLIT_MARK (an agent that prints 64 MB without a newline must cost linear time, not stall us).
+MAX_LINE = 1 << 20
+SPLIT_MARK = " [numerus: line cut at 1 MiB]"
+
+
 class LineBuffer:
     """Splits terminal output chunks into lines for a parser: UTF-8 (bad bytes replaced), `\\r` stripped.
 
     Chunks from a PTY end anywhere, even inside a multi-byte character; the partial line waits for the next
-    chunk, and `close()` returns what is left at end of file.
+    chunk, and `close()` returns what is left at end of file. The work is linear in the bytes fed: a partial
+    line is kept as pieces and joined once, when its end arrives, and cut at `MAX_LINE` characters.
     """
 
     def __init__(self) -> None:
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        self._partial = ""
+        self._pieces: list[str] = []
+        self._pending = 0
 
     def feed(self, data: bytes) -> list[str]:
         """The complete lines in `data` and whatever came before it."""
-        text = self._partial + self._decoder.decode(data)
-        *lines, self._partial = text.split("\n")
-        return [line.removesuffix("\r") for line in lines]
+        text = self._decoder.decode(data)
+        lines: list[str] = []
+        *ends, rest = text.split("\n")
+        for end in ends:
+            lines += self._cut(end)
+            lines.append("".join(self._pieces).removesuffix("\r"))
+            self._pieces, self._pending = [], 0
+        lines += self._cut(rest)
+        return lines
 
     def close(self) -> list[str]:
         """The last, unterminated line, if any."""
-        rest = (self._partial + self._decoder.decode(b"", final=True)).removesuffix("\r")
-        self._partial = ""
-        return [rest] if rest else []
+        lines = self._cut(self._decoder.decode(b"", final=True))
+        rest = "".join(self._pieces).removesuffix("\r")
+        self._pieces, self._pending = [], 0
+        return [*lines, rest] if rest else lines
+
+    def _cut(self, text: str) -> list[str]:
+        """Add `text` to the partial line; the MAX_LINE pieces it completes, as lines."""
+        cut = []
+        while self._pending + len(text) > MAX_LINE:
+            room = MAX_LINE - self._pending
+            cut.append("".join([*self._pieces, text[:room]]) + SPLIT_MARK)
+            text = text[room:]
+            self._pieces, self._pending = [], 0
+        if text:
+            self._pieces.append(text)
+            self._pending += len(text)
+        return cut
