@@ -67,6 +67,30 @@ def test_run_on_a_missing_repository_is_refused_in_one_line(daemon: Daemon, tmp_
     assert "nowhere" in result.stderr
 
 
+@pytest.mark.parametrize(
+    ("where", "expected"),
+    [("/", "is the root directory"), ("state", "numerusd's state directory"), ("inside", "numerusd's state directory")],
+)
+def test_no_plan_refuses_to_put_an_agent_in_the_root_or_the_state_directory(
+    daemon: Daemon, where: str, expected: str
+):
+    repo = {"/": "/", "state": str(daemon.state_dir.parent), "inside": str(daemon.state_dir / "runs")}[where]
+    Path(repo).mkdir(exist_ok=True)
+    result = daemon.ctl("run", "--no-plan", "goal", "--repo", repo, "--agent", "scripted")
+    assert result.returncode == 1, result.stdout + result.stderr
+    (line,) = result.stderr.strip().splitlines()
+    assert expected in line and "--repo" in line
+    assert all(job["repo"] != repo for job in daemon.ctl_json("status", "--all")["jobs"])  # nothing recorded
+
+
+def test_no_plan_says_that_its_agent_works_on_the_uncommitted_changes_in_place(daemon: Daemon, tmp_path: Path):
+    repo = git_repo(tmp_path / "repo")
+    (repo / "draft.md").write_text("not committed\n")
+    reply = daemon.ctl_json("run", "--no-plan", "goal", "--repo", str(repo), "--agent", "scripted")
+    (note,) = reply["notes"]
+    assert note.startswith(f"1 uncommitted change in {repo} (draft.md): with --no-plan the agent works on them")
+
+
 def test_run_with_an_unknown_agent_names_the_known_ones(daemon: Daemon, tmp_path: Path):
     repo = git_repo(tmp_path / "repo")
     result = daemon.ctl("run", "--no-plan", "goal", "--repo", str(repo), "--agent", "gpt-99")

@@ -34,7 +34,15 @@ async def handle(context: Context, request: RunJob) -> RunReply:
     job_id = new_ulid()
     notes: list[str] = []
     if not request.plan:
+        _refuse_to_work_in(repo, settings.state_dir)
         submit = SubmitJob(goal=request.goal, repo=str(repo), roles=roles, plan=False)
+        uncommitted = await _uncommitted(repo)
+        if uncommitted:
+            shown = ", ".join(uncommitted[:3]) + (f" and {len(uncommitted) - 3} more" if len(uncommitted) > 3 else "")
+            notes.append(
+                f"{len(uncommitted)} uncommitted change{'s' if len(uncommitted) != 1 else ''} in {repo} ({shown}): "
+                "with --no-plan the agent works on them in place; commit them first to keep a copy"
+            )
     else:
         if context.git_problem is not None:
             raise BadRequest(f"{context.git_problem}; install a newer git, or use --no-plan")
@@ -73,6 +81,21 @@ async def handle(context: Context, request: RunJob) -> RunReply:
     await context.book.decide(job_id, submit)
     context.jobs.start(job_id)
     return RunReply(job=job_id, subject=subjects.job_events(job_id), notes=notes)
+
+
+def _refuse_to_work_in(repo: Path, state_dir: Path) -> None:
+    """`--no-plan` puts the agent in the directory itself: never `/`, a home directory or the daemon's state."""
+    where, state = repo.resolve(), state_dir.expanduser().resolve()
+    if where == Path("/") or where == Path.home().resolve():
+        raise BadRequest(
+            f"repo {repo} is {'the root directory' if where == Path('/') else 'your home directory'}: with --no-plan "
+            "the agent works in it in place; pass the repository to work on with --repo"
+        )
+    if where.is_relative_to(state) or state.is_relative_to(where):
+        raise BadRequest(
+            f"repo {repo} holds numerusd's state directory ({state}) or lies inside it: an agent must not work "
+            "there; pass the repository to work on with --repo"
+        )
 
 
 async def _uncommitted(repo: Path) -> list[str] | None:
