@@ -248,3 +248,13 @@ def test_a_merge_is_refused_to_a_task_that_did_not_pass_its_gate():
         domain.decide(job, Merged(task="t1", sha="c" * 40, created=True))
     with pytest.raises(InvalidTransition, match="not being killed"):
         domain.decide(job, StoppedForKill(task="t1"))
+
+
+def test_an_agent_stopped_after_its_job_failed_still_has_its_exit_recorded():
+    job = start(decide(planned(task("t1")), claimed("t1", "a.py")), "t1")
+    job = decide(job, PipelineFailed(reason="the integration branch moved"))
+    assert job.tasks["t1"].status == "failed"
+    exited = AgentExited(task="t1", exit_code=None, signal=15, log_path="l", log_sha256="h", log_bytes=1, duration_s=1)
+    assert [type(event).__name__ for _, event in domain.decide(job, exited)] == ["TaskExited"]
+    with pytest.raises(InvalidTransition, match="which is pending"):
+        domain.decide(planned(task("t1")), exited)  # an agent that never started cannot exit

@@ -528,6 +528,8 @@ async def test_an_integration_branch_moved_behind_numerus_fails_the_job_at_once_
         # b's agent, asleep for a minute, was stopped with the job rather than left running.
         (spawned,) = by_type(events, "AgentSpawned", "b")
         await eventually(lambda: not Path(f"/proc/{spawned['data']['pid']}").exists(), timeout=10, interval=0.1)
+        # Its exit is recorded all the same, with its log's hash, though the job's end was recorded first.
+        await eventually(lambda: by_type(daemon.events(job), "TaskExited", "b"), timeout=10, interval=0.1)
         assert subprocess.run([*git, "rev-parse", branch], capture_output=True, text=True).stdout.strip() == stranger
         assert daemon.ctl("audit", "verify", job).returncode == 0
 

@@ -71,9 +71,7 @@ def test_run_on_a_missing_repository_is_refused_in_one_line(daemon: Daemon, tmp_
     ("where", "expected"),
     [("/", "is the root directory"), ("state", "numerusd's state directory"), ("inside", "numerusd's state directory")],
 )
-def test_no_plan_refuses_to_put_an_agent_in_the_root_or_the_state_directory(
-    daemon: Daemon, where: str, expected: str
-):
+def test_no_plan_refuses_to_put_an_agent_in_the_root_or_the_state_directory(daemon: Daemon, where: str, expected: str):
     repo = {"/": "/", "state": str(daemon.state_dir.parent), "inside": str(daemon.state_dir / "runs")}[where]
     Path(repo).mkdir(exist_ok=True)
     result = daemon.ctl("run", "--no-plan", "goal", "--repo", repo, "--agent", "scripted")

@@ -115,6 +115,9 @@ _REPORTED = (
     TokensUsed,
     AgentThreadStarted,
 )
+#: Task statuses in which the task's agent may still print and exit: running, or ended by a decision taken while
+#: it ran (the job failed or was killed, and the daemon stopped the agent after recording it).
+_AGENT_ALIVE: tuple[TaskStatus, ...] = ("running", "failed", "killed")
 #: The id of the one task of a job worked on in place (`--no-plan`).
 IN_PLACE_TASK = "t1"
 
@@ -184,13 +187,13 @@ def _decide_task(job: JobState, task: TaskState, seen: TaskObservation) -> Decis
             _expect_task(job, task, seen, ("running",))
             return [(task.id, AgentSpawnFailed(reason=reason))]
         case AgentReported(events=events):
-            _expect_task(job, task, seen, ("running",))
+            _expect_task(job, task, seen, _AGENT_ALIVE)
             for event in events:
                 if not isinstance(event, _REPORTED):
                     raise InvalidTransition(f"an agent's output cannot report {type(event).__name__}")
             return [(task.id, event) for event in events]
         case AgentExited():
-            _expect_task(job, task, seen, ("running",))
+            _expect_task(job, task, seen, _AGENT_ALIVE)
             fields = msgspec.structs.asdict(seen)
             del fields["task"]
             fields["duration_s"] = round(seen.duration_s, 3)
