@@ -243,7 +243,9 @@ class Daemon:
     async def _replay(self, address: NatsAddress) -> int:
         """Fold the whole stream into memory, then what the WAL holds that the stream does not.
 
-        A long stream is read by a child process (`stream_pump`), as a rebuild reads it: this process only
+        Each event is checked as an auditor would: its signature, its subject, and that it extends its job's
+        chain; one that does not is skipped, so `status` after a restart equals a rebuild whatever was
+        republished onto the stream. A long stream is read by a child process (`stream_pump`), as a rebuild reads it: this process only
         verifies and folds, on the other core.
         """
         assert self.nc is not None and self.js is not None and self.store is not None and self.book is not None
@@ -255,15 +257,26 @@ class Daemon:
             batches = head_started_stream(address, EVENTS)
         else:
             batches = read_stream(self.nc, EVENTS)
+        skipped = 0
         async for batch in batches:
             for message in batch:
                 try:
-                    self.book.fold(open_untyped(message.data, keys))
+                    event = open_untyped(message.data, keys)
+                    # Not signed, so checked here: the subject, and the chain (a republished copy of a genuine
+                    # event, or one out of its place, does not extend its job's chain and is not folded twice).
+                    if event.subject != message.subject:
+                        raise InvalidEvent("wrong_subject", f"event {event.id} belongs on {event.subject}")
+                    if event.prev != self.store.chain_head(event.job):
+                        raise InvalidEvent("broken_chain", f"event {event.id} does not follow its job's last event")
+                    self.book.fold(event)
                 except (InvalidEvent, ValueError) as e:
+                    skipped += 1
                     log.warning("skipping event at seq %d on %s: %s", message.seq, message.subject, e)
                     continue
                 self.store.observe(message.seq, message.data)
                 count += 1
+        if skipped:
+            log.warning("replay: %d stream messages skipped (the projector dead-letters them as it meets them)", skipped)
         for sealed in await self.store.recover():
             self.book.fold(sealed.envelope)
             count += 1

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 from pathlib import Path
 
+import nats
 import pytest
 
+from numerusd.protocol import subjects
 from tests.conftest import eventually
 from tests.daemon_harness import Daemon, git_repo
 from tests.test_kill import KINDS, SLOW, SLOW_TEAM, TASKS, log_bytes, pid_alive, run_args, started
+from tests.test_run import HELLO
 
 pytestmark = pytest.mark.slow  # real daemons killed and restarted during their jobs
 
@@ -88,3 +92,29 @@ def test_second_daemon_on_the_same_state_dir_is_refused(tmp_path: Path):
         assert daemon.alive
     finally:
         daemon.stop()
+
+
+async def test_genuine_events_republished_onto_the_stream_change_nothing_after_a_restart(tmp_path: Path):
+    """Anyone who may publish on `numerus.job.>` could copy a job's own signed events back onto the stream: the
+    replay at start skips what does not extend its job's chain, so the job reads as before, as a rebuild does."""
+    repo = git_repo(tmp_path / "repo")
+    with Daemon(tmp_path / "state", agents={"scripted": HELLO}).start() as daemon:
+        run = daemon.ctl("run", "--no-plan", "Greet", "--repo", str(repo), "--agent", "scripted", "--wait")
+        assert run.returncode == 0, run.stdout + run.stderr
+        job = run.stdout.splitlines()[0].strip()
+        before = daemon.status(job)
+        # The events exactly as stored (numerusctl prints their bytes as they are): still signed, still valid.
+        wires = [line.encode() for line in daemon.ctl("--json", "events", job, check=True).stdout.splitlines()]
+        connection = daemon.connection()
+        nc = await nats.connect(connection["url"], user=connection["user"], password=connection["password"])
+        try:
+            js = nc.jetstream()
+            for wire in (wires[2], wires[0], wires[-1]):  # a task's event, the submission, the job's end
+                event = json.loads(wire)
+                await js.publish(subjects.job_event(job, event["type"], event["task"]), wire)
+        finally:
+            await nc.close()
+        daemon.stop()
+        daemon.start()
+        assert daemon.status(job) == before, "a copy of the job's own events changed it"
+        assert daemon.stderr().count("does not follow its job's last event") == 3
