@@ -245,8 +245,8 @@ class Daemon:
 
         Each event is checked as an auditor would: its signature, its subject, and that it extends its job's
         chain; one that does not is skipped, so `status` after a restart equals a rebuild whatever was
-        republished onto the stream. A long stream is read by a child process (`stream_pump`), as a rebuild reads it: this process only
-        verifies and folds, on the other core.
+        republished onto the stream. A long stream is read by a child process (`stream_pump`), as a rebuild
+        reads it: this process only verifies and folds, on the other core.
         """
         assert self.nc is not None and self.js is not None and self.store is not None and self.book is not None
         assert self.keyring is not None
@@ -276,7 +276,7 @@ class Daemon:
                 self.store.observe(message.seq, message.data)
                 count += 1
         if skipped:
-            log.warning("replay: %d stream messages skipped (the projector dead-letters them as it meets them)", skipped)
+            log.warning("replay: %d stream messages skipped (the projector dead-letters them)", skipped)
         for sealed in await self.store.recover():
             self.book.fold(sealed.envelope)
             count += 1
