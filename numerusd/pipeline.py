@@ -418,6 +418,8 @@ class JobPipeline:
         if job.in_place:
             why = await self.execute(task_id, self.repo, task.instructions, number)
             self._check_stopping()
+            if self.job.kill_requested:
+                return ["killed"]  # even if the agent ended well meanwhile: the task stops, as in a worktree
             if why is not None:
                 return [why]
             await self.observe(FinishedInPlace(task=task_id))
@@ -519,7 +521,8 @@ class JobPipeline:
             return [f"changed outside the claim: {reason}" for reason in reasons]
         passed: list[str] = []
         for command in self.job.checks:
-            exit_code, output, duration = await self.check(worktree.path, command)
+            # With the daemon's environment without its secrets, as agents have it; None on a timeout.
+            exit_code, output, duration = await run_check(worktree.path, command, timeout=self.settings.check_timeout_s)
             tail = output[-CHECK_OUTPUT_CHARS:]
             await self.observe(
                 CheckRan(task=task_id, command=command, exit_code=exit_code, duration_s=duration, output=tail)
@@ -532,13 +535,6 @@ class JobPipeline:
             return []
         listed = tuple(f"{change.kind} {change.path}" for change in changes)
         return await self.review(task_id, worktree, listed, tuple(passed))
-
-    async def check(self, cwd: Path, command: str) -> tuple[int | None, str, float]:
-        """Run one check command in the worktree: its exit code (None on timeout), output and duration.
-
-        The command gets the daemon's environment without its secrets, as agents do.
-        """
-        return await run_check(cwd, command, timeout=self.settings.check_timeout_s)
 
     async def review(
         self, task_id: str, worktree: git.Worktree, changes: tuple[str, ...], checks: tuple[str, ...]

@@ -38,10 +38,9 @@ async def handle(context: Context, request: RunJob) -> RunReply:
         submit = SubmitJob(goal=request.goal, repo=str(repo), roles=roles, plan=False)
         uncommitted = await _uncommitted(repo)
         if uncommitted:
-            shown = ", ".join(uncommitted[:3]) + (f" and {len(uncommitted) - 3} more" if len(uncommitted) > 3 else "")
             notes.append(
-                f"{len(uncommitted)} uncommitted change{'s' if len(uncommitted) != 1 else ''} in {repo} ({shown}): "
-                "with --no-plan the agent works on them in place; commit them first to keep a copy"
+                f"{_changes(repo, uncommitted)}: with --no-plan the agent works on them in place; commit them "
+                "first to keep a copy"
             )
     else:
         if context.git_problem is not None:
@@ -108,9 +107,14 @@ async def _uncommitted(repo: Path) -> list[str] | None:
 
 def uncommitted_note(repo: Path, base_sha: str, paths: list[str]) -> str:
     """What the user is told when the job leaves out changes of their working tree."""
-    shown = ", ".join(paths[:3]) + (f" and {len(paths) - 3} more" if len(paths) > 3 else "")
-    changes = "1 uncommitted change" if len(paths) == 1 else f"{len(paths)} uncommitted changes"
     return (
-        f"{changes} in {repo} ({shown}) left out: the job works from commit {base_sha[:12]} (HEAD), "
+        f"{_changes(repo, paths)} left out: the job works from commit {base_sha[:12]} (HEAD), "
         "so its agents do not see them; to include them, commit them and submit the job again"
     )
+
+
+def _changes(repo: Path, paths: list[str]) -> str:
+    """`2 uncommitted changes in /repo (a.md, b.md)`: how many, and the first three."""
+    shown = ", ".join(paths[:3]) + (f" and {len(paths) - 3} more" if len(paths) > 3 else "")
+    changes = "1 uncommitted change" if len(paths) == 1 else f"{len(paths)} uncommitted changes"
+    return f"{changes} in {repo} ({shown})"
