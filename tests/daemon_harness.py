@@ -128,7 +128,20 @@ class Daemon:
         return process.returncode
 
     def connection(self) -> dict:
-        return json.loads((self.state_dir / "connection.json").read_text())
+        """Where the daemon's bus is and how the daemon itself logs in (every right: for tests that tamper with the
+        streams as no client may); with an external server, what connection.json gives."""
+        info = json.loads((self.state_dir / "connection.json").read_text())
+        conf = self.state_dir / "nats" / "nats-server.conf"
+        if conf.exists():  # the embedded server's users: the daemon's is the one with no permissions block
+            users = json.loads(conf.read_text())["authorization"]["users"]
+            own = next(user for user in users if "permissions" not in user)
+            info |= {"user": own["user"], "password": own["password"]}
+        return info
+
+    def server_pid(self) -> int:
+        """The pid of the embedded nats-server running now (from its ports file, `nats-server_<pid>.ports`)."""
+        (ports,) = (self.state_dir / "nats" / "ports").glob("*.ports")
+        return int(ports.stem.rpartition("_")[2])
 
     def ctl_argv(self, *args: str) -> list[str]:
         """The command line of numerusctl against this daemon."""
