@@ -19,10 +19,11 @@ import asyncio
 import contextlib
 import functools
 import os
-from collections.abc import AsyncIterator
+import weakref
+from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import click
 import msgspec
@@ -68,6 +69,35 @@ class Target:
     creds: Path | None = None
     #: The daemon's pid, from the connection file: tells a stale file from a daemon that is merely slow.
     pid: int | None = None
+    #: The role logged in as, from the connection file (None with --nats-url: whatever that login may do).
+    role: str | None = None
+
+
+class _Refusals:
+    """What the server refused on one connection (its permissions), as they arrive: a refused publish gets no
+    reply, only an asynchronous error, so a request waits for either."""
+
+    def __init__(self, role: str | None) -> None:
+        self.role = role
+        self.subjects: set[str] = set()
+        self.arrived = asyncio.Event()
+
+    def note(self, error: BaseException) -> None:
+        """Record the subject of a `permissions violation for publish to "<subject>"` error."""
+        text = str(error)
+        if "permissions violation" in text and '"' in text:
+            self.subjects.add(text.split('"')[1].lower())  # the server reports it lower-cased
+            self.arrived.set()
+
+    async def refused(self, subject: str) -> None:
+        """Return once the server has refused `subject`."""
+        while subject.lower() not in self.subjects:
+            self.arrived.clear()
+            await self.arrived.wait()
+
+
+_T = TypeVar("_T")
+_refusals: weakref.WeakKeyDictionary[Client, _Refusals] = weakref.WeakKeyDictionary()
 
 
 def state_dir_or_default(state_dir: Path | None) -> Path:
@@ -90,7 +120,7 @@ def read_connection_file(path: Path, role: str = CLIENT_ROLES[0]) -> Target:
         raise Unreachable(f"cannot reach numerusd: {path} is not numerusd's connection file ({e}); {_HINT}") from None
     login = info.roles.get(role)
     if login is not None:
-        return Target(url=info.url, source=str(path), user=login.user, password=login.password, pid=info.pid)
+        return Target(url=info.url, source=str(path), user=login.user, password=login.password, pid=info.pid, role=role)
     if info.roles or role != CLIENT_ROLES[0]:
         raise CtlError(
             f"{path} gives no login for the role {role!r} (numerusd's server is external: pass its --nats-url, "
@@ -174,9 +204,11 @@ async def _ignore(*_args: Any) -> None:
 async def connect(target: Target, timeout: float) -> Client:
     """One connection attempt (two quick tries for a refused port), or Unreachable with the reason."""
     errors: list[BaseException] = []
+    refusals = _Refusals(target.role)
 
     async def record(error: Exception) -> None:
         errors.append(error)
+        refusals.note(error)
 
     options: dict[str, Any] = {
         "servers": [target.url],
@@ -198,6 +230,7 @@ async def connect(target: Target, timeout: float) -> Client:
     nc = Client()
     try:
         await asyncio.wait_for(nc.connect(**options), timeout * 2 + 1)
+        _refusals[nc] = refusals
         return nc
     except Exception as e:  # every way of failing ends in the same one line
         with contextlib.suppress(Exception):
@@ -230,7 +263,7 @@ async def request(nc: Client, verb: str, body: Request, timeout: float) -> bytes
     """Send one request to `numerus.cmd.<verb>`; the reply's bytes, or CtlError for an error reply."""
     subject = subjects.command(verb)
     try:
-        reply = await nc.request(subject, msgspec.json.encode(body), timeout=timeout)
+        reply = await unless_refused(nc, subject, nc.request(subject, msgspec.json.encode(body), timeout=timeout))
     except nats.errors.NoRespondersError:
         raise Unreachable(f"numerusd is not running on {server_of(nc)}: nothing answers {subject}; {_HINT}") from None
     except nats.errors.TimeoutError:
@@ -245,6 +278,25 @@ async def request(nc: Client, verb: str, body: Request, timeout: float) -> bytes
             message = headers.get("Nats-Service-Error") or f"error {headers.get('Nats-Service-Error-Code')}"
         raise CtlError(message)
     return reply.data
+
+
+async def unless_refused(nc: Client, subject: str, awaitable: Awaitable[_T]) -> _T:
+    """What `awaitable` (a request on `subject`) gives, or CtlError as soon as the server refuses `subject` to this
+    login (a role's permissions: `numerusd/bus_roles.py`), instead of a timeout."""
+    refusals = _refusals.get(nc)
+    if refusals is None:
+        return await awaitable
+    answer = asyncio.ensure_future(awaitable)
+    refused = asyncio.ensure_future(refusals.refused(subject))
+    try:
+        await asyncio.wait({answer, refused}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        refused.cancel()
+    if answer.done():
+        return answer.result()
+    answer.cancel()
+    who = f"the {refusals.role} role" if refusals.role else "this login"
+    raise CtlError(f"not allowed: {who} may not publish on {subject} (the NATS server refused it)")
 
 
 @functools.cache
