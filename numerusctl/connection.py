@@ -176,10 +176,11 @@ def _daemon_running(pid: int | None) -> bool:
     if pid is None or _pid_gone(pid):
         return False
     try:
-        command = Path(f"/proc/{pid}/cmdline").read_bytes()
+        command = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
     except OSError:
         return True  # no /proc to ask (or not ours to read): the pid is alive, take it for the daemon
-    return b"numerusd" in command
+    # `numerusd ...`, or `python /path/to/numerusd ...` as a console script runs
+    return any(os.path.basename(part) == b"numerusd" for part in command[:2])
 
 
 def _why(error: BaseException | None) -> str:
