@@ -129,13 +129,14 @@ def keys() -> None:
 def rotate(ctx: click.Context) -> None:
     """Add a new signing key and make it current; older keys stay, so older events still verify.
 
-    numerusd signs with the new key from its next start; give auditors the new key file.
+    Creates the key file (with one key) when there is none yet. numerusd signs with the new key from its next
+    start; give auditors the new key file.
     """
     from numerusd.keys import Keyring
 
     path = _settings(ctx).keys_path
     try:
-        ring = Keyring.load(path).rotated()
+        ring = Keyring.load(path).rotated() if path.exists() else Keyring.generate(path)
         ring.save(path)
     except ConfigError as e:
         click.echo(f"numerusd: {e.message}", err=True)
