@@ -45,6 +45,8 @@ MIN_SERVER_VERSION = (2, 10, 0)
 
 _PR_SET_PDEATHSIG = 1
 
+#: The server's configuration file in its store directory.
+CONFIG_NAME = "nats-server.conf"
 #: Pauses before each restart of a server that keeps exiting; the last one repeats.
 RESTART_BACKOFF_S = (0.1, 0.5, 1.0, 2.0, 5.0)
 #: A server that ran this long before it exited starts the backoff over.
@@ -91,6 +93,19 @@ def check_version(version: str) -> None:
 def _die_with_parent() -> None:  # runs in the child between fork and exec
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def daemon_login(store_dir: Path) -> tuple[str, str]:
+    """The daemon's user and password on the embedded server running from `store_dir` (from its 0600
+    configuration file), for the daemon's own tools (`numerusd rebuild --to` while it runs): connection.json
+    gives client roles only."""
+    conf = store_dir / CONFIG_NAME
+    try:
+        users = json.loads(conf.read_text())["authorization"]["users"]
+        own = next(user for user in users if "permissions" not in user)
+        return own["user"], own["password"]
+    except (OSError, ValueError, KeyError, TypeError, StopIteration) as e:
+        raise NatsUnavailable(f"cannot read the daemon's login from {conf}: {e}") from None
 
 
 def _password() -> str:
@@ -143,7 +158,7 @@ class EmbeddedNats:
         ports_dir.mkdir(exist_ok=True)
         for stale in ports_dir.glob("*.ports"):
             stale.unlink()
-        conf = self.store_dir / "nats-server.conf"
+        conf = self.store_dir / CONFIG_NAME
         fd = os.open(conf, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as out:
             json.dump(self.config(), out, indent=1)

@@ -16,6 +16,7 @@ from pathlib import Path
 import nats
 from nats.aio.client import Client
 
+from numerusd.embedded_nats import CONFIG_NAME, daemon_login
 from tests.conftest import eventually
 
 BIN = Path(sys.executable).parent
@@ -131,11 +132,9 @@ class Daemon:
         """Where the daemon's bus is and how the daemon itself logs in (every right: for tests that tamper with the
         streams as no client may); with an external server, what connection.json gives."""
         info = json.loads((self.state_dir / "connection.json").read_text())
-        conf = self.state_dir / "nats" / "nats-server.conf"
-        if conf.exists():  # the embedded server's users: the daemon's is the one with no permissions block
-            users = json.loads(conf.read_text())["authorization"]["users"]
-            own = next(user for user in users if "permissions" not in user)
-            info |= {"user": own["user"], "password": own["password"]}
+        if (self.state_dir / "nats" / CONFIG_NAME).exists():  # the embedded server
+            user, password = daemon_login(self.state_dir / "nats")
+            info |= {"user": user, "password": password}
         return info
 
     def server_pid(self) -> int:
