@@ -14,6 +14,7 @@ import pytest
 from numerusd.protocol.exit_codes import CtlExit
 from tests.conftest import eventually
 from tests.daemon_harness import Daemon, git_repo
+from tests.views_reader import job_views
 
 pytestmark = pytest.mark.slow  # a real daemon, its server killed under it
 
@@ -40,6 +41,9 @@ async def test_a_killed_server_is_restarted_and_the_daemon_goes_on(tmp_path: Pat
         assert run.returncode == 0, run.stderr
         job = json.loads(run.stdout.splitlines()[0])["job"]
         assert daemon.status(job)["status"] == "completed"
+        # The projector's consumer came back too: the views follow the stream again.
+        views = daemon.state_dir / "views.sqlite3"
+        await eventually(lambda: [view.status for view in job_views(views, job)] == ["completed"], timeout=20)
         assert daemon.ctl("audit", "verify", job, "--finished").returncode == 0  # the store came back whole
         assert "restarted the embedded nats-server" in daemon.stderr()
         assert daemon.stop() == 0
