@@ -21,8 +21,12 @@ Each command imports what it alone needs inside its own body (the stream reader,
 auditor), so a one-request command such as `status` starts no faster or slower for the others
 (`bench/bench_cli.py` measures it against a bare nats-py request).
 
+`--role operator|viewer` (default operator) picks the login from the connection file: a viewer may only read
+(status, plan, logs, events, audit); see `numerusd/bus_roles.py`.
+
 Exit codes (`numerusd.protocol.exit_codes.CtlExit`): 0 ok; 1 refused or failed (an error reply, a failed job
-under `--wait`, a problem found by the audit); 2 usage; 3 numerusd or its NATS server cannot be reached. No
+under `--wait`, a problem found by the audit); 2 usage; 3 numerusd cannot be reached; 4 numerusd runs but its
+bus does not answer. No
 failure prints a traceback (set `NUMERUSCTL_DEBUG=1` to see one for an unexpected error).
 """
 
@@ -70,6 +74,7 @@ from numerusd.protocol.commands import (
     RunReply,
     StatusReply,
 )
+from numerusd.protocol.connection import CLIENT_ROLES
 from numerusd.protocol.exit_codes import CtlExit
 from numerusd.protocol.ids import is_token
 
@@ -108,6 +113,7 @@ class Options:
     nats_password: str | None = field(default=None, repr=False)
     creds: Path | None = None
     timeout: float = 5.0
+    role: str = CLIENT_ROLES[0]
 
 
 def _options(ctx: click.Context, as_json: bool = False) -> Options:
@@ -140,6 +146,7 @@ async def _with_daemon(opts: Options, body: Callable[[Client], Awaitable[T]]) ->
         nats_user=opts.nats_user,
         nats_password=opts.nats_password,
         creds=opts.creds,
+        role=opts.role,
     )
     async with connected(target, opts.timeout) as nc:
         return await body(nc)
@@ -212,6 +219,15 @@ class _Numerusctl(click.Group):
     envvar="NUMERUS_TIMEOUT",
     help="Seconds to wait to connect and for each reply.",
 )
+@click.option(
+    "--role",
+    "bus_role",
+    type=click.Choice(CLIENT_ROLES),
+    default=CLIENT_ROLES[0],
+    show_default=True,
+    envvar="NUMERUS_ROLE",
+    help="Log in to the bus as: operator (commands and reads) or viewer (status, plan, logs, events, audit).",
+)
 @click.pass_context
 def cli(
     ctx: click.Context,
@@ -222,9 +238,10 @@ def cli(
     nats_password: str | None,
     creds: Path | None,
     timeout: float,
+    bus_role: str,
 ) -> None:
     """Control numerusd: submit goals, watch jobs and their agents, stop them, audit the record."""
-    ctx.obj = Options(as_json, state_dir, nats_url, nats_user, nats_password, creds, timeout)
+    ctx.obj = Options(as_json, state_dir, nats_url, nats_user, nats_password, creds, timeout, bus_role)
 
 
 # --- run ------------------------------------------------------------------------------------------------------

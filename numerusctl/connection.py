@@ -2,9 +2,12 @@
 
 Where: `--nats-url` (or `$NUMERUS_NATS_URL`) with `--nats-user/--nats-password` or `--creds`, else the
 connection file the daemon writes in its state directory (`--state-dir`, `$NUMERUS_STATE_DIR`, or the default),
-read through `numerusd.protocol.connection`. The client connects once, with a short timeout and no reconnect
-loop: a command that cannot reach the daemon fails fast with one line and exit code 3. Reading streams (for
-following and auditing) is `feed.py`'s, imported only by the commands that read them.
+read through `numerusd.protocol.connection`, with the login of the role asked (`--role`, default `operator`;
+see `numerusd/bus_roles.py` for what each may do). The client connects once, with a short timeout and no
+reconnect loop: a command that cannot reach the daemon fails fast with one line, exit code 3 when no daemon runs
+and 4 when the daemon named in the connection file runs but its bus does not answer (an embedded server being
+restarted, or held up). Reading streams (for following and auditing) is `feed.py`'s, imported only by the
+commands that read them.
 
 Every failure here is a `CtlError` carrying its exit code and one line for the user; nothing below lets a
 third-party exception out.
@@ -16,10 +19,11 @@ import asyncio
 import contextlib
 import functools
 import os
-from collections.abc import AsyncIterator
+import weakref
+from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import click
 import msgspec
@@ -28,7 +32,7 @@ from nats.aio.client import Client
 
 from numerusd.protocol import subjects
 from numerusd.protocol.commands import DEFAULT_STATE_DIR, REPLIES, ErrorReply, Request
-from numerusd.protocol.connection import FILE_NAME, decode_connection
+from numerusd.protocol.connection import CLIENT_ROLES, FILE_NAME, decode_connection
 from numerusd.protocol.exit_codes import CtlExit
 
 _HINT = "start it with 'numerusd' or pass --state-dir/--nats-url"
@@ -48,10 +52,10 @@ class CtlError(click.ClickException):
 
 
 class Unreachable(CtlError):
-    """The daemon (or its NATS server) cannot be reached: exit 3."""
+    """The daemon (or its NATS server) cannot be reached: exit 3, or 4 when the daemon runs and its bus is down."""
 
-    def __init__(self, message: str) -> None:
-        super().__init__(message, CtlExit.UNREACHABLE)
+    def __init__(self, message: str, exit_code: int = CtlExit.UNREACHABLE) -> None:
+        super().__init__(message, exit_code)
 
 
 @dataclass(frozen=True)
@@ -65,6 +69,35 @@ class Target:
     creds: Path | None = None
     #: The daemon's pid, from the connection file: tells a stale file from a daemon that is merely slow.
     pid: int | None = None
+    #: The role logged in as, from the connection file (None with --nats-url: whatever that login may do).
+    role: str | None = None
+
+
+class _Refusals:
+    """What the server refused on one connection (its permissions), as they arrive: a refused publish gets no
+    reply, only an asynchronous error, so a request waits for either."""
+
+    def __init__(self, role: str | None) -> None:
+        self.role = role
+        self.subjects: set[str] = set()
+        self.arrived = asyncio.Event()
+
+    def note(self, error: BaseException) -> None:
+        """Record the subject of a `permissions violation for publish to "<subject>"` error."""
+        text = str(error)
+        if "permissions violation" in text and '"' in text:
+            self.subjects.add(text.split('"')[1].lower())  # the server reports it lower-cased
+            self.arrived.set()
+
+    async def refused(self, subject: str) -> None:
+        """Return once the server has refused `subject`."""
+        while subject.lower() not in self.subjects:
+            self.arrived.clear()
+            await self.arrived.wait()
+
+
+_T = TypeVar("_T")
+_refusals: weakref.WeakKeyDictionary[Client, _Refusals] = weakref.WeakKeyDictionary()
 
 
 def state_dir_or_default(state_dir: Path | None) -> Path:
@@ -72,8 +105,9 @@ def state_dir_or_default(state_dir: Path | None) -> Path:
     return (state_dir or Path(DEFAULT_STATE_DIR)).expanduser()
 
 
-def read_connection_file(path: Path) -> Target:
-    """The daemon's connection file, or Unreachable saying that no daemon has written one there."""
+def read_connection_file(path: Path, role: str = CLIENT_ROLES[0]) -> Target:
+    """The daemon's connection file, logging in as `role`, or Unreachable saying that no daemon has written one
+    there; CtlError when the file gives no login for `role`."""
     try:
         info = decode_connection(path.read_bytes())
     except FileNotFoundError:
@@ -84,6 +118,16 @@ def read_connection_file(path: Path) -> Target:
         raise Unreachable(f"cannot reach numerusd: {path} is unreadable ({e.strerror}); {_HINT}") from None
     except msgspec.DecodeError as e:
         raise Unreachable(f"cannot reach numerusd: {path} is not numerusd's connection file ({e}); {_HINT}") from None
+    login = info.roles.get(role)
+    if login is not None:
+        return Target(url=info.url, source=str(path), user=login.user, password=login.password, pid=info.pid, role=role)
+    if info.roles or role != CLIENT_ROLES[0]:
+        raise CtlError(
+            f"{path} gives no login for the role {role!r} (numerusd's server is external: pass its --nats-url, "
+            "--nats-user and --nats-password)",
+            CtlExit.USAGE,
+        )
+    # An external server, or an older daemon: the one login it gives.
     return Target(url=info.url, source=str(path), user=info.user or None, password=info.password or None, pid=info.pid)
 
 
@@ -94,11 +138,13 @@ def resolve_target(
     nats_user: str | None = None,
     nats_password: str | None = None,
     creds: Path | None = None,
+    role: str = CLIENT_ROLES[0],
 ) -> Target:
-    """`--nats-url` and its credentials when given, else the connection file in the state directory."""
+    """`--nats-url` and its credentials when given, else the connection file in the state directory, logging in
+    as `role`."""
     if nats_url:
         return Target(url=nats_url, source="--nats-url", user=nats_user, password=nats_password, creds=creds)
-    return read_connection_file(state_dir_or_default(state_dir) / FILE_NAME)
+    return read_connection_file(state_dir_or_default(state_dir) / FILE_NAME, role)
 
 
 def redact(url: str) -> str:
@@ -125,6 +171,18 @@ def _pid_gone(pid: int | None) -> bool:
     return False
 
 
+def _daemon_running(pid: int | None) -> bool:
+    """Whether `pid` is a live numerusd (not a stale file's pid taken over by another program since)."""
+    if pid is None or _pid_gone(pid):
+        return False
+    try:
+        command = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return True  # no /proc to ask (or not ours to read): the pid is alive, take it for the daemon
+    # `numerusd ...`, or `python /path/to/numerusd ...` as a console script runs
+    return any(os.path.basename(part) == b"numerusd" for part in command[:2])
+
+
 def _why(error: BaseException | None) -> str:
     """A few words for a connection failure: what a user can act on, not a class name."""
     if isinstance(error, ConnectionRefusedError):
@@ -147,9 +205,11 @@ async def _ignore(*_args: Any) -> None:
 async def connect(target: Target, timeout: float) -> Client:
     """One connection attempt (two quick tries for a refused port), or Unreachable with the reason."""
     errors: list[BaseException] = []
+    refusals = _Refusals(target.role)
 
     async def record(error: Exception) -> None:
         errors.append(error)
+        refusals.note(error)
 
     options: dict[str, Any] = {
         "servers": [target.url],
@@ -171,12 +231,19 @@ async def connect(target: Target, timeout: float) -> Client:
     nc = Client()
     try:
         await asyncio.wait_for(nc.connect(**options), timeout * 2 + 1)
+        _refusals[nc] = refusals
         return nc
     except Exception as e:  # every way of failing ends in the same one line
         with contextlib.suppress(Exception):
             await nc.close()  # a refused login leaves nats-py's socket open otherwise
         cause = errors[-1] if isinstance(e, nats.errors.NoServersError) and errors else e
         why = _why(cause)
+        if _daemon_running(target.pid) and not why.startswith("authorization"):
+            raise Unreachable(
+                f"numerusd (pid {target.pid}) is running, but its bus at {redact(target.url)} does not answer "
+                f"({why}); an embedded server is restarted by numerusd itself: try again shortly",
+                CtlExit.BUS_DOWN,
+            ) from None
         if _pid_gone(target.pid):
             why += f"; numerusd pid {target.pid} from {target.source} is not running"
         raise Unreachable(f"cannot reach numerusd at {redact(target.url)} ({why}); {_HINT}") from None
@@ -197,7 +264,7 @@ async def request(nc: Client, verb: str, body: Request, timeout: float) -> bytes
     """Send one request to `numerus.cmd.<verb>`; the reply's bytes, or CtlError for an error reply."""
     subject = subjects.command(verb)
     try:
-        reply = await nc.request(subject, msgspec.json.encode(body), timeout=timeout)
+        reply = await unless_refused(nc, subject, nc.request(subject, msgspec.json.encode(body), timeout=timeout))
     except nats.errors.NoRespondersError:
         raise Unreachable(f"numerusd is not running on {server_of(nc)}: nothing answers {subject}; {_HINT}") from None
     except nats.errors.TimeoutError:
@@ -212,6 +279,25 @@ async def request(nc: Client, verb: str, body: Request, timeout: float) -> bytes
             message = headers.get("Nats-Service-Error") or f"error {headers.get('Nats-Service-Error-Code')}"
         raise CtlError(message)
     return reply.data
+
+
+async def unless_refused(nc: Client, subject: str, awaitable: Awaitable[_T]) -> _T:
+    """What `awaitable` (a request on `subject`) gives, or CtlError as soon as the server refuses `subject` to this
+    login (a role's permissions: `numerusd/bus_roles.py`), instead of a timeout."""
+    refusals = _refusals.get(nc)
+    if refusals is None:
+        return await awaitable
+    answer = asyncio.ensure_future(awaitable)
+    refused = asyncio.ensure_future(refusals.refused(subject))
+    try:
+        await asyncio.wait({answer, refused}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        refused.cancel()
+    if answer.done():
+        return answer.result()
+    answer.cancel()
+    who = f"the {refusals.role} role" if refusals.role else "this login"
+    raise CtlError(f"not allowed: {who} may not publish on {subject} (the NATS server refused it)")
 
 
 @functools.cache

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -63,6 +64,9 @@ def _exit_code(error: NumerusError) -> int:
 @click.pass_context
 def main(ctx: click.Context, **_options: object) -> None:
     """The Numerus daemon. With no command it runs until SIGINT or SIGTERM."""
+    # Everything numerusd and its children create (views, run logs, the embedded server's store) holds the
+    # history or agents' output: its owner's alone, whatever umask numerusd was started with.
+    os.umask(0o077)
     logging.basicConfig(
         level=str(ctx.params["log_level"]).upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -113,3 +117,31 @@ def rebuild(ctx: click.Context, target: Path | None) -> None:
         click.echo(f"numerusd: {e.message}", err=True)
         sys.exit(_exit_code(e))
     click.echo(report)
+
+
+@main.group()
+def keys() -> None:
+    """Manage the HMAC keys events are signed with."""
+
+
+@keys.command()
+@click.pass_context
+def rotate(ctx: click.Context) -> None:
+    """Add a new signing key and make it current; older keys stay, so older events still verify.
+
+    Creates the key file (with one key) when there is none yet. numerusd signs with the new key from its next
+    start; give auditors the new key file.
+    """
+    from numerusd.keys import Keyring
+
+    path = _settings(ctx).keys_path
+    try:
+        ring = Keyring.load(path).rotated() if path.exists() else Keyring.generate(path)
+        ring.save(path)
+    except ConfigError as e:
+        click.echo(f"numerusd: {e.message}", err=True)
+        sys.exit(_exit_code(e))
+    except OSError as e:  # e.g. a systemd credential: a read-only copy; rotate the file LoadCredential= names
+        click.echo(f"numerusd: cannot write {path}: {e.strerror} (rotate the file it is a copy of)", err=True)
+        sys.exit(int(DaemonExit.CONFIG))
+    click.echo(f"{path}: new current key {ring.current_kid} ({len(ring.keys)} keys); restart numerusd to sign with it")

@@ -65,7 +65,12 @@ ENV_VARS: dict[str, str] = {
     "log_chunk_bytes": "NUMERUS_LOG_CHUNK_BYTES",
     "log_flush_ms": "NUMERUS_LOG_FLUSH_MS",
     "parallel": "NUMERUS_PARALLEL",
+    "key_file": "NUMERUS_KEY_FILE",
 }
+
+#: The systemd credential (`LoadCredential=numerus-keys:/etc/numerus/keys.json`) the keys are read from when no
+#: `key_file` is set: systemd hands the service a private copy in `$CREDENTIALS_DIRECTORY`.
+KEYS_CREDENTIAL = "numerus-keys"
 
 CONFIG_ENV_VAR = "NUMERUS_CONFIG"
 CONFIG_FILE_NAME = "numerus.toml"
@@ -140,6 +145,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     idle_timeout_s: Annotated[float, msgspec.Meta(gt=0)] = 900.0
     #: Seconds a check command may run.
     check_timeout_s: Annotated[float, msgspec.Meta(gt=0)] = 1800.0
+    #: The signing keys, when not in the state directory (e.g. /etc/numerus/keys.json, readable by the daemon's
+    #: user alone); with none set, the systemd credential KEYS_CREDENTIAL, else `<state_dir>/keys.json`.
+    key_file: Path | None = None
 
     def __repr__(self) -> str:
         # The password must never reach a log line; show only whether there is one.
@@ -187,8 +195,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
 
     @property
     def keys_path(self) -> Path:
-        """The signing keys, `{"current": kid, "keys": {kid: hex}}`, mode 0600."""
-        return self.state_dir / "keys.json"
+        """The one file the daemon reads its signing keys from, `{"current": kid, "keys": {kid: hex}}`, mode 0600:
+        `key_file` (or the systemd credential, which `load_settings` puts there), else `<state_dir>/keys.json`.
+        What an agent must never read: the sandbox hides this path."""
+        return self.key_file or self.state_dir / "keys.json"
 
     @property
     def db_path(self) -> Path:
@@ -321,6 +331,9 @@ def load_settings(
     file_layer = _file_layer(path, _read_file(path, explicit=bool(explicit)))
 
     merged = {**file_layer, **env_layer, **flag_layer}
+    credentials = env.get("CREDENTIALS_DIRECTORY")
+    if "key_file" not in merged and credentials and (Path(credentials) / KEYS_CREDENTIAL).is_file():
+        merged["key_file"] = Path(credentials) / KEYS_CREDENTIAL
     if "state_dir" in merged:
         # Relative to where the daemon was started, fixed now so a later chdir cannot move the state.
         merged["state_dir"] = Path(merged["state_dir"]).expanduser().absolute()
@@ -341,15 +354,21 @@ def load_settings(
     return settings
 
 
-def write_connection_file(path: Path, url: str, user: str | None, password: str | None) -> None:
+def write_connection_file(
+    path: Path,
+    url: str,
+    user: str | None,
+    password: str | None,
+    roles: Mapping[str, connection.RoleLogin] | None = None,
+) -> None:
     """Tell numerusctl how to reach this daemon (`protocol.connection.ConnectionInfo`), mode 0600, replaced
-    atomically.
+    atomically: `user`/`password` for tools that know no roles, `roles` the login of each client role.
 
     The file holds a password, so it is created 0600 from the start (never chmod'ed after), in a temporary name
     beside the target and renamed over it, so a reader sees the old file or the new one, never half of one.
     """
     body = connection.encode_connection(
-        connection.ConnectionInfo(url=url, user=user, password=password, pid=os.getpid())
+        connection.ConnectionInfo(url=url, user=user, password=password, pid=os.getpid(), roles=dict(roles or {}))
     )
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")

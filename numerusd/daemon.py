@@ -148,10 +148,15 @@ class Daemon:
             settings=settings, book=book, jobs=runner, history=EventHistory(nc), git_problem=self.git_problem
         )
         self._service = await start_service(nc, context, self.dead_letters)
-        write_connection_file(settings.connection_path, address.url, address.user, address.password)
+        # Clients get the logins of their roles, never the daemon's own (an external server's are what we were given).
+        roles = dict(self.embedded.clients) if self.embedded is not None else {}
+        client = roles.get("operator", address)
+        write_connection_file(settings.connection_path, address.url, client.user, client.password, roles)
         self._wrote_connection = True
         self._spawn_background(self._sweep_checkouts(), name="checkouts of ended jobs")
         self._spawn_background(watchdog(self.should_exit), name="systemd watchdog")
+        if self.embedded is not None:
+            self._spawn_background(self.embedded.supervise(self.should_exit), name="embedded nats-server")
         notify(f"READY=1\nSTATUS=serving {len(book.jobs)} jobs on {address.url}\nMAINPID={os.getpid()}")
         log.info("numerusd ready on %s, state in %s", address.url, settings.state_dir)
 

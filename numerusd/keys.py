@@ -3,8 +3,9 @@
     {"current": "k20250101-3fa2", "keys": {"k20250101-3fa2": "<64 hex digits>"}}
 
 `current` names the key new events are signed with; every key stays in `keys` so events signed before a
-rotation still verify. The daemon creates the file on first start (`load_or_create`); an auditor reads a copy
-(`load`, e.g. `numerusctl verify --key-file`). Secrets never appear in a repr, a log line or an error message.
+rotation still verify (`rotated`: a new current key, the old ones kept; `numerusd keys rotate`). The daemon
+creates the file on first start (`load_or_create`); an auditor reads a copy (`load`, e.g. `numerusctl audit
+verify --key-file`). Secrets never appear in a repr, a log line or an error message.
 """
 
 from __future__ import annotations
@@ -63,6 +64,13 @@ class Keyring:
         """A keyring with one fresh random key (not written anywhere)."""
         kid = new_kid()
         return cls(kid, {kid: secrets.token_bytes(KEY_BYTES)}, path)
+
+    def rotated(self) -> Keyring:
+        """This keyring with a fresh key that signs from now on; every older key stays, to verify older events."""
+        kid = new_kid()
+        while kid in self._keys:  # two rotations on one day may draw the same four hex digits
+            kid = new_kid()
+        return Keyring(kid, {**self._keys, kid: secrets.token_bytes(KEY_BYTES)}, self.path)
 
     @classmethod
     def load(cls, path: Path) -> Keyring:

@@ -16,6 +16,7 @@ from pathlib import Path
 import nats
 from nats.aio.client import Client
 
+from numerusd.embedded_nats import CONFIG_NAME, daemon_login
 from tests.conftest import eventually
 
 BIN = Path(sys.executable).parent
@@ -128,7 +129,18 @@ class Daemon:
         return process.returncode
 
     def connection(self) -> dict:
-        return json.loads((self.state_dir / "connection.json").read_text())
+        """Where the daemon's bus is and how the daemon itself logs in (every right: for tests that tamper with the
+        streams as no client may); with an external server, what connection.json gives."""
+        info = json.loads((self.state_dir / "connection.json").read_text())
+        if (self.state_dir / "nats" / CONFIG_NAME).exists():  # the embedded server
+            user, password = daemon_login(self.state_dir / "nats")
+            info |= {"user": user, "password": password}
+        return info
+
+    def server_pid(self) -> int:
+        """The pid of the embedded nats-server running now (from its ports file, `nats-server_<pid>.ports`)."""
+        (ports,) = (self.state_dir / "nats" / "ports").glob("*.ports")
+        return int(ports.stem.rpartition("_")[2])
 
     def ctl_argv(self, *args: str) -> list[str]:
         """The command line of numerusctl against this daemon."""

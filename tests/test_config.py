@@ -126,6 +126,7 @@ def test_connection_file_is_private_and_replaced_atomically(tmp_path: Path):
         "user": "numerus",
         "password": "s3cret",
         "pid": os.getpid(),
+        "roles": {},
     }
     inode = path.stat().st_ino
     write_connection_file(path, "nats://127.0.0.1:5555", None, None)

@@ -41,6 +41,6 @@ def test_numerusd_exit_code_follows_the_error_type(error: Exception, code: int):
 
 def test_the_codes_are_the_documented_ones():
     assert [int(code) for code in DaemonExit] == [0, 69, 70, 75, 78]
-    assert [int(code) for code in CtlExit] == [0, 1, 2, 3]
+    assert [int(code) for code in CtlExit] == [0, 1, 2, 3, 4]
     text = (Path(__file__).resolve().parent.parent / "docs" / "operations.md").read_text()
     assert all(f"| {int(code)} |" in text for code in DaemonExit if code)

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import re
+import shutil
 import socket
+import subprocess
 from pathlib import Path
+
+import pytest
 
 from tests.daemon_harness import Daemon
 
@@ -34,3 +39,29 @@ def test_ready_watchdog_and_stopping_notifications(tmp_path: Path):
         except TimeoutError:
             pass
         assert "STOPPING=1" in rest
+
+
+#: The highest `systemd-analyze security` exposure each unit may have (issue 14).
+EXPOSURE_LIMITS = {"numerusd.service": 3.5, "nats-server.service": 4.0}
+UNITS = Path(__file__).parent.parent / "systemd"
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed")
+@pytest.mark.parametrize("unit", sorted(EXPOSURE_LIMITS))
+def test_unit_exposure_is_within_its_limit(unit: str):
+    result = subprocess.run(
+        ["systemd-analyze", "security", "--offline=true", "--no-pager", str(UNITS / unit)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    match = re.search(rf"Overall exposure level for {re.escape(unit)}: (\d+\.\d)", result.stdout)
+    assert match, f"no exposure figure in systemd-analyze's output:\n{result.stdout}\n{result.stderr}"
+    assert float(match.group(1)) <= EXPOSURE_LIMITS[unit], result.stdout
+
+
+def test_numerusd_unit_allows_exactly_the_namespaces_bwrap_makes():
+    """bubblewrap (numerusd/sandbox.py) needs these namespaces; any other is refused by the unit."""
+    lines = (UNITS / "numerusd.service").read_text().splitlines()
+    (namespaces,) = [line.partition("=")[2].split() for line in lines if line.startswith("RestrictNamespaces=")]
+    assert sorted(namespaces) == sorted(["user", "pid", "mnt", "net", "ipc", "uts", "cgroup"])

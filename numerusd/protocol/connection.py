@@ -4,7 +4,12 @@ numerusd writes it in its state directory when it starts (`numerusd.config.write
 since it holds a password, and replaced atomically); numerusctl reads it unless it is given `--nats-url`.
 One Struct, one encoder, one decoder, so the two sides cannot disagree on its shape::
 
-    {"url": "nats://127.0.0.1:41221", "user": "numerus", "password": "…", "pid": 12345}
+    {"url": "nats://127.0.0.1:41221", "user": "operator", "password": "…", "pid": 12345,
+     "roles": {"operator": {"user": "operator", "password": "…"}, "viewer": {"user": "viewer", "password": "…"}}}
+
+`roles` holds the login of each client role of the embedded server (`numerusd/bus_roles.py`): never the
+daemon's own. `user`/`password` are the default role's (operator), for tools that know no roles; with an
+external server they are what the daemon was given, and `roles` is empty.
 
 It evolves by msgspec's rules: a new member gets a default, and a reader ignores members it does not know.
 """
@@ -16,6 +21,20 @@ import msgspec
 #: Its name in the state directory.
 FILE_NAME = "connection.json"
 
+#: The roles a client logs in as (numerusctl's `--role`), the default first; what each may do:
+#: `numerusd/bus_roles.py`.
+CLIENT_ROLES = ("operator", "viewer")
+
+
+class RoleLogin(msgspec.Struct, frozen=True, kw_only=True):
+    """The user and password of one client role."""
+
+    user: str
+    password: str
+
+    def __repr__(self) -> str:
+        return f"RoleLogin(user={self.user!r}, password=<set>)"
+
 
 class ConnectionInfo(msgspec.Struct, frozen=True, kw_only=True):
     """Where the daemon's NATS server is, as whom to log in, and the daemon's pid (to tell a stale file)."""
@@ -24,11 +43,16 @@ class ConnectionInfo(msgspec.Struct, frozen=True, kw_only=True):
     user: str | None = None
     password: str | None = None
     pid: int | None = None
+    #: The login of each client role (`operator`, `viewer`), by role.
+    roles: dict[str, RoleLogin] = {}
 
     def __repr__(self) -> str:
         # The password must never reach a log line or a traceback; show only whether there is one.
         password = "<set>" if self.password else None
-        return f"ConnectionInfo(url={self.url!r}, user={self.user!r}, password={password}, pid={self.pid!r})"
+        return (
+            f"ConnectionInfo(url={self.url!r}, user={self.user!r}, password={password}, pid={self.pid!r}, "
+            f"roles={sorted(self.roles)!r})"
+        )
 
 
 _encoder = msgspec.json.Encoder()

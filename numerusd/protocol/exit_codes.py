@@ -2,7 +2,8 @@
 
 numerusd follows sysexits(3), so a service manager can tell a failure worth a restart from one that needs a
 person: `Restart=on-failure` with `RestartPreventExitStatus=75 78` (see systemd/numerusd.service).
-numerusctl keeps small codes a shell script can test: failed, misused, or could not reach the daemon.
+numerusctl keeps small codes a shell script can test: failed, misused, could not reach the daemon, or the
+daemon runs but its bus does not answer.
 Each program chooses its code by the type of the error, never by its message.
 """
 
@@ -35,5 +36,7 @@ class CtlExit(IntEnum):
     FAILED = 1
     #: Misused: a bad option or argument, a missing or unreadable key file.
     USAGE = 2
-    #: numerusd or its NATS server cannot be reached.
+    #: numerusd cannot be reached: no daemon runs (or it runs elsewhere than where numerusctl looks).
     UNREACHABLE = 3
+    #: numerusd runs (its pid in connection.json is alive) but its NATS server does not answer: wait or look.
+    BUS_DOWN = 4

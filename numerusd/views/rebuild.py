@@ -27,7 +27,7 @@ import msgspec
 
 from numerusd import state_lock
 from numerusd.config import NatsAddress, Settings
-from numerusd.embedded_nats import EmbeddedNats
+from numerusd.embedded_nats import EmbeddedNats, daemon_login
 from numerusd.errors import ConfigError, StoreError
 from numerusd.keys import Keyring
 from numerusd.protocol.connection import decode_connection
@@ -112,7 +112,8 @@ async def rebuild_views(settings: Settings, target: Path | None) -> str:
     address = settings.configured_nats()
     if address is None and running:
         connection = decode_connection(settings.connection_path.read_bytes())
-        address = NatsAddress(url=connection.url, user=connection.user, password=connection.password)
+        user, password = daemon_login(settings.nats_store_dir)  # a client role may not make the consumers we read with
+        address = NatsAddress(url=connection.url, user=user, password=password)
     elif address is None:
         embedded = EmbeddedNats(store_dir=settings.nats_store_dir)
         address = NatsAddress(url=embedded.start(), user=embedded.user, password=embedded.password)
