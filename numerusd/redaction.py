@@ -30,7 +30,7 @@ import os
 import re
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import msgspec
 
@@ -61,7 +61,8 @@ DEFAULT_SECRET_ENV: tuple[str, ...] = (
 #: A known value shorter than this is not redacted: replacing every "admin" or "1234" would garble the output.
 MIN_SECRET_LENGTH = 8
 
-_TOKEN_START = rb"(?<![A-Za-z0-9_\-])"  # a token begins at a word boundary: `task-sk-…` is not an OpenAI key
+#: A token begins at a word boundary (`task-sk-…` is not an OpenAI key), or after a `\n` escape in JSON text.
+_TOKEN_START = rb"(?:(?<![A-Za-z0-9_\-])|(?<=\\[nrt]))"
 #: Well-known token shapes by kind; each starts with a literal that `_PREFIXES` lists for the prefilter.
 SHAPES: dict[str, bytes] = {
     "private_key": rb"-----BEGIN[A-Z0-9 ]{0,40} PRIVATE KEY-----",
@@ -99,7 +100,7 @@ _PREFIXES: tuple[bytes, ...] = (
 _END_OF_KEY = re.compile(rb"-----END[A-Z0-9 ]{0,40} PRIVATE KEY-----")
 #: What lies between a private key's BEGIN and END lines: base64, its PEM headers (`Proc-Type: 4,ENCRYPTED`),
 #: line ends, and the `\n` escapes of a JSON string (never a quote, so a JSON text stays JSON once redacted).
-_KEY_BODY = re.compile(rb"(?:[A-Za-z0-9+/=\s:,.\-]|\\[nrt])*")
+_KEY_BODY = re.compile(rb"(?:[A-Za-z0-9+/=\s:,.]|-(?!----END)|\\{1,4}[nrt])*")
 #: The longest private key block looked for (an RSA 16384-bit key is about 12 KiB in PEM).
 KEY_BLOCK_MAX = 64 * 1024
 
@@ -175,10 +176,32 @@ class Redactor:
         return text if redacted is data else redacted.decode("utf-8", "surrogatepass")
 
     def redact_value(self, value: _Value, counts: Counter[str] | None = None) -> _Value:
-        """`value` (a msgspec Struct) with the secrets in its JSON form redacted: itself when it held none."""
-        data = msgspec.json.encode(value)
-        redacted = self.redact(data, counts)
-        return value if redacted is data else msgspec.json.decode(redacted, type=type(value))
+        """`value` (a msgspec Struct: an observation, a command) with the secrets in its strings redacted, however
+        deep; `value` itself when it holds none (told by one look at its JSON form, the usual case)."""
+        if next(self.matches(msgspec.json.encode(value)), None) is None:
+            return value
+        return self._walk(value, counts if counts is not None else Counter())
+
+    def _walk(self, value: Any, counts: Counter[str]) -> Any:
+        """`value` with its strings redacted, rebuilt only where one changed (a tuple of tagged events keeps its
+        types, which a JSON round trip through an untagged base class would not)."""
+        if isinstance(value, str):
+            return self.redact_text(value, counts)
+        if isinstance(value, msgspec.Struct):
+            changed = {}
+            for name in value.__struct_fields__:
+                old = getattr(value, name)
+                if (new := self._walk(old, counts)) is not old:
+                    changed[name] = new
+            return msgspec.structs.replace(value, **changed) if changed else value
+        if isinstance(value, (tuple, list)):
+            items = [self._walk(item, counts) for item in value]
+            return value if all(a is b for a, b in zip(items, value, strict=True)) else type(value)(items)
+        if isinstance(value, dict):
+            pairs = [(self._walk(k, counts), self._walk(v, counts)) for k, v in value.items()]
+            unchanged = all(k is k0 and v is v0 for (k, v), (k0, v0) in zip(pairs, value.items(), strict=True))
+            return value if unchanged else dict(pairs)
+        return value
 
     def _redact(self, data: bytes, counts: Counter[str], *, streaming: bool) -> tuple[bytes, bool]:
         """The redacted data, and whether it ends inside a private key block (its END still to come)."""

@@ -1,0 +1,106 @@
+"""Hostile agent, item 6 of issue 14: an agent that prints the secrets it can reach gets none of them stored.
+
+The agent echoes the API key its profile gives it, a GitHub token, a private key block, and the daemon's own
+NATS password and signing key (read from the state directory, which only a sandbox hides): afterwards no byte of
+any of them is in the run log, `numerusctl logs`, the job's events, the views database, the WAL or the JetStream
+store, and the job shows how many were redacted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+from tests.conftest import eventually
+from tests.daemon_harness import Daemon, git_repo, write_scenario
+from tests.views_reader import job_state
+
+OPENAI = "sk-proj-HostileTest0123456789abcdefghijklmnop"
+GITHUB = "ghp_" + "HostileGithubToken0123456789abcdefgh"
+GOAL_TOKEN = "ghp_" + "GoalGithubToken0123456789abcdefghijkl"
+KEY_BODY = "SG9zdGlsZVByaXZhdGVLZXlCb2R5MDEyMzQ1Njc4OWFiY2RlZmdoaWprbG1ub3A="
+#: Files in the state directory that hold the secrets by design: what the user configured, and the sources.
+SOURCES = {"numerus.toml", "keys.json", "connection.json", "nats-server.conf"}
+
+
+def hostile_daemon(state_dir: Path) -> Daemon:
+    """A daemon whose `hostile` profile gives its agent OPENAI_API_KEY, and whose agent prints every secret."""
+    state_dir.mkdir(parents=True)
+    steps = [
+        {
+            "run": (
+                "echo $OPENAI_API_KEY; "
+                f"echo {GITHUB[:12]}''{GITHUB[12:]}; "  # split in the script, whole in the output
+                f"printf -- '-----BEGIN RSA PRIVATE KEY-----\\n{KEY_BODY}\\n-----END RSA PRIVATE KEY-----\\n'; "
+                f"cat {state_dir}/connection.json {state_dir}/keys.json; "
+                "printf '%s' \"$OPENAI_API_KEY\""
+            )
+        },
+        {"say": f"my key is {OPENAI}"},
+    ]
+    scenario = write_scenario(state_dir / "scenario-hostile.json", steps)
+    config = (
+        "[agents.hostile]\n"
+        'kind = "scripted"\n'
+        f"env = {{ NUMERUS_SCENARIO = {json.dumps(str(scenario))}, OPENAI_API_KEY = {json.dumps(OPENAI)} }}\n"
+    )
+    return Daemon(state_dir, config=config)
+
+
+def stored_files(state_dir: Path) -> list[Path]:
+    """Everything the daemon stored (logs, events, views, WAL, JetStream files), less the secrets' own sources."""
+    return [
+        path
+        for path in state_dir.rglob("*")
+        if path.is_file() and path.name not in SOURCES and not path.name.startswith("scenario-")
+    ]
+
+
+def test_secrets_an_agent_prints_are_stored_nowhere_and_counted(tmp_path: Path):
+    repo = git_repo(tmp_path / "repo")
+    with hostile_daemon(tmp_path / "state").start() as daemon:
+        connection = daemon.connection()
+        keys = json.loads((daemon.state_dir / "keys.json").read_text())["keys"]
+        secrets = [OPENAI, GITHUB, GOAL_TOKEN, KEY_BODY, connection["password"], *keys.values()]
+        goal = f"use the token {GOAL_TOKEN}"
+        job = daemon.ctl_json("run", "--no-plan", goal, "--repo", str(repo), "--agent", "hostile")["job"]
+
+        async def done() -> dict:
+            async with daemon.client() as client:
+                return await client.wait_for(job, lambda view: view["status"] in ("completed", "failed"))
+
+        view = asyncio.run(done())
+        assert view["status"] == "completed", view
+        (task,) = view["tasks"]
+        log = Path(task["log_path"]).read_text()
+        assert "[REDACTED:OPENAI_API_KEY]" in log and "[REDACTED:github_token]" in log
+        assert "[REDACTED:private_key]" in log and "[REDACTED:nats_password]" in log
+        assert "[REDACTED:signing_key]" in log
+        logs = daemon.ctl("logs", job, check=True).stdout
+        events = daemon.ctl("--json", "events", job, check=True).stdout
+        shown = daemon.ctl("status", job, check=True).stdout
+        assert view["goal"] == "use the token [REDACTED:github_token]"
+        redacted = [json.loads(line) for line in events.splitlines() if '"SecretRedacted"' in line]
+        counts = {}
+        for event in redacted:
+            for kind, count in event["data"]["counts"].items():
+                counts[kind] = counts.get(kind, 0) + count
+        # The agent printed the key three times (twice in output, once in a message), the token once, the goal
+        # held one; each whole line of JSONL the agent printed counts too (the scripted agent echoes its output).
+        assert counts["OPENAI_API_KEY"] >= 3 and counts["github_token"] >= 2, counts
+        assert counts["private_key"] >= 1 and counts["nats_password"] >= 1 and counts["signing_key"] >= 1
+        assert view["secrets_redacted"] == sum(counts.values())
+        assert f"secrets  {view['secrets_redacted']} redacted" in shown
+        views = daemon.state_dir / "views.sqlite3"
+
+        def projected() -> bool:
+            state = job_state(views, job)
+            return state is not None and state.secrets_redacted == view["secrets_redacted"]
+
+        asyncio.run(eventually(projected, timeout=20))
+    for secret in secrets:
+        for text, where in ((log, "run log"), (logs, "numerusctl logs"), (events, "events"), (shown, "status")):
+            assert secret not in text, f"a secret is in the {where}"
+        for path in stored_files(daemon.state_dir):
+            assert secret.encode() not in path.read_bytes(), f"a secret is stored in {path}"
