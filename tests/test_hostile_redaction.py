@@ -80,6 +80,8 @@ def test_secrets_an_agent_prints_are_stored_nowhere_and_counted(tmp_path: Path):
         logs = daemon.ctl("logs", job, check=True).stdout
         events = daemon.ctl("--json", "events", job, check=True).stdout
         shown = daemon.ctl("status", job, check=True).stdout
+        told = daemon.ctl("events", job, check=True).stdout
+        assert "secrets redacted in t1: " in told
         assert view["goal"] == "use the token [REDACTED:github_token]"
         redacted = [json.loads(line) for line in events.splitlines() if '"SecretRedacted"' in line]
         counts = {}
@@ -99,8 +101,9 @@ def test_secrets_an_agent_prints_are_stored_nowhere_and_counted(tmp_path: Path):
             return state is not None and state.secrets_redacted == view["secrets_redacted"]
 
         asyncio.run(eventually(projected, timeout=20))
+    shown_to_user = {"run log": log, "logs": logs, "events --json": events, "events": told, "status": shown}
     for secret in secrets:
-        for text, where in ((log, "run log"), (logs, "numerusctl logs"), (events, "events"), (shown, "status")):
+        for where, text in shown_to_user.items():
             assert secret not in text, f"a secret is in the {where}"
         for path in stored_files(daemon.state_dir):
             assert secret.encode() not in path.read_bytes(), f"a secret is stored in {path}"
