@@ -360,11 +360,13 @@ class AgentCall(_ProcessRun):
         outcome = await self.process.pump(collect)
         redacted = self.process.redacted
         try:
-            answer: str | None = self.answer_path.read_text(encoding="utf-8", errors="replace")
+            written = self.answer_path.read_text(encoding="utf-8", errors="replace")
         except FileNotFoundError:
             answer = None
         else:
-            answer = redacted.redactor.redact_text(answer, redacted.counts)
+            answer = redacted.redactor.redact_text(written, redacted.counts)
+            if answer is not written:  # the agent's file stays in the run directory: it is kept redacted too
+                self.answer_path.write_text(answer, encoding="utf-8")
         spent = Usage(input_tokens=usage[0], cached_input_tokens=usage[1], output_tokens=usage[2])
         return CallResult(outcome=outcome, answer=answer, usage=spent, errors=errors, redacted=dict(redacted.counts))
 

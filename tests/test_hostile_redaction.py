@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 
 from tests.conftest import eventually
-from tests.daemon_harness import Daemon, git_repo, write_scenario
+from tests.daemon_harness import Daemon, claim, git_repo, write_scenario
 from tests.views_reader import job_state
 
 OPENAI = "sk-proj-HostileTest0123456789abcdefghijklmnop"
@@ -106,4 +106,72 @@ def test_secrets_an_agent_prints_are_stored_nowhere_and_counted(tmp_path: Path):
         for where, text in shown_to_user.items():
             assert secret not in text, f"a secret is in the {where}"
         for path in stored_files(daemon.state_dir):
+            assert secret.encode() not in path.read_bytes(), f"a secret is stored in {path}"
+
+
+JWT = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJob3N0aWxlIn0.HostileSignature0123456789abcdef"
+AWS_ID = "AKIAHOSTILE0EXAMPLE7"
+
+
+async def test_secrets_in_a_plan_a_check_and_a_review_are_recorded_redacted(tmp_path: Path):
+    """What is not terminal output (the planner's plan, a check's output, the reviewer's reasons) is redacted
+    before its events are sealed, and counted for the job (the plan) and the task (its check and review)."""
+    plan = {
+        "summary": "Greet",
+        "tasks": [
+            {
+                "id": "t1",
+                "title": "Greeting",
+                "instructions": f"Create HELLO.md; the deploy token is {GITHUB}.",
+                "intents": [{"path": "HELLO.md", "mode": "create"}],
+            }
+        ],
+    }
+    team = {
+        "cases": [
+            {"match": {"role": "planner"}, "steps": [{"answer": plan}]},
+            {
+                "match": {"role": "claimer"},
+                "steps": [{"answer": claim(("HELLO.md", "create"))}],
+            },
+            {"match": {"role": "executor"}, "steps": [{"write": "HELLO.md", "content": "# Hello\n"}]},
+            {"match": {"role": "reviewer"}, "steps": [{"answer": {"verdict": "pass", "reasons": [f"saw {JWT}"]}}]},
+        ]
+    }
+    # The check's command holds no secret (split by the shell): a secret written into a command or a goal is
+    # recorded, and so run, redacted.
+    config = f"checks = [\"echo $OPENAI_API_KEY {AWS_ID[:6]}''{AWS_ID[6:]}\"]\n"
+    state_dir = tmp_path / "state"
+    with Daemon(state_dir, env={"OPENAI_API_KEY": OPENAI}, agents={"team": team}, config=config).start() as daemon:
+        repo = git_repo(tmp_path / "repo")
+        result = daemon.ctl("run", "greet", "--repo", str(repo), "--agent", "team", "--wait", timeout=90)
+        assert result.returncode == 0, result.stdout + result.stderr
+        job = result.stdout.splitlines()[0].strip()
+        async with daemon.client() as client:
+            events = await client.events(job)
+            view = await client.status(job)
+        text = json.dumps(events)
+        (validated,) = [e for e in events if e["type"] == "PlanValidated"]
+        assert "[REDACTED:github_token]" in validated["data"]["plan"]["tasks"][0]["instructions"]
+        (check,) = [e for e in events if e["type"] == "CheckCompleted"]
+        assert check["data"]["output"] == "[REDACTED:OPENAI_API_KEY] [REDACTED:aws_access_key_id]\n"
+        (review,) = [e for e in events if e["type"] == "ReviewCompleted"]
+        assert review["data"]["reasons"] == ["saw [REDACTED:jwt]"]
+        counted: dict[tuple[str, str], int] = {}
+        for event in events:
+            if event["type"] == "SecretRedacted":
+                for kind, count in event["data"]["counts"].items():
+                    where = (event["data"]["task"], kind)
+                    counted[where] = counted.get(where, 0) + count
+        # The plan and the verdict count twice: in the agent's output (which shows its answer) and its answer.
+        assert counted == {
+            ("", "github_token"): 2,
+            ("t1", "OPENAI_API_KEY"): 1,
+            ("t1", "aws_access_key_id"): 1,
+            ("t1", "jwt"): 2,
+        }
+        assert view["secrets_redacted"] == sum(counted.values())
+    for secret in (GITHUB, OPENAI, AWS_ID, JWT):
+        assert secret not in text
+        for path in stored_files(state_dir):
             assert secret.encode() not in path.read_bytes(), f"a secret is stored in {path}"
