@@ -19,7 +19,7 @@ daemon must keep up with (docs/operations.md, "Redaction"), and it would garble 
 The shapes here are the high-confidence part of its and gitleaks' rules, in one compiled expression, tried
 only where one of the literals a secret starts with occurs: those are found in one pass by `ahocorasick-rs`
 (the Rust aho-corasick crate, SIMD-accelerated), 1.6 GB/s here against 0.1 GB/s for one `bytes.find` per
-literal, and most output holds none of them (see `matches` and docs/benchmarks.md).
+literal, and most output holds none of them (see `matches`, and docs/operations.md for the figures).
 
 `RedactingStream` applies a `Redactor` to output that arrives in chunks cut anywhere: it redacts whole lines,
 holds back a partial line (up to `HOLD` bytes, then redacts all but its last `TAIL` bytes), and drops a private
