@@ -1,9 +1,9 @@
 """Hostile agent, item 6 of issue 14: an agent that prints the secrets it can reach gets none of them stored.
 
-The agent echoes the API key its profile gives it, a GitHub token, a private key block, and the daemon's own
-NATS password and signing key (read from the state directory, which only a sandbox hides): afterwards no byte of
-any of them is in the run log, `numerusctl logs`, the job's events, the views database, the WAL or the JetStream
-store, and the job shows how many were redacted.
+The agent echoes the API key its profile gives it, a GitHub token and a private key block; the goal holds a
+token and the daemon's own NATS password and signing key (which the agent cannot read: the sandbox hides the
+state directory): afterwards no byte of any of them is in the run log, `numerusctl logs`, the job's events, the
+views database, the WAL or the JetStream store, and the job shows how many were redacted.
 """
 
 from __future__ import annotations
@@ -33,7 +33,6 @@ def hostile_daemon(state_dir: Path) -> Daemon:
                 "echo $OPENAI_API_KEY; "
                 f"echo {GITHUB[:12]}''{GITHUB[12:]}; "  # split in the script, whole in the output
                 f"printf -- '-----BEGIN RSA PRIVATE KEY-----\\n{KEY_BODY}\\n-----END RSA PRIVATE KEY-----\\n'; "
-                f"cat {state_dir}/connection.json {state_dir}/keys.json; "
                 "printf '%s' \"$OPENAI_API_KEY\""
             )
         },
@@ -63,7 +62,8 @@ def test_secrets_an_agent_prints_are_stored_nowhere_and_counted(tmp_path: Path):
         connection = daemon.connection()
         keys = json.loads((daemon.state_dir / "keys.json").read_text())["keys"]
         secrets = [OPENAI, GITHUB, GOAL_TOKEN, KEY_BODY, connection["password"], *keys.values()]
-        goal = f"use the token {GOAL_TOKEN}"
+        (key,) = keys.values()
+        goal = f"use the token {GOAL_TOKEN}, the password {connection['password']} and the key {key}"
         job = daemon.ctl_json("run", "--no-plan", goal, "--repo", str(repo), "--agent", "hostile")["job"]
 
         async def done() -> dict:
@@ -75,21 +75,23 @@ def test_secrets_an_agent_prints_are_stored_nowhere_and_counted(tmp_path: Path):
         (task,) = view["tasks"]
         log = Path(task["log_path"]).read_text()
         assert "[REDACTED:OPENAI_API_KEY]" in log and "[REDACTED:github_token]" in log
-        assert "[REDACTED:private_key]" in log and "[REDACTED:nats_password]" in log
-        assert "[REDACTED:signing_key]" in log
+        assert "[REDACTED:private_key]" in log
         logs = daemon.ctl("logs", job, check=True).stdout
         events = daemon.ctl("--json", "events", job, check=True).stdout
         shown = daemon.ctl("status", job, check=True).stdout
         told = daemon.ctl("events", job, check=True).stdout
         assert "secrets redacted in t1: " in told
-        assert view["goal"] == "use the token [REDACTED:github_token]"
+        assert view["goal"] == (
+            "use the token [REDACTED:github_token], the password [REDACTED:nats_password] and the key "
+            "[REDACTED:signing_key]"
+        )
         redacted = [json.loads(line) for line in events.splitlines() if '"SecretRedacted"' in line]
         counts = {}
         for event in redacted:
             for kind, count in event["data"]["counts"].items():
                 counts[kind] = counts.get(kind, 0) + count
-        # The agent printed the key three times (twice in output, once in a message), the token once, the goal
-        # held one; each whole line of JSONL the agent printed counts too (the scripted agent echoes its output).
+        # The agent printed the key three times (twice in output, once in a message) and the token once; the goal
+        # held a token, the password and the key; the scripted agent's JSONL shows its commands too, counted again.
         assert counts["OPENAI_API_KEY"] >= 3 and counts["github_token"] >= 2, counts
         assert counts["private_key"] >= 1 and counts["nats_password"] >= 1 and counts["signing_key"] >= 1
         assert view["secrets_redacted"] == sum(counts.values())
