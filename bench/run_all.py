@@ -69,6 +69,8 @@ TARGETS = [
     Target(
         "cli", "ratio", "<=", 1.0, "a cold `numerusctl status` process vs a cold bare nats-py request, median of pairs"
     ),
+    Target("redaction", "redacted_mb_s", ">=", 50.0, "agent output through redaction and logging (issue 14), MB/s"),
+    Target("redaction", "status_p99_ms", "<=", 10.0, "status p99 while an agent prints at full speed (issue 14)"),
 ]
 
 #: Command line of each benchmark: full size, and a quick size for a smoke run.
@@ -81,6 +83,7 @@ BENCHES = {
     "spawn": (["bench_spawn.py"], ["bench_spawn.py", "--quick"]),
     "pipeline": (["bench_pipeline.py"], ["bench_pipeline.py", "--quick"]),
     "cli": (["bench_cli.py"], ["bench_cli.py", "--pairs", "6"]),
+    "redaction": (["bench_redaction.py"], ["bench_redaction.py", "--mb", "20", "--rounds", "2"]),
 }
 
 
@@ -147,6 +150,10 @@ def markdown(results: dict[str, dict], quick: bool) -> str:
         "  nats-py client process (read `connection.json`, connect, request `numerus.cmd.status`, print, close), both",
         "  from bytecode, 20 pairs in alternating order; the median of the pairs' wall-time ratios, their spread, and",
         "  the same for the CPU time each process used (far steadier on a busy machine).",
+        "- `bench/bench_redaction.py`: 100 MB of agent output in a PTY's 4 KiB chunks through `AgentProcess.pump`",
+        "  (redaction, line buffer, parser, `LogSink` to the run log and `NUMERUS_LOGS`) against the same path",
+        "  without redaction, alternating rounds; meanwhile another process asks `status` of a responder on the",
+        "  pump's event loop in a loop. Also: the same through a real PTY (`cat`), and dense lookalikes.",
         "",
     ]
     return "\n".join(lines)

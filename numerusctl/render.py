@@ -111,6 +111,8 @@ def job_detail(job: JobView, now: datetime) -> str:
     if job.cleaned:
         removed = "worktrees, task branches and logs" if job.logs_removed else "worktrees and task branches"
         fields.append(("cleaned", f"{removed} removed ('numerusctl clean')"))
+    if job.secrets_redacted:
+        fields.append(("secrets", f"{job.secrets_redacted} redacted ('numerusctl events {job.id}' says which)"))
     if job.leftovers:
         kept = f"worktrees and branches of {', '.join(job.leftovers)} ('numerusctl clean {job.id}' removes them)"
         fields.append(("kept", kept))

@@ -68,6 +68,10 @@ def summary(type_name: str, data: Any) -> str:
             text = f"{_retry(d)}: {_reasons(get('reasons'))}"
         case "LocksReleased":
             text = f"locks released ({get('reason') or 'no reason given'})"
+        case "SecretRedacted":
+            counts = get("counts") or {}
+            kinds = ", ".join(f"{count} {kind}" for kind, count in counts.items()) if isinstance(counts, dict) else ""
+            text = f"secrets redacted{' in ' + str(get('task')) if get('task') else ''}: {kinds}"
         case "JobCleaned":
             worktrees, branches = len(get("worktrees") or []), len(get("branches") or [])
             text = removed(worktrees, branches, bool(get("logs")), get("freed_bytes") or 0)

@@ -3,25 +3,33 @@
 `decide(job, message)` decides the message (a command or an observation, see `numerusd.domain`) against the
 job's latest state, appends the events durably, and folds them in. Nothing else writes a job's events, and
 nothing else moves `jobs`, which `status` and the pipelines read.
+
+Being the one way in, it is where any text from outside (a goal, a check's output, a review's reasons, a plan)
+has its secrets redacted before they are decided and sealed (`numerusd.redaction`): here, before `decide`, the
+state folds the same redacted events the stream keeps, so `status` stays what a rebuild makes it. Agent output
+is redacted earlier, as it is read (it goes to the run log and `NUMERUS_LOGS` too).
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections import Counter
 from collections.abc import Mapping
 
 from numerusd import domain
-from numerusd.domain.observations import Command, Observation
+from numerusd.domain.observations import Command, Observation, Redacted
 from numerusd.errors import NotFound, StoreError
 from numerusd.event_store import EventStore
 from numerusd.protocol.envelope import Envelope, Sealed, WireEnvelope
+from numerusd.redaction import Redactor
 
 
 class JobBook:
     """Every job of the stream, by id, and `decide`: the daemon's one piece of mutable state."""
 
-    def __init__(self, store: EventStore) -> None:
+    def __init__(self, store: EventStore, redactor: Redactor | None = None) -> None:
         self.store = store
+        self.redactor = redactor or Redactor()
         self._jobs: dict[str, domain.JobState] = {}
         #: Each job's state with its events still on their way to disk, while there are any (see `decide`).
         self._ahead: dict[str, domain.JobState] = {}
@@ -54,7 +62,19 @@ class JobBook:
         the job's events still on their way to disk (`_ahead`): decisions of one job follow one another without
         each waiting for the fdatasync of the one before, and share it. `jobs` moves only once the events are
         durable, in WAL order, whether or not the caller still waits. A refusal raises and records nothing.
+        Secrets in `message` are redacted first, and what was, recorded next (`Redacted`).
         """
+        found: Counter[str] = Counter()
+        message = self.redactor.redact_value(message, found)
+        sealed = await self._decide(job_id, message, correlation_id)
+        if found and sealed:
+            task = getattr(message, "task", "") or ""
+            sealed += await self._decide(job_id, Redacted(task=task, counts=dict(found)), correlation_id)
+        return sealed
+
+    async def _decide(
+        self, job_id: str, message: Command | Observation, correlation_id: str | None = None
+    ) -> list[Sealed]:
         state = self._ahead.get(job_id) or self._jobs.get(job_id)
         decision = domain.decide(state, message)
         if not decision:

@@ -48,6 +48,7 @@ from numerusd.pipeline import remove_merged
 from numerusd.protocol.commands import JOB_DONE
 from numerusd.protocol.envelope import InvalidEvent, open_untyped
 from numerusd.protocol.subjects import EVENTS
+from numerusd.redaction import Redactor, known_secrets
 from numerusd.runner import Runner
 from numerusd.schemas import agent_output_schemas
 from numerusd.service import start_service
@@ -130,7 +131,18 @@ class Daemon:
         await ensure_streams(js)
         self.dead_letters = DeadLetters(js)
         self.store = EventStore(nc, js, WriteAheadLog.open(settings.wal_path), self.keyring)
-        book = self.book = JobBook(self.store)
+        redactor = Redactor(
+            known_secrets(
+                ((profile.env, profile.secret_env) for profile in settings.agents.values()),
+                nats_passwords=(
+                    address.password,
+                    settings.nats_password,
+                    *(login.password for login in (self.embedded.clients if self.embedded else {}).values()),
+                ),
+                signing_keys=self.keyring.keys.values(),
+            )
+        )
+        book = self.book = JobBook(self.store, redactor)
         replayed = await self._replay(address)
         log.info("replayed %d events into %d jobs", replayed, len(book.jobs))
         await self._reconcile()
@@ -142,6 +154,7 @@ class Daemon:
             flush_s=settings.log_flush_ms / 1000,
             kill_grace_s=settings.kill_grace_s,
             breaker=CircuitBreaker(),
+            redactor=redactor,
         )
         runner = self.runner = Runner(book, settings, agents)
         context = Context(

@@ -56,6 +56,7 @@ from numerusd.domain.observations import (
     PipelineFailed,
     PlanAnswered,
     PlanAsked,
+    Redacted,
     ReplanGaveUp,
     Reviewed,
     Settled,
@@ -658,7 +659,10 @@ class JobPipeline:
                 )
                 call = AgentCall(process, call_dir / "answer.json")
                 with self.agents.running(self.job_id, name, call):
-                    return await call.run()
+                    result = await call.run()
+        if result.redacted:
+            await self.observe(Redacted(task=task_id or "", counts=result.redacted))
+        return result
 
 
 async def remove_merged(repo: Path, worktree: git.Worktree) -> None:

@@ -1,9 +1,9 @@
 """Runs one attempt of a task's agent from spawn to exit, turning what it does into events.
 
-The agent runs in its own PTY and session, in its own directory `runs/<job>/<task>/`. Everything it prints
-goes, byte for byte, to `stdout.log` there and, in chunks, to `numerus.log.<job>.<task>`; each line is also
-offered to the adapter's parser, whose events (messages, commands, file changes, token usage, thread id) are
-appended to the job's stream. The start is recorded before the spawn and the exit after it, so a crash in
+The agent runs in its own PTY and session, in its own directory `runs/<job>/<task>/`. Everything it prints,
+secrets redacted (`numerusd.redaction`), goes to `stdout.log` there and, in chunks, to `numerus.log.<job>.<task>`;
+each line is also offered to the adapter's parser, whose events (messages, commands, file changes, token usage,
+thread id) are appended to the job's stream. The start is recorded before the spawn and the exit after it, so a crash in
 between is visible on restart as a task that started and never ended.
 """
 
@@ -31,10 +31,12 @@ from numerusd.domain.observations import (
     AgentStarted,
     AgentStarting,
     Observation,
+    Redacted,
 )
 from numerusd.errors import AgentError
 from numerusd.processes import inherited_environment
 from numerusd.protocol.events import AgentErrorReported, EventData, TokensUsed, Usage
+from numerusd.redaction import RedactingStream, Redactor
 from numerusd.terminal import Terminal, spawn
 
 log = logging.getLogger(__name__)
@@ -123,6 +125,7 @@ class AgentProcess:
         chunk_bytes: int = 16 * 1024,
         flush_s: float = 0.05,
         breaker: CircuitBreaker | None = None,
+        redactor: Redactor | None = None,
     ) -> None:
         self.adapter = adapter
         self.invocation = invocation
@@ -133,6 +136,8 @@ class AgentProcess:
         self.nc = nc
         self.chunk_bytes = chunk_bytes
         self.flush_s = flush_s
+        #: What the agent prints goes through it before the log, NATS and the parser; its counts say what it hid.
+        self.redacted = RedactingStream(redactor or Redactor())
         self.argv, agent_env = adapter.command(invocation)
         self.env = {**inherited_environment(), **extra_env, **agent_env}
         self.terminal: Terminal | None = None
@@ -180,8 +185,12 @@ class AgentProcess:
         try:
             while chunk := await terminal.read():
                 self.last_output = time.monotonic()
-                await sink.write(chunk)
-                await parsed(lines.feed(chunk))
+                if chunk := self.redacted.feed(chunk):
+                    await sink.write(chunk)
+                    await parsed(lines.feed(chunk))
+            if rest := self.redacted.close():
+                await sink.write(rest)
+                await parsed(lines.feed(rest))
             await parsed(lines.close())
             await sink.flush()
         finally:
@@ -280,6 +289,8 @@ class TaskRun(_ProcessRun):
             return None
         await self.observe(AgentStarted(task=task_id, pid=terminal.pid, start_ticks=terminal.start_ticks))
         outcome = await process.pump(self._reported)
+        if process.redacted.counts:  # before the exit, while the task is still the agent's
+            await self.observe(Redacted(task=task_id, counts=dict(process.redacted.counts)))
         await self.observe(AgentExited(task=task_id, **outcome.fields()))
         return outcome
 
@@ -295,6 +306,8 @@ class CallResult:
     answer: str | None
     usage: Usage
     errors: list[str]
+    #: Secrets replaced in what the agent printed and answered, by kind.
+    redacted: dict[str, int] = field(default_factory=dict)
 
     def failure(self) -> str | None:
         """Why there is no answer to read, or None when there is one."""
@@ -345,12 +358,17 @@ class AgentCall(_ProcessRun):
         except AgentError as e:
             return CallResult(outcome=None, answer=None, usage=Usage(), errors=[e.message])
         outcome = await self.process.pump(collect)
+        redacted = self.process.redacted
         try:
-            answer: str | None = self.answer_path.read_text(encoding="utf-8", errors="replace")
+            written = self.answer_path.read_text(encoding="utf-8", errors="replace")
         except FileNotFoundError:
             answer = None
+        else:
+            answer = redacted.redactor.redact_text(written, redacted.counts)
+            if answer is not written:  # the agent's file stays in the run directory: it is kept redacted too
+                self.answer_path.write_text(answer, encoding="utf-8")
         spent = Usage(input_tokens=usage[0], cached_input_tokens=usage[1], output_tokens=usage[2])
-        return CallResult(outcome=outcome, answer=answer, usage=spent, errors=errors)
+        return CallResult(outcome=outcome, answer=answer, usage=spent, errors=errors, redacted=dict(redacted.counts))
 
 
 class Agents:
@@ -361,9 +379,17 @@ class Agents:
     """
 
     def __init__(
-        self, nc: Client, *, chunk_bytes: int, flush_s: float, kill_grace_s: float, breaker: CircuitBreaker
+        self,
+        nc: Client,
+        *,
+        chunk_bytes: int,
+        flush_s: float,
+        kill_grace_s: float,
+        breaker: CircuitBreaker,
+        redactor: Redactor | None = None,
     ) -> None:
         self.nc = nc
+        self.redactor = redactor or Redactor()
         self.chunk_bytes = chunk_bytes
         self.flush_s = flush_s
         self.kill_grace_s = kill_grace_s
@@ -392,6 +418,7 @@ class Agents:
             chunk_bytes=self.chunk_bytes,
             flush_s=self.flush_s,
             breaker=self.breaker,
+            redactor=self.redactor,
         )
 
     @contextlib.contextmanager

@@ -29,6 +29,9 @@ class AgentProfile(msgspec.Struct, frozen=True, kw_only=True):
     args: tuple[str, ...] = ()
     #: Extra environment, e.g. {"CODEX_HOME": "..."}; it may hold secrets, so it never goes into an event.
     env: dict[str, str] = {}
+    #: Names of environment variables whose values are redacted from everything stored (besides the well-known
+    #: ones, `numerusd.redaction.DEFAULT_SECRET_ENV`); looked up in `env`, then in the daemon's environment.
+    secret_env: tuple[str, ...] = ()
 
     def __repr__(self) -> str:
         # Values of `env` may be API keys: show the names only.

@@ -39,6 +39,7 @@ from numerusd.domain.observations import (
     PipelineFailed,
     PlanAnswered,
     PlanAsked,
+    Redacted,
     ReplanGaveUp,
     Reviewed,
     Settled,
@@ -88,6 +89,7 @@ from numerusd.protocol.events import (
     ReplanFailed,
     ReplanRequested,
     ReviewCompleted,
+    SecretRedacted,
     TaskCompleted,
     TaskCreated,
     TaskExited,
@@ -159,6 +161,10 @@ def decide(job: JobState | None, message: Command | Observation) -> Decision:
             return [] if job.status in JOB_DONE else _job_outcome(job, {})
         case Interrupted(reason=reason):
             return _interrupt(job, reason)
+        case Redacted(counts=counts, task=task):
+            # Whatever the job's state: the redacted text is stored already, so what was hidden is recorded.
+            counts = {kind: count for kind, count in sorted(counts.items()) if count > 0}
+            return [(None, SecretRedacted(task=task, counts=counts))] if counts else []
     raise InvalidTransition(f"cannot decide on {type(message).__name__}")
 
 

@@ -50,6 +50,7 @@ from numerusd.protocol.events import (
     ReplanFailed,
     ReplanRequested,
     ReviewCompleted,
+    SecretRedacted,
     TaskCompleted,
     TaskCreated,
     TaskExited,
@@ -135,6 +136,8 @@ def evolve(state: JobState | None, event: Envelope) -> JobState:
             return replace(job, status="interrupted", reason=reason)
         case JobCleaned(logs=logs):
             return replace(job, cleaned=True, logs_removed=job.logs_removed or logs)
+        case SecretRedacted(counts=counts):
+            return replace(job, secrets_redacted=job.secrets_redacted + sum(counts.values()))
     return job
 
 

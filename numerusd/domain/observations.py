@@ -109,6 +109,16 @@ class Settled(msgspec.Struct, frozen=True, kw_only=True):
     """Every task of the job has ended and no revised plan is on its way."""
 
 
+class Redacted(msgspec.Struct, frozen=True, kw_only=True):
+    """Secrets were replaced in what an agent printed or answered, or in a text about to be recorded (by kind).
+
+    `task` is the task whose agent (or text) it was; "" for the job's own (the planner, the queen, its goal).
+    """
+
+    counts: dict[str, int]
+    task: str = ""
+
+
 class Interrupted(msgspec.Struct, frozen=True, kw_only=True):
     """The daemon stopped (or was found to have stopped) while the job was under way."""
 

@@ -132,6 +132,8 @@ class JobState(msgspec.Struct, frozen=True, kw_only=True):
     input_tokens: int = 0
     cached_input_tokens: int = 0
     output_tokens: int = 0
+    #: Secrets replaced before being stored, in all the job's agent output and recorded text (SecretRedacted).
+    secrets_redacted: int = 0
 
     @property
     def in_place(self) -> bool:

@@ -147,6 +147,8 @@ class JobView(msgspec.Struct, frozen=True, kw_only=True):
     logs_removed: bool = False
     #: The tasks of an ended job whose worktrees and branches it keeps (those that did not merge).
     leftovers: list[str] = []
+    #: Secrets replaced by `[REDACTED:<kind>]` before being stored (SecretRedacted events).
+    secrets_redacted: int = 0
 
 
 class PlanReply(msgspec.Struct, frozen=True, kw_only=True):

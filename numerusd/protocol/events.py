@@ -158,6 +158,15 @@ class JobCleaned(EventData, frozen=True, kw_only=True):
     freed_bytes: int = 0
 
 
+class SecretRedacted(EventData, frozen=True, kw_only=True):
+    """Secrets were replaced by `[REDACTED:<kind>]` before being stored: `counts` by kind, never a secret. One per
+    agent run that printed or answered a secret (at its exit), for `task` ("" for the planner's and the queen's
+    calls), and one per other text that held one (a goal, a check's output) as it was recorded."""
+
+    task: str = ""
+    counts: dict[str, int]
+
+
 # --- the task aggregate (inside a job) ---------------------------------------------------------------------
 
 
@@ -425,6 +434,7 @@ EVENT_TYPES: dict[str, type[EventData]] = {
         JobKilled,
         JobInterrupted,
         JobCleaned,
+        SecretRedacted,
         ReplanRequested,
         ReplanFailed,
         PlanRequested,
