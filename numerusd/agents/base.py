@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import codecs
 from pathlib import Path
-from typing import Protocol
+from typing import Literal, Protocol
 
 import msgspec
 
@@ -29,6 +29,8 @@ class AgentProfile(msgspec.Struct, frozen=True, kw_only=True):
     args: tuple[str, ...] = ()
     #: Extra environment, e.g. {"CODEX_HOME": "..."}; it may hold secrets, so it never goes into an event.
     env: dict[str, str] = {}
+    #: "claimed": the gate fails a task whose agent ran a command its claim did not list (docs/pipeline.md).
+    commands: Literal["claimed", "any"] = "any"
 
     def __repr__(self) -> str:
         # Values of `env` may be API keys: show the names only.
