@@ -661,10 +661,16 @@ async def test_a_planted_dot_git_is_a_change_never_a_repository_git_trusts(repo:
     write(wt.path / ".git" / "hooks" / "post-commit", f"#!/bin/sh\ntouch {pwned}\n")
     (wt.path / ".git" / "hooks" / "post-commit").chmod(0o755)
     write(wt.path / "src" / "a.py", "changed\n")
+    # And a `.git` directory that is no repository, deeper down: git skips it, the gate must still hear of it.
+    write(wt.path / "vendor" / ".git" / "config", f'[core]\n\tfsmonitor = "touch {pwned}"\n')
 
     work = await git.commit_work(wt, "t1")
     assert not pwned.exists()
-    assert changes_set(list(work.changes)) == {("src/a.py", "modify", None), (".git", "modify", None)}
+    assert changes_set(list(work.changes)) == {
+        ("src/a.py", "modify", None),
+        (".git", "modify", None),
+        ("vendor/.git", "add", None),
+    }
     # The work went onto the task's branch in the mirror, not into the planted repository.
     assert run_git(mirror, "show", f"{wt.branch}:src/a.py") == "changed"
     assert not pwned.exists()
@@ -684,4 +690,5 @@ async def test_commit_work_reads_modes_and_symlink_targets_from_the_tree(repo: P
         "s2.txt": ("120000", "/etc/passwd"),
         "src/up": ("120000", "../README.md"),
         "embedded": ("160000", None),
+        "embedded/.git": ("", None),  # the repository behind the gitlink, which git never commits
     }

@@ -8,6 +8,7 @@ reviewer sees: the worktree's files as they are against the commit the task star
 from __future__ import annotations
 
 import os
+import posixpath
 import stat
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -140,21 +141,31 @@ async def _head(worktree: Worktree) -> _Head:
 
 
 def _planted_dot_git(worktree: Worktree) -> tuple[Change, ...]:
-    """The worktree's own `.git` as a change when it is not the file git wrote there (naming this worktree's
-    administrative directory): something planted a repository, or a pointer to another one, at its root. Git never
-    adds a `.git` to a tree, so the diff cannot show it; the gate names it from here."""
+    """Every `.git` in the worktree that git did not put there, as a change: the root's own `.git` when it is not
+    the file git wrote (naming this worktree's administrative directory), and a `.git` anywhere below (a planted
+    repository, or a directory only named so). Git never adds a `.git` to a tree, so the diff cannot show them;
+    the gate names them from here. The walk follows no symlink."""
     if worktree.git_dir is None:
         return ()
+    planted: list[Change] = []
     dot_git = worktree.path / ".git"
     try:
         if not stat.S_ISREG(os.lstat(dot_git).st_mode):
-            return (Change(".git", "modify"),)
-        named = dot_git.read_text("utf-8", "surrogateescape").strip().removeprefix("gitdir:").strip()
+            planted.append(Change(".git", "modify"))
+        else:
+            named = dot_git.read_text("utf-8", "surrogateescape").strip().removeprefix("gitdir:").strip()
+            if os.path.realpath(named) != os.path.realpath(worktree.git_dir):
+                planted.append(Change(".git", "modify"))
     except OSError:
-        return (Change(".git", "delete"),)
-    if os.path.realpath(named) != os.path.realpath(worktree.git_dir):
-        return (Change(".git", "modify"),)
-    return ()
+        planted.append(Change(".git", "delete"))
+    for root, dirs, files in os.walk(worktree.path):
+        here = os.path.relpath(root, worktree.path)
+        for name in (*dirs, *files):
+            # The root's own `.git` was checked above; git refuses `.GIT`, `.git.` and the like as it does `.git`.
+            if name.rstrip(". ").lower() == ".git" and (here != "." or name != ".git"):
+                planted.append(Change(posixpath.normpath(posixpath.join(Path(here).as_posix(), name)), "add"))
+        dirs[:] = [name for name in dirs if name.rstrip(". ").lower() != ".git"]
+    return tuple(planted)
 
 
 async def _diff(worktree: Worktree, tree: str) -> list[Change]:
