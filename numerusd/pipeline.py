@@ -140,7 +140,11 @@ class JobPipeline:
         in_place = self.job.in_place
         try:
             if not in_place:
-                await git.prepare_mirror(self.repo, self.git_repo, self.job.base_sha or "HEAD")
+                try:
+                    await git.prepare_mirror(self.repo, self.git_repo, self.job.base_sha or "HEAD")
+                except git.GitError as e:
+                    await self._fail(f"cannot bring {self.repo} into Numerus's mirror {self.git_repo}: {e.message}")
+                    return
                 await self.checkouts.clear()  # left by a daemon that stopped in the middle
             if self.job.status == "planning" and not await self.plan():
                 return
