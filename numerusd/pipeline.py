@@ -480,6 +480,7 @@ class JobPipeline:
         if task.fresh_worktree and task.worktree is not None and task.branch is not None:
             old = git.Worktree(Path(task.worktree), task.branch, task.base_sha or "")
             await git.remove_worktree(self.git_repo, old, delete_branch=True)
+            await git.publish(self.git_repo, self.repo, old.branch)  # gone from the user's too: it starts again
         base = self.job.integration_tip or await git.resolve(self.git_repo, integration)
         created = await git.create_worktree(self.git_repo, self.job_id, task_id, base, path)
         # The task's branch appears in the user's repository as it always did: one of theirs in the way fails it.
