@@ -174,6 +174,8 @@ def _escaping_path(path: str) -> str | None:
     parts = path.split("/")
     if ".." in parts and posixpath.normpath(path).split("/")[0] == "..":
         return "a path leaving the repository (..)"
+    if path == ".git":
+        return "the worktree's own .git, replaced or rewritten: git's files, never the task's work"
     if any(part.rstrip(". ").lower() == ".git" for part in parts):
         return "a path inside a .git directory: git's own files, never the task's work"
     return None

@@ -95,7 +95,10 @@ def test_outside_claim_reads_the_protocols_claimed_paths() -> None:
             "a path inside a .git directory: git's own files, never the task's work",
         ),
         (Change(".GIT/config", "add"), "a path inside a .git directory: git's own files, never the task's work"),
-        (Change(".git", "modify"), "a path inside a .git directory: git's own files, never the task's work"),
+        (
+            Change(".git", "modify"),
+            "the worktree's own .git, replaced or rewritten: git's files, never the task's work",
+        ),
         (
             Change("s2.txt", "add", mode="120000", target="/etc/passwd"),
             "a symlink to /etc/passwd, outside the repository",
