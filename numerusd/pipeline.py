@@ -459,7 +459,6 @@ class JobPipeline:
             return [why]
         message = f"{task_id}: {task.title}\n\nNumerus job {self.job_id}"
         work = await git.commit_work(worktree, message, author=AUTHOR)
-        await self.publish(worktree.branch)
         listed = tuple(f"{change.kind} {change.path}" for change in work.changes)
         await self.observe(WorkCommitted(task=task_id, commit=work.commit, changes=listed))
         reasons = await self.gate(task_id, worktree, work.changes)
@@ -557,6 +556,9 @@ class JobPipeline:
             named.setdefault(violation.path, f"{what}: {violation.path}: {violation.reason}")
         reasons = tuple(reason.split(": ", 1)[1] for reason in named.values())
         await self.observe(ClaimCompared(task=task_id, violations=reasons))
+        if not escaped:
+            # The work, for a look in the user's repository even if it fails later; an escape never goes there.
+            await self.publish(worktree.branch)
         if reasons:
             return list(named.values())
         passed: list[str] = []

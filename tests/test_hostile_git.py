@@ -158,6 +158,12 @@ async def test_agents_cannot_poison_git_and_the_gate_names_every_escape(tmp_path
     merged = git(repo, "ls-tree", "-r", "--name-only", f"numerus/{job}.integration").split()
     assert sorted(merged) == ["README.md", "hooks.md"]
 
+    # An escaping task's work stays in Numerus's mirror: its branch in the user's repository, if any, holds none of it.
+    for task in NAMED:
+        branch = f"refs/heads/numerus/{job}/{task}"
+        if git(repo, "for-each-ref", branch).strip():
+            assert git(repo, "ls-tree", "-r", "--name-only", branch).split() == ["README.md"], task
+
     assert not pwned.exists(), "a command an agent planted for git ran"
     after = user_state(repo)
     assert after == before
