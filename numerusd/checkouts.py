@@ -60,7 +60,7 @@ class Checkouts:
             path = self._made.pop(idle)
             del self._readers[idle]
             try:
-                await git.move_checkout(path, sha)
+                await git.move_checkout(self._repo, path, sha)
                 return path
             except git.GitError:
                 await git.remove_checkout(self._repo, path)  # damaged: made again below

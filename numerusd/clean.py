@@ -1,6 +1,7 @@
 """`numerusctl clean`: remove what an ended job left on disk (the handler, `handlers/clean.py`, records it).
 
-A job leaves behind the worktrees and branches of the tasks that did not merge (a merged task's go as soon as
+A job leaves behind, in Numerus's mirror of the repository and as fetched refs in the user's repository, the
+worktrees and branches of the tasks that did not merge (a merged task's go as soon as
 it merges), whatever read-only checkouts a crash left, and its run directory: terminal logs, prompts, the
 agents' answers. None of it is state (the events are), so removing it loses no history, only the files a user
 looks at to see why a task failed. It goes on request only, for ended jobs only, and the integration branch,
@@ -48,9 +49,11 @@ async def clean_job(settings: Settings, job: JobState, *, logs: bool) -> Removed
     what is still there.
     """
     removed = Removed()
-    repo = Path(job.repo)
-    # A repository deleted since: its worktrees' registrations went with it, and there are no branches left.
-    known = os.path.lexists(repo / ".git")
+    user_repo = Path(job.repo)
+    # Worktrees and branches live in Numerus's mirror; the task branches were fetched into the user's repository.
+    repo = user_repo if job.in_place else git.mirror_path(settings.repos_dir, job.repo)
+    # A mirror (or repository) deleted since: its worktrees' registrations went with it, and its branches.
+    known = repo.is_dir()
     checkouts = settings.worktrees_dir / f"{job.id}{CHECKOUTS_SUFFIX}"
     if checkouts.is_dir():
         await _attempt(removed, f"remove the checkouts in {checkouts}", _remove_checkouts(repo, checkouts, known))
@@ -68,15 +71,23 @@ async def clean_job(settings: Settings, job: JobState, *, logs: bool) -> Removed
         if await _attempt(removed, f"remove the worktree of task {task.id} at {path}", done):
             removed.worktrees.append(str(path))
             removed.freed_bytes += size
-    if known:
+    branches: dict[str, list[Path]] = {}
+    places = [repo] if known else []
+    if user_repo != repo and os.path.lexists(user_repo / ".git"):
+        places.append(user_repo)
+    for where in places:
         try:
-            branches = await git.task_branches(repo, job.id)
+            for branch in await git.task_branches(where, job.id):
+                branches.setdefault(branch, []).append(where)
         except (NumerusError, OSError) as e:
-            removed.problems.append(f"cannot list the task branches in {repo}: {e}")
-            branches = []
-        for branch in branches:
-            if await _attempt(removed, f"delete branch {branch}", git.delete_branch(repo, branch)):
-                removed.branches.append(branch)
+            removed.problems.append(f"cannot list the task branches in {where}: {e}")
+    for branch, places in branches.items():
+        deleted = [
+            await _attempt(removed, f"delete branch {branch} in {where}", git.delete_branch(where, branch))
+            for where in places
+        ]
+        if all(deleted):
+            removed.branches.append(branch)
     # What is left in the job's worktree directory git did not know (a worktree half made when a daemon died);
     # kept if any worktree could not be removed, as git may still count on its files.
     left = settings.worktrees_dir / job.id

@@ -176,6 +176,11 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
         return self.state_dir / "worktrees"
 
     @property
+    def repos_dir(self) -> Path:
+        """The bare mirrors of users' repositories where jobs do their git work (`numerusd.git.mirror`)."""
+        return self.state_dir / "repos"
+
+    @property
     def schemas_dir(self) -> Path:
         """The `--output-schema` files agents answer with, written at start from the protocol types."""
         return self.state_dir / "schemas"

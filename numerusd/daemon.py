@@ -327,14 +327,15 @@ class Daemon:
             if job is None or job.status not in JOB_DONE:
                 continue
             try:
-                await Checkouts(Path(job.repo), path).clear()
+                await Checkouts(git.mirror_path(self.settings.repos_dir, job.repo), path).clear()
             except (NumerusError, OSError) as e:
                 log.warning("cannot remove the checkouts of job %s in %s: %s", job.id, path, e)
 
     async def _repair_merge(self, job: domain.JobState, task: domain.TaskState) -> None:
         assert job.integration and task.merge_parent and task.commit
         try:
-            state = await git.merge_state(Path(job.repo), job.integration, task.merge_parent, task.commit)
+            mirror = git.mirror_path(self.settings.repos_dir, job.repo)
+            state = await git.merge_state(mirror, job.integration, task.merge_parent, task.commit)
         except git.GitError as e:
             log.warning("cannot tell whether %s/%s was merged: %s", job.id, task.id, e)
             return
@@ -343,7 +344,8 @@ class Daemon:
             assert self.book is not None
             await self.book.decide(job.id, Merged(task=task.id, sha=state.sha, created=state.sha != task.merge_parent))
             if task.worktree and task.branch:  # as after any merge
-                await remove_merged(Path(job.repo), git.Worktree(Path(task.worktree), task.branch, task.base_sha or ""))
+                worktree = git.Worktree(Path(task.worktree), task.branch, task.base_sha or "")
+                await remove_merged(mirror, Path(job.repo), worktree)
 
     async def _project(self, address: NatsAddress) -> None:
         try:

@@ -38,7 +38,7 @@ from numerusd.agents.registry import adapter_for
 from numerusd.book import JobBook
 from numerusd.checkouts import CHECKOUTS_SUFFIX, Checkouts
 from numerusd.checks import run_check
-from numerusd.claims import outside_claim
+from numerusd.claims import escapes, outside_claim, reported_outside, unclaimed_commands
 from numerusd.config import Settings
 from numerusd.domain.observations import (
     AttemptFailed,
@@ -112,6 +112,8 @@ class JobPipeline:
         self.job_id = job_id
         job = self.job
         self.repo = Path(job.repo)
+        #: Where the job's git work happens: Numerus's own mirror of `repo` (in place: `repo` itself).
+        self.git_repo = self.repo if job.in_place else git.mirror_path(settings.repos_dir, job.repo)
         self.changed = asyncio.Condition()
         #: Executors, reviews, the planner and the queen: at most `parallel` at once.
         self.slots = Slots(max(1, job.parallel))
@@ -123,7 +125,9 @@ class JobPipeline:
         self.progress_at = time.monotonic()
         self.replanning = asyncio.Lock()
         #: What the planner, the queen and the claimers read (see numerusd.checkouts).
-        self.checkouts = Checkouts(self.repo, self.settings.worktrees_dir / f"{job_id}{CHECKOUTS_SUFFIX}")
+        self.checkouts = Checkouts(self.git_repo, self.settings.worktrees_dir / f"{job_id}{CHECKOUTS_SUFFIX}")
+        #: Each task's last agent run: what it reported running and writing, for the gate.
+        self.runs: dict[str, TaskRun] = {}
 
     @property
     def job(self) -> domain.JobState:
@@ -137,6 +141,11 @@ class JobPipeline:
         in_place = self.job.in_place
         try:
             if not in_place:
+                try:
+                    await git.prepare_mirror(self.repo, self.git_repo, self.job.base_sha or "HEAD")
+                except git.GitError as e:
+                    await self._fail(f"cannot bring {self.repo} into Numerus's mirror {self.git_repo}: {e.message}")
+                    return
                 await self.checkouts.clear()  # left by a daemon that stopped in the middle
             if self.job.status == "planning" and not await self.plan():
                 return
@@ -153,6 +162,8 @@ class JobPipeline:
                 for flow in done:
                     self.flows = {task: f for task, f in self.flows.items() if f is not flow}
                     flow.result()  # an error in a flow (or the watch) is the pipeline's
+            if not in_place:
+                await self.publish(self.job.integration)  # in case a publication after a merge was refused
             await self.observe(Settled())
         except _Stopped:
             return
@@ -312,8 +323,20 @@ class JobPipeline:
         """
         if self.job.integration is not None:
             return
-        branch = await git.create_integration_branch(self.repo, self.job_id, self.job.base_sha or "HEAD")
+        branch = await git.create_integration_branch(self.git_repo, self.job_id, self.job.base_sha or "HEAD")
         await self.observe(IntegrationReady(branch=branch.name, base_sha=branch.sha))
+        await self.publish(branch.name)
+
+    async def publish(self, *branches: str | None) -> None:
+        """Fetch the job's `branches` from its mirror into the user's repository (delete those the mirror lost).
+
+        Best effort: a refusal (the user moved or checked out a branch) is logged and the next publication tries
+        again; the gate's and merge's own checks (`git.check_published`) are what stop the job.
+        """
+        try:
+            await git.publish(self.git_repo, self.repo, *(branch for branch in branches if branch))
+        except git.GitError as e:
+            log.warning("job %s: cannot update its branches in %s: %s", self.job_id, self.repo, e.message)
 
     # --- one task -----------------------------------------------------------------------------------------
 
@@ -453,12 +476,15 @@ class JobPipeline:
         assert integration is not None
         path = self.settings.worktrees_dir / self.job_id / task_id
         if task.worktree is not None and task.base_sha is not None and not task.fresh_worktree:
-            return await git.create_worktree(self.repo, self.job_id, task_id, task.base_sha, path)
+            return await git.create_worktree(self.git_repo, self.job_id, task_id, task.base_sha, path)
         if task.fresh_worktree and task.worktree is not None and task.branch is not None:
             old = git.Worktree(Path(task.worktree), task.branch, task.base_sha or "")
-            await git.remove_worktree(self.repo, old, delete_branch=True)
-        base = self.job.integration_tip or await git.resolve(self.repo, integration)
-        created = await git.create_worktree(self.repo, self.job_id, task_id, base, path)
+            await git.remove_worktree(self.git_repo, old, delete_branch=True)
+            await git.publish(self.git_repo, self.repo, old.branch)  # gone from the user's too: it starts again
+        base = self.job.integration_tip or await git.resolve(self.git_repo, integration)
+        created = await git.create_worktree(self.git_repo, self.job_id, task_id, base, path)
+        # The task's branch appears in the user's repository as it always did: one of theirs in the way fails it.
+        await git.publish(self.git_repo, self.repo, created.branch)
         await self.observe(
             WorktreeReady(task=task_id, path=str(created.path), branch=created.branch, base_sha=created.base_sha)
         )
@@ -478,6 +504,7 @@ class JobPipeline:
             subject=subjects.task_log(self.job_id, task_id),
         )
         run = TaskRun(task_id=task_id, process=process, observe=self.observe)
+        self.runs[task_id] = run
         async with self.slots.taken():
             self.ahead.give_back(task_id)  # running now: the next task may be asked its claim
             self._check_stopping()
@@ -515,11 +542,26 @@ class JobPipeline:
     async def gate(self, task_id: str, worktree: git.Worktree, changes: Sequence[git.Change]) -> list[str]:
         """The quality gate: the diff within the claim, every check passing, the reviewer agreeing."""
         task = self.job.tasks[task_id]
-        violations = outside_claim(changes, task.claim or ())
-        reasons = tuple(f"{violation.path}: {violation.reason}" for violation in violations)
+        # Escapes first: a path that leaves the repository is also outside the claim, and the escape says more.
+        violations = escapes(changes)
+        run = self.runs.get(task_id)
+        if run is not None:
+            violations += reported_outside(run.files)
+            if self.settings.agents[task.agent].commands == "claimed":
+                violations += unclaimed_commands(run.commands, task.commands)
+        escaped = len(violations)
+        violations += outside_claim(changes, task.claim or ())
+        named: dict[str, str] = {}
+        for number, violation in enumerate(violations):
+            what = "not allowed" if number < escaped else "changed outside the claim"
+            named.setdefault(violation.path, f"{what}: {violation.path}: {violation.reason}")
+        reasons = tuple(reason.split(": ", 1)[1] for reason in named.values())
         await self.observe(ClaimCompared(task=task_id, violations=reasons))
+        if not escaped:
+            # The work, for a look in the user's repository even if it fails later; an escape never goes there.
+            await self.publish(worktree.branch)
         if reasons:
-            return [f"changed outside the claim: {reason}" for reason in reasons]
+            return list(named.values())
         passed: list[str] = []
         for command in self.job.checks:
             # With the daemon's environment without its secrets, as agents have it; None on a timeout.
@@ -572,25 +614,27 @@ class JobPipeline:
         assert integration is not None
         if commit == worktree.base_sha:
             # No change: nothing to merge, and the integration branch only moves forward from the base.
-            tip = self.job.integration_tip or await git.resolve(self.repo, integration)
+            tip = self.job.integration_tip or await git.resolve(self.git_repo, integration)
             await self.observe(Merged(task=task_id, sha=tip, created=False))
-            await remove_merged(self.repo, worktree)
+            await remove_merged(self.git_repo, self.repo, worktree)
             return None
         async with self.merging:
             # Numerus alone moves the branch: its tip is the last merge recorded (merge_task checks it still is).
-            parent = self.job.integration_tip or await git.resolve(self.repo, integration)
+            parent = self.job.integration_tip or await git.resolve(self.git_repo, integration)
             await self.observe(MergeBegun(task=task_id, integration=integration, parent=parent, task_sha=commit))
             task = self.job.tasks[task_id]
             message = f"Merge {task_id}: {task.title}\n\nNumerus job {self.job_id}, plan {self.job.plan_hash}"
             result = await self._merge_unblocked(task_id, integration, worktree.branch, message, parent, commit)
             if result is None:
                 return ["killed"]
+            if isinstance(result, git.Merged):
+                await self.publish(integration)
             failpoints.hit("after-merge")  # tests: a crash between the merge and its record
             if isinstance(result, git.Conflict):
                 await self.observe(MergeConflict(task=task_id, paths=result.paths, messages=result.messages))
                 return [f"merging into {integration} conflicts on {', '.join(result.paths)}; start again from its tip"]
             await self.observe(Merged(task=task_id, sha=result.sha, created=result.created))
-        await remove_merged(self.repo, worktree)
+        await remove_merged(self.git_repo, self.repo, worktree)
         return None
 
     async def _merge_unblocked(
@@ -603,8 +647,10 @@ class JobPipeline:
         told = False
         while True:
             try:
+                # The user's copy of the branch is checked first: Numerus alone moves it, and not under a checkout.
+                await git.check_published(self.repo, self.git_repo, integration, parent)
                 return await git.merge_task(
-                    self.repo, integration, branch, message, expected_integration=parent, task_sha=commit
+                    self.git_repo, integration, branch, message, expected_integration=parent, task_sha=commit
                 )
             except git.BranchCheckedOut as e:
                 if not told:
@@ -665,12 +711,14 @@ class JobPipeline:
         return result
 
 
-async def remove_merged(repo: Path, worktree: git.Worktree) -> None:
-    """A merged task's worktree and branch go: its work is on the integration branch (the merge's second parent),
-    and the user's `git branch` need not list every task of every job. A task that failed keeps both, until
-    `numerusctl clean`. Best effort: what is left `clean` removes too, and it changes nothing the job recorded."""
+async def remove_merged(mirror: Path, repo: Path, worktree: git.Worktree) -> None:
+    """A merged task's worktree and branch go, from the job's `mirror` and from the user's `repo`: its work is on
+    the integration branch (the merge's second parent), and the user's `git branch` need not list every task of
+    every job. A task that failed keeps both, until `numerusctl clean`. Best effort: what is left `clean` removes
+    too, and it changes nothing the job recorded."""
     with contextlib.suppress(NumerusError, OSError):
-        await git.remove_worktree(repo, worktree, delete_branch=True)
+        await git.remove_worktree(mirror, worktree, delete_branch=True)
+        await git.publish(mirror, repo, worktree.branch)
 
 
 def _settled(job: domain.JobState, task_id: str) -> bool:

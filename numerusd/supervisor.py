@@ -35,7 +35,14 @@ from numerusd.domain.observations import (
 )
 from numerusd.errors import AgentError
 from numerusd.processes import inherited_environment
-from numerusd.protocol.events import AgentErrorReported, EventData, TokensUsed, Usage
+from numerusd.protocol.events import (
+    AgentCommandExecuted,
+    AgentErrorReported,
+    AgentFileChanged,
+    EventData,
+    TokensUsed,
+    Usage,
+)
 from numerusd.redaction import RedactingStream, Redactor
 from numerusd.terminal import Terminal, spawn
 
@@ -271,6 +278,9 @@ class TaskRun(_ProcessRun):
         self.process = process
         self.observe = observe
         self.spawn_error: str | None = None
+        #: What the agent reported running and writing, in order: the gate holds them against the claim.
+        self.commands: list[str] = []
+        self.files: list[str] = []
 
     async def run(self) -> Outcome | None:
         """Run the attempt to its end; how the agent ended, or None when it never started (`spawn_error` says why)."""
@@ -295,6 +305,11 @@ class TaskRun(_ProcessRun):
         return outcome
 
     async def _reported(self, events: list[EventData]) -> None:
+        for event in events:
+            if isinstance(event, AgentCommandExecuted):
+                self.commands.append(event.command)
+            elif isinstance(event, AgentFileChanged):
+                self.files.append(event.path)
         await self.observe(AgentReported(task=self.task_id, events=tuple(events)))
 
 

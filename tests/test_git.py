@@ -583,3 +583,112 @@ async def test_remove_a_half_deleted_worktree(repo: Path) -> None:
     assert not wt.path.exists()
     assert str(wt.path) not in run_git(repo, "worktree", "list", "--porcelain")
     assert (await start_task(repo, "t1")).path == wt.path
+
+
+# --- the mirror Numerus owns, and what an agent can plant in its worktree -------------------------------------
+
+
+def hooks_and_config(repo: Path) -> dict[str, bytes]:
+    """The user's `.git/config` and every hook file: what an agent must never change."""
+    dot_git = repo / ".git"
+    found = {"config": (dot_git / "config").read_bytes()}
+    for path in sorted((dot_git / "hooks").rglob("*")) if (dot_git / "hooks").is_dir() else ():
+        found[str(path.relative_to(dot_git))] = path.read_bytes()
+    return found
+
+
+async def test_the_mirror_is_a_copy_without_hooks_that_fetches_the_base_and_publishes_only_fast_forwards(
+    repo: Path, tmp_path: Path
+) -> None:
+    write(repo / ".git" / "hooks" / "post-merge", "#!/bin/sh\ntouch hooked\n")
+    before = hooks_and_config(repo)
+    mirror = git.mirror_path(tmp_path / "state" / "repos", repo)
+    assert mirror.parent == tmp_path / "state" / "repos" and mirror.name.startswith("repo-")
+    base = await git.prepare_mirror(repo, mirror, "HEAD")
+    assert base == run_git(repo, "rev-parse", "HEAD")
+    # Its own files: no hook copied, no object file shared with the user's repository.
+    assert not (mirror / "hooks").exists()
+    user_objects = {os.stat(p).st_ino for p in (repo / ".git" / "objects").rglob("*") if p.is_file()}
+    assert not user_objects & {os.stat(p).st_ino for p in (mirror / "objects").rglob("*") if p.is_file()}
+    # A commit made since is fetched when a job starts from it; a second call changes nothing.
+    newer = commit(repo, "the user's next commit")
+    assert await git.prepare_mirror(repo, mirror, newer) == newer
+    assert run_git(mirror, "cat-file", "-t", newer) == "commit"
+    assert await git.prepare_mirror(repo, mirror, newer) == newer
+
+    # The job's branches reach the user as fetched refs; one the mirror lost is deleted there too.
+    integration = await git.create_integration_branch(mirror, JOB, newer)
+    task = git.task_branch(JOB, "t1")
+    run_git(mirror, "branch", task, newer)
+    await git.publish(mirror, repo, integration.name, task)
+    assert run_git(repo, "rev-parse", integration.name) == run_git(repo, "rev-parse", task) == newer
+    run_git(mirror, "branch", "-D", task)
+    await git.publish(mirror, repo, task)
+    assert run_git(repo, "branch", "--list", task) == ""
+    # A branch the user committed on is theirs: never overwritten, and a merge checks it first.
+    mine = run_git(repo, "commit-tree", "-p", newer, "-m", "the user's own", f"{newer}^{{tree}}")
+    run_git(repo, "update-ref", f"refs/heads/{integration.name}", mine)
+    other = run_git(mirror, "commit-tree", "-p", newer, "-m", "numerus", f"{newer}^{{tree}}")
+    run_git(mirror, "update-ref", f"refs/heads/{integration.name}", other)
+    with pytest.raises(GitError):
+        await git.publish(mirror, repo, integration.name)
+    assert run_git(repo, "rev-parse", integration.name) == mine
+    with pytest.raises(RefMoved):
+        await git.check_published(repo, mirror, integration.name, other)
+    # Behind the mirror (a publication refused earlier) is no move; a checkout of it blocks the merge.
+    run_git(repo, "update-ref", f"refs/heads/{integration.name}", newer)
+    await git.check_published(repo, mirror, integration.name, other)
+    run_git(repo, "worktree", "add", "-q", str(tmp_path / "look"), integration.name)
+    with pytest.raises(BranchCheckedOut):
+        await git.check_published(repo, mirror, integration.name, other)
+    assert hooks_and_config(repo) == before
+
+
+async def test_a_planted_dot_git_is_a_change_never_a_repository_git_trusts(repo: Path, tmp_path: Path) -> None:
+    mirror = git.mirror_path(tmp_path / "state" / "repos", repo)
+    await git.prepare_mirror(repo, mirror, "HEAD")
+    await git.create_integration_branch(mirror, JOB)
+    wt = await start_task(mirror, "t1")
+    assert wt.git_dir is not None and wt.git_dir.parent == mirror / "worktrees"
+    # The agent replaces its worktree's `.git` file by a repository whose config runs a command on any status.
+    pwned = tmp_path / "pwned"
+    (wt.path / ".git").unlink()
+    run_git(tmp_path, "init", "-q", str(wt.path / "planted"))
+    (wt.path / "planted" / ".git").rename(wt.path / ".git")
+    (wt.path / "planted").rmdir()
+    with (wt.path / ".git" / "config").open("a") as config:
+        config.write(f'[core]\n\tfsmonitor = "touch {pwned}"\n')
+    write(wt.path / ".git" / "hooks" / "post-commit", f"#!/bin/sh\ntouch {pwned}\n")
+    (wt.path / ".git" / "hooks" / "post-commit").chmod(0o755)
+    write(wt.path / "src" / "a.py", "changed\n")
+    # And a `.git` directory that is no repository, deeper down: git skips it, the gate must still hear of it.
+    write(wt.path / "vendor" / ".git" / "config", f'[core]\n\tfsmonitor = "touch {pwned}"\n')
+
+    work = await git.commit_work(wt, "t1")
+    assert not pwned.exists()
+    assert changes_set(list(work.changes)) == {
+        ("src/a.py", "modify", None),
+        (".git", "modify", None),
+        ("vendor/.git", "add", None),
+    }
+    # The work went onto the task's branch in the mirror, not into the planted repository.
+    assert run_git(mirror, "show", f"{wt.branch}:src/a.py") == "changed"
+    assert not pwned.exists()
+
+
+async def test_commit_work_reads_modes_and_symlink_targets_from_the_tree(repo: Path) -> None:
+    await git.create_integration_branch(repo, JOB)
+    wt = await start_task(repo, "t1")
+    (wt.path / "s2.txt").symlink_to("/etc/passwd")
+    (wt.path / "src" / "up").symlink_to("../README.md")
+    run_git(wt.path, "init", "-q", "embedded")
+    run_git(wt.path / "embedded", "commit", "-q", "--allow-empty", "-m", "inside")
+
+    work = await git.commit_work(wt, "t1")
+    found = {change.path: (change.mode, change.target) for change in work.changes}
+    assert found == {
+        "s2.txt": ("120000", "/etc/passwd"),
+        "src/up": ("120000", "../README.md"),
+        "embedded": ("160000", None),
+        "embedded/.git": ("", None),  # the repository behind the gitlink, which git never commits
+    }

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from numerusd.git import mirror_path
 from tests.conftest import eventually
 from tests.daemon_harness import Daemon, DaemonClient, claim, git, git_repo
 
@@ -719,9 +720,12 @@ async def test_checkouts_an_ended_job_left_behind_a_stopped_daemon_are_removed_w
         job = run_job(daemon, repo, "say hello", "--agent", "scripted")
     finally:
         daemon.stop()
-    # As a daemon killed between the job's end and the removal of its checkouts would leave it.
+    # As a daemon killed between the job's end and the removal of its checkouts would leave it, in the mirror of
+    # the repository where the job's git work happens (the user's repository has no worktree of Numerus's).
+    assert worktrees(repo).count("worktree ") == 1
+    mirror = mirror_path(daemon.state_dir / "repos", repo)
     left = daemon.state_dir / "worktrees" / f"{job}.checkouts" / "1"
-    subprocess.run(["git", "-C", str(repo), "worktree", "add", "-q", "--detach", str(left), "HEAD"], check=True)
-    assert str(left) in worktrees(repo)
+    subprocess.run(["git", "-C", str(mirror), "worktree", "add", "-q", "--detach", str(left), "HEAD"], check=True)
+    assert str(left) in worktrees(mirror)
     with daemon.start():
-        await eventually(lambda: str(left) not in worktrees(repo) and not left.parent.exists(), timeout=20)
+        await eventually(lambda: str(left) not in worktrees(mirror) and not left.parent.exists(), timeout=20)

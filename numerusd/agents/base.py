@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import codecs
 from pathlib import Path
-from typing import Protocol
+from typing import Literal, Protocol
 
 import msgspec
 
@@ -32,6 +32,8 @@ class AgentProfile(msgspec.Struct, frozen=True, kw_only=True):
     #: Names of environment variables whose values are redacted from everything stored (besides the well-known
     #: ones, `numerusd.redaction.DEFAULT_SECRET_ENV`); looked up in `env`, then in the daemon's environment.
     secret_env: tuple[str, ...] = ()
+    #: "claimed": the gate fails a task whose agent ran a command its claim did not list (docs/pipeline.md).
+    commands: Literal["claimed", "any"] = "any"
 
     def __repr__(self) -> str:
         # Values of `env` may be API keys: show the names only.

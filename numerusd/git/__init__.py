@@ -5,6 +5,8 @@ Branch layout (docs/git.md says more):
     numerus/<job>.integration      the job's integration branch, created from the user's HEAD at job start
     numerus/<job>/<task>           one branch per task, checked out in its own worktree
 
+All of them live in a bare mirror Numerus owns (`mirror.py`); the user's repository receives them as fetched refs.
+
 Every step is built for "decide, append, then act": each function either is idempotent (creating the
 integration branch, a worktree, committing a task's work) or can tell afterwards whether it already happened
 (`merge_state`), so a crash between the intent event and the outcome event is repaired, never repeated blindly.
@@ -15,6 +17,7 @@ The package, by concern (callers use the names re-exported here: `git.resolve(..
     command.py     running the `git` binary: clean environment, no hooks, a timeout; `check_git()` at startup
     refs.py        branch names, `resolve`, the integration branch, refs moved only from where expected
     worktrees.py   a task's worktree, read-only checkouts of a commit, their removal; the repository's lock
+    mirror.py      the bare mirror Numerus owns per user repository; results reach the user as fetched refs
     changes.py     `commit_work` (a task's work and its real diff), `uncommitted` (a user's working tree)
     merge.py       `merge_task` into the integration branch, `merge_state` after a crash
     errors.py      the GitError family
@@ -27,7 +30,7 @@ This package is the one place where failures of git become `GitError` (a failed 
     └── BaseNotAncestor      a task's HEAD no longer descends from the commit its worktree started from
 """
 
-from numerusd.git.changes import Change, ChangeKind, Work, commit_work, uncommitted
+from numerusd.git.changes import GITLINK_MODE, SYMLINK_MODE, Change, ChangeKind, Work, commit_work, uncommitted
 from numerusd.git.command import MINIMUM_VERSION, NUMERUS_EMAIL, NUMERUS_NAME, TIMEOUT, check_git
 from numerusd.git.errors import BaseNotAncestor, BranchCheckedOut, GitError, RefMoved
 from numerusd.git.merge import (
@@ -41,6 +44,7 @@ from numerusd.git.merge import (
     merge_state,
     merge_task,
 )
+from numerusd.git.mirror import check_published, mirror_path, prepare_mirror, publish
 from numerusd.git.refs import (
     Branch,
     create_integration_branch,
@@ -60,9 +64,11 @@ from numerusd.git.worktrees import (
 )
 
 __all__ = [
+    "GITLINK_MODE",
     "MINIMUM_VERSION",
     "NUMERUS_EMAIL",
     "NUMERUS_NAME",
+    "SYMLINK_MODE",
     "TIMEOUT",
     "BaseNotAncestor",
     "Branch",
@@ -81,6 +87,7 @@ __all__ = [
     "Work",
     "Worktree",
     "check_git",
+    "check_published",
     "commit_work",
     "create_checkout",
     "create_integration_branch",
@@ -89,7 +96,10 @@ __all__ = [
     "integration_branch",
     "merge_state",
     "merge_task",
+    "mirror_path",
     "move_checkout",
+    "prepare_mirror",
+    "publish",
     "remove_checkout",
     "remove_worktree",
     "resolve",

@@ -13,7 +13,10 @@ How git runs:
   so a broken worktree path can never make git act on some enclosing repository (a home directory under git).
 - hooks are off (`core.hooksPath=/dev/null`): Numerus's commits and merges are bookkeeping; checks belong to the
   quality gate, where they run with a timeout and are recorded as events. A hook would run with the daemon's
-  rights code that an agent with write access to `.git` could have put there.
+  rights code that an agent with write access to `.git` could have put there. So is `core.fsmonitor` (a program
+  too), and no pager runs; readers of diffs pass `--no-ext-diff --no-textconv`.
+- a task's worktree is given to git as `--git-dir`/`--work-tree` (the `git_dir` argument), never found through
+  the `.git` the agent could rewrite; and every repository Numerus writes is its own mirror (`mirror.py`).
 - Numerus's own commits are made with plumbing (`commit-tree`, `update-ref`), as `Numerus <numerus@localhost>`
   unless told otherwise, never signed.
 
@@ -79,11 +82,19 @@ _CONFIG = (
 )  # fmt: skip
 
 
-async def git(cwd: Path, *args: str, ok: Sequence[int] = (0,), env: dict[str, str] | None = None) -> Output:
+async def git(
+    cwd: Path,
+    *args: str,
+    ok: Sequence[int] = (0,),
+    env: dict[str, str] | None = None,
+    git_dir: Path | None = None,
+) -> Output:
     """Run `git <args>` in `cwd` without blocking the event loop; exit codes outside `ok` raise GitError.
 
-    `env` adds to the clean environment (an author for `commit-tree`). A cancelled caller does not stop the
-    command: it runs to its end and is reaped in the background.
+    `env` adds to the clean environment (an author for `commit-tree`). With `git_dir`, `cwd` is a worktree whose
+    repository is `git_dir`, given to git explicitly: whatever `.git` the worktree holds (an agent may have
+    replaced it) is then only a path in the tree, never a repository git reads. A cancelled caller does not stop
+    the command: it runs to its end and is reaped in the background.
     """
     cwd = Path(cwd)
     command = ["git", *args]
@@ -93,8 +104,9 @@ async def git(cwd: Path, *args: str, ok: Sequence[int] = (0,), env: dict[str, st
     environment = _environment(cwd)
     if env:
         environment.update(env)
+    repository = () if git_dir is None else (f"--git-dir={git_dir}", f"--work-tree={cwd}")
     run = asyncio.ensure_future(
-        processes.run(["git", "-C", str(cwd), *_CONFIG, *args], env=environment, timeout=TIMEOUT)
+        processes.run(["git", "-C", str(cwd), *repository, *_CONFIG, *args], env=environment, timeout=TIMEOUT)
     )
     _running.add(run)
     run.add_done_callback(_running.discard)
@@ -127,6 +139,7 @@ def _environment(cwd: Path) -> dict[str, str]:
         "PATH": os.environ.get("PATH", os.defpath),
         "LC_ALL": "C",
         "GIT_TERMINAL_PROMPT": "0",
+        "GIT_PAGER": "cat",
         "GIT_CONFIG_NOSYSTEM": "1",
         "GIT_CONFIG_GLOBAL": os.devnull,
         # Look for the repository in `cwd` itself and nowhere above it.

@@ -71,9 +71,10 @@ async def task_branches(repo: Path, job: str) -> list[str]:
     return [ref.removeprefix("refs/heads/") for ref in out.text().splitlines() if ref.startswith(parent + "/")]
 
 
-async def ref_sha(repo: Path, ref: str) -> str | None:
+async def ref_sha(repo: Path, ref: str, git_dir: Path | None = None) -> str | None:
     """The commit `ref` (a full ref name) points at; None when there is no such ref."""
-    result = await git(repo, "rev-parse", "--verify", "-q", "--end-of-options", f"{ref}^{{commit}}", ok=(0, 1))
+    verify = ("rev-parse", "--verify", "-q", "--end-of-options", f"{ref}^{{commit}}")
+    result = await git(repo, *verify, ok=(0, 1), git_dir=git_dir)
     return result.text() if result.returncode == 0 else None
 
 
@@ -85,18 +86,18 @@ async def branch_tips(repo: Path, *refs: str) -> dict[str, str]:
     return {ref: tips[ref] for ref in refs if ref in tips}
 
 
-async def is_ancestor(repo: Path, ancestor: str, descendant: str) -> bool:
+async def is_ancestor(repo: Path, ancestor: str, descendant: str, git_dir: Path | None = None) -> bool:
     """Whether commit `ancestor` is in the history of `descendant` (a commit is its own ancestor)."""
-    result = await git(repo, "merge-base", "--is-ancestor", ancestor, descendant, ok=(0, 1))
+    result = await git(repo, "merge-base", "--is-ancestor", ancestor, descendant, ok=(0, 1), git_dir=git_dir)
     return result.returncode == 0
 
 
-async def update_ref(cwd: Path, ref: str, new: str, old: str, *, reason: str) -> None:
+async def update_ref(cwd: Path, ref: str, new: str, old: str, *, reason: str, git_dir: Path | None = None) -> None:
     """Move `ref` from `old` to `new` atomically; RefMoved when it is not at `old` any more."""
     try:
-        await git(cwd, "update-ref", "-m", reason, ref, new, old)
+        await git(cwd, "update-ref", "-m", reason, ref, new, old, git_dir=git_dir)
     except GitError as e:
-        actual = await ref_sha(cwd, ref)
+        actual = await ref_sha(cwd, ref, git_dir)
         if actual != old:
             raise RefMoved(
                 f"{ref} is at {actual}, expected {old}: it moved while Numerus was updating it",

@@ -17,7 +17,7 @@ import re
 import shutil
 import weakref
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from numerusd.git.command import git
@@ -27,11 +27,16 @@ from numerusd.git.refs import create_branch, remove_branch, resolve, task_branch
 
 @dataclass(frozen=True, slots=True)
 class Worktree:
-    """A task's worktree: where it is, the branch checked out there, and the commit the branch started from."""
+    """A task's worktree: where it is, the branch checked out there, and the commit the branch started from.
+
+    `git_dir` is its administrative directory in the repository (`<repo>/worktrees/<name>`), which git is given
+    explicitly for every command in the worktree (see `admin_dir`); None where only its removal is wanted.
+    """
 
     path: Path
     branch: str
     base_sha: str
+    git_dir: Path | None = field(default=None, compare=False)
 
 
 #: A full commit id (SHA-1 or SHA-256), which needs no `rev-parse` to be used as a base.
@@ -65,13 +70,15 @@ async def create_worktree(repo: Path, job: str, task: str, base: str, path: Path
             async with worktree_lock(repo):
                 added = await git(repo, "worktree", "add", "--quiet", "--no-checkout", str(path), branch, ok=(0, 128))
             if added.returncode == 0:
-                await _check_out(path)
-                return Worktree(path, branch, base_sha)
+                git_dir = await _admin_dir_of(repo, path)
+                await _check_out(path, git_dir)
+                return Worktree(path, branch, base_sha, git_dir)
     async with worktree_lock(repo):
         await _register_worktree(repo, branch, base_sha, path)
-    if not _index_path(path).exists():
-        await _check_out(path)
-    return Worktree(path, branch, base_sha)
+    git_dir = await _admin_dir_of(repo, path)
+    if not (git_dir / "index").exists():
+        await _check_out(path, git_dir)
+    return Worktree(path, branch, base_sha, git_dir)
 
 
 async def _register_worktree(repo: Path, branch: str, base_sha: str, path: Path) -> None:
@@ -104,18 +111,41 @@ async def _register_worktree(repo: Path, branch: str, base_sha: str, path: Path)
     await git(repo, "worktree", "add", "--quiet", "--no-checkout", *force, str(path), branch)
 
 
-async def _check_out(path: Path) -> None:
+async def _check_out(path: Path, git_dir: Path) -> None:
     """Fill a worktree registered with `--no-checkout`: its index and files, from its HEAD (what `add` does)."""
-    await git(path, "reset", "--hard", "--quiet", "--no-recurse-submodules")
+    await git(path, "reset", "--hard", "--quiet", "--no-recurse-submodules", git_dir=git_dir)
 
 
-def _index_path(path: Path) -> Path:
-    """The index of the worktree at `path`, in the repository's `.git/worktrees/<name>/`: absent until checked out."""
+def admin_dir(repo: Path, path: Path) -> Path | None:
+    """The administrative directory (`<repo>/worktrees/<name>`) of the worktree at `path`, found from the
+    repository's side: each one's `gitdir` file names its worktree's `.git`. The worktree's own `.git` file is
+    never read for it, since whoever works in the worktree can rewrite that file."""
+    wanted = _dot_git(os.path.join(path, ".git"))
+    common = Path(repo) if not (Path(repo) / ".git").is_dir() else Path(repo) / ".git"
     try:
-        gitdir = (path / ".git").read_text().removeprefix("gitdir:").strip()
+        names = os.listdir(common / "worktrees")
     except OSError:
-        return path / ".git" / "index"  # not a linked worktree's `.git` file: no index to be found there
-    return Path(path, gitdir) / "index"
+        return None
+    for name in names:
+        try:
+            named = (common / "worktrees" / name / "gitdir").read_text().strip()
+        except OSError:
+            continue
+        if _dot_git(named) == wanted:
+            return common / "worktrees" / name
+    return None
+
+
+def _dot_git(name: str) -> str:
+    """A worktree's `.git` path with the directories above it resolved, not the `.git` itself (it may be a link)."""
+    return os.path.join(os.path.realpath(os.path.dirname(name)), os.path.basename(name))
+
+
+async def _admin_dir_of(repo: Path, path: Path) -> Path:
+    found = admin_dir(repo, path)
+    if found is None:
+        raise GitError(f"{path} is not a worktree of {repo}", path=str(path))
+    return found
 
 
 async def remove_worktree(repo: Path, worktree: Worktree, *, delete_branch: bool = False) -> None:
@@ -177,13 +207,14 @@ async def create_checkout(repo: Path, sha: str, path: Path) -> Path:
         if (await git(repo, *add, ok=(0, 128))).returncode != 0:
             await _remove_checkout(repo, path)  # registered, its directory gone: git refuses until it is removed
             await git(repo, *add)
-    await _check_out(path)
+    await _check_out(path, await _admin_dir_of(repo, path))
     return path
 
 
-async def move_checkout(path: Path, sha: str) -> None:
-    """Make the checkout at `path` one of commit `sha`: only the files that differ are written."""
-    await git(path, "reset", "--hard", "--quiet", "--no-recurse-submodules", sha)
+async def move_checkout(repo: Path, path: Path, sha: str) -> None:
+    """Make the checkout of `repo` at `path` one of commit `sha`: only the files that differ are written."""
+    git_dir = await _admin_dir_of(repo, Path(os.path.abspath(path)))
+    await git(path, "reset", "--hard", "--quiet", "--no-recurse-submodules", sha, git_dir=git_dir)
 
 
 async def remove_checkout(repo: Path, path: Path) -> None:

@@ -244,7 +244,10 @@ class TaskWorkCommitted(TaskEvent, frozen=True, kw_only=True):
 
 
 class ClaimViolated(TaskEvent, frozen=True, kw_only=True):
-    """The task changed paths its claim does not cover; the gate fails."""
+    """The gate found the task's work outside what it may do, one reason per path (or command): paths its claim
+    does not cover, and escapes no claim allows (a path absolute or leaving the tree, anything under a `.git`, a
+    symlink out of the repository, a gitlink, a file the agent reported writing outside its worktree, and with
+    the profile's `commands = "claimed"` a command the claim did not list). The task does not merge."""
 
     violations: tuple[str, ...]
 
