@@ -53,7 +53,7 @@ from numerusd.schemas import agent_output_schemas
 from numerusd.service import start_service
 from numerusd.stream_pump import head_started_stream
 from numerusd.stream_reader import last_sequence, read_stream
-from numerusd.streams import check_server_version, ensure_streams
+from numerusd.streams import check_server_version, ensure_streams, stream_specs
 from numerusd.supervisor import Agents
 from numerusd.systemd import notify, watchdog
 from numerusd.terminal import kill_leftover
@@ -127,9 +127,11 @@ class Daemon:
         nc = self.nc = await self._connect(address)
         check_server_version(nc)
         js = self.js = nc.jetstream()
-        await ensure_streams(js)
+        await ensure_streams(js, stream_specs(dlq_max_bytes=settings.dlq_max_bytes))
         self.dead_letters = DeadLetters(js)
-        self.store = EventStore(nc, js, WriteAheadLog.open(settings.wal_path), self.keyring)
+        self.store = EventStore(
+            nc, js, WriteAheadLog.open(settings.wal_path), self.keyring, max_event_bytes=settings.max_event_bytes
+        )
         book = self.book = JobBook(self.store)
         replayed = await self._replay(address)
         log.info("replayed %d events into %d jobs", replayed, len(book.jobs))

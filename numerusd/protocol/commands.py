@@ -19,8 +19,13 @@ class Request(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=T
     """Base of every request; unknown fields are refused so a typo is an error, not silently ignored."""
 
 
+#: The longest goal `run` takes, in UTF-8 bytes: it goes into every agent's prompt and into `JobSubmitted`, which
+#: must stay under the event cap whole (a goal is never cut). Longer instructions belong in a file in the repo.
+MAX_GOAL_BYTES = 128 * 1024
+
+
 class RunJob(Request, frozen=True, kw_only=True):
-    """`numerusctl run`: submit a goal for a repository."""
+    """`numerusctl run`: submit a goal for a repository (at most MAX_GOAL_BYTES)."""
 
     goal: str
     repo: str
