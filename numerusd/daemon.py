@@ -245,10 +245,10 @@ class Daemon:
     async def _replay(self, address: NatsAddress) -> int:
         """Fold the whole stream into memory, then what the WAL holds that the stream does not.
 
-        Each event is checked as an auditor would: its signature, its subject, and that it extends its job's
-        chain; one that does not is skipped, so `status` after a restart equals a rebuild whatever was
-        republished onto the stream. A long stream is read by a child process (`stream_pump`), as a rebuild
-        reads it: this process only verifies and folds, on the other core.
+        Each event is checked as the auditor and the projector check it: its signature, its subject, its id not
+        seen before, and that it extends its job's chain; one that does not is skipped, so `status` after a
+        restart equals a rebuild whatever was republished onto the stream. A long stream is read by a child
+        process (`stream_pump`), as a rebuild reads it: this process only verifies and folds, on the other core.
         """
         assert self.nc is not None and self.js is not None and self.store is not None and self.book is not None
         assert self.keyring is not None
@@ -260,6 +260,7 @@ class Daemon:
         else:
             batches = read_stream(self.nc, EVENTS)
         skipped = 0
+        seen: set[str] = set()  # ids folded so far: held for the replay only
         async for batch in batches:
             for message in batch:
                 try:
@@ -268,6 +269,8 @@ class Daemon:
                     # event, or one out of its place, does not extend its job's chain and is not folded twice).
                     if event.subject != message.subject:
                         raise InvalidEvent("wrong_subject", f"event {event.id} belongs on {event.subject}")
+                    if event.id in seen:
+                        raise InvalidEvent("duplicate", f"event {event.id} was folded before")
                     if event.prev != self.store.chain_head(event.job):
                         raise InvalidEvent("broken_chain", f"event {event.id} does not follow its job's last event")
                     self.book.fold(event)
@@ -275,6 +278,7 @@ class Daemon:
                     skipped += 1
                     log.warning("skipping event at seq %d on %s: %s", message.seq, message.subject, e)
                     continue
+                seen.add(event.id)
                 self.store.observe(message.seq, message.data)
                 count += 1
         if skipped:
