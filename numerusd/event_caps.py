@@ -26,6 +26,8 @@ from numerusd.protocol.events import EventData, Truncated
 DEFAULT_MAX_EVENT_BYTES = 256 * 1024
 #: Appended to a cut string, so a reader of the text sees that it goes on elsewhere.
 CUT_MARK = " [numerus: truncated, see the event's `truncated`]"
+#: Most strings `shrink` looks at: a value holding more is a long list (a reply to page), left as it is.
+MAX_TEXTS = 10_000
 #: Room for one `truncated` record (field path, size, hash) and the mark, in bytes of JSON.
 _RECORD_ROOM = 200
 
@@ -51,8 +53,14 @@ def shrink(value: _Value, limit: int) -> tuple[_Value, list[Truncated]]:
     if size <= limit:
         return value, []
     texts: dict[str, int] = {}
-    _map_text(value, "", lambda path, text: _measure(texts, path, text))
-    keep = _common_length(sorted(texts.values(), reverse=True), size - limit)
+    try:
+        _map_text(value, "", lambda path, text: _measure(texts, path, text))
+    except _TooMany:
+        return value, []  # a long list, not a long text: the caller pages it or refuses it
+    lengths = sorted(texts.values(), reverse=True)
+    if sum(n - _RECORD_ROOM for n in lengths if n > _RECORD_ROOM) < size - limit:
+        return value, []  # cutting every string to nothing would not do: not worth a pass
+    keep = _common_length(lengths, size - limit)
     while True:
         cuts: list[Truncated] = []
         capped = _map_text(value, "", partial(_cut, cuts, keep=keep))
@@ -63,7 +71,13 @@ def shrink(value: _Value, limit: int) -> tuple[_Value, list[Truncated]]:
         keep = max(0, keep - over - 64)
 
 
+class _TooMany(Exception):
+    """More than MAX_TEXTS strings: cutting them would take long and save little."""
+
+
 def _measure(texts: dict[str, int], path: str, text: str) -> str:
+    if len(texts) == MAX_TEXTS:
+        raise _TooMany
     texts[path] = len(_encode(text))
     return text
 
@@ -102,13 +116,13 @@ def _map_text(value: Any, path: str, change: Callable[[str, str], str]) -> Any:
         return change(path, value)
     if isinstance(value, msgspec.Struct):
         changed = {}
-        for field in msgspec.structs.fields(value):
-            if field.name == "truncated":
+        for name in value.__struct_fields__:  # not msgspec.structs.fields: it evaluates annotations, slowly
+            if name == "truncated":
                 continue
-            old = getattr(value, field.name)
-            new = _map_text(old, f"{path}.{field.name}" if path else field.name, change)
+            old = getattr(value, name)
+            new = _map_text(old, f"{path}.{name}" if path else name, change)
             if new is not old:
-                changed[field.name] = new
+                changed[name] = new
         return msgspec.structs.replace(value, **changed) if changed else value
     if isinstance(value, tuple | list):
         items = [_map_text(item, f"{path}[{i}]", change) for i, item in enumerate(value)]
