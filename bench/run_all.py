@@ -69,6 +69,7 @@ TARGETS = [
     Target(
         "cli", "ratio", "<=", 1.0, "a cold `numerusctl status` process vs a cold bare nats-py request, median of pairs"
     ),
+    Target("line", "pump_line_s", "<=", 2.0, "64 MB printed without a newline, through the real output path"),
 ]
 
 #: Command line of each benchmark: full size, and a quick size for a smoke run.
@@ -81,6 +82,7 @@ BENCHES = {
     "spawn": (["bench_spawn.py"], ["bench_spawn.py", "--quick"]),
     "pipeline": (["bench_pipeline.py"], ["bench_pipeline.py", "--quick"]),
     "cli": (["bench_cli.py"], ["bench_cli.py", "--pairs", "6"]),
+    "line": (["bench_line.py"], ["bench_line.py", "--mib", "16", "--rounds", "1"]),
 }
 
 
@@ -147,6 +149,9 @@ def markdown(results: dict[str, dict], quick: bool) -> str:
         "  nats-py client process (read `connection.json`, connect, request `numerus.cmd.status`, print, close), both",
         "  from bytecode, 20 pairs in alternating order; the median of the pairs' wall-time ratios, their spread, and",
         "  the same for the CPU time each process used (far steadier on a busy machine).",
+        "- `bench/bench_line.py`: 64 MB of output without a newline, against the same bytes in 100-byte lines:",
+        "  through `LineBuffer` and the codex parser alone, and through the real output path (a child in its own",
+        "  PTY, `AgentProcess.pump`: run log, `numerus.log` chunks, `LineBuffer`, parser); medians of 3 rounds.",
         "",
     ]
     return "\n".join(lines)
