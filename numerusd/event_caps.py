@@ -24,8 +24,9 @@ from numerusd.protocol.events import EventData, Truncated
 
 #: Default cap on an event's payload, in bytes of JSON: well below a NATS server's default max_payload (1 MiB).
 DEFAULT_MAX_EVENT_BYTES = 256 * 1024
-#: Appended to a cut string, so a reader of the text sees that it goes on elsewhere.
-CUT_MARK = " [numerus: truncated, see the event's `truncated`]"
+#: Appended to a cut string, so a reader of the text sees that it goes on elsewhere (an event's `truncated`
+#: says where it was cut and what it was).
+CUT_MARK = " [numerus: truncated]"
 #: Most strings `shrink` looks at: a value holding more is a long list (a reply to page), left as it is.
 MAX_TEXTS = 10_000
 #: Room for one `truncated` record (field path, size, hash) and the mark, in bytes of JSON.
@@ -94,6 +95,11 @@ def _common_length(lengths: list[int], excess: int) -> int:
         else:
             high = mid - 1
     return low
+
+
+def cut_text(text: str, chars: int) -> str:
+    """`text` if it has at most `chars` characters, else its first `chars` and CUT_MARK."""
+    return text if len(text) <= chars else text[:chars] + CUT_MARK
 
 
 def _cut(cuts: list[Truncated], path: str, text: str, *, keep: int) -> str:

@@ -37,6 +37,7 @@ def daemon(tmp_path_factory: pytest.TempPathFactory):
         "flood": FLOOD,
         "big": [{"say": BIG_MESSAGE}, {"say": "after the big one"}],
         "escapes": [{"print": ESCAPES + "\n"}, {"say": ESCAPES}],
+        "quiet": [{"say": "ok"}],
     }
     d = Daemon(root / "state", agents=agents)
     d.start()
@@ -114,8 +115,15 @@ async def test_huge_requests_are_refused_in_one_line_and_status_and_events_still
         large = json.dumps({"goal": "g" * 200_000, "repo": str(repo), "plan": False}).encode()
         code, reply = await ask(nc, "run", large)
         assert code == "400" and "the goal is 200000 bytes, over the limit of 131072 bytes" in reply["message"]
+        goal = "g" * 100_000  # under the goal limit: accepted, shown whole for the job, cut in a list of jobs
+        body = {"goal": goal, "repo": str(repo), "plan": False, "agent": "quiet"}
+        code, reply = await ask(nc, "run", json.dumps(body).encode())
+        assert code is None, reply
+        code, reply = await ask(nc, "status", json.dumps({"job": reply["job"]}).encode())
+        assert code is None and reply["jobs"][0]["goal"] == goal
         code, reply = await ask(nc, "status", b"{}")
         assert code is None, reply
+        assert reply["jobs"][0]["goal"] == "g" * 1000 + " [numerus: truncated]"
         code, reply = await ask(nc, "events", json.dumps({"limit": 5000}).encode())
         assert code is None, reply
     finally:
