@@ -441,6 +441,13 @@ def status(ctx: click.Context, job: str | None, limit: int, every: bool, as_json
         query = GetStatus(job=job) if job is not None else GetStatus(limit=None if every else limit)
         data = await request(nc, "status", query, opts.timeout)
         reply: StatusReply = decode_reply("status", data)
+        while reply.next is not None:  # a long list comes in pages, each within a NATS message
+            want = None if query.limit is None else query.limit - len(reply.jobs)
+            page: StatusReply = decode_reply(
+                "status", await request(nc, "status", GetStatus(limit=want, before=reply.next), opts.timeout)
+            )
+            reply = msgspec.structs.replace(page, jobs=reply.jobs + page.jobs)
+            data = msgspec.json.encode(reply)
         if opts.json:
             _out(data.decode())
         elif job is not None and len(reply.jobs) == 1:

@@ -16,10 +16,15 @@ class EventHistory:
     def __init__(self, nc: Client) -> None:
         self.nc = nc
 
+    def page_bytes(self) -> int:
+        """The bytes a page of a list (events, jobs) may take: half the server's max_payload, leaving room for
+        the rest of the reply and its headers."""
+        return self.nc.max_payload // 2
+
     async def read(self, subject: str, after_seq: int, limit: int, max_bytes: int | None = None) -> EventsReply:
         """Up to `limit` stored events on `subject` after stream sequence `after_seq`, and no more than `max_bytes`
-        of them (default: what fits in a reply under the server's max_payload); at least one."""
-        budget = self.nc.max_payload // 2 if max_bytes is None else max_bytes
+        of them (default: `page_bytes`); at least one."""
+        budget = self.page_bytes() if max_bytes is None else max_bytes
         events: list[msgspec.Raw] = []
         seqs: list[int] = []
         last_seq = after_seq

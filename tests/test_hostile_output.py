@@ -18,7 +18,10 @@ import nats
 import pytest
 from nats.aio.client import Client
 
+from numerusd.keys import Keyring
+from numerusd.protocol.events import JobKilled, JobSubmitted
 from tests.daemon_harness import Daemon, git_repo
+from tests.test_projections import Chain
 
 pytestmark = pytest.mark.slow  # real daemons fed megabytes
 
@@ -27,6 +30,8 @@ FLOOD_BYTES = 64 << 20
 FLOOD = [{"run": f"head -c {FLOOD_BYTES} /dev/zero | tr '\\0' x > /dev/tty"}, {"say": "flooded"}]
 BIG_MESSAGE = "m" * 9_000_000
 #: Clears the screen, sets the window title, rings the bell, and hides a line behind a carriage return.
+#: Jobs whose list (goals cut to 1,000 characters) is more than half the embedded server's 8 MB max_payload.
+JOBS = 4000
 ESCAPES = "\x1b[2J\x1b]0;pwned\x07ok\rhidden \x9b31m"
 
 
@@ -170,3 +175,34 @@ async def test_escape_sequences_an_agent_prints_are_shown_escaped_unless_raw(dae
         assert not any(control in output for control in (b"\x1b", b"\x07", b"\r", "\x9b".encode())), output
     raw = ctl_bytes(daemon, "logs", job, "--raw")
     assert ESCAPES.encode() in raw  # as the agent printed it
+
+
+async def test_a_list_of_jobs_too_long_for_one_message_comes_in_pages(tmp_path: Path):
+    daemon = Daemon(tmp_path / "state").start()
+    try:
+        keyring = Keyring.load(daemon.state_dir / "keys.json")
+        nc = await connect(daemon)
+        try:
+            js = nc.jetstream(publish_async_max_pending=2000)
+            for n in range(JOBS):  # all created at the same instant: the cursor's tie-break is the id
+                chain = Chain(f"J{n:05d}", keyring.current_kid, keyring.current_key)
+                for event in (chain(JobSubmitted(goal=f"{n} " + "g" * 1500, repo="/r", agent="a")), chain(JobKilled())):
+                    await js.publish_async(event.envelope.subject, event.wire)
+            await js.publish_async_completed()
+        finally:
+            await nc.close()
+        daemon.stop()
+        daemon.start()
+        nc = await connect(daemon)
+        try:
+            reply = await nc.request("numerus.cmd.status", b"{}", timeout=10)
+            page = json.loads(reply.data)
+            assert page["next"] == page["jobs"][-1]["id"] and len(page["jobs"]) < JOBS
+            assert len(reply.data) <= nc.max_payload // 2 + 1024
+        finally:
+            await nc.close()
+        listed = daemon.ctl_json("status", "--all")["jobs"]
+        assert [job["id"] for job in listed] == [f"J{n:05d}" for n in reversed(range(JOBS))]  # each once, in order
+        assert len(daemon.ctl_json("status", "--limit", str(JOBS - 5))["jobs"]) == JOBS - 5
+    finally:
+        daemon.stop()
