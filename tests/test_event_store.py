@@ -131,6 +131,20 @@ async def test_harmless_differences_are_updated(nc):
     assert (await js.stream_info(EVENTS)).config.duplicate_window == 600
 
 
+async def test_a_dead_letter_stream_bounded_by_age_only_is_bounded_in_bytes_and_message_size_at_start(nc):
+    js = nc.jetstream()
+    dlq = stream_specs()[2]
+    # As an older numerusd made it: bounded by age only.
+    unbounded = {key: value for key, value in dlq.desired.items() if key not in ("max_bytes", "max_msg_size")}
+    await js.add_stream(StreamConfig(name=DLQ, subjects=list(dlq.subjects), **unbounded))
+    await js.publish("numerus.dlq.cmd.bad_request", b"x" * 300_000)
+    await ensure_streams(js, stream_specs(dlq_max_bytes=2 << 20))
+    config = (await js.stream_info(DLQ)).config
+    assert (config.max_bytes, config.max_msg_size) == (2 << 20, 128 << 10)
+    with pytest.raises(nats.js.errors.BadRequestError):  # the server itself now refuses a dead letter that big
+        await js.publish("numerus.dlq.cmd.bad_request", b"x" * 300_000)
+
+
 async def test_a_stream_that_breaks_an_invariant_is_refused(nc):
     js = nc.jetstream()
     await js.add_stream(StreamConfig(name=EVENTS, subjects=["numerus.job.>"], deny_delete=True))
