@@ -71,6 +71,7 @@ TARGETS = [
     ),
     Target("redaction", "redacted_mb_s", ">=", 50.0, "agent output through redaction and logging (issue 14), MB/s"),
     Target("redaction", "status_p99_ms", "<=", 10.0, "status p99 while an agent prints at full speed (issue 14)"),
+    Target("line", "pump_line_s", "<=", 2.0, "64 MB printed without a newline, through the real output path"),
 ]
 
 #: Command line of each benchmark: full size, and a quick size for a smoke run.
@@ -84,6 +85,7 @@ BENCHES = {
     "pipeline": (["bench_pipeline.py"], ["bench_pipeline.py", "--quick"]),
     "cli": (["bench_cli.py"], ["bench_cli.py", "--pairs", "6"]),
     "redaction": (["bench_redaction.py"], ["bench_redaction.py", "--mb", "20", "--rounds", "2"]),
+    "line": (["bench_line.py"], ["bench_line.py", "--mib", "16", "--rounds", "1"]),
 }
 
 
@@ -154,6 +156,9 @@ def markdown(results: dict[str, dict], quick: bool) -> str:
         "  (redaction, line buffer, parser, `LogSink` to the run log and `NUMERUS_LOGS`) against the same path",
         "  without redaction, alternating rounds; meanwhile another process asks `status` of a responder on the",
         "  pump's event loop in a loop. Also: the same through a real PTY (`cat`), and dense lookalikes.",
+        "- `bench/bench_line.py`: 64 MB of output without a newline, against the same bytes in 100-byte lines:",
+        "  through `LineBuffer` and the codex parser alone, and through the real output path (a child in its own",
+        "  PTY, `AgentProcess.pump`: run log, `numerus.log` chunks, `LineBuffer`, parser); medians of 3 rounds.",
         "",
     ]
     return "\n".join(lines)

@@ -4,7 +4,7 @@
                    [--no-review] [--no-plan] [--wait]
     numerusctl plan JOB [--format text|dot|mermaid]
     numerusctl status [JOB] [--limit N | --all]
-    numerusctl logs JOB [--task T] [-f]
+    numerusctl logs JOB [--task T] [-f] [--raw]
     numerusctl events [JOB] [-f]
     numerusctl kill JOB
     numerusctl audit verify [JOB] [--key-file F] [--expect-head DIGEST] [--finished]
@@ -153,8 +153,9 @@ async def _with_daemon(opts: Options, body: Callable[[Client], Awaitable[T]]) ->
 
 
 def _out(data: bytes | str) -> None:
-    """Write to stdout as is (bytes raw, text with a newline)."""
-    click.echo(data, nl=isinstance(data, str))
+    """Write to stdout: bytes raw, text with a newline and its control characters escaped (`render.visible`:
+    agents write much of it, and must not drive the operator's terminal)."""
+    click.echo(render.visible(data) if isinstance(data, str) else data, nl=isinstance(data, str))
 
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
@@ -360,7 +361,7 @@ def run(
         reply: RunReply = decode_reply("run", data)
         _out(data.decode() if opts.json else reply.job)
         for note in [] if opts.json else reply.notes:  # --json has them in the reply
-            click.echo(f"numerusctl: note: {note}", err=True)
+            click.echo(render.visible(f"numerusctl: note: {note}"), err=True)
         if not wait:
             return 0
         return await _follow_job(nc, reply.job, opts.json)
@@ -457,6 +458,13 @@ def status(ctx: click.Context, job: str | None, limit: int, every: bool, as_json
         query = GetStatus(job=job) if job is not None else GetStatus(limit=None if every else limit)
         data = await request(nc, "status", query, opts.timeout)
         reply: StatusReply = decode_reply("status", data)
+        while reply.next is not None:  # a long list comes in pages, each within a NATS message
+            want = None if query.limit is None else query.limit - len(reply.jobs)
+            page: StatusReply = decode_reply(
+                "status", await request(nc, "status", GetStatus(limit=want, before=reply.next), opts.timeout)
+            )
+            reply = msgspec.structs.replace(page, jobs=reply.jobs + page.jobs)
+            data = msgspec.json.encode(reply)
         if opts.json:
             _out(data.decode())
         elif job is not None and len(reply.jobs) == 1:
@@ -511,10 +519,11 @@ def plan(ctx: click.Context, job: str, fmt: str, as_json: bool) -> None:
 @click.argument("job", callback=_token)
 @click.option("--task", callback=_token, help="Only this task.")
 @click.option("-f", "--follow", is_flag=True, help="Stream the output live until the job ends.")
+@click.option("--raw", is_flag=True, help="Pass terminal control sequences through instead of showing them escaped.")
 @json_option
 @click.pass_context
-def logs(ctx: click.Context, job: str, task: str | None, follow: bool, as_json: bool) -> None:
-    """The agents' terminal output of JOB."""
+def logs(ctx: click.Context, job: str, task: str | None, follow: bool, raw: bool, as_json: bool) -> None:
+    """The agents' terminal output of JOB, control sequences shown escaped (`\\x1b[2J`) unless --raw."""
     opts = _options(ctx, as_json)
 
     async def body(nc: Client) -> int:
@@ -529,22 +538,27 @@ def logs(ctx: click.Context, job: str, task: str | None, follow: bool, as_json: 
                     _out(f"==> {log.task} ({log.path}) <==")
                 if log.truncated:
                     _out(f"[earlier output left out; all of it is in {log.path}]")
-                _out(log.text.encode())
+                _out(log.text.encode() if raw else render.visible(log.text).encode())
                 if log.text and not log.text.endswith("\n"):
                     _out("")
             return 0
-        return await _follow_logs(nc, reply.job, task)
+        return await _follow_logs(nc, reply.job, task, raw)
 
     _run(_with_daemon(opts, body))
 
 
-async def _follow_logs(nc: Client, job: str, task: str | None) -> int:
-    """Copy `numerus.log.<job>.<task>` chunks to stdout as they come; stop once the job has ended and all
-    output stored by then has been written."""
+async def _follow_logs(nc: Client, job: str, task: str | None, raw: bool) -> int:
+    """Copy `numerus.log.<job>.<task>` chunks to stdout as they come (escaped unless `raw`); stop once the job has
+    ended and all output stored by then has been written."""
     from numerusctl.feed import StreamFeed
 
     subject = subjects.job_logs(job) if task is None else subjects.task_log(job, task)
-    out = sys.stdout.buffer  # chunks are bytes from a terminal, escapes and all: copied, not decoded
+    out = sys.stdout.buffer  # chunks are bytes from a terminal, escapes and all: with --raw, copied as they are
+    shown = render.VisibleStream()
+
+    def write(data: bytes) -> None:
+        out.write(data if raw else shown.feed(data).encode())
+
     async with (
         StreamFeed(nc, subjects.LOGS, subject) as log_feed,
         StreamFeed(nc, subjects.EVENTS, subjects.job_level_events(job)) as job_feed,
@@ -558,13 +572,15 @@ async def _follow_logs(nc: Client, job: str, task: str | None) -> int:
                     next_chunks.cancel()
                     break
                 for stored in next_chunks.result():
-                    out.write(stored.data)
+                    write(stored.data)
                 out.flush()
             ended.result()  # a lost connection surfaces here
             # The job's end is recorded after its agents' output was published: drain what is stored.
             async for batch in log_feed.drain():
                 for stored in batch:
-                    out.write(stored.data)
+                    write(stored.data)
+            if not raw:
+                out.write(shown.feed(b"", final=True).encode())
             out.flush()
         finally:
             ended.cancel()
@@ -674,7 +690,7 @@ def clean(ctx: click.Context, jobs: tuple[str, ...], ended: bool, logs: bool, as
         _out(data.decode() if opts.json else render.clean_text(reply))
         problems = [f"numerusctl: job {job.job}: {problem}" for job in reply.jobs for problem in job.problems]
         for line in problems:
-            click.echo(line, err=True)
+            click.echo(render.visible(line), err=True)
         return CtlExit.FAILED if problems else CtlExit.OK
 
     _run(_with_daemon(opts, body))

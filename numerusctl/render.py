@@ -3,10 +3,15 @@
 Pure functions from the protocol's reply types to text; the commands decide where it goes. Machines get
 `--json` instead, so nothing here is a format to parse. Events have their own module, `render_events.py`,
 which the commands that show no event never import.
+
+Text an agent wrote (messages, reasons, goals, terminal output) reaches the operator's terminal, so everything
+numerusctl prints as text goes through `visible`: control characters but newline and tab are shown escaped
+(`\x1b[2J`), so an agent cannot clear the screen, set the window title or hide lines behind a carriage return.
 """
 
 from __future__ import annotations
 
+import codecs
 from collections.abc import Sequence
 from datetime import datetime
 
@@ -19,6 +24,32 @@ GOAL_WIDTH = 60
 #: How much of a plan hash or a commit is shown: enough to tell them apart, as git does.
 HASH_WIDTH = 8
 SHA_WIDTH = 7
+
+
+#: C0 controls but tab and newline, DEL and the C1 controls, each shown as `\xNN`.
+_CONTROLS = {c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F, *range(0x80, 0xA0)) if c not in (0x09, 0x0A)}
+
+
+def visible(text: str) -> str:
+    """`text` with its control characters escaped (`\x1b`), tabs and newlines kept, `\r\n` read as `\n`."""
+    return text.replace("\r\n", "\n").translate(_CONTROLS)
+
+
+class VisibleStream:
+    """`visible` for a stream of terminal output in chunks that end anywhere (inside a character, or between
+    the `\r` and `\n` of a line end)."""
+
+    def __init__(self) -> None:
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._carriage = False
+
+    def feed(self, data: bytes, final: bool = False) -> str:
+        """The escaped text of `data`; a trailing `\r` waits for the next chunk unless `final`."""
+        text = self._decoder.decode(data, final)
+        if self._carriage:
+            text = "\r" + text
+        self._carriage = text.endswith("\r") and not final
+        return visible(text[:-1] if self._carriage else text)
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:

@@ -148,6 +148,11 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     #: The signing keys, when not in the state directory (e.g. /etc/numerus/keys.json, readable by the daemon's
     #: user alone); with none set, the systemd credential KEYS_CREDENTIAL, else `<state_dir>/keys.json`.
     key_file: Path | None = None
+    #: Limits on what agents and clients send (docs/operations.md, "Limits"): an event's payload (longer text is
+    #: cut, its size and hash recorded), a request (refused before decoding), the dead-letter stream's bytes.
+    max_event_bytes: Annotated[int, msgspec.Meta(ge=4096)] = 256 * 1024
+    max_request_bytes: Annotated[int, msgspec.Meta(ge=4096)] = 1024 * 1024
+    dlq_max_bytes: Annotated[int, msgspec.Meta(ge=1024 * 1024)] = 64 * 1024 * 1024
 
     def __repr__(self) -> str:
         # The password must never reach a log line; show only whether there is one.

@@ -54,7 +54,7 @@ from numerusd.schemas import agent_output_schemas
 from numerusd.service import start_service
 from numerusd.stream_pump import head_started_stream
 from numerusd.stream_reader import last_sequence, read_stream
-from numerusd.streams import check_server_version, ensure_streams
+from numerusd.streams import check_server_version, ensure_streams, stream_specs
 from numerusd.supervisor import Agents
 from numerusd.systemd import notify, watchdog
 from numerusd.terminal import kill_leftover
@@ -128,9 +128,11 @@ class Daemon:
         nc = self.nc = await self._connect(address)
         check_server_version(nc)
         js = self.js = nc.jetstream()
-        await ensure_streams(js)
+        await ensure_streams(js, stream_specs(dlq_max_bytes=settings.dlq_max_bytes))
         self.dead_letters = DeadLetters(js)
-        self.store = EventStore(nc, js, WriteAheadLog.open(settings.wal_path), self.keyring)
+        self.store = EventStore(
+            nc, js, WriteAheadLog.open(settings.wal_path), self.keyring, max_event_bytes=settings.max_event_bytes
+        )
         redactor = Redactor(
             known_secrets(
                 ((profile.env, profile.secret_env) for profile in settings.agents.values()),
@@ -261,10 +263,10 @@ class Daemon:
     async def _replay(self, address: NatsAddress) -> int:
         """Fold the whole stream into memory, then what the WAL holds that the stream does not.
 
-        Each event is checked as an auditor would: its signature, its subject, and that it extends its job's
-        chain; one that does not is skipped, so `status` after a restart equals a rebuild whatever was
-        republished onto the stream. A long stream is read by a child process (`stream_pump`), as a rebuild
-        reads it: this process only verifies and folds, on the other core.
+        Each event is checked as the auditor and the projector check it: its signature, its subject, its id not
+        seen before, and that it extends its job's chain; one that does not is skipped, so `status` after a
+        restart equals a rebuild whatever was republished onto the stream. A long stream is read by a child
+        process (`stream_pump`), as a rebuild reads it: this process only verifies and folds, on the other core.
         """
         assert self.nc is not None and self.js is not None and self.store is not None and self.book is not None
         assert self.keyring is not None
@@ -276,6 +278,7 @@ class Daemon:
         else:
             batches = read_stream(self.nc, EVENTS)
         skipped = 0
+        seen: set[str] = set()  # ids folded so far: held for the replay only
         async for batch in batches:
             for message in batch:
                 try:
@@ -284,6 +287,8 @@ class Daemon:
                     # event, or one out of its place, does not extend its job's chain and is not folded twice).
                     if event.subject != message.subject:
                         raise InvalidEvent("wrong_subject", f"event {event.id} belongs on {event.subject}")
+                    if event.id in seen:
+                        raise InvalidEvent("duplicate", f"event {event.id} was folded before")
                     if event.prev != self.store.chain_head(event.job):
                         raise InvalidEvent("broken_chain", f"event {event.id} does not follow its job's last event")
                     self.book.fold(event)
@@ -291,6 +296,7 @@ class Daemon:
                     skipped += 1
                     log.warning("skipping event at seq %d on %s: %s", message.seq, message.subject, e)
                     continue
+                seen.add(event.id)
                 self.store.observe(message.seq, message.data)
                 count += 1
         if skipped:

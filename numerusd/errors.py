@@ -11,6 +11,7 @@
     ├── InvalidTransition          the domain refused an observation the job's state does not allow (a bug)
     └── CommandRefused             a request was understood and refused (unknown job, job already done, …)
         ├── BadRequest             the request does not decode or fails validation; names the path
+        │   └── TooLarge           the request is over the size limit; refused before it is decoded
         └── NotFound               the request names a job or task that does not exist
 
 numerusd's exit code is chosen by the class (`numerusd/cli.py`, codes in `protocol/exit_codes.py`); numerusctl
@@ -93,6 +94,12 @@ class BadRequest(CommandRefused):
     """A request that does not decode or fails validation."""
 
     code = "bad_request"
+
+
+class TooLarge(BadRequest):
+    """A request over the daemon's size limit (`max_request_bytes`), refused before it is decoded."""
+
+    code = "too_large"
 
 
 class NotFound(CommandRefused):

@@ -48,6 +48,7 @@ from nats.aio.subscription import Subscription
 from nats.js.client import JetStreamContext
 
 from numerusd.errors import NumerusError, StoreError
+from numerusd.event_caps import DEFAULT_MAX_EVENT_BYTES, cap_event
 from numerusd.keys import Keyring
 from numerusd.protocol.envelope import Sealed, digest, open_event, seal
 from numerusd.protocol.events import EventData
@@ -68,6 +69,8 @@ _PROBE_TIMEOUT = 2.0
 _BACKOFF_MAX = 2.0
 #: Room left in a message for the headers, under the server's max_payload.
 _HEADERS_ROOM = 256
+#: Room left in an event for its envelope (ids, time, chain hash, signature) around the payload.
+_ENVELOPE_ROOM = 2048
 #: Events written to the connection at once, between two looks at the acks.
 _BURST = 256
 
@@ -129,6 +132,7 @@ class EventStore:
         stream: str = EVENTS,
         resend_after: float = DEFAULT_RESEND_AFTER,
         max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
+        max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES,
     ) -> None:
         self._nc = nc
         self._js = js
@@ -138,6 +142,7 @@ class EventStore:
         self._stream = stream
         self._resend_after = resend_after
         self._max_in_flight = max_in_flight
+        self._max_event_bytes = max_event_bytes
         self._heads: dict[str, str] = {}
         # WAL entries left by the previous run, and those of them the replay found in the stream.
         self._recovering = {entry.id for entry in wal.pending()}
@@ -309,9 +314,10 @@ class EventStore:
         actor = self._actor
         prev = self._heads.get(job, "")
         sealed: list[Sealed] = []
+        cap = self.payload_cap()
         for task, data in events:
             one = seal(
-                data,
+                cap_event(data, cap),
                 id=new_ulid(),
                 job=job,
                 task=task,
@@ -351,6 +357,14 @@ class EventStore:
 
         durable.add_done_callback(failed)
         return sealed, durable
+
+    def payload_cap(self) -> int:
+        """The most bytes an event's payload may take: the configured cap, lowered to fit the server's
+        max_payload with room for the envelope and headers. A larger payload is cut (see event_caps.py)."""
+        server = self._nc.max_payload  # the last server's, kept while disconnected; 0 before any connection
+        if server <= 0:
+            return self._max_event_bytes
+        return max(1024, min(self._max_event_bytes, server - _HEADERS_ROOM - _ENVELOPE_ROOM))
 
     def _on_durable(self, entries: list[WalEntry], then: Callable[[], None] | None) -> None:
         self._outbox.extend(entries)

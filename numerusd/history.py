@@ -16,16 +16,26 @@ class EventHistory:
     def __init__(self, nc: Client) -> None:
         self.nc = nc
 
-    async def read(self, subject: str, after_seq: int, limit: int) -> EventsReply:
-        """Up to `limit` stored events on `subject` after stream sequence `after_seq`."""
+    def page_bytes(self) -> int:
+        """The bytes a page of a list (events, jobs) may take: half the server's max_payload, leaving room for
+        the rest of the reply and its headers."""
+        return self.nc.max_payload // 2
+
+    async def read(self, subject: str, after_seq: int, limit: int, max_bytes: int | None = None) -> EventsReply:
+        """Up to `limit` stored events on `subject` after stream sequence `after_seq`, and no more than `max_bytes`
+        of them (default: `page_bytes`); at least one."""
+        budget = self.page_bytes() if max_bytes is None else max_bytes
         events: list[msgspec.Raw] = []
         seqs: list[int] = []
         last_seq = after_seq
         more = False
+        taken = 0
         async with StreamReader(self.nc, EVENTS, start_seq=after_seq + 1, filter_subjects=[subject]) as reader:
             async for batch in reader:
                 for message in batch:
-                    if len(events) == limit:
+                    # Each event is under the event cap, so a page of one always fits; `more` sends for the rest.
+                    taken += len(message.data) + 24  # its JSON, a comma and its sequence number
+                    if len(events) == limit or (events and taken > budget):
                         more = True
                         break
                     events.append(msgspec.Raw(message.data))

@@ -107,12 +107,16 @@ def events_doc() -> str:
         "`causation_id`, `data`, `prev`, `kid`, `sig`; see `docs/audit.md` for the signature and the chain) whose",
         "`data` holds the fields below. JSON Schema: `schemas/events.schema.json`.",
         "",
+        "Any payload may also hold `truncated`, absent unless the event was too large (docs/operations.md,",
+        '"Limits"): a list of `{field, size, sha256}`, one per text field cut to fit, with its size in UTF-8 bytes',
+        "and its SHA-256 before the cut.",
+        "",
     ]
     for name, cls in EVENT_TYPES.items():
         schema = components[name]
         subject = subjects.job_event("<job>", name, "<task>" if cls.TASK_EVENT else None)
         lines += [f"## {name}", "", (cls.__doc__ or "").strip(), "", f"Subject: `{subject}`", ""]
-        properties = schema.get("properties", {})
+        properties = {field: spec for field, spec in schema.get("properties", {}).items() if field != "truncated"}
         if not properties:
             lines += ["No fields.", ""]
             continue

@@ -1,8 +1,14 @@
 """The `numerus` NATS micro service: decodes requests at the edge and turns every failure into a clear reply.
 
-A request that does not decode gets a reply naming the bad path (`$.goal`) and is also sent, with its reason,
-to `numerus.dlq.cmd.<reason>`. A refused command gets its sentence. Anything else is logged with its traceback
-and answered "internal error, see the daemon log, id=…": no raw exception ever reaches the wire.
+A request larger than `max_request_bytes` is refused before it is decoded (`too_large`, naming the limit); one
+that does not decode gets a reply naming the bad path (`$.goal`); both are also sent, with their reason, to
+`numerus.dlq.cmd.<reason>` (cut to the dead letters' size cap). A refused command gets its sentence. Anything else
+is logged with its traceback and answered "internal error, see the daemon log, id=…": no raw exception ever
+reaches the wire.
+
+Every reply fits the server's max_payload: one that would not has its longest strings cut with a mark (lists are
+paged by their handlers: `events` by bytes as well as count); one that still does not fit, or fails to send, is
+logged with the request's subject and size and answered with a small `reply_too_large` error instead.
 """
 
 from __future__ import annotations
@@ -19,7 +25,8 @@ from nats.micro.service import Service
 
 from numerusd import __version__
 from numerusd.dead_letters import DeadLetters
-from numerusd.errors import BadRequest, CommandRefused, NotFound, NumerusError
+from numerusd.errors import BadRequest, CommandRefused, NotFound, NumerusError, TooLarge
+from numerusd.event_caps import shrink
 from numerusd.handlers import HANDLERS
 from numerusd.handlers.context import Context
 from numerusd.protocol import subjects
@@ -28,13 +35,16 @@ from numerusd.protocol.ids import new_ulid
 
 log = logging.getLogger(__name__)
 
+#: Room kept under the server's max_payload for a reply's headers.
+_REPLY_HEADROOM = 4096
+
 _DECODERS = {verb: msgspec.json.Decoder(request_type) for verb, request_type in REQUESTS.items()}
 _encoder = msgspec.json.Encoder()
 
 
 def _status(error: NumerusError) -> str:
     if isinstance(error, BadRequest):
-        return "400"
+        return "413" if isinstance(error, TooLarge) else "400"
     if isinstance(error, NotFound):
         return "404"
     if isinstance(error, CommandRefused):
@@ -51,26 +61,43 @@ async def start_service(nc: Client, context: Context, dead_letters: DeadLetters)
         description="Numerus daemon: runs coding agents on a goal, every state change an event",
     )
     for verb, handler in HANDLERS.items():
-        endpoint = _endpoint(context, dead_letters, verb, handler)
+        endpoint = _endpoint(nc, context, dead_letters, verb, handler)
         await service.add_endpoint(name=verb, subject=subjects.command(verb), handler=endpoint)
     return service
 
 
+def reply_limit(nc: Client) -> int:
+    """The most bytes a reply may take: the server's max_payload less room for headers."""
+    return nc.max_payload - _REPLY_HEADROOM
+
+
 def _endpoint(
-    context: Context, dead_letters: DeadLetters, verb: str, handler: Callable[[Context, Any], Awaitable[Any]]
+    nc: Client,
+    context: Context,
+    dead_letters: DeadLetters,
+    verb: str,
+    handler: Callable[[Context, Any], Awaitable[Any]],
 ) -> Callable[[Request], Awaitable[None]]:
     decoder = _DECODERS[verb]
+    max_request = context.settings.max_request_bytes
 
     async def endpoint(request: Request) -> None:
+        data = request.data or b"{}"
         try:
+            if len(data) > max_request:
+                # Before decoding: a client must not make the daemon parse (and hold) megabytes per request.
+                raise TooLarge(
+                    f"the {verb} request is {len(data)} bytes, over the limit of {max_request} bytes "
+                    "(max_request_bytes; a goal may hold at most 128 KiB)"
+                )
             try:
-                command = decoder.decode(request.data or b"{}")
+                command = decoder.decode(data)
             except msgspec.DecodeError as e:  # ValidationError is a DecodeError; both name the bad path
                 raise BadRequest(f"bad {verb} request: {e}") from e
             reply = await handler(context, command)
         except NumerusError as e:
             if isinstance(e, BadRequest):
-                await dead_letters.keep("cmd", "bad_request", request.data, e.message)
+                await dead_letters.keep("cmd", e.code, data, e.message)
             await _error(request, _status(e), e.code, e.message)
             return
         except Exception:
@@ -78,9 +105,32 @@ def _endpoint(
             log.exception("internal error in %s (id=%s)", verb, error_id)
             await _error(request, "500", "internal", f"internal error, see the daemon log, id={error_id}")
             return
-        await request.respond(_encoder.encode(reply))
+        await _respond(nc, request, verb, reply)
 
     return endpoint
+
+
+async def _respond(nc: Client, request: Request, verb: str, reply: msgspec.Struct) -> None:
+    """Send `reply`, its longest strings cut if it would not fit the server's max_payload; if it still cannot be
+    sent, log why with the request's subject and size and answer a small error instead."""
+    body = _encoder.encode(reply)
+    limit = reply_limit(nc)
+    if len(body) > limit:
+        body = _encoder.encode(shrink(reply, limit)[0])
+    try:
+        if len(body) > limit:
+            raise ValueError(f"{len(body)} bytes after cutting its text, over the {limit} bytes the server takes")
+        await request.respond(body)
+    except Exception as e:
+        log.warning(
+            "reply to %s on %s (request of %d bytes, reply of %d bytes) not sent: %s",
+            verb, request.subject, len(request.data or b""), len(body), e,
+        )  # fmt: skip
+        message = (
+            f"the {verb} reply ({len(body)} bytes) does not fit in a NATS message ({nc.max_payload} bytes): "
+            "ask for less (one job, a smaller --limit)"
+        )
+        await _error(request, "500", "reply_too_large", message)
 
 
 async def _error(request: Request, status: str, code: str, message: str) -> None:

@@ -6,12 +6,12 @@ Their names and subjects are the protocol's (`numerusd.protocol.subjects`); what
 |---|---|---|
 | `NUMERUS_EVENTS` | `numerus.job.>` | for ever: file storage, no limits; delete, purge, rollup, TTLs refused |
 | `NUMERUS_LOGS` | `numerus.log.>` | bounded by size and age, oldest dropped first |
-| `NUMERUS_DLQ` | `numerus.dlq.>` | bounded by age |
+| `NUMERUS_DLQ` | `numerus.dlq.>` | bounded by age, size (oldest dropped first) and message size |
 
 A stream that already exists is compared with what we want. A difference that would break an invariant (events
 that could be deleted, purged or aged out, subjects that are not ours) raises `StreamMismatch` naming the setting
 and what to do: we never weaken an operator's stream behind their back, nor silently run on a weakened one. Any
-other difference (a description, the duplicate window, the log limits) is updated in place.
+other difference (a description, the duplicate window, the log and dead-letter limits) is updated in place.
 
 This module is also the one place where nats-py's JetStream errors become ours (`jetstream_errors`).
 """
@@ -39,6 +39,9 @@ DEFAULT_DUPLICATE_WINDOW = 600.0
 DEFAULT_LOGS_MAX_BYTES = 1 << 30
 DEFAULT_LOGS_MAX_AGE = 7 * 24 * 3600.0
 DEFAULT_DLQ_MAX_AGE = 30 * 24 * 3600.0
+DEFAULT_DLQ_MAX_BYTES = 64 << 20
+#: The largest dead letter the stream takes, headers included; `DeadLetters` cuts a larger input to fit.
+DLQ_MAX_MSG_SIZE = 128 << 10
 
 
 #: JetStream's `err_code` for "stream not found", which a `StoreError` carries.
@@ -116,6 +119,7 @@ def stream_specs(
     logs_max_bytes: int = DEFAULT_LOGS_MAX_BYTES,
     logs_max_age: float = DEFAULT_LOGS_MAX_AGE,
     dlq_max_age: float = DEFAULT_DLQ_MAX_AGE,
+    dlq_max_bytes: int = DEFAULT_DLQ_MAX_BYTES,
 ) -> list[StreamSpec]:
     """The three streams, with their limits."""
     events = StreamSpec(
@@ -163,6 +167,9 @@ def stream_specs(
             "retention": RetentionPolicy.LIMITS,
             "storage": StorageType.FILE,
             "max_age": dlq_max_age,
+            # A client can send garbage as fast as it likes: the dead letters it leaves must not fill the disk.
+            "max_bytes": dlq_max_bytes,
+            "max_msg_size": DLQ_MAX_MSG_SIZE,
             "discard": DiscardPolicy.OLD,
         },
     )

@@ -381,7 +381,7 @@ def test_line_buffer_splits_chunks_anywhere() -> None:
 
 
 def test_a_line_longer_than_the_limit_is_cut_into_marked_pieces_and_nothing_is_lost() -> None:
-    """An agent that prints megabytes without a newline: the parser gets 1 MiB pieces, each marked as cut."""
+    """An agent that prints megabytes without a newline: the parser gets MAX_LINE pieces, each marked as cut."""
     long = "é" * (2 * MAX_LINE + 10)
     data = (long + "\r\nnext\n" + "x" * MAX_LINE).encode()
     lines = LineBuffer()

@@ -262,6 +262,20 @@ def test_open_and_truncated_tails():
     assert audit(recs, expected_heads={"J0": recs[-2].digest}).ok  # the chain may go on past a recorded head
 
 
+def test_a_job_cleaned_after_its_end_is_still_finished_and_cleaning_does_not_end_a_job():
+    recs = simple_chain()
+    cleaned = sealed("J0", len(recs), ev.JobCleaned(worktrees=("/w",), branches=("b",)), None, recs[-1].digest)
+    after_end = [*recs, Rec(len(recs) + 1, cleaned.envelope.subject, cleaned.wire, cleaned.envelope.id, "J0", "")]
+    report = audit(after_end, assume_finished=True)
+    assert report.ok, [p.line() for p in report.problems]
+    assert report.jobs[0].tail == "finished" and report.jobs[0].head_type == "JobCleaned"
+    # JobCleaned is housekeeping, not an end: after a job that did not end, the job is still not finished.
+    early = sealed("J0", len(recs) - 1, ev.JobCleaned(), None, recs[-2].digest)
+    cut = [*recs[:-1], Rec(len(recs), early.envelope.subject, early.wire, early.envelope.id, "J0", "")]
+    assert kinds(audit(cut, assume_finished=True)) == [("truncated", None, None)]
+    assert audit(cut).jobs[0].tail == "open"
+
+
 @pytest.mark.slow
 def test_hundred_thousand_events_in_a_few_seconds():
     recs: list[tuple[int, str, bytes]] = []

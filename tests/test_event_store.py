@@ -8,6 +8,7 @@ that vanishes and comes back, and a nats-server stopped and restarted on the sam
 from __future__ import annotations
 
 import asyncio
+import hashlib
 from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
@@ -17,10 +18,18 @@ import pytest
 from nats.js.api import StreamConfig
 
 from numerusd.errors import StoreError, StreamMismatch
+from numerusd.event_caps import CUT_MARK
 from numerusd.event_store import EventStore
 from numerusd.keys import Keyring
 from numerusd.protocol.envelope import Sealed, digest, open_event, seal
-from numerusd.protocol.events import AgentMessageReceived, JobSubmitted, KillRequested, TaskCreated
+from numerusd.protocol.events import (
+    AgentMessageReceived,
+    ClaimViolated,
+    JobSubmitted,
+    KillRequested,
+    TaskCreated,
+    Truncated,
+)
 from numerusd.protocol.ids import new_ulid
 from numerusd.stream_reader import read_stream
 from numerusd.streams import DLQ, EVENTS, LOGS, check_server_version, ensure_streams, stream_specs
@@ -122,6 +131,20 @@ async def test_harmless_differences_are_updated(nc):
     assert (await js.stream_info(EVENTS)).config.duplicate_window == 600
 
 
+async def test_a_dead_letter_stream_bounded_by_age_only_is_bounded_in_bytes_and_message_size_at_start(nc):
+    js = nc.jetstream()
+    dlq = stream_specs()[2]
+    # As an older numerusd made it: bounded by age only.
+    unbounded = {key: value for key, value in dlq.desired.items() if key not in ("max_bytes", "max_msg_size")}
+    await js.add_stream(StreamConfig(name=DLQ, subjects=list(dlq.subjects), **unbounded))
+    await js.publish("numerus.dlq.cmd.bad_request", b"x" * 300_000)
+    await ensure_streams(js, stream_specs(dlq_max_bytes=2 << 20))
+    config = (await js.stream_info(DLQ)).config
+    assert (config.max_bytes, config.max_msg_size) == (2 << 20, 128 << 10)
+    with pytest.raises(nats.js.errors.BadRequestError):  # the server itself now refuses a dead letter that big
+        await js.publish("numerus.dlq.cmd.bad_request", b"x" * 300_000)
+
+
 async def test_a_stream_that_breaks_an_invariant_is_refused(nc):
     js = nc.jetstream()
     await js.add_stream(StreamConfig(name=EVENTS, subjects=["numerus.job.>"], deny_delete=True))
@@ -198,12 +221,29 @@ async def test_append_needs_recovery_and_refuses_oversized_events(nc, js, tmp_pa
     with pytest.raises(StoreError, match="recover"):
         await store.append("j", [(None, KillRequested())], correlation_id="c")
     await store.recover()
-    huge = AgentMessageReceived(text="x" * (nc.max_payload + 1))
+    # Nothing to cut: thousands of short strings cannot be made to fit, and the server would refuse the event.
+    uncuttable = ClaimViolated(violations=("ab",) * nc.max_payload)
     with pytest.raises(StoreError, match="max_payload"):
-        await store.append("j", [("t1", huge)], correlation_id="c")
+        await store.append("j", [("t1", uncuttable)], correlation_id="c")
     with pytest.raises(ValueError, match="needs task id"):
-        await store.append("j", [(None, huge)], correlation_id="c")
+        await store.append("j", [(None, uncuttable)], correlation_id="c")
     assert len(wal) == 0 and store.chain_head("j") == ""
+    await store.close()
+
+
+async def test_an_oversized_text_is_stored_cut_with_its_size_and_hash(nc, js, tmp_path, keyring):
+    store, _ = await open_store(nc, js, tmp_path, keyring)
+    text = "é" * (nc.max_payload + 1)
+    [sealed] = await store.append("j", [("t1", AgentMessageReceived(text=text))], correlation_id="c")
+    await store.flush()
+    assert len(sealed.wire) <= store.payload_cap() + 2048
+    stored = open_event(sealed.wire, keyring.keys).data
+    assert stored.text.endswith(CUT_MARK) and text.startswith(stored.text.removesuffix(CUT_MARK))
+    whole = text.encode()
+    assert stored.truncated == (Truncated(field="text", size=len(whole), sha256=hashlib.sha256(whole).hexdigest()),)
+    # An event that fits is sealed as it always was: no `truncated` member.
+    [small] = await store.append("j", [("t1", AgentMessageReceived(text="hi"))], correlation_id="c")
+    assert b"truncated" not in small.wire
     await store.close()
 
 

@@ -457,19 +457,25 @@ async def test_follow_job_prints_progress_and_exits_by_outcome(streams: Client, 
     assert json.loads(lines[-1])["data"] == {"reason": "tests failed"}
 
 
-async def test_follow_logs_writes_chunks_raw_and_stops_after_the_job_ends(
-    streams: Client, capsysbinary: pytest.CaptureFixture[bytes]
+@pytest.mark.parametrize(
+    ("raw", "shown"),
+    [(True, b"\x1b[1mhello\x1b[0m\r\nworld\r\n"), (False, b"\\x1b[1mhello\\x1b[0m\nworld\n")],
+    ids=["raw", "escaped"],
+)
+async def test_follow_logs_writes_chunks_and_stops_after_the_job_ends(
+    streams: Client, capsysbinary: pytest.CaptureFixture[bytes], raw: bool, shown: bytes
 ):
     js = streams.jetstream()
     events = chain(JOB)
     await publish(streams, events[:3])
     await js.publish(f"numerus.log.{JOB}.t0", b"\x1b[1mhello\x1b[0m\r\n")
-    follow = asyncio.create_task(_follow_logs(streams, JOB, None))
+    follow = asyncio.create_task(_follow_logs(streams, JOB, None, raw))
     await js.publish(f"numerus.log.{JOB}.t0", b"wor")
-    await js.publish(f"numerus.log.{JOB}.t0", b"ld\r\n")
+    await js.publish(f"numerus.log.{JOB}.t0", b"ld\r")  # a line end cut between its \r and its \n
+    await js.publish(f"numerus.log.{JOB}.t0", b"\n")
     await publish(streams, events[3:])
     assert await asyncio.wait_for(follow, 10) == 0
-    assert capsysbinary.readouterr().out == b"\x1b[1mhello\x1b[0m\r\nworld\r\n"
+    assert capsysbinary.readouterr().out == shown
 
 
 # --- rendering ---------------------------------------------------------------------------------------------------

@@ -4,11 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import json
+from datetime import UTC, datetime
 from pathlib import Path
 
+import msgspec
 import nats
 import pytest
+from nats.micro import add_service
+from nats.micro.request import Request
 
+from numerusd.event_caps import CUT_MARK
+from numerusd.protocol.commands import JobView, StatusReply
+from numerusd.service import _respond
 from tests.daemon_harness import Daemon, git_repo
 
 
@@ -134,3 +141,35 @@ def test_many_concurrent_bad_and_good_requests_leave_the_daemon_consistent(daemo
     assert all(r.headers and r.headers["Nats-Service-Error-Code"] == "400" for r in replies[:50])
     assert all(not r.headers for r in replies[50:])
     assert daemon.alive
+
+
+async def reply_of(nc: nats.aio.client.Client, reply: msgspec.Struct) -> nats.aio.msg.Msg:
+    """What a client receives when the service answers `reply` (through the service's own `_respond`)."""
+
+    async def endpoint(request: Request) -> None:
+        await _respond(nc, request, "status", reply)
+
+    service = await add_service(nc, name="fit", version="0.0.1")
+    await service.add_endpoint(name="status", subject="test.fit", handler=endpoint)
+    try:
+        return await nc.request("test.fit", b"{}", timeout=10)
+    finally:
+        await service.stop()
+
+
+def job_view(goal: str) -> JobView:
+    now = datetime.now(UTC)
+    return JobView(id="J", goal=goal, repo="/r", agent="a", status="running", created=now, updated=now, events=1)
+
+
+async def test_a_reply_too_large_for_the_server_is_cut_or_answered_with_a_small_error(nc, caplog):
+    answer = await reply_of(nc, StatusReply(jobs=[job_view("g" * 2 * nc.max_payload)]))
+    assert len(answer.data) <= nc.max_payload and not answer.headers
+    (view,) = json.loads(answer.data)["jobs"]
+    assert view["goal"].endswith(CUT_MARK)
+    # Nothing long to cut: too many jobs to list in one message. The client gets one clear line, the log the rest.
+    answer = await reply_of(nc, StatusReply(jobs=[job_view("g")] * (nc.max_payload // 100)))
+    assert answer.headers["Nats-Service-Error-Code"] == "500"
+    error = json.loads(answer.data)
+    assert error["code"] == "reply_too_large" and "ask for less" in error["message"]
+    assert "reply to status on test.fit (request of 2 bytes, reply of" in caplog.text

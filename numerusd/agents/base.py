@@ -82,8 +82,9 @@ class AgentAdapter(Protocol):
 
 #: The longest line a parser is given, in characters: a longer one is cut there, each piece a line of its own
 #: ending with SPLIT_MARK (an agent that prints 64 MB without a newline must cost linear time, not stall us).
-MAX_LINE = 1 << 20
-SPLIT_MARK = " [numerus: line cut at 1 MiB]"
+#: Well above the event cap (event_caps.py), so a long message still parses and is recorded truncated.
+MAX_LINE = 16 << 20
+SPLIT_MARK = " [numerus: line cut at 16 MiB]"
 
 
 class LineBuffer:

@@ -10,7 +10,7 @@ from numerusd.domain.observations import SubmitJob
 from numerusd.errors import BadRequest
 from numerusd.handlers.context import Context
 from numerusd.protocol import subjects
-from numerusd.protocol.commands import RunJob, RunReply
+from numerusd.protocol.commands import MAX_GOAL_BYTES, RunJob, RunReply
 from numerusd.protocol.ids import new_ulid
 
 #: How long `run` waits for `git status` (a huge working tree can take seconds; numerusctl waits 5 s in all).
@@ -20,6 +20,12 @@ UNCOMMITTED_WAIT_S = 2.0
 async def handle(context: Context, request: RunJob) -> RunReply:
     """Validate, record `JobSubmitted` (and, for `--no-plan`, its one task), then start the job."""
     settings = context.settings
+    goal_bytes = len(request.goal.encode())
+    if goal_bytes > MAX_GOAL_BYTES:
+        raise BadRequest(
+            f"the goal is {goal_bytes} bytes, over the limit of {MAX_GOAL_BYTES} bytes (128 KiB); "
+            "put the details in a file in the repository and name it in the goal"
+        )
     repo = Path(request.repo)
     if not repo.is_absolute():
         raise BadRequest(f"repo {request.repo!r} is not an absolute path; pass the repository's full path")

@@ -4,9 +4,18 @@ from __future__ import annotations
 
 import heapq
 
+import msgspec
+
 from numerusd import domain
+from numerusd.event_caps import cut_text
 from numerusd.handlers.context import Context
-from numerusd.protocol.commands import GetStatus, StatusReply
+from numerusd.protocol.commands import GetStatus, JobView, StatusReply
+
+#: Characters of a goal or a reason a list of jobs shows (one job shows them whole): a list of many jobs with long
+#: goals must still fit in one reply, and a table shows the first 60 anyway.
+LISTED_TEXT = 1000
+
+_encode = msgspec.json.Encoder().encode
 
 
 async def handle(context: Context, request: GetStatus) -> StatusReply:
@@ -14,6 +23,30 @@ async def handle(context: Context, request: GetStatus) -> StatusReply:
     jobs = context.book.jobs
     if request.job is not None:
         return StatusReply(jobs=[domain.job_view(context.book.job(request.job))], total=len(jobs))
-    newest = heapq.nlargest(request.limit or len(jobs), jobs.values(), key=lambda job: job.created)
+    older = jobs.values()
+    if request.before:
+        cursor = _order(context.book.job(request.before))
+        older = [job for job in older if _order(job) < cursor]
+    newest = heapq.nlargest(request.limit or len(jobs), older, key=_order)
     cleanable = sum(1 for job in jobs.values() if domain.leftovers(job))
-    return StatusReply(jobs=[domain.job_view(job, tasks=False) for job in newest], total=len(jobs), cleanable=cleanable)
+    listed: list[JobView] = []
+    room = context.history.page_bytes()
+    for job in newest:
+        view = _short(domain.job_view(job, tasks=False))
+        room -= len(_encode(view)) + 1
+        if room < 0 and listed:  # the page is full: the client asks for the rest after the last job listed
+            return StatusReply(jobs=listed, total=len(jobs), cleanable=cleanable, next=listed[-1].id)
+        listed.append(view)
+    return StatusReply(jobs=listed, total=len(jobs), cleanable=cleanable)
+
+
+def _order(job: domain.JobState) -> tuple[object, str]:
+    # Newest first, and the id breaks ties, so a cursor names one place in the list.
+    return job.created, job.id
+
+
+def _short(view: JobView) -> JobView:
+    if len(view.goal) <= LISTED_TEXT and len(view.reason or "") <= LISTED_TEXT:
+        return view
+    reason = None if view.reason is None else cut_text(view.reason, LISTED_TEXT)
+    return msgspec.structs.replace(view, goal=cut_text(view.goal, LISTED_TEXT), reason=reason)

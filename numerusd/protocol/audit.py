@@ -25,6 +25,9 @@ from numerusd.protocol.subjects import job_event, job_of
 
 #: Job events after which a job does nothing more (unless it is resumed, which appends after them).
 TERMINAL_JOB_EVENTS = frozenset({"JobCompleted", "JobFailed", "JobKilled", "JobInterrupted"})
+#: Records of housekeeping an ended job may get after its terminal event (`numerusctl clean`): they do not
+#: reopen it, so a job whose chain ends with terminal event then these is still `finished`.
+AFTER_END_EVENTS = frozenset({"JobCleaned"})
 
 #: Problem kinds, and the causes a `chain_break` can carry.
 KINDS = ("malformed", "unknown_key", "bad_signature", "subject_mismatch", "chain_break", "truncated")
@@ -338,6 +341,14 @@ class Auditor:
                 return node
         return nodes[-1]
 
+    def _ending(self, head: _Node) -> _Node:
+        """The event that says whether a job ended: its head, or the last event before the housekeeping
+        (AFTER_END_EVENTS) recorded at its end of the chain."""
+        node = head
+        while node.type in AFTER_END_EVENTS and (before := self._by_digest.get(node.prev)) is not None:
+            node = before
+        return node
+
     def _tails(self, jobs: dict[str, list[_Node]]) -> tuple[list[Problem], set[str]]:
         """Tails that should be there and are not; returns the problems and the jobs they concern."""
         problems: list[Problem] = []
@@ -370,13 +381,14 @@ class Auditor:
         if self._assume_finished:
             for job, nodes in jobs.items():
                 head = self._head(nodes)
-                if head.type not in TERMINAL_JOB_EVENTS and job not in truncated:
+                if self._ending(head).type not in TERMINAL_JOB_EVENTS and job not in truncated:
                     problems.append(
                         Problem(
                             kind="truncated",
                             message=(
                                 f"the chain ends at seq {head.seq} ({head.id}, {head.type}), not at a terminal "
-                                "job event, although the job was said to be finished"
+                                "job event (or one followed by JobCleaned only), although the job was said to be "
+                                "finished"
                             ),
                             job=job,
                         )
@@ -389,7 +401,7 @@ class Auditor:
         job = head.job
         if job in truncated:
             tail = "truncated"
-        elif head.type in TERMINAL_JOB_EVENTS:
+        elif self._ending(head).type in TERMINAL_JOB_EVENTS:
             tail = "finished"
         else:
             tail = "open"

@@ -19,8 +19,13 @@ class Request(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=T
     """Base of every request; unknown fields are refused so a typo is an error, not silently ignored."""
 
 
+#: The longest goal `run` takes, in UTF-8 bytes: it goes into every agent's prompt and into `JobSubmitted`, which
+#: must stay under the event cap whole (a goal is never cut). Longer instructions belong in a file in the repo.
+MAX_GOAL_BYTES = 128 * 1024
+
+
 class RunJob(Request, frozen=True, kw_only=True):
-    """`numerusctl run`: submit a goal for a repository."""
+    """`numerusctl run`: submit a goal for a repository (at most MAX_GOAL_BYTES)."""
 
     goal: str
     repo: str
@@ -47,10 +52,13 @@ class GetPlan(Request, frozen=True, kw_only=True):
 
 class GetStatus(Request, frozen=True, kw_only=True):
     """`numerusctl status`: one job with its tasks, or when `job` is None the newest `limit` jobs (every one when
-    `limit` is None) without their tasks: a list stays small however long the daemon's history."""
+    `limit` is None) without their tasks: a list stays small however long the daemon's history. A list comes in
+    pages that fit a NATS message: ask again with `before` set to the reply's `next` for the jobs after it."""
 
     job: str | None = None
     limit: Annotated[int, msgspec.Meta(ge=1)] | None = None
+    #: Left out of the first request, so a daemon that does not page (and refuses unknown fields) still answers.
+    before: str | msgspec.UnsetType = msgspec.UNSET
 
 
 class KillJob(Request, frozen=True, kw_only=True):
@@ -178,6 +186,8 @@ class StatusReply(msgspec.Struct, frozen=True, kw_only=True):
     total: int = 0
     #: How many ended jobs keep worktrees of tasks that did not merge (all jobs, not only those listed).
     cleanable: int = 0
+    #: More jobs were asked for than fit in this page: ask again with `before` set to this (the last job listed).
+    next: str | None = None
 
 
 class KillReply(msgspec.Struct, frozen=True, kw_only=True):

@@ -18,10 +18,25 @@ from numerusd.protocol.claims import ClaimedPath, Conflict, Lock
 from numerusd.protocol.plan import FileIntent, Plan
 
 
+class Truncated(msgspec.Struct, frozen=True, kw_only=True):
+    """A text field of an event cut to fit the event cap: where it was (`text`, `reasons[3]`), its size in UTF-8
+    bytes and SHA-256 before the cut. The whole text stays where it came from (the agent's run log)."""
+
+    field: str
+    size: int
+    sha256: str
+
+
 class EventData(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=False):
-    """Base of every event payload. `TASK_EVENT` says whether the event belongs to one task of the job."""
+    """Base of every event payload. `TASK_EVENT` says whether the event belongs to one task of the job.
+
+    `truncated` lists the text fields cut to keep the event under the cap (see numerusd/event_caps.py); it is
+    left out of an event that was not cut, so such events' bytes are what they always were.
+    """
 
     TASK_EVENT: ClassVar[bool] = False
+
+    truncated: tuple[Truncated, ...] | msgspec.UnsetType = msgspec.UNSET
 
 
 # --- the job aggregate -------------------------------------------------------------------------------------
