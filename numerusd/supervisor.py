@@ -35,6 +35,7 @@ from numerusd.domain.observations import (
 from numerusd.errors import AgentError
 from numerusd.processes import inherited_environment
 from numerusd.protocol.events import AgentErrorReported, EventData, TokensUsed, Usage
+from numerusd.sandbox import Sandbox
 from numerusd.terminal import Terminal, spawn
 
 log = logging.getLogger(__name__)
@@ -123,8 +124,11 @@ class AgentProcess:
         chunk_bytes: int = 16 * 1024,
         flush_s: float = 0.05,
         breaker: CircuitBreaker | None = None,
+        sandbox: Sandbox | None = None,
     ) -> None:
         self.adapter = adapter
+        #: What the agent may see (None: unsandboxed, a profile's `sandbox = "none"`).
+        self.sandbox = sandbox
         self.invocation = invocation
         self.breaker = breaker
         self.cwd = cwd
@@ -151,7 +155,7 @@ class AgentProcess:
             raise AgentError(refusal)
         self._started = self.last_output = time.monotonic()
         try:
-            self.terminal = await spawn(self.argv, cwd=self.cwd, env=self.env)
+            self.terminal = await spawn(self.argv, cwd=self.cwd, env=self.env, sandbox=self.sandbox)
         except AgentError as e:
             if self.breaker is not None:
                 self.breaker.failed(program, e.message)
@@ -379,8 +383,9 @@ class Agents:
         cwd: Path,
         log_path: Path,
         subject: str,
+        sandbox: Sandbox | None,
     ) -> AgentProcess:
-        """An agent process, not started yet, whose output goes to `log_path` and `subject`."""
+        """An agent process, not started yet, whose output goes to `log_path` and `subject`, in `sandbox`."""
         return AgentProcess(
             adapter=adapter,
             invocation=invocation,
@@ -392,6 +397,7 @@ class Agents:
             chunk_bytes=self.chunk_bytes,
             flush_s=self.flush_s,
             breaker=self.breaker,
+            sandbox=sandbox,
         )
 
     @contextlib.contextmanager

@@ -37,6 +37,7 @@ from pathlib import Path
 from numerusd import processes
 from numerusd.errors import AgentError
 from numerusd.processes import Child
+from numerusd.sandbox import Sandbox
 
 #: The window every agent sees: wide enough that tools do not wrap their output.
 COLUMNS = 200
@@ -149,8 +150,11 @@ def _exit_and_signal(returncode: int) -> tuple[int | None, int | None]:
     return (returncode, None) if returncode >= 0 else (None, -returncode)
 
 
-async def spawn(argv: list[str], *, cwd: Path, env: Mapping[str, str] | None = None) -> Terminal:
-    """Start `argv` in `cwd` in a new PTY and session; `env` is its whole environment (None: the daemon's).
+async def spawn(
+    argv: list[str], *, cwd: Path, env: Mapping[str, str] | None = None, sandbox: Sandbox | None = None
+) -> Terminal:
+    """Start `argv` in `cwd` in a new PTY and session; `env` is its whole environment (None: the daemon's); in
+    `sandbox` (bwrap, after the `setsid` launcher, so the PTY is the sandboxed agent's controlling terminal).
 
     Raises AgentError with a one-line reason when the program cannot be found or started.
     """
@@ -163,6 +167,10 @@ async def spawn(argv: list[str], *, cwd: Path, env: Mapping[str, str] | None = N
     if program is None:
         raise AgentError(f"cannot start {argv[0]}: no such executable (searched PATH)", program=argv[0])
 
+    # Looked up outside the sandbox, so that a missing program stays one clear line.
+    command = [program, *argv[1:]]
+    if sandbox is not None:
+        command = [*sandbox.for_program(program).prefix(), *command]
     setsid = _setsid_launcher()
     master, slave = os.openpty()
     try:
@@ -172,7 +180,7 @@ async def spawn(argv: list[str], *, cwd: Path, env: Mapping[str, str] | None = N
             # `setsid --ctty` calls setsid() and makes its stdin (our slave) the controlling terminal, then
             # execs the agent; it does not fork, because a child of Popen is never a process group leader.
             child = await processes.start(
-                [setsid, "--ctty", "--", program, *argv[1:]],
+                [setsid, "--ctty", "--", *command],
                 cwd=cwd,
                 env=env,
                 stdin=slave,
@@ -182,7 +190,7 @@ async def spawn(argv: list[str], *, cwd: Path, env: Mapping[str, str] | None = N
             )
         else:
             popen = subprocess.Popen(
-                [program, *argv[1:]],
+                command,
                 stdin=slave,
                 stdout=slave,
                 stderr=slave,

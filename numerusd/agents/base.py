@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import codecs
 from pathlib import Path
-from typing import Protocol
+from typing import Literal, Protocol
 
 import msgspec
 
@@ -18,13 +18,21 @@ from numerusd.protocol.events import EventData
 
 
 class AgentProfile(msgspec.Struct, frozen=True, kw_only=True):
-    """What configuration says about an agent: which kind, which binary, model, sandbox and extras."""
+    """What configuration says about an agent: which kind, which binary, model, sandboxes and extras."""
 
     kind: str = "codex"
     #: Overrides the adapter's own lookup of its program (CODEX_BIN, then PATH, for codex).
     binary: str | None = None
     model: str | None = None
-    sandbox: str = "workspace-write"
+    #: The agent's own sandbox mode (codex's `--sandbox`), inside Numerus's; see docs/agents.md, "Sandbox".
+    agent_sandbox: str = "danger-full-access"
+    #: Numerus's sandbox around every process of this agent (`numerusd.sandbox`); "none" runs it as the daemon's
+    #: user sees the machine, and `status` says so.
+    sandbox: Literal["bwrap", "none"] = "bwrap"
+    #: Whether the sandboxed agent reaches the network (models are remote).
+    network: bool = True
+    #: Extra paths the sandboxed agent may write (`~` expanded), beyond those its adapter needs.
+    binds: tuple[str, ...] = ()
     #: Extra arguments, e.g. ("-c", 'model_reasoning_effort="high"').
     args: tuple[str, ...] = ()
     #: Extra environment, e.g. {"CODEX_HOME": "..."}; it may hold secrets, so it never goes into an event.
@@ -34,7 +42,8 @@ class AgentProfile(msgspec.Struct, frozen=True, kw_only=True):
         # Values of `env` may be API keys: show the names only.
         return (
             f"AgentProfile(kind={self.kind!r}, binary={self.binary!r}, model={self.model!r}, "
-            f"sandbox={self.sandbox!r}, args={self.args!r}, env=<{', '.join(sorted(self.env))}>)"
+            f"agent_sandbox={self.agent_sandbox!r}, sandbox={self.sandbox!r}, network={self.network!r}, "
+            f"binds={self.binds!r}, args={self.args!r}, env=<{', '.join(sorted(self.env))}>)"
         )
 
 
@@ -72,6 +81,10 @@ class AgentAdapter(Protocol):
 
     def parser(self, invocation: AgentInvocation) -> AgentOutputParser:
         """A fresh parser for the output of this invocation."""
+        ...
+
+    def binds(self) -> tuple[Path, ...]:
+        """Paths outside its work directory the agent must write, in a sandbox (its own session store)."""
         ...
 
 
