@@ -646,7 +646,8 @@ class JobPipeline:
         """
         job = self.job
         profile_name = job.roles.get(role) or job.agent
-        profile = msgspec.structs.replace(self.settings.agents[profile_name], agent_sandbox="read-only")
+        configured = self.settings.agents[profile_name]
+        profile = msgspec.structs.replace(configured, agent_sandbox=configured.own_sandbox(read_only=True))
         adapter = adapter_for(profile)
         async with turn or self.slots.taken():
             self._check_stopping()

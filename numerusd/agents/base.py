@@ -24,8 +24,9 @@ class AgentProfile(msgspec.Struct, frozen=True, kw_only=True):
     #: Overrides the adapter's own lookup of its program (CODEX_BIN, then PATH, for codex).
     binary: str | None = None
     model: str | None = None
-    #: The agent's own sandbox mode (codex's `--sandbox`), inside Numerus's; see docs/agents.md, "Sandbox".
-    agent_sandbox: str = "danger-full-access"
+    #: The agent's own sandbox mode (codex's `--sandbox`), inside Numerus's; None: `own_sandbox()` chooses. See
+    #: docs/agents.md, "Sandbox".
+    agent_sandbox: str | None = None
     #: Numerus's sandbox around every process of this agent (`numerusd.sandbox`); "none" runs it as the daemon's
     #: user sees the machine, and `status` says so.
     sandbox: Literal["bwrap", "none"] = "bwrap"
@@ -37,6 +38,19 @@ class AgentProfile(msgspec.Struct, frozen=True, kw_only=True):
     args: tuple[str, ...] = ()
     #: Extra environment, e.g. {"CODEX_HOME": "..."}; it may hold secrets, so it never goes into an event.
     env: dict[str, str] = {}
+
+    def own_sandbox(self, *, read_only: bool = False) -> str:
+        """The agent's own sandbox mode for a run: the one configured; else, inside Numerus's sandbox, none of its
+        own (`danger-full-access`: Numerus's gives the guarantees, and a sandbox nested in it fails where user
+        namespaces do not nest), and without Numerus's, `read-only` for the roles that only answer and
+        `workspace-write` for executors. A configured mode is `read-only` for those roles, unless it is none."""
+        if self.agent_sandbox is None:
+            if self.sandbox == "bwrap":
+                return "danger-full-access"
+            return "read-only" if read_only else "workspace-write"
+        if read_only and not (self.sandbox == "bwrap" and self.agent_sandbox == "danger-full-access"):
+            return "read-only"
+        return self.agent_sandbox
 
     def __repr__(self) -> str:
         # Values of `env` may be API keys: show the names only.

@@ -61,7 +61,7 @@ class CodexAdapter:
         # Paths are resolved: codex refuses an -o path through a symlink, and its sandbox refuses to write in a
         # -C directory reached through one (macOS's /tmp and /var are symlinks).
         repo = invocation.repo.resolve()
-        argv = [*self.launcher(), "exec", "--json", "-C", str(repo), "--sandbox", profile.agent_sandbox]
+        argv = [*self.launcher(), "exec", "--json", "-C", str(repo), "--sandbox", profile.own_sandbox()]
         if not inside_git_repository(repo):
             argv.append("--skip-git-repo-check")
         if profile.model:

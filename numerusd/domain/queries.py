@@ -44,6 +44,7 @@ def job_view(job: JobState, *, tasks: bool = True) -> JobView:
         cleaned=job.cleaned,
         logs_removed=job.logs_removed,
         leftovers=leftovers(job),
+        unsandboxed=list(job.unsandboxed),
         tasks_total=len(job.tasks),
         tasks_done=sum(task.status == "completed" for task in job.tasks.values()),
         tokens=own + sum(task.input_tokens + task.output_tokens for task in job.tasks.values()),

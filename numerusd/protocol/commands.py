@@ -147,6 +147,8 @@ class JobView(msgspec.Struct, frozen=True, kw_only=True):
     logs_removed: bool = False
     #: The tasks of an ended job whose worktrees and branches it keeps (those that did not merge).
     leftovers: list[str] = []
+    #: Roles whose agents run without Numerus's sandbox.
+    unsandboxed: list[str] = []
 
 
 class PlanReply(msgspec.Struct, frozen=True, kw_only=True):
