@@ -66,6 +66,7 @@ TARGETS = [
         10.0,
         "the same 64 tasks of 1 s with claims from the plan",
     ),
+    Target("sandbox", "overhead_ms_p50", "<=", 10.0, "what the agents' bwrap sandbox adds to a spawn (issue 14), p50"),
     Target(
         "cli", "ratio", "<=", 1.0, "a cold `numerusctl status` process vs a cold bare nats-py request, median of pairs"
     ),
@@ -81,6 +82,7 @@ BENCHES = {
     "spawn": (["bench_spawn.py"], ["bench_spawn.py", "--quick"]),
     "pipeline": (["bench_pipeline.py"], ["bench_pipeline.py", "--quick"]),
     "cli": (["bench_cli.py"], ["bench_cli.py", "--pairs", "6"]),
+    "sandbox": (["bench_sandbox.py"], ["bench_sandbox.py", "--spawns", "40", "--block", "10"]),
 }
 
 
@@ -133,6 +135,8 @@ def markdown(results: dict[str, dict], quick: bool) -> str:
         "- `bench/bench_plan.py`: decode, check and hash a 200-task plan with deps and intents, against `json.loads`",
         "  of the same bytes.",
         "- `bench/bench_locks.py`: GO / NO GO for a 20-path claim against 1,000 held locks of 200 tasks, 50 waiting.",
+        "- `bench/bench_sandbox.py`: `numerusd.terminal.spawn` of `printf x`, bare and in an executor's bwrap sandbox",
+        "  (hidden state directory and repository, worktree and git metadata bound back), in turns; until exit.",
         "- `bench/bench_spawn.py`: `numerusd.terminal.spawn` of `printf x` under uvloop, until its pid is known and",
         "  until its byte is read, at small resident memory and with 1 GiB more mapped and written (512 MiB quick),",
         "  against `ptyprocess.PtyProcess.spawn` and `asyncio.create_subprocess_exec` under asyncio and uvloop, the",
