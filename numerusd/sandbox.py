@@ -178,10 +178,10 @@ def check_sandboxes(sandboxed: Iterable[str], bwrap: str | None = None) -> None:
         return
     why = preflight(bwrap)
     if why is not None:
+        settings = ", ".join(f'agents.{name}.sandbox = "none"' for name in names)
         raise ConfigError(
-            f"cannot run agents in a sandbox ({why}; are unprivileged user namespaces disabled?); to run "
-            f'{"them" if len(names) > 1 else "it"} without one, set agents.{names[0]}.sandbox = "none"'
-            + (f" (and for {', '.join(names[1:])})" if len(names) > 1 else "")
+            f"cannot run agents in a sandbox ({why}; are unprivileged user namespaces disabled?); to run them "
+            f"without one, set {settings}"
         )
 
 

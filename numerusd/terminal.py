@@ -13,6 +13,8 @@ in a worker thread, exit noticed through a pidfd); a PTY adds two things:
 
 The process leads its own process group: when it exits, whatever is left of the group (background jobs it
 started) is killed before it is reaped, so nothing outlives the agent and the PTY always reaches end of file.
+An agent given a `Sandbox` (`numerusd.sandbox`) runs inside bwrap, started by `setsid` in its place, so the PTY
+is the sandboxed agent's controlling terminal; its PID namespace ends what left the process group too.
 
 This module is the one place where OS errors of process spawning become `AgentError`.
 """

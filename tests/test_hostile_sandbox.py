@@ -147,5 +147,5 @@ def test_the_daemon_refuses_to_start_when_bwrap_cannot_run(tmp_path: Path):
     assert done.returncode != 0
     (line,) = done.stderr.strip().splitlines()[-1:]
     assert line.startswith("numerusd: cannot run agents in a sandbox (/bin/false exited 1")
-    assert 'set agents.codex.sandbox = "none"' in line
+    assert line.endswith('set agents.codex.sandbox = "none", agents.scripted.sandbox = "none"'), line
     assert not (tmp_path / "state" / "connection.json").exists()
