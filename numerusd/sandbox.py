@@ -13,7 +13,9 @@ so a machine where bwrap cannot work (user namespaces disabled) is refused at st
 
 from __future__ import annotations
 
+import functools
 import os
+import shutil
 import subprocess
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
@@ -60,6 +62,10 @@ class Sandbox:
     def prefix(self, bwrap: str | None = None) -> list[str]:
         """The argv that runs a program in this sandbox: append the program and its arguments."""
         argv = [
+            # bwrap would die of the SIGTERM the daemon sends the agent's process group to stop it gracefully, and
+            # take the agent with it at once (--die-with-parent): it ignores SIGTERM (after a grace, SIGKILL ends
+            # it), and the agent gets SIGTERM's default action back (`env`, coreutils 8.31 or newer).
+            _env(), "--ignore-signal=TERM",
             bwrap or bwrap_binary(),
             "--ro-bind", "/", "/",
             "--dev", "/dev",
@@ -92,7 +98,12 @@ class Sandbox:
             argv += [option, str(path)] if option == "--tmpfs" else [option, str(path), str(path)]
         if self.chdir is not None:
             argv += ["--chdir", str(self.chdir)]
-        return [*argv, "--"]
+        return [*argv, "--", _env(), "--default-signal=TERM"]
+
+
+@functools.cache
+def _env() -> str:
+    return shutil.which("env") or "/usr/bin/env"
 
 
 def bwrap_binary() -> str:
@@ -145,9 +156,14 @@ def _alternates(gitdir: Path) -> tuple[Path, ...]:
 
 
 def existing(paths: Iterable[str]) -> tuple[Path, ...]:
-    """`paths` with `~` expanded, made absolute and resolved, those that exist."""
-    resolved = (Path(path).expanduser().resolve() for path in paths)
-    return tuple(path for path in resolved if path.exists())
+    """`paths` that exist, with `~` expanded, made absolute, and resolved: a path reached through a symlink is
+    bound as given too (the agent uses it as given, and the symlink may lie where the sandbox hides it)."""
+    found: dict[Path, None] = {}
+    for path in paths:
+        given = Path(os.path.abspath(Path(path).expanduser()))
+        if given.exists():
+            found.update(dict.fromkeys((given, given.resolve())))
+    return tuple(found)
 
 
 def preflight(bwrap: str | None = None) -> str | None:

@@ -59,8 +59,10 @@ class Terminal:
     pid: int
     start_ticks: int
 
-    def __init__(self, child: Child, master_fd: int, start_ticks: int) -> None:
+    def __init__(self, child: Child, master_fd: int, start_ticks: int, *, sandboxed: bool = False) -> None:
         self.pid = child.pid
+        #: The process is bwrap, which reports an agent a signal ended as exit code 128 + the signal.
+        self._sandboxed = sandboxed
         self.start_ticks = start_ticks
         self._child = child
         self._master: int | None = master_fd
@@ -76,7 +78,7 @@ class Terminal:
     def returncode(self) -> tuple[int | None, int | None] | None:
         """`(exit_code, signal)` once the process has been reaped, else None."""
         code = self._child.returncode
-        return None if code is None else _exit_and_signal(code)
+        return None if code is None else _exit_and_signal(code, self._sandboxed)
 
     async def read(self) -> bytes:
         """The next chunk of output, `b""` once every holder of the PTY's slave side has gone."""
@@ -104,7 +106,7 @@ class Terminal:
 
     async def wait(self) -> tuple[int | None, int | None]:
         """`(exit_code, None)` when the process exited, `(None, signal)` when a signal killed it."""
-        return _exit_and_signal(await self._child.wait())
+        return _exit_and_signal(await self._child.wait(), self._sandboxed)
 
     async def terminate(self, grace: float = 5.0) -> tuple[int | None, int | None]:
         """SIGTERM to the whole process group, SIGKILL after `grace` seconds; returns how the process ended."""
@@ -147,9 +149,15 @@ class Terminal:
             os.close(fd)
 
 
-def _exit_and_signal(returncode: int) -> tuple[int | None, int | None]:
-    """A `subprocess` return code as `(exit_code, None)`, or `(None, signal)` for a process a signal killed."""
+def _exit_and_signal(returncode: int, sandboxed: bool = False) -> tuple[int | None, int | None]:
+    """A `subprocess` return code as `(exit_code, None)`, or `(None, signal)` for a process a signal killed; for
+    bwrap, an exit code 128 + N is the agent's signal N, as a shell reads it."""
+    if sandboxed and returncode > 128 and returncode - 128 in _SIGNALS:
+        return None, returncode - 128
     return (returncode, None) if returncode >= 0 else (None, -returncode)
+
+
+_SIGNALS = frozenset(signal.valid_signals())
 
 
 async def spawn(
@@ -210,7 +218,7 @@ async def spawn(
         raise AgentError(f"cannot start {argv[0]}: {e}", program=argv[0]) from e
     finally:
         os.close(slave)
-    return Terminal(child, master, process_start_ticks(child.pid) or 0)
+    return Terminal(child, master, process_start_ticks(child.pid) or 0, sandboxed=sandbox is not None)
 
 
 def process_start_ticks(pid: int) -> int | None:

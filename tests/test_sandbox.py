@@ -67,7 +67,11 @@ def test_the_command_line_hides_then_binds_back_deeper_paths_and_keeps_git_metad
     state, work = tmp_path / "state", tmp_path / "state" / "w" / "t1"
     (work / ".git").mkdir(parents=True)
     jail = Sandbox(writable=(work,), read_only=(work / ".git",), hidden=(state,), chdir=work)
-    argv = jail.prefix("bwrap")
+    env, *argv = jail.prefix("bwrap")
+    # bwrap ignores the SIGTERM that stops an agent gracefully (else it would die of it and take the agent with it
+    # at once); the agent gets the default back.
+    assert Path(env).name == "env" and argv[0] == "--ignore-signal=TERM"
+    argv = argv[1:]
     assert argv[:10] == ["bwrap", "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp"]
     assert {"--unshare-pid", "--die-with-parent"} <= set(argv)
     assert "--new-session" not in argv  # the PTY must stay the agent's controlling terminal
@@ -78,7 +82,7 @@ def test_the_command_line_hides_then_binds_back_deeper_paths_and_keeps_git_metad
         "--bind", str(work), str(work),
         "--ro-bind", str(work / ".git"), str(work / ".git"),
         "--chdir", str(work),
-        "--",
+        "--", env, "--default-signal=TERM",
     ]  # fmt: skip
     assert "--unshare-net" in Sandbox(network=False).prefix("bwrap")
     # A path that does not exist is left out rather than failing the spawn.
@@ -247,5 +251,31 @@ async def test_without_the_sandbox_the_same_escape_works(tmp_path: Path):
 
 def test_the_bwrap_binary_can_be_named(monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setenv("NUMERUS_BWRAP", "/bin/false")
-    assert Sandbox().prefix()[0] == "/bin/false"
+    assert Sandbox().prefix()[2] == "/bin/false"
     assert preflight() == "/bin/false exited 1"
+
+
+async def test_a_bind_reached_through_a_symlink_is_seen_where_the_agent_looks(layout: dict[str, Path], tmp_path: Path):
+    (tmp_path / "real" / "home").mkdir(parents=True)
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    given = tmp_path / "link" / "home"  # under /tmp, where the private /tmp hides the symlink itself
+    jail = executor_sandbox(layout, binds=(str(given),))
+    code, out = await run_in(jail, f"echo kept > {given}/session", layout["t1"])
+    assert code == 0, out
+    assert (tmp_path / "real" / "home" / "session").read_text() == "kept\n"
+
+
+async def test_a_stopped_agent_gets_sigterm_and_its_grace_and_its_signal_is_reported(layout: dict[str, Path]):
+    jail = executor_sandbox(layout)
+    script = "trap 'echo cleaning up; exit 3' TERM; echo ready; while :; do sleep 0.05; done"
+    terminal = await spawn(["sh", "-c", script], cwd=layout["t1"], sandbox=jail)
+    assert (await asyncio.wait_for(terminal.read(), TIMEOUT)).startswith(b"ready")
+    ended = await asyncio.wait_for(terminal.terminate(grace=5.0), TIMEOUT)
+    rest = b""
+    while chunk := await asyncio.wait_for(terminal.read(), TIMEOUT):
+        rest += chunk
+    terminal.close()
+    assert (ended, rest.strip()) == ((3, None), b"cleaning up")  # it ran its handler, inside the grace
+    terminal = await spawn(["sleep", "30"], cwd=layout["t1"], sandbox=jail)
+    assert await asyncio.wait_for(terminal.terminate(grace=5.0), TIMEOUT) == (None, 15)
+    terminal.close()
