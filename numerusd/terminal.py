@@ -45,6 +45,8 @@ from numerusd.sandbox import Sandbox
 COLUMNS = 200
 ROWS = 50
 _READ_SIZE = 65536
+#: How long `wait()` gives the kernel to end what is left in a killed sandbox.
+HANG_UP_WAIT_S = 2.0
 
 
 class Terminal:
@@ -106,7 +108,12 @@ class Terminal:
 
     async def wait(self) -> tuple[int | None, int | None]:
         """`(exit_code, None)` when the process exited, `(None, signal)` when a signal killed it."""
-        return _exit_and_signal(await self._child.wait(), self._sandboxed)
+        returncode = await self._child.wait()
+        if self._sandboxed:
+            # bwrap may be gone (killed) while the kernel still tears down its PID namespace: the agent has ended
+            # once nothing in there holds its terminal.
+            await self._hung_up()
+        return _exit_and_signal(returncode, self._sandboxed)
 
     async def terminate(self, grace: float = 5.0) -> tuple[int | None, int | None]:
         """SIGTERM to the whole process group, SIGKILL after `grace` seconds; returns how the process ended."""
@@ -124,6 +131,17 @@ class Terminal:
         self._close_master()
 
     # --- inside ---------------------------------------------------------------------------------------------
+
+    async def _hung_up(self) -> None:
+        """Until no process holds the PTY's slave side any more (or HANG_UP_WAIT_S passed)."""
+        poller = select.poll()
+        deadline = self._loop.time() + HANG_UP_WAIT_S
+        while self._master is not None and self._loop.time() < deadline:
+            poller.register(self._master, select.POLLHUP)
+            if poller.poll(0):
+                return
+            poller.unregister(self._master)
+            await asyncio.sleep(0.002)
 
     async def _readable(self, fd: int) -> None:
         waiter: asyncio.Future[None] = self._loop.create_future()
