@@ -143,11 +143,15 @@ def pipeline(
     """Start numerusd on a fresh state directory, time `numerusctl run --wait` of one job, stop the daemon."""
     state, repo = where / "state", git_repo(where / "repo")
     state.mkdir(parents=True)
-    scenario_file = state / "scenario.json"
+    # Beside the state directory, which the sandboxed agents do not see; their profile binds it.
+    scenarios = where / "scenarios"
+    scenarios.mkdir(parents=True)
+    scenario_file = scenarios / "scenario.json"
     scenario_file.write_text(json.dumps(scenario(tasks, steps)))
     (state / "numerus.toml").write_text(
         f'default_agent = "bench"\nparallel = {parallel}\nreview = {str(review).lower()}\nclaims = "{claims}"\n'
         f'[agents.bench]\nkind = "scripted"\nenv = {{ NUMERUS_SCENARIO = {json.dumps(str(scenario_file))} }}\n'
+        f"binds = [{json.dumps(str(scenarios))}]\n"
     )
     log = open(state / "numerusd.stderr", "wb")  # noqa: SIM115 - closed below
     env = {**os.environ, "PATH": path_env} if path_env else None

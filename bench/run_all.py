@@ -66,6 +66,7 @@ TARGETS = [
         10.0,
         "the same 64 tasks of 1 s with claims from the plan",
     ),
+    Target("sandbox", "overhead_ms_p50", "<=", 10.0, "what the agents' bwrap sandbox adds to a spawn (issue 14), p50"),
     Target(
         "cli", "ratio", "<=", 1.0, "a cold `numerusctl status` process vs a cold bare nats-py request, median of pairs"
     ),
@@ -86,6 +87,7 @@ BENCHES = {
     "cli": (["bench_cli.py"], ["bench_cli.py", "--pairs", "6"]),
     "redaction": (["bench_redaction.py"], ["bench_redaction.py", "--mb", "20", "--rounds", "2"]),
     "line": (["bench_line.py"], ["bench_line.py", "--mib", "16", "--rounds", "1"]),
+    "sandbox": (["bench_sandbox.py"], ["bench_sandbox.py", "--spawns", "40", "--block", "10"]),
 }
 
 
@@ -138,6 +140,8 @@ def markdown(results: dict[str, dict], quick: bool) -> str:
         "- `bench/bench_plan.py`: decode, check and hash a 200-task plan with deps and intents, against `json.loads`",
         "  of the same bytes.",
         "- `bench/bench_locks.py`: GO / NO GO for a 20-path claim against 1,000 held locks of 200 tasks, 50 waiting.",
+        "- `bench/bench_sandbox.py`: `numerusd.terminal.spawn` of `printf x`, bare and in an executor's bwrap sandbox",
+        "  (hidden state directory and repository, worktree and git metadata bound back), in turns; until exit.",
         "- `bench/bench_spawn.py`: `numerusd.terminal.spawn` of `printf x` under uvloop, until its pid is known and",
         "  until its byte is read, at small resident memory and with 1 GiB more mapped and written (512 MiB quick),",
         "  against `ptyprocess.PtyProcess.spawn` and `asyncio.create_subprocess_exec` under asyncio and uvloop, the",

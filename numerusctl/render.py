@@ -147,6 +147,9 @@ def job_detail(job: JobView, now: datetime) -> str:
     if job.leftovers:
         kept = f"worktrees and branches of {', '.join(job.leftovers)} ('numerusctl clean {job.id}' removes them)"
         fields.append(("kept", kept))
+    if job.unsandboxed:
+        roles = ", ".join(job.unsandboxed)
+        fields.append(("warning", f'no sandbox for the {roles}: its agent profile says sandbox = "none"'))
     head = "\n".join(f"{name:<8} {value}" for name, value in fields)
     if not job.tasks:
         return head + "\n\nno tasks yet"

@@ -18,7 +18,9 @@ An example file:
 
     [agents.careful]                # a new profile
     kind = "codex"
-    sandbox = "read-only"
+    agent_sandbox = "read-only"     # codex's own --sandbox (docs/agents.md, "Sandbox")
+    network = false                 # Numerus's sandbox: no network (sandbox = "none" runs it unsandboxed)
+    binds = ["~/.cache/careful"]    # extra writable paths
 
     [roles]                         # which profile plays each role of a planned job (default: default_agent)
     planner = "careful"

@@ -31,7 +31,7 @@ from nats.aio.client import Client
 from nats.js import JetStreamContext
 from nats.micro.service import Service
 
-from numerusd import domain, git, state_lock
+from numerusd import domain, git, sandbox, state_lock
 from numerusd.book import JobBook
 from numerusd.breaker import CircuitBreaker
 from numerusd.checkouts import CHECKOUTS_SUFFIX, Checkouts
@@ -119,6 +119,9 @@ class Daemon:
         self._lock_file = state_lock.take(settings.state_dir)  # held for the life of the process
         self.keyring = Keyring.load_or_create(settings.keys_path)
         self._write_agent_schemas()
+        # Refuse now, in one line, rather than fail every agent of every job later.
+        bwrapped = (name for name, profile in settings.agents.items() if profile.sandbox == "bwrap")
+        await asyncio.to_thread(sandbox.check_sandboxes, bwrapped)
         try:
             await git.check_git()
         except git.GitError as e:

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import msgspec
 
-from numerusd import domain, failpoints, git, locks, prompts
+from numerusd import domain, failpoints, git, locks, prompts, sandbox
 from numerusd.agents.base import AgentInvocation
 from numerusd.agents.registry import adapter_for
 from numerusd.book import JobBook
@@ -128,6 +128,12 @@ class JobPipeline:
         self.checkouts = Checkouts(self.git_repo, self.settings.worktrees_dir / f"{job_id}{CHECKOUTS_SUFFIX}")
         #: Each task's last agent run: what it reported running and writing, for the gate.
         self.runs: dict[str, TaskRun] = {}
+
+    @property
+    def hidden(self) -> tuple[Path, ...]:
+        """What no agent of the job may see: the daemon's state directory and the user's repository (its agents
+        get their own checkouts and worktrees, bound back into the sandbox)."""
+        return (self.settings.state_dir, self.repo)
 
     @property
     def job(self) -> domain.JobState:
@@ -494,14 +500,17 @@ class JobPipeline:
         """Run the executor in `workdir`; why the run failed, or None when it exited 0."""
         task = self.job.tasks[task_id]
         profile = self.settings.agents[task.agent]
+        adapter = adapter_for(profile)
         run_dir = self.settings.runs_dir / self.job_id / task_id
         process = self.agents.process(
-            adapter=adapter_for(profile),
+            adapter=adapter,
             invocation=AgentInvocation(prompt=prompt, repo=workdir),
             extra_env=dict(profile.env),
             cwd=run_dir,
             log_path=run_dir / f"attempt-{attempt}.log",
             subject=subjects.task_log(self.job_id, task_id),
+            # Its work directory writable (in place: the repository itself), its git metadata read-only.
+            sandbox=sandbox.for_agent(profile, adapter, workdir=workdir, writable=True, hidden=self.hidden),
         )
         run = TaskRun(task_id=task_id, process=process, observe=self.observe)
         self.runs[task_id] = run
@@ -684,7 +693,9 @@ class JobPipeline:
         """
         job = self.job
         profile_name = job.roles.get(role) or job.agent
-        profile = msgspec.structs.replace(self.settings.agents[profile_name], sandbox="read-only")
+        configured = self.settings.agents[profile_name]
+        profile = msgspec.structs.replace(configured, agent_sandbox=configured.own_sandbox(read_only=True))
+        adapter = adapter_for(profile)
         async with turn or self.slots.taken():
             self._check_stopping()
             place = contextlib.nullcontext(cwd) if cwd is not None else self.checkouts.at(await self.tip())
@@ -695,13 +706,24 @@ class JobPipeline:
                     output_schema=self.settings.schemas_dir / f"{schema}.schema.json",
                     output_file=call_dir / "answer.json",
                 )
+                # Read-only roles: what they read is bound read-only, only their answer directory is writable.
+                jail = sandbox.for_agent(
+                    profile,
+                    adapter,
+                    workdir=where,
+                    writable=False,
+                    hidden=self.hidden,
+                    answer_dir=call_dir,
+                    schemas_dir=self.settings.schemas_dir,
+                )
                 process = self.agents.process(
-                    adapter=adapter_for(profile),
+                    adapter=adapter,
                     invocation=invocation,
                     extra_env=dict(profile.env),
                     cwd=call_dir,
                     log_path=call_dir / "stdout.log",
                     subject=subjects.task_log(self.job_id, task_id or "plan"),
+                    sandbox=jail,
                 )
                 call = AgentCall(process, call_dir / "answer.json")
                 with self.agents.running(self.job_id, name, call):

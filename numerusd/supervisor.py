@@ -44,6 +44,7 @@ from numerusd.protocol.events import (
     Usage,
 )
 from numerusd.redaction import RedactingStream, Redactor
+from numerusd.sandbox import Sandbox
 from numerusd.terminal import Terminal, spawn
 
 log = logging.getLogger(__name__)
@@ -133,8 +134,11 @@ class AgentProcess:
         flush_s: float = 0.05,
         breaker: CircuitBreaker | None = None,
         redactor: Redactor | None = None,
+        sandbox: Sandbox | None = None,
     ) -> None:
         self.adapter = adapter
+        #: What the agent may see (None: unsandboxed, a profile's `sandbox = "none"`).
+        self.sandbox = sandbox
         self.invocation = invocation
         self.breaker = breaker
         self.cwd = cwd
@@ -163,7 +167,7 @@ class AgentProcess:
             raise AgentError(refusal)
         self._started = self.last_output = time.monotonic()
         try:
-            self.terminal = await spawn(self.argv, cwd=self.cwd, env=self.env)
+            self.terminal = await spawn(self.argv, cwd=self.cwd, env=self.env, sandbox=self.sandbox)
         except AgentError as e:
             if self.breaker is not None:
                 self.breaker.failed(program, e.message)
@@ -420,8 +424,9 @@ class Agents:
         cwd: Path,
         log_path: Path,
         subject: str,
+        sandbox: Sandbox | None,
     ) -> AgentProcess:
-        """An agent process, not started yet, whose output goes to `log_path` and `subject`."""
+        """An agent process, not started yet, whose output goes to `log_path` and `subject`, in `sandbox`."""
         return AgentProcess(
             adapter=adapter,
             invocation=invocation,
@@ -434,6 +439,7 @@ class Agents:
             flush_s=self.flush_s,
             breaker=self.breaker,
             redactor=self.redactor,
+            sandbox=sandbox,
         )
 
     @contextlib.contextmanager

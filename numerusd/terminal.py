@@ -13,6 +13,8 @@ in a worker thread, exit noticed through a pidfd); a PTY adds two things:
 
 The process leads its own process group: when it exits, whatever is left of the group (background jobs it
 started) is killed before it is reaped, so nothing outlives the agent and the PTY always reaches end of file.
+An agent given a `Sandbox` (`numerusd.sandbox`) runs inside bwrap, started by `setsid` in its place, so the PTY
+is the sandboxed agent's controlling terminal; its PID namespace ends what left the process group too.
 
 This module is the one place where OS errors of process spawning become `AgentError`.
 """
@@ -37,11 +39,14 @@ from pathlib import Path
 from numerusd import processes
 from numerusd.errors import AgentError
 from numerusd.processes import Child
+from numerusd.sandbox import Sandbox
 
 #: The window every agent sees: wide enough that tools do not wrap their output.
 COLUMNS = 200
 ROWS = 50
 _READ_SIZE = 65536
+#: How long `wait()` gives the kernel to end what is left in a killed sandbox.
+HANG_UP_WAIT_S = 2.0
 
 
 class Terminal:
@@ -56,8 +61,10 @@ class Terminal:
     pid: int
     start_ticks: int
 
-    def __init__(self, child: Child, master_fd: int, start_ticks: int) -> None:
+    def __init__(self, child: Child, master_fd: int, start_ticks: int, *, sandboxed: bool = False) -> None:
         self.pid = child.pid
+        #: The process is bwrap, which reports an agent a signal ended as exit code 128 + the signal.
+        self._sandboxed = sandboxed
         self.start_ticks = start_ticks
         self._child = child
         self._master: int | None = master_fd
@@ -73,7 +80,7 @@ class Terminal:
     def returncode(self) -> tuple[int | None, int | None] | None:
         """`(exit_code, signal)` once the process has been reaped, else None."""
         code = self._child.returncode
-        return None if code is None else _exit_and_signal(code)
+        return None if code is None else _exit_and_signal(code, self._sandboxed)
 
     async def read(self) -> bytes:
         """The next chunk of output, `b""` once every holder of the PTY's slave side has gone."""
@@ -101,7 +108,12 @@ class Terminal:
 
     async def wait(self) -> tuple[int | None, int | None]:
         """`(exit_code, None)` when the process exited, `(None, signal)` when a signal killed it."""
-        return _exit_and_signal(await self._child.wait())
+        returncode = await self._child.wait()
+        if self._sandboxed:
+            # bwrap may be gone (killed) while the kernel still tears down its PID namespace: the agent has ended
+            # once nothing in there holds its terminal.
+            await self._hung_up()
+        return _exit_and_signal(returncode, self._sandboxed)
 
     async def terminate(self, grace: float = 5.0) -> tuple[int | None, int | None]:
         """SIGTERM to the whole process group, SIGKILL after `grace` seconds; returns how the process ended."""
@@ -119,6 +131,17 @@ class Terminal:
         self._close_master()
 
     # --- inside ---------------------------------------------------------------------------------------------
+
+    async def _hung_up(self) -> None:
+        """Until no process holds the PTY's slave side any more (or HANG_UP_WAIT_S passed)."""
+        poller = select.poll()
+        deadline = self._loop.time() + HANG_UP_WAIT_S
+        while self._master is not None and self._loop.time() < deadline:
+            poller.register(self._master, select.POLLHUP)
+            if poller.poll(0):
+                return
+            poller.unregister(self._master)
+            await asyncio.sleep(0.002)
 
     async def _readable(self, fd: int) -> None:
         waiter: asyncio.Future[None] = self._loop.create_future()
@@ -144,13 +167,22 @@ class Terminal:
             os.close(fd)
 
 
-def _exit_and_signal(returncode: int) -> tuple[int | None, int | None]:
-    """A `subprocess` return code as `(exit_code, None)`, or `(None, signal)` for a process a signal killed."""
+def _exit_and_signal(returncode: int, sandboxed: bool = False) -> tuple[int | None, int | None]:
+    """A `subprocess` return code as `(exit_code, None)`, or `(None, signal)` for a process a signal killed; for
+    bwrap, an exit code 128 + N is the agent's signal N, as a shell reads it."""
+    if sandboxed and returncode > 128 and returncode - 128 in _SIGNALS:
+        return None, returncode - 128
     return (returncode, None) if returncode >= 0 else (None, -returncode)
 
 
-async def spawn(argv: list[str], *, cwd: Path, env: Mapping[str, str] | None = None) -> Terminal:
-    """Start `argv` in `cwd` in a new PTY and session; `env` is its whole environment (None: the daemon's).
+_SIGNALS = frozenset(signal.valid_signals())
+
+
+async def spawn(
+    argv: list[str], *, cwd: Path, env: Mapping[str, str] | None = None, sandbox: Sandbox | None = None
+) -> Terminal:
+    """Start `argv` in `cwd` in a new PTY and session; `env` is its whole environment (None: the daemon's); in
+    `sandbox` (bwrap, after the `setsid` launcher, so the PTY is the sandboxed agent's controlling terminal).
 
     Raises AgentError with a one-line reason when the program cannot be found or started.
     """
@@ -163,6 +195,10 @@ async def spawn(argv: list[str], *, cwd: Path, env: Mapping[str, str] | None = N
     if program is None:
         raise AgentError(f"cannot start {argv[0]}: no such executable (searched PATH)", program=argv[0])
 
+    # Looked up outside the sandbox, so that a missing program stays one clear line.
+    command = [program, *argv[1:]]
+    if sandbox is not None:
+        command = [*sandbox.for_program(program).prefix(), *command]
     setsid = _setsid_launcher()
     master, slave = os.openpty()
     try:
@@ -172,7 +208,7 @@ async def spawn(argv: list[str], *, cwd: Path, env: Mapping[str, str] | None = N
             # `setsid --ctty` calls setsid() and makes its stdin (our slave) the controlling terminal, then
             # execs the agent; it does not fork, because a child of Popen is never a process group leader.
             child = await processes.start(
-                [setsid, "--ctty", "--", program, *argv[1:]],
+                [setsid, "--ctty", "--", *command],
                 cwd=cwd,
                 env=env,
                 stdin=slave,
@@ -182,7 +218,7 @@ async def spawn(argv: list[str], *, cwd: Path, env: Mapping[str, str] | None = N
             )
         else:
             popen = subprocess.Popen(
-                [program, *argv[1:]],
+                command,
                 stdin=slave,
                 stdout=slave,
                 stderr=slave,
@@ -200,7 +236,7 @@ async def spawn(argv: list[str], *, cwd: Path, env: Mapping[str, str] | None = N
         raise AgentError(f"cannot start {argv[0]}: {e}", program=argv[0]) from e
     finally:
         os.close(slave)
-    return Terminal(child, master, process_start_ticks(child.pid) or 0)
+    return Terminal(child, master, process_start_ticks(child.pid) or 0, sandboxed=sandbox is not None)
 
 
 def process_start_ticks(pid: int) -> int | None:

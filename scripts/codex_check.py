@@ -151,7 +151,9 @@ def find_codex(given: str | None) -> str | None:
     return shutil.which(candidate)
 
 
-def config_toml(codex: str, base_url: str, codex_home: Path, model: str | None) -> str:
+def config_toml(
+    codex: str, base_url: str, codex_home: Path, model: str | None, agent_sandbox: str | None = None
+) -> str:
     """numerus.toml: a `codex` profile on the real CLI and the fake model, and the job's settings."""
 
     def toml(value: object) -> str:
@@ -169,6 +171,7 @@ def config_toml(codex: str, base_url: str, codex_home: Path, model: str | None) 
             "[agents.codex]",
             f"binary = {toml(codex)}",
             *([f"model = {toml(model)}"] if model else []),
+            *([f"agent_sandbox = {toml(agent_sandbox)}"] if agent_sandbox else []),
             f"args = {toml(codex_args(base_url))}",
             f"env = {{ CODEX_HOME = {toml(str(codex_home))} }}",
         ]
@@ -256,7 +259,14 @@ def judge(
     return checks
 
 
-def run(codex: str, work: Path, timeout: float, model: str | None = None, symlinked: bool = False) -> int:
+def run(
+    codex: str,
+    work: Path,
+    timeout: float,
+    model: str | None = None,
+    symlinked: bool = False,
+    agent_sandbox: str | None = None,
+) -> int:
     section("codex")
     version = subprocess.run([codex, "--version"], capture_output=True, text=True, timeout=60, check=False)
     print(f"{codex}: {(version.stdout or version.stderr).strip()}")
@@ -273,7 +283,7 @@ def run(codex: str, work: Path, timeout: float, model: str | None = None, symlin
     fake = FakeModel(SCENARIO).start()
     codex_home = work / "codex-home"
     codex_home.mkdir()
-    daemon = Daemon(work / "state", config=config_toml(codex, fake.base_url, codex_home, model))
+    daemon = Daemon(work / "state", config=config_toml(codex, fake.base_url, codex_home, model, agent_sandbox))
     try:
         section(f"the fake model at {fake.base_url}; numerusd on {work / 'state'}")
         daemon.start()
@@ -350,6 +360,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--symlinked", action="store_true", help="reach the state directory and the repository through a symlink"
     )
+    parser.add_argument(
+        "--agent-sandbox",
+        help="codex's own --sandbox for executors, inside Numerus's (default: the profile's, danger-full-access)",
+    )
     args = parser.parse_args(argv)
     codex = find_codex(args.codex)
     if codex is None:
@@ -360,7 +374,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
     work = Path(tempfile.mkdtemp(prefix="numerus-codex-check."))
-    status = run(codex, work, args.timeout, args.model, args.symlinked)
+    status = run(codex, work, args.timeout, args.model, args.symlinked, args.agent_sandbox)
     if status == 0 and not args.keep:
         shutil.rmtree(work, ignore_errors=True)
     elif status == 0:

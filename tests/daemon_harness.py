@@ -87,14 +87,20 @@ class Daemon:
         return self
 
     def _configure_agents(self) -> None:
-        """A numerus.toml with one scripted profile per scenario, as a user would configure them."""
+        """A numerus.toml with one scripted profile per scenario, as a user would configure them.
+
+        The scenarios lie beside the state directory, which no sandboxed agent sees: each profile binds their
+        directory (under the tests' /tmp, which the agent's private /tmp would hide too)."""
         lines = [self.config]
+        scenarios = self.state_dir.parent / f"{self.state_dir.name}-scenarios"
+        scenarios.mkdir(parents=True, exist_ok=True)
         for name, steps in self.agents.items():
-            scenario = write_scenario(self.state_dir / f"scenario-{name}.json", steps)
+            scenario = write_scenario(scenarios / f"scenario-{name}.json", steps)
             lines += [
                 f"[agents.{name}]",
                 'kind = "scripted"',
                 f"env = {{ NUMERUS_SCENARIO = {json.dumps(str(scenario))} }}",
+                f"binds = [{json.dumps(str(scenarios))}]",
             ]
         (self.state_dir / "numerus.toml").write_text("\n".join(lines) + "\n")
 

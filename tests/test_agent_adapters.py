@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import msgspec
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -216,7 +217,7 @@ def test_codex_command_line_in_a_git_repository(tmp_path: Path, monkeypatch: pyt
     repo = git_init(tmp_path / "repo")
     profile = AgentProfile(
         model="gpt-5-codex",
-        sandbox="read-only",
+        agent_sandbox="read-only",
         args=("-c", 'model_reasoning_effort="high"'),
         env={"CODEX_HOME": "/srv/codex"},
     )
@@ -418,3 +419,20 @@ def test_a_fatal_error_codex_prints_before_any_event_is_reported() -> None:
     assert CodexOutputParser().feed("\x1b[31m" + line + "\x1b[0m") == [
         AgentErrorReported(message='Failed to open last message file "/x/answer.json": Not a directory (os error 20)')
     ]
+
+
+def test_codex_runs_without_a_sandbox_of_its_own_inside_numeruss(tmp_path: Path) -> None:
+    """Numerus's bwrap gives the guarantees; without it codex keeps its own, read-only for the roles that answer."""
+    repo = git_init(tmp_path / "repo")
+
+    def mode(profile: AgentProfile, read_only: bool = False) -> str:
+        if read_only:
+            profile = msgspec.structs.replace(profile, agent_sandbox=profile.own_sandbox(read_only=True))
+        argv, _ = CodexAdapter(profile).command(AgentInvocation(prompt="p", repo=repo))
+        return argv[argv.index("--sandbox") + 1]
+
+    assert (mode(AgentProfile()), mode(AgentProfile(), read_only=True)) == ("danger-full-access",) * 2
+    unsandboxed = AgentProfile(sandbox="none")
+    assert (mode(unsandboxed), mode(unsandboxed, read_only=True)) == ("workspace-write", "read-only")
+    nested = AgentProfile(agent_sandbox="workspace-write")
+    assert (mode(nested), mode(nested, read_only=True)) == ("workspace-write", "read-only")

@@ -50,13 +50,16 @@ def test_explicit_config_file_and_agents_merged_over_builtins(tmp_path: Path):
     conf = tmp_path / "elsewhere.toml"
     conf.write_text(
         '[agents.codex]\nmodel = "gpt-5-codex"\nargs = ["-c", "x=1"]\n'
-        '[agents.careful]\nsandbox = "read-only"\nenv = { OPENAI_API_KEY = "sk-secret" }\n'
+        '[agents.careful]\nagent_sandbox = "read-only"\nsandbox = "none"\nnetwork = false\n'
+        'env = { OPENAI_API_KEY = "sk-secret" }\n'
     )
     settings = load_settings(config_file=conf, state_dir=tmp_path / "s", env={})
     codex = settings.agents["codex"]
     assert (codex.kind, codex.model, codex.args) == ("codex", "gpt-5-codex", ("-c", "x=1"))
     assert settings.agents["scripted"].kind == "scripted"
-    assert settings.agents["careful"].sandbox == "read-only"
+    careful = settings.agents["careful"]
+    assert (careful.agent_sandbox, careful.sandbox, careful.network) == ("read-only", "none", False)
+    assert settings.agents["codex"].sandbox == "bwrap"  # unless written out
     assert "sk-secret" not in repr(settings)
 
 

@@ -18,13 +18,22 @@ from numerusd.protocol.events import EventData
 
 
 class AgentProfile(msgspec.Struct, frozen=True, kw_only=True):
-    """What configuration says about an agent: which kind, which binary, model, sandbox and extras."""
+    """What configuration says about an agent: which kind, which binary, model, sandboxes and extras."""
 
     kind: str = "codex"
     #: Overrides the adapter's own lookup of its program (CODEX_BIN, then PATH, for codex).
     binary: str | None = None
     model: str | None = None
-    sandbox: str = "workspace-write"
+    #: The agent's own sandbox mode (codex's `--sandbox`), inside Numerus's; None: `own_sandbox()` chooses. See
+    #: docs/agents.md, "Sandbox".
+    agent_sandbox: str | None = None
+    #: Numerus's sandbox around every process of this agent (`numerusd.sandbox`); "none" runs it as the daemon's
+    #: user sees the machine, and `status` says so.
+    sandbox: Literal["bwrap", "none"] = "bwrap"
+    #: Whether the sandboxed agent reaches the network (models are remote).
+    network: bool = True
+    #: Extra paths the sandboxed agent may write (`~` expanded), beyond those its adapter needs.
+    binds: tuple[str, ...] = ()
     #: Extra arguments, e.g. ("-c", 'model_reasoning_effort="high"').
     args: tuple[str, ...] = ()
     #: Extra environment, e.g. {"CODEX_HOME": "..."}; it may hold secrets, so it never goes into an event.
@@ -35,11 +44,25 @@ class AgentProfile(msgspec.Struct, frozen=True, kw_only=True):
     #: "claimed": the gate fails a task whose agent ran a command its claim did not list (docs/pipeline.md).
     commands: Literal["claimed", "any"] = "any"
 
+    def own_sandbox(self, *, read_only: bool = False) -> str:
+        """The agent's own sandbox mode for a run: the one configured; else, inside Numerus's sandbox, none of its
+        own (`danger-full-access`: Numerus's gives the guarantees, and a sandbox nested in it fails where user
+        namespaces do not nest), and without Numerus's, `read-only` for the roles that only answer and
+        `workspace-write` for executors. A configured mode is `read-only` for those roles, unless it is none."""
+        if self.agent_sandbox is None:
+            if self.sandbox == "bwrap":
+                return "danger-full-access"
+            return "read-only" if read_only else "workspace-write"
+        if read_only and not (self.sandbox == "bwrap" and self.agent_sandbox == "danger-full-access"):
+            return "read-only"
+        return self.agent_sandbox
+
     def __repr__(self) -> str:
         # Values of `env` may be API keys: show the names only.
         return (
             f"AgentProfile(kind={self.kind!r}, binary={self.binary!r}, model={self.model!r}, "
-            f"sandbox={self.sandbox!r}, args={self.args!r}, env=<{', '.join(sorted(self.env))}>)"
+            f"agent_sandbox={self.agent_sandbox!r}, sandbox={self.sandbox!r}, network={self.network!r}, "
+            f"binds={self.binds!r}, args={self.args!r}, env=<{', '.join(sorted(self.env))}>)"
         )
 
 
@@ -77,6 +100,10 @@ class AgentAdapter(Protocol):
 
     def parser(self, invocation: AgentInvocation) -> AgentOutputParser:
         """A fresh parser for the output of this invocation."""
+        ...
+
+    def binds(self) -> tuple[Path, ...]:
+        """Paths outside its work directory the agent must write, in a sandbox (its own session store)."""
         ...
 
 

@@ -35,6 +35,7 @@ from numerusd.protocol.events import (
     EventData,
     TokensUsed,
 )
+from numerusd.sandbox import existing
 
 
 class CodexAdapter:
@@ -60,7 +61,7 @@ class CodexAdapter:
         # Paths are resolved: codex refuses an -o path through a symlink, and its sandbox refuses to write in a
         # -C directory reached through one (macOS's /tmp and /var are symlinks).
         repo = invocation.repo.resolve()
-        argv = [*self.launcher(), "exec", "--json", "-C", str(repo), "--sandbox", profile.sandbox]
+        argv = [*self.launcher(), "exec", "--json", "-C", str(repo), "--sandbox", profile.own_sandbox()]
         if not inside_git_repository(repo):
             argv.append("--skip-git-repo-check")
         if profile.model:
@@ -78,6 +79,12 @@ class CodexAdapter:
     def parser(self, invocation: AgentInvocation) -> CodexOutputParser:
         """A parser for this run's output, starting from the invocation's usage baseline."""
         return CodexOutputParser(usage_baseline=invocation.usage_baseline, repo=invocation.repo)
+
+    def binds(self) -> tuple[Path, ...]:
+        """CODEX_HOME (the profile's, the daemon's, else `~/.codex`) when it exists: codex writes its sessions,
+        logs and login refreshes there."""
+        home = self.profile.env.get("CODEX_HOME") or os.environ.get("CODEX_HOME") or "~/.codex"
+        return existing([home])
 
 
 def inside_git_repository(path: Path) -> bool:

@@ -294,6 +294,7 @@ def _submit(command: SubmitJob) -> Decision:
             review=False,
             max_attempts=1,
             claims="none",
+            unsandboxed=tuple(role for role in command.unsandboxed if role == "executor"),
         )
         return [(None, submitted), (IN_PLACE_TASK, TaskCreated(title=title, instructions=command.goal, agent=executor))]
     submitted = JobSubmitted(
@@ -312,6 +313,7 @@ def _submit(command: SubmitJob) -> Decision:
         base_sha=command.base_sha,
         uncommitted_count=None if uncommitted is None else len(uncommitted),
         uncommitted=tuple((uncommitted or ())[:UNCOMMITTED_NAMED]),
+        unsandboxed=command.unsandboxed,
     )
     return [(None, submitted)]
 

@@ -98,6 +98,7 @@ def evolve(state: JobState | None, event: Envelope) -> JobState:
             max_replans=data.max_replans,
             claims=data.claims,
             base_sha=data.base_sha,
+            unsandboxed=data.unsandboxed,
         )
     job = msgspec.structs.replace(state, updated=event.time, events=state.events + 1, last_event_id=event.id)
     if event.task is not None:

@@ -41,6 +41,8 @@ class SubmitJob(msgspec.Struct, frozen=True, kw_only=True):
     base_sha: str | None = None
     #: The repository's uncommitted paths the job leaves out (None: git could not tell in time).
     uncommitted: tuple[str, ...] | None = ()
+    #: The roles whose agent profile runs without Numerus's sandbox.
+    unsandboxed: tuple[str, ...] = ()
 
 
 class CleanedUp(msgspec.Struct, frozen=True, kw_only=True):

@@ -45,6 +45,7 @@ def job_view(job: JobState, *, tasks: bool = True) -> JobView:
         logs_removed=job.logs_removed,
         leftovers=leftovers(job),
         secrets_redacted=job.secrets_redacted,
+        unsandboxed=list(job.unsandboxed),
         tasks_total=len(job.tasks),
         tasks_done=sum(task.status == "completed" for task in job.tasks.values()),
         tokens=own + sum(task.input_tokens + task.output_tokens for task in job.tasks.values()),

@@ -93,6 +93,8 @@ class JobState(msgspec.Struct, frozen=True, kw_only=True):
     agent: str
     status: JobStatus = "running"
     reason: str | None = None
+    #: Roles whose agents run without Numerus's sandbox (their profile says `sandbox = "none"`).
+    unsandboxed: tuple[str, ...] = ()
     kill_requested: bool = False
     created: datetime
     updated: datetime

@@ -39,9 +39,10 @@ async def handle(context: Context, request: RunJob) -> RunReply:
             raise BadRequest(f"unknown agent {agent!r}{played}; configured agents: {known}")
     job_id = new_ulid()
     notes: list[str] = []
+    unsandboxed = tuple(role for role, agent in roles.items() if settings.agents[agent].sandbox == "none")
     if not request.plan:
         _refuse_to_work_in(repo, settings.state_dir)
-        submit = SubmitJob(goal=request.goal, repo=str(repo), roles=roles, plan=False)
+        submit = SubmitJob(goal=request.goal, repo=str(repo), roles=roles, plan=False, unsandboxed=unsandboxed)
         uncommitted = await _uncommitted(repo)
         if uncommitted:
             notes.append(
@@ -75,6 +76,7 @@ async def handle(context: Context, request: RunJob) -> RunReply:
             claims=request.claims or settings.claims,
             base_sha=base_sha,
             uncommitted=None if uncommitted is None else tuple(uncommitted),
+            unsandboxed=unsandboxed,
         )
         if uncommitted is None:
             notes.append(

@@ -157,6 +157,8 @@ class JobView(msgspec.Struct, frozen=True, kw_only=True):
     leftovers: list[str] = []
     #: Secrets replaced by `[REDACTED:<kind>]` before being stored (SecretRedacted events).
     secrets_redacted: int = 0
+    #: Roles whose agents run without Numerus's sandbox.
+    unsandboxed: list[str] = []
 
 
 class PlanReply(msgspec.Struct, frozen=True, kw_only=True):

@@ -76,6 +76,8 @@ class JobSubmitted(EventData, frozen=True, kw_only=True):
     #: UNCOMMITTED_NAMED of them.
     uncommitted_count: int | None = 0
     uncommitted: tuple[str, ...] = ()
+    #: The roles whose agent profile runs without Numerus's sandbox (`sandbox = "none"`): `status` warns of them.
+    unsandboxed: tuple[str, ...] = ()
 
 
 class ReplanRequested(EventData, frozen=True, kw_only=True):
