@@ -131,9 +131,16 @@ class JobPipeline:
 
     @property
     def hidden(self) -> tuple[Path, ...]:
-        """What no agent of the job may see: the daemon's state directory and the user's repository (its agents
-        get their own checkouts and worktrees, bound back into the sandbox)."""
-        return (self.settings.state_dir, self.repo)
+        """What no agent of the job may see: the daemon's state directory, its key file and the user's repository
+        (its agents get their own checkouts and worktrees, bound back into the sandbox)."""
+        settings = self.settings
+        keys = settings.keys_path  # a key file kept outside the state directory is hidden on its own
+        return (settings.state_dir, self.repo, *(() if keys.is_relative_to(settings.state_dir) else (keys,)))
+
+    def git_dirs(self, workdir: Path) -> tuple[Path, ...] | None:
+        """A task worktree's git metadata, as the daemon made it: its `.git` file and the mirror it points into
+        (None in place: the repository's own `.git`, which the agent cannot write, is read there)."""
+        return None if self.job.in_place else (workdir / ".git", self.git_repo)
 
     @property
     def job(self) -> domain.JobState:
@@ -510,7 +517,9 @@ class JobPipeline:
             log_path=run_dir / f"attempt-{attempt}.log",
             subject=subjects.task_log(self.job_id, task_id),
             # Its work directory writable (in place: the repository itself), its git metadata read-only.
-            sandbox=sandbox.for_agent(profile, adapter, workdir=workdir, writable=True, hidden=self.hidden),
+            sandbox=sandbox.for_agent(
+                profile, adapter, workdir=workdir, writable=True, hidden=self.hidden, git_dirs=self.git_dirs(workdir)
+            ),
         )
         run = TaskRun(task_id=task_id, process=process, observe=self.observe)
         self.runs[task_id] = run
@@ -572,9 +581,18 @@ class JobPipeline:
         if reasons:
             return list(named.values())
         passed: list[str] = []
+        # The checks run the code the executor wrote: in its sandbox.
+        jail = sandbox.for_check(
+            self.settings.agents[task.agent],
+            workdir=worktree.path,
+            hidden=self.hidden,
+            git_dirs=self.git_dirs(worktree.path) or (),
+        )
         for command in self.job.checks:
             # With the daemon's environment without its secrets, as agents have it; None on a timeout.
-            exit_code, output, duration = await run_check(worktree.path, command, timeout=self.settings.check_timeout_s)
+            exit_code, output, duration = await run_check(
+                worktree.path, command, timeout=self.settings.check_timeout_s, sandbox=jail
+            )
             tail = output[-CHECK_OUTPUT_CHARS:]
             await self.observe(
                 CheckRan(task=task_id, command=command, exit_code=exit_code, duration_s=duration, output=tail)

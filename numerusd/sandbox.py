@@ -95,7 +95,11 @@ class Sandbox:
         for path, _, option in sorted(mounts, key=lambda mount: (len(mount[0].parts), mount[1])):
             if not path.exists():
                 continue
-            argv += [option, str(path)] if option == "--tmpfs" else [option, str(path), str(path)]
+            if option == "--tmpfs":
+                # A hidden file (a key file outside the state directory) is covered by an empty one.
+                argv += ["--tmpfs", str(path)] if path.is_dir() else ["--ro-bind", "/dev/null", str(path)]
+            else:
+                argv += [option, str(path), str(path)]
         if self.chdir is not None:
             argv += ["--chdir", str(self.chdir)]
         return [*argv, "--", _env(), "--default-signal=TERM"]
@@ -210,15 +214,24 @@ def for_agent(
     hidden: Iterable[Path],
     answer_dir: Path | None = None,
     schemas_dir: Path | None = None,
+    git_dirs: Iterable[Path] | None = None,
 ) -> Sandbox | None:
     """The sandbox of one agent run (None for a profile with `sandbox = "none"`): `workdir` writable or read-only,
     its git metadata read-only, `hidden` hidden, the answer directory writable and the schemas read-only, the
-    adapter's and the profile's binds writable; it starts in `workdir`."""
+    adapter's and the profile's binds writable; it starts in `workdir`.
+
+    `git_dirs` is the work directory's git metadata when the daemon knows it (a task's worktree: its `.git` file
+    and the mirror); else it is read from `workdir`'s `.git` (`git_metadata`). Knowing it matters where an agent
+    could have rewritten that `.git` on an earlier attempt: read there, a `gitdir:` line naming the state directory
+    would bind it back into the sandbox.
+    """
     if profile.sandbox == "none":
         return None
     workdir = workdir.resolve()
     binds = [*adapter.binds(), *existing(profile.binds)]
-    read_only = list(git_metadata(workdir))
+    metadata = git_metadata(workdir) if git_dirs is None else tuple(git_dirs)
+    # A symlink is never bound: bwrap would follow it, to wherever the agent pointed it.
+    read_only = [path for path in metadata if not path.is_symlink()]
     (binds if writable else read_only).append(workdir)
     if answer_dir is not None:
         binds.append(answer_dir.resolve())
@@ -227,6 +240,24 @@ def for_agent(
     return Sandbox(
         writable=tuple(binds),
         read_only=tuple(read_only),
+        hidden=tuple(path.resolve() for path in hidden),
+        network=profile.network,
+        chdir=workdir,
+    )
+
+
+def for_check(
+    profile: AgentProfile, *, workdir: Path, hidden: Iterable[Path], git_dirs: Iterable[Path]
+) -> Sandbox | None:
+    """The sandbox of a gate's check command, which runs the code the executor wrote: the executor's (its
+    profile's `sandbox`, `network` and `binds`), with the work directory writable (builds and test caches) and
+    its git metadata read-only; None for a profile with `sandbox = "none"`."""
+    if profile.sandbox == "none":
+        return None
+    workdir = workdir.resolve()
+    return Sandbox(
+        writable=(workdir, *existing(profile.binds)),
+        read_only=tuple(path for path in git_dirs if not path.is_symlink()),
         hidden=tuple(path.resolve() for path in hidden),
         network=profile.network,
         chdir=workdir,

@@ -81,8 +81,9 @@ async def test_an_executor_cannot_reach_the_state_the_users_repository_another_t
         assert code != 0 and "No such file or directory" in out, out
         for attack in ("hook", "config"):
             code, out = ran[attacks[attack]]
-            assert code != 0 and ("Read-only file system" in out or "could not lock config file" in out), out
-        assert not list((repo / ".git").glob("**/post-merge"))
+            refused = ("Read-only file system", "could not lock config file", "Directory nonexistent")
+            assert code != 0 and any(why in out for why in refused), out
+        assert not list((repo / ".git").glob("**/post-merge")) and not list(state.glob("repos/*/**/post-merge"))
         assert (repo / ".git" / "config").read_bytes() == config_before
         # The job went on: the agent's own work was merged.
         assert daemon.status(job)["status"] == "completed"
@@ -149,3 +150,61 @@ def test_the_daemon_refuses_to_start_when_bwrap_cannot_run(tmp_path: Path):
     assert line.startswith("numerusd: cannot run agents in a sandbox (/bin/false exited 1")
     assert line.endswith('set agents.codex.sandbox = "none", agents.scripted.sandbox = "none"'), line
     assert not (tmp_path / "state" / "connection.json").exists()
+
+
+def test_the_gates_checks_run_the_agents_code_in_its_sandbox(tmp_path: Path):
+    state, repo = tmp_path / "state", git_repo(tmp_path / "repo")
+    # The executor writes the script the configured check runs: its code, run by the daemon's gate.
+    script = (
+        f"cat {state}/keys.json || echo no-keys\n"
+        f"echo pwned > {repo}/PLANTED.md\n"
+        f"echo pwned > {repo}.planted\n"
+    )
+    plan = {"summary": "one task", "tasks": [task("a", ("check.sh", "create"))]}
+    team = {
+        "cases": [
+            {"match": {"role": "planner"}, "steps": [{"answer": plan}]},
+            {"match": {"role": "executor"}, "steps": [{"write": "check.sh", "content": script}]},
+        ]
+    }
+    config = 'review = false\nclaims = "plan"\nchecks = ["sh check.sh"]\n'
+    with Daemon(state, agents={"team": team}, config=config).start() as daemon:
+        result = daemon.ctl("run", "check", "--repo", str(repo), "--agent", "team", "--wait", timeout=120)
+        assert result.returncode == 0, result.stdout + result.stderr
+        job = result.stdout.splitlines()[0]
+        (ran,) = by_type(daemon.events(job), "CheckCompleted", "a")
+    output = ran["data"]["output"]
+    assert "keys.json: No such file or directory" in output and "no-keys" in output, output
+    # What it wrote outside its worktree went to the sandbox's own empty directories, and went with it.
+    assert not (repo / "PLANTED.md").exists() and not Path(f"{repo}.planted").exists()
+    assert "current" not in output  # nothing of keys.json
+
+
+def test_a_git_file_rewritten_by_an_earlier_attempt_binds_nothing_of_the_state_directory(tmp_path: Path):
+    state, repo = tmp_path / "state", git_repo(tmp_path / "repo")
+    plan = {"summary": "one task", "tasks": [task("a", ("A.md", "create"))]}
+    team = {
+        "cases": [
+            {"match": {"role": "planner"}, "steps": [{"answer": plan}]},
+            # The first attempt tries to point its worktree's .git at the state directory (refused: read-only), then
+            # fails; the second, in the same worktree, looks for the keys. Were the rewrite to land, the daemon still
+            # binds the git metadata it made, never what a .git says (`JobPipeline.git_dirs`).
+            {
+                "match": {"role": "executor", "attempt": 1},
+                "steps": [{"run": f"printf 'gitdir: {state}\\n' > .git"}, {"exit": 1}],
+            },
+            {
+                "match": {"role": "executor"},
+                "steps": [{"run": f"cat {state}/keys.json"}, {"write": "A.md", "content": "a\n"}],
+            },
+        ]
+    }
+    config = 'review = false\nclaims = "plan"\nmax_attempts = 2\nbackoff_s = [0.0]\n'
+    with Daemon(state, agents={"team": team}, config=config).start() as daemon:
+        result = daemon.ctl("run", "poison", "--repo", str(repo), "--agent", "team", "--wait", timeout=120)
+        job = result.stdout.splitlines()[0]
+        exits = by_type(daemon.events(job), "TaskExited", "a")
+    assert len(exits) == 2, result.stdout + result.stderr
+    ran = command_outputs(Path(exits[1]["data"]["log_path"]))
+    ((code, out),) = ran.values()
+    assert code != 0 and "No such file or directory" in out, out
