@@ -155,11 +155,7 @@ def test_the_daemon_refuses_to_start_when_bwrap_cannot_run(tmp_path: Path):
 def test_the_gates_checks_run_the_agents_code_in_its_sandbox(tmp_path: Path):
     state, repo = tmp_path / "state", git_repo(tmp_path / "repo")
     # The executor writes the script the configured check runs: its code, run by the daemon's gate.
-    script = (
-        f"cat {state}/keys.json || echo no-keys\n"
-        f"echo pwned > {repo}/PLANTED.md\n"
-        f"echo pwned > {repo}.planted\n"
-    )
+    script = f"cat {state}/keys.json || echo no-keys\necho pwned > {repo}/PLANTED.md\necho pwned > {repo}.planted\n"
     plan = {"summary": "one task", "tasks": [task("a", ("check.sh", "create"))]}
     team = {
         "cases": [
