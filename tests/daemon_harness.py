@@ -62,6 +62,8 @@ class Daemon:
     agents: dict[str, list[dict] | dict] = field(default_factory=dict)
     #: More numerus.toml settings, as TOML text (top-level keys).
     config: str = ""
+    #: More settings of some of `agents`' profiles, as TOML lines: profile name -> lines (`sandbox = "none"`).
+    profiles: dict[str, str] = field(default_factory=dict)
     process: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 20.0) -> Daemon:
@@ -92,7 +94,7 @@ class Daemon:
         The scenarios lie beside the state directory, which no sandboxed agent sees: each profile binds their
         directory (under the tests' /tmp, which the agent's private /tmp would hide too)."""
         lines = [self.config]
-        scenarios = self.state_dir.parent / f"{self.state_dir.name}-scenarios"
+        scenarios = self.scenarios_dir
         scenarios.mkdir(parents=True, exist_ok=True)
         for name, steps in self.agents.items():
             scenario = write_scenario(scenarios / f"scenario-{name}.json", steps)
@@ -101,8 +103,15 @@ class Daemon:
                 'kind = "scripted"',
                 f"env = {{ NUMERUS_SCENARIO = {json.dumps(str(scenario))} }}",
                 f"binds = [{json.dumps(str(scenarios))}]",
+                self.profiles.get(name, ""),
             ]
         (self.state_dir / "numerus.toml").write_text("\n".join(lines) + "\n")
+
+    @property
+    def scenarios_dir(self) -> Path:
+        """Where the scenario of each profile of `agents` is written, `scenario-<name>.json`: beside the state
+        directory, which no sandboxed agent sees, and bound into each profile's sandbox."""
+        return self.state_dir.parent / f"{self.state_dir.name}-scenarios"
 
     def stderr(self) -> str:
         path = self.state_dir / "numerusd.stderr"

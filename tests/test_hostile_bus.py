@@ -60,7 +60,9 @@ def test_an_agent_with_the_client_logins_and_the_key_cannot_touch_the_history(tm
     script.write_text(ATTACK)
     state = tmp_path / "state"
     steps = [{"run": f"{sys.executable} {script} {state}"}, {"say": "done"}]
-    with Daemon(state, agents={"quick": [{"say": "hi"}], "hostile": steps}).start() as daemon:
+    # Unsandboxed, so that it holds what the sandbox would hide: this is the bus's own line of defence.
+    unsandboxed = {"hostile": 'sandbox = "none"'}
+    with Daemon(state, agents={"quick": [{"say": "hi"}], "hostile": steps}, profiles=unsandboxed).start() as daemon:
         repo = git_repo(tmp_path / "repo")
         first = daemon.ctl("--json", "run", "--no-plan", "Hi", "--repo", str(repo), "--agent", "quick", "--wait")
         job = json.loads(first.stdout.splitlines()[0])["job"]
@@ -68,7 +70,7 @@ def test_an_agent_with_the_client_logins_and_the_key_cannot_touch_the_history(tm
         attack = daemon.ctl("--json", "run", "--no-plan", "Attack", "--repo", str(repo), "--agent", "hostile", "--wait")
         hostile = json.loads(attack.stdout.splitlines()[0])["job"]
         log = b"".join(path.read_bytes() for path in (state / "runs" / hostile).rglob("*.log")).decode()
-        assert "ATTACK" in log or "Error" in log  # it ran (or could not even read the files, under the sandbox)
+        assert log.count("ATTACK") >= 6, log  # it ran, with every client login
         assert "succeeded" not in log
         assert daemon.events(job) == before  # the history is still there, unchanged
         assert "01HOSTILEHOSTILEHOSTILE000" not in daemon.ctl("status", "--all").stdout

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.daemon_harness import Daemon, claim, git, git_repo
+from tests.test_hostile_sandbox import command_outputs
 
 pytestmark = pytest.mark.slow  # real daemons run planned jobs end to end
 
@@ -115,7 +116,10 @@ def user_state(repo: Path) -> dict[str, bytes]:
     return state
 
 
-async def test_agents_cannot_poison_git_and_the_gate_names_every_escape(tmp_path: Path) -> None:
+@pytest.mark.parametrize("sandbox", ["bwrap", "none"])
+async def test_agents_cannot_poison_git_and_the_gate_names_every_escape(tmp_path: Path, sandbox: str) -> None:
+    """Two lines of defence, each tried alone where it can be: with the sandbox most attacks fail in the agent;
+    without it (a profile that says `sandbox = "none"`), the gate and the mirror must catch every one."""
     pwned = tmp_path / f"pwned-{os.getuid()}"
     planned = attacks(pwned)
     plan = {
@@ -132,7 +136,8 @@ async def test_agents_cannot_poison_git_and_the_gate_names_every_escape(tmp_path
         ]
     }
     config = 'review = false\nclaims = "plan"\nmax_attempts = 1\nmax_replans = 0\n'
-    with Daemon(tmp_path / "state", agents={"team": team}, config=config).start() as daemon:
+    profiles = {"team": f'sandbox = "{sandbox}"'}
+    with Daemon(tmp_path / "state", agents={"team": team}, config=config, profiles=profiles).start() as daemon:
         repo = git_repo(tmp_path / "repo")
         before = user_state(repo)
         result = daemon.ctl("run", "attacks", "--repo", str(repo), "--agent", "team", "--parallel", "4", "--wait")
@@ -143,23 +148,33 @@ async def test_agents_cannot_poison_git_and_the_gate_names_every_escape(tmp_path
 
     statuses = {task["id"]: task for task in view["tasks"]}
     assert set(statuses) == set(planned), view
+    named, harmless = set(), {"hooks"}
     for task, path in NAMED.items():
-        assert statuses[task]["status"] != "completed", (task, statuses[task])
         violated = [e["data"]["violations"] for e in events if e["type"] == "ClaimViolated" and e["task"] == task]
         if violated:  # the attack reached the worktree (without a sandbox): the gate named it, and the job says so
             (violations,) = violated
+            assert statuses[task]["status"] != "completed", (task, statuses[task])
             assert any(v.startswith(f"{path}: ") for v in violations), (task, violations)
             assert path in statuses[task]["reason"], statuses[task]
-        else:  # a sandbox stopped the attack in the agent, which then failed
-            assert [e for e in events if e["type"] == "TaskExited" and e["task"] == task], task
+            named.add(task)
+            continue
+        # Else the sandbox refused the attack in the agent: the agent failed, or the command that attacked did,
+        # and what it did do (its own file) is harmless work that may merge.
+        (exited,) = [e for e in events if e["type"] == "TaskExited" and e["task"] == task]
+        if statuses[task]["status"] == "completed":
+            ran = command_outputs(Path(exited["data"]["log_path"]))
+            assert any(code != 0 for code, _ in ran.values()), (task, ran)
+            harmless.add(task)
+    if sandbox == "none":
+        assert named == set(NAMED), named
     # Harmless work merges, planted hooks and all: they live in Numerus's mirror, where git never runs them.
     assert statuses["hooks"]["status"] == "completed", statuses["hooks"]
     assert git(repo, "show", f"numerus/{job}.integration:hooks.md") == "hooks\n"
     merged = git(repo, "ls-tree", "-r", "--name-only", f"numerus/{job}.integration").split()
-    assert sorted(merged) == ["README.md", "hooks.md"]
+    assert sorted(merged) == sorted(["README.md", *(planned[task][0] for task in harmless)])
 
     # An escaping task's work stays in Numerus's mirror: its branch in the user's repository, if any, holds none of it.
-    for task in NAMED:
+    for task in named:
         branch = f"refs/heads/numerus/{job}/{task}"
         if git(repo, "for-each-ref", branch).strip():
             assert git(repo, "ls-tree", "-r", "--name-only", branch).split() == ["README.md"], task
@@ -188,11 +203,13 @@ async def test_a_command_the_claim_did_not_list_fails_the_task_when_the_profile_
         ]
     }
     daemon = Daemon(tmp_path / "state", agents={"team": team})
-    scenario = json.dumps(str(daemon.state_dir / "scenario-team.json"))
+    scenarios = daemon.scenarios_dir
+    scenario = json.dumps(str(scenarios / "scenario-team.json"))
     # The same scripted agent, as a profile that holds the commands it runs to its claim.
     daemon.config = (
         "review = false\nmax_attempts = 1\nmax_replans = 0\n"
         f'[agents.strict]\nkind = "scripted"\ncommands = "claimed"\nenv = {{ NUMERUS_SCENARIO = {scenario} }}\n'
+        f"binds = [{json.dumps(str(scenarios))}]\n"
     )
     with daemon.start():
         repo = git_repo(tmp_path / "repo")

@@ -38,11 +38,13 @@ def hostile_daemon(state_dir: Path) -> Daemon:
         },
         {"say": f"my key is {OPENAI}"},
     ]
-    scenario = write_scenario(state_dir / "scenario-hostile.json", steps)
+    # Beside the state directory, which the sandboxed agent does not see, and bound into its sandbox.
+    scenario = write_scenario(state_dir.parent / "scenario-hostile.json", steps)
     config = (
         "[agents.hostile]\n"
         'kind = "scripted"\n'
         f"env = {{ NUMERUS_SCENARIO = {json.dumps(str(scenario))}, OPENAI_API_KEY = {json.dumps(OPENAI)} }}\n"
+        f"binds = [{json.dumps(str(scenario))}]\n"
     )
     return Daemon(state_dir, config=config)
 
