@@ -201,9 +201,10 @@ class JobPipeline:
                     log.warning("job %s: cannot remove its read-only checkouts: %s", self.job_id, e)
 
     async def _fail(self, reason: str) -> None:
-        """End the job as failed, its running agents stopped (their flows are cancelled next)."""
-        await self.agents.terminate(self.job_id)
+        """End the job as failed, then stop its running agents (their flows are cancelled next): recorded first,
+        so that an agent ending of the stop is an exit of a failed task, never a failed attempt to retry."""
         await self.observe(PipelineFailed(reason=reason))
+        await self.agents.terminate(self.job_id)
 
     def start_flows(self) -> None:
         """A flow for every pending task that has none (the plan's tasks, then those a revised plan adds)."""
