@@ -11,6 +11,7 @@ import logging
 
 from nats.js import JetStreamContext
 
+from numerusd.errors import one_line
 from numerusd.protocol import subjects
 from numerusd.protocol.ids import new_ulid
 
@@ -25,7 +26,7 @@ class DeadLetters:
 
     async def keep(self, source: str, reason: str, data: bytes, message: str, **fields: object) -> None:
         """Keep a rejected input on `numerus.dlq.<source>.<reason>` with why, for an operator to look at."""
-        headers = {"Numerus-Reason": message[:1000], "Numerus-Id": new_ulid()}
+        headers = {"Numerus-Reason": one_line(message), "Numerus-Id": new_ulid()}
         headers |= {f"Numerus-{key.title()}": str(value) for key, value in fields.items()}
         try:
             await self.js.publish(subjects.dlq(source, reason), data, headers=headers)

@@ -19,10 +19,10 @@ from nats.micro.service import Service
 
 from numerusd import __version__
 from numerusd.dead_letters import DeadLetters
-from numerusd.errors import BadRequest, CommandRefused, NotFound, NumerusError
+from numerusd.errors import BadRequest, CommandRefused, NotFound, NumerusError, one_line
 from numerusd.handlers import HANDLERS
 from numerusd.handlers.context import Context
-from numerusd.protocol import subjects
+from numerusd.protocol import commands, subjects
 from numerusd.protocol.commands import REQUESTS, ErrorReply
 from numerusd.protocol.ids import new_ulid
 
@@ -42,6 +42,14 @@ def _status(error: NumerusError) -> str:
     return "503"
 
 
+def decode_request(verb: str, data: bytes | None) -> commands.Request:
+    """The typed request `data` carries for `verb`; BadRequest, naming the bad path, for anything else."""
+    try:
+        return _DECODERS[verb].decode(data or b"{}")
+    except msgspec.DecodeError as e:  # ValidationError is a DecodeError; both name the bad path
+        raise BadRequest(one_line(f"bad {verb} request: {e}")) from e
+
+
 async def start_service(nc: Client, context: Context, dead_letters: DeadLetters) -> Service:
     """Register one endpoint per verb on `numerus.cmd.<verb>`, each calling its handler with `context`."""
     service = await add_service(
@@ -59,15 +67,9 @@ async def start_service(nc: Client, context: Context, dead_letters: DeadLetters)
 def _endpoint(
     context: Context, dead_letters: DeadLetters, verb: str, handler: Callable[[Context, Any], Awaitable[Any]]
 ) -> Callable[[Request], Awaitable[None]]:
-    decoder = _DECODERS[verb]
-
     async def endpoint(request: Request) -> None:
         try:
-            try:
-                command = decoder.decode(request.data or b"{}")
-            except msgspec.DecodeError as e:  # ValidationError is a DecodeError; both name the bad path
-                raise BadRequest(f"bad {verb} request: {e}") from e
-            reply = await handler(context, command)
+            reply = await handler(context, decode_request(verb, request.data))
         except NumerusError as e:
             if isinstance(e, BadRequest):
                 await dead_letters.keep("cmd", "bad_request", request.data, e.message)
@@ -84,5 +86,6 @@ def _endpoint(
 
 
 async def _error(request: Request, status: str, code: str, message: str) -> None:
+    message = one_line(message)  # it may quote what was sent; the micro service puts it in a header too
     body = _encoder.encode(ErrorReply(code=code, message=message))
     await request.respond_error(status, message, data=body)
