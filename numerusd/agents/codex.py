@@ -191,8 +191,9 @@ class CodexOutputParser:
             return []
         try:
             event = _EVENT_DECODER.decode(raw)
-        except msgspec.MsgspecError:
-            # Not an event Numerus reads (turn.started, item.started/updated, a future type) or not JSON.
+        except (msgspec.MsgspecError, RecursionError):
+            # Not an event Numerus reads (turn.started, item.started/updated, a future type) or not JSON; or JSON
+            # nested deeper than msgspec goes, which it refuses with Python's RecursionError.
             return []
         match event:
             case _ThreadStarted(thread_id=thread_id):
@@ -211,7 +212,7 @@ class CodexOutputParser:
     def _completed_item(self, raw: msgspec.Raw) -> list[EventData]:
         try:
             item = _ITEM_DECODER.decode(raw)
-        except msgspec.MsgspecError:
+        except (msgspec.MsgspecError, RecursionError):
             return []
         match item:
             case _AgentMessage(text=text):
