@@ -59,13 +59,17 @@ async def start_service(nc: Client, context: Context, dead_letters: DeadLetters)
         description="Numerus daemon: runs coding agents on a goal, every state change an event",
     )
     for verb, handler in HANDLERS.items():
-        endpoint = _endpoint(context, dead_letters, verb, handler)
+        endpoint = _endpoint(nc, context, dead_letters, verb, handler)
         await service.add_endpoint(name=verb, subject=subjects.command(verb), handler=endpoint)
     return service
 
 
 def _endpoint(
-    context: Context, dead_letters: DeadLetters, verb: str, handler: Callable[[Context, Any], Awaitable[Any]]
+    nc: Client,
+    context: Context,
+    dead_letters: DeadLetters,
+    verb: str,
+    handler: Callable[[Context, Any], Awaitable[Any]],
 ) -> Callable[[Request], Awaitable[None]]:
     async def endpoint(request: Request) -> None:
         try:
@@ -80,7 +84,13 @@ def _endpoint(
             log.exception("internal error in %s (id=%s)", verb, error_id)
             await _error(request, "500", "internal", f"internal error, see the daemon log, id={error_id}")
             return
-        await request.respond(_encoder.encode(reply))
+        body = _encoder.encode(reply)
+        if len(body) > nc.max_payload:
+            # NATS would refuse to carry it, and the caller would get an empty error: say what to ask instead.
+            message = f"the {verb} reply is {len(body)} bytes, more than NATS carries ({nc.max_payload}); ask for less"
+            await _error(request, "413", "too_large", f"{message} (one job, --limit, --tail)")
+            return
+        await request.respond(body)
 
     return endpoint
 
