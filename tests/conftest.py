@@ -15,6 +15,7 @@ from pathlib import Path
 import nats
 import pytest
 from hypothesis import HealthCheck, settings
+from hypothesis.database import DirectoryBasedExampleDatabase
 from nats.aio.client import Client
 
 from numerusd.config import NatsAddress
@@ -30,6 +31,9 @@ settings.register_profile("default", max_examples=400, derandomize=True, deadlin
 settings.register_profile(
     "fuzz",
     max_examples=int(os.environ.get("FUZZ_EXAMPLES", 100_000)),
+    # Said outright: a profile without a parent takes the `default` profile's settings, derandomize included.
+    derandomize=False,
+    database=DirectoryBasedExampleDatabase(".hypothesis/examples"),
     deadline=None,
     print_blob=True,
     suppress_health_check=[HealthCheck.too_slow],
