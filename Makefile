@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: install demo test test-fast lint bench schemas codex-check clean
+.PHONY: install demo test test-fast fuzz lint bench schemas codex-check clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,10 @@ test: install
 ## test-fast: the tests not marked slow, in under a minute, for the edit-and-test loop (CI runs `make test`)
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow"
+
+## fuzz: tests/test_fuzz.py with 100k examples per property (FUZZ_EXAMPLES=n for another count); `make test` runs 400
+fuzz: install
+	HYPOTHESIS_PROFILE=fuzz FUZZ_EXAMPLES=$(or $(FUZZ_EXAMPLES),100000) $(BIN)/python -m pytest -q tests/test_fuzz.py --hypothesis-show-statistics
 
 lint: install
 	$(BIN)/ruff check numerusd numerusctl tests bench

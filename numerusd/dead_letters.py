@@ -14,6 +14,7 @@ import logging
 
 from nats.js import JetStreamContext
 
+from numerusd.errors import one_line
 from numerusd.protocol import subjects
 from numerusd.protocol.ids import new_ulid
 from numerusd.streams import DLQ_MAX_MSG_SIZE
@@ -32,8 +33,8 @@ class DeadLetters:
 
     async def keep(self, source: str, reason: str, data: bytes, message: str, **fields: object) -> None:
         """Keep a rejected input on `numerus.dlq.<source>.<reason>` with why, for an operator to look at."""
-        headers = {"Numerus-Reason": message[:1000], "Numerus-Id": new_ulid()}
-        headers |= {f"Numerus-{key.title()}": str(value)[:1000] for key, value in fields.items()}
+        headers = {"Numerus-Reason": one_line(message), "Numerus-Id": new_ulid()}
+        headers |= {f"Numerus-{key.title()}": one_line(str(value)) for key, value in fields.items()}
         if len(data) > MAX_KEPT:
             headers |= {"Numerus-Size": str(len(data)), "Numerus-Sha256": hashlib.sha256(data).hexdigest()}
             data = data[:MAX_KEPT]

@@ -24,6 +24,21 @@ agents, `git/command.py` for git (its `GitError` family, in `git/errors.py`, der
 
 from __future__ import annotations
 
+import re
+
+#: Characters that would break a message out of its line: C0 and C1 controls, DEL, Unicode line separators.
+_BREAKS = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def one_line(message: str, limit: int = 1000) -> str:
+    """`message` as one readable line of at most `limit` characters: what a reply, a header or a log line holds.
+
+    Messages quote what was sent (a field name, a path), and a sender chooses that: newlines and other control
+    characters are shown escaped (`\\n`), and a long message is cut with `…`.
+    """
+    line = _BREAKS.sub(lambda match: repr(match.group())[1:-1], message)
+    return line if len(line) <= limit else line[: limit - 1] + "…"
+
 
 class NumerusError(Exception):
     """Base of every error Numerus raises on purpose."""

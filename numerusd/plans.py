@@ -136,6 +136,8 @@ def _structural_errors(raw: bytes | str, max_tasks: int) -> tuple[list[PlanError
     except msgspec.DecodeError as e:
         reason = _lower_first(str(e).removeprefix("JSON is malformed: "))
         return [PlanError(path="$", message=f"the answer is not valid JSON: {reason}")], None, False
+    except RecursionError:  # msgspec's own depth limit, raised as Python's: an answer nested thousands deep
+        return [PlanError(path="$", message="the answer is nested too deeply to be a plan")], None, False
     tasks = doc.get("tasks") if isinstance(doc, dict) else None
     if isinstance(tasks, list) and len(tasks) > max_tasks:
         return [_too_many(len(tasks), max_tasks)], None, True

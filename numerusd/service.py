@@ -25,11 +25,11 @@ from nats.micro.service import Service
 
 from numerusd import __version__
 from numerusd.dead_letters import DeadLetters
-from numerusd.errors import BadRequest, CommandRefused, NotFound, NumerusError, TooLarge
+from numerusd.errors import BadRequest, CommandRefused, NotFound, NumerusError, TooLarge, one_line
 from numerusd.event_caps import shrink
 from numerusd.handlers import HANDLERS
 from numerusd.handlers.context import Context
-from numerusd.protocol import subjects
+from numerusd.protocol import commands, subjects
 from numerusd.protocol.commands import REQUESTS, ErrorReply
 from numerusd.protocol.ids import new_ulid
 
@@ -50,6 +50,14 @@ def _status(error: NumerusError) -> str:
     if isinstance(error, CommandRefused):
         return "409"
     return "503"
+
+
+def decode_request(verb: str, data: bytes | None) -> commands.Request:
+    """The typed request `data` carries for `verb`; BadRequest, naming the bad path, for anything else."""
+    try:
+        return _DECODERS[verb].decode(data or b"{}")
+    except msgspec.DecodeError as e:  # ValidationError is a DecodeError; both name the bad path
+        raise BadRequest(one_line(f"bad {verb} request: {e}")) from e
 
 
 async def start_service(nc: Client, context: Context, dead_letters: DeadLetters) -> Service:
@@ -78,7 +86,6 @@ def _endpoint(
     verb: str,
     handler: Callable[[Context, Any], Awaitable[Any]],
 ) -> Callable[[Request], Awaitable[None]]:
-    decoder = _DECODERS[verb]
     max_request = context.settings.max_request_bytes
 
     async def endpoint(request: Request) -> None:
@@ -90,11 +97,7 @@ def _endpoint(
                     f"the {verb} request is {len(data)} bytes, over the limit of {max_request} bytes "
                     "(max_request_bytes; a goal may hold at most 128 KiB)"
                 )
-            try:
-                command = decoder.decode(data)
-            except msgspec.DecodeError as e:  # ValidationError is a DecodeError; both name the bad path
-                raise BadRequest(f"bad {verb} request: {e}") from e
-            reply = await handler(context, command)
+            reply = await handler(context, decode_request(verb, data))
         except NumerusError as e:
             if isinstance(e, BadRequest):
                 await dead_letters.keep("cmd", e.code, data, e.message)
@@ -134,5 +137,6 @@ async def _respond(nc: Client, request: Request, verb: str, reply: msgspec.Struc
 
 
 async def _error(request: Request, status: str, code: str, message: str) -> None:
+    message = one_line(message)  # it may quote what was sent; the micro service puts it in a header too
     body = _encoder.encode(ErrorReply(code=code, message=message))
     await request.respond_error(status, message, data=body)

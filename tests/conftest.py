@@ -14,10 +14,31 @@ from pathlib import Path
 
 import nats
 import pytest
+from hypothesis import HealthCheck, settings
+from hypothesis.database import DirectoryBasedExampleDatabase
 from nats.aio.client import Client
 
 from numerusd.config import NatsAddress
 from numerusd.embedded_nats import EmbeddedNats
+
+# Hypothesis profiles: `default` for `make test` and CI, `fuzz` for `make fuzz` (HYPOTHESIS_PROFILE=fuzz). A test
+# that sets max_examples itself keeps its own count; those that leave it (tests/test_fuzz.py) take the profile's.
+# The default derandomizes: CI and every developer run the very same examples, so a red CI is red again on any
+# machine, with no example database to carry around. `fuzz` draws new examples on each run, to find what the
+# fixed ones never try, and keeps each failure in .hypothesis/ so the next run tries it first.
+settings.register_profile("default", max_examples=400, derandomize=True, deadline=None, print_blob=True)
+# FUZZ_EXAMPLES sets another count for a shorter (or longer) fuzzing run: `make fuzz FUZZ_EXAMPLES=10000`.
+settings.register_profile(
+    "fuzz",
+    max_examples=int(os.environ.get("FUZZ_EXAMPLES", 100_000)),
+    # Said outright: a profile without a parent takes the `default` profile's settings, derandomize included.
+    derandomize=False,
+    database=DirectoryBasedExampleDatabase(".hypothesis/examples"),
+    deadline=None,
+    print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -22,6 +22,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
+from typing import Annotated
 
 import msgspec
 
@@ -104,10 +105,15 @@ def inside_git_repository(path: Path) -> bool:
 # --- the JSONL events, as far as Numerus reads them; unknown fields are ignored, unknown types skipped -------
 
 
+#: More tokens than any thread uses: a count above it is a line that is not codex's (it would overflow the 64-bit
+#: integers events are encoded with once summed), and is read as no event.
+_TokenCount = Annotated[int, msgspec.Meta(le=10**12)]
+
+
 class _Usage(msgspec.Struct):
-    input_tokens: int = 0
-    cached_input_tokens: int = 0
-    output_tokens: int = 0
+    input_tokens: _TokenCount = 0
+    cached_input_tokens: _TokenCount = 0
+    output_tokens: _TokenCount = 0
 
 
 class _ErrorBody(msgspec.Struct):
@@ -198,8 +204,9 @@ class CodexOutputParser:
             return []
         try:
             event = _EVENT_DECODER.decode(raw)
-        except msgspec.MsgspecError:
-            # Not an event Numerus reads (turn.started, item.started/updated, a future type) or not JSON.
+        except (msgspec.MsgspecError, RecursionError):
+            # Not an event Numerus reads (turn.started, item.started/updated, a future type) or not JSON; or JSON
+            # nested deeper than msgspec goes, which it refuses with Python's RecursionError.
             return []
         match event:
             case _ThreadStarted(thread_id=thread_id):
@@ -218,7 +225,7 @@ class CodexOutputParser:
     def _completed_item(self, raw: msgspec.Raw) -> list[EventData]:
         try:
             item = _ITEM_DECODER.decode(raw)
-        except msgspec.MsgspecError:
+        except (msgspec.MsgspecError, RecursionError):
             return []
         match item:
             case _AgentMessage(text=text):
