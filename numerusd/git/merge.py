@@ -12,9 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from numerusd.git.command import git
-from numerusd.git.errors import BranchCheckedOut, GitError, RefMoved
+from numerusd.git.errors import GitError, RefMoved
 from numerusd.git.refs import branch_tips, is_ancestor, ref_sha, update_ref
-from numerusd.git.worktrees import list_worktrees, worktree_lock
+from numerusd.git.worktrees import refuse_checked_out
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,16 +93,7 @@ async def merge_task(
     current = tips[ref]
     parent = expected_integration or current
     theirs = task_sha or tips[task_ref]
-    async with worktree_lock(repo):
-        entries = await list_worktrees(repo)
-    for entry in entries:
-        if entry.branch == ref:
-            raise BranchCheckedOut(
-                f"{integration} is checked out in {entry.path}: switch that checkout to another branch so Numerus "
-                "can merge into it",
-                branch=integration,
-                path=str(entry.path),
-            )
+    await refuse_checked_out(repo, integration)
     if current != parent:
         raise RefMoved(
             f"{integration} is at {current}, expected {parent}: it moved since the merge was decided",

@@ -21,9 +21,9 @@ import shutil
 from pathlib import Path
 
 from numerusd.git.command import git
-from numerusd.git.errors import BranchCheckedOut, RefMoved
+from numerusd.git.errors import RefMoved
 from numerusd.git.refs import branch_tips, is_ancestor, ref_sha, remove_branch, resolve
-from numerusd.git.worktrees import list_worktrees, worktree_lock
+from numerusd.git.worktrees import refuse_checked_out, worktree_lock
 
 
 def mirror_path(repos_dir: Path, repo: Path | str) -> Path:
@@ -87,16 +87,7 @@ async def check_published(repo: Path, mirror: Path, branch: str, expected: str) 
             expected=expected,
             actual=actual,
         )
-    async with worktree_lock(repo):
-        entries = await list_worktrees(repo)
-    for entry in entries:
-        if entry.branch == ref:
-            raise BranchCheckedOut(
-                f"{branch} is checked out in {entry.path}: switch that checkout to another branch so Numerus "
-                "can merge into it",
-                branch=branch,
-                path=str(entry.path),
-            )
+    await refuse_checked_out(repo, branch)
 
 
 async def _contains(mirror: Path, tip: str, commit: str) -> bool:

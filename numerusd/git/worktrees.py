@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from numerusd.git.command import git
-from numerusd.git.errors import GitError
+from numerusd.git.errors import BranchCheckedOut, GitError
 from numerusd.git.refs import create_branch, remove_branch, resolve, task_branch
 
 
@@ -240,6 +240,22 @@ class WorktreeEntry:
     path: Path
     branch: str | None
     locked: str | None
+
+
+async def refuse_checked_out(repo: Path, branch: str) -> None:
+    """BranchCheckedOut when a worktree of `repo` has `branch` checked out: Numerus never moves a branch under a
+    checkout (git would refuse to fetch into it, and the checkout's files would no longer match its branch)."""
+    ref = f"refs/heads/{branch}"
+    async with worktree_lock(repo):
+        entries = await list_worktrees(repo)
+    for entry in entries:
+        if entry.branch == ref:
+            raise BranchCheckedOut(
+                f"{branch} is checked out in {entry.path}: switch that checkout to another branch so Numerus "
+                "can merge into it",
+                branch=branch,
+                path=str(entry.path),
+            )
 
 
 async def list_worktrees(repo: Path) -> list[WorktreeEntry]:
