@@ -32,7 +32,7 @@ from nats.aio.client import Client
 
 from numerusd.protocol import subjects
 from numerusd.protocol.commands import DEFAULT_STATE_DIR, REPLIES, ErrorReply, Request
-from numerusd.protocol.connection import CLIENT_ROLES, FILE_NAME, decode_connection
+from numerusd.protocol.connection import CLIENT_ROLES, FILE_NAME, decode_connection, inbox_prefix
 from numerusd.protocol.exit_codes import CtlExit
 
 _HINT = "start it with 'numerusd' or pass --state-dir/--nats-url"
@@ -71,6 +71,9 @@ class Target:
     pid: int | None = None
     #: The role logged in as, from the connection file (None with --nats-url: whatever that login may do).
     role: str | None = None
+    #: Where replies come: the inbox of the role asked (`--role`), the only one a role's login may read, whatever
+    #: the server (the embedded one, or a shared one configured as `deploy/nats-server.conf`).
+    inbox: str = inbox_prefix(CLIENT_ROLES[0])
 
 
 class _Refusals:
@@ -120,7 +123,15 @@ def read_connection_file(path: Path, role: str = CLIENT_ROLES[0]) -> Target:
         raise Unreachable(f"cannot reach numerusd: {path} is not numerusd's connection file ({e}); {_HINT}") from None
     login = info.roles.get(role)
     if login is not None:
-        return Target(url=info.url, source=str(path), user=login.user, password=login.password, pid=info.pid, role=role)
+        return Target(
+            url=info.url,
+            source=str(path),
+            user=login.user,
+            password=login.password,
+            pid=info.pid,
+            role=role,
+            inbox=inbox_prefix(role),
+        )
     if info.roles or role != CLIENT_ROLES[0]:
         raise CtlError(
             f"{path} gives no login for the role {role!r} (numerusd's server is external: pass its --nats-url, "
@@ -128,7 +139,14 @@ def read_connection_file(path: Path, role: str = CLIENT_ROLES[0]) -> Target:
             CtlExit.USAGE,
         )
     # An external server, or an older daemon: the one login it gives.
-    return Target(url=info.url, source=str(path), user=info.user or None, password=info.password or None, pid=info.pid)
+    return Target(
+        url=info.url,
+        source=str(path),
+        user=info.user or None,
+        password=info.password or None,
+        pid=info.pid,
+        inbox=inbox_prefix(role),
+    )
 
 
 def resolve_target(
@@ -143,7 +161,14 @@ def resolve_target(
     """`--nats-url` and its credentials when given, else the connection file in the state directory, logging in
     as `role`."""
     if nats_url:
-        return Target(url=nats_url, source="--nats-url", user=nats_user, password=nats_password, creds=creds)
+        return Target(
+            url=nats_url,
+            source="--nats-url",
+            user=nats_user,
+            password=nats_password,
+            creds=creds,
+            inbox=inbox_prefix(role),
+        )
     return read_connection_file(state_dir_or_default(state_dir) / FILE_NAME, role)
 
 
@@ -223,6 +248,8 @@ async def connect(target: Target, timeout: float) -> Client:
         "closed_cb": _ignore,
         "reconnected_cb": _ignore,
     }
+    # Its role's own inbox: the only one a client role may subscribe to (numerusd.bus_roles).
+    options["inbox_prefix"] = target.inbox
     if target.user:
         options["user"] = target.user
         options["password"] = target.password or ""

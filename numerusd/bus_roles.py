@@ -15,8 +15,9 @@ discovery requests:
 * `$JS.API.CONSUMER.CREATE.<stream>` and `$JS.API.CONSUMER.INFO.<stream>.*`: the ordered consumers that follow
   and audit (`numerusctl/feed.py`), on NUMERUS_EVENTS and NUMERUS_LOGS only (not the dead letters);
 * `$JS.FC.<stream>.>`: the answers to the flow-control messages of those consumers on a long read;
-* subscribing `_INBOX.>` only: replies and the consumers' deliveries. A client cannot subscribe to
-  `numerus.cmd.>`, so it cannot pose as the daemon's service.
+* subscribing `_INBOX_<role>.>` only: its replies and its consumers' deliveries (numerusctl takes that inbox
+  prefix). A client cannot subscribe to `numerus.cmd.>`, so it cannot pose as the daemon's service, nor to
+  another role's inbox or the daemon's (`_INBOX.>`), so it reads no reply meant for someone else.
 
 `deploy/nats-server.conf` lists the same permissions for a shared server (a test keeps the two equal).
 """
@@ -25,7 +26,7 @@ from __future__ import annotations
 
 from numerusd.protocol import subjects
 from numerusd.protocol.commands import REPLIES
-from numerusd.protocol.connection import CLIENT_ROLES
+from numerusd.protocol.connection import CLIENT_ROLES, inbox_prefix
 
 #: The client roles, the default (numerusctl's `--role`) first.
 ROLES = CLIENT_ROLES
@@ -60,4 +61,4 @@ def verbs(role: str) -> tuple[str, ...]:
 def permissions(role: str) -> dict[str, dict[str, list[str]]]:
     """The NATS `permissions` block of a client role (allow lists: anything not listed is refused)."""
     publish = [subjects.command(verb) for verb in verbs(role)] + list(_DISCOVERY) + list(_READS)
-    return {"publish": {"allow": publish}, "subscribe": {"allow": ["_INBOX.>"]}}
+    return {"publish": {"allow": publish}, "subscribe": {"allow": [f"{inbox_prefix(role)}.>"]}}

@@ -19,6 +19,7 @@ from nats.aio.client import Client
 from nats.js.api import StreamConfig
 
 from numerusd.keys import Keyring
+from numerusd.protocol.connection import inbox_prefix
 from numerusd.protocol.envelope import seal
 from numerusd.protocol.events import JobSubmitted
 from numerusd.protocol.exit_codes import CtlExit
@@ -159,7 +160,11 @@ async def test_no_client_can_administer_the_streams_or_publish_on_them(bus: tupl
             refusals.append(str(error))
 
     client = await nats.connect(
-        client_login["url"], user=client_login["user"], password=client_login["password"], error_cb=record
+        client_login["url"],
+        user=client_login["user"],
+        password=client_login["password"],
+        error_cb=record,
+        inbox_prefix=inbox_prefix(role),  # as numerusctl does: the only inbox the role may read
     )
     try:
         admin_js = admin.jetstream()
@@ -195,6 +200,9 @@ async def test_no_client_can_administer_the_streams_or_publish_on_them(bus: tupl
             lambda: js.add_stream(name="NUMERUS_SHADOW", subjects=["numerus.cmd.>"]),
             lambda: client.publish(f"numerus.log.{job}.t1", b"forged output"),
             lambda: client.publish("numerus.dlq.attacker.noise", b"noise"),
+            # Nor read what was meant for another: the daemon's inbox (its JetStream acks), another role's.
+            lambda: client.subscribe("_INBOX.>"),
+            lambda: client.subscribe(f"_INBOX_{'viewer' if role == 'operator' else 'operator'}.>"),
         ):
             await _refused(client, refusals, attempt)
         for stream, was in before.items():

@@ -35,7 +35,8 @@ event = seal(JobSubmitted(goal="forged", repo="/", agent="quick"), id="01HOSTILE
              kid=ring.current_kid, key=ring.current_key)
 
 async def attack(user, password):
-    nc = await nats.connect(info["url"], user=user, password=password)
+    # Its role's own inbox (the user is the role's name), so that refusals, not missing replies, stop it.
+    nc = await nats.connect(info["url"], user=user, password=password, inbox_prefix=f"_INBOX_{user}")
     js = nc.jetstream(timeout=0.5)
     for name, call in (("delete", lambda: js.delete_stream("NUMERUS_EVENTS")),
                        ("purge", lambda: js.purge_stream("NUMERUS_EVENTS")),
@@ -71,6 +72,7 @@ def test_an_agent_with_the_client_logins_and_the_key_cannot_touch_the_history(tm
         hostile = json.loads(attack.stdout.splitlines()[0])["job"]
         log = b"".join(path.read_bytes() for path in (state / "runs" / hostile).rglob("*.log")).decode()
         assert log.count("ATTACK") >= 6, log  # it ran, with every client login
+        assert log.count("permissions violation for publish") >= 6, log  # and the server refused each attempt
         assert "succeeded" not in log
         assert daemon.events(job) == before  # the history is still there, unchanged
         assert "01HOSTILEHOSTILEHOSTILE000" not in daemon.ctl("status", "--all").stdout

@@ -26,6 +26,12 @@ FILE_NAME = "connection.json"
 CLIENT_ROLES = ("operator", "viewer")
 
 
+def inbox_prefix(role: str) -> str:
+    """Where a client of `role` gets its replies and its consumers' deliveries (`_INBOX_<role>`): its own, so that
+    one role never reads what another was answered, nor the daemon's JetStream acknowledgements."""
+    return f"_INBOX_{role}"
+
+
 class RoleLogin(msgspec.Struct, frozen=True, kw_only=True):
     """The user and password of one client role."""
 
