@@ -119,12 +119,14 @@ def test_profiles_choose_the_sandbox_network_and_extra_binds(layout: dict[str, P
     assert tmp_path / "answer" in reader.writable and tmp_path / "schemas" in reader.read_only
 
 
-def test_codex_binds_its_home_when_it_exists(tmp_path: Path):
+def test_codex_binds_its_home_and_makes_it_when_missing(tmp_path: Path):
     home = tmp_path / "codex-home"
     profile = AgentProfile(kind="codex", env={"CODEX_HOME": str(home)})
-    assert adapter_for(profile).binds() == ()
-    home.mkdir()
     assert adapter_for(profile).binds() == (home,)
+    assert home.is_dir() and home.stat().st_mode & 0o777 == 0o700
+    assert adapter_for(profile).binds() == (home,)  # and finds it there the next time
+    nowhere = AgentProfile(kind="codex", env={"CODEX_HOME": str(tmp_path / "no" / "such" / "home")})
+    assert adapter_for(nowhere).binds() == ()  # a home whose parent is missing is not invented
 
 
 def test_the_preflight_refuses_in_one_line_naming_the_setting():

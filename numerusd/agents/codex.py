@@ -19,6 +19,7 @@ In a PTY, stderr (log lines, ANSI colours) is mixed in; such lines yield nothing
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 from pathlib import Path
@@ -82,10 +83,13 @@ class CodexAdapter:
         return CodexOutputParser(usage_baseline=invocation.usage_baseline, repo=invocation.repo)
 
     def binds(self) -> tuple[Path, ...]:
-        """CODEX_HOME (the profile's, the daemon's, else `~/.codex`) when it exists: codex writes its sessions,
-        logs and login refreshes there."""
-        home = self.profile.env.get("CODEX_HOME") or os.environ.get("CODEX_HOME") or "~/.codex"
-        return existing([home])
+        """CODEX_HOME (the profile's, the daemon's, else `~/.codex`): codex writes its sessions, logs and login
+        refreshes there. Made (0700) when missing and its parent exists, as codex would make it itself, which it
+        cannot inside the sandbox's read-only root."""
+        home = Path(self.profile.env.get("CODEX_HOME") or os.environ.get("CODEX_HOME") or "~/.codex").expanduser()
+        with contextlib.suppress(OSError):
+            home.mkdir(mode=0o700, exist_ok=True)
+        return existing([str(home)])
 
 
 def inside_git_repository(path: Path) -> bool:
