@@ -104,6 +104,15 @@ def test_run_with_an_unknown_agent_names_the_known_ones(daemon: Daemon, tmp_path
     assert [j for j in daemon.ctl_json("status")["jobs"] if j["repo"] == str(repo)] == []  # nothing recorded
 
 
+async def test_run_with_an_unknown_role_is_refused_by_name(daemon: Daemon, tmp_path: Path):
+    # numerusctl checks `--role ROLE=PROFILE` itself; another client's request is checked by the daemon.
+    body = json.dumps({"goal": "g", "repo": str(git_repo(tmp_path / "repo")), "roles": {"plannr": "scripted"}})
+    reply = await request(daemon, "numerus.cmd.run", body.encode())
+    error = json.loads(reply.data)
+    assert error["code"] == "bad_request"
+    assert error["message"] == "unknown role 'plannr'; the roles are planner, queen, claimer, executor, reviewer"
+
+
 def test_empty_goal_is_refused(daemon: Daemon, tmp_path: Path):
     repo = git_repo(tmp_path / "repo")
     result = daemon.ctl("run", "--no-plan", "   ", "--repo", str(repo), "--agent", "scripted")

@@ -10,7 +10,7 @@ from numerusd.domain.observations import SubmitJob
 from numerusd.errors import BadRequest
 from numerusd.handlers.context import Context
 from numerusd.protocol import subjects
-from numerusd.protocol.commands import MAX_GOAL_BYTES, RunJob, RunReply
+from numerusd.protocol.commands import MAX_GOAL_BYTES, ROLES, RunJob, RunReply
 from numerusd.protocol.ids import new_ulid
 
 #: How long `run` waits for `git status` (a huge working tree can take seconds; numerusctl waits 5 s in all).
@@ -31,6 +31,9 @@ async def handle(context: Context, request: RunJob) -> RunReply:
         raise BadRequest(f"repo {request.repo!r} is not an absolute path; pass the repository's full path")
     if not repo.is_dir():
         raise BadRequest(f"repo {request.repo} is not a directory; pass --repo with an existing repository")
+    unknown = sorted(set(request.roles) - set(ROLES))
+    if unknown:
+        raise BadRequest(f"unknown role {unknown[0]!r}; the roles are {', '.join(ROLES)}")
     roles = settings.role_agents(request.agent, request.roles)
     for role, agent in roles.items():
         if agent not in settings.agents:
