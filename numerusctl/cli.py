@@ -196,6 +196,7 @@ class _Numerusctl(click.Group):
 
 
 @click.group(cls=_Numerusctl, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="numerus", prog_name="numerusctl", message="%(prog)s %(version)s")
 @click.option("--json", "as_json", is_flag=True, help="Print replies and events as JSON.")
 @click.option(
     "--state-dir",

@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 from datetime import UTC, datetime, timedelta
+from importlib.metadata import version
 from pathlib import Path
 
 import msgspec
@@ -169,6 +170,11 @@ def test_usage_errors_exit_2_in_one_line(args: list[str], says: str):
     assert result.exit_code == 2, result.output
     assert says in one_line_error(result)
     assert "--help')" in result.stderr
+
+
+def test_version_is_the_installed_packages():
+    result = invoke("--version")
+    assert result.exit_code == 0 and result.stdout == f"numerusctl {version('numerus')}\n"
 
 
 def test_repo_must_be_a_directory(tmp_path: Path):
