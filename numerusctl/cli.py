@@ -357,9 +357,12 @@ def run(
         claims=claims,
     )
 
+    submitted: list[str] = []
+
     async def body(nc: Client) -> int:
         data = await request(nc, "run", job, opts.timeout)
         reply: RunReply = decode_reply("run", data)
+        submitted.append(reply.job)
         _out(data.decode() if opts.json else reply.job)
         for note in [] if opts.json else reply.notes:  # --json has them in the reply
             click.echo(render.visible(f"numerusctl: note: {note}"), err=True)
@@ -367,7 +370,15 @@ def run(
             return 0
         return await _follow_job(nc, reply.job, opts.json)
 
-    _run(_with_daemon(opts, body))
+    try:
+        _run(_with_daemon(opts, body))
+    except SystemExit as e:
+        if e.code == 130 and submitted:  # Ctrl-C while waiting: only the waiting stops
+            click.echo(
+                f"numerusctl: stopped waiting; job {submitted[0]} goes on (numerusctl kill {submitted[0]} stops it)",
+                err=True,
+            )
+        raise
 
 
 def _repository(given: Path | None, plan: bool) -> Path:

@@ -5,6 +5,10 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import os
+import signal
+import subprocess
+import time
 from pathlib import Path
 
 import nats
@@ -25,7 +29,12 @@ HELLO = [
 @pytest.fixture(scope="module")
 def daemon(tmp_path_factory: pytest.TempPathFactory):
     root = tmp_path_factory.mktemp("run")
-    d = Daemon(root / "state", agents={"scripted": HELLO, "failing": [{"say": "cannot do it"}, {"exit": 3}]})
+    agents = {
+        "scripted": HELLO,
+        "failing": [{"say": "cannot do it"}, {"exit": 3}],
+        "slow": [{"say": "working on it"}, {"sleep": 60}],
+    }
+    d = Daemon(root / "state", agents=agents)
     d.start()
     yield d
     assert d.stop() == 0, d.stderr()
@@ -159,3 +168,26 @@ async def wait_done(daemon: Daemon, job: str) -> None:
         return json.loads(result.stdout)["jobs"][0]["status"] != "running"
 
     await eventually(done, timeout=30, interval=0.1)
+
+
+def test_ctrl_c_in_run_wait_stops_the_waiting_not_the_job(daemon: Daemon, tmp_path: Path):
+    repo = git_repo(tmp_path / "repo")
+    argv = daemon.ctl_argv("run", "--no-plan", "slow", "--repo", str(repo), "--agent", "slow", "--wait")
+    waiting = subprocess.Popen(
+        argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, **daemon.env}
+    )
+    try:
+        job = waiting.stdout.readline().strip()  # the job's id comes first, then its progress
+        deadline = time.monotonic() + 30
+        while daemon.status(job)["status"] != "running" and time.monotonic() < deadline:
+            time.sleep(0.05)
+        waiting.send_signal(signal.SIGINT)  # our own child, by its pid
+        _, stderr = waiting.communicate(timeout=30)
+    finally:
+        waiting.kill()
+    assert waiting.returncode == 130
+    assert stderr.strip().splitlines()[-1] == (
+        f"numerusctl: stopped waiting; job {job} goes on (numerusctl kill {job} stops it)"
+    )
+    assert daemon.status(job)["status"] == "running"
+    assert daemon.ctl("kill", job).returncode == 0
