@@ -16,6 +16,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import math
 import platform
 import sys
 import tempfile
@@ -85,6 +86,12 @@ def run(main: Callable[[], Coroutine[Any, Any, None]], loop: str = "uvloop") -> 
 def environment() -> dict[str, str]:
     """What the figures depend on, recorded beside them."""
     return {"python": platform.python_version(), "machine": platform.machine(), "platform": sys.platform}
+
+
+def percentile(values: list[float], p: float) -> float:
+    """Nearest rank: the smallest sample that `p` percent of the samples are at or below (`p` in 0-100]."""
+    ranked = sorted(values)
+    return ranked[max(0, math.ceil(len(ranked) * p / 100) - 1)]
 
 
 def report(name: str, **figures: float | int | str) -> None:

@@ -45,7 +45,10 @@ import nats
 async def main(path):
     with open(path, "rb") as f:
         c = json.load(f)
-    nc = await nats.connect(c["url"], user=c["user"], password=c["password"], allow_reconnect=False)
+    # The operator's login reads replies in the operator's inbox only (numerusd/bus_roles.py).
+    nc = await nats.connect(
+        c["url"], user=c["user"], password=c["password"], allow_reconnect=False, inbox_prefix="_INBOX_operator"
+    )
     reply = await nc.request("numerus.cmd.status", b"{}", timeout=5)
     sys.stdout.write(reply.data.decode() + "\\n")
     await nc.close()

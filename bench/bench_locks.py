@@ -29,7 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import report
+from _common import percentile, report
 
 from numerusd import locks
 from numerusd.protocol.claims import Lock
@@ -95,7 +95,7 @@ def p50(values: list[float]) -> float:
 
 
 def p99(values: list[float]) -> float:
-    return round(sorted(values)[max(0, int(len(values) * 0.99) - 1)], 1)
+    return round(percentile(values, 99), 1)
 
 
 def main() -> None:

@@ -36,7 +36,7 @@ import nats
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import base_parser, connect, embedded_nats, report, run
+from _common import base_parser, connect, embedded_nats, percentile, report, run
 
 from numerusd.agents.base import AgentInvocation
 from numerusd.domain import JobState, job_view
@@ -208,7 +208,7 @@ async def main(megabytes: int, rounds: int) -> None:
         asker = subprocess.Popen(ask, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
         await asyncio.sleep(3)
         out, _ = await asyncio.to_thread(asker.communicate, b"")
-        idle = sorted(json.loads(out))
+        idle = json.loads(out)
         asker = subprocess.Popen(ask, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
         plain, redacted, redacted_cpu = [], [], []
         for _ in range(rounds):
@@ -223,7 +223,7 @@ async def main(megabytes: int, rounds: int) -> None:
         dense_size = output_file(dense, megabytes // 4, DENSE)
         dense_seconds, _ = await pump_once(server, work, dense, redactor, dense.read_bytes())
         await nc.close()
-    during = sorted(json.loads(out))
+    during = json.loads(out)
     report(
         "redaction",
         mb=round(size / 1e6),
@@ -234,9 +234,9 @@ async def main(megabytes: int, rounds: int) -> None:
         dense_mb_s=round(dense_size / dense_seconds / 1e6, 1),
         pty_mb_s=round(size / pty_seconds / 1e6, 1),
         status_requests=len(during),
-        status_p50_ms=round(during[len(during) // 2], 2),
-        status_p99_ms=round(during[int(len(during) * 0.99)], 2),
-        status_idle_p99_ms=round(idle[int(len(idle) * 0.99)], 2),
+        status_p50_ms=round(percentile(during, 50), 2),
+        status_p99_ms=round(percentile(during, 99), 2),
+        status_idle_p99_ms=round(percentile(idle, 99), 2),
     )
 
 

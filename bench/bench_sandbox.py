@@ -26,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import report, run
+from _common import percentile, report, run
 
 from numerusd.agents.base import AgentProfile
 from numerusd.agents.registry import adapter_for
@@ -68,10 +68,6 @@ def executor_sandbox(root: Path) -> Sandbox:
     jail = for_agent(profile, adapter_for(profile), workdir=worktree, writable=True, hidden=(state, repo))
     assert jail is not None
     return jail
-
-
-def percentile(values: list[float], p: int) -> float:
-    return statistics.quantiles(values, n=100, method="inclusive")[p - 1]
 
 
 async def main(args: argparse.Namespace) -> None:

@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import math
 import mmap
 import shutil
 import statistics
@@ -41,7 +40,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import report, run
+from _common import percentile, report, run
 from ptyprocess import PtyProcess
 
 from numerusd.terminal import spawn
@@ -206,8 +205,7 @@ def p50(values: list[float]) -> float:
 
 
 def p99(values: list[float]) -> float:
-    """Nearest rank: the value 99% of the samples are at or below."""
-    return round(sorted(values)[math.ceil(len(values) * 0.99) - 1], 3)
+    return round(percentile(values, 99), 3)
 
 
 def figures(phases: dict[str, Samples]) -> dict[str, float]:

@@ -26,9 +26,9 @@ import nats
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import base_parser, report, run
+from _common import base_parser, percentile, report, run
 
-from numerusd.embedded_nats import EmbeddedNats
+from numerusd.embedded_nats import EmbeddedNats, daemon_login
 from numerusd.keys import Keyring
 from numerusd.protocol import events as ev
 from numerusd.protocol import subjects
@@ -126,10 +126,6 @@ async def timed_requests(nc: nats.aio.client.Client, subject: str, payload: byte
     return times
 
 
-def percentile(values: list[float], p: float) -> float:
-    return statistics.quantiles(values, n=1000)[int(p * 10) - 1]
-
-
 async def main() -> None:
     parser = base_parser(__doc__.splitlines()[0])
     parser.add_argument("--events", type=int, default=100_000)
@@ -156,7 +152,9 @@ async def main() -> None:
                 await asyncio.sleep(0.2)
             catch_up_s = time.perf_counter() - started
             c = decode_connection(connection.read_bytes())
-            nc = await nats.connect(c.url, user=c.user, password=c.password)
+            # The daemon's own login: the baseline's echo subject is in no client role's allow list.
+            user, password = daemon_login(state / "nats")
+            nc = await nats.connect(c.url, user=user, password=password)
 
             async def respond(msg: nats.aio.msg.Msg) -> None:
                 await msg.respond(b"{}")
