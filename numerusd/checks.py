@@ -15,11 +15,16 @@ from pathlib import Path
 from numerusd import processes
 from numerusd.sandbox import Sandbox
 
+#: The most of a check's output the daemon holds: its end (what the gate records is shorter still), however much a
+#: test the agent wrote prints.
+KEEP_BYTES = 64 * 1024
+
 
 async def run_check(
     cwd: Path, command: str, *, timeout: float, sandbox: Sandbox | None = None
 ) -> tuple[int | None, str, float]:
-    """Run `command` in `cwd`: its exit code (None when it ran out of `timeout` seconds), output and duration (s).
+    """Run `command` in `cwd`: its exit code (None when it ran out of `timeout` seconds), output (its last
+    `KEEP_BYTES`) and duration (s).
 
     A check runs code an agent wrote (its tests, its build), so it runs in `sandbox` as the agent did (None: as
     it is). The output of a check that ran out of time is a sentence saying so. OS errors (no such directory) are
@@ -35,6 +40,7 @@ async def run_check(
             timeout=timeout,
             merge_stderr=True,
             new_session=True,
+            keep_last=KEEP_BYTES,
         )
     except TimeoutError:
         return None, f"stopped after {timeout:g} s", time.monotonic() - started

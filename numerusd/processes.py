@@ -235,13 +235,15 @@ async def run(
     env: Mapping[str, str] | None = None,
     merge_stderr: bool = False,
     new_session: bool = False,
+    keep_last: int | None = None,
 ) -> Completed:
     """Run `argv` with stdin from /dev/null to its end: its exit, its stdout and its stderr read to end of file.
 
     `merge_stderr` sends both to one pipe, read as `stdout` in the order written (`stderr` is then empty).
     `new_session` makes the child lead a new session and process group, killed whole when it exits (see `Child`).
     After `timeout` seconds the child (with `new_session`, its group) is killed and reaped: TimeoutError. A cancelled
-    caller kills it likewise; it is reaped by the event loop a moment later.
+    caller kills it likewise; it is reaped by the event loop a moment later. `keep_last` keeps only the last that
+    many bytes of each stream (a check running an agent's code may print without end; its tail is what is read).
     """
     loop = asyncio.get_running_loop()
     out_r, out_w = os.pipe()
@@ -259,6 +261,7 @@ async def run(
             os.close(err_w)
     fds = (out_r,) if err_r == -1 else (out_r, err_r)
     output: dict[int, list[bytes]] = {fd: [] for fd in fds}
+    held: dict[int, int] = dict.fromkeys(fds, 0)
     reading = set(fds)
     ended = loop.create_future()
 
@@ -269,6 +272,10 @@ async def run(
             return
         if data:
             output[fd].append(data)
+            held[fd] += len(data)
+            if keep_last is not None and held[fd] > 2 * keep_last:  # trimmed now and then: linear in the bytes
+                kept = b"".join(output[fd])[-keep_last:]
+                output[fd], held[fd] = [kept], len(kept)
             return
         loop.remove_reader(fd)
         reading.discard(fd)
@@ -293,5 +300,9 @@ async def run(
         for fd in fds:
             loop.remove_reader(fd)
             os.close(fd)
-    stderr = b"".join(output[err_r]) if err_r != -1 else b""
-    return Completed(returncode, b"".join(output[out_r]), stderr)
+
+    def text(fd: int) -> bytes:
+        whole = b"".join(output[fd])
+        return whole if keep_last is None else whole[-keep_last:]
+
+    return Completed(returncode, text(out_r), text(err_r) if err_r != -1 else b"")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from numerusd.checks import run_check
+from numerusd.checks import KEEP_BYTES, run_check
 from tests.conftest import eventually
 from tests.test_terminal import running
 
@@ -18,6 +18,14 @@ async def test_a_check_runs_in_its_directory_with_stdout_and_stderr_as_one_text(
     assert exit_code == 3
     assert output == f"{tmp_path}\nout\nerr\nout again\n"
     assert 0 < duration < 30
+
+
+async def test_a_check_that_prints_without_end_costs_the_daemon_only_its_tail(tmp_path: Path) -> None:
+    # 200 MB of output (a test the agent wrote, say): the daemon keeps the last KEEP_BYTES, the end intact.
+    command = "head -c 200000000 /dev/zero | tr '\\0' x; echo; echo the end"
+    exit_code, output, _ = await run_check(tmp_path, command, timeout=120)
+    assert exit_code == 0
+    assert len(output) == KEEP_BYTES and output.endswith("x\nthe end\n")
 
 
 async def test_a_check_does_not_see_the_daemons_secrets(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
