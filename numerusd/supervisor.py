@@ -13,6 +13,8 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import os
+import stat
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
@@ -317,6 +319,29 @@ class TaskRun(_ProcessRun):
         await self.observe(AgentReported(task=self.task_id, events=tuple(events)))
 
 
+#: The largest answer file an agent call may write (a plan of a few hundred tasks is well under 1 MiB).
+MAX_ANSWER_BYTES = 4 * 1024 * 1024
+
+
+def read_answer(path: Path) -> str | None:
+    """The answer file an agent wrote, or None when there is none. The agent chose what lies at `path`: a
+    symlink is not followed (it could name the daemon's keys), only a regular file is read (not a FIFO that
+    blocks), and one over MAX_ANSWER_BYTES is refused (AgentError, one line) rather than read whole."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise AgentError(f"the agent's answer {path.name} cannot be read: {e.strerror}") from None
+    with os.fdopen(fd, "rb") as answer:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise AgentError(f"the agent's answer {path.name} is not a regular file")
+        if info.st_size > MAX_ANSWER_BYTES:
+            raise AgentError(f"the agent's answer is {info.st_size} bytes, over the limit of {MAX_ANSWER_BYTES} bytes")
+        return answer.read(MAX_ANSWER_BYTES).decode("utf-8", errors="replace")
+
+
 @dataclass
 class CallResult:
     """What an agent call answered: its last message (the `-o` file), its tokens, and how it ended."""
@@ -327,6 +352,8 @@ class CallResult:
     errors: list[str]
     #: Secrets replaced in what the agent printed and answered, by kind.
     redacted: dict[str, int] = field(default_factory=dict)
+    #: Why its answer file was not read (`read_answer`), if it was not.
+    unreadable: str | None = None
 
     def failure(self) -> str | None:
         """Why there is no answer to read, or None when there is one."""
@@ -336,7 +363,7 @@ class CallResult:
             detail = f": {self.errors[-1]}" if self.errors else ""
             return f"the agent ended with {self.outcome.describe()}{detail}"
         if not self.answer or not self.answer.strip():
-            return "the agent gave no answer (its last message was empty)"
+            return self.unreadable or "the agent gave no answer (its last message was empty)"
         return None
 
     def decoded(self, decode: Callable[[str], _Answer], what: str) -> _Answer | str:
@@ -378,16 +405,26 @@ class AgentCall(_ProcessRun):
             return CallResult(outcome=None, answer=None, usage=Usage(), errors=[e.message])
         outcome = await self.process.pump(collect)
         redacted = self.process.redacted
+        unreadable = None
         try:
-            written = self.answer_path.read_text(encoding="utf-8", errors="replace")
-        except FileNotFoundError:
+            written = read_answer(self.answer_path)
+        except AgentError as e:
+            written, unreadable = None, e.message
+        if written is None:
             answer = None
         else:
             answer = redacted.redactor.redact_text(written, redacted.counts)
             if answer is not written:  # the agent's file stays in the run directory: it is kept redacted too
                 self.answer_path.write_text(answer, encoding="utf-8")
         spent = Usage(input_tokens=usage[0], cached_input_tokens=usage[1], output_tokens=usage[2])
-        return CallResult(outcome=outcome, answer=answer, usage=spent, errors=errors, redacted=dict(redacted.counts))
+        return CallResult(
+            outcome=outcome,
+            answer=answer,
+            usage=spent,
+            errors=errors,
+            redacted=dict(redacted.counts),
+            unreadable=unreadable,
+        )
 
 
 class Agents:
