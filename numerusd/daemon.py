@@ -69,6 +69,9 @@ log = logging.getLogger(__name__)
 BULK_VIEWS_FROM = 10_000
 #: At least this many events in the stream: the startup replay reads it in a child process.
 PUMPED_REPLAY_FROM = 10_000
+#: The views' first pause when the bus does not answer, doubled up to the second figure while it still does not.
+PROJECTOR_RETRY_S = 0.5
+PROJECTOR_RETRY_MAX_S = 5.0
 
 
 class Daemon:
@@ -357,15 +360,27 @@ class Daemon:
                 await remove_merged(mirror, Path(job.repo), worktree)
 
     async def _project(self, address: NatsAddress) -> None:
-        try:
-            await self._load_views(address)
-            assert self.projector is not None
-            assert self.nc is not None
-            await self.projector.run(self.nc, self.should_exit, on_rejected=self._rejected)
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            log.exception("projector stopped; views are stale until restart or 'numerusd rebuild'")
+        """Keep the views following the stream. The bus going away (the embedded server restarted, an external
+        one down) only pauses them: they follow again from their stored position once it answers. Anything else
+        stops them, said in the log."""
+        pause = PROJECTOR_RETRY_S
+        while not self.should_exit.is_set():
+            try:
+                await self._load_views(address)
+                assert self.projector is not None
+                assert self.nc is not None
+                await self.projector.run(self.nc, self.should_exit, on_rejected=self._rejected)
+                return
+            except asyncio.CancelledError:
+                raise
+            except (NatsUnavailable, nats.errors.Error) as e:
+                log.warning("views paused: %s; following the stream again in %g s", e, pause)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.should_exit.wait(), pause)
+                pause = min(pause * 2, PROJECTOR_RETRY_MAX_S)
+            except Exception:
+                log.exception("projector stopped; views are stale until restart or 'numerusd rebuild'")
+                return
 
     async def _load_views(self, address: NatsAddress) -> None:
         """Views that start empty (new, lost, or dropped for a new schema) while the stream holds many events are
