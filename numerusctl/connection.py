@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import getpass
 import os
 import weakref
 from collections.abc import AsyncIterator, Awaitable
@@ -32,7 +33,7 @@ from nats.aio.client import Client
 
 from numerusd.protocol import subjects
 from numerusd.protocol.commands import DEFAULT_STATE_DIR, REPLIES, ErrorReply, Request
-from numerusd.protocol.connection import CLIENT_ROLES, FILE_NAME, decode_connection, inbox_prefix
+from numerusd.protocol.connection import CLIENT_ROLES, FILE_NAME, USER_HEADER, decode_connection, inbox_prefix
 from numerusd.protocol.exit_codes import CtlExit
 
 _HINT = "start it with 'numerusd' or pass --state-dir/--nats-url"
@@ -291,7 +292,8 @@ async def request(nc: Client, verb: str, body: Request, timeout: float) -> bytes
     """Send one request to `numerus.cmd.<verb>`; the reply's bytes, or CtlError for an error reply."""
     subject = subjects.command(verb)
     try:
-        reply = await unless_refused(nc, subject, nc.request(subject, msgspec.json.encode(body), timeout=timeout))
+        sent = nc.request(subject, msgspec.json.encode(body), timeout=timeout, headers={USER_HEADER: _user()})
+        reply = await unless_refused(nc, subject, sent)
     except nats.errors.NoRespondersError:
         raise Unreachable(f"numerusd is not running on {server_of(nc)}: nothing answers {subject}; {_HINT}") from None
     except nats.errors.TimeoutError:
@@ -306,6 +308,15 @@ async def request(nc: Client, verb: str, body: Request, timeout: float) -> bytes
             message = headers.get("Nats-Service-Error") or f"error {headers.get('Nats-Service-Error-Code')}"
         raise CtlError(message)
     return reply.data
+
+
+@functools.cache
+def _user() -> str:
+    """The OS user running numerusctl, named to the daemon for the events a command causes."""
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):  # no name for this uid (a container)
+        return str(os.getuid())
 
 
 async def unless_refused(nc: Client, subject: str, awaitable: Awaitable[_T]) -> _T:

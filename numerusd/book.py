@@ -23,6 +23,9 @@ from numerusd.event_store import EventStore
 from numerusd.protocol.envelope import Envelope, Sealed, WireEnvelope
 from numerusd.redaction import Redactor
 
+#: The fewest characters of a job id that may name it (`numerusctl status 7KQ2`).
+MIN_REF = 4
+
 
 class JobBook:
     """Every job of the stream, by id, and `decide`: the daemon's one piece of mutable state."""
@@ -39,12 +42,29 @@ class JobBook:
         """Every job as its durable events made it."""
         return self._jobs
 
-    def job(self, job_id: str) -> domain.JobState:
-        """The job, or NotFound with a hint."""
-        job = self._jobs.get(job_id)
-        if job is None:
-            raise NotFound(f"no job {job_id!r}; 'numerusctl status' lists the jobs")
-        return job
+    def job(self, ref: str) -> domain.JobState:
+        """The job `ref` names, or NotFound (none, or several) with a hint.
+
+        `ref` is a job id, `last` (the newest job), or at least MIN_REF characters of one id, from its start or its
+        end: ULIDs share their first characters for months (they begin with the time), so the end is what tells
+        jobs apart, and what a user copies from `status`.
+        """
+        job = self._jobs.get(ref)
+        if job is not None:
+            return job
+        if ref == "last":
+            if not self._jobs:
+                raise NotFound("no job yet: 'last' names the newest job; 'numerusctl run GOAL' submits one")
+            return self._jobs[max(self._jobs)]  # ULIDs sort by time
+        if len(ref) >= MIN_REF:
+            wanted = ref.upper()
+            found = [job for job_id, job in self._jobs.items() if job_id.startswith(wanted) or job_id.endswith(wanted)]
+            if len(found) == 1:
+                return found[0]
+            if found:
+                shown = ", ".join(sorted(job.id for job in found)[:3]) + (", …" if len(found) > 3 else "")
+                raise NotFound(f"{ref!r} names {len(found)} jobs ({shown}); give more of the id")
+        raise NotFound(f"no job {ref!r}; 'numerusctl status' lists the jobs")
 
     def fold(self, event: Envelope | WireEnvelope) -> None:
         """Fold an event read from the stream or the WAL (a replay), its payload decoded only if needed."""

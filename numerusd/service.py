@@ -13,6 +13,7 @@ logged with the request's subject and size and answered with a small `reply_too_
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -31,6 +32,7 @@ from numerusd.handlers import HANDLERS
 from numerusd.handlers.context import Context
 from numerusd.protocol import commands, subjects
 from numerusd.protocol.commands import REQUESTS, ErrorReply
+from numerusd.protocol.connection import USER_HEADER, asker
 from numerusd.protocol.ids import new_ulid
 
 log = logging.getLogger(__name__)
@@ -97,7 +99,8 @@ def _endpoint(
                     f"the {verb} request is {len(data)} bytes, over the limit of {max_request} bytes "
                     "(max_request_bytes; a goal may hold at most 128 KiB)"
                 )
-            reply = await handler(context, decode_request(verb, data))
+            asked = dataclasses.replace(context, asker=_asker(request))
+            reply = await handler(asked, decode_request(verb, data))
         except NumerusError as e:
             if isinstance(e, BadRequest):
                 await dead_letters.keep("cmd", e.code, data, e.message)
@@ -111,6 +114,13 @@ def _endpoint(
         await _respond(nc, request, verb, reply)
 
     return endpoint
+
+
+def _asker(request: Request) -> str:
+    """Who sent `request`: the user its header names, the role its reply inbox proves. nats-py's micro Request
+    does not expose the reply subject, so it is read from the message it wraps."""
+    reply = getattr(getattr(request, "_msg", None), "reply", None)
+    return asker((request.headers or {}).get(USER_HEADER), reply)
 
 
 async def _respond(nc: Client, request: Request, verb: str, reply: msgspec.Struct) -> None:

@@ -45,3 +45,5 @@ class Context:
     history: History
     #: Why planned jobs cannot run here (no git, or one too old for merges without a checkout), if so.
     git_problem: str | None = None
+    #: Who sent the request being handled (`protocol.connection.asker`): recorded in the events it causes.
+    asker: str = "numerusd"

@@ -276,8 +276,21 @@ REPLIES: dict[str, type[msgspec.Struct]] = {
 #: Where the daemon keeps its state (and `connection.json`) when neither a flag nor NUMERUS_STATE_DIR says.
 DEFAULT_STATE_DIR = "~/.local/state/numerus"
 
-#: Where a job is: its planner is asked, its tasks run, the queen revises its plan, then how it ended.
-JobStatus = Literal["planning", "running", "replanning", "completed", "failed", "killed", "interrupted"]
+#: Where a job is: waiting for an agent slot of the daemon (queued), its planner is asked, it waits for an
+#: approval, its tasks run, the queen revises its plan, held by the operator (paused), then how it ended.
+#: `interrupted` (the daemon stopped under it) is not an end: the job resumes, at start or when asked.
+JobStatus = Literal[
+    "queued",
+    "planning",
+    "awaiting_approval",
+    "running",
+    "replanning",
+    "paused",
+    "completed",
+    "failed",
+    "killed",
+    "interrupted",
+]
 #: Where a task is: pending, waiting (NO GO), granted (GO), running (its agent), checking (the gate), retrying,
 #: merging, then how it ended.
 TaskStatus = Literal[
@@ -288,6 +301,7 @@ TaskStatus = Literal[
     "checking",
     "retrying",
     "merging",
+    "awaiting_approval",
     "completed",
     "failed",
     "killed",

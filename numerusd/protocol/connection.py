@@ -32,6 +32,22 @@ def inbox_prefix(role: str) -> str:
     return f"_INBOX_{role}"
 
 
+#: The header in which numerusctl names the OS user who asked; the daemon records it with the bus role it asked as.
+USER_HEADER = "Numerus-User"
+
+
+def asker(user: str | None, reply_subject: str | None) -> str:
+    """Who asked, as recorded in events (`alice (operator)`): the OS user the client names (`USER_HEADER`, taken
+    on its word, cut to one short token) and the bus role its reply inbox proves (a role may read only its own,
+    see `inbox_prefix`); `?` for what is not known."""
+    name = "".join(c for c in (user or "")[:64] if c.isalnum() or c in "._-@") or "?"
+    role = "?"
+    for candidate in CLIENT_ROLES:
+        if (reply_subject or "").startswith(inbox_prefix(candidate) + "."):
+            role = candidate
+    return f"{name} ({role})"
+
+
 class RoleLogin(msgspec.Struct, frozen=True, kw_only=True):
     """The user and password of one client role."""
 
