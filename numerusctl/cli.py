@@ -6,7 +6,10 @@
     numerusctl status [JOB] [--limit N | --all]
     numerusctl logs JOB [--task T] [-f] [--raw]
     numerusctl events [JOB] [-f]
-    numerusctl kill JOB
+    numerusctl kill JOB [TASK]
+    numerusctl resume JOB
+    numerusctl retry JOB [TASK]...
+    numerusctl skip JOB TASK
     numerusctl audit verify [JOB] [--key-file F] [--expect-head DIGEST] [--finished]
 
 `run` plans the goal into tasks (planner), lets each claim its files (GO / NO GO), runs them in worktrees
@@ -70,8 +73,14 @@ from numerusd.protocol.commands import (
     KillReply,
     LogsReply,
     PlanReply,
+    ResumeJob,
+    ResumeReply,
+    RetryJob,
+    RetryReply,
     RunJob,
     RunReply,
+    SkipReply,
+    SkipTask,
     StatusReply,
 )
 from numerusd.protocol.connection import CLIENT_ROLES
@@ -168,6 +177,12 @@ def _token(_ctx: click.Context, param: click.Parameter, value: str | None) -> st
             f"{value!r} is not an id (letters, digits, '_' and '-' only, not starting with '-')", param=param
         )
     return value
+
+
+def _tokens(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> tuple[str, ...]:
+    for value in values:
+        _token(ctx, param, value)
+    return values
 
 
 class _Numerusctl(click.Group):
@@ -656,28 +671,91 @@ def events(ctx: click.Context, job: str | None, follow: bool, as_json: bool) -> 
 
 @cli.command()
 @click.argument("job", callback=_token)
+@click.argument("task", required=False, callback=_token)
 @json_option
 @click.pass_context
-def kill(ctx: click.Context, job: str, as_json: bool) -> None:
-    """Stop JOB: its agents get TERM, then KILL, and the job ends as killed."""
+def kill(ctx: click.Context, job: str, task: str | None, as_json: bool) -> None:
+    """Stop JOB: its agents get TERM, then KILL, and the job ends as killed.
+
+    With TASK, that task alone: its agent is stopped, it ends killed, and the tasks that depend on it are skipped
+    (`numerusctl retry JOB TASK` brings them all back).
+    """
     opts = _options(ctx, as_json)
 
     async def body(nc: Client) -> int:
-        data = await request(nc, "kill", KillJob(job=job), opts.timeout)
+        data = await request(nc, "kill", KillJob(job=job, task=task), opts.timeout)
         reply: KillReply = decode_reply("kill", data)
-        _out(data.decode() if opts.json else render.kill_text(reply))
+        _out(data.decode() if opts.json else render.kill_text(reply, task))
+        return 0
+
+    _run(_with_daemon(opts, body))
+
+
+@cli.command()
+@click.argument("job", callback=_token)
+@json_option
+@click.pass_context
+def resume(ctx: click.Context, job: str, as_json: bool) -> None:
+    """Go on with JOB, interrupted by a daemon stop: each task from its last recorded step.
+
+    numerusd resumes interrupted jobs itself when it starts, unless its config says `resume = "manual"`.
+    """
+    opts = _options(ctx, as_json)
+
+    async def body(nc: Client) -> int:
+        data = await request(nc, "resume", ResumeJob(job=job), opts.timeout)
+        reply: ResumeReply = decode_reply("resume", data)
+        _out(data.decode() if opts.json else f"job {reply.job}: resumed, {reply.status}")
+        return 0
+
+    _run(_with_daemon(opts, body))
+
+
+@cli.command()
+@click.argument("job", callback=_token)
+@click.argument("tasks", metavar="[TASK]...", nargs=-1, callback=_tokens)
+@json_option
+@click.pass_context
+def retry(ctx: click.Context, job: str, tasks: tuple[str, ...], as_json: bool) -> None:
+    """Run tasks of JOB again: those named, else every failed, killed or interrupted one.
+
+    Each gets new attempts (as many as a new task) from the integration branch's tip, with what failed before told
+    to its agent; the tasks skipped because of it run again too, and an ended job reopens.
+    """
+    opts = _options(ctx, as_json)
+
+    async def body(nc: Client) -> int:
+        data = await request(nc, "retry", RetryJob(job=job, tasks=list(tasks)), opts.timeout)
+        reply: RetryReply = decode_reply("retry", data)
+        _out(data.decode() if opts.json else f"job {reply.job}: retrying {', '.join(reply.tasks)}; {reply.status}")
+        return 0
+
+    _run(_with_daemon(opts, body))
+
+
+@cli.command()
+@click.argument("job", callback=_token)
+@click.argument("task", callback=_token)
+@json_option
+@click.pass_context
+def skip(ctx: click.Context, job: str, task: str, as_json: bool) -> None:
+    """Skip TASK of JOB: it will not run, and the tasks that depend on it run without it.
+
+    A failed, killed or waiting task can be skipped; a running one is killed first (`numerusctl kill JOB TASK`).
+    """
+    opts = _options(ctx, as_json)
+
+    async def body(nc: Client) -> int:
+        data = await request(nc, "skip", SkipTask(job=job, task=task), opts.timeout)
+        reply: SkipReply = decode_reply("skip", data)
+        again = f"; {', '.join(reply.tasks)} run again" if reply.tasks else ""
+        _out(data.decode() if opts.json else f"job {reply.job}: {reply.task} skipped{again}; {reply.status}")
         return 0
 
     _run(_with_daemon(opts, body))
 
 
 # --- clean ----------------------------------------------------------------------------------------------------
-
-
-def _tokens(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> tuple[str, ...]:
-    for value in values:
-        _token(ctx, param, value)
-    return values
 
 
 @cli.command()

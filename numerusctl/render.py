@@ -127,7 +127,7 @@ def job_detail(job: JobView, now: datetime) -> str:
     """`status JOB`: the job's fields, then its tasks (for a planned job, how each stands in the pipeline)."""
     fields = [
         ("job", job.id),
-        ("status", job.status + (f" ({job.reason})" if job.reason else "")),
+        ("status", job.status + (f" ({job.reason})" if job.reason else "") + (f"; {job.next}" if job.next else "")),
         ("goal", job.goal),
         ("repo", job.repo),
         ("agent", job.agent),
@@ -239,11 +239,12 @@ def plan_text(reply: PlanReply) -> str:
     return f"{drawing}\n\n{statuses}" if reply.statuses else drawing
 
 
-def kill_text(reply: KillReply) -> str:
-    """What `kill` did."""
+def kill_text(reply: KillReply, task: str | None = None) -> str:
+    """What `kill` did (of one task, when `task` is given)."""
+    what = f"job {reply.job}" if task is None else f"task {task} of job {reply.job}"
     if not reply.tasks:
-        return f"job {reply.job}: kill recorded; no agent was running"
-    return f"job {reply.job}: stopping {', '.join(reply.tasks)}"
+        return f"{what}: kill recorded; no agent was running"
+    return f"{what}: stopping {', '.join(reply.tasks)}"
 
 
 def clean_text(reply: CleanReply) -> str:

@@ -77,10 +77,19 @@ def summary(type_name: str, data: Any) -> str:
             text = removed(worktrees, branches, bool(get("logs")), get("freed_bytes") or 0)
         case "MergeStarted":
             text = f"merging {_sha(get('task_sha'))} into {get('integration')} at {_sha(get('parent'))}"
+        case "KillRequested" | "TaskKillRequested":
+            text = f"kill requested by {get('by')}" if get("by") else str(get("reason") or "kill requested")
+        case "JobInterrupted":
+            text = str(get("reason")) + (f"; {get('next')}" if get("next") else "")
+        case "JobResumed" | "JobReopened":
+            text = f"{type_name.removeprefix('Job').lower()} by {get('by') or 'a user'}"
+        case "TaskRetryRequested":
+            text = f"retry asked by {get('by') or 'a user'}" + (f": {get('reason')}" if get("reason") else "")
         case _:
-            # Reasons, and any payload this numerusctl does not know yet: its fields, compactly.
+            # Reasons, and any payload this numerusctl does not know yet: its fields (those set), compactly.
+            shown = {key: value for key, value in d.items() if value not in ("", None, False, [], {})}
             reason = get("reason")
-            text = str(reason) if isinstance(reason, str) and len(d) == 1 else _compact(d)
+            text = str(reason) if isinstance(reason, str) and set(shown) <= {"reason"} else _compact(shown)
     return cut(text, SUMMARY_WIDTH)
 
 
@@ -240,8 +249,11 @@ def progress_line(job: str, type_name: str, task: str | None, data: Any) -> str 
             return f"task {task} completed"
         case "TaskFailed" | "TaskKilled" | "TaskInterrupted" | "TaskSkipped":
             return f"task {task} {type_name.removeprefix('Task').lower()}{reason}"
-        case "KillRequested":
-            return f"kill requested{reason}"
+        case "KillRequested" | "TaskKillRequested":
+            return f"{'job' if task is None else 'task ' + task} kill requested by {d.get('by') or 'a user'}"
+        case "JobResumed" | "JobReopened" | "TaskRetryRequested":
+            who = "job " + job if task is None else "task " + task
+            return f"{who} {summary(type_name, d)}"
         case "JobCompleted":
             return f"job {job} completed"
         case "JobFailed" | "JobKilled" | "JobInterrupted":

@@ -140,6 +140,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     claims: Literal["agent", "plan"] = "agent"
     #: A running planned job in which no task completes for this long asks the queen for a revised plan.
     stall_timeout_s: Annotated[float, msgspec.Meta(gt=0)] = 1800.0
+    #: What happens to jobs a daemon stop interrupted: `auto`, they go on when numerusd starts again; `manual`,
+    #: they wait, `interrupted`, for `numerusctl resume JOB`.
+    resume: Literal["auto", "manual"] = "auto"
     #: Times the queen may revise a job's plan when one of its tasks fails for good (0: never ask her).
     max_replans: Annotated[int, msgspec.Meta(ge=0, le=10)] = 1
     #: A task's agent is stopped after this long in all, or after this long without printing anything.

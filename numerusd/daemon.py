@@ -1,14 +1,15 @@
 """The daemon's lifecycle: what it starts, in which order, and how it stops.
 
-`startup()` connects to NATS (starting the embedded server when no URL is configured), makes sure the streams
-exist, replays the stream into the job book, republishes what the write-ahead log holds and the stream does
-not, reconciles jobs that were under way when the previous daemon died (they become `interrupted`), then starts
-the projector and the command service. `serve()` then waits for a signal, which only sets a flag. `shutdown()`
-stops the runner (agents and pipelines; their jobs are recorded `interrupted`), waits for every event to be
-acknowledged, and closes what startup opened.
+`startup()` connects to NATS (starting the embedded server when no URL is configured), makes sure the streams exist,
+replays the stream into the job book, republishes what the write-ahead log holds and the stream does not, reconciles
+jobs that were under way when the previous daemon died (they become `interrupted`), then starts the projector and
+the command service, and resumes the interrupted jobs (unless `resume = "manual"`). `serve()` then waits for a
+signal, which only sets a flag. `shutdown()` stops the runner (agents and pipelines; their jobs are recorded
+`interrupted`), waits for every event to be acknowledged, and closes what startup opened.
 
 Signals as uvicorn handles them: the first SIGINT or SIGTERM asks for a graceful stop (agents get
-`kill_grace_s` to end); a second one forces it (agents are killed at once, pipelines cancelled).
+`kill_grace_s` to end); a second one forces it (agents are killed at once, pipelines cancelled). Either way the
+jobs under way are recorded `interrupted`, to go on when a daemon starts again.
 
 The parts it wires together, each behind its own seam: the job book (`book.py`: state, and `decide` to change
 it), the runner (`runner.py`: pipelines and agents), the command service (`service.py`, handlers given a
@@ -37,7 +38,7 @@ from numerusd.breaker import CircuitBreaker
 from numerusd.checkouts import CHECKOUTS_SUFFIX, Checkouts
 from numerusd.config import NatsAddress, Settings, write_connection_file
 from numerusd.dead_letters import DeadLetters
-from numerusd.domain.observations import Interrupted, Merged
+from numerusd.domain.observations import Interrupted, Merged, Resume
 from numerusd.embedded_nats import EmbeddedNats
 from numerusd.errors import NatsUnavailable, NumerusError
 from numerusd.event_store import EventStore
@@ -169,6 +170,8 @@ class Daemon:
             settings=settings, book=book, jobs=runner, history=EventHistory(nc), git_problem=self.git_problem
         )
         self._service = await start_service(nc, context, self.dead_letters)
+        if settings.resume == "auto":
+            await self._resume_interrupted()
         # Clients get the logins of their roles, never the daemon's own (an external server's are what we were given).
         roles = dict(self.embedded.clients) if self.embedded is not None else {}
         client = roles.get("operator", address)
@@ -199,7 +202,7 @@ class Daemon:
         if self.store is not None:
             if self.book is not None:
                 for job in list(self.book.jobs.values()):
-                    await self.book.decide(job.id, Interrupted(reason="numerusd stopped"))
+                    await self.book.decide(job.id, self._interrupted("numerusd stopped"))
             try:
                 await self.store.flush(timeout=10)
             except Exception as e:  # the WAL has them: they are republished on the next start
@@ -312,12 +315,27 @@ class Daemon:
             count += 1
         return count
 
+    def _interrupted(self, reason: str) -> Interrupted:
+        """What a daemon stop records of a job under way, saying what happens next."""
+        if self.settings.resume == "auto":
+            return Interrupted(reason=reason, next="it goes on when numerusd starts")
+        return Interrupted(reason=reason, next="it waits for 'numerusctl resume'")
+
+    async def _resume_interrupted(self) -> None:
+        """With `resume = "auto"`: every interrupted job goes on, oldest first, each from its last recorded step."""
+        assert self.book is not None and self.runner is not None
+        for job in sorted(self.book.jobs.values(), key=lambda job: job.id):
+            if job.status == "interrupted":
+                await self.book.decide(job.id, Resume(by="numerusd (resume = auto)"))
+                self.runner.start(job.id)
+                log.info("job %s resumed", job.id)
+
     async def _reconcile(self) -> None:
         """Jobs that were under way when the previous daemon died: stop what is left of their agents, and record
-        them interrupted.
+        them interrupted (their running agents' attempts cut; everything else as it was, to go on from there).
 
         A merge that was started and not recorded as done is looked up in git first: if it happened, it is
-        recorded (never repeated); if not, the task is interrupted like the others.
+        recorded (never repeated); if not, the merge is made when the job resumes.
         """
         assert self.book is not None
         for job in list(self.book.jobs.values()):
@@ -327,7 +345,7 @@ class Daemon:
             for task in domain.running_tasks(job):
                 if task.pid is not None and await asyncio.to_thread(kill_leftover, task.pid, task.start_ticks):
                     log.info("stopped leftover agent pid %d of %s/%s", task.pid, job.id, task.id)
-            await self.book.decide(job.id, Interrupted(reason="numerusd stopped while the agent was running"))
+            await self.book.decide(job.id, self._interrupted("numerusd stopped while the job was under way"))
 
     async def _sweep_checkouts(self) -> None:
         """Remove the read-only checkouts of jobs that ended while a daemon stopped before removing them (a

@@ -166,6 +166,8 @@ class JobPipeline:
                 return
             if not in_place:
                 await self.integration_branch()
+            if self.job.status == "replanning":
+                await self.replan()  # asked before the daemon stopped, not answered yet
             self.start_flows()
             watch = asyncio.create_task(self._watch_progress(), name=f"{self.job_id} progress")
             self.flows["-progress"] = watch  # cancelled with the flows; never ends on its own
@@ -207,9 +209,10 @@ class JobPipeline:
         await self.agents.terminate(self.job_id)
 
     def start_flows(self) -> None:
-        """A flow for every pending task that has none (the plan's tasks, then those a revised plan adds)."""
+        """A flow for every unfinished task that has none: the plan's tasks, those a revised plan adds, those
+        retried, and, when a job resumes, each from its last recorded step."""
         for task in self.job.tasks.values():
-            if task.status == "pending" and task.id not in self.flows:
+            if task.status not in domain.TASK_DONE and task.id not in self.flows:
                 self.flows[task.id] = asyncio.create_task(self.task_flow(task.id), name=f"{self.job_id}/{task.id}")
 
     async def poke(self) -> None:
@@ -362,31 +365,42 @@ class JobPipeline:
             self.ahead.give_back(task_id)  # kept by a claim whose executor will not run (failed, killed)
 
     async def _task_flow(self, task_id: str) -> None:
-        await self.until(lambda job: job.status in JOB_DONE or _settled(job, task_id))
-        if self.job.tasks[task_id].status != "pending":
-            return  # skipped, dropped or killed meanwhile
-        await self.observe(TaskReady(task=task_id))  # killed, or skipped for a dependency that did not complete
-        if self.job.tasks[task_id].status != "pending":
-            return
-        if self.job.claims != "none":
-            if not await self.claim(task_id):
+        """From the task's status: a pending task waits for its dependencies and claims, a waiting one for its
+        GO; then attempts until one merges. A task whose attempt a daemon stop cut goes on from its last recorded
+        step: its gate or merge (`finish_attempt`), else a new attempt (resuming its agent's thread if it can)."""
+        status = self.job.tasks[task_id].status
+        if status == "pending":
+            await self.until(lambda job: job.status in JOB_DONE or _settled(job, task_id))
+            if self.job.tasks[task_id].status != "pending":
+                return  # skipped, dropped or killed meanwhile
+            await self.observe(TaskReady(task=task_id))  # killed, or skipped for a dependency that did not complete
+            if self.job.tasks[task_id].status != "pending":
                 return
+            if self.job.claims != "none" and not await self.claim(task_id):
+                return
+        if self.job.claims != "none" and self.job.tasks[task_id].status in ("pending", "waiting"):
             if task_id not in self.job.lock_holds:
                 self.ahead.give_back(task_id)  # NO GO: it waits for the holder without keeping others from asking
             await self.until(
                 lambda job: (
-                    task_id in job.lock_holds or job.tasks[task_id].status in domain.TASK_DONE or job.kill_requested
+                    task_id in job.lock_holds
+                    or job.tasks[task_id].status in domain.TASK_DONE
+                    or job.kill_requested
+                    or job.tasks[task_id].kill_requested
                 )
             )
-            if self.job.tasks[task_id].status in domain.TASK_DONE:
-                return
+        finishing = status in ("checking", "merging")
         while True:
-            if self.job.kill_requested:
+            task = self.job.tasks[task_id]
+            if task.status in domain.TASK_DONE:
+                return  # skipped or killed by a user meanwhile
+            if self.job.kill_requested or task.kill_requested:
                 await self.observe(StoppedForKill(task=task_id))
                 return
             fresh = False
             try:
-                reasons = await self.attempt(task_id)
+                reasons = await (self.finish_attempt(task_id) if finishing else self.attempt(task_id))
+                finishing = False
             except git.RefMoved:
                 raise  # the integration branch moved under the job: no attempt of any task can merge now
             except git.GitError as e:  # one task's git trouble is that task's failed attempt, not the job's end
@@ -450,13 +464,18 @@ class JobPipeline:
         return False
 
     async def attempt(self, task_id: str) -> list[str] | None:
-        """One attempt with GO in hand: run, gate, merge (in place: run). None when done; else why it failed."""
+        """One attempt with GO in hand: run, gate, merge (in place: run). None when done; else why it failed.
+
+        An attempt a daemon stop cut goes on in its agent's thread when the agent said one (`codex exec resume`),
+        with the same prompt's header and a word that it was interrupted; else it is a new attempt."""
         job, task = self.job, self.job.tasks[task_id]
-        number = task.next_attempt
+        thread = task.resumable_thread
+        number = task.attempt if thread else task.next_attempt
         if job.in_place:
-            why = await self.execute(task_id, self.repo, task.instructions, number)
+            prompt = prompts.resumed(task.instructions) if thread else task.instructions
+            why = await self.execute(task_id, self.repo, prompt, number, resume=thread)
             self._check_stopping()
-            if self.job.kill_requested:
+            if self._killing(task_id):
                 return ["killed"]  # even if the agent ended well meanwhile: the task stops, as in a worktree
             if why is not None:
                 return [why]
@@ -466,9 +485,11 @@ class JobPipeline:
         prompt = prompts.executor(
             self.job_id, task_id, task.title, task.instructions, number, task.claim, task.feedback
         )
-        why = await self.execute(task_id, worktree.path, prompt, number)
+        if thread:
+            prompt = prompts.resumed(prompt)
+        why = await self.execute(task_id, worktree.path, prompt, number, resume=thread)
         self._check_stopping()
-        if self.job.kill_requested:
+        if self._killing(task_id):
             return ["killed"]
         if why is not None:
             return [why]
@@ -476,11 +497,36 @@ class JobPipeline:
         work = await git.commit_work(worktree, message, author=AUTHOR)
         listed = tuple(f"{change.kind} {change.path}" for change in work.changes)
         await self.observe(WorkCommitted(task=task_id, commit=work.commit, changes=listed))
+        return await self._gate_and_merge(task_id, worktree, work)
+
+    async def _gate_and_merge(self, task_id: str, worktree: git.Worktree, work: git.Work) -> list[str] | None:
         reasons = await self.gate(task_id, worktree, work.changes)
         await self.observe(GateDone(task=task_id, reasons=tuple(reasons)))
         if reasons:
             return reasons
         return await self.merge(task_id, worktree, work.commit)
+
+    async def finish_attempt(self, task_id: str) -> list[str] | None:
+        """Go on with an attempt whose work was committed before a daemon stop: its gate (the checks that passed
+        and a passing review are not run again), or its merge. None when merged; else why it failed."""
+        task = self.job.tasks[task_id]
+        if task.worktree is None or task.branch is None or task.base_sha is None or task.commit is None:
+            return ["the daemon stopped during the gate and the attempt's work was not recorded"]
+        worktree = git.Worktree(Path(task.worktree), task.branch, task.base_sha)
+        if not worktree.path.is_dir():
+            return [f"the daemon stopped during the gate and the worktree {worktree.path} is gone"]
+        if task.status == "merging":
+            return await self.merge(task_id, worktree, task.commit)
+        if self.settings.agents[task.agent].commands == "claimed":
+            # What the agent ran was observed as it ran, and not kept across the stop: it cannot be checked now.
+            return ["the daemon stopped during the gate, and the commands the agent ran cannot be checked now"]
+        work = await git.commit_work(worktree, f"{task_id}: {task.title}", author=AUTHOR)  # nothing new: its tip
+        if work.commit != task.commit:
+            return [f"the worktree changed after its work was committed ({task.commit[:12]} -> {work.commit[:12]})"]
+        return await self._gate_and_merge(task_id, worktree, work)
+
+    def _killing(self, task_id: str) -> bool:
+        return self.job.kill_requested or self.job.tasks[task_id].kill_requested
 
     async def worktree(self, task_id: str) -> git.Worktree:
         """The task's worktree: the one it has, or a new one from the integration branch's tip (the first time,
@@ -504,18 +550,27 @@ class JobPipeline:
         )
         return created
 
-    async def execute(self, task_id: str, workdir: Path, prompt: str, attempt: int) -> str | None:
-        """Run the executor in `workdir`; why the run failed, or None when it exited 0."""
+    async def execute(
+        self, task_id: str, workdir: Path, prompt: str, attempt: int, *, resume: str | None = None
+    ) -> str | None:
+        """Run the executor in `workdir` (going on in the agent thread `resume`); why the run failed, or None when
+        it exited 0."""
         task = self.job.tasks[task_id]
         profile = self.settings.agents[task.agent]
         adapter = adapter_for(profile)
         run_dir = self.settings.runs_dir / self.job_id / task_id
+        log_name = f"attempt-{attempt}.log" if resume is None else f"attempt-{attempt}-resumed-{task.resumed + 1}.log"
         process = self.agents.process(
             adapter=adapter,
-            invocation=AgentInvocation(prompt=prompt, repo=workdir),
+            invocation=AgentInvocation(
+                prompt=prompt,
+                repo=workdir,
+                resume_thread=resume,
+                usage_baseline=task.thread_tokens if resume else (0, 0, 0),
+            ),
             extra_env=dict(profile.env),
             cwd=run_dir,
-            log_path=run_dir / f"attempt-{attempt}.log",
+            log_path=run_dir / log_name,
             subject=subjects.task_log(self.job_id, task_id),
             # Its work directory writable (in place: the repository itself), its git metadata read-only.
             sandbox=sandbox.for_agent(

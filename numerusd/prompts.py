@@ -169,3 +169,13 @@ def queen(
     if errors:
         parts += _refused("answer", errors)
     return "\n".join(parts) + "\n"
+
+
+def resumed(prompt: str) -> str:
+    """The message that resumes an agent's thread after a daemon stop cut it: the prompt's first line (its role,
+    job, task and attempt, as every prompt starts), then a word to go on; the thread holds the instructions."""
+    first = prompt.split("\n", 1)[0]
+    return (
+        f"{first}\n\nResumed: you were stopped in the middle of this task (Numerus restarted). Your work so far is "
+        "where you left it. Go on from there and finish the task as first asked.\n"
+    )

@@ -38,9 +38,10 @@ class Runner:
         self._tasks: set[asyncio.Task[Any]] = set()
 
     def start(self, job_id: str) -> None:
-        """Run the job's pipeline, unless it runs already, the job has ended, or the daemon is stopping."""
+        """Run the job's pipeline, unless it runs already, the job has ended or waits to be resumed, or the daemon
+        is stopping."""
         job = self.book.jobs[job_id]
-        if job_id in self._pipelines or job.status in JOB_DONE or self.stopping.is_set():
+        if job_id in self._pipelines or job.status in (*JOB_DONE, "interrupted") or self.stopping.is_set():
             return
         pipeline = JobPipeline(
             job_id, book=self.book, settings=self.settings, agents=self.agents, stopping=self.stopping
@@ -48,16 +49,32 @@ class Runner:
         self._pipelines[job_id] = pipeline
         self._spawn(self._run(pipeline), name=f"pipeline {job_id}")
 
+    def wake(self, job_id: str) -> None:
+        """The job has new work (resumed, tasks retried or skipped): its pipeline takes it, or one starts."""
+        pipeline = self._pipelines.get(job_id)
+        if pipeline is None:
+            self.start(job_id)
+            return
+        pipeline.start_flows()
+        self._spawn(pipeline.poke(), name=f"wake {job_id}")
+
     async def _run(self, pipeline: JobPipeline) -> None:
+        events = self.book.jobs[pipeline.job_id].events
         try:
             await pipeline.run()
         finally:
             self._pipelines.pop(pipeline.job_id, None)
+        # Work given to the job as its pipeline was ending (a retry, a skip) finds no pipeline to take it: the
+        # job has not ended, so it runs again. Only after progress, so a pipeline that cannot go on never spins.
+        job = self.book.jobs[pipeline.job_id]
+        if job.status not in JOB_DONE and job.events != events:
+            self.start(pipeline.job_id)
 
-    def stop_agents(self, job_id: str) -> list[str]:
-        """Stop the job's running agents in the background; the tasks (or calls) being stopped, by name."""
-        names = [name for name, _ in self.agents.of_job(job_id)]
-        self._spawn(self.agents.terminate(job_id), name=f"kill {job_id}")
+    def stop_agents(self, job_id: str, task: str | None = None) -> list[str]:
+        """Stop the job's running agents (or one task's) in the background; the tasks (or calls) being stopped,
+        by name."""
+        names = [name for name, _ in self.agents.of_job(job_id) if task is None or name.split(".")[0] == task]
+        self._spawn(self.agents.terminate(job_id, task=task), name=f"kill {job_id}")
         pipeline = self._pipelines.get(job_id)
         if pipeline is not None:
             self._spawn(pipeline.poke(), name=f"wake {job_id}")

@@ -294,7 +294,11 @@ class TaskRun(_ProcessRun):
         process.cwd.mkdir(parents=True, exist_ok=True)
         await self.observe(
             AgentStarting(
-                task=task_id, argv=tuple(process.argv), workdir=str(process.cwd), log_path=str(process.log_path)
+                task=task_id,
+                argv=tuple(process.argv),
+                workdir=str(process.cwd),
+                log_path=str(process.log_path),
+                resumes=process.invocation.resume_thread,
             )
         )
         try:
@@ -492,8 +496,15 @@ class Agents:
         """The job's agents running now (None: every job's), by name."""
         return [(name, run) for (job, name), run in self._running.items() if job_id in (None, job)]
 
-    async def terminate(self, job_id: str | None = None, *, grace: float | None = None) -> None:
-        """Stop the agents of one job (or all of them): TERM, then KILL after `grace` (default: kill_grace_s)."""
-        runs = [run for (job, _), run in self._running.items() if job_id in (None, job)]
+    async def terminate(
+        self, job_id: str | None = None, *, grace: float | None = None, task: str | None = None
+    ) -> None:
+        """Stop the agents of one job (or all of them; or of one task of the job: its executor, its claim and
+        review calls): TERM, then KILL after `grace` (default: kill_grace_s)."""
+        runs = [
+            run
+            for (job, name), run in self._running.items()
+            if job_id in (None, job) and (task is None or name.split(".")[0] == task)
+        ]
         grace = self.kill_grace_s if grace is None else grace
         await asyncio.gather(*(run.terminate(grace) for run in runs), return_exceptions=True)

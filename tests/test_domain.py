@@ -15,11 +15,12 @@ from numerusd.domain.observations import (
     AttemptFailed,
     FinishedInPlace,
     Interrupted,
+    Kill,
+    Resume,
     SubmitJob,
     WorkCommitted,
 )
 from numerusd.errors import BadRequest, CommandRefused, InvalidTransition
-from numerusd.protocol.commands import KillJob
 from numerusd.protocol.envelope import Envelope, InvalidEvent, decode_wire
 from numerusd.protocol.events import (
     AgentCommandExecuted,
@@ -116,7 +117,7 @@ def test_nonzero_exit_fails_with_reason():
 
 def test_kill_of_running_job_waits_for_the_agent_then_records_killed():
     job = started_job()
-    decision = domain.decide(job, KillJob(job="J"))
+    decision = domain.decide(job, Kill())
     assert [type(d) for _, d in decision] == [KillRequested]
     job = apply(job, "J", decision)
     assert job.status == "running" and job.kill_requested
@@ -124,12 +125,12 @@ def test_kill_of_running_job_waits_for_the_agent_then_records_killed():
     assert job.tasks["t1"].status == "killed"
     assert job.status == "killed"
     with pytest.raises(CommandRefused, match="already killed"):
-        domain.decide(job, KillJob(job="J"))
+        domain.decide(job, Kill())
 
 
 def test_kill_of_job_not_yet_started_is_immediate():
     job = decide(None, IN_PLACE)
-    decision = domain.decide(job, KillJob(job="J"))
+    decision = domain.decide(job, Kill())
     assert [type(d) for _, d in decision] == [KillRequested, TaskKilled, JobKilled]
     assert apply(job, "J", decision).status == "killed"
 
@@ -141,12 +142,14 @@ def test_restart_marks_running_task_interrupted_never_completed():
     assert domain.decide(job, Interrupted(reason="again")) == []
 
 
-def test_an_interrupted_job_leaves_no_task_pending():
-    """A task that never started reads `interrupted` with its job, not `pending` (it was a defect)."""
+def test_an_interrupted_job_keeps_a_task_that_never_started_pending_and_resumes_where_it_was():
+    """Only the attempts a stop cut are interrupted: a task that never started goes on from pending."""
     job = decide(None, IN_PLACE)
-    job = decide(job, Interrupted(reason="numerusd stopped"))
-    assert (job.status, job.tasks["t1"].status) == ("interrupted", "interrupted")
-    assert job.tasks["t1"].reason == "numerusd stopped"
+    job = decide(job, Interrupted(reason="numerusd stopped", next="it goes on when numerusd starts"))
+    assert (job.status, job.tasks["t1"].status) == ("interrupted", "pending")
+    assert (job.reason, job.next) == ("numerusd stopped", "it goes on when numerusd starts")
+    job = decide(job, Resume(by="numerusd"))
+    assert (job.status, job.next) == ("running", None)
 
 
 def test_restart_leaves_finished_jobs_alone():

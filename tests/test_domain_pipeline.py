@@ -12,6 +12,7 @@ from numerusd.domain.observations import (
     AttemptFailed,
     ClaimAnswered,
     GateDone,
+    Kill,
     Merged,
     PipelineFailed,
     PlanAnswered,
@@ -24,7 +25,6 @@ from numerusd.domain.observations import (
 from numerusd.errors import InvalidTransition
 from numerusd.locks import claim_locks
 from numerusd.protocol.claims import Claim, ClaimedPath
-from numerusd.protocol.commands import KillJob
 from numerusd.protocol.events import (
     ClaimDenied,
     ClaimGranted,
@@ -196,7 +196,7 @@ def test_kill_ends_waiting_and_pending_tasks_at_once_and_the_job_when_nothing_ru
     job = planned(task("a"), task("b"), task("c"))
     job = decide(job, claimed("a", "F.md"))
     job = decide(job, claimed("b", "F.md"))
-    decision = domain.decide(job, KillJob(job="J"))
+    decision = domain.decide(job, Kill())
     events = [(task_id, type(event)) for task_id, event in decision]
     assert ("b", LocksReleased) in events and ("b", TaskKilled) in events and ("c", TaskKilled) in events
     assert (None, JobKilled) not in events  # a holds its GO: its flow ends it
@@ -246,7 +246,7 @@ def test_a_merge_is_refused_to_a_task_that_did_not_pass_its_gate():
     job = start(decide(planned(task("t1")), claimed("t1", "a.py")), "t1")
     with pytest.raises(InvalidTransition, match="which is running"):
         domain.decide(job, Merged(task="t1", sha="c" * 40, created=True))
-    with pytest.raises(InvalidTransition, match="not being killed"):
+    with pytest.raises(InvalidTransition, match="neither it nor job J is killed"):
         domain.decide(job, StoppedForKill(task="t1"))
 
 

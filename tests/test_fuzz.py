@@ -36,7 +36,7 @@ from numerusd.domain import observations as seen
 from numerusd.errors import BadRequest, CommandRefused, InvalidTransition
 from numerusd.protocol import envelope
 from numerusd.protocol.claims import Claim, Lock, decode_claim
-from numerusd.protocol.commands import REQUESTS, KillJob
+from numerusd.protocol.commands import REQUESTS
 from numerusd.protocol.events import EventData, Usage
 from numerusd.protocol.ids import is_token
 from numerusd.protocol.plan import Plan, PlanError
@@ -553,7 +553,10 @@ submits = st.builds(
 )
 job_observations = {
     seen.SubmitJob: submits,
-    KillJob: st.builds(KillJob, job=st.just("J")),
+    seen.Kill: st.builds(seen.Kill, by=st.just("u (operator)"), task=st.one_of(st.none(), st.sampled_from(TASKS))),
+    seen.Resume: st.builds(seen.Resume, by=st.just("numerusd")),
+    seen.Retry: st.builds(seen.Retry, tasks=st.lists(st.sampled_from(TASKS), max_size=2).map(tuple)),
+    seen.Skip: st.builds(seen.Skip, task=st.sampled_from(TASKS)),
     seen.CleanedUp: st.builds(
         seen.CleanedUp, worktrees=st.lists(small_text, max_size=2).map(tuple), logs=st.booleans()
     ),
@@ -610,7 +613,7 @@ JOB_STEPS: dict[str, tuple[type, ...]] = {
     "replanning": (seen.PlanAsked, seen.PlanAnswered, seen.ReplanGaveUp),
     "running": (seen.IntegrationReady, seen.Settled, seen.Stalled),
 }
-COMMANDS = (seen.SubmitJob, KillJob, seen.CleanedUp)
+COMMANDS = (seen.SubmitJob, seen.Kill, seen.Resume, seen.Retry, seen.Skip, seen.CleanedUp)
 
 
 @st.composite
@@ -627,7 +630,7 @@ def next_message(draw: st.DrawFn, job: domain.JobState | None) -> Any:
         return draw(st.one_of([steps[cls] for cls in TASK_STEPS[task.status]]))
     kinds = JOB_STEPS.get(job.status, ())
     if not kinds or draw(st.integers(0, 5)) == 0:  # the ends: rarely, or the job ends before it got anywhere
-        kinds += (KillJob, seen.CleanedUp, seen.Interrupted, seen.PipelineFailed)
+        kinds += (seen.Kill, seen.Retry, seen.Skip, seen.CleanedUp, seen.Interrupted, seen.Resume, seen.PipelineFailed)
     return draw(st.one_of([job_observations[cls] for cls in kinds]))
 
 

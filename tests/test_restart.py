@@ -1,4 +1,5 @@
-"""Restart honesty: a daemon killed during a task comes back with the task `interrupted`, nothing lost or doubled."""
+"""Restart honesty: a daemon killed during a task comes back with the task `interrupted`, nothing lost or doubled,
+and the job goes on when resumed."""
 
 from __future__ import annotations
 
@@ -26,17 +27,17 @@ def chain_of(events: list[dict]) -> list[str]:
     return [event["id"] for event in events]
 
 
-#: What a restart records of a job cut by a crash: each task interrupted, then the job.
-INTERRUPTED = {
-    "single-task": ["TaskInterrupted", "JobInterrupted"],
-    "planned": ["TaskInterrupted", "TaskInterrupted", "JobInterrupted"],
-}
+#: What a restart records of a job cut by a crash: the task whose agent ran is interrupted, then the job (a task
+#: waiting for its GO keeps waiting).
+INTERRUPTED = ["TaskInterrupted", "JobInterrupted"]
+MANUAL = 'resume = "manual"'
 
 
 @pytest.mark.parametrize("kind", KINDS)
-async def test_kill_9_during_a_job_then_restart_reads_it_interrupted(tmp_path: Path, kind: str):
+async def test_kill_9_during_a_job_then_restart_reads_it_interrupted_until_resumed(tmp_path: Path, kind: str):
     repo = git_repo(tmp_path / "repo")
-    with Daemon(tmp_path / "state", agents={"slow": SLOW, "team": SLOW_TEAM}).start() as daemon:
+    agents = {"slow": SLOW, "team": SLOW_TEAM}
+    with Daemon(tmp_path / "state", agents=agents, config=MANUAL, env={"NUMERUS_KILL_GRACE_S": "1"}).start() as daemon:
         job = daemon.ctl_json(*run_args(kind), "--repo", str(repo))["job"]
         view = await started(daemon, job, kind)
         before = daemon.events(job)
@@ -45,8 +46,9 @@ async def test_kill_9_during_a_job_then_restart_reads_it_interrupted(tmp_path: P
 
         daemon.start()
         view = daemon.status(job)
-        assert view["status"] == "interrupted"
-        assert {task["id"]: task["status"] for task in view["tasks"]} == dict.fromkeys(TASKS[kind], "interrupted")
+        assert (view["status"], view["next"]) == ("interrupted", "it waits for 'numerusctl resume'")
+        statuses = {task["id"]: task["status"] for task in view["tasks"]}
+        assert statuses == {"single-task": {"t1": "interrupted"}, "planned": {"a": "interrupted", "b": "waiting"}}[kind]
         assert "numerusd stopped" in view["tasks"][0]["reason"]
         await eventually(lambda: not pid_alive(agent_pid), timeout=10)
 
@@ -54,18 +56,34 @@ async def test_kill_9_during_a_job_then_restart_reads_it_interrupted(tmp_path: P
         ids = chain_of(after)
         assert len(ids) == len(set(ids)), "an event was stored twice"
         assert ids[: len(before)] == chain_of(before), "an event acknowledged before the crash is gone"
-        assert [event["type"] for event in after[len(before) :]] == INTERRUPTED[kind]
-        assert {event["task"] for event in after[len(before) : -1]} == set(TASKS[kind])
+        assert [event["type"] for event in after[len(before) :]] == INTERRUPTED
+        assert after[len(before)]["task"] == TASKS[kind][0]
         assert daemon.ctl("audit", "verify", job).returncode == 0
 
-        # A second restart changes nothing: the interruption is recorded once.
+        # A second restart changes nothing: the interruption is recorded once, and nothing runs until asked.
         daemon.stop()
         daemon.start()
         assert chain_of(daemon.events(job)) == ids
-        assert daemon.stop() == 0
+
+        # Resumed: the cut attempt goes on in its agent's thread, under the same attempt number.
+        resumed = daemon.ctl("resume", job[-6:])
+        assert resumed.returncode == 0, resumed.stderr
+        assert f"job {job}: resumed, running" in resumed.stdout
+        async with daemon.client() as client:
+            view = await client.wait_for(job, lambda v: v["tasks"][0]["status"] == "running" and v["tasks"][0]["pid"])
+        started_again = [event for event in daemon.events(job)[len(ids) :] if event["type"] == "TaskStarted"]
+        (again,) = started_again
+        assert again["data"]["attempt"] == 1 and again["data"]["resumes"] == view["tasks"][0]["thread_id"]
+        assert again["data"]["log_path"].endswith("attempt-1-resumed-1.log")
+        refused = daemon.ctl("resume", job)
+        assert refused.returncode == 1 and "is running, not interrupted" in refused.stderr
+        assert daemon.ctl("kill", job).returncode == 0
+        async with daemon.client() as client:
+            await client.wait_for(job, lambda v: v["status"] == "killed")
+        assert daemon.ctl("audit", "verify", job).returncode == 0
 
 
-async def test_graceful_stop_during_a_task_records_it_interrupted(tmp_path: Path):
+async def test_graceful_stop_during_a_task_resumes_it_when_the_daemon_starts_again(tmp_path: Path):
     repo = git_repo(tmp_path / "repo")
     daemon = Daemon(tmp_path / "state", agents={"slow": SLOW}, env={"NUMERUS_KILL_GRACE_S": "1"}).start()
     job = daemon.ctl_json("run", "--no-plan", "Build forever", "--repo", str(repo), "--agent", "slow")["job"]
@@ -73,10 +91,14 @@ async def test_graceful_stop_during_a_task_records_it_interrupted(tmp_path: Path
     assert daemon.stop(signal.SIGTERM) == 0
     daemon.start()
     try:
-        view = daemon.status(job)
-        assert (view["status"], view["tasks"][0]["status"]) == ("interrupted", "interrupted")
+        async with daemon.client() as client:
+            view = await client.wait_for(job, lambda v: v["tasks"][0]["status"] == "running" and v["tasks"][0]["pid"])
+        assert view["status"] == "running"
         types = [event["type"] for event in daemon.events(job)]
-        assert types[-3:] == ["TaskExited", "TaskInterrupted", "JobInterrupted"]
+        ended = types.index("TaskExited")
+        assert types[ended : ended + 4] == ["TaskExited", "TaskInterrupted", "JobInterrupted", "JobResumed"]
+        resumed = next(e for e in daemon.events(job) if e["type"] == "JobResumed")
+        assert resumed["data"]["by"] == "numerusd (resume = auto)"
     finally:
         daemon.stop()
 

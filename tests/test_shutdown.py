@@ -29,7 +29,7 @@ async def test_a_second_signal_forces_the_stop_and_the_job_is_still_recorded_int
     agent = tmp_path / "stubborn-codex"
     agent.write_text(STUBBORN)
     agent.chmod(0o755)
-    config = f'kill_grace_s = 60\n[agents.stubborn]\nkind = "codex"\nbinary = "{agent}"\n'
+    config = f'kill_grace_s = 60\nresume = "manual"\n[agents.stubborn]\nkind = "codex"\nbinary = "{agent}"\n'
     daemon = Daemon(tmp_path / "state", config=config).start()
     repo = git_repo(tmp_path / "repo")
     job = daemon.ctl_json("run", "--no-plan", "Never stop", "--repo", str(repo), "--agent", "stubborn")["job"]

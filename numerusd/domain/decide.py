@@ -1,11 +1,11 @@
 """`decide(job, message) -> events`: every state change of a job, decided against its folded state.
 
-A message is a command (`SubmitJob`, `KillJob`, `CleanedUp`) or an observation of a side effect (see
-`numerusd.domain.observations`). `decide` returns the events it implies, as `(task id or None, payload)` pairs
-(the event store adds the envelope), or `[]` when it implies nothing, or raises: `CommandRefused` (and its
-subclasses) for a user's command the job's state does not allow, `InvalidTransition` for an observation that
-cannot happen in the job's state (a bug or a race in the daemon; nothing is recorded). It performs no I/O,
-reads no clock and touches no NATS.
+A message is a command (`SubmitJob`, `Kill`, `Resume`, `Retry`, `Skip`, `CleanedUp`) or an observation of a side
+effect (see `numerusd.domain.observations`). `decide` returns the events it implies, as `(task id or None, payload)`
+pairs (the event store adds the envelope), or `[]` when it implies nothing, or raises: `CommandRefused` (and its
+subclasses) for a user's command the job's state does not allow, `InvalidTransition` for an observation that cannot
+happen in the job's state (a bug or a race in the daemon; nothing is recorded). It performs no I/O, reads no clock
+and touches no NATS.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from numerusd.domain.observations import (
     GateDone,
     IntegrationReady,
     Interrupted,
+    Kill,
     MergeBegun,
     MergeConflict,
     Merged,
@@ -41,8 +42,11 @@ from numerusd.domain.observations import (
     PlanAsked,
     Redacted,
     ReplanGaveUp,
+    Resume,
+    Retry,
     Reviewed,
     Settled,
+    Skip,
     Stalled,
     StoppedForKill,
     SubmitJob,
@@ -52,8 +56,8 @@ from numerusd.domain.observations import (
     WorktreeReady,
 )
 from numerusd.domain.state import ACTIVE, TASK_DONE, Decision, JobState, TaskState, lock_table
-from numerusd.errors import BadRequest, CommandRefused, InvalidTransition
-from numerusd.protocol.commands import JOB_DONE, KillJob, TaskStatus
+from numerusd.errors import BadRequest, CommandRefused, InvalidTransition, NotFound
+from numerusd.protocol.commands import JOB_DONE, TaskStatus
 from numerusd.protocol.events import (
     UNCOMMITTED_NAMED,
     AgentCommandExecuted,
@@ -77,6 +81,8 @@ from numerusd.protocol.events import (
     JobFailed,
     JobInterrupted,
     JobKilled,
+    JobReopened,
+    JobResumed,
     JobSubmitted,
     KillRequested,
     LocksReleased,
@@ -96,7 +102,9 @@ from numerusd.protocol.events import (
     TaskFailed,
     TaskInterrupted,
     TaskKilled,
+    TaskKillRequested,
     TaskMerged,
+    TaskRetryRequested,
     TaskRetryScheduled,
     TaskSkipped,
     TaskStarted,
@@ -122,6 +130,10 @@ _REPORTED = (
 _AGENT_ALIVE: tuple[TaskStatus, ...] = ("running", "failed", "killed")
 #: The id of the one task of a job worked on in place (`--no-plan`).
 IN_PLACE_TASK = "t1"
+#: Task statuses from which an attempt is made next: GO in hand, a retry due, or an attempt cut by a daemon stop.
+_ATTEMPT_AHEAD: tuple[TaskStatus, ...] = ("granted", "retrying", "interrupted")
+#: Statuses of a task that a user may retry: ended without completing, or cut by a daemon stop.
+_RETRYABLE: tuple[TaskStatus, ...] = ("failed", "killed", "interrupted", "skipped")
 
 
 def decide(job: JobState | None, message: Command | Observation) -> Decision:
@@ -135,8 +147,16 @@ def decide(job: JobState | None, message: Command | Observation) -> Decision:
     if isinstance(message, TaskObservation):
         return _decide_task(job, _task(job, message), message)
     match message:
-        case KillJob():
-            return _kill(job)
+        case Kill(by=by, task=None):
+            return _kill(job, by)
+        case Kill(by=by, task=str(task_id)):
+            return _kill_task(job, _named_task(job, task_id), by)
+        case Resume(by=by):
+            return _resume(job, by)
+        case Retry(by=by, tasks=tasks):
+            return _retry(job, tasks, by)
+        case Skip(by=by, task=task_id):
+            return _skip(job, _named_task(job, task_id), by)
         case CleanedUp():
             return _cleaned(job, message)
         case PlanAsked(role=role, attempt=attempt, agent=agent, log_path=log_path):
@@ -159,8 +179,8 @@ def decide(job: JobState | None, message: Command | Observation) -> Decision:
             return _job_failed(job, reason)
         case Settled():
             return [] if job.status in JOB_DONE else _job_outcome(job, {})
-        case Interrupted(reason=reason):
-            return _interrupt(job, reason)
+        case Interrupted(reason=reason, next=then):
+            return _interrupt(job, reason, then)
         case Redacted(counts=counts, task=task):
             # Whatever the job's state: the redacted text is stored already, so what was hidden is recorded.
             counts = {kind: count for kind, count in sorted(counts.items()) if count > 0}
@@ -178,12 +198,15 @@ def _decide_task(job: JobState, task: TaskState, seen: TaskObservation) -> Decis
             _expect_task(job, task, seen, ("pending",))
             return _claim_answered(job, task, seen)
         case WorktreeReady(path=path, branch=branch, base_sha=base_sha):
-            _expect_task(job, task, seen, ("granted", "retrying"))
+            _expect_task(job, task, seen, _ATTEMPT_AHEAD)
             return [(task.id, WorktreeCreated(path=path, branch=branch, base_sha=base_sha))]
-        case AgentStarting(argv=argv, workdir=workdir, log_path=log_path):
-            _expect_task(job, task, seen, ("granted", "retrying", *(("pending",) if job.in_place else ())))
+        case AgentStarting(argv=argv, workdir=workdir, log_path=log_path, resumes=resumes):
+            _expect_task(job, task, seen, (*_ATTEMPT_AHEAD, *(("pending",) if job.in_place else ())))
+            if resumes is not None and resumes != task.resumable_thread:
+                raise InvalidTransition(f"task {task.id} of job {job.id} has no interrupted thread {resumes}")
+            number = task.attempt if resumes else task.next_attempt
             started = TaskStarted(
-                attempt=task.next_attempt, agent=task.agent, argv=argv, workdir=workdir, log_path=log_path
+                attempt=number, agent=task.agent, argv=argv, workdir=workdir, log_path=log_path, resumes=resumes
             )
             return [(task.id, started)]
         case AgentStarted(pid=pid, start_ticks=start_ticks):
@@ -238,13 +261,22 @@ def _decide_task(job: JobState, task: TaskState, seen: TaskObservation) -> Decis
             _expect_task(job, task, seen, ("running",))
             return [(task.id, TaskCompleted()), *_job_outcome(job, {task.id: "completed"})]
         case AttemptFailed(reasons=reasons, fresh_worktree=fresh):
-            _expect_task(job, task, seen, ("granted", "running", "checking", "retrying", "merging"))
+            _expect_task(job, task, seen, ("running", "checking", "merging", *_ATTEMPT_AHEAD))
             return _attempt_failed(job, task, reasons, fresh)
         case StoppedForKill():
-            if not job.kill_requested:
-                raise InvalidTransition(f"task {task.id} cannot stop for a kill: job {job.id} is not being killed")
+            if not (job.kill_requested or task.kill_requested):
+                raise InvalidTransition(f"task {task.id} cannot stop for a kill: neither it nor job {job.id} is killed")
             return [] if task.status in TASK_DONE else _task_killed(job, task.id)
     raise InvalidTransition(f"cannot decide on {type(seen).__name__}")
+
+
+def _named_task(job: JobState, task_id: str) -> TaskState:
+    """The task a user's command names, or NotFound listing the job's tasks."""
+    task = job.tasks.get(task_id)
+    if task is None:
+        listed = ", ".join(job.tasks) or "none yet"
+        raise NotFound(f"job {job.id} has no task {task_id!r} (its tasks: {listed})", job=job.id)
+    return task
 
 
 def _task(job: JobState, seen: TaskObservation) -> TaskState:
@@ -318,13 +350,17 @@ def _submit(command: SubmitJob) -> Decision:
     return [(None, submitted)]
 
 
-def _kill(job: JobState) -> Decision:
-    """Record a kill; tasks not yet running are killed at once, running ones when their agent has ended."""
+def _kill(job: JobState, by: str) -> Decision:
+    """Record a kill; tasks not yet running are killed at once, running ones when their agent has ended. An
+    interrupted job has no agent running: it is killed at once."""
     if job.status in JOB_DONE:
         raise CommandRefused(f"job {job.id} is already {job.status}; nothing to kill", job=job.id)
     if job.kill_requested:
         return []
-    events: Decision = [(None, KillRequested())]
+    events: Decision = [(None, KillRequested(by=by))]
+    if job.status == "interrupted":
+        unfinished = [task.id for task in job.tasks.values() if task.status not in TASK_DONE]
+        return events + [(task_id, TaskKilled()) for task_id in unfinished] + [(None, JobKilled())]
     for task in job.tasks.values():
         if task.status == "pending":
             events.append((task.id, TaskKilled()))
@@ -333,6 +369,98 @@ def _kill(job: JobState) -> Decision:
     busy = [task for task in job.tasks.values() if task.status in ACTIVE and task.status != "waiting"]
     if not busy and job.status not in ("planning", "replanning"):
         events.append((None, JobKilled()))
+    return events
+
+
+def _kill_task(job: JobState, task: TaskState, by: str) -> Decision:
+    """Stop one task: at once when no agent of it runs, else once its agent has ended (the runner stops it). Its
+    dependents are skipped, as after a failure; `retry` brings them back."""
+    if task.status in TASK_DONE:
+        raise CommandRefused(f"task {task.id} of job {job.id} is already {task.status}; nothing to kill", job=job.id)
+    if job.status in JOB_DONE or job.kill_requested:
+        raise CommandRefused(f"job {job.id} is {job.status}; nothing of it to kill", job=job.id)
+    if task.kill_requested:
+        return []
+    events: Decision = [(task.id, TaskKillRequested(by=by))]
+    if task.status in ("running", "checking", "merging"):
+        return events  # its step ends first (the agent is stopped; a check or a merge runs to its end)
+    return events + _task_killed(job, task.id, reason=f"killed by {by or 'a user'}", dependents=True)
+
+
+def _resume(job: JobState, by: str) -> Decision:
+    """An interrupted job goes on where it was."""
+    if job.status != "interrupted":
+        raise CommandRefused(
+            f"job {job.id} is {job.status}, not interrupted: nothing to resume"
+            + ("; 'numerusctl retry' runs its failed tasks again" if job.status in JOB_DONE else ""),
+            job=job.id,
+        )
+    return [(None, JobResumed(by=by))]
+
+
+def _retry(job: JobState, named: tuple[str, ...], by: str) -> Decision:
+    """Give tasks new attempts: those named, else every failed, killed or interrupted task of the job (and a
+    planned job that ended without a plan plans again). The tasks skipped because one of them did not complete
+    are pending again too, and an ended job reopens."""
+    if job.status not in (*JOB_DONE, "running", "interrupted"):
+        raise CommandRefused(f"job {job.id} is {job.status}: retry it once it runs or has ended", job=job.id)
+    if job.kill_requested and job.status not in JOB_DONE:
+        raise CommandRefused(f"job {job.id} is being killed: retry it once it has ended", job=job.id)
+    tasks = [_named_task(job, task_id) for task_id in dict.fromkeys(named)]
+    for task in tasks:
+        if task.status not in _RETRYABLE:
+            raise CommandRefused(
+                f"task {task.id} of job {job.id} is {task.status}: only a failed, killed, skipped or interrupted "
+                "task can be retried",
+                job=job.id,
+            )
+    if not named:
+        tasks = [task for task in job.tasks.values() if task.status in ("failed", "killed", "interrupted")]
+    events: Decision = []
+    if job.status in JOB_DONE:
+        if job.planned and job.plan is None:
+            return [(None, JobReopened(by=by))]  # no plan was ever validated: the planner is asked again
+        if not tasks:
+            raise CommandRefused(f"job {job.id} is {job.status} with no task to retry", job=job.id)
+        events.append((None, JobReopened(by=by)))
+    elif not tasks:
+        raise CommandRefused(f"job {job.id} has no failed, killed or interrupted task to retry", job=job.id)
+    retried = {task.id for task in tasks}
+    for task in tasks:
+        events += _release(job, task.id, "retried")
+        events.append((task.id, TaskRetryRequested(by=by)))
+        for dependent in _dependents(job, task.id):
+            if dependent not in retried and job.tasks[dependent].status == "skipped":
+                events.append(
+                    (dependent, TaskRetryRequested(by=by, reason=f"{task.id}, which it depends on, is retried"))
+                )
+                retried.add(dependent)
+    return events
+
+
+def _skip(job: JobState, task: TaskState, by: str) -> Decision:
+    """The task will not run, and the tasks that depend on it go on without it; an ended job reopens when that
+    leaves tasks to run (those skipped only because this one did not complete)."""
+    if task.status in ("running", "checking", "merging", "completed", "skipped"):
+        hint = f"; 'numerusctl kill {job.id} {task.id}' first" if task.status == "running" else ""
+        raise CommandRefused(f"task {task.id} of job {job.id} is {task.status}: it cannot be skipped{hint}", job=job.id)
+    if job.kill_requested:
+        raise CommandRefused(f"job {job.id} is being killed or was: nothing of it to skip", job=job.id)
+    events: Decision = []
+    reopened: list[str] = []
+    if job.status in JOB_DONE:
+        reopened = [dependent for dependent in _dependents(job, task.id) if job.tasks[dependent].status == "skipped"]
+        if reopened:
+            events.append((None, JobReopened(by=by)))
+    events += _release(job, task.id, "skipped")
+    events.append((task.id, TaskSkipped(reason=f"skipped by {by or 'a user'}", by=by)))
+    for dependent in reopened:
+        events.append((dependent, TaskRetryRequested(by=by, reason=f"{task.id}, which it depends on, was skipped")))
+    if not reopened:
+        user_skipped = msgspec.structs.replace(task, skipped_by=by or "a user")
+        job = msgspec.structs.replace(job, tasks={**job.tasks, task.id: user_skipped})
+        if job.status not in JOB_DONE:
+            events += _job_outcome(job, {task.id: "skipped"})
     return events
 
 
@@ -355,18 +483,21 @@ def _cleaned(job: JobState, cleaned: CleanedUp) -> Decision:
     return [(None, JobCleaned(**fields))]
 
 
-def _interrupt(job: JobState, reason: str) -> Decision:
-    """The daemon stopped while the job was under way: every task not ended is `interrupted` (never completed,
-    nor left pending), and so is the job; of a job being killed, they are killed."""
-    if job.status in JOB_DONE:
+def _interrupt(job: JobState, reason: str, then: str) -> Decision:
+    """The daemon stopped while the job was under way: the tasks whose agents it stopped are `interrupted` (their
+    attempts' outcomes are unknown: never completed), and so is the job, until it resumes (`then` says when).
+    Every other task keeps its status: it goes on from its last recorded step. A job being killed is killed."""
+    if job.status in JOB_DONE or job.status == "interrupted":
         return []
-    unfinished = [task.id for task in job.tasks.values() if task.status not in TASK_DONE]
+    unfinished = [task for task in job.tasks.values() if task.status not in TASK_DONE]
     if job.kill_requested:
-        return [(task_id, TaskKilled()) for task_id in unfinished] + [(None, JobKilled())]
-    return [
-        *((task_id, TaskInterrupted(reason=reason)) for task_id in unfinished),
-        (None, JobInterrupted(reason=reason)),
+        return [(task.id, TaskKilled()) for task in unfinished] + [(None, JobKilled())]
+    cut = [
+        (task.id, TaskInterrupted(reason=reason, resumable=True, thread_id=task.thread_id))
+        for task in unfinished
+        if task.status == "running"
     ]
+    return [*cut, (None, JobInterrupted(reason=reason, resumable=True, next=then))]
 
 
 # --- the plan --------------------------------------------------------------------------------------------------
@@ -470,7 +601,7 @@ def _ready(job: JobState, task: TaskState) -> Decision:
     (the task goes on to its claim)."""
     if job.kill_requested:
         return _task_killed(job, task.id)
-    unmet = sorted(dep for dep in task.deps if dep in job.tasks and job.tasks[dep].status != "completed")
+    unmet = sorted(dep for dep in task.deps if dep in job.tasks and not _done_well(job.tasks[dep]))
     if unmet:
         reason = f"depends on {', '.join(unmet)}, which did not complete"
         return [(task.id, TaskSkipped(reason=reason)), *_job_outcome(job, {task.id: "skipped"})]
@@ -480,8 +611,8 @@ def _ready(job: JobState, task: TaskState) -> Decision:
 def _claim_answered(job: JobState, task: TaskState, claim: ClaimAnswered) -> Decision:
     """A usable claim is recorded and arbitrated at once: GO or NO GO. An unusable one is rejected (the last
     time, the task fails). A kill that arrived meanwhile stops the task."""
-    if job.kill_requested:
-        return _task_killed(job, task.id)
+    if job.kill_requested or task.kill_requested:
+        return _task_killed(job, task.id, dependents=task.kill_requested)
     if claim.errors:
         rejected = ClaimRejected(attempt=claim.attempt, errors=claim.errors, usage=claim.usage)
         events: Decision = [(task.id, rejected)]
@@ -522,13 +653,14 @@ def _attempt_failed(job: JobState, task: TaskState, reasons: tuple[str, ...], fr
     other. A task that fails for good while the job may still be replanned asks the queen (`ReplanRequested`)
     instead of failing the tasks that depend on it.
     """
-    if job.kill_requested:
-        return _task_killed(job, task.id)
+    if job.kill_requested or task.kill_requested:
+        return _task_killed(job, task.id, dependents=task.kill_requested)
     failed = task.failed_attempts + 1
     if failed < job.max_attempts:
         pauses = job.backoff_s or (0.0,)
         delay = pauses[min(failed, len(pauses)) - 1]  # 1 s after the first, 2 s after the second…
-        retry = TaskRetryScheduled(next_attempt=failed + 1, delay_s=delay, reasons=reasons, fresh_worktree=fresh)
+        number = max(task.attempt, failed) + 1
+        retry = TaskRetryScheduled(next_attempt=number, delay_s=delay, reasons=reasons, fresh_worktree=fresh)
         return [(task.id, retry)]
     if job.max_attempts == 1:
         reason = "; ".join(reasons)
@@ -552,10 +684,18 @@ def _task_failed(job: JobState, task_id: str, reason: str) -> Decision:
     return events + _job_outcome(job, changed)
 
 
-def _task_killed(job: JobState, task_id: str) -> Decision:
-    """The job is being killed: the task stops where it is and gives its locks back."""
-    events: Decision = [*_release(job, task_id, "killed"), (task_id, TaskKilled())]
-    return events + _job_outcome(job, {task_id: "killed"})
+def _task_killed(job: JobState, task_id: str, *, reason: str | None = None, dependents: bool = False) -> Decision:
+    """The task stops where it is and gives its locks back: the job is being killed, or (`dependents`) the task
+    alone, whose dependents are then skipped as after a failure."""
+    killed = TaskKilled(reason=reason) if reason else TaskKilled()
+    events: Decision = [*_release(job, task_id, "killed"), (task_id, killed)]
+    changed: dict[str, TaskStatus] = {task_id: "killed"}
+    if dependents:
+        for skipped in _dependents(job, task_id):
+            if job.tasks[skipped].status == "pending":
+                events.append((skipped, TaskSkipped(reason=f"depends on {task_id}, which was killed")))
+                changed[skipped] = "skipped"
+    return events + _job_outcome(job, changed)
 
 
 def _merged(job: JobState, task_id: str, sha: str, created: bool) -> Decision:
@@ -579,6 +719,11 @@ def _job_failed(job: JobState, reason: str) -> Decision:
         (task.id, TaskFailed(reason=reason)) for task in job.tasks.values() if task.status not in TASK_DONE
     ]
     return [*events, (None, JobFailed(reason=reason))]
+
+
+def _done_well(task: TaskState) -> bool:
+    """Whether the tasks that depend on `task` may run: it completed, or a user skipped it."""
+    return task.status == "completed" or (task.status == "skipped" and task.skipped_by is not None)
 
 
 def _dependents(job: JobState, task_id: str) -> list[str]:
@@ -610,7 +755,10 @@ def _job_outcome(job: JobState, changed: dict[str, TaskStatus]) -> Decision:
         return []
     if job.kill_requested:
         return [(None, JobKilled())]
-    failed = sorted(task for task, status in statuses.items() if status != "completed")
+    skipped_by_user = {
+        task.id for task in job.tasks.values() if task.skipped_by and changed.get(task.id, "skipped") == "skipped"
+    }
+    failed = sorted(task for task, status in statuses.items() if status != "completed" and task not in skipped_by_user)
     if not failed:
         return [(None, JobCompleted())]
     return [(None, JobFailed(reason=f"task {', '.join(failed)} {statuses[failed[0]]}"))]

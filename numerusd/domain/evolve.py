@@ -38,6 +38,8 @@ from numerusd.protocol.events import (
     JobFailed,
     JobInterrupted,
     JobKilled,
+    JobReopened,
+    JobResumed,
     JobSubmitted,
     KillRequested,
     LocksReleased,
@@ -57,7 +59,9 @@ from numerusd.protocol.events import (
     TaskFailed,
     TaskInterrupted,
     TaskKilled,
+    TaskKillRequested,
     TaskMerged,
+    TaskRetryRequested,
     TaskRetryScheduled,
     TaskSkipped,
     TaskStarted,
@@ -133,8 +137,15 @@ def evolve(state: JobState | None, event: Envelope) -> JobState:
             return replace(job, status="failed", reason=reason)
         case JobKilled(reason=reason):
             return replace(job, status="killed", reason=reason)
-        case JobInterrupted(reason=reason):
-            return replace(job, status="interrupted", reason=reason)
+        case JobInterrupted(reason=reason, resumable=resumable, next=then):
+            if not resumable:  # recorded before jobs could resume: that stop ended the job
+                return replace(job, status="failed", reason=f"interrupted: {reason}")
+            return replace(job, status="interrupted", reason=reason, resume_status=job.status, next=then or None)
+        case JobResumed():
+            return replace(job, status=job.resume_status or "running", reason=None, resume_status=None, next=None)
+        case JobReopened():
+            status = "planning" if job.planned and job.plan is None else "running"
+            return replace(job, status=status, reason=None, kill_requested=False, plan_attempts=0)
         case JobCleaned(logs=logs):
             return replace(job, cleaned=True, logs_removed=job.logs_removed or logs)
         case SecretRedacted(counts=counts):
@@ -171,11 +182,17 @@ def _evolve_task(job: JobState, task_id: str, time: datetime, data: EventData) -
         return job  # the most frequent events (what agents say and do) are settled before the long match
     replace = msgspec.structs.replace
     if type(data) is TokensUsed:  # the most frequent one with state (a replay spends its time on it): no match
+        thread = task.thread_tokens
         task = replace(
             task,
             input_tokens=task.input_tokens + data.input_tokens,
             cached_input_tokens=task.cached_input_tokens + data.cached_input_tokens,
             output_tokens=task.output_tokens + data.output_tokens,
+            thread_tokens=(
+                thread[0] + data.input_tokens,
+                thread[1] + data.cached_input_tokens,
+                thread[2] + data.output_tokens,
+            ),
         )
         return replace(job, tasks={**job.tasks, task_id: task})
     match data:
@@ -197,11 +214,15 @@ def _evolve_task(job: JobState, task_id: str, time: datetime, data: EventData) -
         case WorktreeCreated(path=path, branch=branch, base_sha=base_sha):
             task = replace(task, worktree=path, branch=branch, base_sha=base_sha, fresh_worktree=False)
         case TaskWorkCommitted(commit=commit):
-            task = replace(task, commit=commit, status="checking")
-        case ClaimViolated() | CheckCompleted():
+            task = replace(task, commit=commit, status="checking", passed_checks=(), review_passed=False)
+        case ClaimViolated():
             return job  # the reasons reach the state through GateFailed
-        case ReviewCompleted(usage=usage):
-            task = _add_usage(task, usage)
+        case CheckCompleted(command=command, exit_code=exit_code):
+            if exit_code != 0:
+                return job  # the reasons reach the state through GateFailed
+            task = replace(task, passed_checks=(*task.passed_checks, command))
+        case ReviewCompleted(usage=usage, verdict=verdict):
+            task = _add_usage(replace(task, review_passed=verdict == "pass"), usage)
         case GatePassed():
             task = replace(task, status="merging", feedback=())
         case GateFailed(reasons=reasons):
@@ -220,9 +241,9 @@ def _evolve_task(job: JobState, task_id: str, time: datetime, data: EventData) -
         case MergeConflicted(paths=paths):
             conflict = f"merging into the integration branch conflicts on {', '.join(paths)}"
             task = replace(task, feedback=(conflict,), fresh_worktree=True)
-        case TaskSkipped(reason=reason):
-            task = replace(task, status="skipped", reason=reason, ended=task.ended or time)
-        case TaskStarted(attempt=attempt, log_path=log_path, workdir=workdir):
+        case TaskSkipped(reason=reason, by=by):
+            task = replace(task, status="skipped", reason=reason, ended=task.ended or time, skipped_by=by or None)
+        case TaskStarted(attempt=attempt, log_path=log_path, workdir=workdir, resumes=resumes):
             task = replace(
                 task,
                 status="running",
@@ -234,6 +255,23 @@ def _evolve_task(job: JobState, task_id: str, time: datetime, data: EventData) -
                 pid=None,
                 exit_code=None,
                 reason=None,
+                # A new thread (unless this run resumes the attempt's thread) counts its tokens from zero.
+                thread_id=task.thread_id if resumes else None,
+                thread_tokens=task.thread_tokens if resumes else (0, 0, 0),
+                resumed=task.resumed + 1 if resumes else 0,
+            )
+        case TaskKillRequested():
+            task = replace(task, kill_requested=True)
+        case TaskRetryRequested(reason=reason):
+            task = replace(
+                task,
+                status="pending",
+                reason=reason or None,
+                failed_attempts=0,
+                fresh_worktree=task.worktree is not None,
+                kill_requested=False,
+                skipped_by=None,
+                ended=None,
             )
         case AgentSpawned(pid=pid, start_ticks=start_ticks):
             task = replace(task, pid=pid, start_ticks=start_ticks)
@@ -249,8 +287,11 @@ def _evolve_task(job: JobState, task_id: str, time: datetime, data: EventData) -
             task = replace(task, status="failed", reason=reason, ended=task.ended or time)
         case TaskKilled(reason=reason):
             task = replace(task, status="killed", reason=reason, ended=task.ended or time)
-        case TaskInterrupted(reason=reason):
-            task = replace(task, status="interrupted", reason=reason, ended=task.ended or time)
+        case TaskInterrupted(reason=reason, resumable=resumable):
+            if not resumable:  # recorded before jobs could resume: that stop ended the task
+                task = replace(task, status="failed", reason=f"interrupted: {reason}", ended=task.ended or time)
+            else:
+                task = replace(task, status="interrupted", reason=reason, ended=task.ended or time)
     return msgspec.structs.replace(job, tasks={**job.tasks, task_id: task})
 
 

@@ -1,10 +1,10 @@
 """What `numerusd.domain.decide` decides on: commands from users, and what side effects observed.
 
-A command asks for a change (`SubmitJob`, the protocol's `KillJob`); an observation reports what a side effect
-found or did (a worktree is ready, an agent exited, a check ran, a merge landed). Neither is stored: `decide`
-turns each into the events it implies in the job's current state, or refuses it. Observations are plain frozen
-values, made by the code that performed the side effect, with everything the decision needs in them (facts
-read from disk, such as the locks a claim stands for with symlinks resolved, are observed once, here, and end
+A command asks for a change (`SubmitJob`, `Kill`, `Resume`, `Retry`, `Skip`, `CleanedUp`); an observation reports
+what a side effect found or did (a worktree is ready, an agent exited, a check ran, a merge landed). Neither is
+stored: `decide` turns each into the events it implies in the job's current state, or refuses it. Observations are
+plain frozen values, made by the code that performed the side effect, with everything the decision needs in them
+(facts read from disk, such as the locks a claim stands for with symlinks resolved, are observed once, here, and end
 up in the events), so that a decision depends on the job's events and the observation alone.
 """
 
@@ -13,7 +13,6 @@ from __future__ import annotations
 import msgspec
 
 from numerusd.protocol.claims import ClaimedPath, Lock
-from numerusd.protocol.commands import KillJob
 from numerusd.protocol.events import EventData, Usage
 from numerusd.protocol.plan import Plan
 
@@ -43,6 +42,33 @@ class SubmitJob(msgspec.Struct, frozen=True, kw_only=True):
     uncommitted: tuple[str, ...] | None = ()
     #: The roles whose agent profile runs without Numerus's sandbox.
     unsandboxed: tuple[str, ...] = ()
+
+
+class Kill(msgspec.Struct, frozen=True, kw_only=True):
+    """`kill JOB` (`task` None) or `kill JOB TASK`, asked `by` someone."""
+
+    by: str = ""
+    task: str | None = None
+
+
+class Resume(msgspec.Struct, frozen=True, kw_only=True):
+    """`resume JOB`: an interrupted job goes on (asked by a user, or by numerusd at start with `resume = "auto"`)."""
+
+    by: str = ""
+
+
+class Retry(msgspec.Struct, frozen=True, kw_only=True):
+    """`retry JOB [TASK...]`: the tasks named (none: every failed, killed or interrupted one) run again."""
+
+    by: str = ""
+    tasks: tuple[str, ...] = ()
+
+
+class Skip(msgspec.Struct, frozen=True, kw_only=True):
+    """`skip JOB TASK`: the task will not run; the tasks that depend on it go on without it."""
+
+    by: str = ""
+    task: str
 
 
 class CleanedUp(msgspec.Struct, frozen=True, kw_only=True):
@@ -122,9 +148,11 @@ class Redacted(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class Interrupted(msgspec.Struct, frozen=True, kw_only=True):
-    """The daemon stopped (or was found to have stopped) while the job was under way."""
+    """The daemon stopped (or was found to have stopped) while the job was under way; `next` says what happens
+    next (it resumes when numerusd starts, or when asked)."""
 
     reason: str
+    next: str = ""
 
 
 # --- observations of a task ----------------------------------------------------------------------------------
@@ -170,6 +198,8 @@ class AgentStarting(TaskObservation, frozen=True, kw_only=True):
     argv: tuple[str, ...]
     workdir: str
     log_path: str
+    #: The interrupted attempt's agent thread this run goes on in (`codex exec resume`), if any.
+    resumes: str | None = None
 
 
 class AgentStarted(TaskObservation, frozen=True, kw_only=True):
@@ -283,7 +313,7 @@ class StoppedForKill(TaskObservation, frozen=True, kw_only=True):
 
 
 #: Everything `decide` takes.
-Command = SubmitJob | KillJob | CleanedUp
+Command = SubmitJob | Kill | Resume | Retry | Skip | CleanedUp
 Observation = (
     PlanAsked
     | PlanAnswered

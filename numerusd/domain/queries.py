@@ -30,6 +30,7 @@ def job_view(job: JobState, *, tasks: bool = True) -> JobView:
         agent=job.agent,
         status=job.status,
         reason=job.reason,
+        next=job.next,
         created=job.created,
         updated=job.updated,
         events=job.events,

@@ -44,10 +44,23 @@ class TaskState(msgspec.Struct, frozen=True, kw_only=True):
     deps: tuple[str, ...]
     intents: tuple[FileIntent, ...] = ()
     status: TaskStatus = "pending"
-    #: The attempt under way or last made (1 for the first); `failed_attempts` counts those that failed, whether
-    #: or not their agent had started (a worktree that could not be made fails an attempt too).
+    #: The attempt under way or last made (1 for the first); `failed_attempts` counts those that failed since the
+    #: task was created or last retried, whether or not their agent had started (a worktree that could not be made
+    #: fails an attempt too). An attempt cut by a daemon stop is not counted as failed.
     attempt: int = 0
     failed_attempts: int = 0
+    #: A user asked to stop this task alone (`kill JOB TASK`): it is killed once its agent has ended.
+    kill_requested: bool = False
+    #: Who skipped the task (`skip JOB TASK`): its dependents then run as if it had completed.
+    skipped_by: str | None = None
+    #: The checks that passed, and whether the reviewer passed the work, for the commit under the gate (a gate
+    #: resumed after a restart does not run them again).
+    passed_checks: tuple[str, ...] = ()
+    review_passed: bool = False
+    #: The tokens of the agent's thread in the attempt under way: where a resumed thread's totals start; how
+    #: many times that attempt's thread was resumed.
+    thread_tokens: tuple[int, int, int] = (0, 0, 0)
+    resumed: int = 0
     #: The next attempt needs a new worktree from the integration tip (after a merge conflict or a git error).
     fresh_worktree: bool = False
     pid: int | None = None
@@ -80,8 +93,14 @@ class TaskState(msgspec.Struct, frozen=True, kw_only=True):
 
     @property
     def next_attempt(self) -> int:
-        """The number of the attempt to make next (or under way): one more than those that failed."""
-        return self.failed_attempts + 1
+        """The number of the attempt to make next: one more than the last made or failed (an attempt can fail
+        before its agent starts)."""
+        return max(self.attempt, self.failed_attempts) + 1
+
+    @property
+    def resumable_thread(self) -> str | None:
+        """The agent thread an interrupted attempt can go on in, if its agent said one."""
+        return self.thread_id if self.status == "interrupted" else None
 
 
 class JobState(msgspec.Struct, frozen=True, kw_only=True):
@@ -93,6 +112,9 @@ class JobState(msgspec.Struct, frozen=True, kw_only=True):
     agent: str
     status: JobStatus = "running"
     reason: str | None = None
+    #: While `interrupted`: the status it resumes in, and what will happen (it resumes at start, or when asked).
+    resume_status: JobStatus | None = None
+    next: str | None = None
     #: Roles whose agents run without Numerus's sandbox (their profile says `sandbox = "none"`).
     unsandboxed: tuple[str, ...] = ()
     kill_requested: bool = False

@@ -22,8 +22,12 @@ class JobControl(Protocol):
         """Run the job (its pipeline), unless it runs already or has ended."""
         ...
 
-    def stop_agents(self, job_id: str) -> list[str]:
-        """Stop the job's running agents in the background; the names of those being stopped."""
+    def wake(self, job_id: str) -> None:
+        """The job has new work (resumed, tasks retried or skipped): run its pipeline, or have it take the work."""
+        ...
+
+    def stop_agents(self, job_id: str, task: str | None = None) -> list[str]:
+        """Stop the job's running agents (or one task's) in the background; the names of those being stopped."""
         ...
 
 

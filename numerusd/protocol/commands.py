@@ -62,9 +62,32 @@ class GetStatus(Request, frozen=True, kw_only=True):
 
 
 class KillJob(Request, frozen=True, kw_only=True):
-    """`numerusctl kill`: stop a job's agents (TERM, then KILL) and record it."""
+    """`numerusctl kill JOB [TASK]`: stop a job's agents (TERM, then KILL) and record it; with `task`, that task's
+    alone (its dependents are skipped; `retry` brings them back)."""
 
     job: str
+    task: str | None = None
+
+
+class ResumeJob(Request, frozen=True, kw_only=True):
+    """`numerusctl resume JOB`: an interrupted job goes on where it was."""
+
+    job: str
+
+
+class RetryJob(Request, frozen=True, kw_only=True):
+    """`numerusctl retry JOB [TASK...]`: the tasks named (none: every failed, killed or interrupted task) run
+    again with new attempts; an ended job reopens."""
+
+    job: str
+    tasks: list[str] = []
+
+
+class SkipTask(Request, frozen=True, kw_only=True):
+    """`numerusctl skip JOB TASK`: the task will not run; the tasks that depend on it go on without it."""
+
+    job: str
+    task: str
 
 
 class CleanJobs(Request, frozen=True, kw_only=True):
@@ -131,6 +154,8 @@ class JobView(msgspec.Struct, frozen=True, kw_only=True):
     agent: str
     status: JobStatus
     reason: str | None = None
+    #: While interrupted: what happens next (it resumes when numerusd starts, or waits for `resume`).
+    next: str | None = None
     created: datetime
     updated: datetime
     events: int
@@ -199,6 +224,31 @@ class KillReply(msgspec.Struct, frozen=True, kw_only=True):
     tasks: list[str]
 
 
+class ResumeReply(msgspec.Struct, frozen=True, kw_only=True):
+    """The job goes on; `status` is where it resumed."""
+
+    job: str
+    status: JobStatus
+
+
+class RetryReply(msgspec.Struct, frozen=True, kw_only=True):
+    """The tasks that run again (those asked for, and the dependents skipped because of them); `status` is the
+    job's now."""
+
+    job: str
+    tasks: list[str]
+    status: JobStatus
+
+
+class SkipReply(msgspec.Struct, frozen=True, kw_only=True):
+    """The task was skipped; `tasks` are its dependents that run again because of it; `status` is the job's now."""
+
+    job: str
+    task: str
+    tasks: list[str] = []
+    status: JobStatus
+
+
 class CleanedJob(msgspec.Struct, frozen=True, kw_only=True):
     """What cleaning one job removed; `kept` names its integration branch (its result), `problems` what could not
     be removed and why."""
@@ -260,6 +310,9 @@ REQUESTS: dict[str, type[Request]] = {
     "events": GetEvents,
     "plan": GetPlan,
     "clean": CleanJobs,
+    "resume": ResumeJob,
+    "retry": RetryJob,
+    "skip": SkipTask,
 }
 
 #: Reply type by verb.
@@ -271,6 +324,9 @@ REPLIES: dict[str, type[msgspec.Struct]] = {
     "events": EventsReply,
     "plan": PlanReply,
     "clean": CleanReply,
+    "resume": ResumeReply,
+    "retry": RetryReply,
+    "skip": SkipReply,
 }
 
 #: Where the daemon keeps its state (and `connection.json`) when neither a flag nor NUMERUS_STATE_DIR says.
@@ -310,9 +366,9 @@ TaskStatus = Literal[
 ]
 
 #: Terminal job statuses.
-JOB_DONE: frozenset[JobStatus] = frozenset({"completed", "failed", "killed", "interrupted"})
-#: Terminal task statuses.
-TASK_DONE: frozenset[TaskStatus] = frozenset({"completed", "failed", "killed", "interrupted", "skipped"})
+JOB_DONE: frozenset[JobStatus] = frozenset({"completed", "failed", "killed"})
+#: Terminal task statuses (an interrupted task goes on when its job resumes; `retry` reopens ended ones).
+TASK_DONE: frozenset[TaskStatus] = frozenset({"completed", "failed", "killed", "skipped"})
 
 
 def command_subject(verb: str) -> str:

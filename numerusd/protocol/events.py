@@ -140,6 +140,8 @@ class KillRequested(EventData, frozen=True, kw_only=True):
     """A user asked to stop the job; its running agents are being stopped."""
 
     reason: str = "killed by user"
+    #: Who asked (`alice (operator)`); empty in events recorded before it was.
+    by: str = ""
 
 
 class JobCompleted(EventData, frozen=True, kw_only=True):
@@ -159,9 +161,28 @@ class JobKilled(EventData, frozen=True, kw_only=True):
 
 
 class JobInterrupted(EventData, frozen=True, kw_only=True):
-    """The daemon stopped while the job was running; its running tasks are marked interrupted."""
+    """The daemon stopped while the job was under way; the tasks whose agents it stopped are marked interrupted.
+
+    A `resumable` interruption is not the job's end: `next` says what happens next (it resumes when numerusd
+    starts, or on `numerusctl resume`), and `JobResumed` takes it back where it was. One recorded before jobs
+    could resume (`resumable` false) ended the job: it is folded as failed.
+    """
 
     reason: str
+    resumable: bool = False
+    next: str = ""
+
+
+class JobResumed(EventData, frozen=True, kw_only=True):
+    """An interrupted job goes on where it was: its unfinished tasks go on from their last recorded step."""
+
+    by: str = ""
+
+
+class JobReopened(EventData, frozen=True, kw_only=True):
+    """An ended job runs again because tasks of it were retried or skipped at a user's request."""
+
+    by: str = ""
 
 
 class JobCleaned(EventData, frozen=True, kw_only=True):
@@ -345,6 +366,8 @@ class TaskStarted(TaskEvent, frozen=True, kw_only=True):
     argv: tuple[str, ...]
     workdir: str
     log_path: str
+    #: The agent's thread this run resumes (its attempt goes on after an interruption), if any.
+    resumes: str | None = None
 
 
 class AgentSpawned(TaskEvent, frozen=True, kw_only=True):
@@ -431,16 +454,38 @@ class TaskKilled(TaskEvent, frozen=True, kw_only=True):
     reason: str = "killed by user"
 
 
+class TaskKillRequested(TaskEvent, frozen=True, kw_only=True):
+    """A user asked to stop this one task (`numerusctl kill JOB TASK`); it is killed once its agent has ended."""
+
+    by: str = ""
+
+
 class TaskSkipped(TaskEvent, frozen=True, kw_only=True):
-    """The task will never run: a task it depends on failed or was dropped."""
+    """The task will never run: a task it depends on failed or was dropped, or a user skipped it (`by`): then
+    the tasks that depend on it run as if it had completed."""
 
     reason: str
+    by: str = ""
+
+
+class TaskRetryRequested(TaskEvent, frozen=True, kw_only=True):
+    """A user asked for the task to run again (`numerusctl retry`), or a task it depends on is retried: it is
+    pending again, with `max_attempts` new attempts from the integration branch's tip."""
+
+    by: str = ""
+    reason: str = ""
 
 
 class TaskInterrupted(TaskEvent, frozen=True, kw_only=True):
-    """The daemon stopped while the task's agent ran, so its outcome is unknown; never read as completed."""
+    """The daemon stopped while the task's agent ran, so that attempt's outcome is unknown; never read as completed.
+
+    `resumable`: the task goes on when its job resumes, resuming the agent's thread `thread_id` when it has one
+    (else with a new attempt, not counted as failed). One recorded before jobs could resume ended the task (failed).
+    """
 
     reason: str
+    resumable: bool = False
+    thread_id: str | None = None
 
 
 #: Every payload class, by the name that stands in an envelope's `type`.
@@ -453,6 +498,8 @@ EVENT_TYPES: dict[str, type[EventData]] = {
         JobFailed,
         JobKilled,
         JobInterrupted,
+        JobResumed,
+        JobReopened,
         JobCleaned,
         SecretRedacted,
         ReplanRequested,
@@ -492,7 +539,9 @@ EVENT_TYPES: dict[str, type[EventData]] = {
         TaskCompleted,
         TaskFailed,
         TaskKilled,
+        TaskKillRequested,
         TaskSkipped,
+        TaskRetryRequested,
         TaskInterrupted,
     )
 }
