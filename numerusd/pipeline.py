@@ -378,6 +378,7 @@ class JobPipeline:
                 return
             if self.job.claims != "none" and not await self.claim(task_id):
                 return
+            failpoints.hit("after-claim")  # tests: a crash with a claim arbitrated, no worktree yet
         if self.job.claims != "none" and self.job.tasks[task_id].status in ("pending", "waiting"):
             if task_id not in self.job.lock_holds:
                 self.ahead.give_back(task_id)  # NO GO: it waits for the holder without keeping others from asking
@@ -548,6 +549,7 @@ class JobPipeline:
         await self.observe(
             WorktreeReady(task=task_id, path=str(created.path), branch=created.branch, base_sha=created.base_sha)
         )
+        failpoints.hit("after-worktree")  # tests: a crash with a worktree made, no agent started
         return created
 
     async def execute(
@@ -645,6 +647,9 @@ class JobPipeline:
             git_dirs=self.git_dirs(worktree.path) or (),
         )
         for command in self.job.checks:
+            if command in task.passed_checks:  # passed on this commit before a daemon stop
+                passed.append(command)
+                continue
             # With the daemon's environment without its secrets, as agents have it; None on a timeout.
             exit_code, output, duration = await run_check(
                 worktree.path, command, timeout=self.settings.check_timeout_s, sandbox=jail
@@ -653,11 +658,12 @@ class JobPipeline:
             await self.observe(
                 CheckRan(task=task_id, command=command, exit_code=exit_code, duration_s=duration, output=tail)
             )
+            failpoints.hit("after-check")  # tests: a crash in the middle of the gate
             if exit_code != 0:
                 how = f"exit code {exit_code}" if exit_code is not None else "a timeout"
                 return [f"the check `{command}` failed with {how}:\n{tail}"]
             passed.append(command)
-        if not self.job.review:
+        if not self.job.review or self.job.tasks[task_id].review_passed:
             return []
         listed = tuple(f"{change.kind} {change.path}" for change in changes)
         return await self.review(task_id, worktree, listed, tuple(passed))

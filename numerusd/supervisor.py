@@ -24,6 +24,7 @@ from typing import Any, TypeVar
 import msgspec
 from nats.aio.client import Client
 
+from numerusd import failpoints
 from numerusd.agents.base import AgentAdapter, AgentInvocation, LineBuffer
 from numerusd.breaker import CircuitBreaker
 from numerusd.domain.observations import (
@@ -308,6 +309,7 @@ class TaskRun(_ProcessRun):
             await self.observe(AgentFailedToStart(task=task_id, reason=e.message))
             return None
         await self.observe(AgentStarted(task=task_id, pid=terminal.pid, start_ticks=terminal.start_ticks))
+        failpoints.hit("agent-running")  # tests: a crash while the agent runs (it dies with the daemon)
         outcome = await process.pump(self._reported)
         if process.redacted.counts:  # before the exit, while the task is still the agent's
             await self.observe(Redacted(task=task_id, counts=dict(process.redacted.counts)))
