@@ -266,7 +266,11 @@ def _decide_task(job: JobState, task: TaskState, seen: TaskObservation) -> Decis
         case StoppedForKill():
             if not (job.kill_requested or task.kill_requested):
                 raise InvalidTransition(f"task {task.id} cannot stop for a kill: neither it nor job {job.id} is killed")
-            return [] if task.status in TASK_DONE else _task_killed(job, task.id)
+            if task.status in TASK_DONE:
+                return []
+            if job.kill_requested:
+                return _task_killed(job, task.id)
+            return _task_killed(job, task.id, reason=f"killed by {task.kill_by or 'a user'}", dependents=True)
     raise InvalidTransition(f"cannot decide on {type(seen).__name__}")
 
 
@@ -611,8 +615,10 @@ def _ready(job: JobState, task: TaskState) -> Decision:
 def _claim_answered(job: JobState, task: TaskState, claim: ClaimAnswered) -> Decision:
     """A usable claim is recorded and arbitrated at once: GO or NO GO. An unusable one is rejected (the last
     time, the task fails). A kill that arrived meanwhile stops the task."""
-    if job.kill_requested or task.kill_requested:
-        return _task_killed(job, task.id, dependents=task.kill_requested)
+    if job.kill_requested:
+        return _task_killed(job, task.id)
+    if task.kill_requested:
+        return _task_killed(job, task.id, reason=f"killed by {task.kill_by or 'a user'}", dependents=True)
     if claim.errors:
         rejected = ClaimRejected(attempt=claim.attempt, errors=claim.errors, usage=claim.usage)
         events: Decision = [(task.id, rejected)]
@@ -653,8 +659,10 @@ def _attempt_failed(job: JobState, task: TaskState, reasons: tuple[str, ...], fr
     other. A task that fails for good while the job may still be replanned asks the queen (`ReplanRequested`)
     instead of failing the tasks that depend on it.
     """
-    if job.kill_requested or task.kill_requested:
-        return _task_killed(job, task.id, dependents=task.kill_requested)
+    if job.kill_requested:
+        return _task_killed(job, task.id)
+    if task.kill_requested:
+        return _task_killed(job, task.id, reason=f"killed by {task.kill_by or 'a user'}", dependents=True)
     failed = task.failed_attempts + 1
     if failed < job.max_attempts:
         pauses = job.backoff_s or (0.0,)

@@ -260,8 +260,8 @@ def _evolve_task(job: JobState, task_id: str, time: datetime, data: EventData) -
                 thread_tokens=task.thread_tokens if resumes else (0, 0, 0),
                 resumed=task.resumed + 1 if resumes else 0,
             )
-        case TaskKillRequested():
-            task = replace(task, kill_requested=True)
+        case TaskKillRequested(by=by):
+            task = replace(task, kill_requested=True, kill_by=by)
         case TaskRetryRequested(reason=reason):
             task = replace(
                 task,
@@ -270,6 +270,7 @@ def _evolve_task(job: JobState, task_id: str, time: datetime, data: EventData) -
                 failed_attempts=0,
                 fresh_worktree=task.worktree is not None,
                 kill_requested=False,
+                kill_by="",
                 skipped_by=None,
                 ended=None,
             )

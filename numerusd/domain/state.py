@@ -49,8 +49,9 @@ class TaskState(msgspec.Struct, frozen=True, kw_only=True):
     #: fails an attempt too). An attempt cut by a daemon stop is not counted as failed.
     attempt: int = 0
     failed_attempts: int = 0
-    #: A user asked to stop this task alone (`kill JOB TASK`): it is killed once its agent has ended.
+    #: A user asked to stop this task alone (`kill JOB TASK`; who in `kill_by`): it is killed once its agent ends.
     kill_requested: bool = False
+    kill_by: str = ""
     #: Who skipped the task (`skip JOB TASK`): its dependents then run as if it had completed.
     skipped_by: str | None = None
     #: The checks that passed, and whether the reviewer passed the work, for the commit under the gate (a gate
