@@ -51,7 +51,7 @@ def start_daemon(state: Path) -> subprocess.Popen[bytes]:
     )
 
 
-def wait_for(predicate, timeout: float, what: str) -> None:  # noqa: ANN001 - a bench helper
+def wait_for(predicate, timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
         if time.monotonic() > deadline:
