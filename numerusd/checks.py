@@ -35,7 +35,7 @@ KEEP_BYTES = 64 * 1024
 LOG_BYTES = 16 * 1024 * 1024
 
 _NAME = re.compile(r"^check-([0-9]+)-([0-9]+)\.log$")
-_END = re.compile(rb"\n\[numerus: (?:exit code (-?[0-9]+) after [^\]\n]*|stopped after [^\]\n]*)\]\n$")
+_END = re.compile(rb"\n\[numerus: (?:exit code (-?[0-9]+) after [^\]\n]*|stopped after [^\]\n]*)\]\n\Z")
 
 
 class CheckLog:
