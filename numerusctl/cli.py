@@ -3,11 +3,16 @@
     numerusctl run GOAL [--repo PATH] [--agent NAME] [--role ROLE=PROFILE]... [--parallel N] [--check CMD]...
                    [--no-review] [--no-plan] [--wait]
     numerusctl plan JOB [--format text|dot|mermaid]
-    numerusctl status [JOB] [--limit N | --all]
-    numerusctl logs JOB [--task T] [-f] [--raw]
+    numerusctl status [JOB] [--limit N | --all] [--repo PATH]
+    numerusctl logs JOB [TASK] [-f] [--raw] [--check]
     numerusctl events [JOB] [-f]
     numerusctl kill JOB
     numerusctl audit verify [JOB] [--key-file F] [--expect-head DIGEST] [--finished]
+    numerusctl completion bash|zsh|fish
+
+A JOB is its id, `last`, or 4+ characters of its start or end; the commands that subscribe to a job's subjects
+themselves resolve it first with one `status` request (`_job_id`). Shell completion asks numerusd for job ids,
+tasks and agent profiles (docs/operations.md, "Everyday handling").
 
 `run` plans the goal into tasks (planner), lets each claim its files (GO / NO GO), runs them in worktrees
 (executor), passes each through the quality gate (checks, reviewer) and merges it into the job's integration
@@ -15,7 +20,8 @@ branch `numerus/<job>.integration`; `--no-plan` runs one supervised agent on the
 
 `--json` (before or after the command) prints replies and events as JSON instead of text. Following (`run
 --wait`, `logs -f`, `events -f`) and `audit verify` read the JetStream streams directly with ordered consumers
-(`feed.py`); `audit verify` trusts nothing the daemon says and checks every event with the key.
+(`feed.py`); `audit verify` trusts nothing the daemon says (but which job a reference names) and checks every
+event with the key. Under `--json` an error is one JSON line on stderr, `{"error": {"code", "message", "exit"}}`.
 
 Each command imports what it alone needs inside its own body (the stream reader, the event renderer, the
 auditor), so a one-request command such as `status` starts no faster or slower for the others
@@ -45,7 +51,6 @@ from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import click
 import msgspec
-from click.shell_completion import CompletionItem, get_completion_class
 from nats.aio.client import Client
 
 from numerusctl import render
@@ -81,6 +86,8 @@ from numerusd.protocol.exit_codes import CtlExit
 from numerusd.protocol.ids import is_token, is_whole_id
 
 if TYPE_CHECKING:
+    from click.shell_completion import CompletionItem
+
     from numerusctl.feed import Stored, StreamFeed
 
 #: Jobs `status` lists by default, newest first.
@@ -217,6 +224,8 @@ def _ask_for_completion(ctx: click.Context, query: GetStatus) -> StatusReply | N
 
 def _complete_jobs(ctx: click.Context, _param: click.Parameter, incomplete: str) -> list[CompletionItem]:
     """Job ids that start (or end) with what was typed, newest first, each with its goal; and `last`."""
+    from click.shell_completion import CompletionItem
+
     reply = _ask_for_completion(ctx, GetStatus(limit=COMPLETION_JOBS))
     typed = incomplete.upper()
     items = [CompletionItem("last", help="the newest job")] if "last".startswith(incomplete) else []
@@ -228,6 +237,8 @@ def _complete_jobs(ctx: click.Context, _param: click.Parameter, incomplete: str)
 
 def _complete_tasks(ctx: click.Context, _param: click.Parameter, incomplete: str) -> list[CompletionItem]:
     """The task ids of the job already typed that start with what was typed."""
+    from click.shell_completion import CompletionItem
+
     job = ctx.params.get("job")
     reply = _ask_for_completion(ctx, GetStatus(job=job)) if job else None
     tasks = reply.jobs[0].tasks if reply is not None and reply.jobs else []
@@ -240,6 +251,8 @@ def _complete_tasks(ctx: click.Context, _param: click.Parameter, incomplete: str
 
 def _complete_agents(ctx: click.Context, _param: click.Parameter, incomplete: str) -> list[CompletionItem]:
     """The agent profiles numerusd knows that start with what was typed."""
+    from click.shell_completion import CompletionItem
+
     reply = _ask_for_completion(ctx, GetStatus(limit=1))
     return [CompletionItem(name) for name in (reply.agents if reply else ()) if name.startswith(incomplete)]
 
@@ -950,6 +963,8 @@ def completion(shell: str) -> None:
     zsh:  eval "$(numerusctl completion zsh)"        (in ~/.zshrc)
     fish: numerusctl completion fish > ~/.config/fish/completions/numerusctl.fish
     """
+    from click.shell_completion import get_completion_class
+
     script = get_completion_class(shell)
     assert script is not None  # the choice is click's own shells
     _out(script(cli, {}, "numerusctl", "_NUMERUSCTL_COMPLETE").source().rstrip("\n"))
