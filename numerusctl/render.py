@@ -66,6 +66,7 @@ class TaskLines:
         self._colour = colour
         self._streams: dict[str, VisibleStream] = {}
         self._partial: dict[str, str] = {}
+        self._prefixes: dict[str, str] = {}
 
     def feed(self, task: str, data: bytes) -> str:
         """The complete lines that `data`, a chunk of `task`'s output, ends; the rest waits for its line end."""
@@ -86,11 +87,12 @@ class TaskLines:
         return left
 
     def _prefix(self, task: str) -> str:
-        name = visible(task)
-        if not self._colour:
-            return f"{name} | "
-        colour = _TASK_COLOURS[list(self._streams).index(task) % len(_TASK_COLOURS)]
-        return f"\x1b[{colour}m{name}\x1b[0m | "
+        prefix = self._prefixes.get(task)
+        if prefix is None:
+            name = visible(task)
+            colour = _TASK_COLOURS[len(self._prefixes) % len(_TASK_COLOURS)]
+            prefix = self._prefixes[task] = f"\x1b[{colour}m{name}\x1b[0m | " if self._colour else f"{name} | "
+        return prefix
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from numerusctl.render import REPO_WIDTH, short_path
+from numerusctl.render import REPO_WIDTH, TaskLines, short_path
 from numerusd import checks
 from numerusd.checks import CheckLog, failed_check_logs, run_check
 from tests.conftest import eventually
@@ -348,3 +348,16 @@ async def test_sighup_takes_a_changed_configuration_and_refuses_a_bad_one(tmp_pa
         assert "nats_url cannot change while numerusd runs" in refusals[1]
         assert daemon.alive and daemon.process is not None and daemon.process.pid == pid
         run_ok(daemon, "--no-plan", "hi", "--repo", str(repo), "--agent", "second")  # the last good one holds
+
+
+def test_followed_lines_are_told_apart_by_a_coloured_task_name_and_agents_cannot_drive_the_terminal():
+    lines = TaskLines(colour=True)
+    shown = lines.feed("t1", b"a\nb") + lines.feed("t2", b"c\r\n") + lines.feed("t1", b"\x1b[2Jd\n")
+    shown += lines.feed("t2", b"no end") + lines.close()
+    assert shown.splitlines() == [
+        "\x1b[31mt1\x1b[0m | a",
+        "\x1b[32mt2\x1b[0m | c",
+        "\x1b[31mt1\x1b[0m | b\\x1b[2Jd",  # the agent's escape is shown, never sent
+        "\x1b[32mt2\x1b[0m | no end",
+    ]
+    assert TaskLines().feed("t3", b"x\n") == "t3 | x\n"
