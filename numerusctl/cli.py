@@ -3,14 +3,19 @@
     numerusctl run GOAL [--repo PATH] [--agent NAME] [--role ROLE=PROFILE]... [--parallel N] [--check CMD]...
                    [--no-review] [--no-plan] [--wait]
     numerusctl plan JOB [--format text|dot|mermaid]
-    numerusctl status [JOB] [--limit N | --all]
-    numerusctl logs JOB [--task T] [-f] [--raw]
+    numerusctl status [JOB] [--limit N | --all] [--repo PATH]
+    numerusctl logs JOB [TASK] [-f] [--raw] [--check]
     numerusctl events [JOB] [-f]
     numerusctl kill JOB [TASK]
     numerusctl resume JOB
     numerusctl retry JOB [TASK]...
     numerusctl skip JOB TASK
     numerusctl audit verify [JOB] [--key-file F] [--expect-head DIGEST] [--finished]
+    numerusctl completion bash|zsh|fish
+
+A JOB is its id, `last`, or 4+ characters of its start or end; the commands that subscribe to a job's subjects
+themselves resolve it first with one `status` request (`_job_id`). Shell completion asks numerusd for job ids,
+tasks and agent profiles (docs/operations.md, "Everyday handling").
 
 `run` plans the goal into tasks (planner), lets each claim its files (GO / NO GO), runs them in worktrees
 (executor), passes each through the quality gate (checks, reviewer) and merges it into the job's integration
@@ -18,7 +23,8 @@ branch `numerus/<job>.integration`; `--no-plan` runs one supervised agent on the
 
 `--json` (before or after the command) prints replies and events as JSON instead of text. Following (`run
 --wait`, `logs -f`, `events -f`) and `audit verify` read the JetStream streams directly with ordered consumers
-(`feed.py`); `audit verify` trusts nothing the daemon says and checks every event with the key.
+(`feed.py`); `audit verify` trusts nothing the daemon says (but which job a reference names) and checks every
+event with the key. Under `--json` an error is one JSON line on stderr, `{"error": {"code", "message", "exit"}}`.
 
 Each command imports what it alone needs inside its own body (the stream reader, the event renderer, the
 auditor), so a one-request command such as `status` starts no faster or slower for the others
@@ -44,7 +50,7 @@ from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import click
 import msgspec
@@ -52,6 +58,7 @@ from nats.aio.client import Client
 
 from numerusctl import render
 from numerusctl.connection import (
+    EXIT_NAMES,
     CtlError,
     connected,
     decode_reply,
@@ -85,10 +92,12 @@ from numerusd.protocol.commands import (
 )
 from numerusd.protocol.connection import CLIENT_ROLES
 from numerusd.protocol.exit_codes import CtlExit
-from numerusd.protocol.ids import is_token
+from numerusd.protocol.ids import is_token, is_whole_id
 
 if TYPE_CHECKING:
-    from numerusctl.feed import StreamFeed
+    from click.shell_completion import CompletionItem
+
+    from numerusctl.feed import Stored, StreamFeed
 
 #: Jobs `status` lists by default, newest first.
 STATUS_LIMIT = 20
@@ -185,13 +194,95 @@ def _tokens(ctx: click.Context, param: click.Parameter, values: tuple[str, ...])
     return values
 
 
+async def _job_id(nc: Client, ref: str, timeout: float) -> str:
+    """The whole id of the job `ref` names (its id, `last`, or 4+ characters of its start or end), for the commands
+    that subscribe to the job's subjects themselves: one `status` request, none for a whole id. An unknown or
+    ambiguous reference is numerusd's one-line refusal (naming the candidates), exit 1."""
+    if is_whole_id(ref):
+        return ref
+    reply: StatusReply = decode_reply("status", await request(nc, "status", GetStatus(job=ref), timeout))
+    if len(reply.jobs) != 1 or not is_whole_id(reply.jobs[0].id):
+        raise CtlError(f"numerusd named no single job for {ref!r}")
+    return reply.jobs[0].id
+
+
+# --- shell completion -------------------------------------------------------------------------------------------
+
+#: Seconds a completion may wait for numerusd: a shell waits for it at every Tab.
+COMPLETION_TIMEOUT_S = 0.5
+#: The newest jobs offered for completion.
+COMPLETION_JOBS = 200
+
+
+def _ask_for_completion(ctx: click.Context, query: GetStatus) -> StatusReply | None:
+    """numerusd's answer to `query`, asked with the connection options given so far; None on any failure (a
+    completion says nothing: the shell simply offers nothing)."""
+    given = ctx.find_root().params
+    try:
+        target = resolve_target(
+            state_dir=given.get("state_dir"),
+            nats_url=given.get("nats_url"),
+            nats_user=given.get("nats_user"),
+            nats_password=given.get("nats_password"),
+            creds=given.get("creds"),
+            role=given.get("bus_role") or CLIENT_ROLES[0],
+        )
+
+        async def ask() -> StatusReply:
+            async with connected(target, COMPLETION_TIMEOUT_S) as nc:
+                return decode_reply("status", await request(nc, "status", query, COMPLETION_TIMEOUT_S))
+
+        return asyncio.run(asyncio.wait_for(ask(), 4 * COMPLETION_TIMEOUT_S))
+    except Exception:
+        return None
+
+
+def _complete_jobs(ctx: click.Context, _param: click.Parameter, incomplete: str) -> list[CompletionItem]:
+    """Job ids that start (or end) with what was typed, newest first, each with its goal; and `last`."""
+    from click.shell_completion import CompletionItem
+
+    reply = _ask_for_completion(ctx, GetStatus(limit=COMPLETION_JOBS))
+    typed = incomplete.upper()
+    items = [CompletionItem("last", help="the newest job")] if "last".startswith(incomplete) else []
+    for job in reply.jobs if reply is not None else ():
+        if job.id.startswith(typed) or (len(typed) >= 4 and job.id.endswith(typed)):
+            items.append(CompletionItem(job.id, help=render.visible(render.first_line(job.goal, 60))))
+    return items
+
+
+def _complete_tasks(ctx: click.Context, _param: click.Parameter, incomplete: str) -> list[CompletionItem]:
+    """The task ids of the job already typed that start with what was typed."""
+    from click.shell_completion import CompletionItem
+
+    job = ctx.params.get("job")
+    reply = _ask_for_completion(ctx, GetStatus(job=job)) if job else None
+    tasks = reply.jobs[0].tasks if reply is not None and reply.jobs else []
+    return [
+        CompletionItem(task.id, help=render.visible(render.first_line(task.title, 60)))
+        for task in tasks
+        if task.id.startswith(incomplete)
+    ]
+
+
+def _complete_agents(ctx: click.Context, _param: click.Parameter, incomplete: str) -> list[CompletionItem]:
+    """The agent profiles numerusd knows that start with what was typed."""
+    from click.shell_completion import CompletionItem
+
+    reply = _ask_for_completion(ctx, GetStatus(limit=1))
+    return [CompletionItem(name) for name in (reply.agents if reply else ()) if name.startswith(incomplete)]
+
+
 class _Numerusctl(click.Group):
-    """The command group, with every usage error on one line like every other error (exit 2)."""
+    """The command group, with every error on one line like every other error (usage: exit 2); under `--json`
+    that line is `{"error": {"code": ..., "message": ..., "exit": N}}` on stderr, with the same exit code."""
 
     def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
         """Run the CLI; exits with the command's code. `standalone_mode=False` behaves as click's own."""
         if not standalone_mode:
             return super().main(*args, standalone_mode=False, **kwargs)
+        argv = list(kwargs.get("args") or (args[0] if args else None) or sys.argv[1:])
+        # Known before click parses anything, so that a usage error too comes as JSON.
+        as_json = "--json" in (argv[: argv.index("--")] if "--" in argv else argv)
         try:
             code = super().main(*args, standalone_mode=False, **kwargs)
         except click.exceptions.NoArgsIsHelpError as e:
@@ -199,15 +290,23 @@ class _Numerusctl(click.Group):
             sys.exit(e.exit_code)
         except click.UsageError as e:
             hint = f" (see '{e.ctx.command_path} --help')" if e.ctx else ""
-            click.echo(f"numerusctl: {e.format_message()}{hint}", err=True)
-            sys.exit(e.exit_code)
+            _fail(f"{e.format_message()}{hint}", e.exit_code, "usage", as_json)
+        except CtlError as e:
+            _fail(e.message, e.exit_code, e.code, as_json)
         except click.ClickException as e:
-            e.show()
-            sys.exit(e.exit_code)
+            _fail(e.format_message(), e.exit_code, EXIT_NAMES.get(e.exit_code, "failed"), as_json)
         except click.Abort:
-            click.echo("numerusctl: aborted", err=True)
-            sys.exit(130)
+            _fail("aborted", 130, "interrupted", as_json)
         sys.exit(code if isinstance(code, int) else 0)
+
+
+def _fail(message: str, exit_code: int, code: str, as_json: bool) -> NoReturn:
+    """Say what went wrong on stderr, in one line of text or of JSON, and exit with `exit_code`."""
+    if as_json:
+        click.echo(json.dumps({"error": {"code": code, "message": message, "exit": exit_code}}), err=True)
+    else:
+        click.echo(f"numerusctl: {message}", err=True)
+    sys.exit(exit_code)
 
 
 @click.group(cls=_Numerusctl, context_settings={"help_option_names": ["-h", "--help"]})
@@ -294,7 +393,11 @@ def _checks(_ctx: click.Context, param: click.Parameter, values: tuple[str, ...]
     help="The repository to work in: for a planned job, a git repository with a commit (any directory in it names "
     "it) [the repository of the current directory].",
 )
-@click.option("--agent", help="Agent profile of every role [numerusd's configured roles, else its default_agent].")
+@click.option(
+    "--agent",
+    shell_complete=_complete_agents,
+    help="Agent profile of every role [numerusd's configured roles, else its default_agent].",
+)
 @click.option(
     "--role",
     "roles",
@@ -465,7 +568,7 @@ async def _follow_job(nc: Client, job: str, as_json: bool) -> int:
 
 
 @cli.command()
-@click.argument("job", required=False, callback=_token)
+@click.argument("job", required=False, callback=_token, shell_complete=_complete_jobs)
 @click.option(
     "--limit",
     type=click.IntRange(min=1),
@@ -475,20 +578,29 @@ async def _follow_job(nc: Client, job: str, as_json: bool) -> int:
     help="Without JOB: list the newest N jobs.",
 )
 @click.option("--all", "every", is_flag=True, help="Without JOB: list every job.")
+@click.option(
+    "--repo",
+    type=click.Path(file_okay=False, resolve_path=True, path_type=Path),
+    help="Without JOB: only the jobs of this repository (any directory in it names it).",
+)
 @json_option
 @click.pass_context
-def status(ctx: click.Context, job: str | None, limit: int, every: bool, as_json: bool) -> None:
+def status(ctx: click.Context, job: str | None, limit: int, every: bool, repo: Path | None, as_json: bool) -> None:
     """The newest jobs, one line each, or one JOB with its tasks."""
     opts = _options(ctx, as_json)
+    if job is not None and repo is not None:
+        raise click.UsageError("--repo picks jobs for a list; with JOB, leave it out")
+    where = msgspec.UNSET if repo is None else str(_repository(repo, plan=True))
 
     async def body(nc: Client) -> int:
-        query = GetStatus(job=job) if job is not None else GetStatus(limit=None if every else limit)
+        query = GetStatus(job=job) if job is not None else GetStatus(limit=None if every else limit, repo=where)
         data = await request(nc, "status", query, opts.timeout)
         reply: StatusReply = decode_reply("status", data)
         while reply.next is not None:  # a long list comes in pages, each within a NATS message
             want = None if query.limit is None else query.limit - len(reply.jobs)
             page: StatusReply = decode_reply(
-                "status", await request(nc, "status", GetStatus(limit=want, before=reply.next), opts.timeout)
+                "status",
+                await request(nc, "status", GetStatus(limit=want, repo=where, before=reply.next), opts.timeout),
             )
             reply = msgspec.structs.replace(page, jobs=reply.jobs + page.jobs)
             data = msgspec.json.encode(reply)
@@ -507,7 +619,7 @@ def status(ctx: click.Context, job: str | None, limit: int, every: bool, as_json
 
 
 @cli.command()
-@click.argument("job", callback=_token)
+@click.argument("job", callback=_token, shell_complete=_complete_jobs)
 @click.option(
     "--format",
     "fmt",
@@ -543,48 +655,78 @@ def plan(ctx: click.Context, job: str, fmt: str, as_json: bool) -> None:
 
 
 @cli.command()
-@click.argument("job", callback=_token)
-@click.option("--task", callback=_token, help="Only this task.")
+@click.argument("job", callback=_token, shell_complete=_complete_jobs)
+@click.argument("task_arg", metavar="[TASK]", required=False, callback=_token, shell_complete=_complete_tasks)
+@click.option("--task", callback=_token, shell_complete=_complete_tasks, help="Only this task (as TASK).")
 @click.option("-f", "--follow", is_flag=True, help="Stream the output live until the job ends.")
-@click.option("--raw", is_flag=True, help="Pass terminal control sequences through instead of showing them escaped.")
+@click.option(
+    "--raw",
+    is_flag=True,
+    help="The bytes as the agents wrote them: control sequences passed through, no task prefix on -f.",
+)
+@click.option("--check", "check", is_flag=True, help="The whole output of TASK's failed checks instead.")
 @json_option
 @click.pass_context
-def logs(ctx: click.Context, job: str, task: str | None, follow: bool, raw: bool, as_json: bool) -> None:
-    """The agents' terminal output of JOB, control sequences shown escaped (`\\x1b[2J`) unless --raw."""
+def logs(
+    ctx: click.Context,
+    job: str,
+    task_arg: str | None,
+    task: str | None,
+    follow: bool,
+    raw: bool,
+    check: bool,
+    as_json: bool,
+) -> None:
+    """The agents' terminal output of JOB (or of its TASK), control sequences shown escaped (`\\x1b[2J`) unless
+    --raw; with -f, live, each line after its task (`t2 | ...`, coloured on a terminal).
+
+    With --check, the whole output of TASK's failed checks (the gate's tests and linters), each from its log file.
+    """
     opts = _options(ctx, as_json)
+    if task_arg is not None and task is not None and task_arg != task:
+        raise click.UsageError(f"two tasks named: {task_arg} and --task {task}")
+    task = task or task_arg
+    if check and (task is None or follow):
+        raise click.UsageError("--check shows one task's failed checks after the fact: name the TASK, without -f")
 
     async def body(nc: Client) -> int:
-        data = await request(nc, "logs", GetLogs(job=job, task=task), opts.timeout)
+        data = await request(nc, "logs", GetLogs(job=job, task=task, check=check), opts.timeout)
         reply: LogsReply = decode_reply("logs", data)
-        if not follow:
-            if opts.json:
-                _out(data.decode())
-                return 0
-            for log in reply.logs:
-                if len(reply.logs) > 1 or task is None:
-                    _out(f"==> {log.task} ({log.path}) <==")
-                if log.truncated:
-                    _out(f"[earlier output left out; all of it is in {log.path}]")
-                _out(log.text.encode() if raw else render.visible(log.text).encode())
-                if log.text and not log.text.endswith("\n"):
-                    _out("")
+        if follow:
+            return await _follow_logs(nc, reply.job, task, raw)
+        if opts.json:
+            _out(data.decode())
             return 0
-        return await _follow_logs(nc, reply.job, task, raw)
+        if check and not reply.logs:
+            _out(f"no failed check of task {task} in job {reply.job}")
+        for log in reply.logs:
+            if log.check is not None:
+                how = f"exit code {log.exit_code}" if log.exit_code is not None else "out of time"
+                _out(f"==> {log.task} attempt {log.attempt}: {log.check} ({how}; {log.path}) <==")
+            elif len(reply.logs) > 1 or task is None:
+                _out(f"==> {log.task} ({log.path}) <==")
+            if log.truncated:
+                _out(f"[earlier output left out; all of it is in {log.path}]")
+            _out(log.text.encode() if raw else render.visible(log.text).encode())
+            if log.text and not log.text.endswith("\n"):
+                _out("")
+        return 0
 
     _run(_with_daemon(opts, body))
 
 
 async def _follow_logs(nc: Client, job: str, task: str | None, raw: bool) -> int:
-    """Copy `numerus.log.<job>.<task>` chunks to stdout as they come (escaped unless `raw`); stop once the job has
-    ended and all output stored by then has been written."""
+    """Copy `numerus.log.<job>.<task>` chunks to stdout as they come: line by line after their task's name
+    (escaped, the name coloured on a terminal), or with `raw` as they are; stop once the job has ended and all
+    output stored by then has been written."""
     from numerusctl.feed import StreamFeed
 
     subject = subjects.job_logs(job) if task is None else subjects.task_log(job, task)
     out = sys.stdout.buffer  # chunks are bytes from a terminal, escapes and all: with --raw, copied as they are
-    shown = render.VisibleStream()
+    lines = render.TaskLines(colour=_colour(sys.stdout))
 
-    def write(data: bytes) -> None:
-        out.write(data if raw else shown.feed(data).encode())
+    def write(stored: Stored) -> None:
+        out.write(stored.data if raw else lines.feed(stored.subject.rpartition(".")[2], stored.data).encode())
 
     async with (
         StreamFeed(nc, subjects.LOGS, subject) as log_feed,
@@ -599,19 +741,24 @@ async def _follow_logs(nc: Client, job: str, task: str | None, raw: bool) -> int
                     next_chunks.cancel()
                     break
                 for stored in next_chunks.result():
-                    write(stored.data)
+                    write(stored)
                 out.flush()
             ended.result()  # a lost connection surfaces here
             # The job's end is recorded after its agents' output was published: drain what is stored.
             async for batch in log_feed.drain():
                 for stored in batch:
-                    write(stored.data)
+                    write(stored)
             if not raw:
-                out.write(shown.feed(b"", final=True).encode())
+                out.write(lines.close().encode())
             out.flush()
         finally:
             ended.cancel()
     return 0
+
+
+def _colour(stream: Any) -> bool:
+    """Whether to colour what goes to `stream`: a terminal, unless NO_COLOR is set (no-color.org)."""
+    return not os.environ.get("NO_COLOR") and hasattr(stream, "isatty") and stream.isatty()
 
 
 async def _job_end(feed: StreamFeed) -> None:
@@ -625,7 +772,7 @@ async def _job_end(feed: StreamFeed) -> None:
 
 
 @cli.command()
-@click.argument("job", required=False, callback=_token)
+@click.argument("job", required=False, callback=_token, shell_complete=_complete_jobs)
 @click.option("-f", "--follow", is_flag=True, help="Keep printing new events as they are stored.")
 @json_option
 @click.pass_context
@@ -643,9 +790,10 @@ def events(ctx: click.Context, job: str | None, follow: bool, as_json: bool) -> 
             _out(event_line(seq, wire))
 
     async def body(nc: Client) -> int:
+        job_id = None if job is None else await _job_id(nc, job, opts.timeout)
         after = 0
         while True:
-            data = await request(nc, "events", GetEvents(job=job, after_seq=after), opts.timeout)
+            data = await request(nc, "events", GetEvents(job=job_id, after_seq=after), opts.timeout)
             page: EventsReply = decode_reply("events", data)
             seqs: list[int | None] = list(page.seqs) or [None] * len(page.events)  # an older daemon sends none
             for seq, raw in zip(seqs, page.events, strict=True):
@@ -657,7 +805,7 @@ def events(ctx: click.Context, job: str | None, follow: bool, as_json: bool) -> 
             return 0
         from numerusctl.feed import StreamFeed
 
-        async with StreamFeed(nc, subjects.EVENTS, subjects.job_events(job), start_seq=after + 1) as feed:
+        async with StreamFeed(nc, subjects.EVENTS, subjects.job_events(job_id), start_seq=after + 1) as feed:
             async for batch in feed.forever():
                 for stored in batch:
                     show(stored.seq, stored.data)
@@ -670,8 +818,8 @@ def events(ctx: click.Context, job: str | None, follow: bool, as_json: bool) -> 
 
 
 @cli.command()
-@click.argument("job", callback=_token)
-@click.argument("task", required=False, callback=_token)
+@click.argument("job", callback=_token, shell_complete=_complete_jobs)
+@click.argument("task", required=False, callback=_token, shell_complete=_complete_tasks)
 @json_option
 @click.pass_context
 def kill(ctx: click.Context, job: str, task: str | None, as_json: bool) -> None:
@@ -692,7 +840,7 @@ def kill(ctx: click.Context, job: str, task: str | None, as_json: bool) -> None:
 
 
 @cli.command()
-@click.argument("job", callback=_token)
+@click.argument("job", callback=_token, shell_complete=_complete_jobs)
 @json_option
 @click.pass_context
 def resume(ctx: click.Context, job: str, as_json: bool) -> None:
@@ -712,8 +860,8 @@ def resume(ctx: click.Context, job: str, as_json: bool) -> None:
 
 
 @cli.command()
-@click.argument("job", callback=_token)
-@click.argument("tasks", metavar="[TASK]...", nargs=-1, callback=_tokens)
+@click.argument("job", callback=_token, shell_complete=_complete_jobs)
+@click.argument("tasks", metavar="[TASK]...", nargs=-1, callback=_tokens, shell_complete=_complete_tasks)
 @json_option
 @click.pass_context
 def retry(ctx: click.Context, job: str, tasks: tuple[str, ...], as_json: bool) -> None:
@@ -734,8 +882,8 @@ def retry(ctx: click.Context, job: str, tasks: tuple[str, ...], as_json: bool) -
 
 
 @cli.command()
-@click.argument("job", callback=_token)
-@click.argument("task", callback=_token)
+@click.argument("job", callback=_token, shell_complete=_complete_jobs)
+@click.argument("task", callback=_token, shell_complete=_complete_tasks)
 @json_option
 @click.pass_context
 def skip(ctx: click.Context, job: str, task: str, as_json: bool) -> None:
@@ -759,7 +907,7 @@ def skip(ctx: click.Context, job: str, task: str, as_json: bool) -> None:
 
 
 @cli.command()
-@click.argument("jobs", metavar="[JOB]...", nargs=-1, callback=_tokens)
+@click.argument("jobs", metavar="[JOB]...", nargs=-1, callback=_tokens, shell_complete=_complete_jobs)
 @click.option("--ended", is_flag=True, help="Every ended job not cleaned yet.")
 @click.option("--logs", is_flag=True, help="Their logs too (terminal output, agents' answers); events stay.")
 @json_option
@@ -813,7 +961,7 @@ def load_keys(path: Path) -> dict[str, bytes]:
 
 
 @audit.command()
-@click.argument("job", required=False, callback=_token)
+@click.argument("job", required=False, callback=_token, shell_complete=_complete_jobs)
 @click.option(
     "--key-file",
     type=click.Path(dir_okay=False, path_type=Path),
@@ -846,12 +994,14 @@ def verify(
     if expect_head and job is None:
         raise click.UsageError("--expect-head needs a JOB")
     keys = load_keys(key_file or state_dir_or_default(opts.state_dir) / "keys.json")
-    auditor = Auditor(
-        keys, expected_heads={job: expect_head} if job and expect_head else None, assume_finished=finished
-    )
 
     async def body(nc: Client) -> int:
-        async with StreamFeed(nc, subjects.EVENTS, subjects.job_events(job)) as feed:
+        # A reference is resolved by numerusd; the audit trusts it with nothing else (a whole id: not even that).
+        job_id = None if job is None else await _job_id(nc, job, opts.timeout)
+        auditor = Auditor(
+            keys, expected_heads={job_id: expect_head} if job_id and expect_head else None, assume_finished=finished
+        )
+        async with StreamFeed(nc, subjects.EVENTS, subjects.job_events(job_id)) as feed:
             async for batch in feed.until_caught_up():
                 for stored in batch:
                     auditor.feed(stored.seq, stored.subject, stored.data)
@@ -862,20 +1012,40 @@ def verify(
         for problem in report.problems:
             _out(problem.line())
         open_jobs = [j for j in report.jobs if j.tail == "open"]
-        if job is not None and not report.jobs and report.events == 0:
-            _out(f"no events of job {job} in {subjects.EVENTS}")
+        if job_id is not None and not report.jobs and report.events == 0:
+            _out(f"no events of job {job_id} in {subjects.EVENTS}")
             return CtlExit.FAILED
         jobs = f"{len(report.jobs)} job{'s' if len(report.jobs) != 1 else ''}"
         if open_jobs:
             jobs += f", {len(open_jobs)} open (running, or their last events are missing: see docs/audit.md)"
         if report.ok:
-            head = f"; head {report.jobs[0].head}" if job is not None and report.jobs else ""
+            head = f"; head {report.jobs[0].head}" if job_id is not None and report.jobs else ""
             _out(f"ok: {report.events} events in {jobs}: every signature and chain link holds{head}")
             return 0
         _out(f"FAILED: {len(report.problems)} problem(s) in {report.events} events ({jobs})")
         return CtlExit.FAILED
 
     _run(_with_daemon(opts, body))
+
+
+# --- completion -----------------------------------------------------------------------------------------------
+
+
+@cli.command()
+@click.argument("shell", type=click.Choice(["bash", "zsh", "fish"]))
+def completion(shell: str) -> None:
+    """Print the script that makes SHELL complete numerusctl's commands, options, job ids, tasks and agents.
+
+    \b
+    bash: eval "$(numerusctl completion bash)"       (in ~/.bashrc)
+    zsh:  eval "$(numerusctl completion zsh)"        (in ~/.zshrc)
+    fish: numerusctl completion fish > ~/.config/fish/completions/numerusctl.fish
+    """
+    from click.shell_completion import get_completion_class
+
+    script = get_completion_class(shell)
+    assert script is not None  # the choice is click's own shells
+    _out(script(cli, {}, "numerusctl", "_NUMERUSCTL_COMPLETE").source().rstrip("\n"))
 
 
 def main() -> None:

@@ -40,12 +40,23 @@ _HINT = "start it with 'numerusd' or pass --state-dir/--nats-url"
 _error_decoder = msgspec.json.Decoder(ErrorReply)
 
 
-class CtlError(click.ClickException):
-    """A failure the user sees as `numerusctl: <message>` on one line, with its own exit code."""
+#: The `code` of an error under `--json` when nothing more precise is known: one per exit code.
+EXIT_NAMES: dict[int, str] = {
+    CtlExit.FAILED: "failed",
+    CtlExit.USAGE: "usage",
+    CtlExit.UNREACHABLE: "unreachable",
+    CtlExit.BUS_DOWN: "bus_down",
+}
 
-    def __init__(self, message: str, exit_code: int = CtlExit.FAILED) -> None:
+
+class CtlError(click.ClickException):
+    """A failure the user sees as `numerusctl: <message>` on one line, with its own exit code; `code` names it
+    under `--json` (the daemon's own code for an error reply, e.g. `not_found`)."""
+
+    def __init__(self, message: str, exit_code: int = CtlExit.FAILED, code: str | None = None) -> None:
         super().__init__(message)
         self.exit_code = exit_code
+        self.code = code or EXIT_NAMES.get(exit_code, "failed")
 
     def show(self, file: Any = None) -> None:
         """One line on stderr, no traceback, no 'Error:' prefix."""
@@ -303,10 +314,12 @@ async def request(nc: Client, verb: str, body: Request, timeout: float) -> bytes
     headers = reply.headers or {}
     if "Nats-Service-Error" in headers or "Nats-Service-Error-Code" in headers:
         try:
-            message = _error_decoder.decode(reply.data).message
+            error = _error_decoder.decode(reply.data)
+            message, code = error.message, error.code
         except msgspec.DecodeError:
             message = headers.get("Nats-Service-Error") or f"error {headers.get('Nats-Service-Error-Code')}"
-        raise CtlError(message)
+            code = None
+        raise CtlError(message, code=code)
     return reply.data
 
 

@@ -12,6 +12,7 @@ numerusctl prints as text goes through `visible`: control characters but newline
 from __future__ import annotations
 
 import codecs
+import os
 from collections.abc import Sequence
 from datetime import datetime
 
@@ -19,8 +20,9 @@ from numerusd.protocol.commands import CleanedJob, CleanReply, JobView, KillRepl
 
 #: Longest one-line summary of an event before it is cut.
 SUMMARY_WIDTH = 100
-#: Longest goal shown in the jobs table.
+#: Longest goal and repository path shown in the jobs table.
 GOAL_WIDTH = 60
+REPO_WIDTH = 30
 #: How much of a plan hash or a commit is shown: enough to tell them apart, as git does.
 HASH_WIDTH = 8
 SHA_WIDTH = 7
@@ -50,6 +52,47 @@ class VisibleStream:
             text = "\r" + text
         self._carriage = text.endswith("\r") and not final
         return visible(text[:-1] if self._carriage else text)
+
+
+#: The colours task names take on a terminal, in turn (ANSI: red, green, yellow, blue, magenta, cyan).
+_TASK_COLOURS = ("31", "32", "33", "34", "35", "36")
+
+
+class TaskLines:
+    """Terminal output of several tasks, arriving in chunks of each that end anywhere, as lines each after its
+    task's name (`t2 | line`), escaped as `visible` does; `colour` colours each task's name its own way."""
+
+    def __init__(self, colour: bool = False) -> None:
+        self._colour = colour
+        self._streams: dict[str, VisibleStream] = {}
+        self._partial: dict[str, str] = {}
+        self._prefixes: dict[str, str] = {}
+
+    def feed(self, task: str, data: bytes) -> str:
+        """The complete lines that `data`, a chunk of `task`'s output, ends; the rest waits for its line end."""
+        stream = self._streams.get(task)
+        if stream is None:
+            stream = self._streams[task] = VisibleStream()
+        *lines, rest = (self._partial.pop(task, "") + stream.feed(data)).split("\n")
+        if rest:
+            self._partial[task] = rest
+        return "".join(f"{self._prefix(task)}{line}\n" for line in lines)
+
+    def close(self) -> str:
+        """What is left of every task's output: its last line, without a line end of its own."""
+        for task, stream in self._streams.items():
+            self._partial[task] = self._partial.get(task, "") + stream.feed(b"", final=True)
+        left = "".join(f"{self._prefix(task)}{rest}\n" for task, rest in self._partial.items() if rest)
+        self._partial.clear()
+        return left
+
+    def _prefix(self, task: str) -> str:
+        prefix = self._prefixes.get(task)
+        if prefix is None:
+            name = visible(task)
+            colour = _TASK_COLOURS[len(self._prefixes) % len(_TASK_COLOURS)]
+            prefix = self._prefixes[task] = f"\x1b[{colour}m{name}\x1b[0m | " if self._colour else f"{name} | "
+        return prefix
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
@@ -108,11 +151,12 @@ def jobs_table(jobs: Sequence[JobView], now: datetime, total: int = 0, cleanable
             f"{job.tasks_done}/{job.tasks_total}",
             count(job.tokens),
             age(now, job.created),
+            visible(short_path(job.repo, REPO_WIDTH)),
             cut(job.goal, GOAL_WIDTH),
         ]
         for job in jobs
     ]
-    text = table(["JOB", "STATUS", "AGENT", "TASKS", "TOKENS", "AGE", "GOAL"], rows)
+    text = table(["JOB", "STATUS", "AGENT", "TASKS", "TOKENS", "AGE", "REPO", "GOAL"], rows)
     if total > len(jobs):
         text += f"\n\nthe newest {len(jobs)} of {total} jobs; 'numerusctl status --all' lists every one"
     if cleanable:
@@ -121,6 +165,15 @@ def jobs_table(jobs: Sequence[JobView], now: datetime, total: int = 0, cleanable
             "did not merge; 'numerusctl clean --ended' removes them"
         )
     return text
+
+
+def short_path(path: str, width: int) -> str:
+    """`path` with the home directory as `~`, and cut from its start (`…/work/repo`) to `width` characters: its
+    end is what tells repositories apart."""
+    home = os.path.expanduser("~")
+    if home not in ("", "/") and (path == home or path.startswith(home + "/")):
+        path = "~" + path[len(home) :]
+    return path if len(path) <= width else "…" + path[-(width - 1) :]
 
 
 def job_detail(job: JobView, now: datetime) -> str:

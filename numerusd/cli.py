@@ -23,17 +23,22 @@ from numerusd.protocol.exit_codes import DaemonExit
 log = logging.getLogger("numerusd")
 
 
-def _settings(ctx: click.Context) -> Settings:
+def _load(ctx: click.Context) -> Settings:
+    """The settings from the flags given, the environment and the file; ConfigError saying what is wrong."""
     options = ctx.find_root().params
+    return load_settings(
+        config_file=options["config"],
+        state_dir=options["state_dir"],
+        nats_url=options["nats_url"],
+        nats_user=options["nats_user"],
+        nats_password=options["nats_password"],
+        nats_creds=options["creds"],
+    )
+
+
+def _settings(ctx: click.Context) -> Settings:
     try:
-        return load_settings(
-            config_file=options["config"],
-            state_dir=options["state_dir"],
-            nats_url=options["nats_url"],
-            nats_user=options["nats_user"],
-            nats_password=options["nats_password"],
-            nats_creds=options["creds"],
-        )
+        return _load(ctx)
     except ConfigError as e:
         click.echo(f"numerusd: {e.message}", err=True)
         sys.exit(_exit_code(e))
@@ -81,12 +86,13 @@ def main(ctx: click.Context, **_options: object) -> None:
 def serve(ctx: click.Context) -> None:
     """Run the daemon in the foreground."""
     from numerusd.daemon import Daemon, install_signal_handlers
+    from numerusd.reload import Reloader
 
     settings = _settings(ctx)
 
     async def run() -> None:
         daemon = Daemon(settings)
-        install_signal_handlers(daemon)
+        install_signal_handlers(daemon, Reloader(daemon, lambda: _load(ctx)))
         await daemon.serve()
 
     try:

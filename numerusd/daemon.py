@@ -25,7 +25,7 @@ import os
 import signal
 from collections.abc import Coroutine
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import nats
 from nats.aio.client import Client
@@ -64,6 +64,9 @@ from numerusd.views.projector import Projector
 from numerusd.views.rebuild import rebuild
 from numerusd.wal import WriteAheadLog
 
+if TYPE_CHECKING:
+    from numerusd.reload import Reloader
+
 log = logging.getLogger(__name__)
 
 #: Empty views and at least this many events in the stream: the views are loaded in bulk before they follow it.
@@ -90,6 +93,8 @@ class Daemon:
         self.store: EventStore | None = None
         self.book: JobBook | None = None
         self.runner: Runner | None = None
+        #: What handlers are given; its settings are replaced by a reload (numerusd.reload).
+        self.context: Context | None = None
         self.keyring: Keyring | None = None
         self.embedded: EmbeddedNats | None = None
         self.projector: Projector | None = None
@@ -166,7 +171,7 @@ class Daemon:
             redactor=redactor,
         )
         runner = self.runner = Runner(book, settings, agents)
-        context = Context(
+        context = self.context = Context(
             settings=settings, book=book, jobs=runner, history=EventHistory(nc), git_problem=self.git_problem
         )
         self._service = await start_service(nc, context, self.dead_letters)
@@ -438,8 +443,11 @@ class Daemon:
         task.add_done_callback(self._background.discard)
 
 
-def install_signal_handlers(daemon: Daemon) -> None:
-    """SIGINT and SIGTERM: the first asks the daemon to stop gracefully, a second forces the stop."""
+def install_signal_handlers(daemon: Daemon, reloader: Reloader | None = None) -> None:
+    """SIGINT and SIGTERM: the first asks the daemon to stop gracefully, a second forces the stop. SIGHUP: the
+    configuration is loaded again (`numerusd.reload`)."""
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, daemon.handle_exit)
+    if reloader is not None:
+        loop.add_signal_handler(signal.SIGHUP, reloader.requested)

@@ -37,7 +37,7 @@ from numerusd.agents.base import AgentInvocation
 from numerusd.agents.registry import adapter_for
 from numerusd.book import JobBook
 from numerusd.checkouts import CHECKOUTS_SUFFIX, Checkouts
-from numerusd.checks import run_check
+from numerusd.checks import CheckLog, run_check
 from numerusd.claims import escapes, outside_claim, reported_outside, unclaimed_commands
 from numerusd.config import Settings
 from numerusd.domain.observations import (
@@ -652,7 +652,11 @@ class JobPipeline:
                 continue
             # With the daemon's environment without its secrets, as agents have it; None on a timeout.
             exit_code, output, duration = await run_check(
-                worktree.path, command, timeout=self.settings.check_timeout_s, sandbox=jail
+                worktree.path,
+                command,
+                timeout=self.settings.check_timeout_s,
+                sandbox=jail,
+                log=CheckLog(self.settings.runs_dir / self.job_id / task_id, task.attempt, self.book.redactor),
             )
             tail = output[-CHECK_OUTPUT_CHARS:]
             await self.observe(

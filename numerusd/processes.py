@@ -30,7 +30,7 @@ import contextlib
 import os
 import signal
 import subprocess
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
@@ -236,6 +236,7 @@ async def run(
     merge_stderr: bool = False,
     new_session: bool = False,
     keep_last: int | None = None,
+    copy_to: Callable[[bytes], None] | None = None,
 ) -> Completed:
     """Run `argv` with stdin from /dev/null to its end: its exit, its stdout and its stderr read to end of file.
 
@@ -243,7 +244,8 @@ async def run(
     `new_session` makes the child lead a new session and process group, killed whole when it exits (see `Child`).
     After `timeout` seconds the child (with `new_session`, its group) is killed and reaped: TimeoutError. A cancelled
     caller kills it likewise; it is reaped by the event loop a moment later. `keep_last` keeps only the last that
-    many bytes of each stream (a check running an agent's code may print without end; its tail is what is read).
+    many bytes of each stream (a check running an agent's code may print without end; its tail is what is read);
+    `copy_to` is given every piece of output as it is read, all of it (a check's log file).
     """
     loop = asyncio.get_running_loop()
     out_r, out_w = os.pipe()
@@ -271,6 +273,8 @@ async def run(
         except BlockingIOError:
             return
         if data:
+            if copy_to is not None:
+                copy_to(data)
             output[fd].append(data)
             held[fd] += len(data)
             if keep_last is not None and held[fd] > 2 * keep_last:  # trimmed now and then: linear in the bytes

@@ -88,10 +88,9 @@ def _endpoint(
     verb: str,
     handler: Callable[[Context, Any], Awaitable[Any]],
 ) -> Callable[[Request], Awaitable[None]]:
-    max_request = context.settings.max_request_bytes
-
     async def endpoint(request: Request) -> None:
         data = request.data or b"{}"
+        max_request = context.settings.max_request_bytes  # read each time: a reload may change it
         try:
             if len(data) > max_request:
                 # Before decoding: a client must not make the daemon parse (and hold) megabytes per request.

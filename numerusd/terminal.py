@@ -178,6 +178,13 @@ def _exit_and_signal(returncode: int, sandboxed: bool = False) -> tuple[int | No
 _SIGNALS = frozenset(signal.valid_signals())
 
 
+def find_program(name: str, env: Mapping[str, str] | None = None) -> str | None:
+    """The executable `name` stands for, as `spawn` starts it: a path as given, a bare name looked up on the
+    `PATH` of `env` (None: the daemon's); None when there is no such executable."""
+    search_path = (env if env is not None else os.environ).get("PATH", os.defpath)
+    return shutil.which(name, path=search_path)
+
+
 async def spawn(
     argv: list[str], *, cwd: Path, env: Mapping[str, str] | None = None, sandbox: Sandbox | None = None
 ) -> Terminal:
@@ -190,8 +197,7 @@ async def spawn(
         raise AgentError("cannot start an agent: empty command line")
     if not cwd.is_dir():
         raise AgentError(f"cannot start {argv[0]}: working directory {cwd} does not exist", cwd=str(cwd))
-    search_path = (env if env is not None else os.environ).get("PATH", os.defpath)
-    program = shutil.which(argv[0], path=search_path)
+    program = find_program(argv[0], env)
     if program is None:
         raise AgentError(f"cannot start {argv[0]}: no such executable (searched PATH)", program=argv[0])
 

@@ -34,7 +34,9 @@ def daemon(tmp_path: Path):
 async def test_logs_follow_streams_output_live_and_ends_with_the_job(daemon: Daemon, tmp_path: Path):
     repo = git_repo(tmp_path / "repo")
     job = daemon.ctl_json("run", "--no-plan", "Build it", "--repo", str(repo), "--agent", "talkative")["job"]
-    follower = subprocess.Popen(daemon.ctl_argv("logs", job, "-f"), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    follower = subprocess.Popen(
+        daemon.ctl_argv("logs", job, "-f", "--raw"), stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
     out, err = follower.communicate(timeout=30)
     assert follower.returncode == 0, err
     text = out.decode()

@@ -465,7 +465,7 @@ async def test_follow_job_prints_progress_and_exits_by_outcome(streams: Client, 
 
 @pytest.mark.parametrize(
     ("raw", "shown"),
-    [(True, b"\x1b[1mhello\x1b[0m\r\nworld\r\n"), (False, b"\\x1b[1mhello\\x1b[0m\nworld\n")],
+    [(True, b"\x1b[1mhello\x1b[0m\r\nworld\r\n"), (False, b"t0 | \\x1b[1mhello\\x1b[0m\nt0 | world\n")],
     ids=["raw", "escaped"],
 )
 async def test_follow_logs_writes_chunks_and_stops_after_the_job_ends(
@@ -508,9 +508,9 @@ def test_status_table_and_event_lines_are_aligned_plain_text():
         ),
     ]
     assert jobs_table(jobs, now).splitlines() == [
-        "JOB       STATUS     AGENT     TASKS  TOKENS  AGE  GOAL",
-        "01JA      running    codex     1/2    1.7k    5m   make the failing test pass please",
-        "01JBBBBB  completed  scripted  0/0    0       0s   g",
+        "JOB       STATUS     AGENT     TASKS  TOKENS  AGE  REPO  GOAL",
+        "01JA      running    codex     1/2    1.7k    5m   /r    make the failing test pass please",
+        "01JBBBBB  completed  scripted  0/0    0       0s   /r    g",
     ]
     # A list the daemon cut short says so.
     assert jobs_table(jobs, now, total=35).endswith(

@@ -238,20 +238,30 @@ async def test_a_planner_that_never_answers_a_valid_plan_fails_the_job_with_the_
 
 
 async def test_an_agent_that_cannot_start_trips_the_circuit_breaker_which_says_why(tmp_path: Path):
-    config = 'plan_attempts = 3\n[agents.missing]\nkind = "codex"\nbinary = "/nonexistent/codex"\n'
-    with Daemon(tmp_path / "state", config=config).start() as daemon:
+    # A program that cannot be found is refused when the job is submitted: this one is there then, and the planner
+    # (whose sandbox may write where it lies) removes it before any executor starts.
+    program = tmp_path / "state-scenarios" / "vanishing-codex"
+    program.parent.mkdir(parents=True)
+    one_task = {"summary": "x", "tasks": [{"id": "t1", "title": "a", "instructions": "b", "intents": []}]}
+    planner = {"cases": [{"match": {"role": "planner"}, "steps": [{"run": f"rm -f {program}"}, {"answer": one_task}]}]}
+    config = "max_attempts = 3\nbackoff_s = [0.1]\nmax_replans = 0\n"
+    config += f'[agents.vanishing]\nkind = "codex"\nbinary = "{program}"\n'
+    flags = ("--agent", "team", "--role", "executor=vanishing", "--claims", "plan", "--no-review", "--wait")
+    with Daemon(tmp_path / "state", agents={"team": planner}, config=config).start() as daemon:
+        assert daemon.scenarios_dir == program.parent
         repo = git_repo(tmp_path / "repo")
-        first = daemon.ctl("run", "anything", "--repo", str(repo), "--agent", "missing", "--wait", timeout=60)
-        assert first.returncode == 1
-        job = first.stdout.splitlines()[0].strip()
-        errors = [e["data"]["errors"][0] for e in by_type(daemon.events(job), "PlanRejected")]
-        assert len(errors) == 3 and all("/nonexistent/codex" in error for error in errors)
-        # The breaker is open now: the next job's planner is not even spawned, and the reason says why.
-        second = daemon.ctl("run", "again", "--repo", str(repo), "--agent", "missing", "--wait", timeout=60)
-        assert second.returncode == 1
-        job = second.stdout.splitlines()[0].strip()
-        error = by_type(daemon.events(job), "PlanRejected")[0]["data"]["errors"][0]
-        assert "failed to start 3 times in a row" in error and "next try in" in error
+        for goal in ("anything", "again"):
+            program.write_text("#!/bin/sh\nexit 0\n")
+            program.chmod(0o755)
+            result = daemon.ctl("run", goal, "--repo", str(repo), *flags, timeout=60)
+            assert result.returncode == 1, result.stderr
+            job = result.stdout.splitlines()[0].strip()
+            assert not program.exists()
+            errors = [e["data"]["reason"] for e in by_type(daemon.events(job), "AgentSpawnFailed")]
+            if goal == "anything":
+                assert len(errors) == 3 and all(str(program) in error for error in errors)
+        # The breaker is open now: the second job's executor is not even spawned, and the reason says why.
+        assert "failed to start 3 times in a row" in errors[0] and "next try in" in errors[0]
         assert daemon.alive
 
 

@@ -148,16 +148,15 @@ def test_agent_that_exits_nonzero_fails_the_job_and_wait_says_so(daemon: Daemon,
     assert job["tasks"][0]["reason"] == "the agent ended with exit code 3"
 
 
-def test_missing_agent_binary_fails_the_task_with_the_reason(tmp_path: Path):
+def test_missing_agent_binary_refuses_the_job_at_submit_with_the_reason(tmp_path: Path):
     repo = git_repo(tmp_path / "repo")
     d = Daemon(tmp_path / "state", env={"CODEX_BIN": str(tmp_path / "no-such-codex")}).start()
     try:
         result = d.ctl("run", "--no-plan", "Anything", "--repo", str(repo), "--agent", "codex", "--wait")
-        assert result.returncode == 1
-        (listed,) = d.ctl_json("status")["jobs"]
-        job = d.status(listed["id"])
-        assert job["status"] == "failed"
-        assert "no-such-codex" in job["tasks"][0]["reason"]
+        assert result.returncode == 1 and result.stdout == ""
+        (line,) = result.stderr.splitlines()
+        assert "agent 'codex' (the executor) cannot start" in line and str(tmp_path / "no-such-codex") in line
+        assert d.ctl_json("status")["jobs"] == []
     finally:
         d.stop()
 

@@ -39,9 +39,10 @@ class History(Protocol):
         ...
 
 
-@dataclass(frozen=True)
+@dataclass
 class Context:
-    """Everything a handler may use."""
+    """Everything a handler may use. Each request gets its own copy (with its `asker`); the daemon's one has its
+    `settings` replaced when numerusd takes its configuration again (SIGHUP, `numerusd.reload`)."""
 
     settings: Settings
     book: JobBook

@@ -6,12 +6,17 @@ import asyncio
 from pathlib import Path
 
 from numerusd import git
+from numerusd.agents.base import AgentInvocation
+from numerusd.agents.registry import adapter_for
+from numerusd.config import Settings
 from numerusd.domain.observations import SubmitJob
-from numerusd.errors import BadRequest
+from numerusd.errors import BadRequest, ConfigError
 from numerusd.handlers.context import Context
+from numerusd.processes import inherited_environment
 from numerusd.protocol import subjects
 from numerusd.protocol.commands import MAX_GOAL_BYTES, ROLES, RunJob, RunReply
 from numerusd.protocol.ids import new_ulid
+from numerusd.terminal import find_program
 
 #: How long `run` waits for `git status` (a huge working tree can take seconds; numerusctl waits 5 s in all).
 UNCOMMITTED_WAIT_S = 2.0
@@ -40,6 +45,9 @@ async def handle(context: Context, request: RunJob) -> RunReply:
             known = ", ".join(sorted(settings.agents))
             played = "" if agent == request.agent else f" (for the {role})"
             raise BadRequest(f"unknown agent {agent!r}{played}; configured agents: {known}")
+    claims = request.claims or settings.claims
+    review = settings.review if request.review is None else request.review
+    _refuse_missing_programs(settings, roles, _roles_used(request.plan, claims, review), repo)
     job_id = new_ulid()
     notes: list[str] = []
     unsandboxed = tuple(role for role, agent in roles.items() if settings.agents[agent].sandbox == "none")
@@ -72,11 +80,11 @@ async def handle(context: Context, request: RunJob) -> RunReply:
             roles=roles,
             parallel=parallel,
             checks=settings.checks + request.checks,
-            review=settings.review if request.review is None else request.review,
+            review=review,
             max_attempts=settings.max_attempts,
             backoff_s=settings.backoff_s,
             max_replans=settings.max_replans,
-            claims=request.claims or settings.claims,
+            claims=claims,
             base_sha=base_sha,
             uncommitted=None if uncommitted is None else tuple(uncommitted),
             unsandboxed=unsandboxed,
@@ -91,6 +99,38 @@ async def handle(context: Context, request: RunJob) -> RunReply:
     await context.book.decide(job_id, submit)
     context.jobs.start(job_id)
     return RunReply(job=job_id, subject=subjects.job_events(job_id), notes=notes)
+
+
+def _roles_used(plan: bool, claims: str, review: bool) -> tuple[str, ...]:
+    """The roles a job may call an agent for: the executor alone with --no-plan; the claimer only when executors
+    claim (`claims = "agent"`), the reviewer only when tasks are reviewed."""
+    if not plan:
+        return ("executor",)
+    return (
+        "planner",
+        "queen",
+        "executor",
+        *(("claimer",) if claims == "agent" else ()),
+        *(("reviewer",) if review else ()),
+    )
+
+
+def _refuse_missing_programs(settings: Settings, roles: dict[str, str], used: tuple[str, ...], repo: Path) -> None:
+    """Refuse the job now, in one line, when the program of a role's agent cannot be found (on the PATH the agent
+    would get, or as given), rather than after its retries: looked up as `numerusd.terminal.spawn` will."""
+    for role in used:
+        agent = roles[role]
+        profile = settings.agents[agent]
+        try:
+            argv, env = adapter_for(profile).command(AgentInvocation(prompt="", repo=repo))
+        except ConfigError as e:
+            raise BadRequest(f"agent {agent!r} (the {role}) cannot run: {e.message}") from None
+        if find_program(argv[0], {**inherited_environment(), **env}) is None:
+            where = "does not exist or is not executable" if "/" in argv[0] else "is not on numerusd's PATH"
+            raise BadRequest(
+                f"agent {agent!r} (the {role}) cannot start: its program {argv[0]} {where}; install it, or set the "
+                f"profile's binary in numerusd's configuration"
+            )
 
 
 def _refuse_to_work_in(repo: Path, state_dir: Path) -> None:

@@ -19,25 +19,30 @@ _encode = msgspec.json.Encoder().encode
 
 
 async def handle(context: Context, request: GetStatus) -> StatusReply:
-    """Answered from the in-memory fold, so it costs the same with 10 or 100k events in the stream."""
-    jobs = context.book.jobs
+    """Answered from the in-memory fold, so it costs the same with 10 or 100k events in the stream. A list may be
+    only one repository's jobs (`repo`, as `run` recorded its path); `total` and `cleanable` then count its own."""
+    agents = sorted(context.settings.agents)
     if request.job is not None:
-        return StatusReply(jobs=[domain.job_view(context.book.job(request.job))], total=len(jobs))
-    older = jobs.values()
+        view = domain.job_view(context.book.job(request.job))
+        return StatusReply(jobs=[view], total=len(context.book.jobs), agents=agents)
+    jobs = list(context.book.jobs.values())
+    if request.repo is not msgspec.UNSET:
+        jobs = [job for job in jobs if job.repo == request.repo]
+    older: list[domain.JobState] = jobs
     if request.before:
         cursor = _order(context.book.job(request.before))
-        older = [job for job in older if _order(job) < cursor]
+        older = [job for job in jobs if _order(job) < cursor]
     newest = heapq.nlargest(request.limit or len(jobs), older, key=_order)
-    cleanable = sum(1 for job in jobs.values() if domain.leftovers(job))
+    cleanable = sum(1 for job in jobs if domain.leftovers(job))
     listed: list[JobView] = []
     room = context.history.page_bytes()
     for job in newest:
         view = _short(domain.job_view(job, tasks=False))
         room -= len(_encode(view)) + 1
         if room < 0 and listed:  # the page is full: the client asks for the rest after the last job listed
-            return StatusReply(jobs=listed, total=len(jobs), cleanable=cleanable, next=listed[-1].id)
+            return StatusReply(jobs=listed, total=len(jobs), cleanable=cleanable, next=listed[-1].id, agents=agents)
         listed.append(view)
-    return StatusReply(jobs=listed, total=len(jobs), cleanable=cleanable)
+    return StatusReply(jobs=listed, total=len(jobs), cleanable=cleanable, agents=agents)
 
 
 def _order(job: domain.JobState) -> tuple[object, str]:

@@ -19,6 +19,9 @@ class Request(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=T
     """Base of every request; unknown fields are refused so a typo is an error, not silently ignored."""
 
 
+#: The longest path a request may name (Linux's PATH_MAX).
+MAX_PATH_CHARS = 4096
+
 #: The longest goal `run` takes, in UTF-8 bytes: it goes into every agent's prompt and into `JobSubmitted`, which
 #: must stay under the event cap whole (a goal is never cut). Longer instructions belong in a file in the repo.
 MAX_GOAL_BYTES = 128 * 1024
@@ -57,6 +60,9 @@ class GetStatus(Request, frozen=True, kw_only=True):
 
     job: str | None = None
     limit: Annotated[int, msgspec.Meta(ge=1)] | None = None
+    #: Only the jobs of this repository (its absolute path, as `run` recorded it), on every page. Left out unless
+    #: asked for, as `before` is.
+    repo: Annotated[str, msgspec.Meta(max_length=MAX_PATH_CHARS)] | msgspec.UnsetType = msgspec.UNSET
     #: Left out of the first request, so a daemon that does not page (and refuses unknown fields) still answers.
     before: str | msgspec.UnsetType = msgspec.UNSET
 
@@ -105,6 +111,9 @@ class GetLogs(Request, frozen=True, kw_only=True):
     job: str
     task: str | None = None
     tail_bytes: int = 256 * 1024
+    #: The whole output of the task's failed checks (`<runs>/<job>/<task>/check-<attempt>-<n>.log`) instead of
+    #: its terminal output; needs `task`.
+    check: bool = False
 
 
 class GetEvents(Request, frozen=True, kw_only=True):
@@ -215,6 +224,8 @@ class StatusReply(msgspec.Struct, frozen=True, kw_only=True):
     cleanable: int = 0
     #: More jobs were asked for than fit in this page: ask again with `before` set to this (the last job listed).
     next: str | None = None
+    #: The agent profiles numerusd knows (what `run --agent` takes), for shell completion.
+    agents: list[str] = []
 
 
 class KillReply(msgspec.Struct, frozen=True, kw_only=True):
@@ -275,6 +286,11 @@ class TaskLog(msgspec.Struct, frozen=True, kw_only=True):
     path: str
     text: str
     truncated: bool = False
+    #: For `logs --check`: the check command whose output this is, the attempt it checked and its exit code
+    #: (None: it ran out of time).
+    check: str | None = None
+    attempt: int = 0
+    exit_code: int | None = None
 
 
 class LogsReply(msgspec.Struct, frozen=True, kw_only=True):

@@ -11,6 +11,8 @@ _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 #: A token that may stand in a NATS subject, a file name and a git branch name. It may not start with `-`, so
 #: it can never be read as an option by git or any other command it is passed to.
 TOKEN = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_-]{0,63}$")
+#: A whole job id: 26 characters, as many as a ULID has (a reference to a job, `last` or a part of an id, is shorter).
+WHOLE_ID = re.compile(r"^[A-Za-z0-9]{26}$")
 
 
 def new_ulid(now_ns: int | None = None) -> str:
@@ -27,3 +29,8 @@ def new_ulid(now_ns: int | None = None) -> str:
 def is_token(value: str) -> bool:
     """True when `value` can be used as one NATS subject token and one path component."""
     return bool(TOKEN.match(value))
+
+
+def is_whole_id(value: str) -> bool:
+    """True when `value` has the shape of a whole job id (26 letters and digits), not of a reference to one."""
+    return bool(WHOLE_ID.match(value))
