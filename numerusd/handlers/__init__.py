@@ -5,7 +5,7 @@ it may use of the daemon. A handler sees typed requests only (the service decode
 `CommandRefused` and its subclasses to refuse.
 """
 
-from numerusd.handlers import clean, events, kill, logs, plan, run, status
+from numerusd.handlers import clean, events, kill, logs, pause, plan, run, start, status
 
 #: The handler of each verb.
 HANDLERS = {
@@ -16,4 +16,6 @@ HANDLERS = {
     "events": events.handle,
     "plan": plan.handle,
     "clean": clean.handle,
+    "pause": pause.handle,
+    "start": start.handle,
 }

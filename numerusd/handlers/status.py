@@ -1,4 +1,5 @@
-"""`status`: one job or all jobs, as the fold of their events says they are."""
+"""`status`: one job or all jobs, as the fold of their events says they are; a queued job with its position in the
+daemon's queue, computed from the queued jobs (numerusd.domain.queueing), never stored."""
 
 from __future__ import annotations
 
@@ -21,8 +22,10 @@ _encode = msgspec.json.Encoder().encode
 async def handle(context: Context, request: GetStatus) -> StatusReply:
     """Answered from the in-memory fold, so it costs the same with 10 or 100k events in the stream."""
     jobs = context.book.jobs
+    queue = {job.id: place for place, job in enumerate(domain.queue_order(jobs.values()), start=1)}
     if request.job is not None:
-        return StatusReply(jobs=[domain.job_view(context.book.job(request.job))], total=len(jobs))
+        view = _placed(domain.job_view(context.book.job(request.job)), queue)
+        return StatusReply(jobs=[view], total=len(jobs), queued=len(queue))
     older = jobs.values()
     if request.before:
         cursor = _order(context.book.job(request.before))
@@ -32,12 +35,19 @@ async def handle(context: Context, request: GetStatus) -> StatusReply:
     listed: list[JobView] = []
     room = context.history.page_bytes()
     for job in newest:
-        view = _short(domain.job_view(job, tasks=False))
+        view = _placed(_short(domain.job_view(job, tasks=False)), queue)
         room -= len(_encode(view)) + 1
         if room < 0 and listed:  # the page is full: the client asks for the rest after the last job listed
-            return StatusReply(jobs=listed, total=len(jobs), cleanable=cleanable, next=listed[-1].id)
+            return StatusReply(jobs=listed, total=len(jobs), cleanable=cleanable, next=listed[-1].id, queued=len(queue))
         listed.append(view)
-    return StatusReply(jobs=listed, total=len(jobs), cleanable=cleanable)
+    return StatusReply(jobs=listed, total=len(jobs), cleanable=cleanable, queued=len(queue))
+
+
+def _placed(view: JobView, queue: dict[str, int]) -> JobView:
+    """The view with its position in the queue, while it is queued."""
+    if view.id not in queue:
+        return view
+    return msgspec.structs.replace(view, queue_position=queue[view.id], queue_length=len(queue))
 
 
 def _order(job: domain.JobState) -> tuple[object, str]:

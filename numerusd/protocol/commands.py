@@ -41,6 +41,12 @@ class RunJob(Request, frozen=True, kw_only=True):
     review: bool | None = None
     #: Where claims come from: `agent` (each executor is asked) or `plan` (the plan's file intents).
     claims: Literal["agent", "plan"] | None = None
+    #: Its place in the daemon's queue of agent slots: higher first, from -MAX_PRIORITY to MAX_PRIORITY.
+    priority: int = 0
+
+
+#: The highest priority `run --priority` takes (and the lowest, negated).
+MAX_PRIORITY = 1000
 
 
 class GetPlan(Request, frozen=True, kw_only=True):
@@ -63,6 +69,18 @@ class GetStatus(Request, frozen=True, kw_only=True):
 
 class KillJob(Request, frozen=True, kw_only=True):
     """`numerusctl kill`: stop a job's agents (TERM, then KILL) and record it."""
+
+    job: str
+
+
+class PauseJob(Request, frozen=True, kw_only=True):
+    """`numerusctl pause`: the job takes no new agent slot; its running agents finish their step."""
+
+    job: str
+
+
+class StartJob(Request, frozen=True, kw_only=True):
+    """`numerusctl start`: a paused job goes on; a queued job moves to the front of the queue."""
 
     job: str
 
@@ -159,6 +177,12 @@ class JobView(msgspec.Struct, frozen=True, kw_only=True):
     secrets_redacted: int = 0
     #: Roles whose agents run without Numerus's sandbox.
     unsandboxed: list[str] = []
+    #: Its place in the daemon's queue (`run --priority`); while `queued`, its position (1 is next) among
+    #: `queue_length` queued jobs; who paused it, while it is `paused`.
+    priority: int = 0
+    queue_position: int | None = None
+    queue_length: int = 0
+    paused_by: str | None = None
 
 
 class PlanReply(msgspec.Struct, frozen=True, kw_only=True):
@@ -190,6 +214,8 @@ class StatusReply(msgspec.Struct, frozen=True, kw_only=True):
     cleanable: int = 0
     #: More jobs were asked for than fit in this page: ask again with `before` set to this (the last job listed).
     next: str | None = None
+    #: How many jobs wait `queued` for an agent slot of the daemon (all jobs, not only those listed).
+    queued: int = 0
 
 
 class KillReply(msgspec.Struct, frozen=True, kw_only=True):
@@ -197,6 +223,22 @@ class KillReply(msgspec.Struct, frozen=True, kw_only=True):
 
     job: str
     tasks: list[str]
+
+
+class PauseReply(msgspec.Struct, frozen=True, kw_only=True):
+    """The pause was recorded, with who asked."""
+
+    job: str
+    by: str
+
+
+class StartReply(msgspec.Struct, frozen=True, kw_only=True):
+    """The start was recorded, with who asked: the paused job goes on, or (`promoted`) the queued job moved to the
+    front of the queue."""
+
+    job: str
+    by: str
+    promoted: bool = False
 
 
 class CleanedJob(msgspec.Struct, frozen=True, kw_only=True):
@@ -260,6 +302,8 @@ REQUESTS: dict[str, type[Request]] = {
     "events": GetEvents,
     "plan": GetPlan,
     "clean": CleanJobs,
+    "pause": PauseJob,
+    "start": StartJob,
 }
 
 #: Reply type by verb.
@@ -271,6 +315,8 @@ REPLIES: dict[str, type[msgspec.Struct]] = {
     "events": EventsReply,
     "plan": PlanReply,
     "clean": CleanReply,
+    "pause": PauseReply,
+    "start": StartReply,
 }
 
 #: Where the daemon keeps its state (and `connection.json`) when neither a flag nor NUMERUS_STATE_DIR says.
