@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import logging
 from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -25,6 +26,8 @@ from numerusd import domain
 from numerusd.book import JobBook
 from numerusd.domain.observations import AgentSlotAwaited, AgentSlotTaken
 from numerusd.protocol.commands import JOB_DONE
+
+log = logging.getLogger(__name__)
 
 
 class Withdrawn(Exception):
@@ -125,8 +128,12 @@ class Seat:
         pool = self.pool
         waiter = pool._ask(self.job_id)
         try:
-            if not waiter.future.done() and not self.started:
-                await pool.book.decide(self.job_id, AgentSlotAwaited())
+            if not waiter.future.done():
+                paused = pool.book.jobs[self.job_id].paused_by
+                why = f"paused by {paused}" if paused else f"{pool.busy} of {pool.size} in use"
+                log.debug("job %s: an agent waits for a slot (%s)", self.job_id, why)
+                if not self.started:
+                    await pool.book.decide(self.job_id, AgentSlotAwaited())
             await waiter.future
         except BaseException:
             pool._leave(waiter)
