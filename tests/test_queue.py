@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import msgspec
 import pytest
 
 from numerusd import domain
@@ -34,6 +35,7 @@ from numerusd.errors import CommandRefused
 from numerusd.protocol.commands import KillJob
 from numerusd.protocol.envelope import Envelope
 from numerusd.protocol.plan import Plan, PlannedTask
+from numerusd.views.rows import job_row
 from tests.conftest import eventually
 from tests.daemon_harness import Daemon, DaemonClient, git_repo
 
@@ -442,3 +444,13 @@ async def test_a_client_sending_a_bogus_priority_itself_is_refused_and_nothing_i
             assert "\n" not in message and "priority" in message, message
     assert daemon.ctl_json("status")["jobs"] == []
     assert daemon.alive
+
+
+def test_the_views_show_what_status_shows_so_a_rebuild_does_too():
+    clock = Clock()
+    queued = decide(submit(clock), AgentSlotAwaited(), clock)
+    paused = decide(queued, Pause(by=ALICE), clock)
+    for job, shown in ((queued, "queued"), (paused, "paused")):
+        row = job_row(job)
+        assert row[4] == shown == domain.job_view(job).status
+        assert msgspec.json.decode(row[-1], type=domain.JobState) == job  # the whole state, flags and all
