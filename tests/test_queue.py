@@ -368,6 +368,25 @@ async def test_pause_keeps_a_job_from_new_agents_and_start_lets_it_go_on(daemon,
         await until(client, paused, "completed")
 
 
+async def test_a_job_killed_in_the_queue_ends_at_once_without_running_an_agent(daemon, tmp_path):
+    async with daemon.client() as client:
+        repos = {name: git_repo(tmp_path / name) for name in ("a", "b", "planned")}
+        _, b = (submit_gated(daemon, repos[name], name) for name in ("a", "b"))
+        await until(client, b, "running")
+        args = ("run", "never planned", "--repo", str(repos["planned"]), "--agent", "gated")
+        planned = daemon.ctl(*args, check=True).stdout.strip()
+        await until(client, planned, "queued")
+        daemon.ctl("kill", planned, check=True)
+        await until(client, planned, "killed")
+        go(daemon, "a")
+        go(daemon, "b")
+        await until(client, b, "completed")
+        assert not [line for line in daemon.stderr().splitlines() if "Traceback" in line]
+        kinds = await types(client, planned)
+        assert kinds[-2:] == ["KillRequested", "JobKilled"] and "PlanValidated" not in kinds
+        assert "JobStarted" not in kinds  # it never got a slot
+
+
 PLAN = {
     "summary": "two steps",
     "tasks": [
