@@ -149,7 +149,10 @@ def pipeline(
     scenario_file = scenarios / "scenario.json"
     scenario_file.write_text(json.dumps(scenario(tasks, steps)))
     (state / "numerus.toml").write_text(
-        f'default_agent = "bench"\nparallel = {parallel}\nreview = {str(review).lower()}\nclaims = "{claims}"\n'
+        # max_agents: room for every agent the job may run at once (executors and as many claims ahead), so the
+        # daemon-wide limit (bench_queue.py measures it) does not enter these figures.
+        f'default_agent = "bench"\nparallel = {parallel}\nmax_agents = {2 * parallel}\n'
+        f'review = {str(review).lower()}\nclaims = "{claims}"\n'
         f'[agents.bench]\nkind = "scripted"\nenv = {{ NUMERUS_SCENARIO = {json.dumps(str(scenario_file))} }}\n'
         f"binds = [{json.dumps(str(scenarios))}]\n"
     )

@@ -73,6 +73,14 @@ TARGETS = [
     Target("redaction", "redacted_mb_s", ">=", 50.0, "agent output through redaction and logging (issue 14), MB/s"),
     Target("redaction", "status_p99_ms", "<=", 10.0, "status p99 while an agent prints at full speed (issue 14)"),
     Target("line", "pump_line_s", "<=", 2.0, "64 MB printed without a newline, through the real output path"),
+    Target(
+        "queue",
+        "utilisation_queued",
+        ">=",
+        0.9,
+        "50 queued jobs of 1 s under max_agents = 8: agent-seconds busy over 8 x the time jobs waited queued "
+        "(issue 15)",
+    ),
 ]
 
 #: Command line of each benchmark: full size, and a quick size for a smoke run.
@@ -88,6 +96,7 @@ BENCHES = {
     "redaction": (["bench_redaction.py"], ["bench_redaction.py", "--mb", "20", "--rounds", "2"]),
     "line": (["bench_line.py"], ["bench_line.py", "--mib", "16", "--rounds", "1"]),
     "sandbox": (["bench_sandbox.py"], ["bench_sandbox.py", "--spawns", "40", "--block", "10"]),
+    "queue": (["bench_queue.py"], ["bench_queue.py", "--jobs", "20"]),
 }
 
 
@@ -163,6 +172,10 @@ def markdown(results: dict[str, dict], quick: bool) -> str:
         "- `bench/bench_line.py`: 64 MB of output without a newline, against the same bytes in 100-byte lines:",
         "  through `LineBuffer` and the codex parser alone, and through the real output path (a child in its own",
         "  PTY, `AgentProcess.pump`: run log, `numerus.log` chunks, `LineBuffer`, parser); medians of 3 rounds.",
+        "- `bench/bench_queue.py`: the real `numerusd` at `max_agents = 8`, 50 `--no-plan` jobs whose agent sleeps",
+        "  1 s, submitted at once; from their events, agent-seconds busy (`TaskStarted` to `TaskExited`) over 8 x the",
+        "  wall time from the first start to the last end (`utilisation`, at most `ideal` = 50 / (8 x 7) for jobs of",
+        "  equal length) and over the time jobs waited queued (`utilisation_queued`); the most agents at once.",
         "",
     ]
     return "\n".join(lines)

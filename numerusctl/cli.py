@@ -68,6 +68,7 @@ from numerusctl.connection import (
 )
 from numerusd.protocol import subjects
 from numerusd.protocol.commands import (
+    MAX_PRIORITY,
     ROLES,
     CleanJobs,
     CleanReply,
@@ -79,6 +80,8 @@ from numerusd.protocol.commands import (
     KillJob,
     KillReply,
     LogsReply,
+    PauseJob,
+    PauseReply,
     PlanReply,
     ResumeJob,
     ResumeReply,
@@ -88,6 +91,8 @@ from numerusd.protocol.commands import (
     RunReply,
     SkipReply,
     SkipTask,
+    StartJob,
+    StartReply,
     StatusReply,
 )
 from numerusd.protocol.connection import CLIENT_ROLES
@@ -437,6 +442,14 @@ def _checks(_ctx: click.Context, param: click.Parameter, values: tuple[str, ...]
     help="Plan the goal into tasks (the default); --no-plan: one supervised agent works on the whole goal, with "
     "no plan, claims, checks or review.",
 )
+@click.option(
+    "--priority",
+    type=click.IntRange(-MAX_PRIORITY, MAX_PRIORITY),
+    default=0,
+    metavar="N",
+    help=f"The job's place in numerusd's queue of agent slots (max_agents): higher first, {-MAX_PRIORITY} to "
+    f"{MAX_PRIORITY} [0].",
+)
 @click.option("--wait", is_flag=True, help="Follow the job until it ends; exit 1 unless it completed.")
 @json_option
 @click.pass_context
@@ -451,6 +464,7 @@ def run(
     review: bool | None,
     claims: str | None,
     plan: bool,
+    priority: int,
     wait: bool,
     as_json: bool,
 ) -> None:
@@ -473,6 +487,7 @@ def run(
         checks=checks,
         review=review,
         claims=claims,
+        priority=priority,
     )
 
     submitted: list[str] = []
@@ -609,7 +624,7 @@ def status(ctx: click.Context, job: str | None, limit: int, every: bool, repo: P
         elif job is not None and len(reply.jobs) == 1:
             _out(render.job_detail(reply.jobs[0], datetime.now(UTC)))
         else:
-            _out(render.jobs_table(reply.jobs, datetime.now(UTC), reply.total, reply.cleanable))
+            _out(render.jobs_table(reply.jobs, datetime.now(UTC), reply.total, reply.cleanable, reply.queued))
         return 0
 
     _run(_with_daemon(opts, body))
@@ -898,6 +913,40 @@ def skip(ctx: click.Context, job: str, task: str, as_json: bool) -> None:
         reply: SkipReply = decode_reply("skip", data)
         again = f"; {', '.join(reply.tasks)} run again" if reply.tasks else ""
         _out(data.decode() if opts.json else f"job {reply.job}: {reply.task} skipped{again}; {reply.status}")
+        return 0
+
+    _run(_with_daemon(opts, body))
+
+
+@cli.command()
+@click.argument("job", callback=_token)
+@json_option
+@click.pass_context
+def pause(ctx: click.Context, job: str, as_json: bool) -> None:
+    """Pause JOB: it starts no new agent; those running finish their step. 'numerusctl start JOB' goes on."""
+    opts = _options(ctx, as_json)
+
+    async def body(nc: Client) -> int:
+        data = await request(nc, "pause", PauseJob(job=job), opts.timeout)
+        reply: PauseReply = decode_reply("pause", data)
+        _out(data.decode() if opts.json else render.pause_text(reply))
+        return 0
+
+    _run(_with_daemon(opts, body))
+
+
+@cli.command()
+@click.argument("job", callback=_token)
+@json_option
+@click.pass_context
+def start(ctx: click.Context, job: str, as_json: bool) -> None:
+    """Let a paused JOB go on, or move a queued JOB to the front of the queue."""
+    opts = _options(ctx, as_json)
+
+    async def body(nc: Client) -> int:
+        data = await request(nc, "start", StartJob(job=job), opts.timeout)
+        reply: StartReply = decode_reply("start", data)
+        _out(data.decode() if opts.json else render.start_text(reply))
         return 0
 
     _run(_with_daemon(opts, body))

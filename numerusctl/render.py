@@ -16,7 +16,16 @@ import os
 from collections.abc import Sequence
 from datetime import datetime
 
-from numerusd.protocol.commands import CleanedJob, CleanReply, JobView, KillReply, PlanReply, TaskView
+from numerusd.protocol.commands import (
+    CleanedJob,
+    CleanReply,
+    JobView,
+    KillReply,
+    PauseReply,
+    PlanReply,
+    StartReply,
+    TaskView,
+)
 
 #: Longest one-line summary of an event before it is cut.
 SUMMARY_WIDTH = 100
@@ -138,15 +147,16 @@ def _tokens(task: TaskView) -> int:
     return task.input_tokens + task.output_tokens
 
 
-def jobs_table(jobs: Sequence[JobView], now: datetime, total: int = 0, cleanable: int = 0) -> str:
-    """The `status` overview: one line per job, newest first as the daemon sent them, how many it left out of
-    `total`, and how many ended jobs keep worktrees `clean` would remove."""
+def jobs_table(jobs: Sequence[JobView], now: datetime, total: int = 0, cleanable: int = 0, queued: int = 0) -> str:
+    """The `status` overview: one line per job, newest first as the daemon sent them (a queued job with its
+    position), how many it left out of `total`, how many jobs wait queued, and how many ended jobs keep worktrees
+    `clean` would remove."""
     if not jobs:
         return "no jobs"
     rows = [
         [
             job.id,
-            job.status,
+            _status_word(job),
             job.agent,
             f"{job.tasks_done}/{job.tasks_total}",
             count(job.tokens),
@@ -159,6 +169,8 @@ def jobs_table(jobs: Sequence[JobView], now: datetime, total: int = 0, cleanable
     text = table(["JOB", "STATUS", "AGENT", "TASKS", "TOKENS", "AGE", "REPO", "GOAL"], rows)
     if total > len(jobs):
         text += f"\n\nthe newest {len(jobs)} of {total} jobs; 'numerusctl status --all' lists every one"
+    if queued:
+        text += f"\n\n{plural(queued, 'job')} queued for an agent slot ('numerusctl start JOB' moves one to the front)"
     if cleanable:
         text += (
             f"\n\n{plural(cleanable, 'ended job')} {'keeps' if cleanable == 1 else 'keep'} the worktrees of tasks that "
@@ -180,7 +192,7 @@ def job_detail(job: JobView, now: datetime) -> str:
     """`status JOB`: the job's fields, then its tasks (for a planned job, how each stands in the pipeline)."""
     fields = [
         ("job", job.id),
-        ("status", job.status + (f" ({job.reason})" if job.reason else "") + (f"; {job.next}" if job.next else "")),
+        ("status", _status_line(job)),
         ("goal", job.goal),
         ("repo", job.repo),
         ("agent", job.agent),
@@ -222,6 +234,30 @@ def job_detail(job: JobView, now: datetime) -> str:
         for t in job.tasks
     ]
     return head + "\n\n" + table(["TASK", "STATUS", "AGENT", "ATTEMPT", "PID", "EXIT", "TOKENS", "TITLE"], rows)
+
+
+def _status_word(job: JobView) -> str:
+    """A job's status in a table: `queued 2/5` with its position in the queue."""
+    if job.queue_position is not None:
+        return f"{job.status} {job.queue_position}/{job.queue_length}"
+    return job.status
+
+
+def _status_line(job: JobView) -> str:
+    """`queued (3rd of 5)`, `paused (by alice (operator))`, or the status and why; with its priority when set."""
+    if job.queue_position is not None:
+        line = f"{job.status} ({ordinal(job.queue_position)} of {job.queue_length})"
+    elif job.paused_by is not None:
+        line = f"{job.status} (by {job.paused_by}; 'numerusctl start {job.id}' lets it go on)"
+    else:
+        line = job.status + (f" ({job.reason})" if job.reason else "") + (f"; {job.next}" if job.next else "")
+    return line + (f", priority {job.priority}" if job.priority else "")
+
+
+def ordinal(n: int) -> str:
+    """`1st`, `2nd`, `3rd`, `4th`, `11th`, `22nd`."""
+    suffix = "th" if n % 100 in (11, 12, 13) else {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
+    return f"{n}{suffix}"
 
 
 def _plan_fields(job: JobView) -> list[tuple[str, str]]:
@@ -298,6 +334,21 @@ def kill_text(reply: KillReply, task: str | None = None) -> str:
     if not reply.tasks:
         return f"{what}: kill recorded; no agent was running"
     return f"{what}: stopping {', '.join(reply.tasks)}"
+
+
+def pause_text(reply: PauseReply) -> str:
+    """What `pause` did."""
+    return (
+        f"job {reply.job}: paused by {reply.by}; agents running finish their step, no new one starts "
+        f"('numerusctl start {reply.job}' lets it go on)"
+    )
+
+
+def start_text(reply: StartReply) -> str:
+    """What `start` did."""
+    if reply.promoted:
+        return f"job {reply.job}: moved to the front of the queue by {reply.by}; it starts at the next free agent slot"
+    return f"job {reply.job}: goes on (started by {reply.by})"
 
 
 def clean_text(reply: CleanReply) -> str:

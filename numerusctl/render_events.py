@@ -94,10 +94,20 @@ def summary(type_name: str, data: Any) -> str:
 
 
 def _pipeline_story(type_name: str, d: dict[str, Any]) -> str | None:
-    """What a step of the planned pipeline did, told the same way by `events` and `run --wait` (without the
-    task's id, which each puts in its own place); None for every other event."""
+    """What a step of the planned pipeline or the daemon's queue did, told the same way by `events` and
+    `run --wait` (without the task's id, which each puts in its own place); None for every other event."""
     get = d.get
     match type_name:
+        case "JobQueued":
+            return "queued: every agent slot of numerusd is taken (max_agents); it starts at its turn"
+        case "JobStarted":
+            return "out of the queue: its first agent starts"
+        case "JobPaused":
+            return f"paused by {get('by')}: no new agent starts; those running finish their step"
+        case "JobUnpaused":
+            return f"goes on, started by {get('by')}"
+        case "JobPromoted":
+            return f"moved to the front of the queue by {get('by')}"
         case "ReplanRequested":
             return f"replanning: {get('task')} failed for good ({_reasons(get('reason'))})"
         case "ReplanFailed":

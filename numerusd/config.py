@@ -67,6 +67,7 @@ ENV_VARS: dict[str, str] = {
     "log_chunk_bytes": "NUMERUS_LOG_CHUNK_BYTES",
     "log_flush_ms": "NUMERUS_LOG_FLUSH_MS",
     "parallel": "NUMERUS_PARALLEL",
+    "max_agents": "NUMERUS_MAX_AGENTS",
     "key_file": "NUMERUS_KEY_FILE",
 }
 
@@ -124,6 +125,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     roles: dict[str, str] = {}
     #: Most agents of one job working at once (`numerusctl run --parallel`); claims are asked for as many tasks ahead.
     parallel: Annotated[int, msgspec.Meta(ge=1, le=256)] = 4
+    #: Most agent processes of all jobs at once (planners, queens, claimers, executors, reviewers); jobs wait
+    #: `queued` for a free one (docs/operations.md, "The queue"). Each job keeps its `parallel` within it.
+    max_agents: Annotated[int, msgspec.Meta(ge=1, le=1024)] = 8
     #: Shell commands the quality gate runs in each task's worktree (`numerusctl run --check` adds to them).
     checks: tuple[str, ...] = ()
     #: Whether the reviewer is asked for a verdict on every task.

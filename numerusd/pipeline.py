@@ -18,7 +18,8 @@ This module only sequences the steps and does the I/O (agents, git, checks): wha
 `JobBook.decide`, which decides it in the job's state (and may refuse it) and appends the events before the
 next step acts. A decision that releases a task's locks also grants the tasks waiting for them, in the same
 append. At most `parallel` agents of the job work at once, and claims are asked for at most `parallel` tasks
-ahead of them (see `numerusd.slots`). A daemon that stops leaves the job to be recorded `interrupted`.
+ahead of them (see `numerusd.slots`), each agent also holding a slot of the daemon's (`numerusd.agent_pool`).
+A daemon that stops leaves the job to be recorded `interrupted`.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from pathlib import Path
 import msgspec
 
 from numerusd import domain, failpoints, git, locks, prompts, sandbox
+from numerusd.agent_pool import Seat, Withdrawn
 from numerusd.agents.base import AgentInvocation
 from numerusd.agents.registry import adapter_for
 from numerusd.book import JobBook
@@ -103,7 +105,14 @@ class JobPipeline:
     """
 
     def __init__(
-        self, job_id: str, *, book: JobBook, settings: Settings, agents: Agents, stopping: asyncio.Event
+        self,
+        job_id: str,
+        *,
+        book: JobBook,
+        settings: Settings,
+        agents: Agents,
+        stopping: asyncio.Event,
+        seat: Seat | None = None,
     ) -> None:
         self.book = book
         self.settings = settings
@@ -115,10 +124,10 @@ class JobPipeline:
         #: Where the job's git work happens: Numerus's own mirror of `repo` (in place: `repo` itself).
         self.git_repo = self.repo if job.in_place else git.mirror_path(settings.repos_dir, job.repo)
         self.changed = asyncio.Condition()
-        #: Executors, reviews, the planner and the queen: at most `parallel` at once.
-        self.slots = Slots(max(1, job.parallel))
+        #: Executors, reviews, the planner and the queen: at most `parallel` at once, each in a slot of `seat`.
+        self.slots = Slots(max(1, job.parallel), seat)
         #: Tasks being asked their claim or holding GO without an executor yet: at most `parallel` ahead of `slots`.
-        self.ahead = Slots(max(1, job.parallel))
+        self.ahead = Slots(max(1, job.parallel), seat)
         self.merging = asyncio.Lock()
         self.flows: dict[str, asyncio.Task[None]] = {}
         #: When a task last completed (or a plan was accepted): a job without progress for too long is stalled.
@@ -180,7 +189,7 @@ class JobPipeline:
             if not in_place:
                 await self.publish(self.job.integration)  # in case a publication after a merge was refused
             await self.observe(Settled())
-        except _Stopped:
+        except (_Stopped, Withdrawn):  # the daemon stops, or the job ended while it waited for an agent slot
             return
         except git.RefMoved as e:
             await self._fail(

@@ -3,7 +3,8 @@
 A job is started here (`start`, at submission or when the daemon starts), its agents stopped here
 (`stop_agents`, for a kill), and everything is stopped here when the daemon stops (`stop`): agents asked to end
 (TERM, then KILL after the grace period, or at once when the stop is forced), pipelines left to notice, then
-cancelled and awaited, so that nothing the runner started outlives it.
+cancelled and awaited, so that nothing the runner started outlives it. Its `pool` holds the daemon's agent slots
+(`max_agents`), which the pipelines share (`numerusd.agent_pool`).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import logging
 from collections.abc import Coroutine
 from typing import Any
 
+from numerusd.agent_pool import AgentPool
 from numerusd.book import JobBook
 from numerusd.config import Settings
 from numerusd.pipeline import JobPipeline
@@ -32,6 +34,8 @@ class Runner:
         self.book = book
         self.settings = settings
         self.agents = agents
+        #: The daemon's agent slots, shared by every job's pipeline.
+        self.pool = AgentPool(settings.max_agents, book)
         #: Set when the daemon stops: pipelines leave their jobs as they are (to be recorded interrupted).
         self.stopping = asyncio.Event()
         self._pipelines: dict[str, JobPipeline] = {}
@@ -44,7 +48,12 @@ class Runner:
         if job_id in self._pipelines or job.status in (*JOB_DONE, "interrupted") or self.stopping.is_set():
             return
         pipeline = JobPipeline(
-            job_id, book=self.book, settings=self.settings, agents=self.agents, stopping=self.stopping
+            job_id,
+            book=self.book,
+            settings=self.settings,
+            agents=self.agents,
+            stopping=self.stopping,
+            seat=self.pool.seat(job_id),
         )
         self._pipelines[job_id] = pipeline
         self._spawn(self._run(pipeline), name=f"pipeline {job_id}")
@@ -75,10 +84,15 @@ class Runner:
         by name."""
         names = [name for name, _ in self.agents.of_job(job_id) if task is None or name.split(".")[0] == task]
         self._spawn(self.agents.terminate(job_id, task=task), name=f"kill {job_id}")
+        self.pool.reconsider()  # a killed job's waiting agents go first; one that ended leaves the queue
         pipeline = self._pipelines.get(job_id)
         if pipeline is not None:
             self._spawn(pipeline.poke(), name=f"wake {job_id}")
         return names
+
+    def queue_changed(self) -> None:
+        """A job was paused, let go on or moved to the front: the free agent slots are handed out again."""
+        self.pool.reconsider()
 
     async def stop(self, forced: asyncio.Event) -> None:
         """Stop every agent and pipeline, gracefully unless `forced` is (or becomes) set; returns when all of

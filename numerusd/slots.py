@@ -4,6 +4,9 @@ A job has two kinds (see `JobPipeline`): `parallel` slots for the agents that wo
 planner, the queen), and as many for tasks asked their claim ahead of them. A task keeps its claim's slot
 (`hand_on`) until its executor runs or it is told NO GO (`give_back`), so claims run ahead of the executors by
 at most one round, while the executors sleep or wait on a model, instead of every claim of the job first.
+
+Given the job's `Seat` in the daemon's pool (`numerusd.agent_pool`), a holder also takes a slot of the daemon
+once it has its job's, for the body of `taken` only: a claim's slot kept for its executor holds none.
 """
 
 from __future__ import annotations
@@ -13,12 +16,15 @@ import contextlib
 from collections import deque
 from collections.abc import AsyncIterator
 
+from numerusd.agent_pool import Seat
+
 
 class Slots:
     """At most `size` holders at once; a freed slot goes to the longest waiter."""
 
-    def __init__(self, size: int) -> None:
+    def __init__(self, size: int, seat: Seat | None = None) -> None:
         self.free = size
+        self.seat = seat
         self._waiters: deque[asyncio.Future[None]] = deque()
         #: Tasks that kept their slot when the body of `taken` ended (`hand_on`).
         self._kept: set[str] = set()
@@ -36,7 +42,8 @@ class Slots:
             await self._acquire()
         kept = False
         try:
-            yield
+            async with self.seat.taken() if self.seat is not None else contextlib.nullcontext():
+                yield
             if hand_on and task is not None:
                 self._kept.add(task)
                 kept = True

@@ -5,6 +5,7 @@
     observations.py  what decide takes: commands (SubmitJob, KillJob, CleanedUp) and observations of side effects
     decide.py        decide(job, message) -> events, or a refusal
     queries.py       what status shows of a job, what a restart must stop
+    queueing.py      the daemon-wide queue of agent slots: pause, start, queued, the queue's order
 
 No I/O, no clock, no NATS anywhere here.
 """
@@ -12,6 +13,7 @@ No I/O, no clock, no NATS anywhere here.
 from numerusd.domain.decide import IN_PLACE_TASK, check_cleanable, decide, replan_errors
 from numerusd.domain.evolve import evolve, evolve_untyped, fold
 from numerusd.domain.queries import job_view, leftovers, running_tasks
+from numerusd.domain.queueing import queue_order, shown_status, slot_rank
 from numerusd.domain.state import ACTIVE, TASK_DONE, Decision, JobState, TaskState, lock_table
 
 __all__ = [
@@ -29,6 +31,9 @@ __all__ = [
     "job_view",
     "leftovers",
     "lock_table",
+    "queue_order",
     "replan_errors",
     "running_tasks",
+    "shown_status",
+    "slot_rank",
 ]

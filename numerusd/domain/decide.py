@@ -15,10 +15,13 @@ from collections.abc import Collection
 import msgspec
 
 from numerusd import locks
+from numerusd.domain import queueing
 from numerusd.domain.observations import (
     AgentExited,
     AgentFailedToStart,
     AgentReported,
+    AgentSlotAwaited,
+    AgentSlotTaken,
     AgentStarted,
     AgentStarting,
     AttemptFailed,
@@ -37,6 +40,7 @@ from numerusd.domain.observations import (
     Merged,
     MergeWaiting,
     Observation,
+    Pause,
     PipelineFailed,
     PlanAnswered,
     PlanAsked,
@@ -48,6 +52,7 @@ from numerusd.domain.observations import (
     Settled,
     Skip,
     Stalled,
+    Start,
     StoppedForKill,
     SubmitJob,
     TaskObservation,
@@ -148,7 +153,7 @@ def decide(job: JobState | None, message: Command | Observation) -> Decision:
         return _decide_task(job, _task(job, message), message)
     match message:
         case Kill(by=by, task=None):
-            return _kill(job, by)
+            return _kill(job, by) + queueing.killed_in_queue(job)
         case Kill(by=by, task=str(task_id)):
             return _kill_task(job, _named_task(job, task_id), by)
         case Resume(by=by):
@@ -157,6 +162,8 @@ def decide(job: JobState | None, message: Command | Observation) -> Decision:
             return _retry(job, tasks, by)
         case Skip(by=by, task=task_id):
             return _skip(job, _named_task(job, task_id), by)
+        case Pause() | Start() | AgentSlotAwaited() | AgentSlotTaken():
+            return queueing.decide_queue(job, message)
         case CleanedUp():
             return _cleaned(job, message)
         case PlanAsked(role=role, attempt=attempt, agent=agent, log_path=log_path):
@@ -169,7 +176,7 @@ def decide(job: JobState | None, message: Command | Observation) -> Decision:
                 raise InvalidTransition(f"job {job.id} has its integration branch already: {job.integration}")
             return [(None, IntegrationBranchCreated(branch=branch, base_sha=base_sha))]
         case Stalled(idle_s=idle_s):
-            if job.status != "running" or job.kill_requested or job.replans >= job.max_replans:
+            if job.status != "running" or job.kill_requested or job.replans >= job.max_replans or job.paused_by:
                 return []
             return [(None, ReplanRequested(task="", reason=f"no task completed for {idle_s:g} s"))]
         case ReplanGaveUp(reason=reason):
@@ -331,6 +338,7 @@ def _submit(command: SubmitJob) -> Decision:
             max_attempts=1,
             claims="none",
             unsandboxed=tuple(role for role in command.unsandboxed if role == "executor"),
+            priority=command.priority,
         )
         return [(None, submitted), (IN_PLACE_TASK, TaskCreated(title=title, instructions=command.goal, agent=executor))]
     submitted = JobSubmitted(
@@ -350,6 +358,7 @@ def _submit(command: SubmitJob) -> Decision:
         uncommitted_count=None if uncommitted is None else len(uncommitted),
         uncommitted=tuple((uncommitted or ())[:UNCOMMITTED_NAMED]),
         unsandboxed=command.unsandboxed,
+        priority=command.priority,
     )
     return [(None, submitted)]
 

@@ -13,6 +13,7 @@ from typing import TypeVar
 import msgspec
 
 from numerusd import locks
+from numerusd.domain.queueing import evolve_queue
 from numerusd.domain.state import JobState, TaskState, lock_table, with_table
 from numerusd.protocol.envelope import Envelope, WireEnvelope, typed
 from numerusd.protocol.events import (
@@ -38,9 +39,14 @@ from numerusd.protocol.events import (
     JobFailed,
     JobInterrupted,
     JobKilled,
+    JobPaused,
+    JobPromoted,
+    JobQueued,
     JobReopened,
     JobResumed,
+    JobStarted,
     JobSubmitted,
+    JobUnpaused,
     KillRequested,
     LocksReleased,
     MergeBlocked,
@@ -103,6 +109,7 @@ def evolve(state: JobState | None, event: Envelope) -> JobState:
             claims=data.claims,
             base_sha=data.base_sha,
             unsandboxed=data.unsandboxed,
+            priority=data.priority,
         )
     job = msgspec.structs.replace(state, updated=event.time, events=state.events + 1, last_event_id=event.id)
     if event.task is not None:
@@ -150,6 +157,8 @@ def evolve(state: JobState | None, event: Envelope) -> JobState:
             return replace(job, cleaned=True, logs_removed=job.logs_removed or logs)
         case SecretRedacted(counts=counts):
             return replace(job, secrets_redacted=job.secrets_redacted + sum(counts.values()))
+        case JobQueued() | JobStarted() | JobPaused() | JobUnpaused() | JobPromoted():
+            return evolve_queue(job, data, event.time)
     return job
 
 

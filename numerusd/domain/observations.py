@@ -42,6 +42,8 @@ class SubmitJob(msgspec.Struct, frozen=True, kw_only=True):
     uncommitted: tuple[str, ...] | None = ()
     #: The roles whose agent profile runs without Numerus's sandbox.
     unsandboxed: tuple[str, ...] = ()
+    #: Its place in the daemon's queue of agent slots: higher first (numerusd.domain.queueing).
+    priority: int = 0
 
 
 class Kill(msgspec.Struct, frozen=True, kw_only=True):
@@ -78,6 +80,18 @@ class CleanedUp(msgspec.Struct, frozen=True, kw_only=True):
     branches: tuple[str, ...] = ()
     logs: bool = False
     freed_bytes: int = 0
+
+
+class Pause(msgspec.Struct, frozen=True, kw_only=True):
+    """`numerusctl pause`: the job takes no new agent slot; `by` is who asked (numerusd.domain.queueing)."""
+
+    by: str
+
+
+class Start(msgspec.Struct, frozen=True, kw_only=True):
+    """`numerusctl start`: a paused job goes on, a queued one moves to the front of the queue; `by` is who asked."""
+
+    by: str
 
 
 # --- observations of the job ---------------------------------------------------------------------------------
@@ -145,6 +159,14 @@ class Redacted(msgspec.Struct, frozen=True, kw_only=True):
 
     counts: dict[str, int]
     task: str = ""
+
+
+class AgentSlotAwaited(msgspec.Struct, frozen=True, kw_only=True):
+    """The job's first agent found no free agent slot of the daemon (`max_agents`), or the job is paused."""
+
+
+class AgentSlotTaken(msgspec.Struct, frozen=True, kw_only=True):
+    """One of the job's agents got an agent slot of the daemon."""
 
 
 class Interrupted(msgspec.Struct, frozen=True, kw_only=True):
@@ -313,9 +335,11 @@ class StoppedForKill(TaskObservation, frozen=True, kw_only=True):
 
 
 #: Everything `decide` takes.
-Command = SubmitJob | Kill | Resume | Retry | Skip | CleanedUp
+Command = SubmitJob | Kill | Resume | Retry | Skip | CleanedUp | Pause | Start
 Observation = (
     PlanAsked
+    | AgentSlotAwaited
+    | AgentSlotTaken
     | PlanAnswered
     | IntegrationReady
     | Stalled

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from numerusd.domain.queueing import shown_status
 from numerusd.domain.state import JobState, TaskState
 from numerusd.protocol.commands import JOB_DONE, JobView, TaskView
 
@@ -28,7 +29,7 @@ def job_view(job: JobState, *, tasks: bool = True) -> JobView:
         goal=job.goal,
         repo=job.repo,
         agent=job.agent,
-        status=job.status,
+        status=shown_status(job),
         reason=job.reason,
         next=job.next,
         created=job.created,
@@ -47,6 +48,8 @@ def job_view(job: JobState, *, tasks: bool = True) -> JobView:
         leftovers=leftovers(job),
         secrets_redacted=job.secrets_redacted,
         unsandboxed=list(job.unsandboxed),
+        priority=job.priority,
+        paused_by=job.paused_by if job.status not in JOB_DONE else None,
         tasks_total=len(job.tasks),
         tasks_done=sum(task.status == "completed" for task in job.tasks.values()),
         tokens=own + sum(task.input_tokens + task.output_tokens for task in job.tasks.values()),

@@ -159,6 +159,14 @@ class JobState(msgspec.Struct, frozen=True, kw_only=True):
     output_tokens: int = 0
     #: Secrets replaced before being stored, in all the job's agent output and recorded text (SecretRedacted).
     secrets_redacted: int = 0
+    #: The daemon-wide queue (numerusd.domain.queueing): the job's priority; `queued` while its first agent waits
+    #: for an agent slot of the daemon; when a user moved it to the front (counts while queued); who paused it.
+    #: `status` shows `queued` or `paused` over `status`, which keeps the step the job is at, so that events of
+    #: agents finishing their step while it is paused move it on as they would (`queueing.shown_status`).
+    priority: int = 0
+    queued: bool = False
+    promoted: datetime | None = None
+    paused_by: str | None = None
 
     @property
     def in_place(self) -> bool:

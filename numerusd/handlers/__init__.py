@@ -5,7 +5,7 @@ it may use of the daemon. A handler sees typed requests only (the service decode
 `CommandRefused` and its subclasses to refuse.
 """
 
-from numerusd.handlers import clean, events, kill, logs, plan, resume, retry, run, skip, status
+from numerusd.handlers import clean, events, kill, logs, pause, plan, resume, retry, run, skip, start, status
 
 #: The handler of each verb.
 HANDLERS = {
@@ -19,4 +19,6 @@ HANDLERS = {
     "resume": resume.handle,
     "retry": retry.handle,
     "skip": skip.handle,
+    "pause": pause.handle,
+    "start": start.handle,
 }

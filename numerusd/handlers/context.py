@@ -30,6 +30,10 @@ class JobControl(Protocol):
         """Stop the job's running agents (or one task's) in the background; the names of those being stopped."""
         ...
 
+    def queue_changed(self) -> None:
+        """A job was paused, let go on or moved in the queue: hand out the free agent slots again."""
+        ...
+
 
 class History(Protocol):
     """The stored events, as JetStream holds them."""

@@ -14,7 +14,7 @@ from numerusd.errors import BadRequest, ConfigError
 from numerusd.handlers.context import Context
 from numerusd.processes import inherited_environment
 from numerusd.protocol import subjects
-from numerusd.protocol.commands import MAX_GOAL_BYTES, ROLES, RunJob, RunReply
+from numerusd.protocol.commands import MAX_GOAL_BYTES, MAX_PRIORITY, ROLES, RunJob, RunReply
 from numerusd.protocol.ids import new_ulid
 from numerusd.terminal import find_program
 
@@ -36,6 +36,10 @@ async def handle(context: Context, request: RunJob) -> RunReply:
         raise BadRequest(f"repo {request.repo!r} is not an absolute path; pass the repository's full path")
     if not repo.is_dir():
         raise BadRequest(f"repo {request.repo} is not a directory; pass --repo with an existing repository")
+    if not -MAX_PRIORITY <= request.priority <= MAX_PRIORITY:
+        raise BadRequest(
+            f"priority {request.priority} is out of range; give --priority between {-MAX_PRIORITY} and {MAX_PRIORITY}"
+        )
     unknown = sorted(set(request.roles) - set(ROLES))
     if unknown:
         raise BadRequest(f"unknown role {unknown[0]!r}; the roles are {', '.join(ROLES)}")
@@ -53,7 +57,14 @@ async def handle(context: Context, request: RunJob) -> RunReply:
     unsandboxed = tuple(role for role, agent in roles.items() if settings.agents[agent].sandbox == "none")
     if not request.plan:
         _refuse_to_work_in(repo, settings.state_dir)
-        submit = SubmitJob(goal=request.goal, repo=str(repo), roles=roles, plan=False, unsandboxed=unsandboxed)
+        submit = SubmitJob(
+            goal=request.goal,
+            repo=str(repo),
+            roles=roles,
+            plan=False,
+            unsandboxed=unsandboxed,
+            priority=request.priority,
+        )
         uncommitted = await _uncommitted(repo)
         if uncommitted:
             notes.append(
@@ -88,6 +99,7 @@ async def handle(context: Context, request: RunJob) -> RunReply:
             base_sha=base_sha,
             uncommitted=None if uncommitted is None else tuple(uncommitted),
             unsandboxed=unsandboxed,
+            priority=request.priority,
         )
         if uncommitted is None:
             notes.append(

@@ -44,6 +44,12 @@ class RunJob(Request, frozen=True, kw_only=True):
     review: bool | None = None
     #: Where claims come from: `agent` (each executor is asked) or `plan` (the plan's file intents).
     claims: Literal["agent", "plan"] | None = None
+    #: Its place in the daemon's queue of agent slots: higher first, from -MAX_PRIORITY to MAX_PRIORITY.
+    priority: int = 0
+
+
+#: The highest priority `run --priority` takes (and the lowest, negated).
+MAX_PRIORITY = 1000
 
 
 class GetPlan(Request, frozen=True, kw_only=True):
@@ -94,6 +100,18 @@ class SkipTask(Request, frozen=True, kw_only=True):
 
     job: str
     task: str
+
+
+class PauseJob(Request, frozen=True, kw_only=True):
+    """`numerusctl pause`: the job takes no new agent slot; its running agents finish their step."""
+
+    job: str
+
+
+class StartJob(Request, frozen=True, kw_only=True):
+    """`numerusctl start`: a paused job goes on; a queued job moves to the front of the queue."""
+
+    job: str
 
 
 class CleanJobs(Request, frozen=True, kw_only=True):
@@ -193,6 +211,12 @@ class JobView(msgspec.Struct, frozen=True, kw_only=True):
     secrets_redacted: int = 0
     #: Roles whose agents run without Numerus's sandbox.
     unsandboxed: list[str] = []
+    #: Its place in the daemon's queue (`run --priority`); while `queued`, its position (1 is next) among
+    #: `queue_length` queued jobs; who paused it, while it is `paused`.
+    priority: int = 0
+    queue_position: int | None = None
+    queue_length: int = 0
+    paused_by: str | None = None
 
 
 class PlanReply(msgspec.Struct, frozen=True, kw_only=True):
@@ -226,6 +250,8 @@ class StatusReply(msgspec.Struct, frozen=True, kw_only=True):
     next: str | None = None
     #: The agent profiles numerusd knows (what `run --agent` takes), for shell completion.
     agents: list[str] = []
+    #: How many jobs wait `queued` for an agent slot of the daemon (all jobs, not only those listed).
+    queued: int = 0
 
 
 class KillReply(msgspec.Struct, frozen=True, kw_only=True):
@@ -258,6 +284,22 @@ class SkipReply(msgspec.Struct, frozen=True, kw_only=True):
     task: str
     tasks: list[str] = []
     status: JobStatus
+
+
+class PauseReply(msgspec.Struct, frozen=True, kw_only=True):
+    """The pause was recorded, with who asked."""
+
+    job: str
+    by: str
+
+
+class StartReply(msgspec.Struct, frozen=True, kw_only=True):
+    """The start was recorded, with who asked: the paused job goes on, or (`promoted`) the queued job moved to the
+    front of the queue."""
+
+    job: str
+    by: str
+    promoted: bool = False
 
 
 class CleanedJob(msgspec.Struct, frozen=True, kw_only=True):
@@ -329,6 +371,8 @@ REQUESTS: dict[str, type[Request]] = {
     "resume": ResumeJob,
     "retry": RetryJob,
     "skip": SkipTask,
+    "pause": PauseJob,
+    "start": StartJob,
 }
 
 #: Reply type by verb.
@@ -343,6 +387,8 @@ REPLIES: dict[str, type[msgspec.Struct]] = {
     "resume": ResumeReply,
     "retry": RetryReply,
     "skip": SkipReply,
+    "pause": PauseReply,
+    "start": StartReply,
 }
 
 #: Where the daemon keeps its state (and `connection.json`) when neither a flag nor NUMERUS_STATE_DIR says.

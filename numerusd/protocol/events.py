@@ -78,6 +78,8 @@ class JobSubmitted(EventData, frozen=True, kw_only=True):
     uncommitted: tuple[str, ...] = ()
     #: The roles whose agent profile runs without Numerus's sandbox (`sandbox = "none"`): `status` warns of them.
     unsandboxed: tuple[str, ...] = ()
+    #: Its place in the daemon's queue of agent slots (`run --priority`, -1000 to 1000): higher goes first.
+    priority: int = 0
 
 
 class ReplanRequested(EventData, frozen=True, kw_only=True):
@@ -203,6 +205,38 @@ class SecretRedacted(EventData, frozen=True, kw_only=True):
 
     task: str = ""
     counts: dict[str, int]
+
+
+# --- the daemon-wide queue of agent slots (max_agents) -------------------------------------------------------
+
+
+class JobQueued(EventData, frozen=True, kw_only=True):
+    """The job's first agent found no free agent slot of the daemon (`max_agents`): it waits its turn.
+
+    Its place is not stored: `status` computes it from the queued jobs' promotions, priorities and submission
+    order (docs/operations.md, "The queue")."""
+
+
+class JobStarted(EventData, frozen=True, kw_only=True):
+    """The queued job got its first agent slot and goes on (a job that never waited has no JobQueued nor this)."""
+
+
+class JobPaused(EventData, frozen=True, kw_only=True):
+    """A user paused the job (`numerusctl pause`): it takes no new agent slot; agents running finish their step."""
+
+    by: str
+
+
+class JobUnpaused(EventData, frozen=True, kw_only=True):
+    """A user let the paused job go on (`numerusctl start`)."""
+
+    by: str
+
+
+class JobPromoted(EventData, frozen=True, kw_only=True):
+    """A user moved the queued job to the front of the queue (`numerusctl start`): the latest moved goes first."""
+
+    by: str
 
 
 # --- the task aggregate (inside a job) ---------------------------------------------------------------------
@@ -543,5 +577,10 @@ EVENT_TYPES: dict[str, type[EventData]] = {
         TaskSkipped,
         TaskRetryRequested,
         TaskInterrupted,
+        JobQueued,
+        JobStarted,
+        JobPaused,
+        JobUnpaused,
+        JobPromoted,
     )
 }

@@ -14,7 +14,7 @@ from typing import Any
 
 import msgspec
 
-from numerusd.domain import JobState
+from numerusd.domain import JobState, shown_status
 from numerusd.views.schema import SET_POSITION
 
 _state_encoder = msgspec.json.Encoder()
@@ -45,7 +45,7 @@ def job_row(state: JobState) -> tuple[Any, ...]:
         state.goal,
         state.repo,
         state.agent,
-        state.status,
+        shown_status(state),
         state.reason,
         utc_text(state.created),
         utc_text(state.updated),
