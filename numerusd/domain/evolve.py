@@ -14,6 +14,7 @@ import msgspec
 
 from numerusd import locks
 from numerusd.domain.state import JobState, TaskState, lock_table, with_table
+from numerusd.protocol.commands import Acceptance
 from numerusd.protocol.envelope import Envelope, WireEnvelope, typed
 from numerusd.protocol.events import (
     AgentCommandExecuted,
@@ -33,8 +34,10 @@ from numerusd.protocol.events import (
     GateFailed,
     GatePassed,
     IntegrationBranchCreated,
+    JobAccepted,
     JobCleaned,
     JobCompleted,
+    JobDiscarded,
     JobFailed,
     JobInterrupted,
     JobKilled,
@@ -99,6 +102,7 @@ def evolve(state: JobState | None, event: Envelope) -> JobState:
             claims=data.claims,
             base_sha=data.base_sha,
             unsandboxed=data.unsandboxed,
+            start_branch=data.branch,
         )
     job = msgspec.structs.replace(state, updated=event.time, events=state.events + 1, last_event_id=event.id)
     if event.task is not None:
@@ -137,6 +141,20 @@ def evolve(state: JobState | None, event: Envelope) -> JobState:
             return replace(job, status="interrupted", reason=reason)
         case JobCleaned(logs=logs):
             return replace(job, cleaned=True, logs_removed=job.logs_removed or logs)
+        case JobAccepted():
+            accepted = Acceptance(
+                branch=data.branch,
+                sha=data.sha,
+                how=data.how,
+                previous=data.previous,
+                checkout=data.checkout,
+                reason=data.reason,
+                pushed=data.pushed,
+                by=data.by,
+            )
+            return replace(job, accepted=accepted)
+        case JobDiscarded():
+            return replace(job, cleaned=True, discarded=True)
         case SecretRedacted(counts=counts):
             return replace(job, secrets_redacted=job.secrets_redacted + sum(counts.values()))
     return job

@@ -43,6 +43,8 @@ class SubmitJob(msgspec.Struct, frozen=True, kw_only=True):
     uncommitted: tuple[str, ...] | None = ()
     #: The roles whose agent profile runs without Numerus's sandbox.
     unsandboxed: tuple[str, ...] = ()
+    #: The branch the repository's HEAD was on (None: detached).
+    branch: str | None = None
 
 
 class CleanedUp(msgspec.Struct, frozen=True, kw_only=True):
@@ -52,6 +54,30 @@ class CleanedUp(msgspec.Struct, frozen=True, kw_only=True):
     branches: tuple[str, ...] = ()
     logs: bool = False
     freed_bytes: int = 0
+
+
+class Accepted(msgspec.Struct, frozen=True, kw_only=True):
+    """`accept` took the job's result into the user's repository (see `JobAccepted`); `partial`: the user took
+    the result of a job that did not complete."""
+
+    branch: str
+    sha: str
+    how: str
+    previous: str | None = None
+    checkout: str | None = None
+    reason: str = ""
+    pushed: str = ""
+    by: str = ""
+    partial: bool = False
+
+
+class Discarded(msgspec.Struct, frozen=True, kw_only=True):
+    """`discard` removed an ended job's branches and worktrees (see `numerusd.clean`, `JobDiscarded`)."""
+
+    worktrees: tuple[str, ...] = ()
+    branches: tuple[str, ...] = ()
+    freed_bytes: int = 0
+    by: str = ""
 
 
 # --- observations of the job ---------------------------------------------------------------------------------
@@ -283,7 +309,7 @@ class StoppedForKill(TaskObservation, frozen=True, kw_only=True):
 
 
 #: Everything `decide` takes.
-Command = SubmitJob | KillJob | CleanedUp
+Command = SubmitJob | KillJob | CleanedUp | Accepted | Discarded
 Observation = (
     PlanAsked
     | PlanAnswered

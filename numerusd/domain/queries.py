@@ -46,6 +46,8 @@ def job_view(job: JobState, *, tasks: bool = True) -> JobView:
         leftovers=leftovers(job),
         secrets_redacted=job.secrets_redacted,
         unsandboxed=list(job.unsandboxed),
+        accepted=job.accepted,
+        discarded=job.discarded,
         tasks_total=len(job.tasks),
         tasks_done=sum(task.status == "completed" for task in job.tasks.values()),
         tokens=own + sum(task.input_tokens + task.output_tokens for task in job.tasks.values()),

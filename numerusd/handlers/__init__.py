@@ -5,7 +5,7 @@ it may use of the daemon. A handler sees typed requests only (the service decode
 `CommandRefused` and its subclasses to refuse.
 """
 
-from numerusd.handlers import clean, events, kill, logs, plan, run, status
+from numerusd.handlers import accept, clean, diff, discard, events, kill, logs, plan, run, status
 
 #: The handler of each verb.
 HANDLERS = {
@@ -16,4 +16,7 @@ HANDLERS = {
     "events": events.handle,
     "plan": plan.handle,
     "clean": clean.handle,
+    "diff": diff.handle,
+    "accept": accept.handle,
+    "discard": discard.handle,
 }

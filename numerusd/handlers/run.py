@@ -80,6 +80,7 @@ async def handle(context: Context, request: RunJob) -> RunReply:
             base_sha=base_sha,
             uncommitted=None if uncommitted is None else tuple(uncommitted),
             unsandboxed=unsandboxed,
+            branch=await git.current_branch(repo),
         )
         if uncommitted is None:
             notes.append(

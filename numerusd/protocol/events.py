@@ -78,6 +78,9 @@ class JobSubmitted(EventData, frozen=True, kw_only=True):
     uncommitted: tuple[str, ...] = ()
     #: The roles whose agent profile runs without Numerus's sandbox (`sandbox = "none"`): `status` warns of them.
     unsandboxed: tuple[str, ...] = ()
+    #: The branch the repository's HEAD was on (None: detached, or not recorded): `accept` moves it when HEAD is
+    #: detached at acceptance.
+    branch: str | None = None
 
 
 class ReplanRequested(EventData, frozen=True, kw_only=True):
@@ -173,6 +176,34 @@ class JobCleaned(EventData, frozen=True, kw_only=True):
     branches: tuple[str, ...] = ()
     logs: bool = False
     freed_bytes: int = 0
+
+
+class JobAccepted(EventData, frozen=True, kw_only=True):
+    """The job's result was taken into the user's repository at a user's request (`numerusctl accept`): `branch`
+    is at `sha`, the integration branch's tip. `how`: `fast-forward` (the user's branch moved forward to it, and
+    the files of `checkout`, the worktree that has it checked out, with it) or `branch` (the user's branch could
+    not move, for `reason`: the result is on `branch`, created or moved forward). `previous`: where `branch` was
+    (None: created), to undo it. `pushed`: the remote it was pushed to. `by`: who asked."""
+
+    branch: str
+    sha: str
+    how: str
+    previous: str | None = None
+    checkout: str | None = None
+    reason: str = ""
+    pushed: str = ""
+    by: str = ""
+
+
+class JobDiscarded(EventData, frozen=True, kw_only=True):
+    """An ended job's branches (its integration branch and its tasks', in Numerus's mirror and in the user's
+    repository) and worktrees were removed at a user's request (`numerusctl discard`), each list naming what was
+    there and is gone. Its history and logs stay. `by`: who asked."""
+
+    worktrees: tuple[str, ...] = ()
+    branches: tuple[str, ...] = ()
+    freed_bytes: int = 0
+    by: str = ""
 
 
 class SecretRedacted(EventData, frozen=True, kw_only=True):
@@ -454,6 +485,8 @@ EVENT_TYPES: dict[str, type[EventData]] = {
         JobKilled,
         JobInterrupted,
         JobCleaned,
+        JobAccepted,
+        JobDiscarded,
         SecretRedacted,
         ReplanRequested,
         ReplanFailed,
