@@ -753,7 +753,7 @@ def diff(ctx: click.Context, job: str, task: str | None, stat: bool, color: str,
         if opts.json:
             _out(data.decode())
         else:
-            text = render.diff_text(reply, color=painted)
+            text = render.diff_text(reply, color=painted, stat=stat)
             if text:
                 click.echo(text, color=painted)  # escaped by diff_text before its colours; click keeps them
         return 0

@@ -293,13 +293,14 @@ def discard_text(reply: DiscardReply) -> str:
 _BOLD, _RED, _GREEN, _CYAN, _RESET = "\x1b[1m", "\x1b[31m", "\x1b[32m", "\x1b[36m", "\x1b[m"
 
 
-def diff_text(reply: DiffReply, *, color: bool) -> str:
-    """A diff as git shows it (coloured as git does with `color`), then, when it was cut, a line saying so and how
-    to see it whole. The text is the repository's content, written by agents: its control characters are shown
-    escaped before any colour is added."""
+def diff_text(reply: DiffReply, *, color: bool, stat: bool = False) -> str:
+    """A diff (or with `stat` its summary) as git shows it, coloured as git does with `color`, then, when it was
+    cut, a line saying so and how to see it whole. The text is the repository's content, written by agents: its
+    control characters are shown escaped before any colour is added."""
     text = visible(reply.text).removesuffix("\n")
     if color:
-        text = "\n".join(_painted(text.split("\n")))
+        lines = text.split("\n")
+        text = "\n".join(_painted_stat(lines) if stat else _painted(lines))
     if reply.shown < reply.size:
         mark = (
             f"[numerus: diff cut after {_size(reply.shown)} of {_size(reply.size)} (what fits in a reply); "
@@ -326,15 +327,23 @@ def _painted(lines: list[str]) -> list[str]:
             colour = _GREEN
         elif line.startswith("-"):
             colour = _RED
-        elif " | " in line and line.rstrip().endswith(("+", "-")):  # a --stat line: its + and - bar
-            name, bar, graph = line.rpartition(" | ")
-            count, _, signs = graph.partition(" ")
-            signs = signs.replace("+", f"{_GREEN}+{_RESET}").replace("-", f"{_RED}-{_RESET}")
-            painted.append(f"{name}{bar}{count} {signs}")
-            continue
         else:
             colour = ""
         painted.append(f"{colour}{line}{_RESET}" if colour and line else line)
+    return painted
+
+
+def _painted_stat(lines: list[str]) -> list[str]:
+    """Each line of a `--stat` with its bar's `+` green and `-` red, as git paints them."""
+    painted = []
+    for line in lines:
+        name, bar, graph = line.rpartition(" | ")
+        count, space, signs = graph.partition(" ")
+        if bar and signs.strip("+-") == "":  # git draws the added (+) then the removed (-)
+            minuses = signs.lstrip("+")
+            pluses = signs[: len(signs) - len(minuses)]
+            signs = (f"{_GREEN}{pluses}{_RESET}" if pluses else "") + (f"{_RED}{minuses}{_RESET}" if minuses else "")
+        painted.append(f"{name}{bar}{count}{space}{signs}")
     return painted
 
 

@@ -76,10 +76,10 @@ def summary(type_name: str, data: Any) -> str:
             worktrees, branches = len(get("worktrees") or []), len(get("branches") or [])
             text = removed(worktrees, branches, bool(get("logs")), get("freed_bytes") or 0)
         case "JobAccepted":
-            how = "fast-forwarded to" if get("how") == "fast-forward" else "on a branch of its own at"
-            text = f"accepted: {get('branch')} {how} {_sha(get('sha'))}"
+            where = "{} fast-forwarded to {}" if get("how") == "fast-forward" else "on branch {} at {}"
+            text = "accepted: " + where.format(get("branch"), _sha(get("sha")))
             text += f", pushed to {get('pushed')}" if get("pushed") else ""
-            text += f" by {get('by')}" if get("by") else ""
+            text += f", by {get('by')}" if get("by") else ""
         case "JobDiscarded":
             worktrees, branches = len(get("worktrees") or []), len(get("branches") or [])
             text = (

@@ -35,10 +35,11 @@ def team(*files: tuple[str, dict]) -> dict:
 
 #: Two tasks, two known files.
 PAIR = team(("a.txt", {"write": "a.txt", "content": "alpha\n"}), ("b.txt", {"write": "b.txt", "content": "beta\n"}))
-#: The pair and a file of about 6 MB, more than a reply holds (half the embedded server's max_payload of 8 MiB).
+#: The pair (b.txt holding terminal escapes) and a file of about 6 MB, more than a reply holds (half the embedded
+#: server's max_payload of 8 MiB).
 BIG = team(
     ("a.txt", {"write": "a.txt", "content": "alpha\n"}),
-    ("b.txt", {"write": "b.txt", "content": "beta\n"}),
+    ("b.txt", {"write": "b.txt", "content": "beta\x1b]0;pwned\x07\x1b[2J\n"}),  # retitle, clear the screen
     ("big.txt", {"run": "seq 1 800000 > big.txt"}),
 )
 #: t1 merges, t2 fails for good: the job fails with t1's work on its integration branch.
@@ -103,6 +104,7 @@ async def test_diff_shows_the_result_and_each_tasks_work_cut_with_a_mark_when_to
         coloured = daemon.ctl("diff", job, "--color", "always", check=True).stdout
         assert "\x1b[32m+alpha\x1b[m" in coloured and "\x1b[1mdiff --git a/a.txt b/a.txt\x1b[m" in coloured
         assert "\x1b[" not in daemon.ctl("diff", job, "--color", "never", check=True).stdout
+        assert " a.txt | 1 \x1b[32m+\x1b[m" in daemon.ctl("diff", job, "--stat", "--color=always", check=True).stdout
         # Reading is a viewer's right.
         assert daemon.ctl("--role", "viewer", "diff", job, check=True).stdout == shown
 
@@ -111,6 +113,8 @@ async def test_diff_shows_the_result_and_each_tasks_work_cut_with_a_mark_when_to
         assert len(cut.encode()) < 4.1 * 1024 * 1024
         *lines, mark = cut.rstrip("\n").split("\n")
         assert "+alpha" in cut and lines[-1].startswith("+")
+        # What the agents wrote cannot drive the terminal: escapes are shown, not sent.
+        assert "+beta\\x1b]0;pwned\\x07\\x1b[2J\n" in cut and "\x1b" not in cut
         big_base = daemon.status(big)["base_sha"][:12]
         assert mark.startswith("[numerus: diff cut after ") and mark.endswith(
             f"see it whole in the repository: git -C {large} diff {big_base}..numerus/{big}.integration]"
@@ -229,9 +233,11 @@ async def test_discard_a_partial_accept_and_the_hostile_side(tmp_path: Path):
         tip = ref(repo, f"numerus/{job}.integration")
 
         # A viewer may look, not take.
-        viewer = daemon.ctl("--role", "viewer", "accept", job)
-        assert viewer.returncode != 0 and ref(repo, "main") != tip
-        assert daemon.ctl("--role", "viewer", "discard", job).returncode != 0
+        for verb in ("accept", "discard"):
+            viewer = daemon.ctl("--role", "viewer", verb, job)
+            assert viewer.returncode == 1
+            assert f"not allowed: the viewer role may not publish on numerus.cmd.{verb}" in viewer.stderr
+        assert ref(repo, "main") != tip and ref(repo, f"numerus/{job}.integration") == tip
 
         # Branch names that are options, escape, or name what is not a branch of the user's; remotes that are not.
         for name, why in (
