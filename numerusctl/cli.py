@@ -10,6 +10,9 @@
     numerusctl resume JOB
     numerusctl retry JOB [TASK]...
     numerusctl skip JOB TASK
+    numerusctl diff JOB [TASK] [--stat] [--color always|never|auto]
+    numerusctl accept JOB [--branch NAME] [--push REMOTE] [--partial]
+    numerusctl discard JOB
     numerusctl audit verify [JOB] [--key-file F] [--expect-head DIGEST] [--finished]
     numerusctl completion bash|zsh|fish
 
@@ -31,7 +34,7 @@ auditor), so a one-request command such as `status` starts no faster or slower f
 (`bench/bench_cli.py` measures it against a bare nats-py request).
 
 `--role operator|viewer` (default operator) picks the login from the connection file: a viewer may only read
-(status, plan, logs, events, audit); see `numerusd/bus_roles.py`.
+(status, plan, logs, events, diff, audit); see `numerusd/bus_roles.py`.
 
 Exit codes (`numerusd.protocol.exit_codes.CtlExit`): 0 ok; 1 refused or failed (an error reply, a failed job
 under `--wait`, a problem found by the audit); 2 usage; 3 numerusd cannot be reached; 4 numerusd runs but its
@@ -44,6 +47,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Awaitable, Callable, Coroutine
@@ -70,9 +74,15 @@ from numerusd.protocol import subjects
 from numerusd.protocol.commands import (
     MAX_PRIORITY,
     ROLES,
+    AcceptJob,
+    AcceptReply,
     CleanJobs,
     CleanReply,
+    DiffReply,
+    DiscardJob,
+    DiscardReply,
     EventsReply,
+    GetDiff,
     GetEvents,
     GetLogs,
     GetPlan,
@@ -108,6 +118,8 @@ if TYPE_CHECKING:
 STATUS_LIMIT = 20
 #: How long `clean` waits for its answer (or --timeout, if longer): removing many worktrees takes a while.
 CLEAN_WAIT_S = 600.0
+#: How long `diff`, `accept` and `discard` wait (or --timeout, if longer): git on a large repository, a push.
+RESULT_WAIT_S = 120.0
 
 # Replies are decoded by their protocol type in `connection.decode_reply`; an event's payload, as plain JSON.
 _any_json = msgspec.json.Decoder()
@@ -979,6 +991,100 @@ def clean(ctx: click.Context, jobs: tuple[str, ...], ended: bool, logs: bool, as
         for line in problems:
             click.echo(render.visible(line), err=True)
         return CtlExit.FAILED if problems else CtlExit.OK
+
+    _run(_with_daemon(opts, body))
+
+
+# --- diff, accept, discard: the result ------------------------------------------------------------------------
+
+
+@cli.command()
+@click.argument("job", callback=_token)
+@click.argument("task", required=False, callback=_token)
+@click.option("--stat", is_flag=True, help="The summary (files changed, lines added and removed) instead.")
+@click.option(
+    "--color",
+    type=click.Choice(["always", "never", "auto"]),
+    default="auto",
+    show_default=True,
+    help="Colour the diff; auto: when stdout is a terminal (and NO_COLOR is not set).",
+)
+@json_option
+@click.pass_context
+def diff(ctx: click.Context, job: str, task: str | None, stat: bool, color: str, as_json: bool) -> None:
+    """JOB's result as a unified diff: its integration branch against the commit it started from.
+
+    With TASK, that task's work: its merge's changes once merged, else its branch against its base. A diff
+    larger than a reply is cut, with a last line saying so and which git command shows it whole.
+    """
+    opts = _options(ctx, as_json)
+    painted = color == "always" or (color == "auto" and sys.stdout.isatty() and not os.environ.get("NO_COLOR"))
+    width = max(40, min(400, shutil.get_terminal_size().columns))
+
+    async def body(nc: Client) -> int:
+        query = GetDiff(job=job, task=task, stat=stat, width=width)
+        data = await request(nc, "diff", query, max(opts.timeout, RESULT_WAIT_S))
+        reply: DiffReply = decode_reply("diff", data)
+        if opts.json:
+            _out(data.decode())
+        else:
+            text = render.diff_text(reply, color=painted, stat=stat)
+            if text:
+                click.echo(text, color=painted)  # escaped by diff_text before its colours; click keeps them
+        return 0
+
+    _run(_with_daemon(opts, body))
+
+
+@cli.command()
+@click.argument("job", callback=_token)
+@click.option(
+    "--branch",
+    metavar="NAME",
+    help="Put the result on branch NAME (created, or moved forward) instead of your current branch.",
+)
+@click.option("--push", metavar="REMOTE", help="Then push the branch to REMOTE, a remote of the repository.")
+@click.option("--partial", is_flag=True, help="Take the result of a job that failed or was killed: what merged.")
+@json_option
+@click.pass_context
+def accept(ctx: click.Context, job: str, branch: str | None, push: str | None, partial: bool, as_json: bool) -> None:
+    """Take JOB's result into its repository: your current branch fast-forwarded to it when it can be.
+
+    When your branch moved or diverged since the job started, the result goes on a branch of its own,
+    numerus/<job>.accepted (or --branch NAME), to merge yourself; nothing is merged in your checkout, and
+    uncommitted work is never touched: if the files the result changes have some, nothing is done.
+    """
+    opts = _options(ctx, as_json)
+
+    async def body(nc: Client) -> int:
+        query = AcceptJob(job=job, branch=branch, push=push, partial=partial)
+        data = await request(nc, "accept", query, max(opts.timeout, RESULT_WAIT_S))
+        reply: AcceptReply = decode_reply("accept", data)
+        _out(data.decode() if opts.json else render.accept_text(reply))
+        if reply.push_error is not None:
+            click.echo(render.visible(f"numerusctl: the push to {push} failed: {reply.push_error}"), err=True)
+            return CtlExit.FAILED
+        return CtlExit.OK
+
+    _run(_with_daemon(opts, body))
+
+
+@cli.command()
+@click.argument("job", callback=_token)
+@json_option
+@click.pass_context
+def discard(ctx: click.Context, job: str, as_json: bool) -> None:
+    """Remove an ended JOB's branches (its integration branch and its tasks') and worktrees, in numerusd's copy of
+    the repository and in yours. Its history and logs stay, and so does a branch 'accept' made or moved."""
+    opts = _options(ctx, as_json)
+
+    async def body(nc: Client) -> int:
+        data = await request(nc, "discard", DiscardJob(job=job), max(opts.timeout, RESULT_WAIT_S))
+        reply: DiscardReply = decode_reply("discard", data)
+        _out(data.decode() if opts.json else render.discard_text(reply))
+        for problem in reply.problems:
+            click.echo(render.visible(f"numerusctl: job {reply.job}: {problem}"), err=True)
+        return CtlExit.FAILED if reply.problems else CtlExit.OK
 
     _run(_with_daemon(opts, body))
 

@@ -17,8 +17,11 @@ from collections.abc import Sequence
 from datetime import datetime
 
 from numerusd.protocol.commands import (
+    AcceptReply,
     CleanedJob,
     CleanReply,
+    DiffReply,
+    DiscardReply,
     JobView,
     KillReply,
     PauseReply,
@@ -207,6 +210,12 @@ def job_detail(job: JobView, now: datetime) -> str:
     if job.cleaned:
         removed = "worktrees, task branches and logs" if job.logs_removed else "worktrees and task branches"
         fields.append(("cleaned", f"{removed} removed ('numerusctl clean')"))
+    if job.accepted is not None:
+        taken = job.accepted
+        where = _accepted(taken.branch, taken.sha, taken.how) + (f", pushed to {taken.pushed}" if taken.pushed else "")
+        fields.append(("accepted", where + (f", by {taken.by}" if taken.by else "")))
+    if job.discarded:
+        fields.append(("branches", "removed with its worktrees ('numerusctl discard')"))
     if job.secrets_redacted:
         fields.append(("secrets", f"{job.secrets_redacted} redacted ('numerusctl events {job.id}' says which)"))
     if job.leftovers:
@@ -349,6 +358,91 @@ def start_text(reply: StartReply) -> str:
     if reply.promoted:
         return f"job {reply.job}: moved to the front of the queue by {reply.by}; it starts at the next free agent slot"
     return f"job {reply.job}: goes on (started by {reply.by})"
+
+
+def _accepted(branch: str, sha: str, how: str) -> str:
+    """`main fast-forwarded to 1a2b3c4`, `on branch numerus/J.accepted at 1a2b3c4`."""
+    if how == "fast-forward":
+        return f"{branch} fast-forwarded to {sha[:SHA_WIDTH]}"
+    return f"on branch {branch} at {sha[:SHA_WIDTH]}"
+
+
+def accept_text(reply: AcceptReply) -> str:
+    """What `accept` did, and, when the result is on a branch of its own, why and what the user can do next."""
+    moved = f" (from {reply.previous[:SHA_WIDTH]})" if reply.previous and reply.previous != reply.sha else ""
+    if reply.previous == reply.sha:
+        moved = " (already there)"
+    lines = [f"job {reply.job}: result {_accepted(reply.branch, reply.sha, reply.how)}{moved} in {reply.repo}"]
+    if reply.checkout:
+        lines.append(f"the checkout at {reply.checkout} was updated with it")
+    if reply.how == "branch" and reply.reason:
+        lines.append(f"not on your branch: {reply.reason}; merge it yourself when ready: git merge {reply.branch}")
+    if reply.pushed:
+        lines.append(f"pushed {reply.branch} to {reply.pushed}")
+    return "\n".join(lines)
+
+
+def discard_text(reply: DiscardReply) -> str:
+    """What `discard` removed."""
+    return f"job {reply.job}: discarded; {removed(len(reply.worktrees), len(reply.branches), False, reply.freed_bytes)}"
+
+
+#: Colours of a diff's lines on a terminal, as git paints them by default.
+_BOLD, _RED, _GREEN, _CYAN, _RESET = "\x1b[1m", "\x1b[31m", "\x1b[32m", "\x1b[36m", "\x1b[m"
+
+
+def diff_text(reply: DiffReply, *, color: bool, stat: bool = False) -> str:
+    """A diff (or with `stat` its summary) as git shows it, coloured as git does with `color`, then, when it was
+    cut, a line saying so and how to see it whole. The text is the repository's content, written by agents: its
+    control characters are shown escaped before any colour is added."""
+    text = visible(reply.text).removesuffix("\n")
+    if color:
+        lines = text.split("\n")
+        text = "\n".join(_painted_stat(lines) if stat else _painted(lines))
+    if reply.shown < reply.size:
+        mark = (
+            f"[numerus: diff cut after {_size(reply.shown)} of {_size(reply.size)} (what fits in a reply); "
+            f"see it whole in the repository: {reply.see_all}]"
+        )
+        text += ("\n" if text else "") + visible(mark)
+    return text
+
+
+def _painted(lines: list[str]) -> list[str]:
+    """Each line of a unified diff (or a `--stat`) with git's default colours: headers bold, hunk headers cyan,
+    removed lines red, added lines green."""
+    painted, header = [], False
+    for line in lines:
+        if line.startswith("diff --git "):
+            header = True
+        elif line.startswith("@@"):
+            header = False
+        if header:
+            colour = _BOLD
+        elif line.startswith("@@"):
+            colour = _CYAN
+        elif line.startswith("+"):
+            colour = _GREEN
+        elif line.startswith("-"):
+            colour = _RED
+        else:
+            colour = ""
+        painted.append(f"{colour}{line}{_RESET}" if colour and line else line)
+    return painted
+
+
+def _painted_stat(lines: list[str]) -> list[str]:
+    """Each line of a `--stat` with its bar's `+` green and `-` red, as git paints them."""
+    painted = []
+    for line in lines:
+        name, bar, graph = line.rpartition(" | ")
+        count, space, signs = graph.partition(" ")
+        if bar and signs.strip("+-") == "":  # git draws the added (+) then the removed (-)
+            minuses = signs.lstrip("+")
+            pluses = signs[: len(signs) - len(minuses)]
+            signs = (f"{_GREEN}{pluses}{_RESET}" if pluses else "") + (f"{_RED}{minuses}{_RESET}" if minuses else "")
+        painted.append(f"{name}{bar}{count}{space}{signs}")
+    return painted
 
 
 def clean_text(reply: CleanReply) -> str:

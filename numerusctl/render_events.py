@@ -75,6 +75,16 @@ def summary(type_name: str, data: Any) -> str:
         case "JobCleaned":
             worktrees, branches = len(get("worktrees") or []), len(get("branches") or [])
             text = removed(worktrees, branches, bool(get("logs")), get("freed_bytes") or 0)
+        case "JobAccepted":
+            where = "{} fast-forwarded to {}" if get("how") == "fast-forward" else "on branch {} at {}"
+            text = "accepted: " + where.format(get("branch"), _sha(get("sha")))
+            text += f", pushed to {get('pushed')}" if get("pushed") else ""
+            text += f", by {get('by')}" if get("by") else ""
+        case "JobDiscarded":
+            worktrees, branches = len(get("worktrees") or []), len(get("branches") or [])
+            text = (
+                f"discarded by {get('by') or 'a user'}: {removed(worktrees, branches, False, get('freed_bytes') or 0)}"
+            )
         case "MergeStarted":
             text = f"merging {_sha(get('task_sha'))} into {get('integration')} at {_sha(get('parent'))}"
         case "KillRequested" | "TaskKillRequested":

@@ -1,11 +1,12 @@
-"""`numerusctl clean`: remove what an ended job left on disk (the handler, `handlers/clean.py`, records it).
+"""`numerusctl clean` and `discard`: remove what an ended job left on disk (their handlers record it).
 
 A job leaves behind, in Numerus's mirror of the repository and as fetched refs in the user's repository, the
 worktrees and branches of the tasks that did not merge (a merged task's go as soon as
 it merges), whatever read-only checkouts a crash left, and its run directory: terminal logs, prompts, the
 agents' answers. None of it is state (the events are), so removing it loses no history, only the files a user
 looks at to see why a task failed. It goes on request only, for ended jobs only, and the integration branch,
-the job's result, always stays.
+the job's result, stays, unless the user discards the job (`numerusctl discard`: cleaning, plus the integration
+branch). A branch checked out in one of the user's worktrees is never deleted (their HEAD would name nothing).
 """
 
 from __future__ import annotations
@@ -21,8 +22,10 @@ from numerusd import git
 from numerusd.checkouts import CHECKOUTS_SUFFIX, Checkouts
 from numerusd.config import Settings
 from numerusd.domain import JobState
-from numerusd.domain.observations import CleanedUp
+from numerusd.domain.observations import CleanedUp, Discarded
 from numerusd.errors import NumerusError
+from numerusd.git.refs import branch_tips
+from numerusd.git.worktrees import refuse_checked_out
 
 
 @dataclass
@@ -41,9 +44,16 @@ class Removed:
             worktrees=tuple(self.worktrees), branches=tuple(self.branches), logs=self.logs, freed_bytes=self.freed_bytes
         )
 
+    def discarded(self, by: str) -> Discarded:
+        """What the job book is told, to record as `JobDiscarded`."""
+        return Discarded(
+            worktrees=tuple(self.worktrees), branches=tuple(self.branches), freed_bytes=self.freed_bytes, by=by
+        )
 
-async def clean_job(settings: Settings, job: JobState, *, logs: bool) -> Removed:
-    """Remove the job's task worktrees and branches, its checkouts, and with `logs` its run directory.
+
+async def clean_job(settings: Settings, job: JobState, *, logs: bool, integration: bool = False) -> Removed:
+    """Remove the job's task worktrees and branches, its checkouts, with `logs` its run directory, and with
+    `integration` its integration branch (`discard`).
 
     Each removal stands alone: one that fails is reported and the others go on. Cleaning again finds only
     what is still there.
@@ -79,11 +89,17 @@ async def clean_job(settings: Settings, job: JobState, *, logs: bool) -> Removed
         try:
             for branch in await git.task_branches(where, job.id):
                 branches.setdefault(branch, []).append(where)
+            if (
+                integration
+                and job.integration is not None
+                and await branch_tips(where, f"refs/heads/{job.integration}")
+            ):
+                branches.setdefault(job.integration, []).append(where)
         except (NumerusError, OSError) as e:
-            removed.problems.append(f"cannot list the task branches in {where}: {e}")
+            removed.problems.append(f"cannot list the branches in {where}: {e}")
     for branch, places in branches.items():
         deleted = [
-            await _attempt(removed, f"delete branch {branch} in {where}", git.delete_branch(where, branch))
+            await _attempt(removed, f"delete branch {branch} in {where}", _delete_branch(where, branch, user_repo))
             for where in places
         ]
         if all(deleted):
@@ -102,6 +118,12 @@ async def clean_job(settings: Settings, job: JobState, *, logs: bool) -> Removed
             removed.logs = True
             removed.freed_bytes += size
     return removed
+
+
+async def _delete_branch(repo: Path, branch: str, user_repo: Path) -> None:
+    if repo == user_repo:
+        await refuse_checked_out(repo, branch, so="it can be deleted")
+    await git.delete_branch(repo, branch)
 
 
 async def _remove_checkouts(repo: Path, root: Path, known: bool) -> None:

@@ -1,6 +1,7 @@
 """`decide(job, message) -> events`: every state change of a job, decided against its folded state.
 
-A message is a command (`SubmitJob`, `Kill`, `Resume`, `Retry`, `Skip`, `CleanedUp`) or an observation of a side
+A message is a command (`SubmitJob`, `Kill`, `Resume`, `Retry`, `Skip`, `CleanedUp`, `Accepted`,
+`Discarded`, `Pause`, `Start`) or an observation of a side
 effect (see `numerusd.domain.observations`). `decide` returns the events it implies, as `(task id or None, payload)`
 pairs (the event store adds the envelope), or `[]` when it implies nothing, or raises: `CommandRefused` (and its
 subclasses) for a user's command the job's state does not allow, `InvalidTransition` for an observation that cannot
@@ -17,6 +18,7 @@ import msgspec
 from numerusd import locks
 from numerusd.domain import queueing
 from numerusd.domain.observations import (
+    Accepted,
     AgentExited,
     AgentFailedToStart,
     AgentReported,
@@ -30,6 +32,7 @@ from numerusd.domain.observations import (
     ClaimCompared,
     CleanedUp,
     Command,
+    Discarded,
     FinishedInPlace,
     GateDone,
     IntegrationReady,
@@ -81,8 +84,10 @@ from numerusd.protocol.events import (
     GateFailed,
     GatePassed,
     IntegrationBranchCreated,
+    JobAccepted,
     JobCleaned,
     JobCompleted,
+    JobDiscarded,
     JobFailed,
     JobInterrupted,
     JobKilled,
@@ -119,7 +124,7 @@ from numerusd.protocol.events import (
 )
 from numerusd.protocol.plan import Plan
 
-__all__ = ["check_cleanable", "decide", "replan_errors"]
+__all__ = ["check_acceptable", "check_cleanable", "decide", "replan_errors"]
 
 #: What an agent's output parser may report: anything else is refused.
 _REPORTED = (
@@ -166,6 +171,13 @@ def decide(job: JobState | None, message: Command | Observation) -> Decision:
             return queueing.decide_queue(job, message)
         case CleanedUp():
             return _cleaned(job, message)
+        case Accepted():
+            check_acceptable(job, partial=message.partial)
+            fields = msgspec.structs.asdict(message)
+            del fields["partial"]
+            return [(None, JobAccepted(**fields))]
+        case Discarded():
+            return _discarded(job, message)
         case PlanAsked(role=role, attempt=attempt, agent=agent, log_path=log_path):
             _expect_job(job, message, ("planning", "replanning"))
             return [(None, PlanRequested(attempt=attempt, agent=agent, role=role, log_path=log_path))]
@@ -355,6 +367,7 @@ def _submit(command: SubmitJob) -> Decision:
         max_replans=command.max_replans,
         claims=command.claims,
         base_sha=command.base_sha,
+        branch=command.branch,
         uncommitted_count=None if uncommitted is None else len(uncommitted),
         uncommitted=tuple((uncommitted or ())[:UNCOMMITTED_NAMED]),
         unsandboxed=command.unsandboxed,
@@ -494,6 +507,36 @@ def _cleaned(job: JobState, cleaned: CleanedUp) -> Decision:
         return []
     fields = msgspec.structs.asdict(cleaned)
     return [(None, JobCleaned(**fields))]
+
+
+def check_acceptable(job: JobState, *, partial: bool = False) -> None:
+    """Refuse to accept a job whose result is not there to take: not ended, discarded, worked in place, with
+    nothing merged, or (unless `partial`) one that did not complete."""
+    why = None
+    if job.discarded:
+        why = "was discarded ('numerusctl discard'): its branches are gone"
+    elif job.in_place:
+        why = f"worked in place (--no-plan): its changes are in {job.repo} already, uncommitted"
+    elif job.status not in JOB_DONE:
+        why = f"is {job.status}: its result is taken once it has ended; wait for it, or 'numerusctl kill {job.id}'"
+    elif job.integration is None or job.integration_tip in (None, job.base_sha):
+        why = "merged no work: its integration branch is the commit it started from"
+    elif job.status != "completed" and not partial:
+        merged = [task.id for task in job.tasks.values() if task.merged_sha is not None]
+        why = (
+            f"is {job.status}: its integration branch holds the work of {', '.join(merged)} only; "
+            f"'numerusctl accept {job.id} --partial' takes that"
+        )
+    if why is not None:
+        raise CommandRefused(f"job {job.id} {why}. Nothing was changed", job=job.id)
+
+
+def _discarded(job: JobState, discarded: Discarded) -> Decision:
+    """Record what `discard` removed: nothing when it removed nothing from a job already discarded."""
+    check_cleanable(job)
+    if job.discarded and not (discarded.worktrees or discarded.branches):
+        return []
+    return [(None, JobDiscarded(**msgspec.structs.asdict(discarded)))]
 
 
 def _interrupt(job: JobState, reason: str, then: str) -> Decision:

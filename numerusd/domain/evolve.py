@@ -15,6 +15,7 @@ import msgspec
 from numerusd import locks
 from numerusd.domain.queueing import evolve_queue
 from numerusd.domain.state import JobState, TaskState, lock_table, with_table
+from numerusd.protocol.commands import Acceptance
 from numerusd.protocol.envelope import Envelope, WireEnvelope, typed
 from numerusd.protocol.events import (
     AgentCommandExecuted,
@@ -34,8 +35,10 @@ from numerusd.protocol.events import (
     GateFailed,
     GatePassed,
     IntegrationBranchCreated,
+    JobAccepted,
     JobCleaned,
     JobCompleted,
+    JobDiscarded,
     JobFailed,
     JobInterrupted,
     JobKilled,
@@ -110,6 +113,7 @@ def evolve(state: JobState | None, event: Envelope) -> JobState:
             base_sha=data.base_sha,
             unsandboxed=data.unsandboxed,
             priority=data.priority,
+            start_branch=data.branch,
         )
     job = msgspec.structs.replace(state, updated=event.time, events=state.events + 1, last_event_id=event.id)
     if event.task is not None:
@@ -155,6 +159,20 @@ def evolve(state: JobState | None, event: Envelope) -> JobState:
             return replace(job, status=status, reason=None, kill_requested=False, plan_attempts=0)
         case JobCleaned(logs=logs):
             return replace(job, cleaned=True, logs_removed=job.logs_removed or logs)
+        case JobAccepted():
+            accepted = Acceptance(
+                branch=data.branch,
+                sha=data.sha,
+                how=data.how,
+                previous=data.previous,
+                checkout=data.checkout,
+                reason=data.reason,
+                pushed=data.pushed,
+                by=data.by,
+            )
+            return replace(job, accepted=accepted)
+        case JobDiscarded():
+            return replace(job, cleaned=True, discarded=True)
         case SecretRedacted(counts=counts):
             return replace(job, secrets_redacted=job.secrets_redacted + sum(counts.values()))
         case JobQueued() | JobStarted() | JobPaused() | JobUnpaused() | JobPromoted():

@@ -44,6 +44,8 @@ class SubmitJob(msgspec.Struct, frozen=True, kw_only=True):
     unsandboxed: tuple[str, ...] = ()
     #: Its place in the daemon's queue of agent slots: higher first (numerusd.domain.queueing).
     priority: int = 0
+    #: The branch the repository's HEAD was on (None: detached).
+    branch: str | None = None
 
 
 class Kill(msgspec.Struct, frozen=True, kw_only=True):
@@ -92,6 +94,30 @@ class Start(msgspec.Struct, frozen=True, kw_only=True):
     """`numerusctl start`: a paused job goes on, a queued one moves to the front of the queue; `by` is who asked."""
 
     by: str
+
+
+class Accepted(msgspec.Struct, frozen=True, kw_only=True):
+    """`accept` took the job's result into the user's repository (see `JobAccepted`); `partial`: the user took
+    the result of a job that did not complete."""
+
+    branch: str
+    sha: str
+    how: str
+    previous: str | None = None
+    checkout: str | None = None
+    reason: str = ""
+    pushed: str = ""
+    by: str = ""
+    partial: bool = False
+
+
+class Discarded(msgspec.Struct, frozen=True, kw_only=True):
+    """`discard` removed an ended job's branches and worktrees (see `numerusd.clean`, `JobDiscarded`)."""
+
+    worktrees: tuple[str, ...] = ()
+    branches: tuple[str, ...] = ()
+    freed_bytes: int = 0
+    by: str = ""
 
 
 # --- observations of the job ---------------------------------------------------------------------------------
@@ -335,7 +361,7 @@ class StoppedForKill(TaskObservation, frozen=True, kw_only=True):
 
 
 #: Everything `decide` takes.
-Command = SubmitJob | Kill | Resume | Retry | Skip | CleanedUp | Pause | Start
+Command = SubmitJob | Kill | Resume | Retry | Skip | CleanedUp | Pause | Start | Accepted | Discarded
 Observation = (
     PlanAsked
     | AgentSlotAwaited

@@ -50,6 +50,8 @@ def job_view(job: JobState, *, tasks: bool = True) -> JobView:
         unsandboxed=list(job.unsandboxed),
         priority=job.priority,
         paused_by=job.paused_by if job.status not in JOB_DONE else None,
+        accepted=job.accepted,
+        discarded=job.discarded,
         tasks_total=len(job.tasks),
         tasks_done=sum(task.status == "completed" for task in job.tasks.values()),
         tokens=own + sum(task.input_tokens + task.output_tokens for task in job.tasks.values()),

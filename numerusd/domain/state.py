@@ -15,7 +15,7 @@ import msgspec
 
 from numerusd import locks
 from numerusd.protocol.claims import ClaimedPath, Lock
-from numerusd.protocol.commands import TASK_DONE, JobStatus, TaskStatus
+from numerusd.protocol.commands import TASK_DONE, Acceptance, JobStatus, TaskStatus
 from numerusd.protocol.events import EventData
 from numerusd.protocol.plan import FileIntent, Plan
 
@@ -151,6 +151,11 @@ class JobState(msgspec.Struct, frozen=True, kw_only=True):
     #: `numerusctl clean` removed its worktrees and task branches; with `logs_removed`, its logs too.
     cleaned: bool = False
     logs_removed: bool = False
+    #: The branch HEAD was on at submission (None: detached, or not recorded then).
+    start_branch: str | None = None
+    #: Where `numerusctl accept` last took the result; `discarded`: `numerusctl discard` removed its branches.
+    accepted: Acceptance | None = None
+    discarded: bool = False
     #: The lock table as plain data (holders and the FIFO queue of waiting claims); `lock_table()` builds it.
     lock_holds: dict[str, tuple[Lock, ...]] = {}
     lock_queue: dict[str, tuple[Lock, ...]] = {}

@@ -31,3 +31,16 @@ class BaseNotAncestor(GitError):
     """A task's HEAD does not descend from its base commit (the agent rewrote history or switched branches)."""
 
     code = "git_base_not_ancestor"
+
+
+class NotFastForward(GitError):
+    """A branch holds commits the commit it was to be moved to does not: moving it would lose them; nothing changed."""
+
+    code = "git_not_fast_forward"
+
+
+class UncommittedWork(GitError):
+    """Moving a checked-out branch would change files holding the user's uncommitted work (`paths`); nothing
+    changed."""
+
+    code = "git_uncommitted_work"

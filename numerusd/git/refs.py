@@ -33,6 +33,14 @@ def integration_branch(job: str) -> str:
     return f"numerus/{job}.integration"
 
 
+def accepted_branch(job: str) -> str:
+    """The short name of the branch `numerusctl accept` puts a job's result on when it cannot move the user's own
+    branch forward: `numerus/<job>.accepted`, beside the integration branch (a task branch cannot collide with
+    it), and the user's, not Numerus's: `discard` leaves it."""
+    _check_token("job id", job)
+    return f"numerus/{job}.accepted"
+
+
 def task_branch(job: str, task: str) -> str:
     """The short name of a task's branch."""
     _check_token("job id", job)

@@ -242,17 +242,17 @@ class WorktreeEntry:
     locked: str | None
 
 
-async def refuse_checked_out(repo: Path, branch: str) -> None:
+async def refuse_checked_out(repo: Path, branch: str, so: str = "Numerus can merge into it") -> None:
     """BranchCheckedOut when a worktree of `repo` has `branch` checked out: Numerus never moves a branch under a
-    checkout (git would refuse to fetch into it, and the checkout's files would no longer match its branch)."""
+    checkout (git would refuse to fetch into it, and the checkout's files would no longer match its branch), nor
+    deletes one. `so`: what switching that checkout to another branch lets Numerus do."""
     ref = f"refs/heads/{branch}"
     async with worktree_lock(repo):
         entries = await list_worktrees(repo)
     for entry in entries:
         if entry.branch == ref:
             raise BranchCheckedOut(
-                f"{branch} is checked out in {entry.path}: switch that checkout to another branch so Numerus "
-                "can merge into it",
+                f"{branch} is checked out in {entry.path}: switch that checkout to another branch so {so}",
                 branch=branch,
                 path=str(entry.path),
             )

@@ -5,7 +5,23 @@ it may use of the daemon. A handler sees typed requests only (the service decode
 `CommandRefused` and its subclasses to refuse.
 """
 
-from numerusd.handlers import clean, events, kill, logs, pause, plan, resume, retry, run, skip, start, status
+from numerusd.handlers import (
+    accept,
+    clean,
+    diff,
+    discard,
+    events,
+    kill,
+    logs,
+    pause,
+    plan,
+    resume,
+    retry,
+    run,
+    skip,
+    start,
+    status,
+)
 
 #: The handler of each verb.
 HANDLERS = {
@@ -21,4 +37,7 @@ HANDLERS = {
     "skip": skip.handle,
     "pause": pause.handle,
     "start": start.handle,
+    "diff": diff.handle,
+    "accept": accept.handle,
+    "discard": discard.handle,
 }

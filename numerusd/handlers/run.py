@@ -100,6 +100,7 @@ async def handle(context: Context, request: RunJob) -> RunReply:
             uncommitted=None if uncommitted is None else tuple(uncommitted),
             unsandboxed=unsandboxed,
             priority=request.priority,
+            branch=await git.current_branch(repo),
         )
         if uncommitted is None:
             notes.append(

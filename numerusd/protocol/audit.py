@@ -25,9 +25,9 @@ from numerusd.protocol.subjects import job_event, job_of
 
 #: Job events after which a job does nothing more (unless it is resumed, which appends after them).
 TERMINAL_JOB_EVENTS = frozenset({"JobCompleted", "JobFailed", "JobKilled", "JobInterrupted"})
-#: Records of housekeeping an ended job may get after its terminal event (`numerusctl clean`): they do not
-#: reopen it, so a job whose chain ends with terminal event then these is still `finished`.
-AFTER_END_EVENTS = frozenset({"JobCleaned"})
+#: Records of what users did with an ended job after its terminal event (`numerusctl clean`, `accept`,
+#: `discard`): they do not reopen it, so a job whose chain ends with terminal event then these is still `finished`.
+AFTER_END_EVENTS = frozenset({"JobCleaned", "JobAccepted", "JobDiscarded"})
 
 #: Problem kinds, and the causes a `chain_break` can carry.
 KINDS = ("malformed", "unknown_key", "bad_signature", "subject_mismatch", "chain_break", "truncated")
@@ -387,8 +387,8 @@ class Auditor:
                             kind="truncated",
                             message=(
                                 f"the chain ends at seq {head.seq} ({head.id}, {head.type}), not at a terminal "
-                                "job event (or one followed by JobCleaned only), although the job was said to be "
-                                "finished"
+                                "job event (or one followed only by JobCleaned, JobAccepted or JobDiscarded), "
+                                "although the job was said to be finished"
                             ),
                             job=job,
                         )

@@ -123,6 +123,36 @@ class CleanJobs(Request, frozen=True, kw_only=True):
     logs: bool = False
 
 
+class GetDiff(Request, frozen=True, kw_only=True):
+    """`numerusctl diff`: a job's result as a unified diff (its integration branch against the commit it started
+    from), or one task's work (its merge's changes once merged, else its branch against its base); with `stat`,
+    git's `--stat` summary `width` columns wide."""
+
+    job: str
+    task: str | None = None
+    stat: bool = False
+    width: Annotated[int, msgspec.Meta(ge=40, le=400)] = 80
+
+
+class AcceptJob(Request, frozen=True, kw_only=True):
+    """`numerusctl accept`: take an ended job's result into the user's repository: their current branch (or the
+    one the job started from) fast-forwarded to it when it can be, else the branch `branch` (default
+    `numerus/<job>.accepted`) created or moved forward to it; then, with `push`, that branch pushed to the
+    repository's remote of that name. `partial`: a job that failed or was killed, with the tasks that merged."""
+
+    job: str
+    branch: str | None = None
+    push: str | None = None
+    partial: bool = False
+
+
+class DiscardJob(Request, frozen=True, kw_only=True):
+    """`numerusctl discard`: remove an ended job's branches (integration and tasks', in Numerus's mirror and in
+    the user's repository) and worktrees; its history stays."""
+
+    job: str
+
+
 class GetLogs(Request, frozen=True, kw_only=True):
     """`numerusctl logs`: the terminal output of a job's tasks, the last `tail_bytes` of each."""
 
@@ -172,6 +202,19 @@ class TaskView(msgspec.Struct, frozen=True, kw_only=True):
     ended: datetime | None = None
 
 
+class Acceptance(msgspec.Struct, frozen=True, kw_only=True):
+    """Where an accepted job's result was taken (see the event `JobAccepted`)."""
+
+    branch: str
+    sha: str
+    how: str
+    previous: str | None = None
+    checkout: str | None = None
+    reason: str = ""
+    pushed: str = ""
+    by: str = ""
+
+
 class JobView(msgspec.Struct, frozen=True, kw_only=True):
     """What `status` shows of one job."""
 
@@ -217,6 +260,9 @@ class JobView(msgspec.Struct, frozen=True, kw_only=True):
     queue_position: int | None = None
     queue_length: int = 0
     paused_by: str | None = None
+    #: Where `numerusctl accept` last took its result; `discarded`: `numerusctl discard` removed its branches.
+    accepted: Acceptance | None = None
+    discarded: bool = False
 
 
 class PlanReply(msgspec.Struct, frozen=True, kw_only=True):
@@ -321,6 +367,48 @@ class CleanReply(msgspec.Struct, frozen=True, kw_only=True):
     jobs: list[CleanedJob]
 
 
+class DiffReply(msgspec.Struct, frozen=True, kw_only=True):
+    """A diff from `base` to `head` (full shas), or its first `shown` bytes of `size` (cut at a line's end) when
+    it does not fit a reply: `see_all` is the command that shows it whole in the user's repository."""
+
+    job: str
+    task: str | None = None
+    base: str
+    head: str
+    text: str
+    size: int
+    shown: int
+    see_all: str
+
+
+class AcceptReply(msgspec.Struct, frozen=True, kw_only=True):
+    """Where the result went: `branch` of `repo` is at `sha`. `how`: `fast-forward` (the user's branch moved
+    forward to it; `checkout` names the worktree whose files were updated) or `branch` (the user's branch could
+    not be, `reason` says why, so the result is on `branch`). `previous`: where `branch` was (None: created).
+    `pushed`: the remote it was pushed to; `push_error`: why the push failed (the branch stays as taken)."""
+
+    job: str
+    repo: str
+    branch: str
+    sha: str
+    how: str
+    previous: str | None = None
+    checkout: str | None = None
+    reason: str = ""
+    pushed: str | None = None
+    push_error: str | None = None
+
+
+class DiscardReply(msgspec.Struct, frozen=True, kw_only=True):
+    """What discarding the job removed, and what it could not (`problems`, one line each)."""
+
+    job: str
+    worktrees: list[str] = []
+    branches: list[str] = []
+    freed_bytes: int = 0
+    problems: list[str] = []
+
+
 class TaskLog(msgspec.Struct, frozen=True, kw_only=True):
     """The tail of one task's terminal output; `truncated` says bytes before it were left out."""
 
@@ -373,6 +461,9 @@ REQUESTS: dict[str, type[Request]] = {
     "skip": SkipTask,
     "pause": PauseJob,
     "start": StartJob,
+    "diff": GetDiff,
+    "accept": AcceptJob,
+    "discard": DiscardJob,
 }
 
 #: Reply type by verb.
@@ -389,6 +480,9 @@ REPLIES: dict[str, type[msgspec.Struct]] = {
     "skip": SkipReply,
     "pause": PauseReply,
     "start": StartReply,
+    "diff": DiffReply,
+    "accept": AcceptReply,
+    "discard": DiscardReply,
 }
 
 #: Where the daemon keeps its state (and `connection.json`) when neither a flag nor NUMERUS_STATE_DIR says.

@@ -80,6 +80,9 @@ class JobSubmitted(EventData, frozen=True, kw_only=True):
     unsandboxed: tuple[str, ...] = ()
     #: Its place in the daemon's queue of agent slots (`run --priority`, -1000 to 1000): higher goes first.
     priority: int = 0
+    #: The branch the repository's HEAD was on (None: detached, or not recorded): `accept` moves it when HEAD is
+    #: detached at acceptance.
+    branch: str | None = None
 
 
 class ReplanRequested(EventData, frozen=True, kw_only=True):
@@ -196,6 +199,34 @@ class JobCleaned(EventData, frozen=True, kw_only=True):
     branches: tuple[str, ...] = ()
     logs: bool = False
     freed_bytes: int = 0
+
+
+class JobAccepted(EventData, frozen=True, kw_only=True):
+    """The job's result was taken into the user's repository at a user's request (`numerusctl accept`): `branch`
+    is at `sha`, the integration branch's tip. `how`: `fast-forward` (the user's branch moved forward to it, and
+    the files of `checkout`, the worktree that has it checked out, with it) or `branch` (the user's branch could
+    not move, for `reason`: the result is on `branch`, created or moved forward). `previous`: where `branch` was
+    (None: created), to undo it. `pushed`: the remote it was pushed to. `by`: who asked."""
+
+    branch: str
+    sha: str
+    how: str
+    previous: str | None = None
+    checkout: str | None = None
+    reason: str = ""
+    pushed: str = ""
+    by: str = ""
+
+
+class JobDiscarded(EventData, frozen=True, kw_only=True):
+    """An ended job's branches (its integration branch and its tasks', in Numerus's mirror and in the user's
+    repository) and worktrees were removed at a user's request (`numerusctl discard`), each list naming what was
+    there and is gone. Its history and logs stay. `by`: who asked."""
+
+    worktrees: tuple[str, ...] = ()
+    branches: tuple[str, ...] = ()
+    freed_bytes: int = 0
+    by: str = ""
 
 
 class SecretRedacted(EventData, frozen=True, kw_only=True):
@@ -535,6 +566,8 @@ EVENT_TYPES: dict[str, type[EventData]] = {
         JobResumed,
         JobReopened,
         JobCleaned,
+        JobAccepted,
+        JobDiscarded,
         SecretRedacted,
         ReplanRequested,
         ReplanFailed,
