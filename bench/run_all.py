@@ -81,6 +81,14 @@ TARGETS = [
         "50 queued jobs of 1 s under max_agents = 8: agent-seconds busy over 8 x the time jobs waited queued "
         "(issue 15)",
     ),
+    Target(
+        "restart",
+        "goes_on_s",
+        "<=",
+        2.0,
+        "a daemon killed with a 20-task job in flight: until every agent runs again, less the agents' own start "
+        "(issue 15), median of rounds",
+    ),
 ]
 
 #: Command line of each benchmark: full size, and a quick size for a smoke run.
@@ -97,6 +105,7 @@ BENCHES = {
     "line": (["bench_line.py"], ["bench_line.py", "--mib", "16", "--rounds", "1"]),
     "sandbox": (["bench_sandbox.py"], ["bench_sandbox.py", "--spawns", "40", "--block", "10"]),
     "queue": (["bench_queue.py"], ["bench_queue.py", "--jobs", "20"]),
+    "restart": (["bench_restart.py"], ["bench_restart.py", "--rounds", "1"]),
 }
 
 
