@@ -29,6 +29,7 @@ from numerusd.domain.observations import (
     Command,
     FinishedInPlace,
     GateDone,
+    InputSent,
     IntegrationReady,
     Interrupted,
     MergeBegun,
@@ -59,6 +60,7 @@ from numerusd.protocol.events import (
     AgentCommandExecuted,
     AgentErrorReported,
     AgentFileChanged,
+    AgentInputSent,
     AgentMessageReceived,
     AgentSpawned,
     AgentSpawnFailed,
@@ -198,6 +200,12 @@ def _decide_task(job: JobState, task: TaskState, seen: TaskObservation) -> Decis
                 if not isinstance(event, _REPORTED):
                     raise InvalidTransition(f"an agent's output cannot report {type(event).__name__}")
             return [(task.id, event) for event in events]
+        case InputSent(size=size, sha256=sha256, by=by):
+            if task.status != "running":  # a user's doing: refused in words, not as a daemon bug
+                raise CommandRefused(
+                    f"task {task.id} of job {job.id} is {task.status}: only a running agent takes input", job=job.id
+                )
+            return [(task.id, AgentInputSent(size=size, sha256=sha256, by=by))]
         case AgentExited():
             _expect_task(job, task, seen, _AGENT_ALIVE)
             fields = msgspec.structs.asdict(seen)
