@@ -7,6 +7,8 @@
     numerusctl logs JOB [--task T] [-f] [--raw]
     numerusctl events [JOB] [-f]
     numerusctl kill JOB
+    numerusctl attach JOB TASK [--read-only]
+    numerusctl top
     numerusctl audit verify [JOB] [--key-file F] [--expect-head DIGEST] [--finished]
 
 `run` plans the goal into tasks (planner), lets each claim its files (GO / NO GO), runs them in worktrees
@@ -669,6 +671,24 @@ def kill(ctx: click.Context, job: str, as_json: bool) -> None:
         return 0
 
     _run(_with_daemon(opts, body))
+
+
+# --- attach and top -------------------------------------------------------------------------------------------
+
+
+@cli.command()
+@click.argument("job", callback=_token)
+@click.argument("task", callback=_token)
+@click.option("--read-only", is_flag=True, help="Watch only: nothing typed is sent (always so for the viewer role).")
+@click.pass_context
+def attach(ctx: click.Context, job: str, task: str, read_only: bool) -> None:
+    """Put the terminal of TASK's running agent in yours: its output live, your keys typed into it (each input
+    recorded with its size and hash, never its bytes). Ctrl-] detaches; so does the agent's exit."""
+    from numerusctl.attach import attach as attached
+
+    opts = _options(ctx)
+    read_only = read_only or opts.role == "viewer"
+    _run(_with_daemon(opts, lambda nc: attached(nc, job, task, read_only=read_only, timeout=opts.timeout)))
 
 
 # --- clean ----------------------------------------------------------------------------------------------------

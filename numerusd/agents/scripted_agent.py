@@ -425,8 +425,9 @@ class Player:
         elif kind == "print":
             write_out(value if value.endswith("\n") else value + "\n")
         elif kind == "read":
-            # A prompt, then one line from its terminal (what `numerusctl attach` types), said back.
-            write_out(value)
+            # A prompt line, then one line from its terminal (what `numerusctl attach` types), said back. The
+            # prompt ends its line: the daemon holds a partial line back until it ends (redaction needs whole lines).
+            write_out(value if value.endswith("\n") else value + "\n")
             line = sys.stdin.readline()
             self.say("read: " + line.rstrip("\r\n"))
         elif kind == "stderr":
