@@ -691,6 +691,17 @@ def attach(ctx: click.Context, job: str, task: str, read_only: bool) -> None:
     _run(_with_daemon(opts, lambda nc: attached(nc, job, task, read_only=read_only, timeout=opts.timeout)))
 
 
+@cli.command()
+@click.pass_context
+def top(ctx: click.Context) -> None:
+    """A live view of the jobs and their tasks (state, attempt, elapsed, tokens, claims, what a task waits for) and
+    the selected task's terminal, fed by the events; keys act on the selection (k kills its job). q quits."""
+    from numerusctl.top import run_top  # textual is loaded by this command alone
+
+    opts = _options(ctx)
+    _run(_with_daemon(opts, lambda nc: run_top(nc, opts.timeout)))
+
+
 # --- clean ----------------------------------------------------------------------------------------------------
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from typing import Any, Literal, NamedTuple
 
 import nats.js.errors
@@ -41,14 +42,23 @@ class StreamFeed:
     """
 
     def __init__(
-        self, nc: Client, stream: str, subject: str, start_seq: int = 1, *, only: Literal["last", "new"] | None = None
+        self,
+        nc: Client,
+        stream: str,
+        subject: str,
+        start_seq: int = 1,
+        *,
+        only: Literal["last", "new"] | None = None,
+        since: datetime | None = None,
     ) -> None:
         self._nc = nc
         self._stream = stream
         self._subject = subject
         self._start_seq = start_seq
-        #: `last`: from the last message stored on the subject; `new`: only what is stored from now on.
+        #: `last`: from the last message stored on the subject; `new`: only what is stored from now on; `since`:
+        #: what was stored from that time on.
         self._only = only
+        self._since = since
         self._ready: list[Stored] = []
         self._arrived = asyncio.Event()
         self._caught_up = False
@@ -56,7 +66,10 @@ class StreamFeed:
         self._sub: Any = None
 
     async def __aenter__(self) -> StreamFeed:
-        if self._only is not None:
+        if self._since is not None:
+            start = self._since.astimezone(UTC).isoformat().replace("+00:00", "Z")
+            config = ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_TIME, opt_start_time=start)
+        elif self._only is not None:
             config = ConsumerConfig(deliver_policy=DeliverPolicy.LAST if self._only == "last" else DeliverPolicy.NEW)
         else:
             config = ConsumerConfig(
