@@ -73,6 +73,7 @@ TARGETS = [
     Target("redaction", "redacted_mb_s", ">=", 50.0, "agent output through redaction and logging (issue 14), MB/s"),
     Target("redaction", "status_p99_ms", "<=", 10.0, "status p99 while an agent prints at full speed (issue 14)"),
     Target("line", "pump_line_s", "<=", 2.0, "64 MB printed without a newline, through the real output path"),
+    Target("top", "ratio", "<=", 1.1, "daemon CPU, a 200-task job with `numerusctl top` following it vs without"),
 ]
 
 #: Command line of each benchmark: full size, and a quick size for a smoke run.
@@ -88,6 +89,7 @@ BENCHES = {
     "redaction": (["bench_redaction.py"], ["bench_redaction.py", "--mb", "20", "--rounds", "2"]),
     "line": (["bench_line.py"], ["bench_line.py", "--mib", "16", "--rounds", "1"]),
     "sandbox": (["bench_sandbox.py"], ["bench_sandbox.py", "--spawns", "40", "--block", "10"]),
+    "top": (["bench_top.py"], ["bench_top.py", "--tasks", "40", "--pairs", "1"]),
 }
 
 
@@ -163,6 +165,9 @@ def markdown(results: dict[str, dict], quick: bool) -> str:
         "- `bench/bench_line.py`: 64 MB of output without a newline, against the same bytes in 100-byte lines:",
         "  through `LineBuffer` and the codex parser alone, and through the real output path (a child in its own",
         "  PTY, `AgentProcess.pump`: run log, `numerus.log` chunks, `LineBuffer`, parser); medians of 3 rounds.",
+        "- `bench/bench_top.py`: the daemon's own CPU seconds from submission to end of a planned job of 200 no-op",
+        "  tasks (claims from the plan, review off, parallel 8), with a headless `numerusctl top` following it and",
+        "  without, alternating pairs, medians compared.",
         "",
     ]
     return "\n".join(lines)

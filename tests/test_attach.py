@@ -22,7 +22,12 @@ import nats
 import pytest
 
 from numerusctl.attach import TerminalFilter
+from numerusd import domain
+from numerusd.domain.observations import InputSent
+from numerusd.errors import CommandRefused
 from numerusd.protocol.attach import MAX_INPUT_BYTES
+from numerusd.protocol.events import AgentInputSent
+from tests import test_domain
 from tests.conftest import eventually
 from tests.daemon_harness import Daemon
 
@@ -217,3 +222,12 @@ def test_control_strings_are_dropped_even_cut_between_chunks_and_colours_pass():
     shown = TerminalFilter()
     chunks = [b"a\x1b[31mred\x1b[0m", b"\x1b]52;c;ZXZpbA==", b"\x07b\x1b", b"]0;title\x1b", b"\\c\x1bP+q\x1b\\d"]
     assert b"".join(shown.feed(chunk) for chunk in chunks) == b"a\x1b[31mred\x1b[0mbcd"
+
+
+def test_the_domain_records_input_only_for_a_running_task_and_never_its_bytes():
+    typed = InputSent(task="t1", size=4, sha256="ab" * 32, by="alice (operator)")
+    running = test_domain.started_job()
+    assert domain.decide(running, typed) == [("t1", AgentInputSent(size=4, sha256="ab" * 32, by="alice (operator)"))]
+    assert test_domain.decide(running, typed).tasks["t1"] == running.tasks["t1"]  # recorded, and no state of its own
+    with pytest.raises(CommandRefused, match="is completed: only a running agent takes input"):
+        domain.decide(test_domain.exit_with(running, 0), typed)
