@@ -12,7 +12,8 @@ follows the terminal of the task under its cursor. The figure is the daemon's ow
 out, as they are not the daemon's work.
 
 Runs alternate without and with (`--pairs` of each); `ratio` is the median with top over the median without
-(target: at most 1.10). `top_rows` is how many task rows the view showed at the end (every task, or it missed some).
+(target: at most 1.10). `top_rows` is how many task rows the view showed at the end (every task, or it missed some);
+`top_cpu_s` the CPU seconds of this process during a run with top (the view's own cost, on the same machine).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import resource
 import statistics
 import subprocess
 import sys
@@ -37,8 +39,9 @@ from numerusctl.connection import connected, resolve_target
 from numerusctl.top import TopApp
 
 
-async def one_run(where: Path, *, tasks: int, parallel: int, with_top: bool) -> tuple[float, float, int]:
-    """The daemon's CPU seconds and the wall seconds of one job, and the task rows top showed (0 without top)."""
+async def one_run(where: Path, *, tasks: int, parallel: int, with_top: bool) -> tuple[float, float, int, float]:
+    """The daemon's CPU seconds and the wall seconds of one job, the task rows top showed (0 without top), and the
+    CPU seconds of this process meanwhile (the view's own cost)."""
     state, repo = where / "state", git_repo(where / "repo")
     state.mkdir(parents=True)
     scenarios = where / "scenarios"
@@ -68,6 +71,7 @@ async def one_run(where: Path, *, tasks: int, parallel: int, with_top: bool) -> 
                 while not app.ready:
                     await asyncio.sleep(0.05)
             before = cpu_seconds(daemon.pid)[0]
+            own_before = _own_cpu()
             started = time.perf_counter()
             ctl = [str(BIN / "numerusctl"), "--state-dir", str(state)]
             job_run = await asyncio.create_subprocess_exec(
@@ -76,6 +80,7 @@ async def one_run(where: Path, *, tasks: int, parallel: int, with_top: bool) -> 
             out, _ = await job_run.communicate()
             wall = time.perf_counter() - started
             spent = cpu_seconds(daemon.pid)[0] - before
+            own = _own_cpu() - own_before
             if job_run.returncode != 0:
                 raise SystemExit(f"the job did not complete: {out.decode()[-1500:]}")
             rows = 0
@@ -96,7 +101,12 @@ async def one_run(where: Path, *, tasks: int, parallel: int, with_top: bool) -> 
             daemon.kill()
             daemon.wait()
         log.close()
-    return spent, wall, rows
+    return spent, wall, rows, own
+
+
+def _own_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 async def main(args: argparse.Namespace) -> None:
@@ -104,15 +114,18 @@ async def main(args: argparse.Namespace) -> None:
     without: list[float] = []
     with_top: list[float] = []
     walls: dict[bool, list[float]] = {False: [], True: []}
+    top_cpu: list[float] = []
     rows = 0
     for pair in range(args.pairs):
         for top in (False, True):
-            cpu, wall, shown = await one_run(
+            cpu, wall, shown, own = await one_run(
                 root / f"{'top' if top else 'plain'}-{pair}", tasks=args.tasks, parallel=args.parallel, with_top=top
             )
             (with_top if top else without).append(cpu)
             walls[top].append(wall)
-            rows = shown if top else rows
+            if top:
+                rows = shown
+                top_cpu.append(own)
             print(f"pair {pair} {'with' if top else 'without'} top: daemon cpu {cpu:.2f} s, wall {wall:.1f} s")
     if args.keep is None:
         import shutil
@@ -128,6 +141,7 @@ async def main(args: argparse.Namespace) -> None:
         wall_s=round(statistics.median(walls[False]), 1),
         wall_with_top_s=round(statistics.median(walls[True]), 1),
         top_rows=rows,
+        top_cpu_s=round(statistics.median(top_cpu), 2),
     )
 
 

@@ -24,7 +24,7 @@ auditor), so a one-request command such as `status` starts no faster or slower f
 (`bench/bench_cli.py` measures it against a bare nats-py request).
 
 `--role operator|viewer` (default operator) picks the login from the connection file: a viewer may only read
-(status, plan, logs, events, audit); see `numerusd/bus_roles.py`.
+(status, plan, logs, events, audit, top; attach only read-only); see `numerusd/bus_roles.py`.
 
 Exit codes (`numerusd.protocol.exit_codes.CtlExit`): 0 ok; 1 refused or failed (an error reply, a failed job
 under `--wait`, a problem found by the audit); 2 usage; 3 numerusd cannot be reached; 4 numerusd runs but its

@@ -2,9 +2,10 @@
 
 Fed by the events, never by polling: the view opens an ordered consumer on `numerus.job.>` (only what is stored
 from then on), asks `status` once for the jobs and once for each live job's tasks (the starting picture), then
-folds every event into its `top_model.Board` as it arrives and redraws at most every REDRAW_S. Selecting a task
-follows its terminal output (`numerus.log.<job>.<task>`, from its attempt's start on) in the pane below, escaped as
-`logs` shows it; selecting an ended job whose tasks are not known asks its status once.
+folds every event into its `top_model.Board` as it arrives and redraws the cells that changed at most every
+REDRAW_S. Selecting a task follows its terminal output (`numerus.log.<job>.<task>`, from its attempt's start on)
+in the pane below, escaped as `logs` shows it; selecting an ended job whose tasks are not known asks its status
+once.
 
 Keys: arrows select, `q` quits, and the keys of `top_model.ACTIONS` send their verb for the selection (the
 job, or the selected task where the verb takes one): a key whose verb the protocol lacks is not shown, except
@@ -15,6 +16,7 @@ imports textual, and only `numerusctl top` imports this module.
 from __future__ import annotations
 
 import contextlib
+import time
 from datetime import UTC, datetime
 from typing import Any, ClassVar
 
@@ -24,6 +26,7 @@ from textual.app import App, ComposeResult
 from textual.binding import Binding, BindingType
 from textual.containers import Vertical
 from textual.widgets import DataTable, Footer, Log, Static
+from textual.widgets.data_table import ColumnKey
 from textual.worker import Worker
 
 from numerusctl import render
@@ -66,6 +69,9 @@ class TopApp(App[int]):
         self.board = Board()
         self._dirty = False
         self._drawn_cost: bool | None = None
+        self._drawn: dict[str, list[str]] = {}
+        self._drawn_at = 0.0
+        self._columns: list[ColumnKey] = []
         self._following: Worker[None] | None = None
         self._followed: str | None = None
         self._asked: set[str] = set()
@@ -125,36 +131,46 @@ class TopApp(App[int]):
     # --- drawing --------------------------------------------------------------------------------------------
 
     def _redraw_if_needed(self) -> None:
-        running = any(
-            task.status == "running" for job in self.board.jobs.values() for task in job.tasks.values()
-        )  # their elapsed time moves
-        if self._dirty or running:
+        """Redraw what changed; once a second anyway while a task runs (its elapsed time moves)."""
+        if self._dirty:
+            self._redraw()
+            return
+        running = any(task.status == "running" for job in self.board.jobs.values() for task in job.tasks.values())
+        if running and time.monotonic() - self._drawn_at >= 1.0:
             self._redraw()
 
     def _redraw(self) -> None:
+        """The table as the board is now: only the cells that changed are updated while the rows stay the same
+        (a redraw of every row four times a second would cost the view more than all the rest)."""
         self._dirty = False
+        self._drawn_at = time.monotonic()
         table = self.query_one(DataTable)
         now = datetime.now(UTC)
         cost = show_cost(self.board)
+        rows: dict[str, list[str]] = {}
+        for job in self.board.ordered():
+            rows[job.id] = job_cells(job, now, cost)
+            for task in job.tasks.values():
+                rows[f"{job.id}/{task.id}"] = task_cells(task, now, cost)
+        if cost == self._drawn_cost and list(rows) == list(self._drawn):
+            for key, cells in rows.items():
+                for column, (old, new) in zip(self._columns, zip(self._drawn[key], cells, strict=True), strict=True):
+                    if old != new:
+                        table.update_cell(key, column, new)
+            self._drawn = rows
+            return
         selected = self._selected_key()
         if cost != self._drawn_cost:
             table.clear(columns=True)
-            table.add_columns(*columns(cost))
+            self._columns = table.add_columns(*columns(cost))
             self._drawn_cost = cost
         else:
             table.clear()
-        cursor = 0
-        for job in self.board.ordered():
-            table.add_row(*job_cells(job, now, cost), key=job.id)
-            if job.id == selected:
-                cursor = table.row_count - 1
-            for task in job.tasks.values():
-                key = f"{job.id}/{task.id}"
-                table.add_row(*task_cells(task, now, cost), key=key)
-                if key == selected:
-                    cursor = table.row_count - 1
-        if table.row_count:
-            table.move_cursor(row=cursor, scroll=False)
+        for key, cells in rows.items():
+            table.add_row(*cells, key=key)
+        self._drawn = rows
+        if selected in rows:
+            table.move_cursor(row=list(rows).index(selected), scroll=False)
 
     def _selected_key(self) -> str | None:
         table = self.query_one(DataTable)
