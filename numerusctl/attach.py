@@ -145,7 +145,11 @@ class _Session:
     async def run(self, output: StreamFeed, exits: StreamFeed) -> int:
         loop = asyncio.get_running_loop()
         stdin = sys.stdin.fileno()
-        loop.add_reader(stdin, self._on_keys, stdin)
+        try:
+            loop.add_reader(stdin, self._on_keys, stdin)
+            reading = True
+        except (OSError, ValueError):  # a regular file or /dev/null: nothing to type, only to watch
+            reading = False
         stop = asyncio.Event()
         caught = [signal.SIGTERM, signal.SIGHUP]
         for sig in caught:
@@ -159,7 +163,8 @@ class _Session:
         try:
             done, _ = await asyncio.wait(parts, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            loop.remove_reader(stdin)
+            if reading:
+                loop.remove_reader(stdin)
             for sig in caught:
                 loop.remove_signal_handler(sig)
             for part in parts:
