@@ -171,7 +171,7 @@ class _Session:
                 part.cancel()
             await asyncio.gather(*parts, return_exceptions=True)
         ended = next(iter(done))
-        ended.result()  # an error (a lost connection, a refusal) surfaces here, after the terminal is restored
+        ended.result()  # an error (a lost connection, a refusal) surfaces here; the terminal is restored on its way
         match parts[ended]:
             case "exit":
                 # Its output was all published before its exit was recorded: what is stored is the rest.
