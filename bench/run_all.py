@@ -89,6 +89,7 @@ TARGETS = [
         "a daemon killed with a 20-task job in flight: until every agent runs again, less the agents' own start "
         "(issue 15), median of rounds",
     ),
+    Target("top", "ratio", "<=", 1.1, "daemon CPU, a 200-task job with `numerusctl top` following it vs without"),
 ]
 
 #: Command line of each benchmark: full size, and a quick size for a smoke run.
@@ -106,6 +107,7 @@ BENCHES = {
     "sandbox": (["bench_sandbox.py"], ["bench_sandbox.py", "--spawns", "40", "--block", "10"]),
     "queue": (["bench_queue.py"], ["bench_queue.py", "--jobs", "20"]),
     "restart": (["bench_restart.py"], ["bench_restart.py", "--rounds", "1"]),
+    "top": (["bench_top.py"], ["bench_top.py", "--tasks", "40", "--pairs", "1"]),
 }
 
 
@@ -185,6 +187,9 @@ def markdown(results: dict[str, dict], quick: bool) -> str:
         "  1 s, submitted at once; from their events, agent-seconds busy (`TaskStarted` to `TaskExited`) over 8 x the",
         "  wall time from the first start to the last end (`utilisation`, at most `ideal` = 50 / (8 x 7) for jobs of",
         "  equal length) and over the time jobs waited queued (`utilisation_queued`); the most agents at once.",
+        "- `bench/bench_top.py`: the daemon's own CPU seconds from submission to end of a planned job of 200 no-op",
+        "  tasks (claims from the plan, review off, parallel 8), with a headless `numerusctl top` following it and",
+        "  without, alternating pairs, medians compared.",
         "",
     ]
     return "\n".join(lines)

@@ -13,6 +13,8 @@
     numerusctl diff JOB [TASK] [--stat] [--color always|never|auto]
     numerusctl accept JOB [--branch NAME] [--push REMOTE] [--partial]
     numerusctl discard JOB
+    numerusctl attach JOB TASK [--read-only]
+    numerusctl top
     numerusctl audit verify [JOB] [--key-file F] [--expect-head DIGEST] [--finished]
     numerusctl completion bash|zsh|fish
 
@@ -34,7 +36,7 @@ auditor), so a one-request command such as `status` starts no faster or slower f
 (`bench/bench_cli.py` measures it against a bare nats-py request).
 
 `--role operator|viewer` (default operator) picks the login from the connection file: a viewer may only read
-(status, plan, logs, events, diff, audit); see `numerusd/bus_roles.py`.
+(status, plan, logs, events, diff, audit, top; attach only read-only); see `numerusd/bus_roles.py`.
 
 Exit codes (`numerusd.protocol.exit_codes.CtlExit`): 0 ok; 1 refused or failed (an error reply, a failed job
 under `--wait`, a problem found by the audit); 2 usage; 3 numerusd cannot be reached; 4 numerusd runs but its
@@ -962,6 +964,35 @@ def start(ctx: click.Context, job: str, as_json: bool) -> None:
         return 0
 
     _run(_with_daemon(opts, body))
+
+
+# --- attach and top -------------------------------------------------------------------------------------------
+
+
+@cli.command()
+@click.argument("job", callback=_token)
+@click.argument("task", callback=_token)
+@click.option("--read-only", is_flag=True, help="Watch only: nothing typed is sent (always so for the viewer role).")
+@click.pass_context
+def attach(ctx: click.Context, job: str, task: str, read_only: bool) -> None:
+    """Put the terminal of TASK's running agent in yours: its output live, your keys typed into it (each input
+    recorded with its size and hash, never its bytes). Ctrl-] detaches; so does the agent's exit."""
+    from numerusctl.attach import attach as attached
+
+    opts = _options(ctx)
+    read_only = read_only or opts.role == "viewer"
+    _run(_with_daemon(opts, lambda nc: attached(nc, job, task, read_only=read_only, timeout=opts.timeout)))
+
+
+@cli.command()
+@click.pass_context
+def top(ctx: click.Context) -> None:
+    """A live view of the jobs and their tasks (state, attempt, elapsed, tokens, claims, what a task waits for) and
+    the selected task's terminal, fed by the events; keys act on the selection (k kills its job). q quits."""
+    from numerusctl.top import run_top  # textual is loaded by this command alone
+
+    opts = _options(ctx)
+    _run(_with_daemon(opts, lambda nc: run_top(nc, opts.timeout)))
 
 
 # --- clean ----------------------------------------------------------------------------------------------------

@@ -303,7 +303,7 @@ async def request(nc: Client, verb: str, body: Request, timeout: float) -> bytes
     """Send one request to `numerus.cmd.<verb>`; the reply's bytes, or CtlError for an error reply."""
     subject = subjects.command(verb)
     try:
-        sent = nc.request(subject, msgspec.json.encode(body), timeout=timeout, headers={USER_HEADER: _user()})
+        sent = nc.request(subject, msgspec.json.encode(body), timeout=timeout, headers={USER_HEADER: os_user()})
         reply = await unless_refused(nc, subject, sent)
     except nats.errors.NoRespondersError:
         raise Unreachable(f"numerusd is not running on {server_of(nc)}: nothing answers {subject}; {_HINT}") from None
@@ -324,7 +324,7 @@ async def request(nc: Client, verb: str, body: Request, timeout: float) -> bytes
 
 
 @functools.cache
-def _user() -> str:
+def os_user() -> str:
     """The OS user running numerusctl, named to the daemon for the events a command causes."""
     try:
         return getpass.getuser()

@@ -11,7 +11,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
-from typing import Any, NamedTuple
+from datetime import UTC, datetime
+from typing import Any, Literal, NamedTuple
 
 import nats.js.errors
 from nats.aio.client import Client
@@ -40,11 +41,24 @@ class StreamFeed:
     batches have arrived.
     """
 
-    def __init__(self, nc: Client, stream: str, subject: str, start_seq: int = 1) -> None:
+    def __init__(
+        self,
+        nc: Client,
+        stream: str,
+        subject: str,
+        start_seq: int = 1,
+        *,
+        only: Literal["last", "new"] | None = None,
+        since: datetime | None = None,
+    ) -> None:
         self._nc = nc
         self._stream = stream
         self._subject = subject
         self._start_seq = start_seq
+        #: `last`: from the last message stored on the subject; `new`: only what is stored from now on; `since`:
+        #: what was stored from that time on.
+        self._only = only
+        self._since = since
         self._ready: list[Stored] = []
         self._arrived = asyncio.Event()
         self._caught_up = False
@@ -52,10 +66,16 @@ class StreamFeed:
         self._sub: Any = None
 
     async def __aenter__(self) -> StreamFeed:
-        config = ConsumerConfig(
-            deliver_policy=DeliverPolicy.BY_START_SEQUENCE if self._start_seq > 1 else DeliverPolicy.ALL,
-            opt_start_seq=self._start_seq if self._start_seq > 1 else None,
-        )
+        if self._since is not None:
+            start = self._since.astimezone(UTC).isoformat().replace("+00:00", "Z")
+            config = ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_TIME, opt_start_time=start)
+        elif self._only is not None:
+            config = ConsumerConfig(deliver_policy=DeliverPolicy.LAST if self._only == "last" else DeliverPolicy.NEW)
+        else:
+            config = ConsumerConfig(
+                deliver_policy=DeliverPolicy.BY_START_SEQUENCE if self._start_seq > 1 else DeliverPolicy.ALL,
+                opt_start_seq=self._start_seq if self._start_seq > 1 else None,
+            )
         try:
             self._sub = await self._nc.jetstream().subscribe(
                 self._subject, stream=self._stream, ordered_consumer=True, config=config, cb=self._on_msg

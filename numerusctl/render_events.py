@@ -59,6 +59,8 @@ def summary(type_name: str, data: Any) -> str:
             text = f"{get('kind')} {get('path')}"
         case "AgentErrorReported":
             text = str(get("message", ""))
+        case "AgentInputSent":
+            text = f"{get('size')} bytes typed by {get('by')} (sha256 {str(get('sha256', ''))[:12]})"
         case "TokensUsed":
             text = f"in {get('input_tokens')} (cached {get('cached_input_tokens')}) out {get('output_tokens')}"
         case "TaskExited":

@@ -14,6 +14,8 @@ discovery requests:
 * `$SRV.PING|INFO|STATS[.numerus[.<id>]]`: `nats micro ls`/`info`/`stats` of the `numerus` service;
 * `$JS.API.CONSUMER.CREATE.<stream>` and `$JS.API.CONSUMER.INFO.<stream>.*`: the ordered consumers that follow
   and audit (`numerusctl/feed.py`), on NUMERUS_EVENTS and NUMERUS_LOGS only (not the dead letters);
+* `numerus.input.>` (the operator only): what `numerusctl attach` types into a running agent's terminal; a viewer
+  watches an agent and never types into it;
 * `$JS.FC.<stream>.>`: the answers to the flow-control messages of those consumers on a long read;
 * subscribing `_INBOX_<role>.>` only: its replies and its consumers' deliveries (numerusctl takes that inbox
   prefix). A client cannot subscribe to `numerus.cmd.>`, so it cannot pose as the daemon's service, nor to
@@ -61,4 +63,6 @@ def verbs(role: str) -> tuple[str, ...]:
 def permissions(role: str) -> dict[str, dict[str, list[str]]]:
     """The NATS `permissions` block of a client role (allow lists: anything not listed is refused)."""
     publish = [subjects.command(verb) for verb in verbs(role)] + list(_DISCOVERY) + list(_READS)
+    if role == "operator":
+        publish.append(subjects.INPUTS)
     return {"publish": {"allow": publish}, "subscribe": {"allow": [f"{inbox_prefix(role)}.>"]}}

@@ -33,6 +33,7 @@ from nats.js import JetStreamContext
 from nats.micro.service import Service
 
 from numerusd import domain, git, sandbox, state_lock
+from numerusd.agent_input import listen_for_input
 from numerusd.book import JobBook
 from numerusd.breaker import CircuitBreaker
 from numerusd.checkouts import CHECKOUTS_SUFFIX, Checkouts
@@ -175,6 +176,7 @@ class Daemon:
             settings=settings, book=book, jobs=runner, history=EventHistory(nc), git_problem=self.git_problem
         )
         self._service = await start_service(nc, context, self.dead_letters)
+        await listen_for_input(nc, book, agents)  # `numerusctl attach`; ends with the connection's drain
         if settings.resume == "auto":
             await self._resume_interrupted()
         # Clients get the logins of their roles, never the daemon's own (an external server's are what we were given).

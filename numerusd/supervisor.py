@@ -498,6 +498,11 @@ class Agents:
         """The job's agents running now (None: every job's), by name."""
         return [(name, run) for (job, name), run in self._running.items() if job_id in (None, job)]
 
+    def terminal_of(self, job_id: str, task_id: str) -> Terminal | None:
+        """The terminal of the task's agent working on it now (not a claim or review call), or None."""
+        run = self._running.get((job_id, task_id))
+        return run.process.terminal if isinstance(run, TaskRun) else None
+
     async def terminate(
         self, job_id: str | None = None, *, grace: float | None = None, task: str | None = None
     ) -> None:

@@ -71,6 +71,7 @@ class Terminal:
         self._loop = asyncio.get_running_loop()
         self._reading = False
         self._read_waiter: asyncio.Future[None] | None = None
+        self._write_waiter: asyncio.Future[None] | None = None
 
     def __repr__(self) -> str:
         state = "running" if self.returncode is None else f"exited {self.returncode}"
@@ -105,6 +106,21 @@ class Terminal:
             return b""
         finally:
             self._reading = False
+
+    async def write(self, data: bytes, timeout: float) -> int:
+        """Type `data` into the terminal (the process's input); how many bytes went in before `timeout` passed
+        (a process that does not read fills the PTY's input queue) or the terminal closed."""
+        written = 0
+        deadline = self._loop.time() + timeout
+        while written < len(data) and self._master is not None:
+            try:
+                written += os.write(self._master, data[written:])
+            except BlockingIOError:
+                if not await self._writable(self._master, deadline - self._loop.time()):
+                    break
+            except OSError:  # the terminal hung up under us: what went in is all there is
+                break
+        return written
 
     async def wait(self) -> tuple[int | None, int | None]:
         """`(exit_code, None)` when the process exited, `(None, signal)` when a signal killed it."""
@@ -154,6 +170,23 @@ class Terminal:
             if self._master == fd:  # else close() has unregistered it already
                 self._loop.remove_reader(fd)
 
+    async def _writable(self, fd: int, timeout: float) -> bool:
+        """Whether `fd` takes more bytes within `timeout` seconds."""
+        if timeout <= 0:
+            return False
+        waiter: asyncio.Future[None] = self._loop.create_future()
+        self._write_waiter = waiter
+        self._loop.add_writer(fd, lambda: waiter.done() or waiter.set_result(None))
+        try:
+            await asyncio.wait_for(asyncio.shield(waiter), timeout)
+            return True
+        except TimeoutError:
+            return False
+        finally:
+            self._write_waiter = None
+            if self._master == fd:  # else _close_master has unregistered it already
+                self._loop.remove_writer(fd)
+
     def _close_master(self) -> None:
         if self._master is not None:
             fd, self._master = self._master, None
@@ -164,6 +197,11 @@ class Terminal:
                     self._loop.remove_reader(fd)
                 if not self._read_waiter.done():
                     self._read_waiter.set_result(None)
+            if self._write_waiter is not None:  # likewise for a write() waiting for room
+                with contextlib.suppress(RuntimeError):
+                    self._loop.remove_writer(fd)
+                if not self._write_waiter.done():
+                    self._write_waiter.set_result(None)
             os.close(fd)
 
 

@@ -21,6 +21,8 @@ ROOT = Path(__file__).resolve().parent.parent
 FIRST_PARTY = ("numerusd", "numerusctl")
 #: All the client may use besides the protocol and the standard library.
 CLIENT_PACKAGES = ("nats", "click", "msgspec")
+#: The one client module that may import textual: `numerusctl top`'s view (imported by that command alone).
+TERMINAL_UI = "numerusctl.top"
 #: What the protocol must not touch: it is types and pure functions, shared by both programs.
 NOT_IN_PROTOCOL = ("nats", "asyncio", "aiosqlite", "sqlite3", "subprocess", "socket", "uvloop")
 
@@ -188,7 +190,10 @@ def test_numerusctl_needs_nothing_but_nats_click_msgspec_and_the_standard_librar
         for name in graph[module]
     }
     others = set(used) - set(FIRST_PARTY) - set(CLIENT_PACKAGES) - sys.stdlib_module_names
-    assert {name: used[name] for name in others} == {}
+    assert {name: used[name] for name in others} == {"textual": TERMINAL_UI}
+    assert sorted(module for module in graph if "textual" in {name.split(".")[0] for name in graph[module]}) == [
+        TERMINAL_UI
+    ]
 
 
 def test_the_protocol_imports_nothing_of_the_daemon_and_does_no_io():

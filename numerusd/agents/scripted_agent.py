@@ -77,6 +77,7 @@ STEP_KEYS: dict[str, set[str]] = {
     "run": set(),
     "sleep": set(),
     "print": set(),
+    "read": set(),
     "stderr": set(),
     "bad_json": set(),
     "error": set(),
@@ -288,7 +289,7 @@ def check_steps(steps: object, where: str) -> None:
         if extra:
             raise ScenarioError(f"{here}: unexpected keys {', '.join(sorted(extra))} for `{kind}`")
         value = step[kind]
-        if kind in ("think", "write", "delete", "run", "print", "stderr", "error", "fail") and not isinstance(
+        if kind in ("think", "write", "delete", "run", "print", "read", "stderr", "error", "fail") and not isinstance(
             value, str
         ):
             raise ScenarioError(f"{here}: `{kind}` takes a string")
@@ -423,6 +424,12 @@ class Player:
             time.sleep(float(value))
         elif kind == "print":
             write_out(value if value.endswith("\n") else value + "\n")
+        elif kind == "read":
+            # A prompt line, then one line from its terminal (what `numerusctl attach` types), said back. The
+            # prompt ends its line: the daemon holds a partial line back until it ends (redaction needs whole lines).
+            write_out(value if value.endswith("\n") else value + "\n")
+            line = sys.stdin.readline()
+            self.say("read: " + line.rstrip("\r\n"))
         elif kind == "stderr":
             os.write(2, (value if value.endswith("\n") else value + "\n").encode())
         elif kind == "bad_json":

@@ -35,6 +35,7 @@ from numerusd.domain.observations import (
     Discarded,
     FinishedInPlace,
     GateDone,
+    InputSent,
     IntegrationReady,
     Interrupted,
     Kill,
@@ -71,6 +72,7 @@ from numerusd.protocol.events import (
     AgentCommandExecuted,
     AgentErrorReported,
     AgentFileChanged,
+    AgentInputSent,
     AgentMessageReceived,
     AgentSpawned,
     AgentSpawnFailed,
@@ -240,6 +242,12 @@ def _decide_task(job: JobState, task: TaskState, seen: TaskObservation) -> Decis
                 if not isinstance(event, _REPORTED):
                     raise InvalidTransition(f"an agent's output cannot report {type(event).__name__}")
             return [(task.id, event) for event in events]
+        case InputSent(size=size, sha256=sha256, by=by):
+            if task.status != "running":  # a user's doing: refused in words, not as a daemon bug
+                raise CommandRefused(
+                    f"task {task.id} of job {job.id} is {task.status}: only a running agent takes input", job=job.id
+                )
+            return [(task.id, AgentInputSent(size=size, sha256=sha256, by=by))]
         case AgentExited():
             _expect_task(job, task, seen, _AGENT_ALIVE)
             fields = msgspec.structs.asdict(seen)

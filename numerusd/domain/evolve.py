@@ -21,6 +21,7 @@ from numerusd.protocol.events import (
     AgentCommandExecuted,
     AgentErrorReported,
     AgentFileChanged,
+    AgentInputSent,
     AgentMessageReceived,
     AgentSpawned,
     AgentSpawnFailed,
@@ -324,7 +325,9 @@ def _evolve_task(job: JobState, task_id: str, time: datetime, data: EventData) -
 
 
 #: Task events with no state of their own: recorded in the stream and the event index only.
-_NO_TASK_STATE = frozenset({AgentMessageReceived, AgentCommandExecuted, AgentFileChanged, AgentErrorReported})
+_NO_TASK_STATE = frozenset(
+    {AgentMessageReceived, AgentCommandExecuted, AgentFileChanged, AgentErrorReported, AgentInputSent}
+)
 #: The names of the event types a job only counts, the most frequent ones (what agents say and do).
 _COUNTED_ONLY = frozenset(cls.__name__ for cls in _NO_TASK_STATE)
 

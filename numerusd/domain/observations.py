@@ -269,6 +269,15 @@ class AgentReported(TaskObservation, frozen=True, kw_only=True):
     events: tuple[EventData, ...]
 
 
+class InputSent(TaskObservation, frozen=True, kw_only=True):
+    """`size` bytes with this SHA-256 arrived for the task's running agent's terminal from `by`; they are written
+    to it once recorded. Refused (`CommandRefused`) unless the task runs."""
+
+    size: int
+    sha256: str
+    by: str
+
+
 class AgentExited(TaskObservation, frozen=True, kw_only=True):
     """The task's agent ended, and its whole output is in the log at `log_path`."""
 
@@ -380,6 +389,7 @@ Observation = (
     | AgentStarted
     | AgentFailedToStart
     | AgentReported
+    | InputSent
     | AgentExited
     | WorkCommitted
     | ClaimCompared

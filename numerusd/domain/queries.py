@@ -64,6 +64,7 @@ def job_view(job: JobState, *, tasks: bool = True) -> JobView:
                 role=task.role,
                 deps=list(task.deps),
                 holders=list(task.holders),
+                locks=[lock.path for lock in job.lock_holds.get(task.id, ())],
                 branch=task.branch,
                 feedback=list(task.feedback),
                 attempt=task.attempt,

@@ -186,6 +186,8 @@ class TaskView(msgspec.Struct, frozen=True, kw_only=True):
     deps: list[str] = []
     #: While the task waits (NO GO): the tasks holding what it claimed.
     holders: list[str] = []
+    #: The paths it holds locks on (GO), until it releases them.
+    locks: list[str] = []
     branch: str | None = None
     #: Why the last attempt failed, told to the next one.
     feedback: list[str] = []

@@ -481,6 +481,15 @@ class AgentErrorReported(TaskEvent, frozen=True, kw_only=True):
     message: str
 
 
+class AgentInputSent(TaskEvent, frozen=True, kw_only=True):
+    """Someone typed into the running agent's terminal (`numerusctl attach`): how many bytes and their SHA-256,
+    never the bytes themselves (they may be a secret); `by` is who (`alice (operator)`)."""
+
+    size: int
+    sha256: str
+    by: str
+
+
 class TokensUsed(TaskEvent, frozen=True, kw_only=True):
     """Tokens one turn of the agent used; the `thread_*` totals are the agent's cumulative counters."""
 
@@ -590,6 +599,7 @@ EVENT_TYPES: dict[str, type[EventData]] = {
         AgentCommandExecuted,
         AgentFileChanged,
         AgentErrorReported,
+        AgentInputSent,
         TokensUsed,
         TaskExited,
         TaskWorkCommitted,

@@ -7,6 +7,7 @@
 | `numerus.job.<job>.task.<task>.<event>` | task events, e.g. `….task.t3.claim_granted` | `NUMERUS_EVENTS` |
 | `numerus.log.<job>.<task>` | an agent's terminal output, in chunks | `NUMERUS_LOGS` |
 | `numerus.dlq.<source>.<reason>` | dead letters: rejected commands, events a view refused | `NUMERUS_DLQ` |
+| `numerus.input.<job>.<task>` | input for a running agent's terminal (`attach`; request/reply) | (not stored) |
 
 `<event>` is the event's type name in snake case (`ClaimGranted` -> `claim_granted`). Job and task ids are
 single tokens (see `ids.is_token`), so a subject splits back into its parts on `.`. Pure functions of strings:
@@ -29,6 +30,8 @@ DLQ = "NUMERUS_DLQ"
 EVENTS_SUBJECTS = ("numerus.job.>",)
 LOGS_SUBJECTS = ("numerus.log.>",)
 DLQ_SUBJECTS = ("numerus.dlq.>",)
+#: Where input for agents' terminals arrives (the daemon subscribes; never stored).
+INPUTS = "numerus.input.>"
 
 _CAMEL_HUMP = re.compile(r"(?<!^)(?=[A-Z])")
 
@@ -80,6 +83,19 @@ def task_log(job: str, task: str) -> str:
 def job_logs(job: str) -> str:
     """`numerus.log.<job>.*`: the terminal output of every task of a job."""
     return f"numerus.log.{job}.*"
+
+
+def task_input(job: str, task: str) -> str:
+    """`numerus.input.<job>.<task>`: input for the terminal of one task's running agent."""
+    return f"numerus.input.{job}.{task}"
+
+
+def input_target(subject: str) -> tuple[str, str] | None:
+    """`(job, task)` of a `numerus.input.<job>.<task>` subject, or None when it is not exactly one."""
+    parts = subject.split(".")
+    if len(parts) != 4 or parts[:2] != ["numerus", "input"]:
+        return None
+    return parts[2], parts[3]
 
 
 def dlq(source: str, reason: str) -> str:
