@@ -1,12 +1,15 @@
 """`numerusctl`: the thin client. Each command sends one request to `numerus.cmd.<verb>` and prints the reply.
 
     numerusctl run GOAL [--repo PATH] [--agent NAME] [--role ROLE=PROFILE]... [--parallel N] [--check CMD]...
-                   [--no-review] [--no-plan] [--wait]
+                   [--no-review] [--no-plan | --plan FILE] [--approve plan|merge|all]... [--max-tokens N]
+                   [--task-max-tokens N] [--wait]
     numerusctl plan JOB [--format text|dot|mermaid]
     numerusctl status [JOB] [--limit N | --all]
     numerusctl logs JOB [--task T] [-f] [--raw]
     numerusctl events [JOB] [-f]
     numerusctl kill JOB
+    numerusctl approve JOB [TASK] [--add-tokens N]
+    numerusctl reject JOB [TASK] [--reason TEXT]
     numerusctl audit verify [JOB] [--key-file F] [--expect-head DIGEST] [--finished]
 
 `run` plans the goal into tasks (planner), lets each claim its files (GO / NO GO), runs them in worktrees
@@ -59,6 +62,8 @@ from numerusctl.connection import (
 from numerusd.protocol import subjects
 from numerusd.protocol.commands import (
     ROLES,
+    ApproveJob,
+    ApproveReply,
     CleanJobs,
     CleanReply,
     EventsReply,
@@ -70,6 +75,8 @@ from numerusd.protocol.commands import (
     KillReply,
     LogsReply,
     PlanReply,
+    RejectJob,
+    RejectReply,
     RunJob,
     RunReply,
     StatusReply,
@@ -271,6 +278,20 @@ def _checks(_ctx: click.Context, param: click.Parameter, values: tuple[str, ...]
     return values
 
 
+def _approvals(_ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> tuple[str, ...] | None:
+    """`--approve plan --approve merge`, `--approve plan,merge`, `--approve all` -> ("plan", "merge"); None when
+    not given (numerusd's `approve` setting applies)."""
+    if not values:
+        return None
+    gates: list[str] = []
+    for value in values:
+        for gate in (part.strip() for part in value.split(",")):
+            if gate not in ("plan", "merge", "all"):
+                raise click.BadParameter(f"{gate!r} is not plan, merge or all", param=param)
+            gates += ["plan", "merge"] if gate == "all" else [gate]
+    return tuple(gate for gate in ("plan", "merge") if gate in gates)
+
+
 @cli.command()
 @click.argument("goal")
 @click.option(
@@ -314,11 +335,29 @@ def _checks(_ctx: click.Context, param: click.Parameter, values: tuple[str, ...]
     "(plan, one agent call fewer per task) [numerusd's claims].",
 )
 @click.option(
-    "--plan/--no-plan",
-    default=True,
-    help="Plan the goal into tasks (the default); --no-plan: one supervised agent works on the whole goal, with "
-    "no plan, claims, checks or review.",
+    "--no-plan",
+    "no_plan",
+    is_flag=True,
+    help="One supervised agent works on the whole goal, with no plan, claims, checks or review.",
 )
+@click.option(
+    "--plan",
+    "plan_file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    metavar="FILE",
+    help="Your own plan (the JSON a planner answers, docs/plans.md), validated as a planner's is: no planner is asked.",
+)
+@click.option(
+    "--approve",
+    "approvals",
+    multiple=True,
+    metavar="plan|merge|all",
+    callback=_approvals,
+    help="Wait for 'numerusctl approve' at the validated plan, before the job is final (merge), or both (all); "
+    "repeatable or comma-separated [numerusd's approve].",
+)
+@click.option("--max-tokens", type=click.IntRange(min=1), metavar="N", help="Token cap of the whole job.")
+@click.option("--task-max-tokens", type=click.IntRange(min=1), metavar="N", help="Token cap of each task.")
 @click.option("--wait", is_flag=True, help="Follow the job until it ends; exit 1 unless it completed.")
 @json_option
 @click.pass_context
@@ -332,7 +371,11 @@ def run(
     checks: tuple[str, ...],
     review: bool | None,
     claims: str | None,
-    plan: bool,
+    no_plan: bool,
+    plan_file: Path | None,
+    approvals: tuple[str, ...] | None,
+    max_tokens: int | None,
+    task_max_tokens: int | None,
     wait: bool,
     as_json: bool,
 ) -> None:
@@ -343,8 +386,9 @@ def run(
     they are.
     """
     opts = _options(ctx, as_json)  # the goal itself is numerusd's to judge: one place says what a good one is
+    plan = not no_plan
     if not plan:
-        _refuse_with_no_plan(roles, parallel, checks, review, claims)
+        _refuse_with_no_plan(roles, parallel, checks, review, claims, plan_file, approvals)
     job = RunJob(
         goal=goal,
         repo=str(_repository(repo, plan)),
@@ -355,6 +399,10 @@ def run(
         checks=checks,
         review=review,
         claims=claims,
+        approve=approvals,
+        max_tokens=max_tokens,
+        task_max_tokens=task_max_tokens,
+        plan_json=None if plan_file is None else _read_plan(plan_file),
     )
 
     submitted: list[str] = []
@@ -401,11 +449,40 @@ def _repository(given: Path | None, plan: bool) -> Path:
     return Path(top) if found.returncode == 0 and top else start
 
 
+#: The largest plan file `run --plan` reads; numerusd refuses a request over its own limit (max_request_bytes).
+PLAN_FILE_BYTES = 4 * 1024 * 1024
+
+
+def _read_plan(path: Path) -> str:
+    """The text of a plan file, for numerusd to validate; a usage error when it cannot be read as UTF-8."""
+    try:
+        with path.open("rb") as file:
+            data = file.read(PLAN_FILE_BYTES + 1)
+    except OSError as e:
+        raise CtlError(f"cannot read the plan {path}: {e.strerror}", CtlExit.USAGE) from None
+    if len(data) > PLAN_FILE_BYTES:
+        raise CtlError(f"the plan {path} is over {PLAN_FILE_BYTES // (1024 * 1024)} MiB; a plan is JSON of tasks")
+    try:
+        return data.decode()
+    except UnicodeDecodeError:
+        raise CtlError(f"the plan {path} is not UTF-8 text; a plan is JSON (docs/plans.md)", CtlExit.USAGE) from None
+
+
 def _refuse_with_no_plan(
-    roles: dict[str, str], parallel: int | None, checks: tuple[str, ...], review: bool | None, claims: str | None
+    roles: dict[str, str],
+    parallel: int | None,
+    checks: tuple[str, ...],
+    review: bool | None,
+    claims: str | None,
+    plan_file: Path | None = None,
+    approvals: tuple[str, ...] | None = None,
 ) -> None:
     """A usage error for an option that the single-task path (`--no-plan`) would silently ignore."""
     ignored = [f"--role {role}=..." for role in roles if role != "executor"]
+    if plan_file is not None:
+        ignored.append("--plan")
+    if approvals:
+        ignored.append("--approve")
     if parallel is not None:
         ignored.append("--parallel")
     if checks:
@@ -666,6 +743,54 @@ def kill(ctx: click.Context, job: str, as_json: bool) -> None:
         data = await request(nc, "kill", KillJob(job=job), opts.timeout)
         reply: KillReply = decode_reply("kill", data)
         _out(data.decode() if opts.json else render.kill_text(reply))
+        return 0
+
+    _run(_with_daemon(opts, body))
+
+
+# --- approve, reject -------------------------------------------------------------------------------------------
+
+
+@cli.command()
+@click.argument("job", callback=_token)
+@click.argument("task", required=False, callback=_token)
+@click.option(
+    "--add-tokens",
+    type=click.IntRange(min=1),
+    metavar="N",
+    help="For a job over its token budget: raise the exceeded cap by N tokens.",
+)
+@json_option
+@click.pass_context
+def approve(ctx: click.Context, job: str, task: str | None, add_tokens: int | None, as_json: bool) -> None:
+    """Let JOB go on from where it waits for approval (its plan, its merge, a token cap), or give TASK, which
+    waits after its escalated attempt failed, one more attempt."""
+    opts = _options(ctx, as_json)
+
+    async def body(nc: Client) -> int:
+        data = await request(nc, "approve", ApproveJob(job=job, task=task, add_tokens=add_tokens), opts.timeout)
+        reply: ApproveReply = decode_reply("approve", data)
+        _out(data.decode() if opts.json else render.approve_text(reply))
+        return 0
+
+    _run(_with_daemon(opts, body))
+
+
+@cli.command()
+@click.argument("job", callback=_token)
+@click.argument("task", required=False, callback=_token)
+@click.option("--reason", default="", help="Why, recorded with the rejection.")
+@json_option
+@click.pass_context
+def reject(ctx: click.Context, job: str, task: str | None, reason: str, as_json: bool) -> None:
+    """End JOB as failed where it waits for approval (a merge keeps its branch), or fail TASK, which waits for
+    approval (the tasks depending on it are skipped)."""
+    opts = _options(ctx, as_json)
+
+    async def body(nc: Client) -> int:
+        data = await request(nc, "reject", RejectJob(job=job, task=task, reason=reason), opts.timeout)
+        reply: RejectReply = decode_reply("reject", data)
+        _out(data.decode() if opts.json else render.reject_text(reply))
         return 0
 
     _run(_with_daemon(opts, body))

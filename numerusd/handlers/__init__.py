@@ -5,7 +5,7 @@ it may use of the daemon. A handler sees typed requests only (the service decode
 `CommandRefused` and its subclasses to refuse.
 """
 
-from numerusd.handlers import clean, events, kill, logs, plan, run, status
+from numerusd.handlers import approve, clean, events, kill, logs, plan, reject, run, status
 
 #: The handler of each verb.
 HANDLERS = {
@@ -16,4 +16,6 @@ HANDLERS = {
     "events": events.handle,
     "plan": plan.handle,
     "clean": clean.handle,
+    "approve": approve.handle,
+    "reject": reject.handle,
 }

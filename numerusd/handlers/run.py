@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-from numerusd import git
+from numerusd import git, plans
+from numerusd.config import Settings
 from numerusd.domain.observations import SubmitJob
 from numerusd.errors import BadRequest
 from numerusd.handlers.context import Context
@@ -43,9 +44,22 @@ async def handle(context: Context, request: RunJob) -> RunReply:
     job_id = new_ulid()
     notes: list[str] = []
     unsandboxed = tuple(role for role, agent in roles.items() if settings.agents[agent].sandbox == "none")
+    max_tokens, task_max_tokens = _caps(settings, request)
     if not request.plan:
+        if request.approve or request.plan_json is not None:
+            raise BadRequest("--approve and --plan FILE need a planned job; --no-plan has no plan and no merge")
         _refuse_to_work_in(repo, settings.state_dir)
-        submit = SubmitJob(goal=request.goal, repo=str(repo), roles=roles, plan=False, unsandboxed=unsandboxed)
+        submit = SubmitJob(
+            goal=request.goal,
+            repo=str(repo),
+            roles=roles,
+            plan=False,
+            unsandboxed=unsandboxed,
+            by=context.asker,
+            max_tokens=max_tokens,
+            task_max_tokens=task_max_tokens,
+            on_budget=settings.on_budget,
+        )
         uncommitted = await _uncommitted(repo)
         if uncommitted:
             notes.append(
@@ -62,6 +76,7 @@ async def handle(context: Context, request: RunJob) -> RunReply:
                 f"repo {repo} is not a git repository with a commit; a planned job works on branches of it "
                 "(git init && git commit), or use --no-plan"
             ) from None
+        given = _given_plan(request.plan_json, repo)
         uncommitted = await _uncommitted(repo)
         parallel = request.parallel or settings.parallel
         if not 1 <= parallel <= 256:
@@ -80,6 +95,14 @@ async def handle(context: Context, request: RunJob) -> RunReply:
             base_sha=base_sha,
             uncommitted=None if uncommitted is None else tuple(uncommitted),
             unsandboxed=unsandboxed,
+            by=context.asker,
+            approve=settings.approvals(request.approve),
+            max_tokens=max_tokens,
+            task_max_tokens=task_max_tokens,
+            on_budget=settings.on_budget,
+            escalate=settings.escalations(),
+            given_plan=None if given is None else given.plan,
+            given_plan_hash="" if given is None else given.hash,
         )
         if uncommitted is None:
             notes.append(
@@ -91,6 +114,24 @@ async def handle(context: Context, request: RunJob) -> RunReply:
     await context.book.decide(job_id, submit)
     context.jobs.start(job_id)
     return RunReply(job=job_id, subject=subjects.job_events(job_id), notes=notes)
+
+
+def _caps(settings: Settings, request: RunJob) -> tuple[int | None, int | None]:
+    """The job's token caps, its own and each task's: `run --max-tokens`, `--task-max-tokens`, else the settings'."""
+    return request.max_tokens or settings.max_tokens, request.task_max_tokens or settings.task_max_tokens
+
+
+def _given_plan(plan_json: str | None, repo: Path) -> plans.ValidatedPlan | None:
+    """The user's plan (`run --plan FILE`), validated as a planner's answer is; refused with every error, one a
+    line, before anything is recorded."""
+    if plan_json is None:
+        return None
+    checked = plans.validate_plan(plan_json, repo=repo)
+    if isinstance(checked, plans.ValidatedPlan):
+        return checked
+    shown = "\n".join(f"  {error}" for error in checked[:50])
+    more = f"\n  … and {len(checked) - 50} more" if len(checked) > 50 else ""
+    raise BadRequest(f"the plan is not valid ({len(checked)} error{'s' if len(checked) != 1 else ''}):\n{shown}{more}")
 
 
 def _refuse_to_work_in(repo: Path, state_dir: Path) -> None:

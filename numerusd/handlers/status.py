@@ -7,6 +7,7 @@ import heapq
 import msgspec
 
 from numerusd import domain
+from numerusd.config import Settings
 from numerusd.event_caps import cut_text
 from numerusd.handlers.context import Context
 from numerusd.protocol.commands import GetStatus, JobView, StatusReply
@@ -22,7 +23,8 @@ async def handle(context: Context, request: GetStatus) -> StatusReply:
     """Answered from the in-memory fold, so it costs the same with 10 or 100k events in the stream."""
     jobs = context.book.jobs
     if request.job is not None:
-        return StatusReply(jobs=[domain.job_view(context.book.job(request.job))], total=len(jobs))
+        job = context.book.job(request.job)
+        return StatusReply(jobs=[priced(domain.job_view(job), job, context.settings)], total=len(jobs))
     older = jobs.values()
     if request.before:
         cursor = _order(context.book.job(request.before))
@@ -32,12 +34,39 @@ async def handle(context: Context, request: GetStatus) -> StatusReply:
     listed: list[JobView] = []
     room = context.history.page_bytes()
     for job in newest:
-        view = _short(domain.job_view(job, tasks=False))
+        view = _short(priced(domain.job_view(job, tasks=False), job, context.settings))
         room -= len(_encode(view)) + 1
         if room < 0 and listed:  # the page is full: the client asks for the rest after the last job listed
             return StatusReply(jobs=listed, total=len(jobs), cleanable=cleanable, next=listed[-1].id)
         listed.append(view)
     return StatusReply(jobs=listed, total=len(jobs), cleanable=cleanable)
+
+
+def priced(view: JobView, job: domain.JobState, settings: Settings) -> JobView:
+    """`view` with what its tokens cost by the `prices` table: a task's at its profile's `model`, the job's own
+    calls (planner, queen) at the planner's. Tokens of a profile without a `model`, or of a model with no price,
+    cost nothing known: the job's cost is then None unless some of it is priced. Not recorded: prices change,
+    and the cost is the tokens (which are recorded) times today's prices."""
+    if not settings.prices:
+        return view
+
+    def cost(profile: str, input_tokens: int, cached: int, output_tokens: int) -> float | None:
+        agent = settings.agents.get(profile)
+        price = settings.prices.get(agent.model) if agent is not None and agent.model else None
+        return None if price is None else price.cost(input_tokens, cached, output_tokens)
+
+    own = cost(job.roles.get("planner", job.agent), job.input_tokens, job.cached_input_tokens, job.output_tokens)
+    tasks = {
+        task.id: cost(task.agent, task.input_tokens, task.cached_input_tokens, task.output_tokens)
+        for task in job.tasks.values()
+    }
+    known = [value for value in (own, *tasks.values()) if value is not None]
+    total = round(sum(known), 6) if known else None
+    shown = [
+        msgspec.structs.replace(task, cost=None if tasks.get(task.id) is None else round(tasks[task.id] or 0, 6))
+        for task in view.tasks
+    ]
+    return msgspec.structs.replace(view, cost=total, tasks=shown)
 
 
 def _order(job: domain.JobState) -> tuple[object, str]:

@@ -41,6 +41,32 @@ class RunJob(Request, frozen=True, kw_only=True):
     review: bool | None = None
     #: Where claims come from: `agent` (each executor is asked) or `plan` (the plan's file intents).
     claims: Literal["agent", "plan"] | None = None
+    #: Where the job waits for approval (`plan`, `merge`); None: numerusd's `approve` setting.
+    approve: tuple[Literal["plan", "merge"], ...] | None = None
+    #: Token caps of the job and of each of its tasks; None: numerusd's `max_tokens`, `task_max_tokens`.
+    max_tokens: Annotated[int, msgspec.Meta(ge=1)] | None = None
+    task_max_tokens: Annotated[int, msgspec.Meta(ge=1)] | None = None
+    #: A plan written by the user (`run --plan FILE`: the JSON a planner answers, docs/plans.md): validated as a
+    #: planner's is, and no planner is asked.
+    plan_json: str | None = None
+
+
+class ApproveJob(Request, frozen=True, kw_only=True):
+    """`numerusctl approve JOB [TASK]`: the job goes on from where it waits for approval (its plan, its merge, a
+    token cap: `add_tokens` raises the cap); with `task`, that task makes one more attempt."""
+
+    job: str
+    task: str | None = None
+    add_tokens: Annotated[int, msgspec.Meta(ge=1)] | None = None
+
+
+class RejectJob(Request, frozen=True, kw_only=True):
+    """`numerusctl reject JOB [TASK] --reason TEXT`: the job that waits for approval fails (with `task`, that task
+    fails and its dependents are skipped)."""
+
+    job: str
+    task: str | None = None
+    reason: str = ""
 
 
 class GetPlan(Request, frozen=True, kw_only=True):
@@ -120,6 +146,8 @@ class TaskView(msgspec.Struct, frozen=True, kw_only=True):
     log_path: str | None = None
     started: datetime | None = None
     ended: datetime | None = None
+    #: What its tokens cost by numerusd's price table (None: no price for its model).
+    cost: float | None = None
 
 
 class JobView(msgspec.Struct, frozen=True, kw_only=True):
@@ -159,6 +187,14 @@ class JobView(msgspec.Struct, frozen=True, kw_only=True):
     secrets_redacted: int = 0
     #: Roles whose agents run without Numerus's sandbox.
     unsandboxed: list[str] = []
+    #: While `awaiting_approval`: what it waits for (`plan`, `merge`, `budget`), and why; the tasks awaiting one.
+    approval: str | None = None
+    approval_reason: str | None = None
+    awaiting_tasks: list[str] = []
+    #: Its token caps (None: none), and what its tokens cost by numerusd's price table (None: no price known).
+    max_tokens: int | None = None
+    task_max_tokens: int | None = None
+    cost: float | None = None
 
 
 class PlanReply(msgspec.Struct, frozen=True, kw_only=True):
@@ -170,6 +206,9 @@ class PlanReply(msgspec.Struct, frozen=True, kw_only=True):
     summary: str
     statuses: dict[str, str]
     rendered: str
+    #: The job's status, and while it is `awaiting_approval` what it waits for (`plan`, `merge`, `budget`).
+    status: str = ""
+    approval: str | None = None
 
 
 class RunReply(msgspec.Struct, frozen=True, kw_only=True):
@@ -244,6 +283,23 @@ class EventsReply(msgspec.Struct, frozen=True, kw_only=True):
     seqs: list[int] = []
 
 
+class ApproveReply(msgspec.Struct, frozen=True, kw_only=True):
+    """The approval was recorded: of the job's `gate` (`plan`, `merge`, `budget`), or of `task`'s next attempt."""
+
+    job: str
+    gate: str
+    task: str | None = None
+    added_tokens: int = 0
+
+
+class RejectReply(msgspec.Struct, frozen=True, kw_only=True):
+    """The rejection was recorded: of the job's `gate`, or of `task`."""
+
+    job: str
+    gate: str
+    task: str | None = None
+
+
 class ErrorReply(msgspec.Struct, frozen=True, kw_only=True):
     """A refused or failed request: a stable `code` and one sentence saying what is wrong and what to do."""
 
@@ -260,6 +316,8 @@ REQUESTS: dict[str, type[Request]] = {
     "events": GetEvents,
     "plan": GetPlan,
     "clean": CleanJobs,
+    "approve": ApproveJob,
+    "reject": RejectJob,
 }
 
 #: Reply type by verb.
@@ -271,6 +329,8 @@ REPLIES: dict[str, type[msgspec.Struct]] = {
     "events": EventsReply,
     "plan": PlanReply,
     "clean": CleanReply,
+    "approve": ApproveReply,
+    "reject": RejectReply,
 }
 
 #: Where the daemon keeps its state (and `connection.json`) when neither a flag nor NUMERUS_STATE_DIR says.

@@ -78,6 +78,19 @@ class JobSubmitted(EventData, frozen=True, kw_only=True):
     uncommitted: tuple[str, ...] = ()
     #: The roles whose agent profile runs without Numerus's sandbox (`sandbox = "none"`): `status` warns of them.
     unsandboxed: tuple[str, ...] = ()
+    #: Who submitted it (`alice (operator)`; "" before this was recorded).
+    by: str = ""
+    #: Where the job waits for a user's approval: `plan` (after its plan is validated, before any task starts),
+    #: `merge` (when every task has merged, before it is final). See ApprovalRequested.
+    approve: tuple[str, ...] = ()
+    #: Token caps (input + output, as `status` counts them) of the whole job and of each task; None: no cap.
+    #: Crossing one records BudgetExceeded, then `on_budget`: `pause` (wait for approval) or `stop` (fail the job).
+    max_tokens: int | None = None
+    task_max_tokens: int | None = None
+    on_budget: str = "pause"
+    #: The agent profile that makes one more attempt of a task whose profile's attempts all failed (profile ->
+    #: its `escalate` profile, as configured when the job was submitted).
+    escalate: dict[str, str] = {}
 
 
 class ReplanRequested(EventData, frozen=True, kw_only=True):
@@ -162,6 +175,44 @@ class JobInterrupted(EventData, frozen=True, kw_only=True):
     """The daemon stopped while the job was running; its running tasks are marked interrupted."""
 
     reason: str
+
+
+class ApprovalRequested(EventData, frozen=True, kw_only=True):
+    """The job waits (`awaiting_approval`) for `numerusctl approve` or `reject`: at its validated plan (`gate`
+    `plan`), with every task merged before it is final (`merge`), or over a token cap (`budget`)."""
+
+    gate: str
+    reason: str = ""
+
+
+class JobApproved(EventData, frozen=True, kw_only=True):
+    """A user approved what the job waited for (`gate`); for a budget, the caps of `scopes` (`job`, or a task id)
+    were raised by `added_tokens`."""
+
+    gate: str
+    by: str
+    added_tokens: int = 0
+    scopes: tuple[str, ...] = ()
+
+
+class JobRejected(EventData, frozen=True, kw_only=True):
+    """A user rejected what the job waited for (`gate`): the job fails with `reason` (a merge's branch is kept)."""
+
+    gate: str
+    by: str
+    reason: str = ""
+
+
+class BudgetExceeded(EventData, frozen=True, kw_only=True):
+    """The tokens of the job (`scope` `job`) or of one task (`scope` `task`, `task` its id) reached their cap:
+    `used` of `cap`. `action` is what follows: `pause` (ApprovalRequested, unless the job waits already) or
+    `stop` (its agents stopped as a kill does, the job failed)."""
+
+    scope: str
+    task: str = ""
+    used: int
+    cap: int
+    action: str
 
 
 class JobCleaned(EventData, frozen=True, kw_only=True):
@@ -437,6 +488,34 @@ class TaskSkipped(TaskEvent, frozen=True, kw_only=True):
     reason: str
 
 
+class TaskEscalated(TaskEvent, frozen=True, kw_only=True):
+    """Every attempt on the task's profile failed: one more runs on `agent`, the profile's `escalate` profile."""
+
+    agent: str
+    previous: str
+
+
+class TaskApprovalRequested(TaskEvent, frozen=True, kw_only=True):
+    """The task's escalated attempt failed too: it waits (`awaiting_approval`, its locks kept) for `approve JOB
+    TASK` (one more attempt) or `reject JOB TASK` (it fails). `reasons` go to the next attempt."""
+
+    reason: str
+    reasons: tuple[str, ...] = ()
+
+
+class TaskApproved(TaskEvent, frozen=True, kw_only=True):
+    """A user approved one more attempt of the task."""
+
+    by: str
+
+
+class TaskRejected(TaskEvent, frozen=True, kw_only=True):
+    """A user rejected the task that waited for approval: it fails, and the tasks depending on it are skipped."""
+
+    by: str
+    reason: str = ""
+
+
 class TaskInterrupted(TaskEvent, frozen=True, kw_only=True):
     """The daemon stopped while the task's agent ran, so its outcome is unknown; never read as completed."""
 
@@ -455,6 +534,10 @@ EVENT_TYPES: dict[str, type[EventData]] = {
         JobInterrupted,
         JobCleaned,
         SecretRedacted,
+        ApprovalRequested,
+        JobApproved,
+        JobRejected,
+        BudgetExceeded,
         ReplanRequested,
         ReplanFailed,
         PlanRequested,
@@ -494,5 +577,9 @@ EVENT_TYPES: dict[str, type[EventData]] = {
         TaskKilled,
         TaskSkipped,
         TaskInterrupted,
+        TaskEscalated,
+        TaskApprovalRequested,
+        TaskApproved,
+        TaskRejected,
     )
 }
