@@ -63,6 +63,12 @@ class Runner:
             self._spawn(pipeline.poke(), name=f"wake {job_id}")
         return names
 
+    def wake(self, job_id: str) -> None:
+        """Have the job's pipeline look at the job again (a user's approval or rejection changed it)."""
+        pipeline = self._pipelines.get(job_id)
+        if pipeline is not None:
+            self._spawn(pipeline.poke(), name=f"wake {job_id}")
+
     async def stop(self, forced: asyncio.Event) -> None:
         """Stop every agent and pipeline, gracefully unless `forced` is (or becomes) set; returns when all of
         what the runner started has ended."""

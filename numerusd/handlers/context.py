@@ -26,6 +26,10 @@ class JobControl(Protocol):
         """Stop the job's running agents in the background; the names of those being stopped."""
         ...
 
+    def wake(self, job_id: str) -> None:
+        """Have the job's pipeline look at the job again (it waits on the job's state, e.g. for an approval)."""
+        ...
+
 
 class History(Protocol):
     """The stored events, as JetStream holds them."""

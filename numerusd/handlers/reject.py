@@ -16,4 +16,5 @@ async def handle(context: Context, request: RejectJob) -> RejectReply:
     gate = next((event.envelope.data.gate for event in sealed if isinstance(event.envelope.data, JobRejected)), "task")
     if gate == "budget":
         context.jobs.stop_agents(job.id)
+    context.jobs.wake(job.id)
     return RejectReply(job=job.id, gate=gate, task=request.task)

@@ -122,16 +122,16 @@ def _caps(settings: Settings, request: RunJob) -> tuple[int | None, int | None]:
 
 
 def _given_plan(plan_json: str | None, repo: Path) -> plans.ValidatedPlan | None:
-    """The user's plan (`run --plan FILE`), validated as a planner's answer is; refused with every error, one a
-    line, before anything is recorded."""
+    """The user's plan (`run --plan FILE`), validated as a planner's answer is (paths that leave the repository,
+    symlinks out of it, cycles…); refused with every error before anything is recorded."""
     if plan_json is None:
         return None
     checked = plans.validate_plan(plan_json, repo=repo)
     if isinstance(checked, plans.ValidatedPlan):
         return checked
-    shown = "\n".join(f"  {error}" for error in checked[:50])
-    more = f"\n  … and {len(checked) - 50} more" if len(checked) > 50 else ""
-    raise BadRequest(f"the plan is not valid ({len(checked)} error{'s' if len(checked) != 1 else ''}):\n{shown}{more}")
+    # Every error, `; ` between them: a reply is one line (the service escapes newlines).
+    errors = f"{len(checked)} error{'s' if len(checked) != 1 else ''}"
+    raise BadRequest(f"the plan is not valid ({errors}), nothing was recorded: {'; '.join(map(str, checked))}")
 
 
 def _refuse_to_work_in(repo: Path, state_dir: Path) -> None:
