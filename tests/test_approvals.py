@@ -9,9 +9,11 @@ from pathlib import Path
 import msgspec
 import pytest
 
+from numerusctl.render_events import progress_line
 from numerusd import domain
+from numerusd.config import load_settings
 from numerusd.domain.observations import Approve, AttemptFailed, Merged, Reject, Settled, SubmitJob
-from numerusd.errors import BadRequest, CommandRefused
+from numerusd.errors import BadRequest, CommandRefused, ConfigError
 from numerusd.plans import validate_plan
 from numerusd.protocol.commands import KillJob
 from numerusd.protocol.events import (
@@ -213,6 +215,29 @@ def test_the_approvals_asked_and_who_asked_are_recorded_in_job_submitted():
     decision = domain.decide(None, SubmitJob(goal="g", repo="/r", roles=ROLES, approve=("merge",), by=ALICE))
     recorded = decision[0][1]
     assert isinstance(recorded, JobSubmitted) and recorded.approve == ("merge",) and recorded.by == ALICE
+
+
+def test_the_approve_setting_and_escalate_profiles_are_read_from_the_config(tmp_path: Path):
+    (tmp_path / "numerus.toml").write_text(
+        'approve = ["all"]\n[agents.weak]\nkind = "scripted"\nescalate = "strong"\n[agents.strong]\nkind = "scripted"\n'
+    )
+    settings = load_settings(state_dir=tmp_path, env={})
+    assert settings.approvals() == ("plan", "merge") and settings.approvals(("merge",)) == ("merge",)
+    assert settings.escalations() == {"weak": "strong"}
+    (tmp_path / "numerus.toml").write_text('[agents.weak]\nkind = "scripted"\nescalate = "nobody"\n')
+    with pytest.raises(ConfigError, match=r"agents\.weak\.escalate: 'nobody' is not a configured agent profile"):
+        load_settings(state_dir=tmp_path, env={})
+    (tmp_path / "numerus.toml").write_text('approve = ["later"]\n')
+    with pytest.raises(ConfigError, match=r"at `\$.approve\[0\]`"):
+        load_settings(state_dir=tmp_path, env={})
+
+
+def test_run_wait_tells_how_to_answer_a_job_that_waits():
+    line = progress_line("J", "ApprovalRequested", None, {"gate": "budget", "reason": "the job used 9 tokens of its 5"})
+    assert line == (
+        "job J waits for approval of its budget: the job used 9 tokens of its 5 "
+        "(numerusctl approve J --add-tokens N, or numerusctl reject J)"
+    )
 
 
 # --- end to end --------------------------------------------------------------------------------------------------

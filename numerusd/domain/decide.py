@@ -473,7 +473,7 @@ def _plan_validated(job: JobState, attempt: int, plan: Plan, plan_hash: str, ans
             continue  # completed, or under way: it stays as it is
         events.append((task.id, _task_created(task, executor)))
     if version == 1 and "plan" in job.approve:
-        events.append((None, ApprovalRequested(gate="plan", reason=f"plan {plan_hash[:12]} waits for approval")))
+        events.append((None, ApprovalRequested(gate="plan", reason=_plan_reason(plan, plan_hash, ""))))
     return events
 
 
@@ -675,9 +675,15 @@ def _given_plan(command: SubmitJob, plan: Plan) -> Decision:
     events: Decision = [(None, PlanValidated(version=1, attempt=0, hash=command.given_plan_hash, plan=plan))]
     events += [(task.id, _task_created(task, executor)) for task in plan.tasks]
     if "plan" in command.approve:
-        reason = f"plan {command.given_plan_hash[:12]} (given by {command.by or 'the user'}) waits for approval"
+        reason = _plan_reason(plan, command.given_plan_hash, command.by or "the user")
         events.append((None, ApprovalRequested(gate="plan", reason=reason)))
     return events
+
+
+def _plan_reason(plan: Plan, plan_hash: str, given_by: str) -> str:
+    """`2 tasks, hash 1a2b3c4d5e6f` (`, given by alice (operator)`): what a plan approval is asked for."""
+    count = f"{len(plan.tasks)} task{'s' if len(plan.tasks) != 1 else ''}"
+    return f"{count}, hash {plan_hash[:12]}" + (f", given by {given_by}" if given_by else "")
 
 
 def _approve(job: JobState, approve: Approve) -> Decision:
