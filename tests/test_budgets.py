@@ -7,6 +7,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import msgspec
 import pytest
 
 from numerusd import domain
@@ -90,6 +91,17 @@ def test_rejecting_a_budget_stops_the_job_and_it_fails():
     assert job.kill_requested and job.status == "running"
     job = decide(job, AttemptFailed(task="t1", reasons=("killed",)))
     assert job.status == "failed" and job.reason == "the token budget was rejected by alice (operator): too dear"
+
+
+def test_a_cap_crossed_while_the_queen_revises_the_plan_pauses_the_job_once_she_has_answered():
+    job = msgspec.structs.replace(planned(task_max_tokens=100), status="replanning")
+    decision = domain.decide(job, used(200))
+    assert [type(data).__name__ for _, data in decision] == ["TokensUsed", "BudgetExceeded"]
+    job = decide(job, used(200))
+    assert job.status == "replanning"  # her answer must still find the job replanning
+    job = answer(job, Plan(summary="s2", tasks=(task("t1"), task("t3"))), role="queen")
+    assert job.status == "awaiting_approval" and job.approval == "budget"
+    assert job.approval_reason == "task t1 went over budget while the plan was revised"
 
 
 def test_without_caps_tokens_only_count():

@@ -131,7 +131,8 @@ async def test_service_is_discoverable_as_a_nats_micro_service(daemon: Daemon):
     info = json.loads(reply.data)
     assert info["name"] == "numerus"
     assert sorted(e["subject"] for e in info["endpoints"]) == [
-        f"numerus.cmd.{verb}" for verb in sorted(["clean", "events", "kill", "logs", "plan", "run", "status", "approve", "reject"])
+        f"numerus.cmd.{verb}"
+        for verb in sorted(["clean", "events", "kill", "logs", "plan", "run", "status", "approve", "reject"])
     ]
 
 

@@ -420,7 +420,7 @@ def _plan_answered(job: JobState, answer: PlanAnswered) -> Decision:
     if answer.plan is not None and answer.role == "queen":
         errors += replan_errors(job, answer.plan)
     if answer.plan is not None and not errors:
-        return _plan_validated(job, answer.attempt, answer.plan, answer.plan_hash, answer)
+        return _plan_validated(job, answer.attempt, answer.plan, answer.plan_hash, answer) + _pause_deferred(job)
     if not errors:
         errors = ["the answer holds no plan"]
     events: Decision = [
@@ -502,7 +502,7 @@ def _replan_failed(job: JobState, reason: str) -> Decision:
     outcome = _job_outcome(job, changed)
     if outcome and isinstance(outcome[0][1], JobFailed):
         outcome = [(None, JobFailed(reason=f"{outcome[0][1].reason}; {reason}"))]
-    return events + outcome
+    return events + (outcome or _pause_deferred(job))
 
 
 # --- a task --------------------------------------------------------------------------------------------------
@@ -791,12 +791,22 @@ def _budget(job: JobState, task: TaskState, reported: tuple[EventData, ...]) -> 
     if job.on_budget == "stop":
         last = exceeded[-1]
         return events + _stop(job, budget_stop_reason(budget_scope(last.scope, last.task), last.used, last.cap))
-    if job.status != "awaiting_approval":
+    if job.status == "running":  # planning or replanning: the pause waits for the plan (_pause_deferred)
         why = "; ".join(
             f"{scope_name(budget_scope(e.scope, e.task))} used {e.used} tokens of its {e.cap}" for e in exceeded
         )
         events.append((None, ApprovalRequested(gate="budget", reason=why)))
     return events
+
+
+def _pause_deferred(job: JobState) -> Decision:
+    """A cap crossed while the queen revised the plan (her answer must find the job replanning) pauses the job
+    once the revision is over."""
+    # Only a deferred pause leaves scopes over budget without the job waiting: an approval clears them.
+    if job.on_budget != "pause" or not job.over_budget or job.kill_requested or job.status == "awaiting_approval":
+        return []
+    over = ", ".join(scope_name(scope) for scope in job.over_budget)
+    return [(None, ApprovalRequested(gate="budget", reason=f"{over} went over budget while the plan was revised"))]
 
 
 def _stop(job: JobState, reason: str) -> Decision:
