@@ -738,9 +738,12 @@ def _reject(job: JobState, reject: Reject) -> Decision:
 
 
 def _awaiting_task(job: JobState, task_id: str, verb: str) -> TaskState:
+    """The task `task_id` names, refused in one line unless it waits for approval."""
     task = job.tasks.get(task_id)
     if task is None:
-        raise CommandRefused(f"job {job.id} has no task {task_id!r}: 'numerusctl status {job.id}' lists its tasks")
+        raise CommandRefused(
+            f"job {job.id} has no task {task_id!r}: 'numerusctl status {job.id}' lists its tasks", job=job.id
+        )
     if task.status != "awaiting_approval":
         raise CommandRefused(
             f"task {task_id} of job {job.id} is {task.status}, not awaiting approval: nothing to {verb}", job=job.id
