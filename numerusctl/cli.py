@@ -61,6 +61,7 @@ from numerusctl.connection import (
 )
 from numerusd.protocol import subjects
 from numerusd.protocol.commands import (
+    MAX_TOKENS,
     ROLES,
     ApproveJob,
     ApproveReply,
@@ -356,8 +357,8 @@ def _approvals(_ctx: click.Context, param: click.Parameter, values: tuple[str, .
     help="Wait for 'numerusctl approve' at the validated plan, before the job is final (merge), or both (all); "
     "repeatable or comma-separated [numerusd's approve].",
 )
-@click.option("--max-tokens", type=click.IntRange(min=1), metavar="N", help="Token cap of the whole job.")
-@click.option("--task-max-tokens", type=click.IntRange(min=1), metavar="N", help="Token cap of each task.")
+@click.option("--max-tokens", type=click.IntRange(1, MAX_TOKENS), metavar="N", help="Token cap of the whole job.")
+@click.option("--task-max-tokens", type=click.IntRange(1, MAX_TOKENS), metavar="N", help="Token cap of each task.")
 @click.option("--wait", is_flag=True, help="Follow the job until it ends; exit 1 unless it completed.")
 @json_option
 @click.pass_context
@@ -756,7 +757,7 @@ def kill(ctx: click.Context, job: str, as_json: bool) -> None:
 @click.argument("task", required=False, callback=_token)
 @click.option(
     "--add-tokens",
-    type=click.IntRange(min=1),
+    type=click.IntRange(1, MAX_TOKENS),
     metavar="N",
     help="For a job over its token budget: raise the exceeded cap by N tokens.",
 )

@@ -47,7 +47,7 @@ import msgspec
 from numerusd.agents.base import AgentProfile
 from numerusd.errors import ConfigError
 from numerusd.protocol import connection
-from numerusd.protocol.commands import DEFAULT_STATE_DIR, ROLES
+from numerusd.protocol.commands import DEFAULT_STATE_DIR, MAX_TOKENS, ROLES
 
 #: The profiles every installation has; a file's `[agents.<name>]` table is merged over them field by field.
 BUILTIN_AGENTS: dict[str, AgentProfile] = {
@@ -173,8 +173,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     approve: tuple[Literal["plan", "merge", "all"], ...] = ()
     #: Token caps (input + output) of a job and of each task (`run --max-tokens`, `--task-max-tokens`), and what
     #: crossing one does: `pause` (the job waits for `approve --add-tokens N`) or `stop` (the job fails).
-    max_tokens: Annotated[int, msgspec.Meta(ge=1)] | None = None
-    task_max_tokens: Annotated[int, msgspec.Meta(ge=1)] | None = None
+    max_tokens: Annotated[int, msgspec.Meta(ge=1, le=MAX_TOKENS)] | None = None
+    task_max_tokens: Annotated[int, msgspec.Meta(ge=1, le=MAX_TOKENS)] | None = None
     on_budget: Literal["pause", "stop"] = "pause"
     #: What each model's tokens cost per million, for the cost `status` shows (docs/operations.md, "Budgets").
     prices: dict[str, Price] = {}

@@ -4,10 +4,12 @@ domain's decisions first, then end to end through numerusctl with the scripted a
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
 import msgspec
+import nats
 import pytest
 
 from numerusd import domain
@@ -189,6 +191,18 @@ async def test_a_job_over_its_cap_pauses_and_approve_add_tokens_lets_it_finish(t
             assert approved.strip() == f"job {job}: budget approved, its cap raised by 10.0k tokens; the job goes on"
             await client.wait_for(job, lambda v: v["status"] == "completed", timeout=60)
             events = await client.events(job)
+        # From the hostile side: a cap beyond what 64-bit readers of the events take is refused at the edge.
+        huge = daemon.ctl("approve", job, "--add-tokens", str(10**13))
+        assert huge.returncode == 2 and "--add-tokens" in huge.stderr
+        connection = daemon.connection()
+        nc = await nats.connect(connection["url"], user=connection["user"], password=connection["password"])
+        try:
+            body = json.dumps({"job": job, "add_tokens": 10**19}).encode()
+            reply = await nc.request("numerus.cmd.approve", body, timeout=10)
+        finally:
+            await nc.close()
+        assert reply.headers and reply.headers.get("Nats-Service-Error-Code") == "400"
+        assert b"add_tokens" in reply.data and daemon.alive
     (exceeded,) = of_type(events, "BudgetExceeded")
     assert exceeded["data"] == {"scope": "job", "task": "", "used": 5100, "cap": 1000, "action": "pause"}
     (approval,) = of_type(events, "JobApproved")

@@ -19,6 +19,10 @@ class Request(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=T
     """Base of every request; unknown fields are refused so a typo is an error, not silently ignored."""
 
 
+#: The largest token cap, or tokens an approval adds, a request may give: far above any job's, and small enough
+#: that caps added up stay within the 64-bit integers every JSON reader of the events takes.
+MAX_TOKENS = 10**12
+
 #: The longest goal `run` takes, in UTF-8 bytes: it goes into every agent's prompt and into `JobSubmitted`, which
 #: must stay under the event cap whole (a goal is never cut). Longer instructions belong in a file in the repo.
 MAX_GOAL_BYTES = 128 * 1024
@@ -44,8 +48,8 @@ class RunJob(Request, frozen=True, kw_only=True):
     #: Where the job waits for approval (`plan`, `merge`); None: numerusd's `approve` setting.
     approve: tuple[Literal["plan", "merge"], ...] | None = None
     #: Token caps of the job and of each of its tasks; None: numerusd's `max_tokens`, `task_max_tokens`.
-    max_tokens: Annotated[int, msgspec.Meta(ge=1)] | None = None
-    task_max_tokens: Annotated[int, msgspec.Meta(ge=1)] | None = None
+    max_tokens: Annotated[int, msgspec.Meta(ge=1, le=MAX_TOKENS)] | None = None
+    task_max_tokens: Annotated[int, msgspec.Meta(ge=1, le=MAX_TOKENS)] | None = None
     #: A plan written by the user (`run --plan FILE`: the JSON a planner answers, docs/plans.md): validated as a
     #: planner's is, and no planner is asked.
     plan_json: str | None = None
@@ -57,7 +61,7 @@ class ApproveJob(Request, frozen=True, kw_only=True):
 
     job: str
     task: str | None = None
-    add_tokens: Annotated[int, msgspec.Meta(ge=1)] | None = None
+    add_tokens: Annotated[int, msgspec.Meta(ge=1, le=MAX_TOKENS)] | None = None
 
 
 class RejectJob(Request, frozen=True, kw_only=True):
