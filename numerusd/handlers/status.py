@@ -61,12 +61,13 @@ def priced(view: JobView, job: domain.JobState, settings: Settings) -> JobView:
         for task in job.tasks.values()
     }
     known = [value for value in (own, *tasks.values()) if value is not None]
-    total = round(sum(known), 6) if known else None
-    shown = [
-        msgspec.structs.replace(task, cost=None if tasks.get(task.id) is None else round(tasks[task.id] or 0, 6))
-        for task in view.tasks
-    ]
-    return msgspec.structs.replace(view, cost=total, tasks=shown)
+    shown = [msgspec.structs.replace(task, cost=_rounded(tasks.get(task.id))) for task in view.tasks]
+    return msgspec.structs.replace(view, cost=_rounded(sum(known)) if known else None, tasks=shown)
+
+
+def _rounded(cost: float | None) -> float | None:
+    # To a millionth of the price unit: sums of many small costs otherwise print float noise.
+    return None if cost is None else round(cost, 6)
 
 
 def _order(job: domain.JobState) -> tuple[object, str]:
