@@ -78,6 +78,7 @@ from numerusd.protocol.events import (
     PlanValidated,
     TaskCompleted,
     TaskRetryScheduled,
+    Usage,
 )
 from numerusd.protocol.plan import FileIntent
 from numerusd.protocol.review import decode_verdict
@@ -745,6 +746,8 @@ class JobPipeline:
         profile = msgspec.structs.replace(configured, agent_sandbox=configured.own_sandbox(read_only=True))
         adapter = adapter_for(profile)
         await self.approved()
+        if self.job.kill_requested:  # stopped while it waited (a rejected budget): no agent for a stopped job
+            return CallResult(outcome=None, answer=None, usage=Usage(), errors=["the job is being stopped"])
         async with turn or self.slots.taken():
             self._check_stopping()
             place = contextlib.nullcontext(cwd) if cwd is not None else self.checkouts.at(await self.tip())

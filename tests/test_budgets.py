@@ -231,3 +231,22 @@ async def test_with_on_budget_stop_the_agent_is_killed_and_the_job_fails(tmp_pat
     assert exceeded["data"] == {"scope": "task", "task": "a", "used": 5100, "cap": 2000, "action": "stop"}
     (exited,) = of_type(events, "TaskExited")
     assert exited["data"]["signal"] is not None or exited["data"]["exit_code"] != 0
+
+
+@pytest.mark.slow
+async def test_rejecting_a_paused_budget_stops_the_job_before_its_next_agent(tmp_path: Path):
+    repo = git_repo(tmp_path / "repo")
+    with budget_daemon(tmp_path, "pause", [{"write": "A.md", "content": "a\n"}]) as daemon:
+        run = daemon.ctl("run", "notes", "--repo", str(repo), "--agent", "spender", "--max-tokens", "1000", check=True)
+        job = run.stdout.strip()
+        async with daemon.client() as client:
+            await client.wait_for(
+                job, lambda v: v["status"] == "awaiting_approval" and v["tasks"][1]["status"] == "granted"
+            )
+            rejected = daemon.ctl("reject", job, "--reason", "too dear", check=True).stdout
+            assert rejected.strip() == f"job {job}: budget rejected; the job fails"
+            view = await client.wait_for(job, lambda v: v["status"] == "failed")
+            events = await client.events(job)
+    assert view["reason"].startswith("the token budget was rejected by ") and view["reason"].endswith(": too dear")
+    assert [t["status"] for t in view["tasks"]] == ["completed", "killed"]
+    assert [e["task"] for e in of_type(events, "TaskStarted")] == ["a"]  # b's agent never started

@@ -415,7 +415,7 @@ def _plan_answered(job: JobState, answer: PlanAnswered) -> Decision:
     planner's job fails). A kill that arrived meanwhile ends the job instead."""
     _expect_job(job, answer, ("planning", "replanning"))
     if job.kill_requested:
-        return [(None, JobKilled())]
+        return [(None, _stopped(job))]
     errors = list(answer.errors)
     if answer.plan is not None and answer.role == "queen":
         errors += replan_errors(job, answer.plan)
@@ -655,7 +655,7 @@ def _job_outcome(job: JobState, changed: dict[str, TaskStatus]) -> Decision:
     if any(status not in TASK_DONE for status in statuses.values()):
         return []
     if job.kill_requested:
-        return [(None, JobKilled() if job.stop_reason is None else JobFailed(reason=job.stop_reason))]
+        return [(None, _stopped(job))]
     failed = sorted(task for task, status in statuses.items() if status != "completed")
     if not failed and "merge" in job.approve:
         branch = job.integration or "the integration branch"
@@ -810,6 +810,11 @@ def _pause_deferred(job: JobState) -> Decision:
         return []
     over = ", ".join(scope_name(scope) for scope in job.over_budget)
     return [(None, ApprovalRequested(gate="budget", reason=f"{over} went over budget while the plan was revised"))]
+
+
+def _stopped(job: JobState) -> EventData:
+    """How a job being stopped ends once nothing of it runs: killed by a user, or failed for its budget."""
+    return JobKilled() if job.stop_reason is None else JobFailed(reason=job.stop_reason)
 
 
 def _stop(job: JobState, reason: str) -> Decision:
