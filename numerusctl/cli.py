@@ -1,7 +1,8 @@
 """`numerusctl`: the thin client. Each command sends one request to `numerus.cmd.<verb>` and prints the reply.
 
     numerusctl run GOAL [--repo PATH] [--agent NAME] [--role ROLE=PROFILE]... [--parallel N] [--check CMD]...
-                   [--no-review] [--no-plan] [--wait]
+                   [--no-review] [--no-plan | --plan FILE] [--approve plan|merge|all]... [--max-tokens N]
+                   [--task-max-tokens N] [--wait]
     numerusctl plan JOB [--format text|dot|mermaid]
     numerusctl status [JOB] [--limit N | --all] [--repo PATH]
     numerusctl logs JOB [TASK] [-f] [--raw] [--check]
@@ -15,6 +16,8 @@
     numerusctl discard JOB
     numerusctl attach JOB TASK [--read-only]
     numerusctl top
+    numerusctl approve JOB [TASK] [--add-tokens N]
+    numerusctl reject JOB [TASK] [--reason TEXT]
     numerusctl audit verify [JOB] [--key-file F] [--expect-head DIGEST] [--finished]
     numerusctl completion bash|zsh|fish
 
@@ -75,9 +78,12 @@ from numerusctl.connection import (
 from numerusd.protocol import subjects
 from numerusd.protocol.commands import (
     MAX_PRIORITY,
+    MAX_TOKENS,
     ROLES,
     AcceptJob,
     AcceptReply,
+    ApproveJob,
+    ApproveReply,
     CleanJobs,
     CleanReply,
     DiffReply,
@@ -95,6 +101,8 @@ from numerusd.protocol.commands import (
     PauseJob,
     PauseReply,
     PlanReply,
+    RejectJob,
+    RejectReply,
     ResumeJob,
     ResumeReply,
     RetryJob,
@@ -404,6 +412,20 @@ def _checks(_ctx: click.Context, param: click.Parameter, values: tuple[str, ...]
     return values
 
 
+def _approvals(_ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> tuple[str, ...] | None:
+    """`--approve plan --approve merge`, `--approve plan,merge`, `--approve all` -> ("plan", "merge"); None when
+    not given (numerusd's `approve` setting applies)."""
+    if not values:
+        return None
+    gates: list[str] = []
+    for value in values:
+        for gate in (part.strip() for part in value.split(",")):
+            if gate not in ("plan", "merge", "all"):
+                raise click.BadParameter(f"{gate!r} is not plan, merge or all", param=param)
+            gates += ["plan", "merge"] if gate == "all" else [gate]
+    return tuple(gate for gate in ("plan", "merge") if gate in gates)
+
+
 @cli.command()
 @click.argument("goal")
 @click.option(
@@ -451,10 +473,10 @@ def _checks(_ctx: click.Context, param: click.Parameter, values: tuple[str, ...]
     "(plan, one agent call fewer per task) [numerusd's claims].",
 )
 @click.option(
-    "--plan/--no-plan",
-    default=True,
-    help="Plan the goal into tasks (the default); --no-plan: one supervised agent works on the whole goal, with "
-    "no plan, claims, checks or review.",
+    "--no-plan",
+    "no_plan",
+    is_flag=True,
+    help="One supervised agent works on the whole goal, with no plan, claims, checks or review.",
 )
 @click.option(
     "--priority",
@@ -464,6 +486,24 @@ def _checks(_ctx: click.Context, param: click.Parameter, values: tuple[str, ...]
     help=f"The job's place in numerusd's queue of agent slots (max_agents): higher first, {-MAX_PRIORITY} to "
     f"{MAX_PRIORITY} [0].",
 )
+@click.option(
+    "--plan",
+    "plan_file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    metavar="FILE",
+    help="Your own plan (the JSON a planner answers, docs/plans.md), validated as a planner's is: no planner is asked.",
+)
+@click.option(
+    "--approve",
+    "approvals",
+    multiple=True,
+    metavar="plan|merge|all",
+    callback=_approvals,
+    help="Wait for 'numerusctl approve' at the validated plan, before the job is final (merge), or both (all); "
+    "repeatable or comma-separated [numerusd's approve].",
+)
+@click.option("--max-tokens", type=click.IntRange(1, MAX_TOKENS), metavar="N", help="Token cap of the whole job.")
+@click.option("--task-max-tokens", type=click.IntRange(1, MAX_TOKENS), metavar="N", help="Token cap of each task.")
 @click.option("--wait", is_flag=True, help="Follow the job until it ends; exit 1 unless it completed.")
 @json_option
 @click.pass_context
@@ -477,7 +517,11 @@ def run(
     checks: tuple[str, ...],
     review: bool | None,
     claims: str | None,
-    plan: bool,
+    no_plan: bool,
+    plan_file: Path | None,
+    approvals: tuple[str, ...] | None,
+    max_tokens: int | None,
+    task_max_tokens: int | None,
     priority: int,
     wait: bool,
     as_json: bool,
@@ -489,8 +533,9 @@ def run(
     they are.
     """
     opts = _options(ctx, as_json)  # the goal itself is numerusd's to judge: one place says what a good one is
+    plan = not no_plan
     if not plan:
-        _refuse_with_no_plan(roles, parallel, checks, review, claims)
+        _refuse_with_no_plan(roles, parallel, checks, review, claims, plan_file, approvals)
     job = RunJob(
         goal=goal,
         repo=str(_repository(repo, plan)),
@@ -502,6 +547,10 @@ def run(
         review=review,
         claims=claims,
         priority=priority,
+        approve=approvals,
+        max_tokens=max_tokens,
+        task_max_tokens=task_max_tokens,
+        plan_json=None if plan_file is None else _read_plan(plan_file),
     )
 
     submitted: list[str] = []
@@ -548,11 +597,40 @@ def _repository(given: Path | None, plan: bool) -> Path:
     return Path(top) if found.returncode == 0 and top else start
 
 
+#: The largest plan file `run --plan` reads; numerusd refuses a request over its own limit (max_request_bytes).
+PLAN_FILE_BYTES = 4 * 1024 * 1024
+
+
+def _read_plan(path: Path) -> str:
+    """The text of a plan file, for numerusd to validate; a usage error when it cannot be read as UTF-8."""
+    try:
+        with path.open("rb") as file:
+            data = file.read(PLAN_FILE_BYTES + 1)
+    except OSError as e:
+        raise CtlError(f"cannot read the plan {path}: {e.strerror}", CtlExit.USAGE) from None
+    if len(data) > PLAN_FILE_BYTES:
+        raise CtlError(f"the plan {path} is over {PLAN_FILE_BYTES // (1024 * 1024)} MiB; a plan is JSON of tasks")
+    try:
+        return data.decode()
+    except UnicodeDecodeError:
+        raise CtlError(f"the plan {path} is not UTF-8 text; a plan is JSON (docs/plans.md)", CtlExit.USAGE) from None
+
+
 def _refuse_with_no_plan(
-    roles: dict[str, str], parallel: int | None, checks: tuple[str, ...], review: bool | None, claims: str | None
+    roles: dict[str, str],
+    parallel: int | None,
+    checks: tuple[str, ...],
+    review: bool | None,
+    claims: str | None,
+    plan_file: Path | None = None,
+    approvals: tuple[str, ...] | None = None,
 ) -> None:
     """A usage error for an option that the single-task path (`--no-plan`) would silently ignore."""
     ignored = [f"--role {role}=..." for role in roles if role != "executor"]
+    if plan_file is not None:
+        ignored.append("--plan")
+    if approvals:
+        ignored.append("--approve")
     if parallel is not None:
         ignored.append("--parallel")
     if checks:
@@ -866,6 +944,57 @@ def kill(ctx: click.Context, job: str, task: str | None, as_json: bool) -> None:
         return 0
 
     _run(_with_daemon(opts, body))
+
+
+# --- approve, reject -------------------------------------------------------------------------------------------
+
+
+@cli.command()
+@click.argument("job", callback=_token, shell_complete=_complete_jobs)
+@click.argument("task", required=False, callback=_token, shell_complete=_complete_tasks)
+@click.option(
+    "--add-tokens",
+    type=click.IntRange(1, MAX_TOKENS),
+    metavar="N",
+    help="For a job over its token budget: raise the exceeded cap by N tokens.",
+)
+@json_option
+@click.pass_context
+def approve(ctx: click.Context, job: str, task: str | None, add_tokens: int | None, as_json: bool) -> None:
+    """Let JOB go on from where it waits for approval (its plan, its merge, a token cap), or give TASK, which
+    waits after its escalated attempt failed, one more attempt."""
+    opts = _options(ctx, as_json)
+
+    async def body(nc: Client) -> int:
+        data = await request(nc, "approve", ApproveJob(job=job, task=task, add_tokens=add_tokens), opts.timeout)
+        reply: ApproveReply = decode_reply("approve", data)
+        _out(data.decode() if opts.json else render.approve_text(reply))
+        return 0
+
+    _run(_with_daemon(opts, body))
+
+
+@cli.command()
+@click.argument("job", callback=_token, shell_complete=_complete_jobs)
+@click.argument("task", required=False, callback=_token, shell_complete=_complete_tasks)
+@click.option("--reason", default="", help="Why, recorded with the rejection.")
+@json_option
+@click.pass_context
+def reject(ctx: click.Context, job: str, task: str | None, reason: str, as_json: bool) -> None:
+    """End JOB as failed where it waits for approval (a merge keeps its branch), or fail TASK, which waits for
+    approval (the tasks depending on it are skipped)."""
+    opts = _options(ctx, as_json)
+
+    async def body(nc: Client) -> int:
+        data = await request(nc, "reject", RejectJob(job=job, task=task, reason=reason), opts.timeout)
+        reply: RejectReply = decode_reply("reject", data)
+        _out(data.decode() if opts.json else render.reject_text(reply))
+        return 0
+
+    _run(_with_daemon(opts, body))
+
+
+# --- resume, retry, skip -------------------------------------------------------------------------------------
 
 
 @cli.command()

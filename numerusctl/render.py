@@ -18,6 +18,7 @@ from datetime import datetime
 
 from numerusd.protocol.commands import (
     AcceptReply,
+    ApproveReply,
     CleanedJob,
     CleanReply,
     DiffReply,
@@ -26,6 +27,7 @@ from numerusd.protocol.commands import (
     KillReply,
     PauseReply,
     PlanReply,
+    RejectReply,
     StartReply,
     TaskView,
 )
@@ -200,8 +202,17 @@ def job_detail(job: JobView, now: datetime) -> str:
         ("repo", job.repo),
         ("agent", job.agent),
     ]
+    if job.approval is not None:
+        fields.append(("waits", approval_line(job.id, job.approval, job.approval_reason)))
+    if job.awaiting_tasks:
+        first = job.awaiting_tasks[0]
+        fields.append(
+            ("waits", f"task {', '.join(job.awaiting_tasks)}: 'numerusctl approve {job.id} {first}' or 'reject'")
+        )
     if job.planned:
         fields += _plan_fields(job)
+    if job.max_tokens is not None or job.task_max_tokens is not None or job.cost is not None:
+        fields.append(("budget", _budget_line(job)))
     fields += [
         ("created", f"{local_time(job.created)} ({age(now, job.created)} ago)"),
         ("updated", f"{local_time(job.updated)} ({age(now, job.updated)} ago)"),
@@ -269,6 +280,29 @@ def ordinal(n: int) -> str:
     return f"{n}{suffix}"
 
 
+def approval_line(job: str, gate: str, reason: str | None) -> str:
+    """What a job awaiting approval waits for, and the commands that answer."""
+    what = {"plan": "its plan", "merge": "the merge of its work", "budget": "more tokens"}.get(gate, gate)
+    answer = f"'numerusctl approve {job}{' --add-tokens N' if gate == 'budget' else ''}' or 'numerusctl reject {job}'"
+    return f"approval of {what}" + (f" ({reason})" if reason else "") + f": {answer}"
+
+
+def _budget_line(job: JobView) -> str:
+    """`12.3k of 50.0k tokens, 8.0k a task; $0.42`: the job's token caps and its cost, as far as known."""
+    parts = []
+    if job.max_tokens is not None:
+        parts.append(f"{count(job.tokens)} of {count(job.max_tokens)} tokens")
+    if job.task_max_tokens is not None:
+        parts.append(f"{count(job.task_max_tokens)} a task")
+    line = ", ".join(parts) or "no token cap"
+    return line + (f"; cost {money(job.cost)}" if job.cost is not None else "")
+
+
+def money(cost: float) -> str:
+    """`$0.0042`, `$1.23`: a cost in the price table's unit."""
+    return f"${cost:.4f}" if cost < 1 else f"${cost:,.2f}"
+
+
 def _plan_fields(job: JobView) -> list[tuple[str, str]]:
     """The lines `status JOB` adds for a planned job: its plan, its integration branch, its limits."""
     if job.plan_hash is None:
@@ -332,9 +366,26 @@ def first_line(text: str, width: int = SUMMARY_WIDTH) -> str:
 def plan_text(reply: PlanReply) -> str:
     """`plan JOB`: which plan, the daemon's drawing of it, then where each task stands."""
     head = f"plan v{reply.version} of job {reply.job} (hash {reply.hash[:HASH_WIDTH]})"
+    if reply.approval is not None:
+        head += f"\n{reply.status}: {approval_line(reply.job, reply.approval, None)}"
     statuses = table(["TASK", "STATUS"], [[task, status] for task, status in reply.statuses.items()])
     drawing = f"{head}\n{reply.rendered.rstrip()}"
     return f"{drawing}\n\n{statuses}" if reply.statuses else drawing
+
+
+def approve_text(reply: ApproveReply) -> str:
+    """What `approve` recorded."""
+    if reply.task is not None:
+        return f"job {reply.job}: task {reply.task} approved for one more attempt"
+    added = f", its cap raised by {count(reply.added_tokens)} tokens" if reply.added_tokens else ""
+    return f"job {reply.job}: {reply.gate} approved{added}; the job goes on"
+
+
+def reject_text(reply: RejectReply) -> str:
+    """What `reject` recorded."""
+    if reply.task is not None:
+        return f"job {reply.job}: task {reply.task} rejected; it fails, and the tasks depending on it are skipped"
+    return f"job {reply.job}: {reply.gate} rejected; the job fails"
 
 
 def kill_text(reply: KillReply, task: str | None = None) -> str:

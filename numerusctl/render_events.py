@@ -172,6 +172,32 @@ def _pipeline_story(type_name: str, d: dict[str, Any]) -> str | None:
             return f"merge conflicts on {_listed(get('paths') or [])}; retried from the new tip"
         case "MergeBlocked":
             return f"merge waits (tried again every {float(get('retry_s') or 0):g} s): {get('reason')}"
+    return _approval_story(type_name, d)
+
+
+def _approval_story(type_name: str, d: dict[str, Any]) -> str | None:
+    """What an approval, a rejection, an escalation or a budget did; None for every other event."""
+    get = d.get
+    because = f": {first_line(str(get('reason')), REASON_WIDTH)}" if get("reason") else ""
+    match type_name:
+        case "ApprovalRequested":
+            return f"waits for approval of its {get('gate')}{because}"
+        case "JobApproved":
+            added = f", {get('added_tokens')} tokens added" if get("added_tokens") else ""
+            return f"{get('gate')} approved by {get('by')}{added}"
+        case "JobRejected":
+            return f"{get('gate')} rejected by {get('by')}{because}"
+        case "BudgetExceeded":
+            what = f"task {get('task')}" if get("scope") == "task" else "the job"
+            return f"over budget: {what} used {get('used')} tokens of its {get('cap')} ({get('action')})"
+        case "TaskEscalated":
+            return f"escalated from {get('previous')} to {get('agent')}"
+        case "TaskApprovalRequested":
+            return f"waits for approval{because}"
+        case "TaskApproved":
+            return f"approved by {get('by')} for one more attempt"
+        case "TaskRejected":
+            return f"rejected by {get('by')}{because}"
     return None
 
 
@@ -240,6 +266,10 @@ def progress_line(job: str, type_name: str, task: str | None, data: Any) -> str 
     """What `run --wait` prints for an event, or None for events not worth a line (tokens, pids)."""
     d = data if isinstance(data, dict) else {}
     reason = f": {first_line(d['reason'], REASON_WIDTH)}" if isinstance(d.get("reason"), str) else ""
+    if type_name == "ApprovalRequested":
+        budget = " --add-tokens N" if d.get("gate") == "budget" else ""
+        answer = f"numerusctl approve {job}{budget}, or numerusctl reject {job}"
+        return cut(f"job {job} waits for approval of its {d.get('gate')}{reason} ({answer})", SUMMARY_WIDTH * 2)
     # LocksReleased and MergeStarted tell no story of their own here: the line after them says what came of it.
     story = _pipeline_story(type_name, d)
     if story is not None:

@@ -47,7 +47,7 @@ import msgspec
 from numerusd.agents.base import AgentProfile
 from numerusd.errors import ConfigError
 from numerusd.protocol import connection
-from numerusd.protocol.commands import DEFAULT_STATE_DIR, ROLES
+from numerusd.protocol.commands import DEFAULT_STATE_DIR, MAX_TOKENS, ROLES
 
 #: The profiles every installation has; a file's `[agents.<name>]` table is merged over them field by field.
 BUILTIN_AGENTS: dict[str, AgentProfile] = {
@@ -101,6 +101,20 @@ class NatsAddress(msgspec.Struct, frozen=True, kw_only=True):
         # As for Settings: the password never reaches a log line.
         password = "<set>" if self.password else None
         return f"NatsAddress(url={self.url!r}, user={self.user!r}, password={password}, creds={self.creds!r})"
+
+
+class Price(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """What a model's tokens cost, per million (`[prices."gpt-5-codex"]`); cached input costs `input` unless given."""
+
+    input: Annotated[float, msgspec.Meta(ge=0)]
+    cached_input: Annotated[float, msgspec.Meta(ge=0)] | None = None
+    output: Annotated[float, msgspec.Meta(ge=0)]
+
+    def cost(self, input_tokens: int, cached_input_tokens: int, output_tokens: int) -> float:
+        """The cost of these tokens (`input_tokens` counts the cached ones too, as codex reports them)."""
+        cached = min(cached_input_tokens, input_tokens)
+        cached_price = self.input if self.cached_input is None else self.cached_input
+        return ((input_tokens - cached) * self.input + cached * cached_price + output_tokens * self.output) / 1e6
 
 
 class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -162,6 +176,15 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     max_event_bytes: Annotated[int, msgspec.Meta(ge=4096)] = 256 * 1024
     max_request_bytes: Annotated[int, msgspec.Meta(ge=4096)] = 1024 * 1024
     dlq_max_bytes: Annotated[int, msgspec.Meta(ge=1024 * 1024)] = 64 * 1024 * 1024
+    #: Where every planned job waits for a user's approval (`run --approve` instead): `plan`, `merge`, or `all`.
+    approve: tuple[Literal["plan", "merge", "all"], ...] = ()
+    #: Token caps (input + output) of a job and of each task (`run --max-tokens`, `--task-max-tokens`), and what
+    #: crossing one does: `pause` (the job waits for `approve --add-tokens N`) or `stop` (the job fails).
+    max_tokens: Annotated[int, msgspec.Meta(ge=1, le=MAX_TOKENS)] | None = None
+    task_max_tokens: Annotated[int, msgspec.Meta(ge=1, le=MAX_TOKENS)] | None = None
+    on_budget: Literal["pause", "stop"] = "pause"
+    #: What each model's tokens cost per million, for the cost `status` shows (docs/operations.md, "Budgets").
+    prices: dict[str, Price] = {}
 
     def __repr__(self) -> str:
         # The password must never reach a log line; show only whether there is one.
@@ -198,6 +221,15 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     def schemas_dir(self) -> Path:
         """The `--output-schema` files agents answer with, written at start from the protocol types."""
         return self.state_dir / "schemas"
+
+    def approvals(self, asked: tuple[str, ...] | None = None) -> tuple[str, ...]:
+        """Where a job waits for approval: `asked` (`run --approve`), else the `approve` setting; `all` is both."""
+        named = self.approve if asked is None else asked
+        return tuple(gate for gate in ("plan", "merge") if gate in named or "all" in named)
+
+    def escalations(self) -> dict[str, str]:
+        """Each profile that names an `escalate` profile, and that profile."""
+        return {name: profile.escalate for name, profile in self.agents.items() if profile.escalate is not None}
 
     def role_agents(self, agent: str | None = None, overrides: Mapping[str, str] | None = None) -> dict[str, str]:
         """The profile of each role: from `overrides`, else `agent` for all when given, else `[roles]`, else
@@ -363,6 +395,14 @@ def load_settings(
             f"default_agent {settings.default_agent!r} is not a configured agent profile (known: {known})",
             setting="default_agent",
         )
+    for name, profile in settings.agents.items():
+        if profile.escalate is not None and profile.escalate not in settings.agents:
+            raise ConfigError(
+                f"agents.{name}.escalate: {profile.escalate!r} is not a configured agent profile (known: {known})",
+                setting="agents",
+            )
+        if profile.escalate == name:
+            raise ConfigError(f"agents.{name}.escalate: a profile cannot escalate to itself", setting="agents")
     for role, profile in settings.roles.items():
         if role not in ROLES:
             raise ConfigError(f"roles: unknown role {role!r}; the roles are {', '.join(ROLES)}", setting="roles")

@@ -73,7 +73,15 @@ from numerusd.plans import ValidatedPlan, validate_plan
 from numerusd.protocol import subjects
 from numerusd.protocol.claims import Claim, ClaimedPath, decode_claim
 from numerusd.protocol.commands import JOB_DONE
-from numerusd.protocol.events import EventData, PlanRejected, PlanValidated, TaskCompleted, TaskRetryScheduled
+from numerusd.protocol.events import (
+    BudgetExceeded,
+    EventData,
+    PlanRejected,
+    PlanValidated,
+    TaskCompleted,
+    TaskRetryScheduled,
+    Usage,
+)
 from numerusd.protocol.plan import FileIntent
 from numerusd.protocol.review import decode_verdict
 from numerusd.slots import Slots
@@ -137,6 +145,10 @@ class JobPipeline:
         self.checkouts = Checkouts(self.git_repo, self.settings.worktrees_dir / f"{job_id}{CHECKOUTS_SUFFIX}")
         #: Each task's last agent run: what it reported running and writing, for the gate.
         self.runs: dict[str, TaskRun] = {}
+        #: Whether the job's tasks may run: set once `run` has its plan approved and its integration branch.
+        self.flowing = False
+        #: The job's agents being stopped because a token budget was exceeded (`on_budget = "stop"`).
+        self._stopping_agents: asyncio.Task[None] | None = None
 
     @property
     def hidden(self) -> tuple[Path, ...]:
@@ -171,12 +183,14 @@ class JobPipeline:
                 await self.checkouts.clear()  # left by a daemon that stopped in the middle
             if self.job.status == "planning" and not await self.plan():
                 return
+            await self.approved()  # a plan approval: no task starts before it
             if self.job.status in JOB_DONE:
                 return
             if not in_place:
                 await self.integration_branch()
             if self.job.status == "replanning":
                 await self.replan()  # asked before the daemon stopped, not answered yet
+            self.flowing = True
             self.start_flows()
             watch = asyncio.create_task(self._watch_progress(), name=f"{self.job_id} progress")
             self.flows["-progress"] = watch  # cancelled with the flows; never ends on its own
@@ -189,6 +203,9 @@ class JobPipeline:
             if not in_place:
                 await self.publish(self.job.integration)  # in case a publication after a merge was refused
             await self.observe(Settled())
+            while self.job.status == "awaiting_approval":  # a merge (or budget) approval holds the job's end
+                await self.approved()
+                await self.observe(Settled())
         except (_Stopped, Withdrawn):  # the daemon stops, or the job ended while it waited for an agent slot
             return
         except git.RefMoved as e:
@@ -219,7 +236,10 @@ class JobPipeline:
 
     def start_flows(self) -> None:
         """A flow for every unfinished task that has none: the plan's tasks, those a revised plan adds, those
-        retried, and, when a job resumes, each from its last recorded step."""
+        retried, and, when a job resumes, each from its last recorded step. Nothing before the job's tasks may
+        run (its plan approved, its integration branch made): `run` starts them then."""
+        if not self.flowing:
+            return
         for task in self.job.tasks.values():
             if task.status not in domain.TASK_DONE and task.id not in self.flows:
                 self.flows[task.id] = asyncio.create_task(self.task_flow(task.id), name=f"{self.job_id}/{task.id}")
@@ -235,6 +255,10 @@ class JobPipeline:
         sealed = await self.book.decide(self.job_id, observation)
         if any(isinstance(event.envelope.data, (TaskCompleted, PlanValidated)) for event in sealed):
             self.progress_at = time.monotonic()
+        if any(isinstance(event.envelope.data, BudgetExceeded) for event in sealed) and self.job.kill_requested:
+            # A budget with `on_budget = "stop"`: its agents stop as a kill stops them (not awaited: this may be
+            # the reading loop of one of them).
+            self._stopping_agents = asyncio.create_task(self.agents.terminate(self.job_id))
         await self.poke()
         return [event.envelope.data for event in sealed]
 
@@ -243,6 +267,10 @@ class JobPipeline:
         async with self.changed:
             await self.changed.wait_for(lambda: predicate(self.job) or self.stopping.is_set())
         self._check_stopping()
+
+    async def approved(self) -> None:
+        """Wait while the job awaits a user's approval (its plan, its merge, a token cap): no agent starts meanwhile."""
+        await self.until(lambda job: job.status != "awaiting_approval")
 
     def _check_stopping(self) -> None:
         if self.stopping.is_set():
@@ -399,6 +427,8 @@ class JobPipeline:
                     or job.tasks[task_id].kill_requested
                 )
             )
+        if status == "awaiting_approval":  # escalated and failed before a daemon stop: it still waits for a user
+            await self.until(lambda job: job.tasks[task_id].status != "awaiting_approval" or job.kill_requested)
         finishing = status in ("checking", "merging")
         while True:
             task = self.job.tasks[task_id]
@@ -423,6 +453,11 @@ class JobPipeline:
                 await self.replan()
                 return
             retry = next((event for event in decided if isinstance(event, TaskRetryScheduled)), None)
+            if retry is None and self.job.tasks[task_id].status == "awaiting_approval":
+                # Escalated and failed again: one more attempt once a user approves it (a rejection fails it).
+                await self.until(lambda job: job.tasks[task_id].status != "awaiting_approval")
+                if self.job.tasks[task_id].status == "retrying":
+                    continue
             if retry is None:
                 return
             await self._pause(retry.delay_s)
@@ -566,6 +601,9 @@ class JobPipeline:
     ) -> str | None:
         """Run the executor in `workdir` (going on in the agent thread `resume`); why the run failed, or None when
         it exited 0."""
+        await self.approved()  # over a token budget: the agents running go on, no new one starts
+        if self.job.kill_requested:
+            return "killed"
         task = self.job.tasks[task_id]
         profile = self.settings.agents[task.agent]
         adapter = adapter_for(profile)
@@ -789,6 +827,9 @@ class JobPipeline:
         configured = self.settings.agents[profile_name]
         profile = msgspec.structs.replace(configured, agent_sandbox=configured.own_sandbox(read_only=True))
         adapter = adapter_for(profile)
+        await self.approved()
+        if self.job.kill_requested:  # stopped while it waited (a rejected budget): no agent for a stopped job
+            return CallResult(outcome=None, answer=None, usage=Usage(), errors=["the job is being stopped"])
         async with turn or self.slots.taken():
             self._check_stopping()
             place = contextlib.nullcontext(cwd) if cwd is not None else self.checkouts.at(await self.tip())

@@ -132,7 +132,9 @@ async def test_service_is_discoverable_as_a_nats_micro_service(daemon: Daemon):
     assert info["name"] == "numerus"
     # Every verb of the protocol is an endpoint (a verb without its handler would fail here).
     assert sorted(e["subject"] for e in info["endpoints"]) == [f"numerus.cmd.{verb}" for verb in sorted(REQUESTS)]
-    assert {"run", "status", "kill", "resume", "retry", "skip", "pause", "start", "diff", "accept"} <= set(REQUESTS)
+    assert {"run", "status", "kill", "resume", "retry", "skip", "pause", "start", "diff", "accept", "approve"} <= set(
+        REQUESTS
+    )
 
 
 def test_many_concurrent_bad_and_good_requests_leave_the_daemon_consistent(daemon: Daemon):

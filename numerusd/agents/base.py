@@ -43,6 +43,9 @@ class AgentProfile(msgspec.Struct, frozen=True, kw_only=True):
     secret_env: tuple[str, ...] = ()
     #: "claimed": the gate fails a task whose agent ran a command its claim did not list (docs/pipeline.md).
     commands: Literal["claimed", "any"] = "any"
+    #: The profile that makes one more attempt of a task whose attempts on this profile all failed (then the task
+    #: waits for approval); None: the task fails (docs/operations.md, "Approvals").
+    escalate: str | None = None
 
     def own_sandbox(self, *, read_only: bool = False) -> str:
         """The agent's own sandbox mode for a run: the one configured; else, inside Numerus's sandbox, none of its

@@ -26,6 +26,7 @@ from numerusd.domain.observations import (
     AgentSlotTaken,
     AgentStarted,
     AgentStarting,
+    Approve,
     AttemptFailed,
     CheckRan,
     ClaimAnswered,
@@ -49,6 +50,7 @@ from numerusd.domain.observations import (
     PlanAnswered,
     PlanAsked,
     Redacted,
+    Reject,
     ReplanGaveUp,
     Resume,
     Retry,
@@ -64,7 +66,18 @@ from numerusd.domain.observations import (
     WorkCommitted,
     WorktreeReady,
 )
-from numerusd.domain.state import ACTIVE, TASK_DONE, Decision, JobState, TaskState, lock_table
+from numerusd.domain.state import (
+    ACTIVE,
+    TASK_DONE,
+    Decision,
+    JobState,
+    TaskState,
+    budget_scope,
+    budget_stop_reason,
+    lock_table,
+    rejected_reason,
+    scope_name,
+)
 from numerusd.errors import BadRequest, CommandRefused, InvalidTransition, NotFound
 from numerusd.protocol.commands import JOB_DONE, TaskStatus
 from numerusd.protocol.events import (
@@ -77,22 +90,27 @@ from numerusd.protocol.events import (
     AgentSpawned,
     AgentSpawnFailed,
     AgentThreadStarted,
+    ApprovalRequested,
+    BudgetExceeded,
     CheckCompleted,
     ClaimDenied,
     ClaimGranted,
     ClaimProposed,
     ClaimRejected,
     ClaimViolated,
+    EventData,
     GateFailed,
     GatePassed,
     IntegrationBranchCreated,
     JobAccepted,
+    JobApproved,
     JobCleaned,
     JobCompleted,
     JobDiscarded,
     JobFailed,
     JobInterrupted,
     JobKilled,
+    JobRejected,
     JobReopened,
     JobResumed,
     JobSubmitted,
@@ -108,14 +126,18 @@ from numerusd.protocol.events import (
     ReplanRequested,
     ReviewCompleted,
     SecretRedacted,
+    TaskApprovalRequested,
+    TaskApproved,
     TaskCompleted,
     TaskCreated,
+    TaskEscalated,
     TaskExited,
     TaskFailed,
     TaskInterrupted,
     TaskKilled,
     TaskKillRequested,
     TaskMerged,
+    TaskRejected,
     TaskRetryRequested,
     TaskRetryScheduled,
     TaskSkipped,
@@ -124,7 +146,7 @@ from numerusd.protocol.events import (
     TokensUsed,
     WorktreeCreated,
 )
-from numerusd.protocol.plan import Plan
+from numerusd.protocol.plan import Plan, PlannedTask
 
 __all__ = ["check_acceptable", "check_cleanable", "decide", "replan_errors"]
 
@@ -180,6 +202,10 @@ def decide(job: JobState | None, message: Command | Observation) -> Decision:
             return [(None, JobAccepted(**fields))]
         case Discarded():
             return _discarded(job, message)
+        case Approve():
+            return _approve(job, message)
+        case Reject():
+            return _reject(job, message)
         case PlanAsked(role=role, attempt=attempt, agent=agent, log_path=log_path):
             _expect_job(job, message, ("planning", "replanning"))
             return [(None, PlanRequested(attempt=attempt, agent=agent, role=role, log_path=log_path))]
@@ -241,7 +267,7 @@ def _decide_task(job: JobState, task: TaskState, seen: TaskObservation) -> Decis
             for event in events:
                 if not isinstance(event, _REPORTED):
                     raise InvalidTransition(f"an agent's output cannot report {type(event).__name__}")
-            return [(task.id, event) for event in events]
+            return [(task.id, event) for event in events] + _budget(job, task, events)
         case InputSent(size=size, sha256=sha256, by=by):
             if task.status != "running":  # a user's doing: refused in words, not as a daemon bug
                 raise CommandRefused(
@@ -359,6 +385,10 @@ def _submit(command: SubmitJob) -> Decision:
             claims="none",
             unsandboxed=tuple(role for role in command.unsandboxed if role == "executor"),
             priority=command.priority,
+            by=command.by,
+            max_tokens=command.max_tokens,
+            task_max_tokens=command.task_max_tokens,
+            on_budget=command.on_budget,
         )
         return [(None, submitted), (IN_PLACE_TASK, TaskCreated(title=title, instructions=command.goal, agent=executor))]
     submitted = JobSubmitted(
@@ -380,7 +410,15 @@ def _submit(command: SubmitJob) -> Decision:
         uncommitted=tuple((uncommitted or ())[:UNCOMMITTED_NAMED]),
         unsandboxed=command.unsandboxed,
         priority=command.priority,
+        by=command.by,
+        approve=command.approve,
+        max_tokens=command.max_tokens,
+        task_max_tokens=command.task_max_tokens,
+        on_budget=command.on_budget,
+        escalate=command.escalate,
     )
+    if command.given_plan is not None:
+        return [(None, submitted), *_given_plan(command, command.given_plan)]
     return [(None, submitted)]
 
 
@@ -398,7 +436,7 @@ def _kill(job: JobState, by: str) -> Decision:
     for task in job.tasks.values():
         if task.status == "pending":
             events.append((task.id, TaskKilled()))
-        elif task.status == "waiting":
+        elif task.status in ("waiting", "awaiting_approval"):
             events += [(task.id, LocksReleased(reason="killed")), (task.id, TaskKilled())]
     busy = [task for task in job.tasks.values() if task.status in ACTIVE and task.status != "waiting"]
     if not busy and job.status not in ("planning", "replanning"):
@@ -572,12 +610,12 @@ def _plan_answered(job: JobState, answer: PlanAnswered) -> Decision:
     planner's job fails). A kill that arrived meanwhile ends the job instead."""
     _expect_job(job, answer, ("planning", "replanning"))
     if job.kill_requested:
-        return [(None, JobKilled())]
+        return [(None, _stopped(job))]
     errors = list(answer.errors)
     if answer.plan is not None and answer.role == "queen":
         errors += replan_errors(job, answer.plan)
     if answer.plan is not None and not errors:
-        return _plan_validated(job, answer.attempt, answer.plan, answer.plan_hash, answer)
+        return _plan_validated(job, answer.attempt, answer.plan, answer.plan_hash, answer) + _pause_deferred(job)
     if not errors:
         errors = ["the answer holds no plan"]
     events: Decision = [
@@ -628,16 +666,21 @@ def _plan_validated(job: JobState, attempt: int, plan: Plan, plan_hash: str, ans
         existing = job.tasks.get(task.id)
         if existing is not None and existing.status != "pending":
             continue  # completed, or under way: it stays as it is
-        created = TaskCreated(
-            title=task.title,
-            instructions=task.instructions,
-            agent=executor,
-            role=task.role,
-            deps=task.deps,
-            intents=task.intents,
-        )
-        events.append((task.id, created))
+        events.append((task.id, _task_created(task, executor)))
+    if version == 1 and "plan" in job.approve:
+        events.append((None, ApprovalRequested(gate="plan", reason=_plan_reason(plan, plan_hash, ""))))
     return events
+
+
+def _task_created(task: PlannedTask, executor: str) -> TaskCreated:
+    return TaskCreated(
+        title=task.title,
+        instructions=task.instructions,
+        agent=executor,
+        role=task.role,
+        deps=task.deps,
+        intents=task.intents,
+    )
 
 
 def _replan_failed(job: JobState, reason: str) -> Decision:
@@ -654,7 +697,7 @@ def _replan_failed(job: JobState, reason: str) -> Decision:
     outcome = _job_outcome(job, changed)
     if outcome and isinstance(outcome[0][1], JobFailed):
         outcome = [(None, JobFailed(reason=f"{outcome[0][1].reason}; {reason}"))]
-    return events + outcome
+    return events + (outcome or _pause_deferred(job))
 
 
 # --- a task --------------------------------------------------------------------------------------------------
@@ -734,6 +777,9 @@ def _attempt_failed(job: JobState, task: TaskState, reasons: tuple[str, ...], fr
         reason = "; ".join(reasons)
     else:
         reason = f"failed after {failed} attempt{'s' if failed != 1 else ''}: {'; '.join(reasons)}"
+    escalation = _escalation(job, task, failed, reasons, reason, fresh)
+    if escalation is not None:
+        return escalation
     if job.replans < job.max_replans and job.status == "running":
         failed_event = (task.id, TaskFailed(reason=reason[:4000]))
         replan = (None, ReplanRequested(task=task.id, reason=reason[:4000]))
@@ -813,7 +859,7 @@ def _job_outcome(job: JobState, changed: dict[str, TaskStatus]) -> Decision:
     While the queen revises the plan, the job goes on. Of a planned job, the tasks that count are those of the
     current plan: a failed task the queen replaced does not fail the job.
     """
-    if job.status in ("planning", "replanning"):
+    if job.status in ("planning", "replanning") or (job.status == "awaiting_approval" and not job.kill_requested):
         return []
     statuses = {task.id: changed.get(task.id, task.status) for task in job.tasks.values()}
     if job.plan is not None:
@@ -822,11 +868,181 @@ def _job_outcome(job: JobState, changed: dict[str, TaskStatus]) -> Decision:
     if any(status not in TASK_DONE for status in statuses.values()):
         return []
     if job.kill_requested:
-        return [(None, JobKilled())]
+        return [(None, _stopped(job))]
     skipped_by_user = {
         task.id for task in job.tasks.values() if task.skipped_by and changed.get(task.id, "skipped") == "skipped"
     }
     failed = sorted(task for task, status in statuses.items() if status != "completed" and task not in skipped_by_user)
+    if not failed and "merge" in job.approve:
+        branch = job.integration or "the integration branch"
+        return [(None, ApprovalRequested(gate="merge", reason=f"every task merged into {branch}"))]
     if not failed:
         return [(None, JobCompleted())]
     return [(None, JobFailed(reason=f"task {', '.join(failed)} {statuses[failed[0]]}"))]
+
+
+# --- approvals, escalation and budgets -------------------------------------------------------------------------
+
+
+def _given_plan(command: SubmitJob, plan: Plan) -> Decision:
+    """The user's own plan (`run --plan FILE`), validated at submission: recorded as the planner's would be
+    (attempt 0), with its tasks; the plan approval follows if the job asks for one."""
+    executor = command.roles["executor"]
+    events: Decision = [(None, PlanValidated(version=1, attempt=0, hash=command.given_plan_hash, plan=plan))]
+    events += [(task.id, _task_created(task, executor)) for task in plan.tasks]
+    if "plan" in command.approve:
+        reason = _plan_reason(plan, command.given_plan_hash, command.by or "the user")
+        events.append((None, ApprovalRequested(gate="plan", reason=reason)))
+    return events
+
+
+def _plan_reason(plan: Plan, plan_hash: str, given_by: str) -> str:
+    """`2 tasks, hash 1a2b3c4d5e6f` (`, given by alice (operator)`): what a plan approval is asked for."""
+    count = f"{len(plan.tasks)} task{'s' if len(plan.tasks) != 1 else ''}"
+    return f"{count}, hash {plan_hash[:12]}" + (f", given by {given_by}" if given_by else "")
+
+
+def _approve(job: JobState, approve: Approve) -> Decision:
+    """A user approves: the task awaiting approval makes one more attempt, or the job goes on from its gate (a
+    plan: its tasks start; a merge: it completes; a budget: the exceeded caps rise by `add_tokens`)."""
+    if approve.task is not None:
+        task = _awaiting_task(job, approve.task, "approve")
+        if approve.add_tokens is not None:
+            raise BadRequest("--add-tokens raises a token cap the job waits on; a task awaiting approval has none")
+        return [(task.id, TaskApproved(by=approve.by))]
+    gate = _awaiting_gate(job, "approve")
+    if gate != "budget":
+        if approve.add_tokens is not None:
+            raise BadRequest(f"--add-tokens raises an exceeded token cap; job {job.id} waits for its {gate} approval")
+        approved: Decision = [(None, JobApproved(gate=gate, by=approve.by))]
+        return [*approved, (None, JobCompleted())] if gate == "merge" else approved
+    over = [f"{scope_name(scope)} used {job.tokens_of(scope)} of {job.token_cap(scope)}" for scope in job.over_budget]
+    if approve.add_tokens is None:
+        raise BadRequest(
+            f"job {job.id} is over its token budget ({'; '.join(over)}): approve with --add-tokens N to raise the cap"
+        )
+    for scope in job.over_budget:
+        cap, used = job.token_cap(scope) or 0, job.tokens_of(scope)
+        if cap + approve.add_tokens <= used:
+            raise BadRequest(
+                f"{scope_name(scope)} has used {used} tokens: --add-tokens {approve.add_tokens} leaves its cap "
+                f"({cap + approve.add_tokens}) below that; add more than {used - cap}"
+            )
+    event = JobApproved(gate=gate, by=approve.by, added_tokens=approve.add_tokens, scopes=job.over_budget)
+    going_on = msgspec.structs.replace(job, status=job.approved_from, approval=None)
+    return [(None, event), *_job_outcome(going_on, {})]
+
+
+def _reject(job: JobState, reject: Reject) -> Decision:
+    """A user rejects: the task awaiting approval fails (its dependents are skipped), or the job fails at its gate
+    (a merge's integration branch kept for a look; a budget's agents stopped as a kill stops them)."""
+    reason = reject.reason.strip()[:4000]
+    if reject.task is not None:
+        task = _awaiting_task(job, reject.task, "reject")
+        why = rejected_reason(f"task {task.id}", reject.by, reason)
+        return [(task.id, TaskRejected(by=reject.by, reason=reason)), *_task_failed(job, task.id, why)]
+    gate = _awaiting_gate(job, "reject")
+    rejected: Decision = [(None, JobRejected(gate=gate, by=reject.by, reason=reason))]
+    if gate == "budget":
+        return rejected + _stop(job, rejected_reason("the token budget", reject.by, reason))
+    if gate == "merge":
+        kept = f"; its work stays on {job.integration}" if job.integration else ""
+        return [*rejected, (None, JobFailed(reason=rejected_reason("the merge", reject.by, reason) + kept))]
+    pending = [task.id for task in job.tasks.values() if task.status == "pending"]
+    skipped: Decision = [(task_id, TaskSkipped(reason="the plan was rejected")) for task_id in pending]
+    return [*rejected, *skipped, (None, JobFailed(reason=rejected_reason("the plan", reject.by, reason)))]
+
+
+def _awaiting_task(job: JobState, task_id: str, verb: str) -> TaskState:
+    """The task `task_id` names, refused in one line unless it waits for approval."""
+    task = job.tasks.get(task_id)
+    if task is None:
+        raise CommandRefused(
+            f"job {job.id} has no task {task_id!r}: 'numerusctl status {job.id}' lists its tasks", job=job.id
+        )
+    if task.status != "awaiting_approval":
+        raise CommandRefused(
+            f"task {task_id} of job {job.id} is {task.status}, not awaiting approval: nothing to {verb}", job=job.id
+        )
+    return task
+
+
+def _awaiting_gate(job: JobState, verb: str) -> str:
+    """What the job waits for; refused in one line when it waits for nothing (naming the tasks that do)."""
+    if job.status == "awaiting_approval" and job.approval is not None:
+        return job.approval
+    tasks = [task.id for task in job.tasks.values() if task.status == "awaiting_approval"]
+    hint = f"; task {', '.join(tasks)} awaits it: numerusctl {verb} {job.id} {tasks[0]}" if tasks else ""
+    raise CommandRefused(f"job {job.id} is {job.status}, not awaiting approval: nothing to {verb}{hint}", job=job.id)
+
+
+def _escalation(
+    job: JobState, task: TaskState, failed: int, reasons: tuple[str, ...], reason: str, fresh: bool
+) -> Decision | None:
+    """Every attempt of the task failed: one more on its profile's `escalate` profile if it has one (and it has
+    not been escalated yet); once escalated, the task waits for a user's approval. None: no escalation (the
+    task fails as it always did)."""
+    if task.escalated:
+        held = f"awaiting approval: {reason}"
+        return [(task.id, TaskApprovalRequested(reason=held[:4000], reasons=reasons))]
+    stronger = job.escalate.get(task.agent)
+    if stronger is None or not job.planned:
+        return None
+    retry = TaskRetryScheduled(next_attempt=failed + 1, delay_s=0.0, reasons=reasons, fresh_worktree=fresh)
+    return [(task.id, TaskEscalated(agent=stronger, previous=task.agent)), (task.id, retry)]
+
+
+def _budget(job: JobState, task: TaskState, reported: tuple[EventData, ...]) -> Decision:
+    """The tokens an agent reported take the task or the job to its cap: BudgetExceeded, once per cap, then a
+    pause for approval (unless the job waits already) or a stop."""
+    added = sum(event.input_tokens + event.output_tokens for event in reported if isinstance(event, TokensUsed))
+    if not added or job.status in JOB_DONE or job.kill_requested:
+        return []
+    exceeded: list[BudgetExceeded] = []
+    for scope in (budget_scope("task", task.id), "job"):
+        cap, used = job.token_cap(scope), job.tokens_of(scope)
+        if cap is not None and used < cap <= used + added:
+            kind, name = ("job", "") if scope == "job" else ("task", task.id)
+            exceeded.append(BudgetExceeded(scope=kind, task=name, used=used + added, cap=cap, action=job.on_budget))
+    events: Decision = [(None, event) for event in exceeded]
+    if not exceeded:
+        return []
+    if job.on_budget == "stop":
+        last = exceeded[-1]
+        return events + _stop(job, budget_stop_reason(budget_scope(last.scope, last.task), last.used, last.cap))
+    if job.status == "running":  # planning or replanning: the pause waits for the plan (_pause_deferred)
+        why = "; ".join(
+            f"{scope_name(budget_scope(e.scope, e.task))} used {e.used} tokens of its {e.cap}" for e in exceeded
+        )
+        events.append((None, ApprovalRequested(gate="budget", reason=why)))
+    return events
+
+
+def _pause_deferred(job: JobState) -> Decision:
+    """A cap crossed while the queen revised the plan (her answer must find the job replanning) pauses the job
+    once the revision is over."""
+    # Only a deferred pause leaves scopes over budget without the job waiting: an approval clears them.
+    if job.on_budget != "pause" or not job.over_budget or job.kill_requested or job.status == "awaiting_approval":
+        return []
+    over = ", ".join(scope_name(scope) for scope in job.over_budget)
+    return [(None, ApprovalRequested(gate="budget", reason=f"{over} went over budget while the plan was revised"))]
+
+
+def _stopped(job: JobState) -> EventData:
+    """How a job being stopped ends once nothing of it runs: killed by a user, or failed for its budget."""
+    return JobKilled() if job.stop_reason is None else JobFailed(reason=job.stop_reason)
+
+
+def _stop(job: JobState, reason: str) -> Decision:
+    """Stop the job as a kill does (tasks not running end now, running ones when their agent has) and fail it
+    with `reason`, instead of ending it killed (the BudgetExceeded or JobRejected before it set the stop)."""
+    events: Decision = []
+    for task in job.tasks.values():
+        if task.status == "pending":
+            events.append((task.id, TaskKilled(reason=reason)))
+        elif task.status in ("waiting", "awaiting_approval"):
+            events += [(task.id, LocksReleased(reason="killed")), (task.id, TaskKilled(reason=reason))]
+    busy = [task for task in job.tasks.values() if task.status in ACTIVE and task.status != "waiting"]
+    if not busy and job.status not in ("planning", "replanning"):
+        events.append((None, JobFailed(reason=reason)))
+    return events

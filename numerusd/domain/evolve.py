@@ -14,7 +14,15 @@ import msgspec
 
 from numerusd import locks
 from numerusd.domain.queueing import evolve_queue
-from numerusd.domain.state import JobState, TaskState, lock_table, with_table
+from numerusd.domain.state import (
+    JobState,
+    TaskState,
+    budget_scope,
+    budget_stop_reason,
+    lock_table,
+    rejected_reason,
+    with_table,
+)
 from numerusd.protocol.commands import Acceptance
 from numerusd.protocol.envelope import Envelope, WireEnvelope, typed
 from numerusd.protocol.events import (
@@ -26,6 +34,8 @@ from numerusd.protocol.events import (
     AgentSpawned,
     AgentSpawnFailed,
     AgentThreadStarted,
+    ApprovalRequested,
+    BudgetExceeded,
     CheckCompleted,
     ClaimDenied,
     ClaimGranted,
@@ -37,6 +47,7 @@ from numerusd.protocol.events import (
     GatePassed,
     IntegrationBranchCreated,
     JobAccepted,
+    JobApproved,
     JobCleaned,
     JobCompleted,
     JobDiscarded,
@@ -46,6 +57,7 @@ from numerusd.protocol.events import (
     JobPaused,
     JobPromoted,
     JobQueued,
+    JobRejected,
     JobReopened,
     JobResumed,
     JobStarted,
@@ -63,8 +75,11 @@ from numerusd.protocol.events import (
     ReplanRequested,
     ReviewCompleted,
     SecretRedacted,
+    TaskApprovalRequested,
+    TaskApproved,
     TaskCompleted,
     TaskCreated,
+    TaskEscalated,
     TaskExited,
     TaskFailed,
     TaskInterrupted,
@@ -115,6 +130,11 @@ def evolve(state: JobState | None, event: Envelope) -> JobState:
             unsandboxed=data.unsandboxed,
             priority=data.priority,
             start_branch=data.branch,
+            approve=data.approve,
+            max_tokens=data.max_tokens,
+            task_max_tokens=data.task_max_tokens,
+            on_budget=data.on_budget,
+            escalate=data.escalate,
         )
     job = msgspec.structs.replace(state, updated=event.time, events=state.events + 1, last_event_id=event.id)
     if event.task is not None:
@@ -178,6 +198,47 @@ def evolve(state: JobState | None, event: Envelope) -> JobState:
             return replace(job, secrets_redacted=job.secrets_redacted + sum(counts.values()))
         case JobQueued() | JobStarted() | JobPaused() | JobUnpaused() | JobPromoted():
             return evolve_queue(job, data, event.time)
+        case ApprovalRequested() | JobApproved() | JobRejected() | BudgetExceeded():
+            return _evolve_approval(job, data)
+    return job
+
+
+def _evolve_approval(job: JobState, data: EventData) -> JobState:
+    """What approvals and budgets change: the job waits, goes on, or is being stopped."""
+    replace = msgspec.structs.replace
+    match data:
+        case ApprovalRequested(gate=gate, reason=reason):
+            if job.status == "awaiting_approval":
+                return job
+            return replace(
+                job, status="awaiting_approval", approval=gate, approval_reason=reason, approved_from=job.status
+            )
+        case JobApproved(added_tokens=added, scopes=scopes):
+            tokens_added = dict(job.tokens_added)
+            for scope in scopes:
+                tokens_added[scope] = tokens_added.get(scope, 0) + added
+            left = tuple(scope for scope in job.over_budget if scope not in scopes)
+            status = job.approved_from if job.status == "awaiting_approval" else job.status
+            return replace(
+                job,
+                status=status,
+                approval=None,
+                approval_reason=None,
+                tokens_added=tokens_added,
+                over_budget=left,
+            )
+        case JobRejected(gate=gate, by=by, reason=reason):
+            job = replace(job, approval=None, approval_reason=None)
+            if gate == "budget":  # stopped as a kill stops it; it fails once its agents have ended
+                stop_reason = rejected_reason("the token budget", by, reason)
+                return replace(job, status=job.approved_from, kill_requested=True, stop_reason=stop_reason)
+            return job
+        case BudgetExceeded(scope=scope, task=task, used=used, cap=cap, action=action):
+            key = budget_scope(scope, task)
+            if key not in job.over_budget:
+                job = replace(job, over_budget=(*job.over_budget, key))
+            if action == "stop" and not job.kill_requested:
+                return replace(job, kill_requested=True, stop_reason=budget_stop_reason(key, used, cap))
     return job
 
 
@@ -321,6 +382,13 @@ def _evolve_task(job: JobState, task_id: str, time: datetime, data: EventData) -
                 task = replace(task, status="failed", reason=f"interrupted: {reason}", ended=task.ended or time)
             else:
                 task = replace(task, status="interrupted", reason=reason, ended=task.ended or time)
+        case TaskEscalated(agent=agent):
+            task = replace(task, agent=agent, escalated=True)
+        case TaskApprovalRequested(reason=reason, reasons=reasons):
+            failed = task.failed_attempts + 1
+            task = replace(task, status="awaiting_approval", reason=reason, feedback=reasons, failed_attempts=failed)
+        case TaskApproved():
+            task = replace(task, status="retrying", reason=None)
     return msgspec.structs.replace(job, tasks={**job.tasks, task_id: task})
 
 

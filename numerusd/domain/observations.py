@@ -46,6 +46,17 @@ class SubmitJob(msgspec.Struct, frozen=True, kw_only=True):
     priority: int = 0
     #: The branch the repository's HEAD was on (None: detached).
     branch: str | None = None
+    #: Who submitted it; where it waits for approval; its token caps and what crossing one does; the profile that
+    #: makes one more attempt after a profile's all failed (see JobSubmitted).
+    by: str = ""
+    approve: tuple[str, ...] = ()
+    max_tokens: int | None = None
+    task_max_tokens: int | None = None
+    on_budget: str = "pause"
+    escalate: dict[str, str] = {}
+    #: A plan the user wrote (`run --plan FILE`), validated already, with its hash: no planner is asked.
+    given_plan: Plan | None = None
+    given_plan_hash: str = ""
 
 
 class Kill(msgspec.Struct, frozen=True, kw_only=True):
@@ -73,6 +84,23 @@ class Skip(msgspec.Struct, frozen=True, kw_only=True):
 
     by: str = ""
     task: str
+
+
+class Approve(msgspec.Struct, frozen=True, kw_only=True):
+    """`approve`: the job goes on from its approval (`add_tokens` raises an exceeded cap), or with `task`, that task
+    makes one more attempt; `by` is who asked."""
+
+    by: str
+    task: str | None = None
+    add_tokens: int | None = None
+
+
+class Reject(msgspec.Struct, frozen=True, kw_only=True):
+    """`reject`: the job waiting for approval fails, or with `task`, that task does; `by` is who asked."""
+
+    by: str
+    task: str | None = None
+    reason: str = ""
 
 
 class CleanedUp(msgspec.Struct, frozen=True, kw_only=True):
@@ -370,7 +398,7 @@ class StoppedForKill(TaskObservation, frozen=True, kw_only=True):
 
 
 #: Everything `decide` takes.
-Command = SubmitJob | Kill | Resume | Retry | Skip | CleanedUp | Pause | Start | Accepted | Discarded
+Command = SubmitJob | Kill | Resume | Retry | Skip | CleanedUp | Pause | Start | Accepted | Discarded | Approve | Reject
 Observation = (
     PlanAsked
     | AgentSlotAwaited

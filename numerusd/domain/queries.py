@@ -23,7 +23,6 @@ def leftovers(job: JobState) -> list[str]:
 
 def job_view(job: JobState, *, tasks: bool = True) -> JobView:
     """What `status` shows of a job: with `tasks`, each of its tasks too (else only how many there are)."""
-    own = job.input_tokens + job.output_tokens
     return JobView(
         id=job.id,
         goal=job.goal,
@@ -54,7 +53,12 @@ def job_view(job: JobState, *, tasks: bool = True) -> JobView:
         discarded=job.discarded,
         tasks_total=len(job.tasks),
         tasks_done=sum(task.status == "completed" for task in job.tasks.values()),
-        tokens=own + sum(task.input_tokens + task.output_tokens for task in job.tasks.values()),
+        tokens=job.tokens(),
+        approval=job.approval,
+        approval_reason=job.approval_reason,
+        awaiting_tasks=[task.id for task in job.tasks.values() if task.status == "awaiting_approval"],
+        max_tokens=job.max_tokens,
+        task_max_tokens=job.task_max_tokens,
         tasks=[
             TaskView(
                 id=task.id,

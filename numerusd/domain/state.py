@@ -19,7 +19,20 @@ from numerusd.protocol.commands import TASK_DONE, Acceptance, JobStatus, TaskSta
 from numerusd.protocol.events import EventData
 from numerusd.protocol.plan import FileIntent, Plan
 
-__all__ = ["ACTIVE", "TASK_DONE", "ClaimSource", "Decision", "JobState", "TaskState", "lock_table", "with_table"]
+__all__ = [
+    "ACTIVE",
+    "TASK_DONE",
+    "ClaimSource",
+    "Decision",
+    "JobState",
+    "TaskState",
+    "budget_scope",
+    "budget_stop_reason",
+    "lock_table",
+    "rejected_reason",
+    "scope_name",
+    "with_table",
+]
 
 #: Where a job's claims come from: each executor is asked (`agent`), the plan's file intents (`plan`), or none
 #: are made (`none`: a job of one task, which nothing can trample).
@@ -91,6 +104,8 @@ class TaskState(msgspec.Struct, frozen=True, kw_only=True):
     feedback: tuple[str, ...] = ()
     merge_parent: str | None = None
     merged_sha: str | None = None
+    #: Its attempts now run on its first profile's `escalate` profile (TaskEscalated): a failure waits for approval.
+    escalated: bool = False
 
     @property
     def next_attempt(self) -> int:
@@ -172,11 +187,66 @@ class JobState(msgspec.Struct, frozen=True, kw_only=True):
     queued: bool = False
     promoted: datetime | None = None
     paused_by: str | None = None
+    #: Where it waits for approval (JobSubmitted `approve`), what it waits for now (`plan`, `merge`, `budget`) and
+    #: why, and the status it goes back to when approved.
+    approve: tuple[str, ...] = ()
+    approval: str | None = None
+    approval_reason: str | None = None
+    approved_from: JobStatus = "running"
+    #: Token caps (None: none) and what crossing one does; tokens approvals added, by scope (`job` or a task id);
+    #: the scopes over their cap until an approval raises it.
+    max_tokens: int | None = None
+    task_max_tokens: int | None = None
+    on_budget: str = "pause"
+    tokens_added: dict[str, int] = {}
+    over_budget: tuple[str, ...] = ()
+    #: Why a job being stopped without a user's kill (a budget) fails, instead of ending `killed`.
+    stop_reason: str | None = None
+    #: Profile -> the profile that makes one more attempt when all of its attempts failed.
+    escalate: dict[str, str] = {}
+
+    def tokens(self) -> int:
+        """Input + output tokens of the job's own calls and of all its tasks, as `status` counts them."""
+        own = self.input_tokens + self.output_tokens
+        return own + sum(task.input_tokens + task.output_tokens for task in self.tasks.values())
+
+    def token_cap(self, scope: str) -> int | None:
+        """The cap of `scope` (`job`, or `task:<id>`) with what approvals added; None: no cap."""
+        cap = self.max_tokens if scope == "job" else self.task_max_tokens
+        return None if cap is None else cap + self.tokens_added.get(scope, 0)
+
+    def tokens_of(self, scope: str) -> int:
+        """The tokens `scope` (`job`, or `task:<id>`) has used."""
+        if scope == "job":
+            return self.tokens()
+        task = self.tasks[scope.removeprefix("task:")]
+        return task.input_tokens + task.output_tokens
 
     @property
     def in_place(self) -> bool:
         """Whether the job's one task works in the repository itself: no worktree, no gate, no merge (`--no-plan`)."""
         return not self.planned
+
+
+def budget_scope(scope: str, task: str) -> str:
+    """The key of a BudgetExceeded's scope in `tokens_added` and `over_budget`: `job`, or `task:<id>` (a task may
+    be called `job`)."""
+    return f"task:{task}" if scope == "task" else "job"
+
+
+def scope_name(scope: str) -> str:
+    """`the job`, or `task t1`, for messages."""
+    return "the job" if scope == "job" else f"task {scope.removeprefix('task:')}"
+
+
+def budget_stop_reason(scope: str, used: int, cap: int) -> str:
+    """Why a job stopped by a budget (`on_budget = "stop"`) failed."""
+    return f"token budget exceeded: {scope_name(scope)} used {used} tokens of its {cap}"
+
+
+def rejected_reason(what: str, by: str, reason: str) -> str:
+    """Why a job (or task) a user rejected failed: `the plan was rejected by alice (operator): too broad`."""
+    return f"{what} was rejected by {by}" + (f": {reason}" if reason else "")
 
 
 #: Tables recently built or folded, by the identity of the two dicts a JobState holds them as. Building a table

@@ -7,6 +7,7 @@ it may use of the daemon. A handler sees typed requests only (the service decode
 
 from numerusd.handlers import (
     accept,
+    approve,
     clean,
     diff,
     discard,
@@ -15,6 +16,7 @@ from numerusd.handlers import (
     logs,
     pause,
     plan,
+    reject,
     resume,
     retry,
     run,
@@ -40,4 +42,6 @@ HANDLERS = {
     "diff": diff.handle,
     "accept": accept.handle,
     "discard": discard.handle,
+    "approve": approve.handle,
+    "reject": reject.handle,
 }

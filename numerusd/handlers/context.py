@@ -23,7 +23,8 @@ class JobControl(Protocol):
         ...
 
     def wake(self, job_id: str) -> None:
-        """The job has new work (resumed, tasks retried or skipped): run its pipeline, or have it take the work."""
+        """The job has new work or was let go on (resumed, tasks retried or skipped, an approval): run its pipeline,
+        or have it look at the job again."""
         ...
 
     def stop_agents(self, job_id: str, task: str | None = None) -> list[str]:

@@ -27,4 +27,6 @@ async def handle(context: Context, request: GetPlan) -> PlanReply:
         summary=job.plan.summary,
         statuses={task.id: task.status for task in job.tasks.values()},
         rendered=render(job.plan),
+        status=job.status,
+        approval=job.approval,
     )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-from numerusd import git
+from numerusd import git, plans
 from numerusd.agents.base import AgentInvocation
 from numerusd.agents.registry import adapter_for
 from numerusd.config import Settings
@@ -55,7 +55,10 @@ async def handle(context: Context, request: RunJob) -> RunReply:
     job_id = new_ulid()
     notes: list[str] = []
     unsandboxed = tuple(role for role, agent in roles.items() if settings.agents[agent].sandbox == "none")
+    max_tokens, task_max_tokens = _caps(settings, request)
     if not request.plan:
+        if request.approve or request.plan_json is not None:
+            raise BadRequest("--approve and --plan FILE need a planned job; --no-plan has no plan and no merge")
         _refuse_to_work_in(repo, settings.state_dir)
         submit = SubmitJob(
             goal=request.goal,
@@ -64,6 +67,10 @@ async def handle(context: Context, request: RunJob) -> RunReply:
             plan=False,
             unsandboxed=unsandboxed,
             priority=request.priority,
+            by=context.asker,
+            max_tokens=max_tokens,
+            task_max_tokens=task_max_tokens,
+            on_budget=settings.on_budget,
         )
         uncommitted = await _uncommitted(repo)
         if uncommitted:
@@ -81,6 +88,7 @@ async def handle(context: Context, request: RunJob) -> RunReply:
                 f"repo {repo} is not a git repository with a commit; a planned job works on branches of it "
                 "(git init && git commit), or use --no-plan"
             ) from None
+        given = _given_plan(request.plan_json, repo)
         uncommitted = await _uncommitted(repo)
         parallel = request.parallel or settings.parallel
         if not 1 <= parallel <= 256:
@@ -101,6 +109,14 @@ async def handle(context: Context, request: RunJob) -> RunReply:
             unsandboxed=unsandboxed,
             priority=request.priority,
             branch=await git.current_branch(repo),
+            by=context.asker,
+            approve=settings.approvals(request.approve),
+            max_tokens=max_tokens,
+            task_max_tokens=task_max_tokens,
+            on_budget=settings.on_budget,
+            escalate=settings.escalations(),
+            given_plan=None if given is None else given.plan,
+            given_plan_hash="" if given is None else given.hash,
         )
         if uncommitted is None:
             notes.append(
@@ -144,6 +160,24 @@ def _refuse_missing_programs(settings: Settings, roles: dict[str, str], used: tu
                 f"agent {agent!r} (the {role}) cannot start: its program {argv[0]} {where}; install it, or set the "
                 f"profile's binary in numerusd's configuration"
             )
+
+
+def _caps(settings: Settings, request: RunJob) -> tuple[int | None, int | None]:
+    """The job's token caps, its own and each task's: `run --max-tokens`, `--task-max-tokens`, else the settings'."""
+    return request.max_tokens or settings.max_tokens, request.task_max_tokens or settings.task_max_tokens
+
+
+def _given_plan(plan_json: str | None, repo: Path) -> plans.ValidatedPlan | None:
+    """The user's plan (`run --plan FILE`), validated as a planner's answer is (paths that leave the repository,
+    symlinks out of it, cycles…); refused with every error before anything is recorded."""
+    if plan_json is None:
+        return None
+    checked = plans.validate_plan(plan_json, repo=repo)
+    if isinstance(checked, plans.ValidatedPlan):
+        return checked
+    # Every error, `; ` between them: a reply is one line (the service escapes newlines).
+    errors = f"{len(checked)} error{'s' if len(checked) != 1 else ''}"
+    raise BadRequest(f"the plan is not valid ({errors}), nothing was recorded: {'; '.join(map(str, checked))}")
 
 
 def _refuse_to_work_in(repo: Path, state_dir: Path) -> None:

@@ -8,6 +8,7 @@ import heapq
 import msgspec
 
 from numerusd import domain
+from numerusd.config import Settings
 from numerusd.event_caps import cut_text
 from numerusd.handlers.context import Context
 from numerusd.protocol.commands import GetStatus, JobView, StatusReply
@@ -26,7 +27,8 @@ async def handle(context: Context, request: GetStatus) -> StatusReply:
     agents = sorted(context.settings.agents)
     queue = {job.id: place for place, job in enumerate(domain.queue_order(context.book.jobs.values()), start=1)}
     if request.job is not None:
-        view = _placed(domain.job_view(context.book.job(request.job)), queue)
+        job = context.book.job(request.job)
+        view = _placed(priced(domain.job_view(job), job, context.settings), queue)
         return StatusReply(jobs=[view], total=len(context.book.jobs), agents=agents, queued=len(queue))
     jobs = list(context.book.jobs.values())
     if request.repo is not msgspec.UNSET:
@@ -40,7 +42,7 @@ async def handle(context: Context, request: GetStatus) -> StatusReply:
     listed: list[JobView] = []
     room = context.history.page_bytes()
     for job in newest:
-        view = _placed(_short(domain.job_view(job, tasks=False)), queue)
+        view = _placed(_short(priced(domain.job_view(job, tasks=False), job, context.settings)), queue)
         room -= len(_encode(view)) + 1
         if room < 0 and listed:  # the page is full: the client asks for the rest after the last job listed
             return StatusReply(
@@ -55,6 +57,34 @@ def _placed(view: JobView, queue: dict[str, int]) -> JobView:
     if view.id not in queue:
         return view
     return msgspec.structs.replace(view, queue_position=queue[view.id], queue_length=len(queue))
+
+
+def priced(view: JobView, job: domain.JobState, settings: Settings) -> JobView:
+    """`view` with what its tokens cost by the `prices` table: a task's at its profile's `model`, the job's own
+    calls (planner, queen) at the planner's. Tokens of a profile without a `model`, or of a model with no price,
+    cost nothing known: the job's cost is then None unless some of it is priced. Not recorded: prices change,
+    and the cost is the tokens (which are recorded) times today's prices."""
+    if not settings.prices:
+        return view
+
+    def cost(profile: str, input_tokens: int, cached: int, output_tokens: int) -> float | None:
+        agent = settings.agents.get(profile)
+        price = settings.prices.get(agent.model) if agent is not None and agent.model else None
+        return None if price is None else price.cost(input_tokens, cached, output_tokens)
+
+    own = cost(job.roles.get("planner", job.agent), job.input_tokens, job.cached_input_tokens, job.output_tokens)
+    tasks = {
+        task.id: cost(task.agent, task.input_tokens, task.cached_input_tokens, task.output_tokens)
+        for task in job.tasks.values()
+    }
+    known = [value for value in (own, *tasks.values()) if value is not None]
+    shown = [msgspec.structs.replace(task, cost=_rounded(tasks.get(task.id))) for task in view.tasks]
+    return msgspec.structs.replace(view, cost=_rounded(sum(known)) if known else None, tasks=shown)
+
+
+def _rounded(cost: float | None) -> float | None:
+    # To a millionth of the price unit: sums of many small costs otherwise print float noise.
+    return None if cost is None else round(cost, 6)
 
 
 def _order(job: domain.JobState) -> tuple[object, str]:

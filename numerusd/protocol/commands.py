@@ -21,6 +21,9 @@ class Request(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=T
 
 #: The longest path a request may name (Linux's PATH_MAX).
 MAX_PATH_CHARS = 4096
+#: The largest token cap, or tokens an approval adds, a request may give: far above any job's, and small enough
+#: that caps added up stay within the 64-bit integers every JSON reader of the events takes.
+MAX_TOKENS = 10**12
 
 #: The longest goal `run` takes, in UTF-8 bytes: it goes into every agent's prompt and into `JobSubmitted`, which
 #: must stay under the event cap whole (a goal is never cut). Longer instructions belong in a file in the repo.
@@ -46,10 +49,36 @@ class RunJob(Request, frozen=True, kw_only=True):
     claims: Literal["agent", "plan"] | None = None
     #: Its place in the daemon's queue of agent slots: higher first, from -MAX_PRIORITY to MAX_PRIORITY.
     priority: int = 0
+    #: Where the job waits for approval (`plan`, `merge`); None: numerusd's `approve` setting.
+    approve: tuple[Literal["plan", "merge"], ...] | None = None
+    #: Token caps of the job and of each of its tasks; None: numerusd's `max_tokens`, `task_max_tokens`.
+    max_tokens: Annotated[int, msgspec.Meta(ge=1, le=MAX_TOKENS)] | None = None
+    task_max_tokens: Annotated[int, msgspec.Meta(ge=1, le=MAX_TOKENS)] | None = None
+    #: A plan written by the user (`run --plan FILE`: the JSON a planner answers, docs/plans.md): validated as a
+    #: planner's is, and no planner is asked.
+    plan_json: str | None = None
 
 
 #: The highest priority `run --priority` takes (and the lowest, negated).
 MAX_PRIORITY = 1000
+
+
+class ApproveJob(Request, frozen=True, kw_only=True):
+    """`numerusctl approve JOB [TASK]`: the job goes on from where it waits for approval (its plan, its merge, a
+    token cap: `add_tokens` raises the cap); with `task`, that task makes one more attempt."""
+
+    job: str
+    task: str | None = None
+    add_tokens: Annotated[int, msgspec.Meta(ge=1, le=MAX_TOKENS)] | None = None
+
+
+class RejectJob(Request, frozen=True, kw_only=True):
+    """`numerusctl reject JOB [TASK] --reason TEXT`: the job that waits for approval fails (with `task`, that task
+    fails and its dependents are skipped)."""
+
+    job: str
+    task: str | None = None
+    reason: str = ""
 
 
 class GetPlan(Request, frozen=True, kw_only=True):
@@ -202,6 +231,8 @@ class TaskView(msgspec.Struct, frozen=True, kw_only=True):
     log_path: str | None = None
     started: datetime | None = None
     ended: datetime | None = None
+    #: What its tokens cost by numerusd's price table (None: no price for its model).
+    cost: float | None = None
 
 
 class Acceptance(msgspec.Struct, frozen=True, kw_only=True):
@@ -265,6 +296,14 @@ class JobView(msgspec.Struct, frozen=True, kw_only=True):
     #: Where `numerusctl accept` last took its result; `discarded`: `numerusctl discard` removed its branches.
     accepted: Acceptance | None = None
     discarded: bool = False
+    #: While `awaiting_approval`: what it waits for (`plan`, `merge`, `budget`), and why; the tasks awaiting one.
+    approval: str | None = None
+    approval_reason: str | None = None
+    awaiting_tasks: list[str] = []
+    #: Its token caps (None: none), and what its tokens cost by numerusd's price table (None: no price known).
+    max_tokens: int | None = None
+    task_max_tokens: int | None = None
+    cost: float | None = None
 
 
 class PlanReply(msgspec.Struct, frozen=True, kw_only=True):
@@ -276,6 +315,9 @@ class PlanReply(msgspec.Struct, frozen=True, kw_only=True):
     summary: str
     statuses: dict[str, str]
     rendered: str
+    #: The job's status, and while it is `awaiting_approval` what it waits for (`plan`, `merge`, `budget`).
+    status: str = ""
+    approval: str | None = None
 
 
 class RunReply(msgspec.Struct, frozen=True, kw_only=True):
@@ -442,6 +484,23 @@ class EventsReply(msgspec.Struct, frozen=True, kw_only=True):
     seqs: list[int] = []
 
 
+class ApproveReply(msgspec.Struct, frozen=True, kw_only=True):
+    """The approval was recorded: of the job's `gate` (`plan`, `merge`, `budget`), or of `task`'s next attempt."""
+
+    job: str
+    gate: str
+    task: str | None = None
+    added_tokens: int = 0
+
+
+class RejectReply(msgspec.Struct, frozen=True, kw_only=True):
+    """The rejection was recorded: of the job's `gate`, or of `task`."""
+
+    job: str
+    gate: str
+    task: str | None = None
+
+
 class ErrorReply(msgspec.Struct, frozen=True, kw_only=True):
     """A refused or failed request: a stable `code` and one sentence saying what is wrong and what to do."""
 
@@ -466,6 +525,8 @@ REQUESTS: dict[str, type[Request]] = {
     "diff": GetDiff,
     "accept": AcceptJob,
     "discard": DiscardJob,
+    "approve": ApproveJob,
+    "reject": RejectJob,
 }
 
 #: Reply type by verb.
@@ -485,6 +546,8 @@ REPLIES: dict[str, type[msgspec.Struct]] = {
     "diff": DiffReply,
     "accept": AcceptReply,
     "discard": DiscardReply,
+    "approve": ApproveReply,
+    "reject": RejectReply,
 }
 
 #: Where the daemon keeps its state (and `connection.json`) when neither a flag nor NUMERUS_STATE_DIR says.

@@ -83,6 +83,19 @@ class JobSubmitted(EventData, frozen=True, kw_only=True):
     #: The branch the repository's HEAD was on (None: detached, or not recorded): `accept` moves it when HEAD is
     #: detached at acceptance.
     branch: str | None = None
+    #: Who submitted it (`alice (operator)`; "" before this was recorded).
+    by: str = ""
+    #: Where the job waits for a user's approval: `plan` (after its plan is validated, before any task starts),
+    #: `merge` (when every task has merged, before it is final). See ApprovalRequested.
+    approve: tuple[str, ...] = ()
+    #: Token caps (input + output, as `status` counts them) of the whole job and of each task; None: no cap.
+    #: Crossing one records BudgetExceeded, then `on_budget`: `pause` (wait for approval) or `stop` (fail the job).
+    max_tokens: int | None = None
+    task_max_tokens: int | None = None
+    on_budget: str = "pause"
+    #: The agent profile that makes one more attempt of a task whose profile's attempts all failed (profile ->
+    #: its `escalate` profile, as configured when the job was submitted).
+    escalate: dict[str, str] = {}
 
 
 class ReplanRequested(EventData, frozen=True, kw_only=True):
@@ -188,6 +201,44 @@ class JobReopened(EventData, frozen=True, kw_only=True):
     """An ended job runs again because tasks of it were retried or skipped at a user's request."""
 
     by: str = ""
+
+
+class ApprovalRequested(EventData, frozen=True, kw_only=True):
+    """The job waits (`awaiting_approval`) for `numerusctl approve` or `reject`: at its validated plan (`gate`
+    `plan`), with every task merged before it is final (`merge`), or over a token cap (`budget`)."""
+
+    gate: str
+    reason: str = ""
+
+
+class JobApproved(EventData, frozen=True, kw_only=True):
+    """A user approved what the job waited for (`gate`); for a budget, the caps of `scopes` (`job`, or a task id)
+    were raised by `added_tokens`."""
+
+    gate: str
+    by: str
+    added_tokens: int = 0
+    scopes: tuple[str, ...] = ()
+
+
+class JobRejected(EventData, frozen=True, kw_only=True):
+    """A user rejected what the job waited for (`gate`): the job fails with `reason` (a merge's branch is kept)."""
+
+    gate: str
+    by: str
+    reason: str = ""
+
+
+class BudgetExceeded(EventData, frozen=True, kw_only=True):
+    """The tokens of the job (`scope` `job`) or of one task (`scope` `task`, `task` its id) reached their cap:
+    `used` of `cap`. `action` is what follows: `pause` (ApprovalRequested, unless the job waits already) or
+    `stop` (its agents stopped as a kill does, the job failed)."""
+
+    scope: str
+    task: str = ""
+    used: int
+    cap: int
+    action: str
 
 
 class JobCleaned(EventData, frozen=True, kw_only=True):
@@ -550,6 +601,34 @@ class TaskRetryRequested(TaskEvent, frozen=True, kw_only=True):
     reason: str = ""
 
 
+class TaskEscalated(TaskEvent, frozen=True, kw_only=True):
+    """Every attempt on the task's profile failed: one more runs on `agent`, the profile's `escalate` profile."""
+
+    agent: str
+    previous: str
+
+
+class TaskApprovalRequested(TaskEvent, frozen=True, kw_only=True):
+    """The task's escalated attempt failed too: it waits (`awaiting_approval`, its locks kept) for `approve JOB
+    TASK` (one more attempt) or `reject JOB TASK` (it fails). `reasons` go to the next attempt."""
+
+    reason: str
+    reasons: tuple[str, ...] = ()
+
+
+class TaskApproved(TaskEvent, frozen=True, kw_only=True):
+    """A user approved one more attempt of the task."""
+
+    by: str
+
+
+class TaskRejected(TaskEvent, frozen=True, kw_only=True):
+    """A user rejected the task that waited for approval: it fails, and the tasks depending on it are skipped."""
+
+    by: str
+    reason: str = ""
+
+
 class TaskInterrupted(TaskEvent, frozen=True, kw_only=True):
     """The daemon stopped while the task's agent ran, so that attempt's outcome is unknown; never read as completed.
 
@@ -578,6 +657,10 @@ EVENT_TYPES: dict[str, type[EventData]] = {
         JobAccepted,
         JobDiscarded,
         SecretRedacted,
+        ApprovalRequested,
+        JobApproved,
+        JobRejected,
+        BudgetExceeded,
         ReplanRequested,
         ReplanFailed,
         PlanRequested,
@@ -625,5 +708,9 @@ EVENT_TYPES: dict[str, type[EventData]] = {
         JobPaused,
         JobUnpaused,
         JobPromoted,
+        TaskEscalated,
+        TaskApprovalRequested,
+        TaskApproved,
+        TaskRejected,
     )
 }
