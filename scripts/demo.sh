@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # make demo: start numerusd on a fresh state directory (it embeds its own nats-server), run a real planned job with
-# the scripted agent in every role on a fresh git repository, and show what happened: the plan, status, terminal
-# output, events, audit, and the integration branch the work was merged into.
+# the scripted agent in every role on a fresh git repository, approve its plan when it waits for approval, and show
+# what happened: the plan, status, terminal output, events, audit, the diff of the result, and `accept` taking it
+# into the repository's main branch.
 set -euo pipefail
 BIN=${BIN:-.venv/bin}
 BIN=$(cd "$BIN" && pwd)
@@ -29,18 +30,32 @@ for _ in $(seq 100); do
   sleep 0.1
 done
 
-step "numerusctl run 'Welcome newcomers' --repo $repo --agent scripted --parallel 2 --wait"
-"$BIN/numerusctl" run "Welcome newcomers" --repo "$repo" --agent scripted --parallel 2 --wait
-job=$("$BIN/numerusctl" --json status | "$BIN/python" -c 'import json, sys; print(json.load(sys.stdin)["jobs"][0]["id"])')
+step "numerusctl run 'Welcome newcomers' --repo $repo --agent scripted --parallel 2 --approve plan"
+job=$("$BIN/numerusctl" run "Welcome newcomers" --repo "$repo" --agent scripted --parallel 2 --approve plan)
+echo "$job"
 
-step "numerusctl plan $job"
-"$BIN/numerusctl" plan "$job"
+status_of() { "$BIN/numerusctl" --json status "$job" | "$BIN/python" -c 'import json, sys; print(json.load(sys.stdin)["jobs"][0]["status"])'; }
+wait_for() {  # wait_for STATUS...: until the job is in one of them
+  for _ in $(seq 600); do
+    case " $* " in *" $(status_of) "*) return 0 ;; esac
+    sleep 0.1
+  done
+  echo "the job did not reach $*: it is $(status_of)" >&2; exit 1
+}
+wait_for awaiting_approval
+
+step "numerusctl plan last   (the validated plan waits for a person: no agent works on it yet)"
+"$BIN/numerusctl" plan last
+
+step "numerusctl approve last"
+"$BIN/numerusctl" approve last
+wait_for completed failed killed
 
 step "numerusctl status $job"
 "$BIN/numerusctl" status "$job"
 
-step "numerusctl logs $job --task sign   (the agent's terminal)"
-"$BIN/numerusctl" logs "$job" --task sign
+step "numerusctl logs $job sign   (the agent's terminal)"
+"$BIN/numerusctl" logs "$job" sign
 
 step "numerusctl events $job   (the signed, chained record in JetStream)"
 "$BIN/numerusctl" events "$job"
@@ -48,6 +63,10 @@ step "numerusctl events $job   (the signed, chained record in JetStream)"
 step "numerusctl audit verify $job"
 "$BIN/numerusctl" audit verify "$job"
 
-step "the integration branch numerus/$job.integration (the user's branch is untouched)"
-git -C "$repo" log --oneline --graph "numerus/$job.integration"
-git -C "$repo" show "numerus/$job.integration:HELLO.md"
+step "numerusctl diff $job --stat   (the result, against the commit the job started from)"
+"$BIN/numerusctl" diff "$job" --stat
+
+step "numerusctl accept $job   (main fast-forwarded to the result: the working tree was clean)"
+"$BIN/numerusctl" accept "$job"
+git -C "$repo" log --oneline --graph main
+git -C "$repo" show main:HELLO.md
