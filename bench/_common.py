@@ -17,7 +17,9 @@ import asyncio
 import contextlib
 import json
 import math
+import os
 import platform
+import subprocess
 import sys
 import tempfile
 import time
@@ -110,3 +112,65 @@ def _cell(value: float | int | str) -> str:
     if isinstance(value, int):
         return f"{value:,}"
     return value
+
+
+#: Where the Numerus programs of this environment are (numerusd, numerusctl).
+BIN = Path(sys.executable).parent
+
+
+def git_repo(path: Path) -> Path:
+    """A fresh git repository with one commit."""
+    path.mkdir(parents=True)
+    git = ["git", "-c", "user.name=bench", "-c", "user.email=bench@example.invalid", "-C", str(path)]
+    subprocess.run([*git, "init", "-q", "-b", "main"], check=True)
+    (path / "README.md").write_text("# bench repo\n")
+    subprocess.run([*git, "add", "README.md"], check=True)
+    subprocess.run([*git, "commit", "-qm", "init"], check=True)
+    return path
+
+
+def scripted_state(where: Path, scenario: object, settings: str = "") -> Path:
+    """A fresh state directory `where/state` whose numerus.toml holds `settings` (TOML lines) and one scripted
+    agent profile, `bench` (the default agent), playing `scenario`. The scenario lies beside the state directory,
+    which the sandboxed agents do not see, and their profile binds it."""
+    state, scenarios = where / "state", where / "scenarios"
+    state.mkdir(parents=True)
+    scenarios.mkdir(parents=True)
+    scenario_file = scenarios / "scenario.json"
+    scenario_file.write_text(json.dumps(scenario))
+    (state / "numerus.toml").write_text(
+        f'default_agent = "bench"\n{settings.strip()}\n'
+        f'[agents.bench]\nkind = "scripted"\nenv = {{ NUMERUS_SCENARIO = {json.dumps(str(scenario_file))} }}\n'
+        f"binds = [{json.dumps(str(scenarios))}]\n"
+    )
+    return state
+
+
+def start_numerusd(state: Path, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    """The real numerusd on `state`, its log appended to `state/numerusd.stderr`; returns once it answers (its
+    connection file is written), or exits naming why it did not start."""
+    (state / "connection.json").unlink(missing_ok=True)
+    with open(state / "numerusd.stderr", "ab") as log:  # the child keeps its own descriptor
+        daemon = subprocess.Popen(
+            [str(BIN / "numerusd"), "--state-dir", str(state), "--log-level", "warning"],
+            stdout=log,
+            stderr=log,
+            env=None if env is None else {**os.environ, **env},
+        )
+    deadline = time.monotonic() + 60
+    while not (state / "connection.json").exists():
+        if daemon.poll() is not None or time.monotonic() > deadline:
+            tail = (state / "numerusd.stderr").read_text(errors="replace")[-2000:]
+            raise SystemExit(f"numerusd did not start (exit {daemon.poll()}):\n{tail}")
+        time.sleep(0.02)
+    return daemon
+
+
+def stop_numerusd(daemon: subprocess.Popen[bytes]) -> None:
+    """SIGTERM, then SIGKILL after 30 s; waits for it."""
+    daemon.terminate()
+    try:
+        daemon.wait(30)
+    except subprocess.TimeoutExpired:
+        daemon.kill()
+        daemon.wait()

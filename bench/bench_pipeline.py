@@ -60,13 +60,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import report
+from _common import BIN, git_repo, report, scripted_state, start_numerusd, stop_numerusd
 
 from numerusd import prompts
 from numerusd.agents.scripted import scripted_agent_launcher
 from numerusd.protocol.claims import ClaimedPath
 
-BIN = Path(sys.executable).parent
 GOAL = "Create one file per task"
 #: Every agent run of a job, by the event that records it: plan calls, claim calls, executor runs, reviews.
 AGENT_EVENTS = ("PlanRequested", "ClaimProposed", "ClaimRejected", "TaskStarted", "ReviewCompleted")
@@ -102,17 +101,6 @@ NOOP = [{"say": "Nothing to change."}]
 SLEEP = [{"sleep": 1}, {"say": "Slept."}]
 
 
-def git_repo(path: Path) -> Path:
-    """A fresh git repository with one commit."""
-    path.mkdir(parents=True)
-    git = ["git", "-c", "user.name=bench", "-c", "user.email=bench@example.invalid", "-C", str(path)]
-    subprocess.run([*git, "init", "-q", "-b", "main"], check=True)
-    (path / "README.md").write_text("# bench repo\n")
-    subprocess.run([*git, "add", "README.md"], check=True)
-    subprocess.run([*git, "commit", "-qm", "init"], check=True)
-    return path
-
-
 @dataclass
 class Outcome:
     """One pipeline run: its wall time, the job's events, and the CPU seconds the daemon's side spent."""
@@ -141,32 +129,15 @@ def pipeline(
     claims: str = "agent",
 ) -> Outcome:
     """Start numerusd on a fresh state directory, time `numerusctl run --wait` of one job, stop the daemon."""
-    state, repo = where / "state", git_repo(where / "repo")
-    state.mkdir(parents=True)
-    # Beside the state directory, which the sandboxed agents do not see; their profile binds it.
-    scenarios = where / "scenarios"
-    scenarios.mkdir(parents=True)
-    scenario_file = scenarios / "scenario.json"
-    scenario_file.write_text(json.dumps(scenario(tasks, steps)))
-    (state / "numerus.toml").write_text(
-        # max_agents: room for every agent the job may run at once (executors and as many claims ahead), so the
-        # daemon-wide limit (bench_queue.py measures it) does not enter these figures.
-        f'default_agent = "bench"\nparallel = {parallel}\nmax_agents = {2 * parallel}\n'
-        f'review = {str(review).lower()}\nclaims = "{claims}"\n'
-        f'[agents.bench]\nkind = "scripted"\nenv = {{ NUMERUS_SCENARIO = {json.dumps(str(scenario_file))} }}\n'
-        f"binds = [{json.dumps(str(scenarios))}]\n"
-    )
-    log = open(state / "numerusd.stderr", "wb")  # noqa: SIM115 - closed below
-    env = {**os.environ, "PATH": path_env} if path_env else None
-    daemon = subprocess.Popen(
-        [str(BIN / "numerusd"), "--state-dir", str(state), "--log-level", "warning"], stdout=log, stderr=log, env=env
-    )
+    repo = git_repo(where / "repo")
+    # max_agents: room for every agent the job may run at once (executors and as many claims ahead), so the
+    # daemon-wide limit (bench_queue.py measures it) does not enter these figures.
+    settings = f"parallel = {parallel}\nmax_agents = {2 * parallel}\nreview = {str(review).lower()}\n"
+    settings += f'claims = "{claims}"'
+    state = scripted_state(where, scenario(tasks, steps), settings)
+    daemon = start_numerusd(state, env={"PATH": path_env} if path_env else None)
     spy: subprocess.Popen[bytes] | None = None
     try:
-        while not (state / "connection.json").exists():
-            if daemon.poll() is not None:
-                raise SystemExit(f"numerusd exited with {daemon.returncode}:\n{_tail(state / 'numerusd.stderr')}")
-            time.sleep(0.05)
         if profile is not None:
             profile.mkdir(parents=True, exist_ok=True)
             spy = subprocess.Popen(
@@ -202,13 +173,7 @@ def pipeline(
         if spy is not None:
             spy.send_signal(2)  # SIGINT: py-spy writes its stacks and exits
             spy.wait(60)
-        daemon.terminate()
-        try:
-            daemon.wait(30)
-        except subprocess.TimeoutExpired:
-            daemon.kill()
-            daemon.wait()
-        log.close()
+        stop_numerusd(daemon)
     return Outcome(wall, events, own, reaped, nats)
 
 

@@ -38,22 +38,7 @@ import nats
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import percentile, report
-
-BIN = Path(sys.executable).parent
-
-
-def git_repo(path: Path) -> Path:
-    """A repository with one commit (a `--no-plan` job only needs a directory; this one is a real project's)."""
-    path.mkdir(parents=True)
-    subprocess.run(["git", "init", "-q", "-b", "main", str(path)], check=True)
-    (path / "README.md").write_text("# bench\n")
-    subprocess.run(["git", "-C", str(path), "add", "README.md"], check=True)
-    subprocess.run(
-        ["git", "-C", str(path), "-c", "user.name=b", "-c", "user.email=b@example.invalid", "commit", "-qm", "init"],
-        check=True,
-    )
-    return path
+from _common import BIN, git_repo, percentile, report, scripted_state, start_numerusd, stop_numerusd
 
 
 async def submit_all(connection: dict, repo: Path, jobs: int) -> list[str]:
@@ -84,27 +69,12 @@ def when(event: dict) -> float:
 
 
 def measure(where: Path, jobs: int, max_agents: int, sleep_s: float) -> dict[str, float | int | str]:
-    state, repo, scenarios = where / "state", git_repo(where / "repo"), where / "scenarios"
-    state.mkdir(parents=True)
-    # Beside the state directory, which the sandboxed agents do not see; their profile binds it.
-    scenarios.mkdir()
-    scenario = scenarios / "sleep.json"
-    scenario.write_text(json.dumps({"steps": [{"sleep": sleep_s}, {"say": "done"}]}))
-    (state / "numerus.toml").write_text(
-        f'default_agent = "bench"\nmax_agents = {max_agents}\n'
-        f'[agents.bench]\nkind = "scripted"\nenv = {{ NUMERUS_SCENARIO = {json.dumps(str(scenario))} }}\n'
-        f"binds = [{json.dumps(str(scenarios))}]\n"
-    )
-    log = open(state / "numerusd.stderr", "wb")  # noqa: SIM115 - closed below
-    daemon = subprocess.Popen(
-        [str(BIN / "numerusd"), "--state-dir", str(state), "--log-level", "warning"], stdout=log, stderr=log
-    )
+    repo = git_repo(where / "repo")
+    sleeping = {"steps": [{"sleep": sleep_s}, {"say": "done"}]}
+    state = scripted_state(where, sleeping, f"max_agents = {max_agents}")
+    daemon = start_numerusd(state)
     ctl = [str(BIN / "numerusctl"), "--state-dir", str(state)]
     try:
-        while not (state / "connection.json").exists():
-            if daemon.poll() is not None:
-                raise SystemExit(f"numerusd exited with {daemon.returncode}")
-            time.sleep(0.05)
         connection = json.loads((state / "connection.json").read_text())
         ids = asyncio.run(submit_all(connection, repo, jobs))
         deadline = time.monotonic() + 60 + 4 * jobs * sleep_s
@@ -122,13 +92,7 @@ def measure(where: Path, jobs: int, max_agents: int, sleep_s: float) -> dict[str
         events = [json.loads(line) for line in lines.splitlines() if line.strip()]
         (where / "events.jsonl").write_text(lines)
     finally:
-        daemon.send_signal(15)
-        try:
-            daemon.wait(60)
-        except subprocess.TimeoutExpired:
-            daemon.kill()
-            daemon.wait()
-        log.close()
+        stop_numerusd(daemon)
     started = {e["job"]: when(e) for e in events if e["type"] == "TaskStarted"}
     exited = {e["job"]: when(e) for e in events if e["type"] == "TaskExited"}
     left_queue = [when(e) for e in events if e["type"] == "JobStarted"]

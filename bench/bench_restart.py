@@ -31,8 +31,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import base_parser, report
-from bench_pipeline import BIN, git_repo, scenario
+from _common import BIN, base_parser, git_repo, report, scripted_state, start_numerusd, stop_numerusd
+from bench_pipeline import scenario
 
 SLEEP = [{"say": "working"}, {"sleep": 600}]
 
@@ -40,14 +40,6 @@ SLEEP = [{"say": "working"}, {"sleep": 600}]
 def ctl(state: Path, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [str(BIN / "numerusctl"), "--state-dir", str(state), *args], capture_output=True, text=True, check=False
-    )
-
-
-def start_daemon(state: Path) -> subprocess.Popen[bytes]:
-    (state / "connection.json").unlink(missing_ok=True)
-    log = open(state / "numerusd.stderr", "ab")  # noqa: SIM115 - the daemon holds it
-    return subprocess.Popen(
-        [str(BIN / "numerusd"), "--state-dir", str(state), "--log-level", "warning"], stdout=log, stderr=log
     )
 
 
@@ -73,20 +65,11 @@ def event_time(event: dict) -> float:
 
 
 def one_round(where: Path, tasks: int) -> dict[str, float]:
-    state, repo = where / "state", git_repo(where / "repo")
-    state.mkdir(parents=True)
-    scenarios = where / "scenarios"
-    scenarios.mkdir()
-    scenario_file = scenarios / "scenario.json"
-    scenario_file.write_text(json.dumps(scenario(tasks, SLEEP)))
-    (state / "numerus.toml").write_text(
-        f'default_agent = "bench"\nparallel = {tasks}\nmax_agents = {tasks}\nreview = false\nclaims = "plan"\n'
-        f'[agents.bench]\nkind = "scripted"\nenv = {{ NUMERUS_SCENARIO = {json.dumps(str(scenario_file))} }}\n'
-        f"binds = [{json.dumps(str(scenarios))}]\n"
-    )
-    daemon = start_daemon(state)
+    repo = git_repo(where / "repo")
+    settings = f'parallel = {tasks}\nmax_agents = {tasks}\nreview = false\nclaims = "plan"'
+    state = scripted_state(where, scenario(tasks, SLEEP), settings)
+    daemon = start_numerusd(state)
     try:
-        wait_for(lambda: (state / "connection.json").exists(), 30, "the first daemon")
         job = ctl(state, "run", "sleep in every task", "--repo", str(repo), "--agent", "bench").stdout.strip()
         wait_for(lambda: all_running(state, job, tasks), 120, "every agent of the first daemon")
         events = [json.loads(line) for line in ctl(state, "--json", "events", job).stdout.splitlines()]
@@ -96,19 +79,13 @@ def one_round(where: Path, tasks: int) -> dict[str, float]:
         daemon.wait()
 
         started = time.perf_counter()
-        daemon = start_daemon(state)
-        wait_for(lambda: (state / "connection.json").exists(), 30, "the second daemon")
+        daemon = start_numerusd(state)
         ready = time.perf_counter() - started
         wait_for(lambda: all_running(state, job, tasks, after=len(events)), 120, "every agent again")
         running = time.perf_counter() - started
         ctl(state, "kill", job)
     finally:
-        daemon.send_signal(signal.SIGTERM)
-        try:
-            daemon.wait(30)
-        except subprocess.TimeoutExpired:
-            daemon.kill()
-            daemon.wait()
+        stop_numerusd(daemon)
     return {"ready_s": ready, "all_running_s": running, "agents_start_s": last - first}
 
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import resource
 import statistics
 import subprocess
@@ -32,8 +31,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import report, run
-from bench_pipeline import BIN, GOAL, NOOP, cpu_seconds, git_repo, scenario
+from _common import BIN, git_repo, report, run, scripted_state, start_numerusd, stop_numerusd
+from bench_pipeline import GOAL, NOOP, cpu_seconds, scenario
 
 from numerusctl.connection import connected, resolve_target
 from numerusctl.top import TopApp
@@ -42,26 +41,10 @@ from numerusctl.top import TopApp
 async def one_run(where: Path, *, tasks: int, parallel: int, with_top: bool) -> tuple[float, float, int, float]:
     """The daemon's CPU seconds and the wall seconds of one job, the task rows top showed (0 without top), and the
     CPU seconds of this process meanwhile (the view's own cost)."""
-    state, repo = where / "state", git_repo(where / "repo")
-    state.mkdir(parents=True)
-    scenarios = where / "scenarios"
-    scenarios.mkdir()
-    scenario_file = scenarios / "scenario.json"
-    scenario_file.write_text(json.dumps(scenario(tasks, NOOP)))
-    (state / "numerus.toml").write_text(
-        f'default_agent = "bench"\nparallel = {parallel}\nreview = false\nclaims = "plan"\n'
-        f'[agents.bench]\nkind = "scripted"\nenv = {{ NUMERUS_SCENARIO = {json.dumps(str(scenario_file))} }}\n'
-        f"binds = [{json.dumps(str(scenarios))}]\n"
-    )
-    log = open(state / "numerusd.stderr", "wb")  # noqa: SIM115 - closed below
-    daemon = subprocess.Popen(
-        [str(BIN / "numerusd"), "--state-dir", str(state), "--log-level", "warning"], stdout=log, stderr=log
-    )
+    repo = git_repo(where / "repo")
+    state = scripted_state(where, scenario(tasks, NOOP), f'parallel = {parallel}\nreview = false\nclaims = "plan"')
+    daemon = start_numerusd(state)
     try:
-        while not (state / "connection.json").exists():
-            if daemon.poll() is not None:
-                raise SystemExit(f"numerusd exited with {daemon.returncode}")
-            await asyncio.sleep(0.05)
         async with contextlib.AsyncExitStack() as stack:
             app: TopApp | None = None
             if with_top:
@@ -94,13 +77,7 @@ async def one_run(where: Path, *, tasks: int, parallel: int, with_top: bool) -> 
                 shown = app.board.jobs.get(job)
                 rows = sum(task.status == "completed" for task in shown.tasks.values()) if shown else 0
     finally:
-        daemon.terminate()
-        try:
-            daemon.wait(30)
-        except subprocess.TimeoutExpired:
-            daemon.kill()
-            daemon.wait()
-        log.close()
+        stop_numerusd(daemon)
     return spent, wall, rows, own
 
 
