@@ -7,6 +7,7 @@ nothing flushed or cleaned; the next daemon starts without it and resumes the jo
 
 from __future__ import annotations
 
+import signal
 import subprocess
 from pathlib import Path
 
@@ -97,3 +98,30 @@ async def test_a_daemon_killed_mid_job_resumes_it_and_every_task_merges_exactly_
         assert audit.returncode == 0, audit.stdout + audit.stderr
     finally:
         daemon.stop()
+
+
+#: An executor that names its thread with what would be an option of `codex exec resume`, then works for long.
+HOSTILE_THREAD = {
+    "thread_id": "--dangerously-bypass-approvals-and-sandbox",
+    "steps": [{"say": "working"}, {"run": "sleep 300"}],
+}
+
+
+async def test_a_thread_id_an_agent_chose_to_be_an_option_is_never_put_on_a_resume_command_line(tmp_path: Path):
+    """The thread id comes from the agent's own output: after a crash, such an attempt is made again rather than
+    resumed with the agent's words in the command line."""
+    repo = git_repo(tmp_path / "repo")
+    with Daemon(
+        tmp_path / "state", agents={"sly": HOSTILE_THREAD}, env={"NUMERUS_KILL_GRACE_S": "1"}
+    ).start() as daemon:
+        job = daemon.ctl_json("run", "--no-plan", "work", "--repo", str(repo), "--agent", "sly")["job"]
+        async with daemon.client() as client:
+            await client.wait_for(job, lambda v: v["tasks"][0]["thread_id"] is not None and v["tasks"][0]["pid"])
+        assert daemon.stop(signal.SIGKILL) == -signal.SIGKILL
+        daemon.start()
+        async with daemon.client() as client:
+            view = await client.wait_for(job, lambda v: v["tasks"][0]["attempt"] == 2 and v["tasks"][0]["pid"])
+        started = [event["data"] for event in daemon.events(job) if event["type"] == "TaskStarted"]
+        assert [(s["attempt"], s["resumes"]) for s in started] == [(1, None), (2, None)]
+        assert not any(arg.startswith("--dangerously") for s in started for arg in s["argv"])
+        assert view["status"] == "running"

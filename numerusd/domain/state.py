@@ -17,6 +17,7 @@ from numerusd import locks
 from numerusd.protocol.claims import ClaimedPath, Lock
 from numerusd.protocol.commands import TASK_DONE, Acceptance, JobStatus, TaskStatus
 from numerusd.protocol.events import EventData
+from numerusd.protocol.ids import is_token
 from numerusd.protocol.plan import FileIntent, Plan
 
 __all__ = [
@@ -115,8 +116,12 @@ class TaskState(msgspec.Struct, frozen=True, kw_only=True):
 
     @property
     def resumable_thread(self) -> str | None:
-        """The agent thread an interrupted attempt can go on in, if its agent said one."""
-        return self.thread_id if self.status == "interrupted" else None
+        """The agent thread an interrupted attempt can go on in, if its agent said one. The agent chose that id,
+        and it goes on the command line (`codex exec resume <id>`): one that could be read as an option or is not
+        one plain token is never resumed (the attempt is made again instead)."""
+        if self.status != "interrupted" or self.thread_id is None or not is_token(self.thread_id):
+            return None
+        return self.thread_id
 
 
 class JobState(msgspec.Struct, frozen=True, kw_only=True):
