@@ -83,7 +83,6 @@ from numerusd.protocol.commands import (
     AcceptJob,
     AcceptReply,
     ApproveJob,
-    ApproveReply,
     CleanJobs,
     CleanReply,
     DiffReply,
@@ -96,23 +95,17 @@ from numerusd.protocol.commands import (
     GetPlan,
     GetStatus,
     KillJob,
-    KillReply,
     LogsReply,
     PauseJob,
-    PauseReply,
     PlanReply,
     RejectJob,
-    RejectReply,
+    Request,
     ResumeJob,
-    ResumeReply,
     RetryJob,
-    RetryReply,
     RunJob,
     RunReply,
-    SkipReply,
     SkipTask,
     StartJob,
-    StartReply,
     StatusReply,
 )
 from numerusd.protocol.connection import CLIENT_ROLES
@@ -201,6 +194,17 @@ def _out(data: bytes | str) -> None:
     """Write to stdout: bytes raw, text with a newline and its control characters escaped (`render.visible`:
     agents write much of it, and must not drive the operator's terminal)."""
     click.echo(render.visible(data) if isinstance(data, str) else data, nl=isinstance(data, str))
+
+
+def _ask(opts: Options, verb: str, body: Request, text: Callable[[Any], str]) -> None:
+    """Send one request and print its reply: as received under --json, else `text(reply)` of the decoded reply."""
+
+    async def ask(nc: Client) -> int:
+        data = await request(nc, verb, body, opts.timeout)
+        _out(data.decode() if opts.json else text(decode_reply(verb, data)))
+        return 0
+
+    _run(_with_daemon(opts, ask))
 
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
@@ -935,15 +939,7 @@ def kill(ctx: click.Context, job: str, task: str | None, as_json: bool) -> None:
     With TASK, that task alone: its agent is stopped, it ends killed, and the tasks that depend on it are skipped
     (`numerusctl retry JOB TASK` brings them all back).
     """
-    opts = _options(ctx, as_json)
-
-    async def body(nc: Client) -> int:
-        data = await request(nc, "kill", KillJob(job=job, task=task), opts.timeout)
-        reply: KillReply = decode_reply("kill", data)
-        _out(data.decode() if opts.json else render.kill_text(reply, task))
-        return 0
-
-    _run(_with_daemon(opts, body))
+    _ask(_options(ctx, as_json), "kill", KillJob(job=job, task=task), lambda reply: render.kill_text(reply, task))
 
 
 # --- approve, reject -------------------------------------------------------------------------------------------
@@ -963,15 +959,7 @@ def kill(ctx: click.Context, job: str, task: str | None, as_json: bool) -> None:
 def approve(ctx: click.Context, job: str, task: str | None, add_tokens: int | None, as_json: bool) -> None:
     """Let JOB go on from where it waits for approval (its plan, its merge, a token cap), or give TASK, which
     waits after its escalated attempt failed, one more attempt."""
-    opts = _options(ctx, as_json)
-
-    async def body(nc: Client) -> int:
-        data = await request(nc, "approve", ApproveJob(job=job, task=task, add_tokens=add_tokens), opts.timeout)
-        reply: ApproveReply = decode_reply("approve", data)
-        _out(data.decode() if opts.json else render.approve_text(reply))
-        return 0
-
-    _run(_with_daemon(opts, body))
+    _ask(_options(ctx, as_json), "approve", ApproveJob(job=job, task=task, add_tokens=add_tokens), render.approve_text)
 
 
 @cli.command()
@@ -983,15 +971,7 @@ def approve(ctx: click.Context, job: str, task: str | None, add_tokens: int | No
 def reject(ctx: click.Context, job: str, task: str | None, reason: str, as_json: bool) -> None:
     """End JOB as failed where it waits for approval (a merge keeps its branch), or fail TASK, which waits for
     approval (the tasks depending on it are skipped)."""
-    opts = _options(ctx, as_json)
-
-    async def body(nc: Client) -> int:
-        data = await request(nc, "reject", RejectJob(job=job, task=task, reason=reason), opts.timeout)
-        reply: RejectReply = decode_reply("reject", data)
-        _out(data.decode() if opts.json else render.reject_text(reply))
-        return 0
-
-    _run(_with_daemon(opts, body))
+    _ask(_options(ctx, as_json), "reject", RejectJob(job=job, task=task, reason=reason), render.reject_text)
 
 
 # --- resume, retry, skip -------------------------------------------------------------------------------------
@@ -1006,15 +986,7 @@ def resume(ctx: click.Context, job: str, as_json: bool) -> None:
 
     numerusd resumes interrupted jobs itself when it starts, unless its config says `resume = "manual"`.
     """
-    opts = _options(ctx, as_json)
-
-    async def body(nc: Client) -> int:
-        data = await request(nc, "resume", ResumeJob(job=job), opts.timeout)
-        reply: ResumeReply = decode_reply("resume", data)
-        _out(data.decode() if opts.json else f"job {reply.job}: resumed, {reply.status}")
-        return 0
-
-    _run(_with_daemon(opts, body))
+    _ask(_options(ctx, as_json), "resume", ResumeJob(job=job), render.resume_text)
 
 
 @cli.command()
@@ -1028,15 +1000,7 @@ def retry(ctx: click.Context, job: str, tasks: tuple[str, ...], as_json: bool) -
     Each gets new attempts (as many as a new task) from the integration branch's tip, with what failed before told
     to its agent; the tasks skipped because of it run again too, and an ended job reopens.
     """
-    opts = _options(ctx, as_json)
-
-    async def body(nc: Client) -> int:
-        data = await request(nc, "retry", RetryJob(job=job, tasks=list(tasks)), opts.timeout)
-        reply: RetryReply = decode_reply("retry", data)
-        _out(data.decode() if opts.json else f"job {reply.job}: retrying {', '.join(reply.tasks)}; {reply.status}")
-        return 0
-
-    _run(_with_daemon(opts, body))
+    _ask(_options(ctx, as_json), "retry", RetryJob(job=job, tasks=list(tasks)), render.retry_text)
 
 
 @cli.command()
@@ -1049,16 +1013,8 @@ def skip(ctx: click.Context, job: str, task: str, as_json: bool) -> None:
 
     A failed, killed or waiting task can be skipped; a running one is killed first (`numerusctl kill JOB TASK`).
     """
-    opts = _options(ctx, as_json)
 
-    async def body(nc: Client) -> int:
-        data = await request(nc, "skip", SkipTask(job=job, task=task), opts.timeout)
-        reply: SkipReply = decode_reply("skip", data)
-        again = f"; {', '.join(reply.tasks)} run again" if reply.tasks else ""
-        _out(data.decode() if opts.json else f"job {reply.job}: {reply.task} skipped{again}; {reply.status}")
-        return 0
-
-    _run(_with_daemon(opts, body))
+    _ask(_options(ctx, as_json), "skip", SkipTask(job=job, task=task), render.skip_text)
 
 
 @cli.command()
@@ -1067,15 +1023,7 @@ def skip(ctx: click.Context, job: str, task: str, as_json: bool) -> None:
 @click.pass_context
 def pause(ctx: click.Context, job: str, as_json: bool) -> None:
     """Pause JOB: it starts no new agent; those running finish their step. 'numerusctl start JOB' goes on."""
-    opts = _options(ctx, as_json)
-
-    async def body(nc: Client) -> int:
-        data = await request(nc, "pause", PauseJob(job=job), opts.timeout)
-        reply: PauseReply = decode_reply("pause", data)
-        _out(data.decode() if opts.json else render.pause_text(reply))
-        return 0
-
-    _run(_with_daemon(opts, body))
+    _ask(_options(ctx, as_json), "pause", PauseJob(job=job), render.pause_text)
 
 
 @cli.command()
@@ -1084,15 +1032,7 @@ def pause(ctx: click.Context, job: str, as_json: bool) -> None:
 @click.pass_context
 def start(ctx: click.Context, job: str, as_json: bool) -> None:
     """Let a paused JOB go on, or move a queued JOB to the front of the queue."""
-    opts = _options(ctx, as_json)
-
-    async def body(nc: Client) -> int:
-        data = await request(nc, "start", StartJob(job=job), opts.timeout)
-        reply: StartReply = decode_reply("start", data)
-        _out(data.decode() if opts.json else render.start_text(reply))
-        return 0
-
-    _run(_with_daemon(opts, body))
+    _ask(_options(ctx, as_json), "start", StartJob(job=job), render.start_text)
 
 
 # --- attach and top -------------------------------------------------------------------------------------------

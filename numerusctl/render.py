@@ -28,6 +28,9 @@ from numerusd.protocol.commands import (
     PauseReply,
     PlanReply,
     RejectReply,
+    ResumeReply,
+    RetryReply,
+    SkipReply,
     StartReply,
     TaskView,
 )
@@ -394,6 +397,22 @@ def kill_text(reply: KillReply, task: str | None = None) -> str:
     if not reply.tasks:
         return f"{what}: kill recorded; no agent was running"
     return f"{what}: stopping {', '.join(reply.tasks)}"
+
+
+def resume_text(reply: ResumeReply) -> str:
+    """What `resume` did."""
+    return f"job {reply.job}: resumed, {reply.status}"
+
+
+def retry_text(reply: RetryReply) -> str:
+    """What `retry` did: the tasks that run again."""
+    return f"job {reply.job}: retrying {', '.join(reply.tasks)}; {reply.status}"
+
+
+def skip_text(reply: SkipReply) -> str:
+    """What `skip` did, with the dependents it let run again."""
+    again = f"; {', '.join(reply.tasks)} run again" if reply.tasks else ""
+    return f"job {reply.job}: {reply.task} skipped{again}; {reply.status}"
 
 
 def pause_text(reply: PauseReply) -> str:
