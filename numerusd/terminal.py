@@ -35,6 +35,7 @@ import subprocess
 import termios
 from collections.abc import Mapping
 from pathlib import Path
+from typing import NamedTuple
 
 from numerusd import processes
 from numerusd.errors import AgentError
@@ -293,18 +294,23 @@ def kill_leftover(pid: int, start_ticks: int, grace: float = 2.0) -> bool:
     """Kill an agent's process group left from before a daemon restart, if `pid` is still that process.
 
     The pid is trusted only if it still has the same `start_ticks`: a pid reused by an unrelated program is
-    left alone. SIGTERM goes to the group, SIGKILL after `grace` seconds. True if the process was signalled.
+    left alone. SIGTERM goes to the group, SIGKILL after `grace` seconds. True if a process was signalled.
+
+    When the process itself has ended, maybe not all of the agent has: a sandbox's own init (bwrap in its PID
+    namespace) can outlive the bwrap that died with the daemon. What is left of the session it led is ended.
     """
     try:
         pidfd = os.pidfd_open(pid)
     except (ProcessLookupError, OSError):
-        return False
+        return _kill_session_left(pid, start_ticks)
     try:
         # Read the start time after the pidfd is open: the pidfd pins that very process, so a match now
         # cannot turn into a different process by the time the signal is sent.
         stat = _proc_stat(pid)
-        if stat is None or stat[1] != start_ticks or stat[0] in ("Z", "X"):
+        if stat is None or stat[1] != start_ticks:
             return False
+        if stat[0] in ("Z", "X"):
+            return _kill_session_left(pid, start_ticks)
         group = pid if _getpgid(pid) == pid else None
         _signal_leftover(pidfd, group, signal.SIGTERM)
         poller = select.poll()
@@ -351,8 +357,39 @@ def _spawn_failure(program: str, e: OSError) -> str:
     return f"cannot start {program}: {e.strerror or e}"
 
 
-def _proc_stat(pid: int) -> tuple[str, int] | None:
-    """(state, start ticks) of a process, from /proc/<pid>/stat."""
+def _kill_session_left(sid: int, start_ticks: int) -> bool:
+    """SIGKILL every process still in the session an agent led (`sid`, its leader's pid, now gone) that started
+    no earlier than its leader. While any process is in that session the kernel does not hand its number to a
+    new process, so what is found there is the agent's. True if one was signalled."""
+    signalled = False
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        member = int(entry.name)
+        try:
+            pidfd = os.pidfd_open(member)
+        except OSError:
+            continue
+        try:
+            # Read after the pidfd pins the process: the one checked is the one signalled.
+            stat = _proc_stat_fields(member)
+            if stat is not None and stat.session == sid and stat.start_ticks >= start_ticks and stat.state not in "ZX":
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+                    signalled = True
+        finally:
+            os.close(pidfd)
+    return signalled
+
+
+class _Stat(NamedTuple):
+    state: str
+    session: int
+    start_ticks: int
+
+
+def _proc_stat_fields(pid: int) -> _Stat | None:
+    """The state, session id and start ticks of a process, from /proc/<pid>/stat."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             raw = f.read()
@@ -361,9 +398,15 @@ def _proc_stat(pid: int) -> tuple[str, int] | None:
     # The command name (field 2) may hold spaces and parentheses; the fields after its last ")" are safe.
     fields = raw[raw.rfind(b")") + 2 :].split()
     try:
-        return fields[0].decode(), int(fields[19])
+        return _Stat(fields[0].decode(), int(fields[3]), int(fields[19]))
     except (IndexError, ValueError):
         return None
+
+
+def _proc_stat(pid: int) -> tuple[str, int] | None:
+    """(state, start ticks) of a process, from /proc/<pid>/stat."""
+    stat = _proc_stat_fields(pid)
+    return None if stat is None else (stat.state, stat.start_ticks)
 
 
 def _getpgid(pid: int) -> int | None:

@@ -57,6 +57,21 @@ CONFIG = 'checks = ["test -n \\"$(ls)\\""]\nbackoff_s = [0.2]\n'
 FAILPOINTS = ("after-claim", "after-worktree", "agent-running", "after-check", "after-merge")
 
 
+def session_members(sid: int) -> list[int]:
+    """The live processes of the session `sid` leads or led (an agent's: numerusd starts each in its own)."""
+    members = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                raw = (entry / "stat").read_bytes()
+            except OSError:
+                continue
+            fields = raw[raw.rfind(b")") + 2 :].split()
+            if int(fields[3]) == sid and fields[0] not in (b"Z", b"X"):
+                members.append(int(entry.name))
+    return members
+
+
 def git(repo: Path, *args: str) -> str:
     return subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True, check=True).stdout
 
@@ -92,6 +107,10 @@ async def test_a_daemon_killed_mid_job_resumes_it_and_every_task_merges_exactly_
         # A check that passed is not run again on the same commit, after a crash in the middle of the gate.
         checked = [event["task"] for event in events if event["type"] == "CheckCompleted"]
         assert sorted(checked) == ["t1", "t2", "t3"]
+        # What the crash left of an agent is ended, however much of its sandbox outlived the daemon.
+        cut = types.index("JobInterrupted")
+        spawned = [event["data"]["pid"] for event in events[:cut] if event["type"] == "AgentSpawned"]
+        await eventually(lambda: not any(session_members(pid) for pid in spawned), timeout=10)
         # No attempt failed for the crash: an interruption is not a failure.
         assert "TaskRetryScheduled" not in types and "TaskFailed" not in types
         audit = daemon.ctl("audit", "verify", job, "--finished")

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shlex
 import signal
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -222,3 +225,37 @@ def test_the_same_under_uvloop(tmp_path: Path) -> None:
 
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         runner.run(scenario())
+
+
+def test_kill_leftover_ends_what_is_left_of_a_session_whose_leader_died(tmp_path: Path) -> None:
+    """An agent's sandbox can outlive the process numerusd recorded (bwrap's own init in its PID namespace, when
+    the outer bwrap died with the daemon): a restart ends what is left of the session that process led."""
+    # A session leader from a daemon's previous life (not our child), with a child that ignores the hang-up its
+    # leader's death leaves behind, as a PID namespace's init does.
+    child_pid = tmp_path / "child.pid"
+    script = f"trap '' HUP; sleep 100 & echo $! > {child_pid}; exec sleep 100"
+    launched = subprocess.run(
+        ["sh", "-c", f"setsid sh -c {shlex.quote(script)} >/dev/null 2>&1 & echo $!"],
+        capture_output=True,
+        check=True,
+        text=True,
+    )
+    leader = int(launched.stdout)
+    ticks = process_start_ticks(leader)
+    assert ticks is not None
+    wait_until(lambda: child_pid.exists() and child_pid.read_text().strip())
+    left = int(child_pid.read_text())
+    assert running(left) and os.getsid(left) == leader
+    os.kill(leader, signal.SIGKILL)  # the leader dies; its child stays in the session
+    wait_until(lambda: not running(leader))
+    assert running(left)
+    assert kill_leftover(leader, ticks)
+    wait_until(lambda: not running(left))
+    assert not kill_leftover(leader, ticks)  # nothing left
+
+
+def wait_until(condition: Callable[[], object], timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
