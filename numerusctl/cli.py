@@ -1018,7 +1018,7 @@ def skip(ctx: click.Context, job: str, task: str, as_json: bool) -> None:
 
 
 @cli.command()
-@click.argument("job", callback=_token)
+@click.argument("job", callback=_token, shell_complete=_complete_jobs)
 @json_option
 @click.pass_context
 def pause(ctx: click.Context, job: str, as_json: bool) -> None:
@@ -1027,7 +1027,7 @@ def pause(ctx: click.Context, job: str, as_json: bool) -> None:
 
 
 @cli.command()
-@click.argument("job", callback=_token)
+@click.argument("job", callback=_token, shell_complete=_complete_jobs)
 @json_option
 @click.pass_context
 def start(ctx: click.Context, job: str, as_json: bool) -> None:
@@ -1039,8 +1039,8 @@ def start(ctx: click.Context, job: str, as_json: bool) -> None:
 
 
 @cli.command()
-@click.argument("job", callback=_token)
-@click.argument("task", callback=_token)
+@click.argument("job", callback=_token, shell_complete=_complete_jobs)
+@click.argument("task", callback=_token, shell_complete=_complete_tasks)
 @click.option("--read-only", is_flag=True, help="Watch only: nothing typed is sent (always so for the viewer role).")
 @click.pass_context
 def attach(ctx: click.Context, job: str, task: str, read_only: bool) -> None:

@@ -68,7 +68,7 @@ from numerusd.domain.observations import (
     WorkCommitted,
     WorktreeReady,
 )
-from numerusd.errors import NumerusError
+from numerusd.errors import InvalidTransition, NumerusError
 from numerusd.plans import ValidatedPlan, validate_plan
 from numerusd.protocol import subjects
 from numerusd.protocol.claims import Claim, ClaimedPath, decode_claim
@@ -395,9 +395,19 @@ class JobPipeline:
     # --- one task -----------------------------------------------------------------------------------------
 
     async def task_flow(self, task_id: str) -> None:
-        """Take one task from pending to merged (or failed, skipped, killed)."""
+        """Take one task from pending to merged (or failed, skipped, killed).
+
+        A user's command (`skip`, `kill JOB TASK`) can end the task between two steps of its flow, while a claim
+        or a worktree is being made: what that step observed is then refused by the domain, and the flow stops
+        there; the refusal of a step of a task that has not ended is the daemon's error, as always."""
         try:
             await self._task_flow(task_id)
+        except InvalidTransition:
+            if self.job.tasks[task_id].status not in domain.TASK_DONE:
+                raise
+            log.info(
+                "job %s: task %s ended by a user's command during a step; that step is dropped", self.job_id, task_id
+            )
         finally:
             self.ahead.give_back(task_id)  # kept by a claim whose executor will not run (failed, killed)
 

@@ -251,3 +251,55 @@ async def test_kill_of_one_task_stops_its_agent_and_leaves_the_job_to_end(tmp_pa
         (asked,) = [e for e in events if e["type"] == "TaskKillRequested"]
         assert asked["task"] == "slow" and asked["data"]["by"].endswith("(operator)")
         await eventually(lambda: not any(t["pid"] and t["status"] == "running" for t in view["tasks"]))
+
+
+async def test_a_task_skipped_or_killed_while_its_claim_is_asked_ends_there_and_the_job_goes_on(tmp_path: Path):
+    """A user's command can end a task between two steps of its flow (here while its claimer answers): the flow
+    stops there, the claimer's late answer is not recorded, and the rest of the job goes on."""
+    team = {
+        "cases": [
+            {
+                "match": {"role": "planner"},
+                "steps": [
+                    {
+                        "answer": {
+                            "summary": "three",
+                            "tasks": [
+                                {"id": "slow", "title": "S", "instructions": "s", "intents": []},
+                                {"id": "gone", "title": "G", "instructions": "g", "intents": []},
+                                {"id": "quick", "title": "Q", "instructions": "q", "intents": []},
+                            ],
+                        }
+                    }
+                ],
+            },
+            {
+                "match": {"role": "claimer", "task": "slow"},
+                "steps": [{"sleep": 3}, {"answer": claim(("S.md", "create"))}],
+            },
+            {
+                "match": {"role": "claimer", "task": "gone"},
+                "steps": [{"sleep": 3}, {"answer": claim(("G.md", "create"))}],
+            },
+            {"match": {"role": "claimer", "task": "quick"}, "steps": [{"answer": claim(("Q.md", "create"))}]},
+            {"match": {"role": "executor"}, "steps": [{"write": "Q.md", "content": "q\n"}]},
+            {"match": {"role": "reviewer"}, "steps": [{"answer": {"verdict": "pass", "reasons": ["ok"]}}]},
+        ]
+    }
+    with Daemon(tmp_path / "state", agents={"team": team}, config="review = false\n").start() as daemon:
+        repo = git_repo(tmp_path / "repo")
+        job = daemon.ctl_json("run", "three", "--repo", str(repo), "--agent", "team")["job"]
+        async with daemon.client() as client:
+            await client.wait_for(job, lambda v: len(v["tasks"]) == 3)
+            await eventually(lambda: (daemon.state_dir / "runs" / job / "gone" / "claim-1").exists(), timeout=20)
+            assert daemon.ctl("skip", job, "gone").returncode == 0
+            assert daemon.ctl("kill", job, "slow").returncode == 0
+            view = await client.wait_for(job, lambda v: v["status"] in ("completed", "failed"), timeout=60)
+        assert {t["id"]: t["status"] for t in view["tasks"]} == {
+            "slow": "killed",
+            "gone": "skipped",
+            "quick": "completed",
+        }
+        assert view["reason"] == "task slow killed"  # skipped by a user, `gone` does not fail the job
+        assert "pipeline of job" not in daemon.stderr()
+        assert "ClaimProposed" not in {e["type"] for e in daemon.events(job) if e["task"] in ("slow", "gone")}
