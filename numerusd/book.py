@@ -66,6 +66,10 @@ class JobBook:
                 raise NotFound(f"{ref!r} names {len(found)} jobs ({shown}); give more of the id")
         raise NotFound(f"no job {ref!r}; 'numerusctl status' lists the jobs")
 
+    def restore(self, state: domain.JobState) -> None:
+        """Take a job's state from its snapshot (at start, before the stream's tail is folded over it)."""
+        self._jobs[state.id] = state
+
     def fold(self, event: Envelope | WireEnvelope) -> None:
         """Fold an event read from the stream or the WAL (a replay), its payload decoded only if needed."""
         if isinstance(event, WireEnvelope):

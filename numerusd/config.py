@@ -176,6 +176,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     max_event_bytes: Annotated[int, msgspec.Meta(ge=4096)] = 256 * 1024
     max_request_bytes: Annotated[int, msgspec.Meta(ge=4096)] = 1024 * 1024
     dlq_max_bytes: Annotated[int, msgspec.Meta(ge=1024 * 1024)] = 64 * 1024 * 1024
+    #: Job snapshots (docs/operations.md, "Snapshots"): a checkpoint is written once this many events were stored
+    #: since the last one, or this many seconds passed with any, and when the daemon stops.
+    snapshot_every_events: Annotated[int, msgspec.Meta(ge=1)] = 5_000
+    snapshot_every_s: Annotated[float, msgspec.Meta(gt=0)] = 60.0
     #: Where every planned job waits for a user's approval (`run --approve` instead): `plan`, `merge`, or `all`.
     approve: tuple[Literal["plan", "merge", "all"], ...] = ()
     #: Token caps (input + output) of a job and of each task (`run --max-tokens`, `--task-max-tokens`), and what

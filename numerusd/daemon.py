@@ -1,11 +1,13 @@
 """The daemon's lifecycle: what it starts, in which order, and how it stops.
 
 `startup()` connects to NATS (starting the embedded server when no URL is configured), makes sure the streams exist,
-replays the stream into the job book, republishes what the write-ahead log holds and the stream does not, reconciles
-jobs that were under way when the previous daemon died (they become `interrupted`), then starts the projector and
-the command service, and resumes the interrupted jobs (unless `resume = "manual"`). `serve()` then waits for a
-signal, which only sets a flag. `shutdown()` stops the runner (agents and pipelines; their jobs are recorded
-`interrupted`), waits for every event to be acknowledged, and closes what startup opened.
+restores the jobs from their snapshots and replays the stream's tail into the job book (`snapshots.py`),
+republishes what the write-ahead log holds and the stream does not, reconciles jobs that were under way when the
+previous daemon died (they become `interrupted`), then starts the projector and the command service, and resumes
+the interrupted jobs (unless `resume = "manual"`); snapshots are written in the background from then on.
+`serve()` then waits for a signal, which only sets a flag. `shutdown()` stops the runner (agents and pipelines;
+their jobs are recorded `interrupted`), waits for every event to be acknowledged, writes a last checkpoint, and
+closes what startup opened.
 
 Signals as uvicorn handles them: the first SIGINT or SIGTERM asks for a graceful stop (agents get
 `kill_grace_s` to end); a second one forces it (agents are killed at once, pipelines cancelled). Either way the
@@ -32,7 +34,7 @@ from nats.aio.client import Client
 from nats.js import JetStreamContext
 from nats.micro.service import Service
 
-from numerusd import domain, git, sandbox, state_lock
+from numerusd import domain, git, sandbox, snapshots, state_lock
 from numerusd.agent_input import listen_for_input
 from numerusd.book import JobBook
 from numerusd.breaker import CircuitBreaker
@@ -49,7 +51,7 @@ from numerusd.keys import Keyring
 from numerusd.pipeline import remove_merged
 from numerusd.protocol.commands import JOB_DONE
 from numerusd.protocol.envelope import InvalidEvent, open_untyped
-from numerusd.protocol.subjects import EVENTS
+from numerusd.protocol.subjects import EVENTS, job_of
 from numerusd.redaction import Redactor, known_secrets
 from numerusd.runner import Runner
 from numerusd.schemas import agent_output_schemas
@@ -100,6 +102,7 @@ class Daemon:
         self.embedded: EmbeddedNats | None = None
         self.projector: Projector | None = None
         self.dead_letters: DeadLetters | None = None
+        self.snapshotter: snapshots.Snapshotter | None = None
         self._background: set[asyncio.Task[None]] = set()
         self._lock_file: int | None = None
         self._service: Service | None = None
@@ -158,8 +161,15 @@ class Daemon:
             )
         )
         book = self.book = JobBook(self.store, redactor)
-        replayed = await self._replay(address)
-        log.info("replayed %d events into %d jobs", replayed, len(book.jobs))
+        loaded = await snapshots.load(nc, js, self.keyring.keys)
+        replayed = await self._replay(address, loaded)
+        log.info(
+            "%d jobs: %d restored from snapshots, %d events replayed after stream sequence %d",
+            len(book.jobs),
+            len(loaded.jobs),
+            replayed,
+            loaded.position,
+        )
         await self._reconcile()
         self.projector = await Projector(settings.db_path, self.keyring.keys).open()
         self._projector_task = asyncio.create_task(self._project(address), name="projector")
@@ -184,6 +194,18 @@ class Daemon:
         client = roles.get("operator", address)
         write_connection_file(settings.connection_path, address.url, client.user, client.password, roles)
         self._wrote_connection = True
+        self.snapshotter = snapshots.Snapshotter(
+            js,
+            nc,
+            book,
+            self.store,
+            self.keyring,
+            known=loaded.jobs,
+            position=loaded.position,
+            every_events=settings.snapshot_every_events,
+            every_s=settings.snapshot_every_s,
+        )
+        self._spawn_background(self.snapshotter.run(self.should_exit), name="snapshots")
         self._spawn_background(self._sweep_checkouts(), name="checkouts of ended jobs")
         self._spawn_background(watchdog(self.should_exit), name="systemd watchdog")
         if self.embedded is not None:
@@ -214,6 +236,8 @@ class Daemon:
                 await self.store.flush(timeout=10)
             except Exception as e:  # the WAL has them: they are republished on the next start
                 log.warning("not every event reached JetStream before stopping: %s", e)
+            else:
+                await self._last_checkpoint()
             await self.store.close()
         if self._projector_task is not None:
             self._projector_task.cancel()
@@ -230,6 +254,16 @@ class Daemon:
             with contextlib.suppress(FileNotFoundError):
                 self.settings.connection_path.unlink()
         log.info("numerusd stopped")
+
+    async def _last_checkpoint(self) -> None:
+        """Snapshot what the stop left (so the next start replays almost nothing); the events have it anyway."""
+        if self.snapshotter is None:
+            return
+        try:
+            report = await asyncio.wait_for(self.snapshotter.checkpoint(), 10)
+            log.info("checkpoint at stream sequence %d: %d job snapshots written", report.position, report.written)
+        except (NumerusError, TimeoutError) as e:
+            log.warning("no checkpoint written before stopping (the next start replays more): %s", e)
 
     def _write_agent_schemas(self) -> None:
         """The `--output-schema` files agents answer with, fresh from the protocol types at every start."""
@@ -276,27 +310,39 @@ class Daemon:
         nc.options["max_reconnect_attempts"] = -1  # read by nats-py at each reconnect: never stop trying
         return nc
 
-    async def _replay(self, address: NatsAddress) -> int:
-        """Fold the whole stream into memory, then what the WAL holds that the stream does not.
+    async def _replay(self, address: NatsAddress, loaded: snapshots.Loaded) -> int:
+        """Restore the jobs from their snapshots, fold the stream's tail into memory, then what the WAL holds that
+        the stream does not; return the number of events folded.
 
-        Each event is checked as the auditor and the projector check it: its signature, its subject, its id not
-        seen before, and that it extends its job's chain; one that does not is skipped, so `status` after a
-        restart equals a rebuild whatever was republished onto the stream. A long stream is read by a child
-        process (`stream_pump`), as a rebuild reads it: this process only verifies and folds, on the other core.
+        The tail is the stream after the checkpoint's position; an event there that its job's snapshot already
+        holds is passed over. Each other event is checked as the auditor and the projector check it: its
+        signature, its subject, its id not seen before, and that it extends its job's chain; one that does not is
+        skipped, so `status` after a restart equals a rebuild whatever was republished onto the stream. A long
+        tail is read by a child process (`stream_pump`), as a rebuild reads it: this process only verifies and
+        folds, on the other core.
         """
         assert self.nc is not None and self.js is not None and self.store is not None and self.book is not None
         assert self.keyring is not None
+        book, store = self.book, self.store
+        for snapshot in loaded.jobs.values():
+            book.restore(snapshot.state)
+            store.restore(snapshot.job, snapshot.head)
+        restored = {job: snapshot.head.seq for job, snapshot in loaded.jobs.items()}
         count = 0
         keys = self.keyring.keys
-        if (last := await last_sequence(self.js, EVENTS)) >= PUMPED_REPLAY_FROM:
-            log.debug("replaying %d events read by a child process", last)
-            batches = head_started_stream(address, EVENTS)
+        start = loaded.position + 1
+        if (last := await last_sequence(self.js, EVENTS)) - loaded.position >= PUMPED_REPLAY_FROM:
+            log.debug("replaying %d events read by a child process", last - loaded.position)
+            batches = head_started_stream(address, EVENTS, start_seq=start)
         else:
-            batches = read_stream(self.nc, EVENTS)
+            batches = read_stream(self.nc, EVENTS, start_seq=start)
         skipped = 0
         seen: set[str] = set()  # ids folded so far: held for the replay only
         async for batch in batches:
             for message in batch:
+                if restored and message.seq <= restored.get(job_of(message.subject) or "", 0):
+                    store.covered(message.seq, message.data)
+                    continue
                 try:
                     event = open_untyped(message.data, keys)
                     # Not signed, so checked here: the subject, and the chain (a republished copy of a genuine
@@ -305,20 +351,20 @@ class Daemon:
                         raise InvalidEvent("wrong_subject", f"event {event.id} belongs on {event.subject}")
                     if event.id in seen:
                         raise InvalidEvent("duplicate", f"event {event.id} was folded before")
-                    if event.prev != self.store.chain_head(event.job):
+                    if event.prev != store.chain_head(event.job):
                         raise InvalidEvent("broken_chain", f"event {event.id} does not follow its job's last event")
-                    self.book.fold(event)
+                    book.fold(event)
                 except (InvalidEvent, ValueError) as e:
                     skipped += 1
                     log.warning("skipping event at seq %d on %s: %s", message.seq, message.subject, e)
                     continue
                 seen.add(event.id)
-                self.store.observe(message.seq, message.data)
+                store.observe(message.seq, message.data)
                 count += 1
         if skipped:
             log.warning("replay: %d stream messages skipped (the projector dead-letters them)", skipped)
-        for sealed in await self.store.recover():
-            self.book.fold(sealed.envelope)
+        for sealed in await store.recover():
+            book.fold(sealed.envelope)
             count += 1
         return count
 

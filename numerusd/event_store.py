@@ -24,7 +24,13 @@ window the `Nats-Msg-Id` header catches the rest (acks with `duplicate: true` co
 
 Startup. The daemon replays the stream and passes each stored event to `observe(seq, wire)`, which rebuilds the
 chain heads and notes which WAL entries are already stored; `recover()` then republishes the WAL entries the
-stream lacks and returns them, so the daemon folds them in after the stream's own events.
+stream lacks and returns them, so the daemon folds them in after the stream's own events. A job restored from its
+snapshot gives its head with `restore`, and the events of the tail its snapshot already holds pass `covered`.
+
+What is stored, per job. The store knows, for each job, the last of its events the stream is known to hold (its
+id, stream sequence and digest: `stored_head`), and since which sequence it has events that no snapshot holds yet
+(`unsnapshotted`); with `stable_position`, the highest sequence up to which every event of ours is known stored,
+that is what `numerusd.snapshots` needs to say where a replay may begin.
 
 JetStream errors surface as `StoreError`/`NatsUnavailable` (translated by `streams.jetstream_errors`).
 """
@@ -53,7 +59,7 @@ from numerusd.keys import Keyring
 from numerusd.protocol.envelope import Sealed, digest, open_event, seal
 from numerusd.protocol.events import EventData
 from numerusd.protocol.ids import new_ulid
-from numerusd.protocol.subjects import EVENTS
+from numerusd.protocol.subjects import EVENTS, job_of
 from numerusd.stream_reader import StreamReader
 from numerusd.streams import jetstream_errors
 from numerusd.wal import WalEntry, WriteAheadLog
@@ -101,6 +107,14 @@ _decode_ack = msgspec.json.Decoder(_PubAck).decode
 _decode_head = msgspec.json.Decoder(_Head).decode
 
 
+class StoredHead(msgspec.Struct, frozen=True):
+    """The last event of a job the stream is known to hold: its id, stream sequence, and digest (the chain head)."""
+
+    id: str
+    seq: int
+    digest: str
+
+
 class _Flight:
     """An event published and not yet acknowledged."""
 
@@ -144,6 +158,9 @@ class EventStore:
         self._max_in_flight = max_in_flight
         self._max_event_bytes = max_event_bytes
         self._heads: dict[str, str] = {}
+        self._stored: dict[str, StoredHead] = {}
+        # For each job with stored events that no snapshot holds yet, the sequence of the first of them.
+        self._unsnapshotted: dict[str, int] = {}
         # WAL entries left by the previous run, and those of them the replay found in the stream.
         self._recovering = {entry.id for entry in wal.pending()}
         self._found: set[str] = set()
@@ -180,11 +197,28 @@ class EventStore:
             # Not an event of ours (the daemon's replay deals with poison messages); no chain to extend.
             log.warning("stream message %d is not an event envelope; ignored by the event store", seq)
             return
-        self._heads[head.job] = digest(wire)
+        self._heads[head.job] = head_digest = digest(wire)
+        self._note_stored(head.job, head.id, seq, head_digest)
         if seq > self._acked_seq:
             self._acked_seq = seq
         if head.id in self._recovering:
             self._found.add(head.id)
+
+    def covered(self, seq: int, wire: bytes) -> None:
+        """Take note of an event in the stream that a snapshot already holds (during the startup replay)."""
+        if seq > self._acked_seq:
+            self._acked_seq = seq
+        if self._recovering:
+            with contextlib.suppress(msgspec.DecodeError):
+                if (id_ := _decode_head(wire).id) in self._recovering:
+                    self._found.add(id_)
+
+    def restore(self, job: str, head: StoredHead) -> None:
+        """Take a job's chain head from its snapshot, before the replay of the stream's tail."""
+        self._heads[job] = head.digest
+        self._stored[job] = head
+        if head.seq > self._acked_seq:
+            self._acked_seq = head.seq
 
     async def recover(self) -> list[Sealed]:
         """After the replay: republish the WAL entries the stream lacks (in order) and return them; start."""
@@ -392,6 +426,43 @@ class EventStore:
         """The digest of the last event appended or observed for `job` ('' for a job with none)."""
         return self._heads.get(job, "")
 
+    # --- what is stored (for snapshots) ----------------------------------------------------------------------
+
+    def stored_head(self, job: str) -> StoredHead | None:
+        """The last event of `job` the stream is known to hold, if any."""
+        return self._stored.get(job)
+
+    def stable_position(self) -> int:
+        """A stream sequence up to which every event of ours is known stored: below anything still in flight
+        (an event published and not acknowledged is stored, if at all, after its `floor`)."""
+        if self._in_flight:
+            return min(self._acked_seq, min(flight.floor for flight in self._in_flight.values()))
+        return self._acked_seq
+
+    def unsnapshotted(self) -> dict[str, int]:
+        """Jobs with stored events that no snapshot holds yet, each with the sequence of the first of them."""
+        return dict(self._unsnapshotted)
+
+    def take_unsnapshotted(self, job: str) -> int | None:
+        """Forget that `job` has events no snapshot holds (its snapshot is being written); the sequence it had."""
+        return self._unsnapshotted.pop(job, None)
+
+    def give_back_unsnapshotted(self, job: str, seq: int) -> None:
+        """The snapshot of `job` was not written: its events from `seq` on are still held by none."""
+        have = self._unsnapshotted.get(job)
+        self._unsnapshotted[job] = seq if have is None else min(have, seq)
+
+    async def sync_acks(self) -> None:
+        """Make the acknowledgements received so far durable in the WAL (a checkpoint relies on them)."""
+        await self._wal.sync()
+
+    def _note_stored(self, job: str, id_: str, seq: int, head_digest: str) -> None:
+        have = self._stored.get(job)
+        if have is None or seq > have.seq:
+            self._stored[job] = StoredHead(id_, seq, head_digest)
+        if job not in self._unsnapshotted:
+            self._unsnapshotted[job] = seq
+
     async def on_reconnected(self) -> None:
         """Pass to nats-py's `reconnected_cb`: check the stream and republish what was in flight."""
         self._resync_wanted.set()
@@ -532,7 +603,10 @@ class EventStore:
             probe[1].set_result(True)
 
     def _acknowledged(self, id_: str, seq: int, acked: list[str] | None = None) -> None:
-        del self._in_flight[id_]
+        entry = self._in_flight.pop(id_).entry
+        job = job_of(entry.subject)
+        if job is not None:
+            self._note_stored(job, id_, seq, digest(entry.wire))
         if acked is None:
             self._wal.ack((id_,))
             if self._outbox:

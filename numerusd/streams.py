@@ -1,4 +1,4 @@
-"""The three JetStream streams Numerus owns, created or brought up to date idempotently at startup.
+"""The JetStream streams Numerus owns, created or brought up to date idempotently at startup.
 
 Their names and subjects are the protocol's (`numerusd.protocol.subjects`); what each keeps is decided here:
 
@@ -7,6 +7,7 @@ Their names and subjects are the protocol's (`numerusd.protocol.subjects`); what
 | `NUMERUS_EVENTS` | `numerus.job.>` | for ever: file storage, no limits; delete, purge, rollup, TTLs refused |
 | `NUMERUS_LOGS` | `numerus.log.>` | bounded by size and age, oldest dropped first |
 | `NUMERUS_DLQ` | `numerus.dlq.>` | bounded by age, size (oldest dropped first) and message size |
+| `NUMERUS_SNAPSHOTS` | `numerus.snapshot.>` | the last message of each subject (a job's latest snapshot) |
 
 A stream that already exists is compared with what we want. A difference that would break an invariant (events
 that could be deleted, purged or aged out, subjects that are not ours) raises `StreamMismatch` naming the setting
@@ -31,7 +32,16 @@ from nats.js.client import JetStreamContext
 
 from numerusd.embedded_nats import MIN_SERVER_VERSION
 from numerusd.errors import NatsUnavailable, StoreError, StreamMismatch
-from numerusd.protocol.subjects import DLQ, DLQ_SUBJECTS, EVENTS, EVENTS_SUBJECTS, LOGS, LOGS_SUBJECTS
+from numerusd.protocol.subjects import (
+    DLQ,
+    DLQ_SUBJECTS,
+    EVENTS,
+    EVENTS_SUBJECTS,
+    LOGS,
+    LOGS_SUBJECTS,
+    SNAPSHOTS,
+    SNAPSHOTS_SUBJECTS,
+)
 
 #: A republished event within this window is dropped by the server on its `Nats-Msg-Id`; past it the event
 #: store's own check against the stream (see event_store.py) still keeps it from being stored twice.
@@ -121,7 +131,7 @@ def stream_specs(
     dlq_max_age: float = DEFAULT_DLQ_MAX_AGE,
     dlq_max_bytes: int = DEFAULT_DLQ_MAX_BYTES,
 ) -> list[StreamSpec]:
-    """The three streams, with their limits."""
+    """The streams, with their limits."""
     events = StreamSpec(
         name=EVENTS,
         subjects=EVENTS_SUBJECTS,
@@ -173,7 +183,19 @@ def stream_specs(
             "discard": DiscardPolicy.OLD,
         },
     )
-    return [events, logs, dlq]
+    snapshots = StreamSpec(
+        name=SNAPSHOTS,
+        subjects=SNAPSHOTS_SUBJECTS,
+        desired={
+            "description": "Numerus job snapshots: each job's last, signed; the events stay the truth",
+            "retention": RetentionPolicy.LIMITS,
+            "storage": StorageType.FILE,
+            # A newer snapshot of a job replaces the older one: only the last is ever read.
+            "max_msgs_per_subject": 1,
+            "discard": DiscardPolicy.OLD,
+        },
+    )
+    return [events, logs, dlq, snapshots]
 
 
 # Settings the server refuses to change on an existing stream: a difference there is reported, not updated.

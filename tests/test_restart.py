@@ -121,7 +121,8 @@ def test_second_daemon_on_the_same_state_dir_is_refused(tmp_path: Path):
 
 async def test_genuine_events_republished_onto_the_stream_change_nothing_after_a_restart(tmp_path: Path):
     """Anyone who may publish on `numerus.job.>` could copy a job's own signed events back onto the stream: the
-    replay at start skips what does not extend its job's chain, so the job reads as before, as a rebuild does."""
+    replay at start skips what does not extend its job's chain (the chain its snapshot ends with, here), so the job
+    reads as before, as a rebuild does."""
     repo = git_repo(tmp_path / "repo")
     with Daemon(tmp_path / "state", agents={"scripted": HELLO}).start() as daemon:
         run = daemon.ctl("run", "--no-plan", "Greet", "--repo", str(repo), "--agent", "scripted", "--wait")
@@ -142,7 +143,8 @@ async def test_genuine_events_republished_onto_the_stream_change_nothing_after_a
         daemon.stop()
         daemon.start()
         assert daemon.status(job) == before, "a copy of the job's own events changed it"
-        assert daemon.stderr().count("was folded before") == 3  # each copy has an id already folded
+        # Each copy is skipped: its job starts from its snapshot, and no copy extends that snapshot's chain head.
+        assert daemon.stderr().count("does not follow its job's last event") == 3
         # The whole job again, in its order: each copy is skipped, and `status` equals what a rebuild shows.
         connection = daemon.connection()  # a restarted embedded server listens on a new port
         nc = await nats.connect(connection["url"], user=connection["user"], password=connection["password"])

@@ -7,6 +7,8 @@
 | `numerus.job.<job>.task.<task>.<event>` | task events, e.g. `….task.t3.claim_granted` | `NUMERUS_EVENTS` |
 | `numerus.log.<job>.<task>` | an agent's terminal output, in chunks | `NUMERUS_LOGS` |
 | `numerus.dlq.<source>.<reason>` | dead letters: rejected commands, events a view refused | `NUMERUS_DLQ` |
+| `numerus.snapshot.job.<job>` | a job's state as its events fold it, signed (the last one only) | `NUMERUS_SNAPSHOTS` |
+| `numerus.snapshot.checkpoint` | where the startup replay begins, given the snapshots | `NUMERUS_SNAPSHOTS` |
 | `numerus.input.<job>.<task>` | input for a running agent's terminal (`attach`; request/reply) | (not stored) |
 
 `<event>` is the event's type name in snake case (`ClaimGranted` -> `claim_granted`). Job and task ids are
@@ -25,11 +27,16 @@ EVENTS = "NUMERUS_EVENTS"
 LOGS = "NUMERUS_LOGS"
 #: The stream of dead letters, bounded by age.
 DLQ = "NUMERUS_DLQ"
+#: The stream of job snapshots: the last one of each job and the checkpoint (`numerusd.snapshots`).
+SNAPSHOTS = "NUMERUS_SNAPSHOTS"
 
 #: What each stream holds.
 EVENTS_SUBJECTS = ("numerus.job.>",)
 LOGS_SUBJECTS = ("numerus.log.>",)
 DLQ_SUBJECTS = ("numerus.dlq.>",)
+SNAPSHOTS_SUBJECTS = ("numerus.snapshot.>",)
+#: The subject of the checkpoint, the one snapshot that is not a job's.
+CHECKPOINT = "numerus.snapshot.checkpoint"
 #: Where input for agents' terminals arrives (the daemon subscribes; never stored).
 INPUTS = "numerus.input.>"
 
@@ -73,6 +80,11 @@ def job_of(subject: str) -> str | None:
 def event_suffix(subject: str) -> str:
     """The last token of an event's subject: its type name in snake case."""
     return subject.rpartition(".")[2]
+
+
+def job_snapshot(job: str) -> str:
+    """`numerus.snapshot.job.<job>`: the last snapshot of one job's state."""
+    return f"numerus.snapshot.job.{job}"
 
 
 def task_log(job: str, task: str) -> str:
