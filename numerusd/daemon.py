@@ -50,14 +50,13 @@ from numerusd.history import EventHistory
 from numerusd.keys import Keyring
 from numerusd.pipeline import remove_merged
 from numerusd.protocol.commands import JOB_DONE
-from numerusd.protocol.envelope import InvalidEvent, open_untyped
-from numerusd.protocol.subjects import EVENTS, job_of
+from numerusd.protocol.subjects import EVENTS
 from numerusd.redaction import Redactor, known_secrets
+from numerusd.replay import replay
 from numerusd.runner import Runner
 from numerusd.schemas import agent_output_schemas
 from numerusd.service import start_service
-from numerusd.stream_pump import head_started_stream
-from numerusd.stream_reader import last_sequence, read_stream
+from numerusd.stream_reader import last_sequence
 from numerusd.streams import check_server_version, ensure_streams, stream_specs
 from numerusd.supervisor import Agents
 from numerusd.systemd import notify, watchdog
@@ -74,8 +73,6 @@ log = logging.getLogger(__name__)
 
 #: Empty views and at least this many events in the stream: the views are loaded in bulk before they follow it.
 BULK_VIEWS_FROM = 10_000
-#: At least this many events in the stream: the startup replay reads it in a child process.
-PUMPED_REPLAY_FROM = 10_000
 #: The views' first pause when the bus does not answer, doubled up to the second figure while it still does not.
 PROJECTOR_RETRY_S = 0.5
 PROJECTOR_RETRY_MAX_S = 5.0
@@ -162,7 +159,7 @@ class Daemon:
         )
         book = self.book = JobBook(self.store, redactor)
         loaded = await snapshots.load(nc, js, self.keyring.keys)
-        replayed = await self._replay(address, loaded)
+        replayed = await replay(nc, js, address, book, self.store, self.keyring.keys, loaded)
         log.info(
             "%d jobs: %d restored from snapshots, %d events replayed after stream sequence %d",
             len(book.jobs),
@@ -309,64 +306,6 @@ class Daemon:
             raise NatsUnavailable(f"cannot connect to NATS at {address.url}: {e}") from e
         nc.options["max_reconnect_attempts"] = -1  # read by nats-py at each reconnect: never stop trying
         return nc
-
-    async def _replay(self, address: NatsAddress, loaded: snapshots.Loaded) -> int:
-        """Restore the jobs from their snapshots, fold the stream's tail into memory, then what the WAL holds that
-        the stream does not; return the number of events folded.
-
-        The tail is the stream after the checkpoint's position; an event there that its job's snapshot already
-        holds is passed over. Each other event is checked as the auditor and the projector check it: its
-        signature, its subject, its id not seen before, and that it extends its job's chain; one that does not is
-        skipped, so `status` after a restart equals a rebuild whatever was republished onto the stream. A long
-        tail is read by a child process (`stream_pump`), as a rebuild reads it: this process only verifies and
-        folds, on the other core.
-        """
-        assert self.nc is not None and self.js is not None and self.store is not None and self.book is not None
-        assert self.keyring is not None
-        book, store = self.book, self.store
-        for snapshot in loaded.jobs.values():
-            book.restore(snapshot.state)
-            store.restore(snapshot.job, snapshot.head)
-        restored = {job: snapshot.head.seq for job, snapshot in loaded.jobs.items()}
-        count = 0
-        keys = self.keyring.keys
-        start = loaded.position + 1
-        if (last := await last_sequence(self.js, EVENTS)) - loaded.position >= PUMPED_REPLAY_FROM:
-            log.debug("replaying %d events read by a child process", last - loaded.position)
-            batches = head_started_stream(address, EVENTS, start_seq=start)
-        else:
-            batches = read_stream(self.nc, EVENTS, start_seq=start)
-        skipped = 0
-        seen: set[str] = set()  # ids folded so far: held for the replay only
-        async for batch in batches:
-            for message in batch:
-                if restored and message.seq <= restored.get(job_of(message.subject) or "", 0):
-                    store.covered(message.seq, message.data)
-                    continue
-                try:
-                    event = open_untyped(message.data, keys)
-                    # Not signed, so checked here: the subject, and the chain (a republished copy of a genuine
-                    # event, or one out of its place, does not extend its job's chain and is not folded twice).
-                    if event.subject != message.subject:
-                        raise InvalidEvent("wrong_subject", f"event {event.id} belongs on {event.subject}")
-                    if event.id in seen:
-                        raise InvalidEvent("duplicate", f"event {event.id} was folded before")
-                    if event.prev != store.chain_head(event.job):
-                        raise InvalidEvent("broken_chain", f"event {event.id} does not follow its job's last event")
-                    book.fold(event)
-                except (InvalidEvent, ValueError) as e:
-                    skipped += 1
-                    log.warning("skipping event at seq %d on %s: %s", message.seq, message.subject, e)
-                    continue
-                seen.add(event.id)
-                store.observe(message.seq, message.data)
-                count += 1
-        if skipped:
-            log.warning("replay: %d stream messages skipped (the projector dead-letters them)", skipped)
-        for sealed in await store.recover():
-            book.fold(sealed.envelope)
-            count += 1
-        return count
 
     def _interrupted(self, reason: str) -> Interrupted:
         """What a daemon stop records of a job under way, saying what happens next."""

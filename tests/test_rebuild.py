@@ -9,7 +9,7 @@ from pathlib import Path
 import nats
 import pytest
 
-from numerusd.daemon import BULK_VIEWS_FROM, PUMPED_REPLAY_FROM
+from numerusd.daemon import BULK_VIEWS_FROM
 from numerusd.keys import Keyring
 from numerusd.protocol.envelope import Sealed
 from numerusd.protocol.events import (
@@ -20,6 +20,7 @@ from numerusd.protocol.events import (
     TaskCreated,
     TokensUsed,
 )
+from numerusd.replay import PUMPED_REPLAY_FROM
 from numerusd.views.dump import dump
 from tests.conftest import eventually
 from tests.daemon_harness import BIN, Daemon, git_repo
