@@ -7,6 +7,7 @@
 | `numerus.job.<job>.task.<task>.<event>` | task events, e.g. `….task.t3.claim_granted` | `NUMERUS_EVENTS` |
 | `numerus.log.<job>.<task>` | an agent's terminal output, in chunks | `NUMERUS_LOGS` |
 | `numerus.dlq.<source>.<reason>` | dead letters: rejected commands, events a view refused | `NUMERUS_DLQ` |
+| `$SRV.PING.numerus` | the micro service's ping (`numerusctl ping`), beside its `INFO` and `STATS` | (not stored) |
 | `numerus.input.<job>.<task>` | input for a running agent's terminal (`attach`; request/reply) | (not stored) |
 
 `<event>` is the event's type name in snake case (`ClaimGranted` -> `claim_granted`). Job and task ids are
@@ -18,6 +19,9 @@ from __future__ import annotations
 
 import functools
 import re
+
+#: The name of the daemon's NATS micro service (`nats micro ls` lists it; its endpoints are `command(verb)`).
+SERVICE = "numerus"
 
 #: The stream of job events: kept for ever, signed and chained.
 EVENTS = "NUMERUS_EVENTS"
@@ -41,6 +45,11 @@ _CAMEL_HUMP = re.compile(r"(?<!^)(?=[A-Z])")
 def snake_name(type_name: str) -> str:
     """`ClaimGranted` -> `claim_granted`: the last token of an event's subject."""
     return _CAMEL_HUMP.sub("_", type_name).lower()
+
+
+def service_ping() -> str:
+    """`$SRV.PING.numerus`: where the daemon's micro service answers a ping (`numerusctl ping`)."""
+    return f"$SRV.PING.{SERVICE}"
 
 
 def command(verb: str) -> str:
