@@ -25,13 +25,14 @@ from tests.daemon_harness import BIN, Daemon
 
 ROOT = Path(__file__).parent.parent
 CONTAINERFILE = ROOT / "deploy" / "Containerfile"
+CODEX_CONTAINERFILE = ROOT / "deploy" / "Containerfile.codex"
 ENTRYPOINT = ROOT / "deploy" / "entrypoint.sh"
 IGNORE = ROOT / ".dockerignore"
 
 
-def instructions() -> list[tuple[str, str]]:
-    """The Containerfile's instructions, (KEYWORD, arguments), continuation lines joined, comments left out."""
-    text = re.sub(r"(?m)^\s*#.*\n", "", CONTAINERFILE.read_text()).replace("\\\n", " ")
+def instructions(path: Path = CONTAINERFILE) -> list[tuple[str, str]]:
+    """A Containerfile's instructions, (KEYWORD, arguments), continuation lines joined, comments left out."""
+    text = re.sub(r"(?m)^\s*#.*\n", "", path.read_text()).replace("\\\n", " ")
     found = []
     for line in text.splitlines():
         if line.strip():
@@ -103,7 +104,8 @@ def test_the_image_runs_as_a_user_with_its_state_in_a_volume_and_exposes_nothing
     user = last("USER")
     assert user not in ("root", "0")
     (useradd,) = [args for keyword, args in instructions() if keyword == "RUN" and "useradd" in args]
-    assert "useradd --system --uid 10001 --user-group" in useradd and f" {user} " in useradd
+    assert f"groupadd --system --gid 10001 {user} " in useradd
+    assert f"useradd --system --uid 10001 --gid {user} " in useradd and useradd.endswith(f"/var/lib/{user}")
     assert last("VOLUME").split() == [environment()["NUMERUS_STATE_DIR"]]
     assert "EXPOSE" not in dict(instructions())  # the embedded nats-server listens on the container's loopback
 
@@ -126,6 +128,19 @@ def test_the_entrypoint_runs_numerusd_its_commands_the_demo_or_a_command():
     for argv, says in ((["--version"], "numerusd, version"), (["numerusctl", "--version"], "numerusctl ")):
         ran = subprocess.run(["sh", str(ENTRYPOINT), *argv], env=env, capture_output=True, text=True, timeout=30)
         assert ran.returncode == 0 and ran.stdout.startswith(says), ran.stdout + ran.stderr
+
+
+def test_the_codex_image_installs_a_pinned_codex_at_build_time_and_runs_as_numerus():
+    found = instructions(CODEX_CONTAINERFILE)
+    args = dict(arguments.partition("=")[::2] for keyword, arguments in found if keyword == "ARG")
+    assert [arguments for keyword, arguments in found if keyword == "FROM"] == ["${NUMERUS_IMAGE}"]
+    # A version docs/agents.md says the adapter was checked against, never `latest`: the same image every build.
+    assert re.fullmatch(r"\d+\.\d+\.\d+", args["CODEX_VERSION"])
+    assert f"codex-cli {args['CODEX_VERSION']}" in (ROOT / "docs" / "agents.md").read_text()
+    (install,) = [arguments for keyword, arguments in found if keyword == "RUN"]
+    assert '"@openai/codex@${CODEX_VERSION}"' in install and install.endswith("codex --version")
+    assert found[-1] == ("USER", last("USER"))  # back to the image's own user: numerusd never runs as root
+    assert "ENTRYPOINT" not in dict(found) and "HEALTHCHECK" not in dict(found)  # both inherited
 
 
 @pytest.mark.slow
