@@ -19,6 +19,7 @@
     numerusctl approve JOB [TASK] [--add-tokens N]
     numerusctl reject JOB [TASK] [--reason TEXT]
     numerusctl audit verify [JOB] [--key-file F] [--expect-head DIGEST] [--finished]
+    numerusctl ping
     numerusctl completion bash|zsh|fish
 
 A JOB is its id, `last`, or 4+ characters of its start or end; the commands that subscribe to a job's subjects
@@ -1279,6 +1280,29 @@ def verify(
             return 0
         _out(f"FAILED: {len(report.problems)} problem(s) in {report.events} events ({jobs})")
         return CtlExit.FAILED
+
+    _run(_with_daemon(opts, body))
+
+
+# --- ping -----------------------------------------------------------------------------------------------------
+
+
+@cli.command()
+@json_option
+@click.pass_context
+def ping(ctx: click.Context, as_json: bool) -> None:
+    """Whether numerusd answers on its bus: its version, id and the round trip; exit 0, else one line and 3.
+
+    The container image's HEALTHCHECK (`numerusctl --role viewer --timeout 3 ping`); a viewer may ask it.
+    """
+    from numerusctl.ping import ping as ping_daemon
+
+    opts = _options(ctx, as_json)
+
+    async def body(nc: Client) -> int:
+        pong = await ping_daemon(nc, opts.timeout)
+        _out(msgspec.json.encode(pong).decode() if opts.json else render.ping_text(pong))
+        return 0
 
     _run(_with_daemon(opts, body))
 

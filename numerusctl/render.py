@@ -15,6 +15,7 @@ import codecs
 import os
 from collections.abc import Sequence
 from datetime import datetime
+from typing import TYPE_CHECKING
 
 from numerusd.protocol.commands import (
     AcceptReply,
@@ -34,6 +35,9 @@ from numerusd.protocol.commands import (
     StartReply,
     TaskView,
 )
+
+if TYPE_CHECKING:
+    from numerusctl.ping import Pong
 
 #: Longest one-line summary of an event before it is cut.
 SUMMARY_WIDTH = 100
@@ -513,6 +517,14 @@ def _painted_stat(lines: list[str]) -> list[str]:
             signs = (f"{_GREEN}{pluses}{_RESET}" if pluses else "") + (f"{_RED}{minuses}{_RESET}" if minuses else "")
         painted.append(f"{name}{bar}{count}{space}{signs}")
     return painted
+
+
+def ping_text(pong: Pong) -> str:
+    """`numerusd 0.1.0 answered in 0.8 ms (service numerus, id 9nG…)`: numerusctl ping's line."""
+    return (
+        f"numerusd {visible(pong.version)} answered in {pong.round_trip_ms:.1f} ms "
+        f"(service {visible(pong.name)}, id {visible(pong.id)})"
+    )
 
 
 def clean_text(reply: CleanReply) -> str:

@@ -11,7 +11,8 @@ The lists hold exactly the subjects numerusctl uses (found with the server's tra
 discovery requests:
 
 * `numerus.cmd.<verb>`: each request the role may send (the viewer only those that read);
-* `$SRV.PING|INFO|STATS[.numerus[.<id>]]`: `nats micro ls`/`info`/`stats` of the `numerus` service;
+* `$SRV.PING|INFO|STATS[.numerus[.<id>]]`: `nats micro ls`/`info`/`stats` of the `numerus` service, and
+  `numerusctl ping` (a container's health check, which needs no more than a viewer's login);
 * `$JS.API.CONSUMER.CREATE.<stream>` and `$JS.API.CONSUMER.INFO.<stream>.*`: the ordered consumers that follow
   and audit (`numerusctl/feed.py`), on NUMERUS_EVENTS and NUMERUS_LOGS only (not the dead letters);
 * `numerus.input.>` (the operator only): what `numerusctl attach` types into a running agent's terminal; a viewer
@@ -43,7 +44,7 @@ READABLE_STREAMS = (subjects.EVENTS, subjects.LOGS)
 _DISCOVERY = tuple(
     subject
     for verb in ("PING", "INFO", "STATS")
-    for subject in (f"$SRV.{verb}", f"$SRV.{verb}.numerus", f"$SRV.{verb}.numerus.*")
+    for subject in (f"$SRV.{verb}", f"$SRV.{verb}.{subjects.SERVICE}", f"$SRV.{verb}.{subjects.SERVICE}.*")
 )
 
 _READS = tuple(

@@ -66,7 +66,7 @@ async def start_service(nc: Client, context: Context, dead_letters: DeadLetters)
     """Register one endpoint per verb on `numerus.cmd.<verb>`, each calling its handler with `context`."""
     service = await add_service(
         nc,
-        name="numerus",
+        name=subjects.SERVICE,
         version=__version__,
         description="Numerus daemon: runs coding agents on a goal, every state change an event",
     )

@@ -9,6 +9,8 @@
 | `numerus.dlq.<source>.<reason>` | dead letters: rejected commands, events a view refused | `NUMERUS_DLQ` |
 | `numerus.snapshot.job.<job>` | a job's state as its events fold it, signed (the last one only) | `NUMERUS_SNAPSHOTS` |
 | `numerus.snapshot.checkpoint` | where the startup replay begins, given the snapshots | `NUMERUS_SNAPSHOTS` |
+
+| `$SRV.PING.numerus` | the micro service's ping (`numerusctl ping`), beside its `INFO` and `STATS` | (not stored) |
 | `numerus.input.<job>.<task>` | input for a running agent's terminal (`attach`; request/reply) | (not stored) |
 
 `<event>` is the event's type name in snake case (`ClaimGranted` -> `claim_granted`). Job and task ids are
@@ -20,6 +22,9 @@ from __future__ import annotations
 
 import functools
 import re
+
+#: The name of the daemon's NATS micro service (`nats micro ls` lists it; its endpoints are `command(verb)`).
+SERVICE = "numerus"
 
 #: The stream of job events: kept for ever, signed and chained.
 EVENTS = "NUMERUS_EVENTS"
@@ -48,6 +53,11 @@ _CAMEL_HUMP = re.compile(r"(?<!^)(?=[A-Z])")
 def snake_name(type_name: str) -> str:
     """`ClaimGranted` -> `claim_granted`: the last token of an event's subject."""
     return _CAMEL_HUMP.sub("_", type_name).lower()
+
+
+def service_ping() -> str:
+    """`$SRV.PING.numerus`: where the daemon's micro service answers a ping (`numerusctl ping`)."""
+    return f"$SRV.PING.{SERVICE}"
 
 
 def command(verb: str) -> str:
