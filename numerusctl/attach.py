@@ -29,12 +29,11 @@ import msgspec
 import nats.errors
 from nats.aio.client import Client
 
-from numerusctl.connection import CtlError, decode_reply, os_user, request, unless_refused
+from numerusctl.connection import CtlError, decode_reply, request, request_headers, unless_refused
 from numerusctl.feed import Stored, StreamFeed
 from numerusd.protocol import subjects
 from numerusd.protocol.attach import DETACH_KEY, MAX_INPUT_BYTES, InputReply
 from numerusd.protocol.commands import ErrorReply, GetStatus, StatusReply
-from numerusd.protocol.connection import USER_HEADER
 from numerusd.protocol.exit_codes import CtlExit
 
 _ESC = 0x1B
@@ -203,7 +202,7 @@ class _Session:
     async def _send_keys(self) -> None:
         """Send what is typed, in order, one request at a time; return on detach, CtlError on a refusal."""
         while (data := await self.keys.get()) is not None:
-            sent = self.nc.request(self.subject, data, timeout=self.timeout, headers={USER_HEADER: os_user()})
+            sent = self.nc.request(self.subject, data, timeout=self.timeout, headers=request_headers())
             try:
                 reply = await unless_refused(self.nc, self.subject, sent)
             except nats.errors.NoRespondersError:

@@ -33,7 +33,14 @@ from nats.aio.client import Client
 
 from numerusd.protocol import subjects
 from numerusd.protocol.commands import DEFAULT_STATE_DIR, REPLIES, ErrorReply, Request
-from numerusd.protocol.connection import CLIENT_ROLES, FILE_NAME, USER_HEADER, decode_connection, inbox_prefix
+from numerusd.protocol.connection import (
+    CLIENT_ROLES,
+    FILE_NAME,
+    TRACE_HEADER,
+    USER_HEADER,
+    decode_connection,
+    inbox_prefix,
+)
 from numerusd.protocol.exit_codes import CtlExit
 
 _HINT = "start it with 'numerusd' or pass --state-dir/--nats-url"
@@ -303,7 +310,7 @@ async def request(nc: Client, verb: str, body: Request, timeout: float) -> bytes
     """Send one request to `numerus.cmd.<verb>`; the reply's bytes, or CtlError for an error reply."""
     subject = subjects.command(verb)
     try:
-        sent = nc.request(subject, msgspec.json.encode(body), timeout=timeout, headers={USER_HEADER: os_user()})
+        sent = nc.request(subject, msgspec.json.encode(body), timeout=timeout, headers=request_headers())
         reply = await unless_refused(nc, subject, sent)
     except nats.errors.NoRespondersError:
         raise Unreachable(f"numerusd is not running on {server_of(nc)}: nothing answers {subject}; {_HINT}") from None
@@ -321,6 +328,16 @@ async def request(nc: Client, verb: str, body: Request, timeout: float) -> bytes
             code = None
         raise CtlError(message, code=code)
     return reply.data
+
+
+def request_headers() -> dict[str, str]:
+    """The headers of every request: who asks, and the W3C trace context of `$TRACEPARENT` when there is one (sent
+    as given, on one line; the daemon keeps it only if it is W3C-shaped), so the events it causes join that trace."""
+    headers = {USER_HEADER: os_user()}
+    trace = os.environ.get("TRACEPARENT", "").strip()
+    if trace and trace.isprintable():
+        headers[TRACE_HEADER] = trace
+    return headers
 
 
 @functools.cache

@@ -16,7 +16,7 @@ import asyncio
 from collections import Counter
 from collections.abc import Mapping
 
-from numerusd import domain
+from numerusd import domain, logs
 from numerusd.domain.observations import Command, Observation, Redacted
 from numerusd.errors import NotFound, StoreError
 from numerusd.event_store import EventStore
@@ -78,7 +78,11 @@ class JobBook:
             self._jobs[event.job] = domain.evolve(self._jobs.get(event.job), event)
 
     async def decide(
-        self, job_id: str, message: Command | Observation, correlation_id: str | None = None
+        self,
+        job_id: str,
+        message: Command | Observation,
+        correlation_id: str | None = None,
+        traceparent: str | None = None,
     ) -> list[Sealed]:
         """Decide `message` against the job's latest state, append the events durably, and fold them in.
 
@@ -87,17 +91,24 @@ class JobBook:
         each waiting for the fdatasync of the one before, and share it. `jobs` moves only once the events are
         durable, in WAL order, whether or not the caller still waits. A refusal raises and records nothing.
         Secrets in `message` are redacted first, and what was, recorded next (`Redacted`).
+
+        The events carry `traceparent`, else the one of the command being handled (`logs.TRACEPARENT`), else
+        the job's own (from its submission): a job's later events stay in the trace that started it.
         """
         found: Counter[str] = Counter()
         message = self.redactor.redact_value(message, found)
-        sealed = await self._decide(job_id, message, correlation_id)
+        sealed = await self._decide(job_id, message, correlation_id, traceparent)
         if found and sealed:
             task = getattr(message, "task", "") or ""
-            sealed += await self._decide(job_id, Redacted(task=task, counts=dict(found)), correlation_id)
+            sealed += await self._decide(job_id, Redacted(task=task, counts=dict(found)), correlation_id, traceparent)
         return sealed
 
     async def _decide(
-        self, job_id: str, message: Command | Observation, correlation_id: str | None = None
+        self,
+        job_id: str,
+        message: Command | Observation,
+        correlation_id: str | None = None,
+        traceparent: str | None = None,
     ) -> list[Sealed]:
         state = self._ahead.get(job_id) or self._jobs.get(job_id)
         decision = domain.decide(state, message)
@@ -109,7 +120,8 @@ class JobBook:
             decision,
             correlation_id=correlation_id or job_id,
             causation_id=state.last_event_id if state is not None else None,
-            on_durable=lambda: self._landed(job_id, after[0]),
+            on_durable=lambda: self._landed(job_id, after[0], sealed),
+            traceparent=traceparent or logs.TRACEPARENT.get() or (state.traceparent if state is not None else ""),
         )
         for event in sealed:
             state = domain.evolve(state, event.envelope)
@@ -123,8 +135,10 @@ class JobBook:
             raise
         return sealed
 
-    def _landed(self, job_id: str, state: domain.JobState) -> None:
-        """A decision's events are durable: the job is now as they left it (called in WAL order)."""
+    def _landed(self, job_id: str, state: domain.JobState, sealed: list[Sealed]) -> None:
+        """A decision's events are durable: the job is now as they left it (called in WAL order), and its
+        steps are logged."""
         self._jobs[job_id] = state
+        logs.decision_lines(job_id, state, sealed)
         if self._ahead.get(job_id) is state:
             del self._ahead[job_id]  # nothing of this job is on its way any more

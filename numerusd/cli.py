@@ -7,7 +7,6 @@ unavailable or too old; 70 internal error; 75 another daemon holds the state dir
 from __future__ import annotations
 
 import asyncio
-import logging
 import os
 import sys
 from pathlib import Path
@@ -15,12 +14,10 @@ from pathlib import Path
 import click
 import uvloop
 
-from numerusd import __version__
+from numerusd import __version__, logs
 from numerusd.config import Settings, load_settings
 from numerusd.errors import ConfigError, NatsUnavailable, NumerusError, StateLocked
 from numerusd.protocol.exit_codes import DaemonExit
-
-log = logging.getLogger("numerusd")
 
 
 def _load(ctx: click.Context) -> Settings:
@@ -33,6 +30,8 @@ def _load(ctx: click.Context) -> Settings:
         nats_user=options["nats_user"],
         nats_password=options["nats_password"],
         nats_creds=options["creds"],
+        metrics_address=options["metrics"],
+        log_format=options["log_format"],
     )
 
 
@@ -65,6 +64,10 @@ def _exit_code(error: NumerusError) -> int:
 @click.option("--creds", type=click.Path(path_type=Path), envvar="NUMERUS_NATS_CREDS", help="NATS credentials file.")
 @click.option("--config", type=click.Path(path_type=Path), envvar="NUMERUS_CONFIG", help="TOML configuration file.")
 @click.option("--log-level", default="info", type=click.Choice(["debug", "info", "warning", "error"]))
+@click.option(
+    "--log-format", type=click.Choice(["text", "json"]), help="Log lines as text or one JSON object each [text]."
+)
+@click.option("--metrics", metavar="ADDR", help="Serve Prometheus metrics on ADDR (PORT or HOST:PORT) at /metrics.")
 @click.version_option(__version__, prog_name="numerusd")
 @click.pass_context
 def main(ctx: click.Context, **_options: object) -> None:
@@ -72,11 +75,7 @@ def main(ctx: click.Context, **_options: object) -> None:
     # Everything numerusd and its children create (views, run logs, the embedded server's store) holds the
     # history or agents' output: its owner's alone, whatever umask numerusd was started with.
     os.umask(0o077)
-    logging.basicConfig(
-        level=str(ctx.params["log_level"]).upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    logs.configure(str(ctx.params["log_level"]), ctx.params["log_format"] or "text")
     if ctx.invoked_subcommand is None:
         ctx.invoke(serve)
 
@@ -89,6 +88,7 @@ def serve(ctx: click.Context) -> None:
     from numerusd.reload import Reloader
 
     settings = _settings(ctx)
+    logs.configure(str(ctx.find_root().params["log_level"]), settings.log_format)  # the file's or $NUMERUS_LOG_FORMAT
 
     async def run() -> None:
         daemon = Daemon(settings)

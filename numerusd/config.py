@@ -69,6 +69,9 @@ ENV_VARS: dict[str, str] = {
     "parallel": "NUMERUS_PARALLEL",
     "max_agents": "NUMERUS_MAX_AGENTS",
     "key_file": "NUMERUS_KEY_FILE",
+    "metrics_address": "NUMERUS_METRICS_ADDRESS",
+    "log_format": "NUMERUS_LOG_FORMAT",
+    "otel_endpoint": "NUMERUS_OTEL_ENDPOINT",
 }
 
 #: The systemd credential (`LoadCredential=numerus-keys:/etc/numerus/keys.json`) the keys are read from when no
@@ -189,6 +192,12 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     on_budget: Literal["pause", "stop"] = "pause"
     #: What each model's tokens cost per million, for the cost `status` shows (docs/operations.md, "Budgets").
     prices: dict[str, Price] = {}
+    #: Observability (docs/operations.md, "Metrics", "Logs", "Traces"): where `/metrics` is served (PORT or
+    #: HOST:PORT, 127.0.0.1 when no host is given; None: not served), the log lines' format, and where spans go
+    #: (an OTLP/HTTP endpoint, or `console`; None: `$OTEL_EXPORTER_OTLP_ENDPOINT`, else no spans).
+    metrics_address: str | None = None
+    log_format: Literal["text", "json"] = "text"
+    otel_endpoint: str | None = None
 
     def __repr__(self) -> str:
         # The password must never reach a log line; show only whether there is one.
@@ -269,6 +278,25 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     def nats_store_dir(self) -> Path:
         """The embedded nats-server's configuration and JetStream store."""
         return self.state_dir / "nats"
+
+
+def parse_address(address: str) -> tuple[str, int]:
+    """`HOST:PORT`, `[IPv6]:PORT`, `:PORT` or `PORT` as (host, port), 127.0.0.1 when no host is given;
+    ConfigError, in one line, for anything else."""
+    host, colon, port = address.strip().rpartition(":")
+    if not colon:
+        host, port = "", address.strip()
+    host = host.removeprefix("[").removesuffix("]") or "127.0.0.1"
+    if not port.isdigit() or not 0 <= int(port) <= 65535 or any(c.isspace() or c in "/[]" for c in host):
+        raise ConfigError(
+            f"metrics_address {address!r} is not PORT or HOST:PORT (e.g. 9464 or 127.0.0.1:9464)",
+            setting="metrics_address",
+        )
+    return host, int(port)
+
+
+#: The flag of a setting whose flag is not `--<setting>`.
+_FLAGS = {"metrics_address": "--metrics"}
 
 
 def _dec_hook(type_: type, value: Any) -> Any:
@@ -355,6 +383,8 @@ def load_settings(
     nats_user: str | None = None,
     nats_password: str | None = None,
     nats_creds: str | Path | None = None,
+    metrics_address: str | None = None,
+    log_format: str | None = None,
     env: Mapping[str, str] | None = None,
 ) -> Settings:
     """Build the settings: defaults, then the TOML file, then the environment, then these arguments (the flags).
@@ -369,9 +399,11 @@ def load_settings(
         "nats_user": nats_user,
         "nats_password": nats_password,
         "nats_creds": nats_creds,
+        "metrics_address": metrics_address,
+        "log_format": log_format,
     }
     flag_layer = {
-        name: _value(f"--{name.replace('_', '-')}", name, value, strict=True)
+        name: _value(_FLAGS.get(name, f"--{name.replace('_', '-')}"), name, value, strict=True)
         for name, value in flags.items()
         if value is not None
     }
@@ -393,6 +425,8 @@ def load_settings(
         # Relative to where the daemon was started, fixed now so a later chdir cannot move the state.
         merged["state_dir"] = Path(merged["state_dir"]).expanduser().absolute()
     settings = Settings(**merged)
+    if settings.metrics_address is not None:
+        parse_address(settings.metrics_address)  # refused now, in one line, not when the daemon is half up
     known = ", ".join(sorted(settings.agents))
     if settings.default_agent not in settings.agents:
         raise ConfigError(

@@ -34,7 +34,7 @@ from nats.aio.client import Client
 from nats.js import JetStreamContext
 from nats.micro.service import Service
 
-from numerusd import domain, git, sandbox, snapshots, state_lock
+from numerusd import domain, git, sandbox, snapshots, state_lock, tracing
 from numerusd.agent_input import listen_for_input
 from numerusd.book import JobBook
 from numerusd.breaker import CircuitBreaker
@@ -46,8 +46,10 @@ from numerusd.embedded_nats import EmbeddedNats
 from numerusd.errors import NatsUnavailable, NumerusError
 from numerusd.event_store import EventStore
 from numerusd.handlers.context import Context
+from numerusd.handlers.status import priced
 from numerusd.history import EventHistory
 from numerusd.keys import Keyring
+from numerusd.metrics import Metrics, MetricsServer, WatchedDaemon
 from numerusd.pipeline import remove_merged
 from numerusd.protocol.commands import JOB_DONE
 from numerusd.protocol.subjects import EVENTS
@@ -100,6 +102,9 @@ class Daemon:
         self.projector: Projector | None = None
         self.dead_letters: DeadLetters | None = None
         self.snapshotter: snapshots.Snapshotter | None = None
+        #: Its Prometheus metrics (numerusd.metrics), served on `metrics_address` when one is set.
+        self.metrics = Metrics()
+        self._metrics_server: MetricsServer | None = None
         self._background: set[asyncio.Task[None]] = set()
         self._lock_file: int | None = None
         self._service: Service | None = None
@@ -128,6 +133,8 @@ class Daemon:
         settings.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._lock_file = state_lock.take(settings.state_dir)  # held for the life of the process
         self.keyring = Keyring.load_or_create(settings.keys_path)
+        await self._serve_metrics()  # before NATS: a bad address is refused at once
+        tracing.start(settings.otel_endpoint)
         self._write_agent_schemas()
         # Refuse now, in one line, rather than fail every agent of every job later.
         bwrapped = (name for name, profile in settings.agents.items() if profile.sandbox == "bwrap")
@@ -142,9 +149,14 @@ class Daemon:
         check_server_version(nc)
         js = self.js = nc.jetstream()
         await ensure_streams(js, stream_specs(dlq_max_bytes=settings.dlq_max_bytes))
-        self.dead_letters = DeadLetters(js)
+        self.dead_letters = DeadLetters(js, self.metrics)
         self.store = EventStore(
-            nc, js, WriteAheadLog.open(settings.wal_path), self.keyring, max_event_bytes=settings.max_event_bytes
+            nc,
+            js,
+            WriteAheadLog.open(settings.wal_path, metrics=self.metrics),
+            self.keyring,
+            max_event_bytes=settings.max_event_bytes,
+            metrics=self.metrics,
         )
         redactor = Redactor(
             known_secrets(
@@ -177,6 +189,7 @@ class Daemon:
             kill_grace_s=settings.kill_grace_s,
             breaker=CircuitBreaker(),
             redactor=redactor,
+            metrics=self.metrics,
         )
         runner = self.runner = Runner(book, settings, agents)
         context = self.context = Context(
@@ -247,6 +260,9 @@ class Daemon:
                 await self.nc.drain()
         if self.embedded is not None:
             await asyncio.to_thread(self.embedded.stop)
+        if self._metrics_server is not None:
+            await self._metrics_server.close()
+        tracing.stop()
         if self._wrote_connection:
             with contextlib.suppress(FileNotFoundError):
                 self.settings.connection_path.unlink()
@@ -261,6 +277,25 @@ class Daemon:
             log.info("checkpoint at stream sequence %d: %d job snapshots written", report.position, report.written)
         except (NumerusError, TimeoutError) as e:
             log.warning("no checkpoint written before stopping (the next start replays more): %s", e)
+
+    async def _serve_metrics(self) -> None:
+        """Serve the metrics on `metrics_address`, if set (ConfigError, one line, when it cannot listen there)."""
+        address = self.settings.metrics_address
+        if address is None:
+            return
+        self.metrics.watch(WatchedDaemon(jobs=self._jobs, slots=self._slots, cost=self._cost))
+        self._metrics_server = MetricsServer(self.metrics, address)
+        log.info("metrics on %s", await self._metrics_server.start())
+
+    def _jobs(self) -> list[domain.JobState]:
+        return list(self.book.jobs.values()) if self.book is not None else []
+
+    def _slots(self) -> tuple[int, int, int]:
+        pool = self.runner.pool if self.runner is not None else None
+        return (pool.busy, pool.size, pool.waiting()) if pool is not None else (0, self.settings.max_agents, 0)
+
+    def _cost(self, job: domain.JobState) -> float | None:
+        return priced(domain.job_view(job, tasks=False), job, self.settings).cost  # as `status` shows it
 
     def _write_agent_schemas(self) -> None:
         """The `--output-schema` files agents answer with, fresh from the protocol types at every start."""
@@ -283,6 +318,7 @@ class Daemon:
 
     async def _connect(self, address: NatsAddress) -> Client:
         async def reconnected() -> None:
+            self.metrics.nats_reconnects.inc()
             log.info("reconnected to NATS; resending unacknowledged events")
             if self.store is not None:
                 await self.store.on_reconnected()
@@ -290,9 +326,13 @@ class Daemon:
         async def error(e: Exception) -> None:
             log.warning("NATS: %s", e)
 
+        async def disconnected() -> None:
+            self.metrics.nats_disconnects.inc()
+
         options: dict[str, object] = {
             "name": "numerusd",
             "reconnected_cb": reconnected,
+            "disconnected_cb": disconnected,
             "error_cb": error,
             # A server that is not there at start is a configuration problem: give up after ~5 s with one line
             # (systemd restarts us). Once connected, outages are weathered for ever (see below).

@@ -15,6 +15,7 @@ import logging
 from nats.js import JetStreamContext
 
 from numerusd.errors import one_line
+from numerusd.metrics import Metrics
 from numerusd.protocol import subjects
 from numerusd.protocol.ids import new_ulid
 from numerusd.streams import DLQ_MAX_MSG_SIZE
@@ -28,11 +29,13 @@ MAX_KEPT = DLQ_MAX_MSG_SIZE // 2
 class DeadLetters:
     """Publishes rejected inputs to the dead-letter stream."""
 
-    def __init__(self, js: JetStreamContext) -> None:
+    def __init__(self, js: JetStreamContext, metrics: Metrics | None = None) -> None:
         self.js = js
+        self.metrics = metrics or Metrics()
 
     async def keep(self, source: str, reason: str, data: bytes, message: str, **fields: object) -> None:
         """Keep a rejected input on `numerus.dlq.<source>.<reason>` with why, for an operator to look at."""
+        self.metrics.dead_letters.labels(source, reason).inc()
         headers = {"Numerus-Reason": one_line(message), "Numerus-Id": new_ulid()}
         headers |= {f"Numerus-{key.title()}": one_line(str(value)) for key, value in fields.items()}
         if len(data) > MAX_KEPT:

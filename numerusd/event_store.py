@@ -56,6 +56,7 @@ from nats.js.client import JetStreamContext
 from numerusd.errors import NumerusError, StoreError
 from numerusd.event_caps import DEFAULT_MAX_EVENT_BYTES, cap_event
 from numerusd.keys import Keyring
+from numerusd.metrics import Metrics
 from numerusd.protocol.envelope import Sealed, digest, open_event, seal
 from numerusd.protocol.events import EventData
 from numerusd.protocol.ids import new_ulid
@@ -147,8 +148,10 @@ class EventStore:
         resend_after: float = DEFAULT_RESEND_AFTER,
         max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
         max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES,
+        metrics: Metrics | None = None,
     ) -> None:
         self._nc = nc
+        self._metrics = metrics or Metrics()
         self._js = js
         self._wal = wal
         self._keyring = keyring
@@ -327,13 +330,15 @@ class EventStore:
         correlation_id: str,
         causation_id: str | None = None,
         on_durable: Callable[[], None] | None = None,
+        traceparent: str = "",
     ) -> tuple[list[Sealed], asyncio.Future[None]]:
         """Seal `events` for `job` and queue them for the WAL, in one synchronous step; `append` without the wait.
 
         Returns the sealed events and a future that resolves once they are durable (StoreError if they cannot
         be). The order of calls is the order of the chain, of the WAL and of the stream. `on_durable` is called
-        once they are durable, in that order, whether or not anyone awaits the future. Raises StoreError at once
-        for an event too large for the server.
+        once they are durable, in that order, whether or not anyone awaits the future. `traceparent` (a W3C
+        trace context, already checked) goes in every envelope. Raises StoreError at once for an event too large
+        for the server.
         """
         if not self._started or self._closed:
             raise StoreError("the event store is not running (recover() first, or it was closed)")
@@ -362,6 +367,7 @@ class EventStore:
                 prev=prev,
                 kid=kid,
                 key=key,
+                traceparent=traceparent,
             )
             sealed.append(one)
             prev = one.digest
@@ -376,7 +382,8 @@ class EventStore:
                 size=big,
             )
 
-        landed = partial(self._on_durable, entries, on_durable)
+        self._metrics.events_appended.inc(len(entries))
+        landed = partial(self._on_durable, entries, on_durable, time.monotonic())
         # Heads advance in the same synchronous step that fixes the WAL order (no await in between). Once
         # durable the events go to the outbox, in WAL order, even if this caller has given up waiting: they
         # are the store's now.
@@ -400,7 +407,8 @@ class EventStore:
             return self._max_event_bytes
         return max(1024, min(self._max_event_bytes, server - _HEADERS_ROOM - _ENVELOPE_ROOM))
 
-    def _on_durable(self, entries: list[WalEntry], then: Callable[[], None] | None) -> None:
+    def _on_durable(self, entries: list[WalEntry], then: Callable[[], None] | None, submitted: float) -> None:
+        self._metrics.append_seconds.observe(time.monotonic() - submitted)
         self._outbox.extend(entries)
         self._wake.set()
         if then is not None:

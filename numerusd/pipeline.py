@@ -33,7 +33,7 @@ from pathlib import Path
 
 import msgspec
 
-from numerusd import domain, failpoints, git, locks, prompts, sandbox
+from numerusd import domain, failpoints, git, locks, logs, prompts, sandbox, tracing
 from numerusd.agent_pool import Seat, Withdrawn
 from numerusd.agents.base import AgentInvocation
 from numerusd.agents.registry import adapter_for
@@ -172,6 +172,7 @@ class JobPipeline:
 
     async def run(self) -> None:
         """Plan if needed, then run every task to its end."""
+        logs.enter(job=self.job_id, traceparent=self.job.traceparent)  # its lines and events: the job's trace
         in_place = self.job.in_place
         try:
             if not in_place:
@@ -400,6 +401,7 @@ class JobPipeline:
         A user's command (`skip`, `kill JOB TASK`) can end the task between two steps of its flow, while a claim
         or a worktree is being made: what that step observed is then refused by the domain, and the flow stops
         there; the refusal of a step of a task that has not ended is the daemon's error, as always."""
+        logs.enter(task=task_id)
         try:
             await self._task_flow(task_id)
         except InvalidTransition:
@@ -643,7 +645,7 @@ class JobPipeline:
             self._check_stopping()
             watch = asyncio.create_task(self._watch(run.process))
             try:
-                with self.agents.running(self.job_id, task_id, run):
+                with self.agents.running(self.job_id, task_id, run), tracing.span("numerus.task", attempt=attempt):
                     outcome = await run.run()
             finally:
                 watch.cancel()

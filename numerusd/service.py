@@ -24,7 +24,7 @@ from nats.micro import add_service
 from nats.micro.request import Request
 from nats.micro.service import Service
 
-from numerusd import __version__
+from numerusd import __version__, logs, tracing
 from numerusd.dead_letters import DeadLetters
 from numerusd.errors import BadRequest, CommandRefused, NotFound, NumerusError, TooLarge, one_line
 from numerusd.event_caps import shrink
@@ -99,7 +99,10 @@ def _endpoint(
                     "(max_request_bytes; a goal may hold at most 128 KiB)"
                 )
             asked = dataclasses.replace(context, asker=_asker(request))
-            reply = await handler(asked, decode_request(verb, data))
+            typed = decode_request(verb, data)
+            concerns = logs.scope(**_concerns(context, typed), traceparent=_traceparent(request))
+            with concerns, tracing.span(subjects.command(verb)):
+                reply = await handler(asked, typed)
         except NumerusError as e:
             if isinstance(e, BadRequest):
                 await dead_letters.keep("cmd", e.code, data, e.message)
@@ -113,6 +116,20 @@ def _endpoint(
         await _respond(nc, request, verb, reply)
 
     return endpoint
+
+
+def _concerns(context: Context, request: commands.Request) -> dict[str, str]:
+    """The job (and task) a request names, for its log lines: a job by its whole id only (`last` or a prefix is
+    resolved by the handler, which logs what it found)."""
+    job, task = getattr(request, "job", None), getattr(request, "task", None)
+    if not isinstance(job, str) or job not in context.book.jobs:
+        return {"job": "", "task": ""}
+    return {"job": job, "task": task if isinstance(task, str) else ""}
+
+
+def _traceparent(request: Request) -> str:
+    """The W3C trace context the request carries in its `traceparent` header, or "" (none, or not W3C-shaped)."""
+    return tracing.checked((request.headers or {}).get(tracing.HEADER))
 
 
 def _asker(request: Request) -> str:

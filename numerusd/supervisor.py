@@ -37,6 +37,7 @@ from numerusd.domain.observations import (
     Redacted,
 )
 from numerusd.errors import AgentError
+from numerusd.metrics import Metrics
 from numerusd.processes import inherited_environment
 from numerusd.protocol.events import (
     AgentCommandExecuted,
@@ -138,8 +139,10 @@ class AgentProcess:
         breaker: CircuitBreaker | None = None,
         redactor: Redactor | None = None,
         sandbox: Sandbox | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.adapter = adapter
+        self.metrics = metrics or Metrics()
         #: What the agent may see (None: unsandboxed, a profile's `sandbox = "none"`).
         self.sandbox = sandbox
         self.invocation = invocation
@@ -175,6 +178,7 @@ class AgentProcess:
             if self.breaker is not None:
                 self.breaker.failed(program, e.message)
             raise
+        self.metrics.agent_spawn_seconds.observe(time.monotonic() - self._started)
         if self.breaker is not None:
             self.breaker.started(program)
         return self.terminal
@@ -449,8 +453,10 @@ class Agents:
         kill_grace_s: float,
         breaker: CircuitBreaker,
         redactor: Redactor | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.nc = nc
+        self.metrics = metrics or Metrics()
         self.redactor = redactor or Redactor()
         self.chunk_bytes = chunk_bytes
         self.flush_s = flush_s
@@ -483,6 +489,7 @@ class Agents:
             breaker=self.breaker,
             redactor=self.redactor,
             sandbox=sandbox,
+            metrics=self.metrics,
         )
 
     @contextlib.contextmanager

@@ -38,6 +38,7 @@ from typing import NamedTuple
 import msgspec
 
 from numerusd.errors import StoreError, WalCorrupted
+from numerusd.metrics import Metrics
 
 MAGIC = b"NUMERUS-WAL 1\n"
 _FRAME = struct.Struct("<II")
@@ -73,8 +74,17 @@ def _frame(batch: _Batch) -> bytes:
 class WriteAheadLog:
     """An append-only, group-committed log of events not yet acknowledged by JetStream. Open with `open()`."""
 
-    def __init__(self, path: Path, fd: int, pending: dict[str, WalEntry], size: int, segment_bytes: int) -> None:
+    def __init__(
+        self,
+        path: Path,
+        fd: int,
+        pending: dict[str, WalEntry],
+        size: int,
+        segment_bytes: int,
+        metrics: Metrics | None = None,
+    ) -> None:
         self.path = path
+        self.metrics = metrics or Metrics()
         self._fd = fd
         self._pending = pending
         self._size = size
@@ -99,8 +109,11 @@ class WriteAheadLog:
     # --- opening and recovery ------------------------------------------------------------------------------
 
     @classmethod
-    def open(cls, path: Path, *, segment_bytes: int = DEFAULT_SEGMENT_BYTES) -> WriteAheadLog:
-        """Open (creating if needed) the log at `path` and recover it: torn tail truncated, damage refused."""
+    def open(
+        cls, path: Path, *, segment_bytes: int = DEFAULT_SEGMENT_BYTES, metrics: Metrics | None = None
+    ) -> WriteAheadLog:
+        """Open (creating if needed) the log at `path` and recover it: torn tail truncated, damage refused; its
+        syncs are timed in `metrics`."""
         path = Path(path)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -118,7 +131,7 @@ class WriteAheadLog:
                 os.write(fd, MAGIC)
                 os.fsync(fd)
                 _fsync_dir(path.parent)
-                return cls(path, fd, {}, len(MAGIC), segment_bytes)
+                return cls(path, fd, {}, len(MAGIC), segment_bytes, metrics)
             if not data.startswith(MAGIC):
                 raise WalCorrupted(f"{path} is not a Numerus write-ahead log (bad header)", path=str(path))
             pending, good = _replay(path, data)
@@ -126,7 +139,7 @@ class WriteAheadLog:
                 # A torn last record: it was never acknowledged to anyone, so dropping it loses nothing.
                 os.ftruncate(fd, good)
                 os.fsync(fd)
-            return cls(path, fd, pending, good, segment_bytes)
+            return cls(path, fd, pending, good, segment_bytes, metrics)
         except BaseException:
             os.close(fd)
             raise
@@ -247,7 +260,8 @@ class WriteAheadLog:
                         # The write only copies into the page cache, so it is done here; the sync waits for
                         # the disk, so it runs in the WAL thread (one GIL hand-over per batch, not three).
                         self._write(record)
-                        await loop.run_in_executor(self._executor, os.fdatasync, self._fd)
+                        with self.metrics.wal_fsync_seconds.time():
+                            await loop.run_in_executor(self._executor, os.fdatasync, self._fd)
                     self.syncs += 1
                 except OSError as e:
                     # After a failed fdatasync the kernel may have dropped the dirty pages: retrying could

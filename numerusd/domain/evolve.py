@@ -135,6 +135,7 @@ def evolve(state: JobState | None, event: Envelope) -> JobState:
             task_max_tokens=data.task_max_tokens,
             on_budget=data.on_budget,
             escalate=data.escalate,
+            traceparent=event.traceparent,
         )
     job = msgspec.structs.replace(state, updated=event.time, events=state.events + 1, last_event_id=event.id)
     if event.task is not None:

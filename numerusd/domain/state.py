@@ -209,6 +209,9 @@ class JobState(msgspec.Struct, frozen=True, kw_only=True):
     stop_reason: str | None = None
     #: Profile -> the profile that makes one more attempt when all of its attempts failed.
     escalate: dict[str, str] = {}
+    #: The W3C trace context of the command that submitted the job (its envelope's `traceparent`): the events
+    #: its pipeline writes later carry it too ("" when none came).
+    traceparent: str = ""
 
     def tokens(self) -> int:
         """Input + output tokens of the job's own calls and of all its tasks, as `status` counts them."""

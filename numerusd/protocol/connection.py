@@ -34,6 +34,8 @@ def inbox_prefix(role: str) -> str:
 
 #: The header in which numerusctl names the OS user who asked; the daemon records it with the bus role it asked as.
 USER_HEADER = "Numerus-User"
+#: The header of a request's W3C trace context (numerusctl: `$TRACEPARENT`); the daemon keeps a W3C-shaped one only.
+TRACE_HEADER = "traceparent"
 
 
 def asker(user: str | None, reply_subject: str | None) -> str:

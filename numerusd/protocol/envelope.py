@@ -2,13 +2,15 @@
 
 On the wire an event is one JSON object whose members come in this order:
 
-    id, type, job, task, time, actor, correlation_id, causation_id, data, prev, kid, sig
+    id, type, job, task, time, actor, correlation_id, causation_id, traceparent, data, prev, kid, sig
 
-`sig` is always the last member. The signature is HMAC-SHA256, under the key named by `kid`, of the message
-body with its final `,"sig":"…"` member removed; `prev` is the SHA-256 of the complete body of the previous event
-of the same job (empty for a job's first event). An auditor holding the key can therefore check any event from
-its bytes alone, in any language, without trusting the daemon, and can tell a modified, deleted, inserted or
-reordered event by the chain.
+`traceparent` (the W3C trace context of the command that caused the event, `numerusd.tracing`) is there only
+when there is one: an event without it has exactly the bytes events had before the member existed, so events
+written then still verify byte for byte. `sig` is always the last member. The signature is HMAC-SHA256, under
+the key named by `kid`, of the message body with its final `,"sig":"…"` member removed; `prev` is the SHA-256
+of the complete body of the previous event of the same job (empty for a job's first event). An auditor holding
+the key can therefore check any event from its bytes alone, in any language, without trusting the daemon, and
+can tell a modified, deleted, inserted or reordered event by the chain.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ class Envelope(msgspec.Struct, frozen=True, kw_only=True):
     actor: str
     correlation_id: str
     causation_id: str | None
+    traceparent: str = ""
     data: Any
     prev: str
     kid: str
@@ -49,8 +52,9 @@ class Envelope(msgspec.Struct, frozen=True, kw_only=True):
         return job_event(self.job, self.type, self.task)
 
 
-class _Unsigned(msgspec.Struct, frozen=True, kw_only=True):
-    """The envelope without its signature: exactly the bytes that are signed."""
+class _Unsigned(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """The envelope without its signature: exactly the bytes that are signed (`traceparent`, the one member
+    with a default, left out when empty)."""
 
     id: str
     type: str
@@ -60,6 +64,7 @@ class _Unsigned(msgspec.Struct, frozen=True, kw_only=True):
     actor: str
     correlation_id: str
     causation_id: str | None
+    traceparent: str = ""
     data: Any
     prev: str
     kid: str
@@ -76,6 +81,7 @@ class WireEnvelope(msgspec.Struct, frozen=True, kw_only=True):
     actor: str
     correlation_id: str
     causation_id: str | None
+    traceparent: str = ""
     data: msgspec.Raw
     prev: str
     kid: str
@@ -121,6 +127,7 @@ def seal(
     prev: str,
     kid: str,
     key: bytes,
+    traceparent: str = "",
 ) -> Sealed:
     """Sign and chain one event."""
     type_name = type(data).__name__
@@ -135,6 +142,7 @@ def seal(
         actor=actor,
         correlation_id=correlation_id,
         causation_id=causation_id,
+        traceparent=traceparent,
         data=data,
         prev=prev,
         kid=kid,
@@ -151,6 +159,7 @@ def seal(
         actor=actor,
         correlation_id=correlation_id,
         causation_id=causation_id,
+        traceparent=traceparent,
         data=data,
         prev=prev,
         kid=kid,
@@ -236,6 +245,7 @@ def typed(raw: WireEnvelope) -> Envelope:
         actor=raw.actor,
         correlation_id=raw.correlation_id,
         causation_id=raw.causation_id,
+        traceparent=raw.traceparent,
         data=data,
         prev=raw.prev,
         kid=raw.kid,
