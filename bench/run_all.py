@@ -90,6 +90,16 @@ TARGETS = [
         "(issue 15), median of rounds",
     ),
     Target("top", "ratio", "<=", 1.1, "daemon CPU, a 200-task job with `numerusctl top` following it vs without"),
+    Target("snapshot", "status_s", "<=", 2.0, "restart to status answering, 1M events of history (issue 16), median"),
+    Target("snapshot", "views_s", "<=", 5.0, "restart to views caught up, 1M events of history (issue 16), median"),
+    Target(
+        "snapshot",
+        "ratio",
+        "<=",
+        1.5,
+        "that restart vs the same daemon with only its 10 live jobs (issue 16), median of pairs",
+    ),
+    Target("snapshot", "rss_mb", "<=", 150.0, "daemon resident memory then, 1M events of history (issue 16)"),
 ]
 
 #: Command line of each benchmark: full size, and a quick size for a smoke run.
@@ -108,6 +118,7 @@ BENCHES = {
     "queue": (["bench_queue.py"], ["bench_queue.py", "--jobs", "20"]),
     "restart": (["bench_restart.py"], ["bench_restart.py", "--rounds", "1"]),
     "top": (["bench_top.py"], ["bench_top.py", "--tasks", "40", "--pairs", "1"]),
+    "snapshot": (["bench_snapshot.py"], ["bench_snapshot.py", "--ended", "50", "--per-job", "200", "--rounds", "1"]),
 }
 
 
@@ -190,6 +201,9 @@ def markdown(results: dict[str, dict], quick: bool) -> str:
         "- `bench/bench_top.py`: the daemon's own CPU seconds from submission to end of a planned job of 200 no-op",
         "  tasks (claims from the plan, review off, parallel 8), with a headless `numerusctl top` following it and",
         "  without, alternating pairs, medians compared.",
+        "- `bench/bench_snapshot.py`: 1,000 ended jobs of ~1,000 events and 10 under way against the 10 alone; each",
+        "  daemon restarted from its snapshots on a nats-server that outlives it (and with its embedded one), timed",
+        "  to `status` answered and to the views caught up; VmRSS then.",
         "",
     ]
     return "\n".join(lines)
