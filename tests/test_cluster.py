@@ -13,6 +13,7 @@ import re
 import signal
 import socket
 import subprocess
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,9 +26,10 @@ from nats.js.api import KeyValueConfig
 from numerusd.embedded_nats import find_binary
 from numerusd.errors import StreamMismatch
 from numerusd.protocol.subjects import DLQ, EVENTS, LOGS
+from numerusd.stream_reader import read_stream
 from numerusd.streams import ensure_kv, ensure_streams, stream_specs
 from tests.conftest import eventually
-from tests.daemon_harness import BIN, claim
+from tests.daemon_harness import BIN, Daemon, claim, git, git_repo
 
 DEPLOY = Path(__file__).parent.parent / "deploy"
 NODES = ("numerus-a", "numerus-b", "numerus-c")
@@ -47,6 +49,10 @@ def free_ports(count: int) -> list[int]:
         for s in sockets:
             s.bind(("127.0.0.1", 0))
         return [s.getsockname()[1] for s in sockets]
+
+
+async def _quiet(_error: Exception) -> None:
+    """nats-py's error callback: a node not listening yet, or killed, is expected here; no traceback per try."""
 
 
 @dataclass
@@ -143,7 +149,9 @@ class Cluster:
     async def connect(self, *nodes: Node, **options: object) -> Client:
         """The daemon's login (every right) to these nodes (default: all)."""
         servers = [node.url for node in nodes or self.nodes]
-        return await nats.connect(servers, user="numerusd", password=PASSWORDS["NUMERUSD_PASSWORD"], **options)
+        return await nats.connect(
+            servers, user="numerusd", password=PASSWORDS["NUMERUSD_PASSWORD"], error_cb=_quiet, **options
+        )
 
     async def formed(self, timeout: float = 30.0) -> None:
         """Wait until the three nodes are routed together and JetStream has a meta leader with all three peers."""
@@ -369,3 +377,87 @@ def test_the_recipe_as_written_is_valid_and_its_users_are_the_single_nodes():
         [find_binary(), "-t", "-c", str(DEPLOY / "nats-cluster.conf")], capture_output=True, text=True, env=env
     )
     assert result.returncode == 0, result.stderr
+
+
+async def test_a_planned_job_completes_with_nothing_lost_or_doubled_when_the_daemons_node_dies(tmp_path: Path):
+    """The node killed is the daemon's own server and the leader of NUMERUS_EVENTS's replicas at once (moved there
+    first), while the first two tasks' agents run: numerusd loses its connection while the stream elects a new
+    leader among the other two (seconds without one), and the rest of the job is written after."""
+    repo = git_repo(tmp_path / "repo")
+    with running_cluster(tmp_path / "cluster") as cluster:
+        await cluster.formed()
+        env = {
+            "NUMERUS_NATS_URL": cluster.urls,
+            "NUMERUS_NATS_USER": "numerusd",
+            "NUMERUS_NATS_PASSWORD": PASSWORDS["NUMERUSD_PASSWORD"],
+        }
+        config = 'replicas = 3\nchecks = ["test -n \\"$(ls)\\""]\nbackoff_s = [0.2]\nparallel = 2\n'
+        with Daemon(tmp_path / "state", agents={"team": TEAM}, config=config, env=env).start(timeout=60) as daemon:
+            assert daemon.process is not None
+            port = connected_port(daemon.process.pid, {node.client_port for node in cluster.nodes})
+            (doomed,) = [node for node in cluster.nodes if node.client_port == port]
+            survivors = [node for node in cluster.nodes if node is not doomed]
+            observer = await cluster.connect(*survivors)
+            try:
+                await lead_from(observer, EVENTS, doomed.name)
+                job = daemon.ctl("run", "four files", "--repo", str(repo), "--agent", "team", check=True)
+                job_id = job.stdout.strip()
+                async with daemon.client() as client:
+                    await client.wait_for(
+                        job_id, lambda v: any(t["status"] == "running" for t in v["tasks"]), timeout=60
+                    )
+                cluster.kill(doomed)
+                killed = time.monotonic()
+                async with daemon.client() as client:
+
+                    async def answers() -> bool:  # no responder while numerusd reconnects to another node
+                        with contextlib.suppress(nats.errors.NoRespondersError, nats.errors.TimeoutError):
+                            return bool(await client.status(job_id))
+                        return False
+
+                    await eventually(answers, timeout=30, interval=0.1)
+                    print(f"numerusd answered again {time.monotonic() - killed:.2f} s after its node was killed")
+                    view = await client.wait_for(
+                        job_id, lambda v: v["status"] in ("completed", "failed", "killed"), timeout=120
+                    )
+                assert view["status"] == "completed", (view, daemon.stderr()[-3000:])
+                assert daemon.alive
+                # numerusd moved to a surviving node, and the stream is led from one of them.
+                assert "reconnected to NATS" in daemon.stderr()
+                assert connected_port(daemon.process.pid, {node.client_port for node in survivors})
+                info = await observer.jetstream().stream_info(EVENTS)
+                assert info.config.num_replicas == 3
+                assert info.cluster is not None and info.cluster.leader in {node.name for node in survivors}
+
+                # `status` answers from memory: the stream has the job's last event once the leader the two
+                # survivors elected takes numerusd's writes (what the write-ahead log held is republished).
+                stored: list[dict] = []
+
+                async def written() -> bool:
+                    stored[:] = [json.loads(m.data) async for batch in read_stream(observer, EVENTS) for m in batch]
+                    return any(e["job"] == job_id and e["type"] == "JobCompleted" for e in stored)
+
+                await eventually(written, timeout=60, interval=0.5)
+                print(f"the job's last event was in the stream {time.monotonic() - killed:.2f} s after the kill")
+                # Every event once: no id twice in the whole stream, the job's stored events exactly the events
+                # the daemon reports, each task merged once.
+                ids = [event["id"] for event in stored]
+                assert len(ids) == len(set(ids)), "an event was stored twice"
+                events = daemon.events(job_id)
+                assert [e["id"] for e in events] == [e["id"] for e in stored if e["job"] == job_id]
+                merged = sorted(e["task"] for e in events if e["type"] == "TaskMerged")
+                assert merged == sorted(FILES), "a task merged twice, or not at all"
+                for task, name in FILES.items():
+                    assert git(repo, "show", f"numerus/{job_id}.integration:{name}") == f"{task}\n"
+            finally:
+                await observer.close()
+            # numerusctl reaches the daemon through any node that is up: connection.json lists all three, and a
+            # dead node named first is passed over.
+            assert daemon.connection()["url"] == cluster.urls
+            login = ("--nats-user", "numerusd", "--nats-password", PASSWORDS["NUMERUSD_PASSWORD"])
+            status = daemon.ctl("--nats-url", f"{doomed.url},{survivors[0].url}", *login, "status", job_id)
+            assert status.returncode == 0 and "completed" in status.stdout, status.stderr
+            audit = daemon.ctl("audit", "verify", job_id, "--finished")
+            assert audit.returncode == 0, audit.stdout + audit.stderr
+            whole = daemon.ctl("audit", "verify")
+            assert whole.returncode == 0, whole.stdout + whole.stderr
