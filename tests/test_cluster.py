@@ -30,6 +30,7 @@ from numerusd.stream_reader import read_stream
 from numerusd.streams import ensure_kv, ensure_streams, stream_specs
 from tests.conftest import eventually
 from tests.daemon_harness import BIN, Daemon, claim, git, git_repo
+from tests.views_reader import job_views
 
 DEPLOY = Path(__file__).parent.parent / "deploy"
 NODES = ("numerus-a", "numerus-b", "numerus-c")
@@ -379,6 +380,7 @@ def test_the_recipe_as_written_is_valid_and_its_users_are_the_single_nodes():
     assert result.returncode == 0, result.stderr
 
 
+@pytest.mark.slow  # three servers, a daemon and a job, and a leader election of several seconds
 async def test_a_planned_job_completes_with_nothing_lost_or_doubled_when_the_daemons_node_dies(tmp_path: Path):
     """The node killed is the daemon's own server and the leader of NUMERUS_EVENTS's replicas at once (moved there
     first), while the first two tasks' agents run: numerusd loses its connection while the stream elects a new
@@ -449,6 +451,9 @@ async def test_a_planned_job_completes_with_nothing_lost_or_doubled_when_the_dae
                 assert merged == sorted(FILES), "a task merged twice, or not at all"
                 for task, name in FILES.items():
                     assert git(repo, "show", f"numerus/{job_id}.integration:{name}") == f"{task}\n"
+                # The views followed the stream through the failover, to the same end.
+                db = daemon.state_dir / "views.sqlite3"
+                await eventually(lambda: [v.status for v in job_views(db, job_id)] == ["completed"], timeout=30)
             finally:
                 await observer.close()
             # numerusctl reaches the daemon through any node that is up: connection.json lists all three, and a
@@ -461,3 +466,17 @@ async def test_a_planned_job_completes_with_nothing_lost_or_doubled_when_the_dae
             assert audit.returncode == 0, audit.stdout + audit.stderr
             whole = daemon.ctl("audit", "verify")
             assert whole.returncode == 0, whole.stdout + whole.stderr
+
+
+def test_numerusctl_tries_every_node_and_names_them_all_when_none_answers(tmp_path: Path):
+    dead = ",".join(f"nats://route:secret@127.0.0.1:{port}" for port in free_ports(3))
+    result = subprocess.run(
+        [str(BIN / "numerusctl"), "--state-dir", str(tmp_path), "--nats-url", dead, "status"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 3
+    (line,) = result.stderr.splitlines()
+    assert line.startswith(f"numerusctl: cannot reach numerusd at {dead.replace('route:secret@', '')} (")
+    assert "secret" not in line
