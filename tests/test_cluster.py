@@ -24,7 +24,7 @@ from nats.aio.client import Client
 from nats.js.api import KeyValueConfig
 
 from numerusd.embedded_nats import find_binary
-from numerusd.errors import StreamMismatch
+from numerusd.errors import NatsUnavailable, StreamMismatch
 from numerusd.protocol.subjects import DLQ, EVENTS, LOGS
 from numerusd.stream_reader import read_stream
 from numerusd.streams import ensure_kv, ensure_streams, stream_specs
@@ -436,7 +436,10 @@ async def test_a_planned_job_completes_with_nothing_lost_or_doubled_when_the_dae
                 stored: list[dict] = []
 
                 async def written() -> bool:
-                    stored[:] = [json.loads(m.data) async for batch in read_stream(observer, EVENTS) for m in batch]
+                    try:
+                        stored[:] = [json.loads(m.data) async for batch in read_stream(observer, EVENTS) for m in batch]
+                    except NatsUnavailable:  # no leader elected yet: the stream does not answer
+                        return False
                     return any(e["job"] == job_id and e["type"] == "JobCompleted" for e in stored)
 
                 await eventually(written, timeout=60, interval=0.5)
