@@ -3,11 +3,11 @@
 Where: `--nats-url` (or `$NUMERUS_NATS_URL`) with `--nats-user/--nats-password` or `--creds`, else the
 connection file the daemon writes in its state directory (`--state-dir`, `$NUMERUS_STATE_DIR`, or the default),
 read through `numerusd.protocol.connection`, with the login of the role asked (`--role`, default `operator`;
-see `numerusd/bus_roles.py` for what each may do). The client connects once, with a short timeout and no
-reconnect loop: a command that cannot reach the daemon fails fast with one line, exit code 3 when no daemon runs
-and 4 when the daemon named in the connection file runs but its bus does not answer (an embedded server being
-restarted, or held up). Reading streams (for following and auditing) is `feed.py`'s, imported only by the
-commands that read them.
+see `numerusd/bus_roles.py` for what each may do). A cluster's URL is its nodes', comma separated: they are tried
+in turn. The client connects once, with a short timeout and no reconnect loop: a command that cannot reach the
+daemon fails fast with one line, exit code 3 when no daemon runs and 4 when the daemon named in the connection
+file runs but its bus does not answer (an embedded server being restarted, or held up). Reading streams (for
+following and auditing) is `feed.py`'s, imported only by the commands that read them.
 
 Every failure here is a `CtlError` carrying its exit code and one line for the user; nothing below lets a
 third-party exception out.
@@ -40,6 +40,7 @@ from numerusd.protocol.connection import (
     USER_HEADER,
     decode_connection,
     inbox_prefix,
+    server_urls,
 )
 from numerusd.protocol.exit_codes import CtlExit
 
@@ -192,9 +193,12 @@ def resolve_target(
 
 
 def redact(url: str) -> str:
-    """The URL without any `user:password@` in it, for messages."""
-    scheme, sep, rest = url.rpartition("://")
-    return f"{scheme}{sep}{rest.rpartition('@')[2]}"
+    """The URL (or a cluster's URLs, comma separated) without any `user:password@` in it, for messages."""
+    parts = []
+    for server in server_urls(url):
+        scheme, sep, rest = server.rpartition("://")
+        parts.append(f"{scheme}{sep}{rest.rpartition('@')[2]}")
+    return ",".join(parts)
 
 
 def server_of(nc: Client) -> str:
@@ -247,7 +251,8 @@ async def _ignore(*_args: Any) -> None:
 
 
 async def connect(target: Target, timeout: float) -> Client:
-    """One connection attempt (two quick tries for a refused port), or Unreachable with the reason."""
+    """One connection attempt to each server named (a cluster's nodes in their order) until one answers, or
+    Unreachable with the reason."""
     errors: list[BaseException] = []
     refusals = _Refusals(target.role)
 
@@ -256,7 +261,6 @@ async def connect(target: Target, timeout: float) -> Client:
         refusals.note(error)
 
     options: dict[str, Any] = {
-        "servers": [target.url],
         "connect_timeout": timeout,
         "allow_reconnect": False,
         # nats-py counts attempts per server and never gives up with 0; 1 means "try, then stop".
@@ -274,25 +278,28 @@ async def connect(target: Target, timeout: float) -> Client:
         options["password"] = target.password or ""
     if target.creds:
         options["user_credentials"] = str(target.creds)
-    nc = Client()
-    try:
-        await asyncio.wait_for(nc.connect(**options), timeout * 2 + 1)
-        _refusals[nc] = refusals
-        return nc
-    except Exception as e:  # every way of failing ends in the same one line
-        with contextlib.suppress(Exception):
-            await nc.close()  # a refused login leaves nats-py's socket open otherwise
-        cause = errors[-1] if isinstance(e, nats.errors.NoServersError) and errors else e
-        why = _why(cause)
-        if _daemon_running(target.pid) and not why.startswith("authorization"):
-            raise Unreachable(
-                f"numerusd (pid {target.pid}) is running, but its bus at {redact(target.url)} does not answer "
-                f"({why}); an embedded server is restarted by numerusd itself: try again shortly",
-                CtlExit.BUS_DOWN,
-            ) from None
-        if _pid_gone(target.pid):
-            why += f"; numerusd pid {target.pid} from {target.source} is not running"
-        raise Unreachable(f"cannot reach numerusd at {redact(target.url)} ({why}); {_HINT}") from None
+    # A cluster's nodes (the url lists them, comma separated) are tried in their order until one answers.
+    failure: BaseException | None = None
+    for url in server_urls(target.url):
+        nc = Client()
+        try:
+            await asyncio.wait_for(nc.connect(servers=[url], **options), timeout * 2 + 1)
+            _refusals[nc] = refusals
+            return nc
+        except Exception as e:  # every way of failing ends in the same one line
+            with contextlib.suppress(Exception):
+                await nc.close()  # a refused login leaves nats-py's socket open otherwise
+            failure = errors[-1] if isinstance(e, nats.errors.NoServersError) and errors else e
+    why = _why(failure)
+    if _daemon_running(target.pid) and not why.startswith("authorization"):
+        raise Unreachable(
+            f"numerusd (pid {target.pid}) is running, but its bus at {redact(target.url)} does not answer "
+            f"({why}); an embedded server is restarted by numerusd itself: try again shortly",
+            CtlExit.BUS_DOWN,
+        ) from None
+    if _pid_gone(target.pid):
+        why += f"; numerusd pid {target.pid} from {target.source} is not running"
+    raise Unreachable(f"cannot reach numerusd at {redact(target.url)} ({why}); {_HINT}") from None
 
 
 @contextlib.asynccontextmanager

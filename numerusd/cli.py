@@ -32,6 +32,7 @@ def _load(ctx: click.Context) -> Settings:
         nats_creds=options["creds"],
         metrics_address=options["metrics"],
         log_format=options["log_format"],
+        replicas=options["replicas"],
     )
 
 
@@ -58,10 +59,15 @@ def _exit_code(error: NumerusError) -> int:
 
 @click.group(invoke_without_command=True)
 @click.option("--state-dir", type=click.Path(path_type=Path), envvar="NUMERUS_STATE_DIR", help="State directory.")
-@click.option("--nats-url", envvar="NUMERUS_NATS_URL", help="Use this NATS server instead of the embedded one.")
+@click.option(
+    "--nats-url",
+    envvar="NUMERUS_NATS_URL",
+    help="Use this NATS server (a cluster: its nodes' URLs, comma separated) instead of the embedded one.",
+)
 @click.option("--nats-user", envvar="NUMERUS_NATS_USER", help="User for --nats-url.")
 @click.option("--nats-password", envvar="NUMERUS_NATS_PASSWORD", help="Password for --nats-url.")
 @click.option("--creds", type=click.Path(path_type=Path), envvar="NUMERUS_NATS_CREDS", help="NATS credentials file.")
+@click.option("--replicas", help="Servers holding each stream: 1, or 3 on a three-node cluster [1].")
 @click.option("--config", type=click.Path(path_type=Path), envvar="NUMERUS_CONFIG", help="TOML configuration file.")
 @click.option("--log-level", default="info", type=click.Choice(["debug", "info", "warning", "error"]))
 @click.option(

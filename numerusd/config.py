@@ -72,7 +72,12 @@ ENV_VARS: dict[str, str] = {
     "metrics_address": "NUMERUS_METRICS_ADDRESS",
     "log_format": "NUMERUS_LOG_FORMAT",
     "otel_endpoint": "NUMERUS_OTEL_ENDPOINT",
+    "replicas": "NUMERUS_REPLICAS",
 }
+
+#: The replica counts a stream may have: one server, or a three-node cluster (docs/operations.md, "A three-node
+#: cluster"). Two would stop writing when either node is down, no better than one; five is not offered yet.
+REPLICAS = (1, 3)
 
 #: The systemd credential (`LoadCredential=numerus-keys:/etc/numerus/keys.json`) the keys are read from when no
 #: `key_file` is set: systemd hands the service a private copy in `$CREDENTIALS_DIRECTORY`.
@@ -124,12 +129,16 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     """Everything numerusd is told from outside; build it with `load_settings`, not by hand."""
 
     state_dir: Path = msgspec.field(default_factory=lambda: Path(DEFAULT_STATE_DIR).expanduser())
-    #: None: start the embedded nats-server in `nats_store_dir`.
+    #: None: start the embedded nats-server in `nats_store_dir`. Several URLs, comma separated, are the nodes of
+    #: one cluster: numerusd connects to one of them and moves to another when it goes down.
     nats_url: str | None = None
     nats_user: str | None = None
     nats_password: str | None = None
     #: A NATS credentials file (JWT and nkey seed) for an external server.
     nats_creds: Path | None = None
+    #: How many servers hold each of Numerus's streams (and key-value buckets): 1, or 3 on a three-node cluster
+    #: whose client URLs `nats_url` lists, comma separated.
+    replicas: int = 1
     default_agent: str = "codex"
     agents: dict[str, AgentProfile] = msgspec.field(default_factory=lambda: dict(BUILTIN_AGENTS))
     #: Seconds between SIGTERM and SIGKILL when an agent is stopped.
@@ -385,6 +394,7 @@ def load_settings(
     nats_creds: str | Path | None = None,
     metrics_address: str | None = None,
     log_format: str | None = None,
+    replicas: str | int | None = None,
     env: Mapping[str, str] | None = None,
 ) -> Settings:
     """Build the settings: defaults, then the TOML file, then the environment, then these arguments (the flags).
@@ -401,9 +411,11 @@ def load_settings(
         "nats_creds": nats_creds,
         "metrics_address": metrics_address,
         "log_format": log_format,
+        "replicas": replicas,
     }
     flag_layer = {
-        name: _value(_FLAGS.get(name, f"--{name.replace('_', '-')}"), name, value, strict=True)
+        # A flag's text as typed (`--replicas three`) is checked as the environment's is, with the same message.
+        name: _value(_FLAGS.get(name, f"--{name.replace('_', '-')}"), name, value, strict=not isinstance(value, str))
         for name, value in flags.items()
         if value is not None
     }
@@ -427,6 +439,7 @@ def load_settings(
     settings = Settings(**merged)
     if settings.metrics_address is not None:
         parse_address(settings.metrics_address)  # refused now, in one line, not when the daemon is half up
+    _check_replicas(settings)
     known = ", ".join(sorted(settings.agents))
     if settings.default_agent not in settings.agents:
         raise ConfigError(
@@ -449,6 +462,22 @@ def load_settings(
                 f"roles.{role}: {profile!r} is not a configured agent profile (known: {known})", setting="roles"
             )
     return settings
+
+
+def _check_replicas(settings: Settings) -> None:
+    """A replica count Numerus runs with, on a server that can hold it (the embedded one is a single node)."""
+    if settings.replicas not in REPLICAS:
+        raise ConfigError(
+            f"replicas = {settings.replicas}: the streams are kept on 1 server or replicated on 3 "
+            "(a three-node cluster); set replicas to 1 or 3",
+            setting="replicas",
+        )
+    if settings.replicas > 1 and not settings.nats_url:
+        raise ConfigError(
+            f"replicas = {settings.replicas} needs a cluster: set nats_url to its nodes' client URLs, comma separated "
+            "(the embedded server is a single node)",
+            setting="replicas",
+        )
 
 
 def write_connection_file(

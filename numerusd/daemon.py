@@ -52,6 +52,7 @@ from numerusd.keys import Keyring
 from numerusd.metrics import Metrics, MetricsServer, WatchedDaemon
 from numerusd.pipeline import remove_merged
 from numerusd.protocol.commands import JOB_DONE
+from numerusd.protocol.connection import server_urls
 from numerusd.protocol.subjects import EVENTS
 from numerusd.redaction import Redactor, known_secrets
 from numerusd.replay import replay
@@ -148,7 +149,7 @@ class Daemon:
         nc = self.nc = await self._connect(address)
         check_server_version(nc)
         js = self.js = nc.jetstream()
-        await ensure_streams(js, stream_specs(dlq_max_bytes=settings.dlq_max_bytes))
+        await ensure_streams(js, stream_specs(dlq_max_bytes=settings.dlq_max_bytes, replicas=settings.replicas))
         self.dead_letters = DeadLetters(js, self.metrics)
         self.store = EventStore(
             nc,
@@ -341,7 +342,8 @@ class Daemon:
             "connect_timeout": 5,
         }
         try:
-            nc = await nats.connect(address.url, **options, **address.options())
+            # A cluster's nodes, comma separated: nats-py connects to one and moves to another when it goes down.
+            nc = await nats.connect(server_urls(address.url), **options, **address.options())
         except Exception as e:
             raise NatsUnavailable(f"cannot connect to NATS at {address.url}: {e}") from e
         nc.options["max_reconnect_attempts"] = -1  # read by nats-py at each reconnect: never stop trying

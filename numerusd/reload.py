@@ -7,9 +7,9 @@ its flags) and taken whole, or not at all:
   replans and timeouts (the defaults of the jobs submitted from then on: a job keeps the settings it started
   with), and the limits `max_request_bytes`, `kill_grace_s`, `log_chunk_bytes` and `log_flush_ms`;
 - refused (`RESTART_ONLY`): where the state and the keys are, which NATS server and login, what streams and the
-  event store were made with (`max_event_bytes`, `dlq_max_bytes`), when snapshots are written, and where metrics,
-  logs and spans go (`metrics_address`, `log_format`, `otel_endpoint`): a reload that changes one of them changes
-  nothing, and the log says which and why, in one line;
+  event store were made with (`replicas`, `max_event_bytes`, `dlq_max_bytes`), when snapshots are written, and
+  where metrics, logs and spans go (`metrics_address`, `log_format`, `otel_endpoint`): a reload that changes one
+  of them changes nothing, and the log says which and why, in one line;
 - a file that does not load (bad TOML, a bad value, an unknown profile) changes nothing either: one line in the
   log, the daemon serving on as before. So does a profile that brings a secret the daemon's redaction does not
   know yet (a restart takes it), or a sandboxed profile when bwrap cannot run.
@@ -46,6 +46,7 @@ RESTART_ONLY = (
     "nats_user",
     "nats_password",
     "nats_creds",
+    "replicas",
     "max_event_bytes",
     "dlq_max_bytes",
     "snapshot_every_events",

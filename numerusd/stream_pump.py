@@ -36,6 +36,7 @@ import msgspec
 
 from numerusd.config import NatsAddress
 from numerusd.errors import NatsUnavailable, NumerusError, StoreError
+from numerusd.protocol.connection import server_urls
 from numerusd.stream_reader import DEFAULT_BATCH, StreamMessage, read_stream
 
 
@@ -223,13 +224,16 @@ async def _connect(address: NatsAddress) -> Any:
     """One connection for one read, no reconnecting; NatsUnavailable with one line when there is none."""
     from nats.aio.client import Client
 
-    nc = Client()
-    try:
-        await nc.connect(address.url, allow_reconnect=False, connect_timeout=5, error_cb=_quiet, **address.options())
-    except Exception as e:
-        await nc.close()  # a refused login leaves its socket open
-        raise NatsUnavailable(f"cannot connect to NATS at {address.url}: {e}") from e
-    return nc
+    failure: Exception = ValueError("no server URL given")
+    for url in server_urls(address.url):  # a cluster's nodes in turn, until one answers
+        nc = Client()
+        try:
+            await nc.connect(url, allow_reconnect=False, connect_timeout=5, error_cb=_quiet, **address.options())
+            return nc
+        except Exception as e:
+            await nc.close()  # a refused login leaves its socket open
+            failure = e
+    raise NatsUnavailable(f"cannot connect to NATS at {address.url}: {failure}") from failure
 
 
 async def _quiet(_error: Exception) -> None:

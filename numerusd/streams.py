@@ -14,6 +14,11 @@ that could be deleted, purged or aged out, subjects that are not ours) raises `S
 and what to do: we never weaken an operator's stream behind their back, nor silently run on a weakened one. Any
 other difference (a description, the duplicate window, the log and dead-letter limits) is updated in place.
 
+Each stream is kept on `replicas` servers (the `replicas` setting: 1, or 3 on a three-node cluster). A stream
+made with another count is brought to it in place, which a cluster does (it copies the stream to the new peers,
+or drops the extra ones); a server that cannot (a single node asked for 3, a cluster short of nodes) is reported
+as a `StreamMismatch` saying what to do. `ensure_kv` gives a key-value bucket the same replicas.
+
 This module is also the one place where nats-py's JetStream errors become ours (`jetstream_errors`).
 """
 
@@ -27,8 +32,9 @@ from typing import Any
 import nats.errors
 import nats.js.errors
 from nats.aio.client import Client
-from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
+from nats.js.api import DiscardPolicy, KeyValueConfig, RetentionPolicy, StorageType, StreamConfig
 from nats.js.client import JetStreamContext
+from nats.js.kv import KeyValue
 
 from numerusd.embedded_nats import MIN_SERVER_VERSION
 from numerusd.errors import NatsUnavailable, StoreError, StreamMismatch
@@ -130,8 +136,9 @@ def stream_specs(
     logs_max_age: float = DEFAULT_LOGS_MAX_AGE,
     dlq_max_age: float = DEFAULT_DLQ_MAX_AGE,
     dlq_max_bytes: int = DEFAULT_DLQ_MAX_BYTES,
+    replicas: int = 1,
 ) -> list[StreamSpec]:
-    """The streams, with their limits."""
+    """The streams, with their limits, each kept on `replicas` servers."""
     events = StreamSpec(
         name=EVENTS,
         subjects=EVENTS_SUBJECTS,
@@ -154,6 +161,7 @@ def stream_specs(
             # Without acks the store still gets every event in (it checks the stream after `resend_after`),
             # but slowly; with them it knows at once.
             "no_ack": False,
+            "num_replicas": replicas,
         },
         why="job events must never be deleted, purged or aged out",
     )
@@ -167,6 +175,7 @@ def stream_specs(
             "max_bytes": logs_max_bytes,
             "max_age": logs_max_age,
             "discard": DiscardPolicy.OLD,
+            "num_replicas": replicas,
         },
     )
     dlq = StreamSpec(
@@ -181,6 +190,7 @@ def stream_specs(
             "max_bytes": dlq_max_bytes,
             "max_msg_size": DLQ_MAX_MSG_SIZE,
             "discard": DiscardPolicy.OLD,
+            "num_replicas": replicas,
         },
     )
     snapshots = StreamSpec(
@@ -193,6 +203,7 @@ def stream_specs(
             # A newer snapshot of a job replaces the older one: only the last is ever read.
             "max_msgs_per_subject": 1,
             "discard": DiscardPolicy.OLD,
+            "num_replicas": replicas,
         },
     )
     return [events, logs, dlq, snapshots]
@@ -244,7 +255,10 @@ async def ensure_stream(js: JetStreamContext, spec: StreamSpec) -> None:
     except StoreError as e:
         if e.fields.get("status") != 404:
             raise
-        with jetstream_errors(f"create stream {spec.name}"):
+        with (
+            _replicas_refused(spec.name, spec.desired.get("num_replicas")),
+            jetstream_errors(f"create stream {spec.name}"),
+        ):
             await js.add_stream(spec.config())
         return
     broken, update = mismatches(spec, info.config)
@@ -257,5 +271,41 @@ async def ensure_stream(js: JetStreamContext, spec: StreamSpec) -> None:
             problems=broken,
         )
     if update:
-        with jetstream_errors(f"update stream {spec.name}"):
+        with _replicas_refused(spec.name, update.get("num_replicas")), jetstream_errors(f"update stream {spec.name}"):
             await js.update_stream(info.config.evolve(**update))
+
+
+@contextlib.contextmanager
+def _replicas_refused(stream: str, replicas: int | None) -> Iterator[None]:
+    """A refusal from JetStream while asking for `replicas` (>1) becomes a StreamMismatch saying what to do."""
+    try:
+        yield
+    except StoreError as e:
+        if replicas is None or replicas == 1:
+            raise
+        raise StreamMismatch(
+            f"stream {stream} cannot be kept on {replicas} servers here (JetStream: {e.fields.get('description')}): "
+            f"point nats_url at a cluster of {replicas} JetStream nodes, all of them up, or set replicas = 1",
+            stream=stream,
+            problems=[f"num_replicas {replicas} refused"],
+        ) from e
+
+
+async def ensure_kv(js: JetStreamContext, name: str, *, replicas: int = 1, **limits: Any) -> KeyValue:
+    """The key-value bucket `name`, created with `replicas` and `limits` (KeyValueConfig's fields: `history`,
+    `ttl`, `max_bytes`...) when missing; an existing one is brought to `replicas` in place as the streams are (a
+    StreamMismatch when the server cannot), its other settings left as they are."""
+    with jetstream_errors(f"look up bucket {name}"):
+        try:
+            bucket: KeyValue | None = await js.key_value(name)
+        except nats.js.errors.BucketNotFoundError:
+            bucket = None
+    if bucket is None:
+        with _replicas_refused(f"KV_{name}", replicas), jetstream_errors(f"create bucket {name}"):
+            return await js.create_key_value(KeyValueConfig(bucket=name, replicas=replicas, **limits))
+    with jetstream_errors(f"look up bucket {name}"):
+        config = (await bucket.status()).stream_info.config
+    if _normalise(config.num_replicas) != replicas:
+        with _replicas_refused(config.name or name, replicas), jetstream_errors(f"update bucket {name}"):
+            await js.update_stream(config.evolve(num_replicas=replicas))
+    return bucket

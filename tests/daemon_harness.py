@@ -17,6 +17,7 @@ import nats
 from nats.aio.client import Client
 
 from numerusd.embedded_nats import CONFIG_NAME, daemon_login
+from numerusd.protocol.connection import server_urls
 from tests.conftest import eventually
 
 BIN = Path(sys.executable).parent
@@ -193,7 +194,8 @@ class Daemon:
     async def client(self) -> AsyncIterator[DaemonClient]:
         """One NATS connection to this daemon (as it runs now) for a test that polls it, closed afterwards."""
         connection = self.connection()
-        nc = await nats.connect(connection["url"], user=connection["user"], password=connection["password"])
+        servers = server_urls(connection["url"])  # a cluster's nodes, comma separated
+        nc = await nats.connect(servers, user=connection["user"], password=connection["password"])
         try:
             yield DaemonClient(nc)
         finally:

@@ -7,6 +7,9 @@ One Struct, one encoder, one decoder, so the two sides cannot disagree on its sh
     {"url": "nats://127.0.0.1:41221", "user": "operator", "password": "…", "pid": 12345,
      "roles": {"operator": {"user": "operator", "password": "…"}, "viewer": {"user": "viewer", "password": "…"}}}
 
+`url` is one server's, or with a cluster the nodes' URLs, comma separated (`server_urls` splits them), as numerusd
+was given them in `nats_url`: a client reaches any node that is up, whichever the daemon is connected to.
+
 `roles` holds the login of each client role of the embedded server (`numerusd/bus_roles.py`): never the
 daemon's own. `user`/`password` are the default role's (operator), for tools that know no roles; with an
 external server they are what the daemon was given, and `roles` is empty.
@@ -48,6 +51,12 @@ def asker(user: str | None, reply_subject: str | None) -> str:
         if (reply_subject or "").startswith(inbox_prefix(candidate) + "."):
             role = candidate
     return f"{name} ({role})"
+
+
+def server_urls(url: str) -> list[str]:
+    """The servers a `url` names: one, or the nodes of a cluster given comma separated (`nats://a:4222,nats://b:4222`),
+    in their order, as nats-py's `servers` takes them."""
+    return [part.strip() for part in url.split(",") if part.strip()]
 
 
 class RoleLogin(msgspec.Struct, frozen=True, kw_only=True):
