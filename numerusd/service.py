@@ -73,6 +73,9 @@ async def start_service(nc: Client, context: Context, dead_letters: DeadLetters)
     for verb, handler in HANDLERS.items():
         endpoint = _endpoint(nc, context, dead_letters, verb, handler)
         await service.add_endpoint(name=verb, subject=subjects.command(verb), handler=endpoint)
+    # The server knows every endpoint before the daemon tells anyone where to ask (connection.json): a client
+    # quick enough got "no responders" for a verb whose subscription was still on its way.
+    await nc.flush()
     return service
 
 
