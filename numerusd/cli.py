@@ -1,7 +1,8 @@
 """`numerusd`: run the daemon (the default), or rebuild its SQLite views from the stream.
 
 Exit codes (`protocol/exit_codes.DaemonExit`, chosen by the error's type): 0 stopped cleanly; 69 NATS
-unavailable or too old; 70 internal error; 75 another daemon holds the state directory; 78 bad configuration.
+unavailable or too old, or the lease of the stream passed to another numerusd while this one ran; 70 internal error;
+75 another daemon holds the state directory or (without `--standby`) the lease of the stream; 78 bad configuration.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import uvloop
 
 from numerusd import __version__
 from numerusd.config import Settings, load_settings
-from numerusd.errors import ConfigError, NatsUnavailable, NumerusError, StateLocked
+from numerusd.errors import ConfigError, LeaseLost, NatsUnavailable, NumerusError, StateLocked
 from numerusd.protocol.exit_codes import DaemonExit
 
 log = logging.getLogger("numerusd")
@@ -49,6 +50,7 @@ _EXIT_CODES: tuple[tuple[type[NumerusError], DaemonExit], ...] = (
     (StateLocked, DaemonExit.LOCKED),
     (ConfigError, DaemonExit.CONFIG),
     (NatsUnavailable, DaemonExit.UNAVAILABLE),
+    (LeaseLost, DaemonExit.UNAVAILABLE),
 )
 
 
@@ -65,6 +67,12 @@ def _exit_code(error: NumerusError) -> int:
 @click.option("--creds", type=click.Path(path_type=Path), envvar="NUMERUS_NATS_CREDS", help="NATS credentials file.")
 @click.option("--config", type=click.Path(path_type=Path), envvar="NUMERUS_CONFIG", help="TOML configuration file.")
 @click.option("--log-level", default="info", type=click.Choice(["debug", "info", "warning", "error"]))
+@click.option(
+    "--standby",
+    is_flag=True,
+    envvar="NUMERUS_STANDBY",
+    help="When another numerusd holds the streams, wait and take over once it stops or its lease lapses.",
+)
 @click.version_option(__version__, prog_name="numerusd")
 @click.pass_context
 def main(ctx: click.Context, **_options: object) -> None:
@@ -89,9 +97,15 @@ def serve(ctx: click.Context) -> None:
     from numerusd.reload import Reloader
 
     settings = _settings(ctx)
+    standby = bool(ctx.find_root().params["standby"])
+    if standby and settings.configured_nats() is None:
+        click.echo(
+            "numerusd: --standby needs the shared NATS server of the daemon it stands by for (nats_url)", err=True
+        )
+        sys.exit(int(DaemonExit.CONFIG))
 
     async def run() -> None:
-        daemon = Daemon(settings)
+        daemon = Daemon(settings, standby=standby)
         install_signal_handlers(daemon, Reloader(daemon, lambda: _load(ctx)))
         await daemon.serve()
 

@@ -1,11 +1,13 @@
 """The daemon's lifecycle: what it starts, in which order, and how it stops.
 
 `startup()` connects to NATS (starting the embedded server when no URL is configured), makes sure the streams exist,
-replays the stream into the job book, republishes what the write-ahead log holds and the stream does not, reconciles
-jobs that were under way when the previous daemon died (they become `interrupted`), then starts the projector and
-the command service, and resumes the interrupted jobs (unless `resume = "manual"`). `serve()` then waits for a
-signal, which only sets a flag. `shutdown()` stops the runner (agents and pipelines; their jobs are recorded
-`interrupted`), waits for every event to be acknowledged, and closes what startup opened.
+takes the lease of the event stream (`lease.py`: refused when another numerusd holds it, or, with `--standby`,
+waited for), replays the stream into the job book, republishes what the write-ahead log holds and the stream does
+not, reconciles jobs that were under way when the previous daemon died (they become `interrupted`), then starts the
+projector and the command service, and resumes the interrupted jobs (unless `resume = "manual"`). `serve()` then
+waits for a signal, which only sets a flag. `shutdown()` stops the runner (agents and pipelines; their jobs are
+recorded `interrupted`), waits for every event to be acknowledged, releases the lease, and closes what startup
+opened. A daemon whose lease passes to another stops at once, recording nothing more, and exits non-zero.
 
 Signals as uvicorn handles them: the first SIGINT or SIGTERM asks for a graceful stop (agents get
 `kill_grace_s` to end); a second one forces it (agents are killed at once, pipelines cancelled). Either way the
@@ -41,11 +43,12 @@ from numerusd.config import NatsAddress, Settings, write_connection_file
 from numerusd.dead_letters import DeadLetters
 from numerusd.domain.observations import Interrupted, Merged, Resume
 from numerusd.embedded_nats import EmbeddedNats
-from numerusd.errors import NatsUnavailable, NumerusError
+from numerusd.errors import LeaseLost, NatsUnavailable, NumerusError
 from numerusd.event_store import EventStore
 from numerusd.handlers.context import Context
 from numerusd.history import EventHistory
 from numerusd.keys import Keyring
+from numerusd.lease import Lease
 from numerusd.pipeline import remove_merged
 from numerusd.protocol.commands import JOB_DONE
 from numerusd.protocol.envelope import InvalidEvent, open_untyped
@@ -82,8 +85,10 @@ PROJECTOR_RETRY_MAX_S = 5.0
 class Daemon:
     """One numerusd: what it started (connections, store, book, runner, service, projector) and its stop flags."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *, standby: bool = False) -> None:
         self.settings = settings
+        #: Wait for the lease of the stream rather than be refused when another numerusd holds it.
+        self.standby = standby
         #: The first SIGINT / SIGTERM sets `should_exit` (a graceful stop), a second one `force_exit`.
         self.should_exit = asyncio.Event()
         self.force_exit = asyncio.Event()
@@ -100,6 +105,9 @@ class Daemon:
         self.embedded: EmbeddedNats | None = None
         self.projector: Projector | None = None
         self.dead_letters: DeadLetters | None = None
+        self.lease: Lease | None = None
+        self._lease_kept: asyncio.Task[None] | None = None
+        self._lease_stop = asyncio.Event()
         self._background: set[asyncio.Task[None]] = set()
         self._lock_file: int | None = None
         self._service: Service | None = None
@@ -115,6 +123,8 @@ class Daemon:
             await self.should_exit.wait()
         finally:
             await self.shutdown()
+        if self.lease is not None and self.lease.lost is not None:
+            raise LeaseLost(f"numerusd stopped: {self.lease.lost}")
 
     def handle_exit(self) -> None:
         """Signal handlers only set flags: the first asks for a graceful stop, a second forces it."""
@@ -142,9 +152,18 @@ class Daemon:
         check_server_version(nc)
         js = self.js = nc.jetstream()
         await ensure_streams(js, stream_specs(dlq_max_bytes=settings.dlq_max_bytes))
+        self._spawn_background(watchdog(self.should_exit), name="systemd watchdog")
+        self.lease = lease = await self._take_lease()
+        if lease is None:
+            return  # asked to stop while standing by
         self.dead_letters = DeadLetters(js)
         self.store = EventStore(
-            nc, js, WriteAheadLog.open(settings.wal_path), self.keyring, max_event_bytes=settings.max_event_bytes
+            nc,
+            js,
+            WriteAheadLog.open(settings.wal_path),
+            self.keyring,
+            max_event_bytes=settings.max_event_bytes,
+            lease=lease,
         )
         redactor = Redactor(
             known_secrets(
@@ -185,7 +204,6 @@ class Daemon:
         write_connection_file(settings.connection_path, address.url, client.user, client.password, roles)
         self._wrote_connection = True
         self._spawn_background(self._sweep_checkouts(), name="checkouts of ended jobs")
-        self._spawn_background(watchdog(self.should_exit), name="systemd watchdog")
         if self.embedded is not None:
             self._spawn_background(self.embedded.supervise(self.should_exit), name="embedded nats-server")
         notify(f"READY=1\nSTATUS=serving {len(book.jobs)} jobs on {address.url}\nMAINPID={os.getpid()}")
@@ -206,15 +224,23 @@ class Daemon:
         await asyncio.gather(*self._background, return_exceptions=True)
         if self._service is not None:
             await self._service.stop()
+        # A daemon whose lease passed to another records nothing more: the new holder decides for its jobs.
+        writing = self.lease is not None and self.lease.may_append()
         if self.store is not None:
-            if self.book is not None:
+            if self.book is not None and writing:
                 for job in list(self.book.jobs.values()):
                     await self.book.decide(job.id, self._interrupted("numerusd stopped"))
             try:
-                await self.store.flush(timeout=10)
+                if writing:
+                    await self.store.flush(timeout=10)
             except Exception as e:  # the WAL has them: they are republished on the next start
                 log.warning("not every event reached JetStream before stopping: %s", e)
             await self.store.close()
+        if self._lease_kept is not None:
+            self._lease_stop.set()
+            await self._lease_kept
+        if self.lease is not None:
+            await self.lease.release()  # every event is published: a standby may take over at once
         if self._projector_task is not None:
             self._projector_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -230,6 +256,29 @@ class Daemon:
             with contextlib.suppress(FileNotFoundError):
                 self.settings.connection_path.unlink()
         log.info("numerusd stopped")
+
+    async def _take_lease(self) -> Lease | None:
+        """The lease of the event stream, before anything is replayed or answered, then kept renewed (lease.py).
+        LeaseHeld when another numerusd holds it; with `--standby`, waits for it (None: asked to stop meanwhile)."""
+        assert self.js is not None
+        if self.standby:
+            notify("READY=1\nSTATUS=standing by: waiting for the lease of the event stream")
+        lease = await Lease.take(
+            self.js,
+            state_dir=self.settings.state_dir,
+            ttl_s=self.settings.lease_ttl_s,
+            standby=self.standby,
+            stop=self.should_exit,
+        )
+        if lease is not None:
+            self._lease_kept = asyncio.create_task(lease.keep(self._lease_lost, self._lease_stop), name="lease")
+        return lease
+
+    def _lease_lost(self, reason: str) -> None:
+        """Another numerusd holds the lease now: stop at once (agents killed), appending nothing more."""
+        log.error("%s: stopping now, nothing more is appended or published by this numerusd", reason)
+        self.force_exit.set()
+        self.should_exit.set()
 
     def _write_agent_schemas(self) -> None:
         """The `--output-schema` files agents answer with, fresh from the protocol types at every start."""
@@ -305,6 +354,7 @@ class Daemon:
                         raise InvalidEvent("wrong_subject", f"event {event.id} belongs on {event.subject}")
                     if event.id in seen:
                         raise InvalidEvent("duplicate", f"event {event.id} was folded before")
+                    self.store.fence.admit(event)  # written by a numerusd that had lost its lease: stale_epoch
                     if event.prev != self.store.chain_head(event.job):
                         raise InvalidEvent("broken_chain", f"event {event.id} does not follow its job's last event")
                     self.book.fold(event)
