@@ -124,7 +124,9 @@ class Daemon:
         finally:
             await self.shutdown()
         if self.lease is not None and self.lease.lost is not None:
-            raise LeaseLost(f"numerusd stopped: {self.lease.lost}")
+            raise LeaseLost(
+                f"stopped: the lease of the event stream (epoch {self.lease.epoch}) passed to another numerusd"
+            )
 
     def handle_exit(self) -> None:
         """Signal handlers only set flags: the first asks for a graceful stop, a second forces it."""
