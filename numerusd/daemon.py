@@ -121,6 +121,10 @@ class Daemon:
         try:
             await self.startup()
             await self.should_exit.wait()
+        except NumerusError:
+            if self.lease is None or self.lease.lost is None:
+                raise
+            # Lost during start-up: the store refused what start-up appended; the loss is what to report.
         finally:
             await self.shutdown()
         if self.lease is not None and self.lease.lost is not None:
