@@ -525,3 +525,16 @@ async def _dead_lettered(nats_server, id: str) -> bool:
         return False
     finally:
         await nc.close()
+
+
+def test_a_standby_on_the_embedded_server_is_refused_in_one_line(tmp_path: Path):
+    result = subprocess.run(
+        [str(BIN / "numerusd"), "--state-dir", str(tmp_path / "state"), "--standby"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == DaemonExit.CONFIG
+    assert result.stderr == (
+        "numerusd: --standby needs the shared NATS server of the daemon it stands by for (nats_url)\n"
+    )
