@@ -4,8 +4,9 @@ The daemon logs in as its own user with every right (it creates the streams and 
 `numerus.job.>`, `numerus.log.>` and `numerus.dlq.>`). A client never gets those rights: whoever holds a
 client's password (an agent that read it somewhere, a script) can ask the daemon to do what the role allows and
 read the streams, and nothing else. In particular no client may delete, purge or update a stream, delete a
-message, or publish an event, a log chunk or a dead letter: those JetStream API subjects and stream subjects are
-in no allow list, and NATS refuses what is not allowed.
+message, publish an event, a log chunk or a dead letter, or write the lease of the streams (`$KV.NUMERUS_LEASE.>`,
+numerusd/lease.py): those JetStream API subjects and stream subjects are in no allow list, and NATS refuses what
+is not allowed.
 
 The lists hold exactly the subjects numerusctl uses (found with the server's trace log) and the service's
 discovery requests:

@@ -1,7 +1,8 @@
 """`numerusd`: run the daemon (the default), or rebuild its SQLite views from the stream.
 
 Exit codes (`protocol/exit_codes.DaemonExit`, chosen by the error's type): 0 stopped cleanly; 69 NATS
-unavailable or too old; 70 internal error; 75 another daemon holds the state directory; 78 bad configuration.
+unavailable or too old, or the lease of the stream passed to another numerusd while this one ran; 70 internal error;
+75 another daemon holds the state directory or (without `--standby`) the lease of the stream; 78 bad configuration.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import uvloop
 
 from numerusd import __version__, logs
 from numerusd.config import Settings, load_settings
-from numerusd.errors import ConfigError, NatsUnavailable, NumerusError, StateLocked
+from numerusd.errors import ConfigError, LeaseLost, NatsUnavailable, NumerusError, StateLocked
 from numerusd.protocol.exit_codes import DaemonExit
 
 
@@ -49,6 +50,7 @@ _EXIT_CODES: tuple[tuple[type[NumerusError], DaemonExit], ...] = (
     (StateLocked, DaemonExit.LOCKED),
     (ConfigError, DaemonExit.CONFIG),
     (NatsUnavailable, DaemonExit.UNAVAILABLE),
+    (LeaseLost, DaemonExit.UNAVAILABLE),
 )
 
 
@@ -74,6 +76,12 @@ def _exit_code(error: NumerusError) -> int:
     "--log-format", type=click.Choice(["text", "json"]), help="Log lines as text or one JSON object each [text]."
 )
 @click.option("--metrics", metavar="ADDR", help="Serve Prometheus metrics on ADDR (PORT or HOST:PORT) at /metrics.")
+@click.option(
+    "--standby",
+    is_flag=True,
+    envvar="NUMERUS_STANDBY",
+    help="When another numerusd holds the streams, wait and take over once it stops or its lease lapses.",
+)
 @click.version_option(__version__, prog_name="numerusd")
 @click.pass_context
 def main(ctx: click.Context, **_options: object) -> None:
@@ -95,9 +103,15 @@ def serve(ctx: click.Context) -> None:
 
     settings = _settings(ctx)
     logs.configure(str(ctx.find_root().params["log_level"]), settings.log_format)  # the file's or $NUMERUS_LOG_FORMAT
+    standby = bool(ctx.find_root().params["standby"])
+    if standby and settings.configured_nats() is None:
+        click.echo(
+            "numerusd: --standby needs the shared NATS server of the daemon it stands by for (nats_url)", err=True
+        )
+        sys.exit(int(DaemonExit.CONFIG))
 
     async def run() -> None:
-        daemon = Daemon(settings)
+        daemon = Daemon(settings, standby=standby)
         install_signal_handlers(daemon, Reloader(daemon, lambda: _load(ctx)))
         await daemon.serve()
 

@@ -207,6 +207,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     metrics_address: str | None = None
     log_format: Literal["text", "json"] = "text"
     otel_endpoint: str | None = None
+    #: The lease of the event stream (docs/operations.md, "One daemon per stream"): renewed every quarter of this
+    #: many seconds; a standby takes over at most this long after the holder's last renewal.
+    lease_ttl_s: Annotated[float, msgspec.Meta(ge=2, le=300)] = 8.0
 
     def __repr__(self) -> str:
         # The password must never reach a log line; show only whether there is one.

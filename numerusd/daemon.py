@@ -1,13 +1,15 @@
 """The daemon's lifecycle: what it starts, in which order, and how it stops.
 
 `startup()` connects to NATS (starting the embedded server when no URL is configured), makes sure the streams exist,
-restores the jobs from their snapshots and replays the stream's tail into the job book (`snapshots.py`),
-republishes what the write-ahead log holds and the stream does not, reconciles jobs that were under way when the
-previous daemon died (they become `interrupted`), then starts the projector and the command service, and resumes
-the interrupted jobs (unless `resume = "manual"`); snapshots are written in the background from then on.
-`serve()` then waits for a signal, which only sets a flag. `shutdown()` stops the runner (agents and pipelines;
-their jobs are recorded `interrupted`), waits for every event to be acknowledged, writes a last checkpoint, and
-closes what startup opened.
+takes the lease of the event stream (`lease.py`: refused when another numerusd holds it, or, with `--standby`,
+waited for), restores the jobs from their snapshots and replays the stream's tail into the job book
+(`snapshots.py`, `replay.py`), republishes what the write-ahead log holds and the stream does not, reconciles jobs
+that were under way when the previous daemon died (they become `interrupted`), then starts the projector and the
+command service, and resumes the interrupted jobs (unless `resume = "manual"`); snapshots are written in the
+background from then on. `serve()` then waits for a signal, which only sets a flag. `shutdown()` stops the runner
+(agents and pipelines; their jobs are recorded `interrupted`), waits for every event to be acknowledged, writes a
+last checkpoint, releases the lease, and closes what startup opened. A daemon whose lease passes to another stops
+at once, recording nothing more, and exits non-zero.
 
 Signals as uvicorn handles them: the first SIGINT or SIGTERM asks for a graceful stop (agents get
 `kill_grace_s` to end); a second one forces it (agents are killed at once, pipelines cancelled). Either way the
@@ -43,12 +45,13 @@ from numerusd.config import NatsAddress, Settings, write_connection_file
 from numerusd.dead_letters import DeadLetters
 from numerusd.domain.observations import Interrupted, Merged, Resume
 from numerusd.embedded_nats import EmbeddedNats
-from numerusd.errors import NatsUnavailable, NumerusError
+from numerusd.errors import LeaseLost, NatsUnavailable, NumerusError
 from numerusd.event_store import EventStore
 from numerusd.handlers.context import Context
 from numerusd.handlers.status import priced
 from numerusd.history import EventHistory
 from numerusd.keys import Keyring
+from numerusd.lease import Lease
 from numerusd.metrics import Metrics, MetricsServer, WatchedDaemon
 from numerusd.pipeline import remove_merged
 from numerusd.protocol.commands import JOB_DONE
@@ -84,8 +87,10 @@ PROJECTOR_RETRY_MAX_S = 5.0
 class Daemon:
     """One numerusd: what it started (connections, store, book, runner, service, projector) and its stop flags."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *, standby: bool = False) -> None:
         self.settings = settings
+        #: Wait for the lease of the stream rather than be refused when another numerusd holds it.
+        self.standby = standby
         #: The first SIGINT / SIGTERM sets `should_exit` (a graceful stop), a second one `force_exit`.
         self.should_exit = asyncio.Event()
         self.force_exit = asyncio.Event()
@@ -106,6 +111,9 @@ class Daemon:
         #: Its Prometheus metrics (numerusd.metrics), served on `metrics_address` when one is set.
         self.metrics = Metrics()
         self._metrics_server: MetricsServer | None = None
+        self.lease: Lease | None = None
+        self._lease_kept: asyncio.Task[None] | None = None
+        self._lease_stop = asyncio.Event()
         self._background: set[asyncio.Task[None]] = set()
         self._lock_file: int | None = None
         self._service: Service | None = None
@@ -119,8 +127,16 @@ class Daemon:
         try:
             await self.startup()
             await self.should_exit.wait()
+        except NumerusError:
+            if self.lease is None or self.lease.lost is None:
+                raise
+            # Lost during start-up: the store refused what start-up appended; the loss is what to report.
         finally:
             await self.shutdown()
+        if self.lease is not None and self.lease.lost is not None:
+            raise LeaseLost(
+                f"stopped: the lease of the event stream (epoch {self.lease.epoch}) passed to another numerusd"
+            )
 
     def handle_exit(self) -> None:
         """Signal handlers only set flags: the first asks for a graceful stop, a second forces it."""
@@ -150,6 +166,10 @@ class Daemon:
         check_server_version(nc)
         js = self.js = nc.jetstream()
         await ensure_streams(js, stream_specs(dlq_max_bytes=settings.dlq_max_bytes, replicas=settings.replicas))
+        self._spawn_background(watchdog(self.should_exit), name="systemd watchdog")
+        self.lease = lease = await self._take_lease()
+        if lease is None:
+            return  # asked to stop while standing by
         self.dead_letters = DeadLetters(js, self.metrics)
         self.store = EventStore(
             nc,
@@ -158,6 +178,7 @@ class Daemon:
             self.keyring,
             max_event_bytes=settings.max_event_bytes,
             metrics=self.metrics,
+            lease=lease,
         )
         redactor = Redactor(
             known_secrets(
@@ -218,7 +239,6 @@ class Daemon:
         )
         self._spawn_background(self.snapshotter.run(self.should_exit), name="snapshots")
         self._spawn_background(self._sweep_checkouts(), name="checkouts of ended jobs")
-        self._spawn_background(watchdog(self.should_exit), name="systemd watchdog")
         if self.embedded is not None:
             self._spawn_background(self.embedded.supervise(self.should_exit), name="embedded nats-server")
         notify(f"READY=1\nSTATUS=serving {len(book.jobs)} jobs on {address.url}\nMAINPID={os.getpid()}")
@@ -239,17 +259,25 @@ class Daemon:
         await asyncio.gather(*self._background, return_exceptions=True)
         if self._service is not None:
             await self._service.stop()
+        # A daemon whose lease passed to another records nothing more: the new holder decides for its jobs.
+        writing = self.lease is not None and self.lease.may_append()
         if self.store is not None:
-            if self.book is not None:
+            if self.book is not None and writing:
                 for job in list(self.book.jobs.values()):
                     await self.book.decide(job.id, self._interrupted("numerusd stopped"))
             try:
-                await self.store.flush(timeout=10)
+                if writing:
+                    await self.store.flush(timeout=10)
             except Exception as e:  # the WAL has them: they are republished on the next start
                 log.warning("not every event reached JetStream before stopping: %s", e)
             else:
                 await self._last_checkpoint()
             await self.store.close()
+        if self._lease_kept is not None:
+            self._lease_stop.set()
+            await self._lease_kept
+        if self.lease is not None:
+            await self.lease.release()  # every event is published: a standby may take over at once
         if self._projector_task is not None:
             self._projector_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -297,6 +325,30 @@ class Daemon:
 
     def _cost(self, job: domain.JobState) -> float | None:
         return priced(domain.job_view(job, tasks=False), job, self.settings).cost  # as `status` shows it
+
+    async def _take_lease(self) -> Lease | None:
+        """The lease of the event stream, before anything is replayed or answered, then kept renewed (lease.py).
+        LeaseHeld when another numerusd holds it; with `--standby`, waits for it (None: asked to stop meanwhile)."""
+        assert self.js is not None
+        if self.standby:
+            notify("READY=1\nSTATUS=standing by: waiting for the lease of the event stream")
+        lease = await Lease.take(
+            self.js,
+            state_dir=self.settings.state_dir,
+            ttl_s=self.settings.lease_ttl_s,
+            replicas=self.settings.replicas,
+            standby=self.standby,
+            stop=self.should_exit,
+        )
+        if lease is not None:
+            self._lease_kept = asyncio.create_task(lease.keep(self._lease_lost, self._lease_stop), name="lease")
+        return lease
+
+    def _lease_lost(self, reason: str) -> None:
+        """Another numerusd holds the lease now: stop at once (agents killed), appending nothing more."""
+        log.error("%s: stopping now, nothing more is appended or published by this numerusd", reason)
+        self.force_exit.set()
+        self.should_exit.set()
 
     def _write_agent_schemas(self) -> None:
         """The `--output-schema` files agents answer with, fresh from the protocol types at every start."""

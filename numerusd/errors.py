@@ -3,7 +3,9 @@
     NumerusError                   anything Numerus raises on purpose; `code` is stable, the message actionable
     ├── ConfigError                a setting or file is wrong (numerusd exits 78)
     │   └── StateLocked            another numerusd holds the state directory (numerusd exits 75)
+    │       └── LeaseHeld          another numerusd holds the lease of the streams (numerusd exits 75)
     ├── NatsUnavailable            no server to talk to, or one too old (numerusd exits 69)
+    ├── LeaseLost                  another numerusd took the lease over while this one held it (numerusd exits 69)
     ├── StoreError                 the event store could not durably append or read
     │   ├── WalCorrupted           the write-ahead log holds a record that fails its checksum mid-file
     │   └── StreamMismatch         a stream exists with settings that would break an invariant
@@ -61,6 +63,18 @@ class StateLocked(ConfigError):
     """Another numerusd holds the state directory; `pid` names it when its lock file says."""
 
     code = "state_locked"
+
+
+class LeaseHeld(StateLocked):
+    """Another numerusd holds the lease of the event stream (numerusd/lease.py); `host` and `pid` name it."""
+
+    code = "lease_held"
+
+
+class LeaseLost(NumerusError):
+    """The lease of the event stream passed to another numerusd while this one held it: it stopped writing."""
+
+    code = "lease_lost"
 
 
 class NatsUnavailable(NumerusError):

@@ -32,6 +32,12 @@ id, stream sequence and digest: `stored_head`), and since which sequence it has 
 (`unsnapshotted`); with `stable_position`, the highest sequence up to which every event of ours is known stored,
 that is what `numerusd.snapshots` needs to say where a replay may begin.
 
+One writer (numerusd/lease.py). A store given the daemon's lease stamps its epoch on every event it seals, appends
+nothing once the lease has passed to another numerusd, and publishes nothing while the lease is not proven (not
+renewed for its whole time: a standby may have taken over), keeping new events in the WAL. The replay admits each
+event through `fence` (the highest epoch seen along the stream); `recover()` drops, unpublished, the WAL entries
+that fence refuses: events this daemon wrote under an epoch another holder has since passed.
+
 JetStream errors surface as `StoreError`/`NatsUnavailable` (translated by `streams.jetstream_errors`).
 """
 
@@ -45,6 +51,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from functools import partial
+from typing import Protocol
 
 import msgspec
 import nats.errors
@@ -57,7 +64,7 @@ from numerusd.errors import NumerusError, StoreError
 from numerusd.event_caps import DEFAULT_MAX_EVENT_BYTES, cap_event
 from numerusd.keys import Keyring
 from numerusd.metrics import Metrics
-from numerusd.protocol.envelope import Sealed, digest, open_event, seal
+from numerusd.protocol.envelope import EpochFence, InvalidEvent, Sealed, digest, open_event, seal
 from numerusd.protocol.events import EventData
 from numerusd.protocol.ids import new_ulid
 from numerusd.protocol.subjects import EVENTS, job_of
@@ -116,6 +123,23 @@ class StoredHead(msgspec.Struct, frozen=True):
     digest: str
 
 
+class WriterLease(Protocol):
+    """What the store asks of the lease it writes under (`numerusd.lease.Lease`)."""
+
+    @property
+    def epoch(self) -> int:
+        """The epoch stamped on every event."""
+        ...
+
+    def may_append(self) -> bool:
+        """False once the lease has passed to another numerusd."""
+        ...
+
+    def may_publish(self) -> bool:
+        """False while the lease is not proven still this daemon's."""
+        ...
+
+
 class _Flight:
     """An event published and not yet acknowledged."""
 
@@ -149,6 +173,7 @@ class EventStore:
         max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
         max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES,
         metrics: Metrics | None = None,
+        lease: WriterLease | None = None,
     ) -> None:
         self._nc = nc
         self._metrics = metrics or Metrics()
@@ -160,6 +185,9 @@ class EventStore:
         self._resend_after = resend_after
         self._max_in_flight = max_in_flight
         self._max_event_bytes = max_event_bytes
+        self._lease = lease
+        #: The writer epochs along the stream, for the startup replay to admit each event through (see `recover`).
+        self.fence = EpochFence()
         self._heads: dict[str, str] = {}
         self._stored: dict[str, StoredHead] = {}
         # For each job with stored events that no snapshot holds yet, the sequence of the first of them.
@@ -233,6 +261,7 @@ class EventStore:
         self._wal.ack(self._found)
         missing: list[Sealed] = []
         keys = self._keyring.keys
+        fenced: list[str] = []
         for entry in pending:
             if entry.id in self._found:
                 continue
@@ -240,6 +269,19 @@ class EventStore:
                 envelope = open_event(entry.wire, keys)
             except ValueError as e:
                 raise StoreError(f"write-ahead log entry {entry.id} does not open: {e}", id=entry.id) from e
+            try:
+                self.fence.admit(envelope)
+            except InvalidEvent as e:
+                # Written here after another numerusd took the lease over: every reader would refuse it.
+                log.error(
+                    "write-ahead log entry %s (%s of job %s) not published: %s",
+                    entry.id,
+                    envelope.type,
+                    envelope.job,
+                    e,
+                )
+                fenced.append(entry.id)
+                continue
             if envelope.prev != self._heads.get(envelope.job, ""):
                 # Stream and WAL disagree on this job's chain (an event missing before stored ones): an
                 # auditor will flag it; we republish anyway rather than lose the event.
@@ -248,6 +290,7 @@ class EventStore:
             missing.append(Sealed(envelope, entry.wire, entry_digest))
         self._recovering = set()
         self._found = set()
+        self._wal.ack(fenced)
         if pending:
             await self._wal.sync()
         await self._start()
@@ -342,6 +385,8 @@ class EventStore:
         """
         if not self._started or self._closed:
             raise StoreError("the event store is not running (recover() first, or it was closed)")
+        if self._lease is not None and not self._lease.may_append():
+            raise StoreError("this numerusd no longer holds the lease of the stream: it appends nothing more")
         loop = asyncio.get_running_loop()
         if not events:
             done = loop.create_future()
@@ -351,6 +396,7 @@ class EventStore:
         kid = self._keyring.current_kid
         key = self._keyring.current_key
         actor = self._actor
+        epoch = self._lease.epoch if self._lease is not None else 0
         prev = self._heads.get(job, "")
         sealed: list[Sealed] = []
         cap = self.payload_cap()
@@ -362,6 +408,7 @@ class EventStore:
                 task=task,
                 time=now,
                 actor=actor,
+                epoch=epoch,
                 correlation_id=correlation_id,
                 causation_id=causation_id,
                 prev=prev,
@@ -439,6 +486,11 @@ class EventStore:
     def stored_head(self, job: str) -> StoredHead | None:
         """The last event of `job` the stream is known to hold, if any."""
         return self._stored.get(job)
+
+    @property
+    def epoch(self) -> int:
+        """The highest writer epoch of the stream as this store knows it: seen along the stream, or its own."""
+        return max(self.fence.highest, self._lease.epoch if self._lease is not None else 0)
 
     def stable_position(self) -> int:
         """A stream sequence up to which every event of ours is known stored: below anything still in flight
@@ -523,7 +575,10 @@ class EventStore:
                 await asyncio.sleep(0)  # let the acks of this burst in
 
     async def _publish(self, entries: list[WalEntry]) -> bool:
-        """Publish events with `Nats-Msg-Id` and our reply subject; False if the connection failed."""
+        """Publish events with `Nats-Msg-Id` and our reply subject; False if the connection failed, or if the lease
+        is not proven (they are sent again, in order, once it is)."""
+        if self._lease is not None and not self._lease.may_publish():
+            return False
         nc = self._nc
         try:
             if self._lean:

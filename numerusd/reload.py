@@ -7,9 +7,9 @@ its flags) and taken whole, or not at all:
   replans and timeouts (the defaults of the jobs submitted from then on: a job keeps the settings it started
   with), and the limits `max_request_bytes`, `kill_grace_s`, `log_chunk_bytes` and `log_flush_ms`;
 - refused (`RESTART_ONLY`): where the state and the keys are, which NATS server and login, what streams and the
-  event store were made with (`replicas`, `max_event_bytes`, `dlq_max_bytes`), when snapshots are written, and
-  where metrics, logs and spans go (`metrics_address`, `log_format`, `otel_endpoint`): a reload that changes one
-  of them changes nothing, and the log says which and why, in one line;
+  event store were made with (`replicas`, `max_event_bytes`, `dlq_max_bytes`, `lease_ttl_s`), when snapshots are
+  written, and where metrics, logs and spans go (`metrics_address`, `log_format`, `otel_endpoint`): a reload that
+  changes one of them changes nothing, and the log says which and why, in one line;
 - a file that does not load (bad TOML, a bad value, an unknown profile) changes nothing either: one line in the
   log, the daemon serving on as before. So does a profile that brings a secret the daemon's redaction does not
   know yet (a restart takes it), or a sandboxed profile when bwrap cannot run.
@@ -54,6 +54,7 @@ RESTART_ONLY = (
     "metrics_address",  # the endpoint, the log handler and the span exporter are set up once, at start
     "log_format",
     "otel_endpoint",
+    "lease_ttl_s",
 )
 #: Every other setting is taken by a reload.
 LIVE = tuple(f.name for f in msgspec.structs.fields(Settings) if f.name not in RESTART_ONLY)

@@ -3,9 +3,9 @@
 Jobs are restored from their snapshots (`numerusd.snapshots`), then the stream's tail, after the checkpoint's
 position, is folded over them; an event there that its job's snapshot already holds is passed over. Each other
 event is checked as the auditor and the projector check it: its signature, its subject, its id not seen before,
-and that it extends its job's chain; one that does not is skipped, so `status` after a restart equals a rebuild
-whatever was republished onto the stream. Last, what the WAL holds that the stream does not is republished and
-folded (`EventStore.recover`).
+its writer's epoch (not below one seen before it: `EpochFence`), and that it extends its job's chain; one that
+does not is skipped, so `status` after a restart equals a rebuild whatever was republished onto the stream.
+Last, what the WAL holds that the stream does not is republished and folded (`EventStore.recover`).
 
 A long tail is read by a child process (`stream_pump`), as a rebuild reads it: this process only verifies and
 folds, on the other core.
@@ -47,6 +47,7 @@ async def replay(
         book.restore(snapshot.state)
         store.restore(snapshot.job, snapshot.head)
     restored = {job: snapshot.head.seq for job, snapshot in loaded.jobs.items()}
+    store.fence.highest = max(store.fence.highest, loaded.epoch)  # what the snapshots hold, as if read
     start = loaded.position + 1
     if (last := await last_sequence(js, EVENTS)) - loaded.position >= PUMPED_REPLAY_FROM:
         log.debug("replaying %d events read by a child process", last - loaded.position)
@@ -68,6 +69,7 @@ async def replay(
                     raise InvalidEvent("wrong_subject", f"event {event.id} belongs on {event.subject}")
                 if event.id in seen:
                     raise InvalidEvent("duplicate", f"event {event.id} was folded before")
+                store.fence.admit(event)  # written by a numerusd that had lost its lease: stale_epoch
                 if event.prev != store.chain_head(event.job):
                     raise InvalidEvent("broken_chain", f"event {event.id} does not follow its job's last event")
                 book.fold(event)

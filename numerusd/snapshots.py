@@ -72,10 +72,12 @@ class JobSnapshot(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class Checkpoint(msgspec.Struct, frozen=True, kw_only=True):
-    """Every event at or below `position` is held by its job's snapshot; `jobs` snapshots exist."""
+    """Every event at or below `position` is held by its job's snapshot; `jobs` snapshots exist; no event there
+    was written under an epoch above `epoch` (a replay from here refuses events of a lower one: `EpochFence`)."""
 
     position: int
     jobs: int
+    epoch: int = 0
     written: datetime
 
 
@@ -152,6 +154,8 @@ class Loaded:
 
     position: int = 0
     jobs: dict[str, JobSnapshot] = field(default_factory=dict)
+    #: The highest writer epoch of the events the snapshots hold.
+    epoch: int = 0
     #: Why the whole stream is replayed, when it is although snapshots were there.
     ignored: str | None = None
 
@@ -181,7 +185,7 @@ async def load(nc: Client, js: JetStreamContext, keys: dict[str, bytes]) -> Load
     except InvalidSnapshot as e:
         log.warning("snapshots not used, the whole stream is replayed: %s", e)
         return Loaded(ignored=str(e))
-    return Loaded(position=checkpoint.position, jobs=jobs)
+    return Loaded(position=checkpoint.position, jobs=jobs, epoch=checkpoint.epoch)
 
 
 @dataclass
@@ -287,7 +291,9 @@ class Snapshotter:
             if pending:
                 position = min(position, min(pending.values()) - 1)
             await store.sync_acks()
-            checkpoint = Checkpoint(position=position, jobs=len(self._known), written=datetime.now(UTC))
+            checkpoint = Checkpoint(
+                position=position, jobs=len(self._known), epoch=store.epoch, written=datetime.now(UTC)
+            )
             with jetstream_errors("write the snapshots' checkpoint"):
                 await self._js.publish(CHECKPOINT, seal_snapshot(checkpoint, self._keyring), stream=SNAPSHOTS)
             self._position = position

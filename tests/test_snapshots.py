@@ -51,7 +51,7 @@ from numerusd.event_store import EventStore
 from numerusd.keys import Keyring
 from numerusd.locks import claim_locks
 from numerusd.protocol.claims import Claim, ClaimedPath
-from numerusd.protocol.events import TokensUsed
+from numerusd.protocol.events import JobPaused, TokensUsed
 from numerusd.protocol.plan import Plan, PlannedTask
 from numerusd.protocol.subjects import CHECKPOINT, EVENTS, SNAPSHOTS, job_snapshot
 from numerusd.replay import replay
@@ -138,13 +138,33 @@ class History:
     position: int
 
 
+class Held:
+    """A lease held under `epoch`, as the store sees numerusd.lease.Lease."""
+
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def may_append(self) -> bool:
+        return True
+
+    def may_publish(self) -> bool:
+        return True
+
+
 async def walk(
-    nc: Client, keyring: Keyring, wal_path: Path, seed: int, steps: int, checkpoint_every: int, last_checkpoint: bool
+    nc: Client,
+    keyring: Keyring,
+    wal_path: Path,
+    seed: int,
+    steps: int,
+    checkpoint_every: int,
+    last_checkpoint: bool,
+    epoch: int = 0,
 ) -> History:
     """Decide `steps` random messages on a few jobs through a real book and store, with checkpoints in between."""
     rng = random.Random(seed)
     js = nc.jetstream()
-    store = EventStore(nc, js, WriteAheadLog.open(wal_path), keyring)
+    store = EventStore(nc, js, WriteAheadLog.open(wal_path), keyring, lease=Held(epoch) if epoch else None)
     await store.recover()
     book = JobBook(store)
     snapshotter = snapshots.Snapshotter(js, nc, book, store, keyring)
@@ -389,3 +409,37 @@ def test_no_client_login_can_write_or_remove_the_snapshots(tmp_path: Path):
         daemon.start()
         assert "1 jobs: 1 restored from snapshots, 0 events replayed" in daemon.stderr().split("numerusd stopped")[-1]
         assert {job: daemon.status(job) for job in before} == before
+
+
+def test_an_event_of_a_stale_writer_after_the_checkpoint_is_refused_as_by_a_whole_replay(server):
+    """The checkpoint carries the writers' epoch: an event a daemon that lost its lease wrote after it is refused
+    (`stale_epoch`) from the snapshots as from the whole stream, though it extends its job's chain."""
+
+    async def example() -> tuple[History, dict, dict, snapshots.Loaded]:
+        address = address_of(server)
+        nc = await nats.connect(address.url, user=address.user, password=address.password)
+        try:
+            await fresh_streams(nc)
+            keyring = Keyring.generate()
+            with tempfile.TemporaryDirectory() as tmp:
+                wal_path = Path(tmp) / "events.wal"
+                history = await walk(nc, keyring, wal_path, 3, 80, 1000, last_checkpoint=True, epoch=2)
+                stale = EventStore(
+                    nc, nc.jetstream(), WriteAheadLog.open(Path(tmp) / "stale.wal"), keyring, lease=Held(1)
+                )
+                await stale.catch_up()
+                job = sorted(history.live)[0]
+                await stale.append(job, [(None, JobPaused(by="a numerusd that lost its lease"))], correlation_id=job)
+                await stale.flush()
+                await stale.close()
+                whole, _, _ = await restart(nc, address, keyring, wal_path, snapshots.Loaded())
+                loaded = await snapshots.load(nc, nc.jetstream(), keyring.keys)
+                resumed, _, _ = await restart(nc, address, keyring, wal_path, loaded)
+        finally:
+            await nc.close()
+        return history, whole, resumed, loaded
+
+    history, whole, resumed, loaded = asyncio.run(example())
+    assert loaded.epoch == 2 and loaded.jobs
+    assert whole == history.live, "the whole replay folded the stale event"
+    assert resumed == history.live, "the replay from the snapshots folded the stale event"

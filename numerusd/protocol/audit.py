@@ -6,7 +6,8 @@ returns an `AuditReport` listing every problem it can prove, each naming the eve
 
 What it checks, per event: the envelope decodes and its payload fits its type (`malformed`), the key id is known
 (`unknown_key`), the HMAC holds (`bad_signature`), the subject is the one the event's job, task and type give
-(`subject_mismatch`); then across events, per job, that `prev` links every event to the one before it
+(`subject_mismatch`), the writer's epoch is not lower than one seen earlier in the stream (`stale_epoch`: written
+by a daemon that had lost its lease); then across events, per job, that `prev` links every event to the one before it
 (`chain_break`, with a cause: `deleted`, `inserted`, `reordered`, `duplicate`, `invalid_predecessor`,
 `cross_job`), and, when told what to expect, that the job's tail is all there (`truncated`).
 See docs/audit.md for what each means and what cannot be detected.
@@ -19,7 +20,7 @@ from typing import Any
 
 import msgspec
 
-from numerusd.protocol.envelope import InvalidEvent, check_signature, decode_wire, digest
+from numerusd.protocol.envelope import EpochFence, InvalidEvent, check_signature, decode_wire, digest
 from numerusd.protocol.events import EVENT_TYPES
 from numerusd.protocol.subjects import job_event, job_of
 
@@ -30,7 +31,7 @@ TERMINAL_JOB_EVENTS = frozenset({"JobCompleted", "JobFailed", "JobKilled", "JobI
 AFTER_END_EVENTS = frozenset({"JobCleaned", "JobAccepted", "JobDiscarded"})
 
 #: Problem kinds, and the causes a `chain_break` can carry.
-KINDS = ("malformed", "unknown_key", "bad_signature", "subject_mismatch", "chain_break", "truncated")
+KINDS = ("malformed", "unknown_key", "bad_signature", "subject_mismatch", "stale_epoch", "chain_break", "truncated")
 CAUSES = ("deleted", "inserted", "reordered", "duplicate", "invalid_predecessor", "cross_job")
 
 _data_decoders = {name: msgspec.json.Decoder(cls) for name, cls in EVENT_TYPES.items()}
@@ -145,6 +146,7 @@ class Auditor:
         self._last_of_job: dict[str, _Seen] = {}
         self._events = 0
         self._unknown_types = 0
+        self._fence = EpochFence()
 
     def feed(self, seq: int, subject: str, wire: bytes) -> None:
         """Check one event and remember its place in its job's chain."""
@@ -162,6 +164,7 @@ class Auditor:
         self._last_of_job[job] = _Seen(seq, env.id, valid=False)
         try:
             check_signature(wire, self._keys, env.kid)
+            self._fence.admit(env)
         except InvalidEvent as e:
             self._problem(seq, env, e.reason, str(e))
             return

@@ -2,15 +2,23 @@
 
 On the wire an event is one JSON object whose members come in this order:
 
-    id, type, job, task, time, actor, correlation_id, causation_id, traceparent, data, prev, kid, sig
+    id, type, job, task, time, actor, epoch, correlation_id, causation_id, traceparent, data, prev, kid, sig
+
+`sig` is always the last member. The signature is HMAC-SHA256, under the key named by `kid`, of the message
+body with its final `,"sig":"…"` member removed; `prev` is the SHA-256 of the complete body of the previous event
+of the same job (empty for a job's first event). An auditor holding the key can therefore check any event from
+its bytes alone, in any language, without trusting the daemon, and can tell a modified, deleted, inserted or
+reordered event by the chain.
+
+`epoch` is the writer's: the epoch of the lease (numerusd/lease.py) under which the daemon that wrote the event held
+the stream. It is omitted when 0 (events written before leases, or by a store given none), so those events keep
+their bytes and their signatures. Epochs never go down along a stream: an event whose epoch is lower than one
+already seen earlier in the stream was written by a daemon that had lost its lease, and every reader refuses it
+(`EpochFence`, reason `stale_epoch`).
 
 `traceparent` (the W3C trace context of the command that caused the event, `numerusd.tracing`) is there only
 when there is one: an event without it has exactly the bytes events had before the member existed, so events
-written then still verify byte for byte. `sig` is always the last member. The signature is HMAC-SHA256, under
-the key named by `kid`, of the message body with its final `,"sig":"…"` member removed; `prev` is the SHA-256
-of the complete body of the previous event of the same job (empty for a job's first event). An auditor holding
-the key can therefore check any event from its bytes alone, in any language, without trusting the daemon, and
-can tell a modified, deleted, inserted or reordered event by the chain.
+written then still verify byte for byte.
 """
 
 from __future__ import annotations
@@ -38,6 +46,7 @@ class Envelope(msgspec.Struct, frozen=True, kw_only=True):
     task: str | None
     time: datetime
     actor: str
+    epoch: int = 0
     correlation_id: str
     causation_id: str | None
     traceparent: str = ""
@@ -53,8 +62,8 @@ class Envelope(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class _Unsigned(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
-    """The envelope without its signature: exactly the bytes that are signed (`traceparent`, the one member
-    with a default, left out when empty)."""
+    """The envelope without its signature: exactly the bytes that are signed (`epoch` left out when 0,
+    `traceparent` when empty)."""
 
     id: str
     type: str
@@ -62,6 +71,7 @@ class _Unsigned(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     task: str | None
     time: datetime
     actor: str
+    epoch: int = 0
     correlation_id: str
     causation_id: str | None
     traceparent: str = ""
@@ -79,6 +89,7 @@ class WireEnvelope(msgspec.Struct, frozen=True, kw_only=True):
     task: str | None
     time: datetime
     actor: str
+    epoch: int = 0
     correlation_id: str
     causation_id: str | None
     traceparent: str = ""
@@ -109,6 +120,32 @@ class InvalidEvent(ValueError):
         self.reason = reason
 
 
+class EpochFence:
+    """The highest writer epoch seen so far along one stream, and the refusal of an event written under a lower one.
+
+    Every reader of the stream (the daemon's replay, the views, the auditor) keeps one and passes it each event
+    whose signature holds, in stream order: an event of a daemon that went on writing after another took the
+    lease from it is refused with reason `stale_epoch`. A reader that starts part-way (from a snapshot) starts
+    the fence at the highest epoch folded into what it starts from.
+    """
+
+    __slots__ = ("highest",)
+
+    def __init__(self, highest: int = 0) -> None:
+        self.highest = highest
+
+    def admit(self, event: WireEnvelope | Envelope) -> None:
+        """Raise InvalidEvent(`stale_epoch`) if `event` was written under an epoch lower than one seen before it;
+        otherwise take note of its epoch."""
+        if event.epoch < self.highest:
+            raise InvalidEvent(
+                "stale_epoch",
+                f"event {event.id} was written under epoch {event.epoch}, after epoch {self.highest} had begun: "
+                "by a numerusd that had lost its lease",
+            )
+        self.highest = event.epoch
+
+
 _encoder = msgspec.json.Encoder(order="deterministic")
 _wire_decoder = msgspec.json.Decoder(WireEnvelope)
 _data_decoders = {name: msgspec.json.Decoder(cls) for name, cls in EVENT_TYPES.items()}
@@ -122,6 +159,7 @@ def seal(
     task: str | None,
     time: datetime,
     actor: str,
+    epoch: int = 0,
     correlation_id: str,
     causation_id: str | None,
     prev: str,
@@ -140,6 +178,7 @@ def seal(
         task=task,
         time=time,
         actor=actor,
+        epoch=epoch,
         correlation_id=correlation_id,
         causation_id=causation_id,
         traceparent=traceparent,
@@ -157,6 +196,7 @@ def seal(
         task=task,
         time=time,
         actor=actor,
+        epoch=epoch,
         correlation_id=correlation_id,
         causation_id=causation_id,
         traceparent=traceparent,
@@ -243,6 +283,7 @@ def typed(raw: WireEnvelope) -> Envelope:
         task=raw.task,
         time=raw.time,
         actor=raw.actor,
+        epoch=raw.epoch,
         correlation_id=raw.correlation_id,
         causation_id=raw.causation_id,
         traceparent=raw.traceparent,

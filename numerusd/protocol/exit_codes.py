@@ -17,11 +17,12 @@ class DaemonExit(IntEnum):
 
     #: Stopped cleanly (SIGINT, SIGTERM) or the command finished.
     OK = 0
-    #: EX_UNAVAILABLE: NATS cannot be reached, started or used, or the server is too old.
+    #: EX_UNAVAILABLE: NATS cannot be reached, started or used, or the server is too old; or the lease of the
+    #: stream passed to another numerusd while this one held it (a restart with --standby stands by again).
     UNAVAILABLE = 69
     #: EX_SOFTWARE: an internal error (see the log).
     SOFTWARE = 70
-    #: EX_TEMPFAIL: another numerusd holds the state directory.
+    #: EX_TEMPFAIL: another numerusd holds the state directory, or the lease of the stream (without --standby).
     LOCKED = 75
     #: EX_CONFIG: a setting, flag or configuration file is wrong.
     CONFIG = 78

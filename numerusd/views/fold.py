@@ -1,7 +1,8 @@
 """Opening and folding a batch of stream messages in memory, with what is refused and why.
 
 Each message is decoded and verified once (`open_messages`); an event that does not open (forged, bad signature,
-unknown key or type, malformed) or that arrives on a subject other than its own is not folded. `fold_events`
+unknown key or type, malformed), that arrives on a subject other than its own, or that was written under a lower
+epoch than one before it (`stale_epoch`: by a daemon that had lost its lease) is not folded. `fold_events`
 evolves each job through its events with the same `domain.evolve` the daemon uses, and refuses an event id seen
 before and an event `evolve` refuses. No I/O here: the projector reads job states before and writes rows after.
 """
@@ -15,7 +16,7 @@ from typing import Any
 import msgspec
 
 from numerusd.domain import JobState, evolve_untyped
-from numerusd.protocol.envelope import InvalidEvent, WireEnvelope, open_untyped
+from numerusd.protocol.envelope import EpochFence, InvalidEvent, WireEnvelope, open_untyped
 from numerusd.views.rows import utc_text
 
 log = logging.getLogger(__name__)
@@ -38,13 +39,17 @@ class Rejected(msgspec.Struct, frozen=True):
     wire: bytes
 
 
-def open_messages(batch: Sequence[Message], keys: dict[str, bytes], rejected: list[Rejected]) -> Iterator[Opened]:
+def open_messages(
+    batch: Sequence[Message], keys: dict[str, bytes], rejected: list[Rejected], fence: EpochFence
+) -> Iterator[Opened]:
     """Decode and verify each message once, its payload left for `fold_events` to type (the views need the
-    payloads of a few events only); a message that does not open is appended to `rejected`, not yielded."""
+    payloads of a few events only); a message that does not open is appended to `rejected`, not yielded. `fence`
+    follows the writer epochs along the stream: messages must come in stream order."""
     for message in batch:
         seq, subject, wire = message[0], message[1], message[2]  # a Message, or the reader's StreamMessage
         try:
             event = open_untyped(wire, keys)
+            fence.admit(event)
         except InvalidEvent as e:
             rejected.append(Rejected(seq, subject, e.reason, str(e), wire))
             continue

@@ -36,6 +36,7 @@ from numerusd.domain import JobState
 from numerusd.errors import StoreError
 from numerusd.protocol import subjects
 from numerusd.protocol.commands import JOB_DONE
+from numerusd.protocol.envelope import EpochFence
 from numerusd.stream_reader import StreamMessage, read_stream
 from numerusd.views import schema
 from numerusd.views.database import ViewsDatabase, translated
@@ -85,6 +86,7 @@ class _Prepared(NamedTuple):
     """A batch folded in memory, ready to be committed."""
 
     last_seq: int
+    epoch: int  # the highest writer epoch seen up to `last_seq`, stored with it
     work: dict[str, JobState]  # the jobs the batch changed, as it leaves them
     before: dict[str, JobState | None]  # the same jobs before the batch
     flush: dict[str, JobState]  # bulk loads: jobs leaving the cache, whose rows must be written now
@@ -111,6 +113,7 @@ class Projector:
         self._db: ViewsDatabase | None = None
         self._position = 0
         self._head = 0  # the last seq folded into the cache: ahead of `_position` while a commit is in flight
+        self._fence = EpochFence()  # writer epochs up to `_head`: stale events are refused (views.fold)
         self._lock = asyncio.Lock()
         # Job states by id, least recently changed first. While `_complete` is true the cache holds every job
         # in the file (it started empty and nothing was evicted), so a job missing from it does not exist and
@@ -146,6 +149,7 @@ class Projector:
         self._bulk = bulk
         self._inserts = tuple(insert.fitted(found.max_params) for insert in INSERTS)
         self._position = self._head = found.position
+        self._fence = EpochFence(found.epoch)
         self._complete = found.empty
         return self
 
@@ -156,7 +160,7 @@ class Projector:
         async with self._lock:
             dirty = {job: self._cache[job] for job in self._dirty}
             with translated("finish the rebuild", self.path):
-                await self._write(_Prepared(self._position, {}, {}, dirty, [], [], False))
+                await self._write(_Prepared(self._position, self._fence.highest, {}, {}, dirty, [], [], False))
                 await self._database.run(schema.finish_bulk)
             self._dirty.clear()
             self._bulk = False
@@ -184,6 +188,7 @@ class Projector:
         with translated("drop the views", self.path):
             await self._database.run(schema.empty_views, bulk=self._bulk)
         self._position = self._head = 0
+        self._fence = EpochFence()
         self._cache.clear()
         self._dirty.clear()
         self._complete = True
@@ -238,8 +243,9 @@ class Projector:
         """
         if self._stale:
             with translated("read the position", self.path):
-                [(position,)] = await self._database.fetchall("SELECT seq FROM position")
+                [(position, epoch)] = await self._database.fetchall("SELECT seq, epoch FROM position")
             self._position = self._head = position
+            self._fence = EpochFence(epoch)
             self._stale = False
         head = self._head
         if batch and batch[0][0] <= head:
@@ -257,12 +263,13 @@ class Projector:
             # Every job is in the cache (a replay into a fresh file): each event is folded as soon as it is
             # opened, and dropped, instead of a batch of them being held (and scanned by the GC) in between.
             for start in range(0, len(batch), _SLICE):
-                fold(open_messages(batch[start : start + _SLICE], keys, rejected), known=known, rejected=rejected)
+                opening = open_messages(batch[start : start + _SLICE], keys, rejected, self._fence)
+                fold(opening, known=known, rejected=rejected)
                 await asyncio.sleep(0)
         else:
             opened: list[Opened] = []
             for start in range(0, len(batch), _SLICE):
-                opened.extend(open_messages(batch[start : start + _SLICE], keys, rejected))
+                opened.extend(open_messages(batch[start : start + _SLICE], keys, rejected, self._fence))
                 await asyncio.sleep(0)
             before.update(await self._load_missing({event.job for _, _, _, event in opened}))
             if careful:
@@ -275,7 +282,7 @@ class Projector:
         # Cached before the commit so that the next batch can be folded while this one is being written; a
         # failed commit forgets the whole cache (`_reset`).
         flush = self._remember(work)
-        return _Prepared(batch[-1][0], work, before, flush, event_rows, rejected, careful)
+        return _Prepared(batch[-1][0], self._fence.highest, work, before, flush, event_rows, rejected, careful)
 
     async def _load_missing(self, jobs: set[str]) -> dict[str, JobState | None]:
         """The state of each job at the start of the batch (None for a job not seen yet)."""
@@ -348,7 +355,7 @@ class Projector:
         statements: Statements = [
             pair for insert, rows in zip(self._inserts, tables, strict=True) for pair in insert.statements(rows)
         ]
-        await self._database.run(write_batch, statements, prepared.last_seq)
+        await self._database.run(write_batch, statements, prepared.last_seq, prepared.epoch)
 
     def _reset(self) -> None:
         self._cache.clear()

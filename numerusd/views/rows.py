@@ -158,13 +158,14 @@ INSERTS = (
 )
 
 
-def write_batch(conn: sqlite3.Connection, statements: Statements, last_seq: int) -> None:
-    """In the database's thread: a batch's rows and its position, in one transaction (rolled back on failure)."""
+def write_batch(conn: sqlite3.Connection, statements: Statements, last_seq: int, epoch: int) -> None:
+    """In the database's thread: a batch's rows and its position (with the highest writer epoch seen up to it), in
+    one transaction (rolled back on failure)."""
     # The sqlite3 module opens the transaction itself before the first insert (legacy transaction control).
     try:
         for statement, params in statements:
             conn.executemany(statement, params)
-        conn.execute(SET_POSITION, (last_seq,))
+        conn.execute(SET_POSITION, (last_seq, epoch))
         conn.commit()
     except BaseException:
         conn.rollback()

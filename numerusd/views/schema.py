@@ -7,7 +7,7 @@ Tables (times are UTC, `YYYY-MM-DDTHH:MM:SS.ffffffZ`, so they sort as text):
               input_tokens, cached_input_tokens, output_tokens, log_path, started, ended
     events    seq PK, id UNIQUE, job, task, type, time, subject       -- by (job, seq), (type, seq), (time)
     rejected  seq PK, subject, reason, message
-    position  one row: seq, the last stream sequence applied
+    position  one row: seq, the last stream sequence applied; epoch, the highest writer epoch seen up to it
 
 The file's `user_version` fingerprints the tables and the shape of JobState: after an upgrade that changes either,
 the views are dropped on open and rebuilt from the stream. A bulk load stamps the file 0 until it is finished, so a
@@ -30,7 +30,7 @@ from numerusd.domain import JobState
 log = logging.getLogger(__name__)
 
 #: Bumped whenever a table changes shape.
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 
 def _file_version() -> int:
@@ -67,9 +67,9 @@ CREATE TABLE IF NOT EXISTS rejected (
     seq INTEGER PRIMARY KEY, subject TEXT NOT NULL, reason TEXT NOT NULL, message TEXT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS position (
-    singleton INTEGER PRIMARY KEY CHECK (singleton = 1), seq INTEGER NOT NULL
+    singleton INTEGER PRIMARY KEY CHECK (singleton = 1), seq INTEGER NOT NULL, epoch INTEGER NOT NULL
 );
-INSERT OR IGNORE INTO position (singleton, seq) VALUES (1, 0);
+INSERT OR IGNORE INTO position (singleton, seq, epoch) VALUES (1, 0, 0);
 """
 
 # Secondary indexes: a bulk load builds them once its rows are in, rather than keeping them up row by row.
@@ -80,13 +80,15 @@ CREATE INDEX IF NOT EXISTS events_type ON events (type, seq);
 CREATE INDEX IF NOT EXISTS events_time ON events (time);
 """
 
-SET_POSITION = "UPDATE position SET seq = ? WHERE singleton = 1"
+SET_POSITION = "UPDATE position SET seq = ?, epoch = ? WHERE singleton = 1"
 
 
 class FileInfo(NamedTuple):
-    """What `open_views` found: the stored position, whether the jobs table is empty, SQLite's parameter limit."""
+    """What `open_views` found: the stored position and the highest writer epoch seen up to it, whether the jobs
+    table is empty, SQLite's parameter limit."""
 
     position: int
+    epoch: int
     empty: bool
     max_params: int
 
@@ -119,9 +121,9 @@ def open_views(conn: sqlite3.Connection, path: Path, *, bulk: bool) -> FileInfo:
             )
         _drop_tables(conn)
     _create(conn, bulk=bulk)
-    position = conn.execute("SELECT seq FROM position").fetchone()[0]
+    position, epoch = conn.execute("SELECT seq, epoch FROM position").fetchone()
     empty = conn.execute("SELECT count(*) FROM jobs").fetchone()[0] == 0
-    return FileInfo(position, empty, max_params)
+    return FileInfo(position, epoch, empty, max_params)
 
 
 def empty_views(conn: sqlite3.Connection, *, bulk: bool) -> None:
