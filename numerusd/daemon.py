@@ -30,7 +30,6 @@ from typing import TYPE_CHECKING, Any
 import nats
 from nats.aio.client import Client
 from nats.js import JetStreamContext
-from nats.micro.service import Service
 
 from numerusd import domain, git, sandbox, state_lock
 from numerusd.agent_input import listen_for_input
@@ -53,7 +52,7 @@ from numerusd.protocol.subjects import EVENTS
 from numerusd.redaction import Redactor, known_secrets
 from numerusd.runner import Runner
 from numerusd.schemas import agent_output_schemas
-from numerusd.service import start_service
+from numerusd.service import CommandService, start_service
 from numerusd.stream_pump import head_started_stream
 from numerusd.stream_reader import last_sequence, read_stream
 from numerusd.streams import check_server_version, ensure_streams, stream_specs
@@ -102,7 +101,7 @@ class Daemon:
         self.dead_letters: DeadLetters | None = None
         self._background: set[asyncio.Task[None]] = set()
         self._lock_file: int | None = None
-        self._service: Service | None = None
+        self._service: CommandService | None = None
         self._projector_task: asyncio.Task[None] | None = None
         self._wrote_connection = False
 

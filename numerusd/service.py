@@ -6,6 +6,12 @@ that does not decode gets a reply naming the bad path (`$.goal`); both are also 
 is logged with its traceback and answered "internal error, see the daemon log, id=…": no raw exception ever
 reaches the wire.
 
+Requests are answered side by side: each is handled in a task of its own, so a `status` or a `run` never waits
+for another client's `run` (its git calls, its fsync) to finish. Each verb has at most `MAX_IN_FLIGHT` requests
+under way; while it has that many, its further requests wait their turn in the subscription (a client flooding one
+verb takes its slots, not the daemon's loop, nor other verbs'). The verbs that change the user's repository or the
+worktrees (`ONE_AT_A_TIME`) are still handled one at a time, in the order they came.
+
 Every reply fits the server's max_payload: one that would not has its longest strings cut with a mark (lists are
 paged by their handlers: `events` by bytes as well as count); one that still does not fit, or fails to send, is
 logged with the request's subject and size and answered with a small `reply_too_large` error instead.
@@ -13,6 +19,7 @@ logged with the request's subject and size and answered with a small `reply_too_
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 from collections.abc import Awaitable, Callable
@@ -36,6 +43,11 @@ from numerusd.protocol.connection import USER_HEADER, asker
 from numerusd.protocol.ids import new_ulid
 
 log = logging.getLogger(__name__)
+
+#: Requests of one verb handled at once; more wait in the subscription until one is answered.
+MAX_IN_FLIGHT = 64
+#: Verbs handled one at a time: two of them at once could move the same branch or remove the same worktree.
+ONE_AT_A_TIME = frozenset({"accept", "discard", "clean"})
 
 #: Room kept under the server's max_payload for a reply's headers.
 _REPLY_HEADROOM = 4096
@@ -62,18 +74,64 @@ def decode_request(verb: str, data: bytes | None) -> commands.Request:
         raise BadRequest(one_line(f"bad {verb} request: {e}")) from e
 
 
-async def start_service(nc: Client, context: Context, dead_letters: DeadLetters) -> Service:
+class CommandService:
+    """The `numerus` micro service and the requests it is answering; `stop()` ends both."""
+
+    def __init__(self, service: Service) -> None:
+        self.service = service
+        #: The requests under way, each in its own task.
+        self.answering: set[asyncio.Task[None]] = set()
+
+    def answer(self, verb: str, work: Awaitable[None], slots: asyncio.Semaphore) -> None:
+        """Run `work` (the handling of one request, holding one of its verb's `slots`) in a task of its own."""
+        task = asyncio.ensure_future(work)
+        task.set_name(f"numerus.cmd.{verb}")
+        self.answering.add(task)
+
+        def done(task: asyncio.Task[None]) -> None:
+            self.answering.discard(task)
+            slots.release()
+
+        task.add_done_callback(done)
+
+    async def stop(self) -> None:
+        """Take no more requests, then stop those under way (as the micro service stopped its handlers before)."""
+        await self.service.stop()
+        for task in list(self.answering):
+            task.cancel()
+        await asyncio.gather(*self.answering, return_exceptions=True)
+
+
+async def start_service(nc: Client, context: Context, dead_letters: DeadLetters) -> CommandService:
     """Register one endpoint per verb on `numerus.cmd.<verb>`, each calling its handler with `context`."""
-    service = await add_service(
-        nc,
-        name="numerus",
-        version=__version__,
-        description="Numerus daemon: runs coding agents on a goal, every state change an event",
+    service = CommandService(
+        await add_service(
+            nc,
+            name="numerus",
+            version=__version__,
+            description="Numerus daemon: runs coding agents on a goal, every state change an event",
+        )
     )
     for verb, handler in HANDLERS.items():
         endpoint = _endpoint(nc, context, dead_letters, verb, handler)
-        await service.add_endpoint(name=verb, subject=subjects.command(verb), handler=endpoint)
+        await service.service.add_endpoint(
+            name=verb, subject=subjects.command(verb), handler=_side_by_side(service, verb, endpoint)
+        )
     return service
+
+
+def _side_by_side(
+    service: CommandService, verb: str, endpoint: Callable[[Request], Awaitable[None]]
+) -> Callable[[Request], Awaitable[None]]:
+    """What the subscription of `verb` calls for each request: it returns once the request is under way in its own
+    task, waiting first while the verb has all its requests under way (the rest then queue in NATS)."""
+    slots = asyncio.Semaphore(1 if verb in ONE_AT_A_TIME else MAX_IN_FLIGHT)
+
+    async def take(request: Request) -> None:
+        await slots.acquire()
+        service.answer(verb, endpoint(request), slots)
+
+    return take
 
 
 def reply_limit(nc: Client) -> int:
