@@ -38,14 +38,18 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import nats
 from _common import BIN, git_repo, percentile, report, scripted_state, start_numerusd, stop_numerusd
 from bench_pipeline import scenario
 
 from numerusctl.connection import connect, decode_reply, read_connection_file, request
+from numerusd.embedded_nats import daemon_login
 from numerusd.protocol.commands import JOB_DONE, GetStatus, RunJob, StatusReply
 
 #: Seconds the idle baseline is measured for, once every job has ended.
 IDLE_S = 4.0
+#: The subject of the baseline responder.
+ECHO = "bench.echo"
 #: Pause of the prober between two requests: a client asking about ten times a second per round trip.
 PROBE_PAUSE_S = 0.01
 
@@ -65,14 +69,37 @@ def executor_steps(task_s: float) -> list[dict]:
 # --- the prober (a process of its own) -------------------------------------------------------------------------
 
 
+async def echo(state: Path) -> None:
+    """The baseline: a trivial responder on the daemon's server, a process of its own, until SIGTERM."""
+    stop = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    user, password = daemon_login(state / "nats")  # the bench subject is in no client role's allow list
+    nc = await nats.connect(read_connection_file(state / "connection.json").url, user=user, password=password)
+
+    async def respond(msg: nats.aio.msg.Msg) -> None:
+        await msg.respond(b"{}")
+
+    await nc.subscribe(ECHO, cb=respond)
+    await nc.flush()
+    (state / "echo.ready").write_text("")
+    await stop.wait()
+    await nc.close()
+
+
 async def probe(state: Path, out: Path) -> None:
-    """Ask `status` and `status JOB` in a loop until SIGTERM; write `[wall time, kind, ms]` rows to `out`."""
+    """Ask `status`, `status JOB` and the echo in a loop until SIGTERM; write `[wall time, kind, ms]` rows to
+    `out`."""
     stop = asyncio.Event()
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
     nc = await connect(read_connection_file(state / "connection.json"), 5)
+    user, password = daemon_login(state / "nats")
+    baseline = await nats.connect(nc.connected_url.geturl(), user=user, password=password)
     rows: list[tuple[float, str, float]] = []
     (out.with_suffix(".ready")).write_text("")
     while not stop.is_set():
+        started = time.perf_counter()
+        await baseline.request(ECHO, b"{}", timeout=10)
+        rows.append((time.time(), "echo", (time.perf_counter() - started) * 1000))
         started = time.perf_counter()
         listed: StatusReply = decode_reply("status", await request(nc, "status", GetStatus(), 10))
         rows.append((time.time(), "list", (time.perf_counter() - started) * 1000))
@@ -82,6 +109,7 @@ async def probe(state: Path, out: Path) -> None:
             rows.append((time.time(), "job", (time.perf_counter() - started) * 1000))
         await asyncio.sleep(PROBE_PAUSE_S)
     await nc.close()
+    await baseline.close()
     out.write_text(json.dumps(rows))
 
 
@@ -153,6 +181,11 @@ def one_round(where: Path, clients: int, task_s: float, plan: bool, processes: b
     state = scripted_state(where, {**scenario(1, steps), "steps": steps}, settings)
     daemon = start_numerusd(state)
     out = where / "probe.json"
+    echoer = subprocess.Popen([sys.executable, __file__, "--echo", str(state)])
+    while not (state / "echo.ready").exists():
+        if echoer.poll() is not None:
+            raise SystemExit(f"the echo responder exited with {echoer.returncode}")
+        time.sleep(0.02)
     prober = subprocess.Popen([sys.executable, __file__, "--probe", str(state), "--out", str(out)])
     try:
         while not out.with_suffix(".ready").exists():
@@ -172,14 +205,17 @@ def one_round(where: Path, clients: int, task_s: float, plan: bool, processes: b
         if prober.wait(30) != 0:
             raise SystemExit(f"the prober exited with {prober.returncode}")
     finally:
-        if prober.poll() is None:
-            prober.kill()
-            prober.wait()
+        for helper in (prober, echoer):
+            if helper.poll() is None:
+                helper.terminate()
+                helper.wait()
         stop_numerusd(daemon)
     rows = json.loads(out.read_text())
     return {
-        "busy": [ms for when, _, ms in rows if started <= when <= ended],
-        "idle": [ms for when, _, ms in rows if when >= idle_from],
+        "busy": [ms for when, kind, ms in rows if started <= when <= ended and kind != "echo"],
+        "idle": [ms for when, kind, ms in rows if when >= idle_from and kind != "echo"],
+        "echo_busy": [ms for when, kind, ms in rows if started <= when <= ended and kind == "echo"],
+        "echo_idle": [ms for when, kind, ms in rows if when >= idle_from and kind == "echo"],
         "submit_s": accepted - started,
         "jobs_s": ended - started,
     }
@@ -188,6 +224,7 @@ def one_round(where: Path, clients: int, task_s: float, plan: bool, processes: b
 def measure(clients: int, rounds: int, task_s: float, plan: bool, processes: bool, keep: Path | None) -> dict:
     busy: list[float] = []
     idle: list[float] = []
+    echo_busy: list[float] = []
     submits: list[float] = []
     jobs: list[float] = []
     for n in range(rounds):
@@ -197,11 +234,13 @@ def measure(clients: int, rounds: int, task_s: float, plan: bool, processes: boo
         print(
             f"round {n + 1} ({'plan' if plan else 'no-plan'}): submit {got['submit_s']:.2f} s, jobs {got['jobs_s']:.1f}"
             f" s, busy p99 {percentile(got['busy'], 99):.1f} ms max {max(got['busy']):.1f} ms"
-            f" ({len(got['busy'])} requests), idle p99 {percentile(got['idle'], 99):.1f} ms",
+            f" ({len(got['busy'])} requests), idle p99 {percentile(got['idle'], 99):.1f} ms; echo busy p99"
+            f" {percentile(got['echo_busy'], 99):.1f} ms idle p99 {percentile(got['echo_idle'], 99):.1f} ms",
             file=sys.stderr,
         )
         busy += got["busy"]
         idle += got["idle"]
+        echo_busy += got["echo_busy"]
         submits.append(got["submit_s"])
         jobs.append(got["jobs_s"])
     return {
@@ -212,6 +251,9 @@ def measure(clients: int, rounds: int, task_s: float, plan: bool, processes: boo
         "idle_p50_ms": round(statistics.median(idle), 2),
         "idle_p99_ms": round(percentile(idle, 99), 2),
         "p99_ratio": round(percentile(busy, 99) / percentile(idle, 99), 2),
+        "echo_busy_p50_ms": round(statistics.median(echo_busy), 2),
+        "echo_busy_p99_ms": round(percentile(echo_busy, 99), 2),
+        "busy_vs_echo_p99": round(percentile(busy, 99) / percentile(echo_busy, 99), 2),
         "submit_all_s": round(statistics.median(submits), 2),
         "submit_max_s": round(max(submits), 2),
         "jobs_s": round(statistics.median(jobs), 1),
@@ -230,7 +272,11 @@ def main() -> None:
     parser.add_argument("--keep", type=Path, help="keep each round's state directory and repositories here")
     parser.add_argument("--probe", type=Path, help=argparse.SUPPRESS)  # the prober process: a state directory
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--echo", type=Path, help=argparse.SUPPRESS)  # the baseline responder: a state directory
     args = parser.parse_args()
+    if args.echo:
+        asyncio.run(echo(args.echo))
+        return
     if args.probe:
         asyncio.run(probe(args.probe, args.out))
         return

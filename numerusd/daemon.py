@@ -174,7 +174,7 @@ class Daemon:
         context = self.context = Context(
             settings=settings, book=book, jobs=runner, history=EventHistory(nc), git_problem=self.git_problem
         )
-        self._service = await start_service(nc, context, self.dead_letters)
+        self._service = await start_service(address, context, self.dead_letters)
         await listen_for_input(nc, book, agents)  # `numerusctl attach`; ends with the connection's drain
         if settings.resume == "auto":
             await self._resume_interrupted()
