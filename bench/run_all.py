@@ -90,6 +90,13 @@ TARGETS = [
         "(issue 15), median of rounds",
     ),
     Target("top", "ratio", "<=", 1.1, "daemon CPU, a 200-task job with `numerusctl top` following it vs without"),
+    Target(
+        "control",
+        "busy_p99_ms",
+        "<=",
+        50.0,
+        "`status` p99 while 20 clients submit planned jobs and the 20 jobs run (issue 16)",
+    ),
 ]
 
 #: Command line of each benchmark: full size, and a quick size for a smoke run.
@@ -108,6 +115,7 @@ BENCHES = {
     "queue": (["bench_queue.py"], ["bench_queue.py", "--jobs", "20"]),
     "restart": (["bench_restart.py"], ["bench_restart.py", "--rounds", "1"]),
     "top": (["bench_top.py"], ["bench_top.py", "--tasks", "40", "--pairs", "1"]),
+    "control": (["bench_control.py"], ["bench_control.py", "--rounds", "1"]),
 }
 
 
@@ -190,6 +198,10 @@ def markdown(results: dict[str, dict], quick: bool) -> str:
         "- `bench/bench_top.py`: the daemon's own CPU seconds from submission to end of a planned job of 200 no-op",
         "  tasks (claims from the plan, review off, parallel 8), with a headless `numerusctl top` following it and",
         "  without, alternating pairs, medians compared.",
+        "- `bench/bench_control.py`: the real `numerusd`; a prober process asks `status` (the list, then the newest",
+        "  job) through numerusctl's connection module in a loop, beside a trivial nats-py responder in a process of",
+        "  its own (the baseline); 20 clients send `run` at once (planned jobs of one task whose executor works 4 s,",
+        "  then `--no-plan` jobs); latencies from the first submission to the last job's end, and idle afterwards.",
         "",
     ]
     return "\n".join(lines)

@@ -8,12 +8,12 @@ reaches the wire.
 
 The service has a thread of its own (`CommandService`), with its own event loop and NATS connection, so that a
 busy daemon (twenty jobs' agents, spawns, git calls and projections on its loop) still reads every request and
-sends every reply at once. `status` is answered on that thread, from the job book as it is (a read of memory:
-no lock, the states are immutable values); every other verb is handled on the daemon's loop, each request in a
-task of its own, so a `run` never waits for another client's `run` (its git calls, its fsync). Each verb has at most
-`MAX_IN_FLIGHT` requests under way; while it has that many, its further requests wait their turn in the
-subscription (a client flooding one verb takes that verb's slots, not other verbs'). The verbs that change the
-user's repository or the worktrees (`ONE_AT_A_TIME`) are handled one at a time, in the order they came.
+sends every reply at once. `status` and `plan` are answered on that thread, from the job book as it is (a read
+of memory: no lock, the states are immutable values); every other verb is handled on the daemon's loop, each
+request in a task of its own, so a `run` never waits for another client's `run` (its git calls, its fsync). Each
+verb has at most `MAX_IN_FLIGHT` requests under way; while it has that many, its further requests wait their turn
+in the subscription (a client flooding one verb takes that verb's slots, not other verbs'). The verbs that change
+the user's repository or the worktrees (`ONE_AT_A_TIME`) are handled one at a time, in the order they came.
 
 Every reply fits the server's max_payload: one that would not has its longest strings cut with a mark (lists are
 paged by their handlers: `events` by bytes as well as count); one that still does not fit, or fails to send, is
@@ -55,8 +55,9 @@ log = logging.getLogger(__name__)
 MAX_IN_FLIGHT = 64
 #: Verbs handled one at a time: two of them at once could move the same branch or remove the same worktree.
 ONE_AT_A_TIME = frozenset({"accept", "discard", "clean"})
-#: Verbs answered on the command thread, from memory, never waiting for the daemon's loop.
-ON_THREAD = frozenset({"status"})
+#: Verbs answered on the command thread, never waiting for the daemon's loop: their handlers read the job book
+#: only (immutable job states), and change nothing.
+ON_THREAD = frozenset({"status", "plan"})
 
 #: A verb's handler (`numerusd.handlers`).
 Handler = Callable[[Context, Any], Awaitable[Any]]
