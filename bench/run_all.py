@@ -100,6 +100,13 @@ TARGETS = [
         "that restart vs the same daemon with only its 10 live jobs (issue 16), median of pairs",
     ),
     Target("snapshot", "rss_mb", "<=", 150.0, "daemon resident memory then, 1M events of history (issue 16)"),
+    Target(
+        "control",
+        "busy_p99_ms",
+        "<=",
+        50.0,
+        "`status` p99 while 20 clients submit planned jobs and the 20 jobs run (issue 16)",
+    ),
 ]
 
 #: Command line of each benchmark: full size, and a quick size for a smoke run.
@@ -119,6 +126,7 @@ BENCHES = {
     "restart": (["bench_restart.py"], ["bench_restart.py", "--rounds", "1"]),
     "top": (["bench_top.py"], ["bench_top.py", "--tasks", "40", "--pairs", "1"]),
     "snapshot": (["bench_snapshot.py"], ["bench_snapshot.py", "--ended", "50", "--per-job", "200", "--rounds", "1"]),
+    "control": (["bench_control.py"], ["bench_control.py", "--rounds", "1"]),
 }
 
 
@@ -204,6 +212,10 @@ def markdown(results: dict[str, dict], quick: bool) -> str:
         "- `bench/bench_snapshot.py`: 1,000 ended jobs of ~1,000 events and 10 under way against the 10 alone; each",
         "  daemon restarted from its snapshots on a nats-server that outlives it (and with its embedded one), timed",
         "  to `status` answered and to the views caught up; VmRSS then.",
+        "- `bench/bench_control.py`: the real `numerusd`; a prober process asks `status` (the list, then the newest",
+        "  job) through numerusctl's connection module in a loop, beside a trivial nats-py responder in a process of",
+        "  its own (the baseline); 20 clients send `run` at once (planned jobs of one task whose executor works 4 s,",
+        "  then `--no-plan` jobs); latencies from the first submission to the last job's end, and idle afterwards.",
         "",
     ]
     return "\n".join(lines)

@@ -58,7 +58,9 @@ class JobBook:
             return self._jobs[max(self._jobs)]  # ULIDs sort by time
         if len(ref) >= MIN_REF:
             wanted = ref.upper()
-            found = [job for job_id, job in self._jobs.items() if job_id.startswith(wanted) or job_id.endswith(wanted)]
+            # Over a copy: `status` looks jobs up from the command thread while the daemon's loop adds them.
+            jobs = list(self._jobs.items())
+            found = [job for job_id, job in jobs if job_id.startswith(wanted) or job_id.endswith(wanted)]
             if len(found) == 1:
                 return found[0]
             if found:

@@ -34,7 +34,6 @@ from typing import TYPE_CHECKING, Any
 import nats
 from nats.aio.client import Client
 from nats.js import JetStreamContext
-from nats.micro.service import Service
 
 from numerusd import domain, git, sandbox, snapshots, state_lock, tracing
 from numerusd.agent_input import listen_for_input
@@ -61,7 +60,7 @@ from numerusd.redaction import Redactor, known_secrets
 from numerusd.replay import replay
 from numerusd.runner import Runner
 from numerusd.schemas import agent_output_schemas
-from numerusd.service import start_service
+from numerusd.service import CommandService, start_service
 from numerusd.stream_reader import last_sequence
 from numerusd.streams import check_server_version, ensure_streams, stream_specs
 from numerusd.supervisor import Agents
@@ -116,7 +115,7 @@ class Daemon:
         self._lease_stop = asyncio.Event()
         self._background: set[asyncio.Task[None]] = set()
         self._lock_file: int | None = None
-        self._service: Service | None = None
+        self._service: CommandService | None = None
         self._projector_task: asyncio.Task[None] | None = None
         self._wrote_connection = False
 
@@ -217,7 +216,7 @@ class Daemon:
         context = self.context = Context(
             settings=settings, book=book, jobs=runner, history=EventHistory(nc), git_problem=self.git_problem
         )
-        self._service = await start_service(nc, context, self.dead_letters)
+        self._service = await start_service(address, context, self.dead_letters)
         await listen_for_input(nc, book, agents)  # `numerusctl attach`; ends with the connection's drain
         if settings.resume == "auto":
             await self._resume_interrupted()
@@ -392,6 +391,9 @@ class Daemon:
             "max_reconnect_attempts": 10,
             "reconnect_time_wait": 0.5,
             "connect_timeout": 5,
+            # A cluster's nodes in the order given: the first that answers, as the command service's connection
+            # does (both on one node; nats-py would pick each at random).
+            "dont_randomize": True,
         }
         try:
             # A cluster's nodes, comma separated: nats-py connects to one and moves to another when it goes down.

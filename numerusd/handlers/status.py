@@ -23,14 +23,18 @@ _encode = msgspec.json.Encoder().encode
 async def handle(context: Context, request: GetStatus) -> StatusReply:
     """Answered from the in-memory fold, so it costs the same with 10 or 100k events in the stream. A list may be
     only one repository's jobs (`repo`, as `run` recorded its path); `total` and `cleanable` then count its own.
-    `queued` counts the daemon's whole queue."""
+    `queued` counts the daemon's whole queue.
+
+    Answered on the command thread (`numerusd.service`) while the daemon's loop changes the book: every figure comes
+    from one copy of it, taken at once (the job states themselves are immutable values)."""
     agents = sorted(context.settings.agents)
-    queue = {job.id: place for place, job in enumerate(domain.queue_order(context.book.jobs.values()), start=1)}
+    every = list(context.book.jobs.values())  # one C call: the loop cannot add a job in the middle of it
+    queue = {job.id: place for place, job in enumerate(domain.queue_order(every), start=1)}
     if request.job is not None:
         job = context.book.job(request.job)
         view = _placed(priced(domain.job_view(job), job, context.settings), queue)
-        return StatusReply(jobs=[view], total=len(context.book.jobs), agents=agents, queued=len(queue))
-    jobs = list(context.book.jobs.values())
+        return StatusReply(jobs=[view], total=len(every), agents=agents, queued=len(queue))
+    jobs = every
     if request.repo is not msgspec.UNSET:
         jobs = [job for job in jobs if job.repo == request.repo]
     older: list[domain.JobState] = jobs
