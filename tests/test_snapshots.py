@@ -10,6 +10,7 @@ import random
 import re
 import signal
 import tempfile
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -222,6 +223,38 @@ async def fresh_streams(nc: Client) -> None:
     await ensure_streams(js, stream_specs())
 
 
+@dataclass
+class Scratch:
+    """Fresh streams on the module's server, a keyring, and a directory for write-ahead logs: one example's bus."""
+
+    nc: Client
+    address: NatsAddress
+    keyring: Keyring
+    tmp: Path
+
+    @property
+    def wal_path(self) -> Path:
+        return self.tmp / "events.wal"
+
+    async def load(self) -> snapshots.Loaded:
+        return await snapshots.load(self.nc, self.nc.jetstream(), self.keyring.keys)
+
+    async def restart(self, loaded: snapshots.Loaded) -> tuple[dict[str, domain.JobState], dict[str, str], int]:
+        return await restart(self.nc, self.address, self.keyring, self.wal_path, loaded)
+
+
+@contextlib.asynccontextmanager
+async def scratch(server: EmbeddedNats) -> AsyncIterator[Scratch]:
+    address = address_of(server)
+    nc = await nats.connect(address.url, user=address.user, password=address.password)
+    try:
+        await fresh_streams(nc)
+        with tempfile.TemporaryDirectory() as tmp:
+            yield Scratch(nc, address, Keyring.generate(), Path(tmp))
+    finally:
+        await nc.close()
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory):
     server = EmbeddedNats(store_dir=tmp_path_factory.mktemp("nats"))
@@ -243,19 +276,11 @@ def address_of(server: EmbeddedNats) -> NatsAddress:
 )
 def test_snapshots_and_tail_give_what_a_whole_replay_gives(server, seed, steps, checkpoint_every, last_checkpoint):
     async def example() -> None:
-        address = address_of(server)
-        nc = await nats.connect(address.url, user=address.user, password=address.password)
-        try:
-            await fresh_streams(nc)
-            keyring = Keyring.generate()
-            with tempfile.TemporaryDirectory() as tmp:
-                wal_path = Path(tmp) / "events.wal"
-                history = await walk(nc, keyring, wal_path, seed, steps, checkpoint_every, last_checkpoint)
-                whole, whole_heads, whole_folded = await restart(nc, address, keyring, wal_path, snapshots.Loaded())
-                loaded = await snapshots.load(nc, nc.jetstream(), keyring.keys)
-                resumed, resumed_heads, tail_folded = await restart(nc, address, keyring, wal_path, loaded)
-        finally:
-            await nc.close()
+        async with scratch(server) as bus:
+            history = await walk(bus.nc, bus.keyring, bus.wal_path, seed, steps, checkpoint_every, last_checkpoint)
+            whole, whole_heads, whole_folded = await bus.restart(snapshots.Loaded())
+            loaded = await bus.load()
+            resumed, resumed_heads, tail_folded = await bus.restart(loaded)
         assert loaded.ignored is None
         assert whole == history.live, "a replay of the whole stream differs from the live jobs"
         assert resumed == whole, "snapshots and tail differ from a replay of the whole stream"
@@ -277,44 +302,36 @@ def test_snapshots_that_cannot_be_trusted_are_not_used(server):
     """Forged, missing, misplaced or out-of-range snapshots make the start replay the whole stream instead."""
 
     async def example() -> list[str | None]:
-        address = address_of(server)
-        nc = await nats.connect(address.url, user=address.user, password=address.password)
-        js = nc.jetstream()
         reasons = []
-        try:
-            await fresh_streams(nc)
-            keyring = Keyring.generate()
-            with tempfile.TemporaryDirectory() as tmp:
-                wal_path = Path(tmp) / "events.wal"
-                history = await walk(nc, keyring, wal_path, 7, 120, 1000, last_checkpoint=True)
-                good = await snapshots.load(nc, js, keyring.keys)
-                assert good.ignored is None and len(good.jobs) == len(history.live) > 1
-                one, other = sorted(good.jobs)[:2]
-                genuine = good.jobs[one]
-                checkpoint = snapshots.Checkpoint(position=good.position, jobs=len(good.jobs), written=T0)
+        async with scratch(server) as bus:
+            js, keyring = bus.nc.jetstream(), bus.keyring
+            history = await walk(bus.nc, keyring, bus.wal_path, 7, 120, 1000, last_checkpoint=True)
+            good = await bus.load()
+            assert good.ignored is None and len(good.jobs) == len(history.live) > 1
+            one, other = sorted(good.jobs)[:2]
+            genuine = good.jobs[one]
+            checkpoint = snapshots.Checkpoint(position=good.position, jobs=len(good.jobs), written=T0)
 
-                async def tampered(subject: str, data: bytes) -> str | None:
-                    await js.publish(subject, data)
-                    loaded = await snapshots.load(nc, js, keyring.keys)
-                    jobs, _, _ = await restart(nc, address, keyring, wal_path, loaded)
-                    assert jobs == history.live  # whatever was tampered with, the jobs are what the events say
-                    return loaded.ignored
+            async def tampered(subject: str, data: bytes) -> str | None:
+                await js.publish(subject, data)
+                loaded = await bus.load()
+                jobs, _, _ = await bus.restart(loaded)
+                assert jobs == history.live  # whatever was tampered with, the jobs are what the events say
+                return loaded.ignored
 
-                stranger = Keyring.generate()
-                reasons.append(await tampered(job_snapshot(one), snapshots.seal_snapshot(genuine, stranger)))
-                forged = snapshots.seal_snapshot(genuine, keyring)
-                reasons.append(await tampered(job_snapshot(one), forged[:-1] + bytes([forged[-1] ^ 1])))
-                await js.publish(job_snapshot(one), snapshots.seal_snapshot(genuine, keyring))
-                reasons.append(await tampered(job_snapshot(other), snapshots.seal_snapshot(genuine, keyring)))
-                await js.publish(job_snapshot(other), snapshots.seal_snapshot(good.jobs[other], keyring))
-                more = snapshots.Checkpoint(position=checkpoint.position, jobs=checkpoint.jobs + 1, written=T0)
-                reasons.append(await tampered(CHECKPOINT, snapshots.seal_snapshot(more, keyring)))
-                beyond = snapshots.Checkpoint(position=10**9, jobs=checkpoint.jobs, written=T0)
-                reasons.append(await tampered(CHECKPOINT, snapshots.seal_snapshot(beyond, keyring)))
-                await js.publish(CHECKPOINT, snapshots.seal_snapshot(checkpoint, keyring))
-                assert (await snapshots.load(nc, js, keyring.keys)).ignored is None  # all put back: used again
-        finally:
-            await nc.close()
+            stranger = Keyring.generate()
+            reasons.append(await tampered(job_snapshot(one), snapshots.seal_snapshot(genuine, stranger)))
+            forged = snapshots.seal_snapshot(genuine, keyring)
+            reasons.append(await tampered(job_snapshot(one), forged[:-1] + bytes([forged[-1] ^ 1])))
+            await js.publish(job_snapshot(one), snapshots.seal_snapshot(genuine, keyring))
+            reasons.append(await tampered(job_snapshot(other), snapshots.seal_snapshot(genuine, keyring)))
+            await js.publish(job_snapshot(other), snapshots.seal_snapshot(good.jobs[other], keyring))
+            more = snapshots.Checkpoint(position=checkpoint.position, jobs=checkpoint.jobs + 1, written=T0)
+            reasons.append(await tampered(CHECKPOINT, snapshots.seal_snapshot(more, keyring)))
+            beyond = snapshots.Checkpoint(position=10**9, jobs=checkpoint.jobs, written=T0)
+            reasons.append(await tampered(CHECKPOINT, snapshots.seal_snapshot(beyond, keyring)))
+            await js.publish(CHECKPOINT, snapshots.seal_snapshot(checkpoint, keyring))
+            assert (await bus.load()).ignored is None  # all put back: used again
         return reasons
 
     reasons = asyncio.run(example())
@@ -416,27 +433,18 @@ def test_an_event_of_a_stale_writer_after_the_checkpoint_is_refused_as_by_a_whol
     (`stale_epoch`) from the snapshots as from the whole stream, though it extends its job's chain."""
 
     async def example() -> tuple[History, dict, dict, snapshots.Loaded]:
-        address = address_of(server)
-        nc = await nats.connect(address.url, user=address.user, password=address.password)
-        try:
-            await fresh_streams(nc)
-            keyring = Keyring.generate()
-            with tempfile.TemporaryDirectory() as tmp:
-                wal_path = Path(tmp) / "events.wal"
-                history = await walk(nc, keyring, wal_path, 3, 80, 1000, last_checkpoint=True, epoch=2)
-                stale = EventStore(
-                    nc, nc.jetstream(), WriteAheadLog.open(Path(tmp) / "stale.wal"), keyring, lease=Held(1)
-                )
-                await stale.catch_up()
-                job = sorted(history.live)[0]
-                await stale.append(job, [(None, JobPaused(by="a numerusd that lost its lease"))], correlation_id=job)
-                await stale.flush()
-                await stale.close()
-                whole, _, _ = await restart(nc, address, keyring, wal_path, snapshots.Loaded())
-                loaded = await snapshots.load(nc, nc.jetstream(), keyring.keys)
-                resumed, _, _ = await restart(nc, address, keyring, wal_path, loaded)
-        finally:
-            await nc.close()
+        async with scratch(server) as bus:
+            history = await walk(bus.nc, bus.keyring, bus.wal_path, 3, 80, 1000, last_checkpoint=True, epoch=2)
+            wal = WriteAheadLog.open(bus.tmp / "stale.wal")
+            stale = EventStore(bus.nc, bus.nc.jetstream(), wal, bus.keyring, lease=Held(1))
+            await stale.catch_up()
+            job = sorted(history.live)[0]
+            await stale.append(job, [(None, JobPaused(by="a numerusd that lost its lease"))], correlation_id=job)
+            await stale.flush()
+            await stale.close()
+            whole, _, _ = await bus.restart(snapshots.Loaded())
+            loaded = await bus.load()
+            resumed, _, _ = await bus.restart(loaded)
         return history, whole, resumed, loaded
 
     history, whole, resumed, loaded = asyncio.run(example())
