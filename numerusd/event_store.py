@@ -105,10 +105,11 @@ class _PubAck(msgspec.Struct):
 
 
 class _Head(msgspec.Struct):
-    """The two envelope members the store needs from a stored event (the rest is skipped, not decoded)."""
+    """The envelope members the store needs from a stored event (the rest is skipped, not decoded)."""
 
     id: str
     job: str
+    epoch: int = 0
 
 
 _decode_ack = msgspec.json.Decoder(_PubAck).decode
@@ -192,6 +193,10 @@ class EventStore:
         self._stored: dict[str, StoredHead] = {}
         # For each job with stored events that no snapshot holds yet, the sequence of the first of them.
         self._unsnapshotted: dict[str, int] = {}
+        # Where the writers' epoch rose along the stream: (the first sequence stored under it, the epoch), in order;
+        # below the first, the epoch the snapshots' checkpoint gave.
+        self._epochs: list[tuple[int, int]] = []
+        self._base_epoch = 0
         # WAL entries left by the previous run, and those of them the replay found in the stream.
         self._recovering = {entry.id for entry in wal.pending()}
         self._found: set[str] = set()
@@ -230,6 +235,7 @@ class EventStore:
             return
         self._heads[head.job] = head_digest = digest(wire)
         self._note_stored(head.job, head.id, seq, head_digest)
+        self._note_epoch(seq, head.epoch)
         if seq > self._acked_seq:
             self._acked_seq = seq
         if head.id in self._recovering:
@@ -239,10 +245,13 @@ class EventStore:
         """Take note of an event in the stream that a snapshot already holds (during the startup replay)."""
         if seq > self._acked_seq:
             self._acked_seq = seq
-        if self._recovering:
-            with contextlib.suppress(msgspec.DecodeError):
-                if (id_ := _decode_head(wire).id) in self._recovering:
-                    self._found.add(id_)
+        try:
+            head = _decode_head(wire)
+        except msgspec.DecodeError:
+            return
+        self._note_epoch(seq, head.epoch)
+        if head.id in self._recovering:
+            self._found.add(head.id)
 
     def restore(self, job: str, head: StoredHead) -> None:
         """Take a job's chain head from its snapshot, before the replay of the stream's tail."""
@@ -487,10 +496,18 @@ class EventStore:
         """The last event of `job` the stream is known to hold, if any."""
         return self._stored.get(job)
 
-    @property
-    def epoch(self) -> int:
-        """The highest writer epoch of the stream as this store knows it: seen along the stream, or its own."""
-        return max(self.fence.highest, self._lease.epoch if self._lease is not None else 0)
+    def epoch_at(self, position: int) -> int:
+        """The writer epoch of the events at or below stream sequence `position`: the highest among them, as far
+        as this store saw them (what a checkpoint at `position` hands the next replay's fence)."""
+        for first_seq, epoch in reversed(self._epochs):
+            if first_seq <= position:
+                return epoch
+        return self._base_epoch
+
+    def restore_epoch(self, epoch: int) -> None:
+        """The epoch of the events the snapshots hold (at or below their checkpoint's position), which the replay
+        does not read."""
+        self._base_epoch = epoch
 
     def stable_position(self) -> int:
         """A stream sequence up to which every event of ours is known stored: below anything still in flight
@@ -515,6 +532,14 @@ class EventStore:
     async def sync_acks(self) -> None:
         """Make the acknowledgements received so far durable in the WAL (a checkpoint relies on them)."""
         await self._wal.sync()
+
+    def _note_epoch(self, seq: int, epoch: int) -> None:
+        epochs = self._epochs
+        if not epochs or epoch > epochs[-1][1]:
+            if epoch > self._base_epoch or epochs:
+                epochs.append((seq, epoch))
+        elif epoch == epochs[-1][1] and seq < epochs[-1][0]:
+            epochs[-1] = (seq, epoch)  # acknowledged out of order: the epoch began earlier
 
     def _note_stored(self, job: str, id_: str, seq: int, head_digest: str) -> None:
         have = self._stored.get(job)
@@ -670,6 +695,7 @@ class EventStore:
         job = job_of(entry.subject)
         if job is not None:
             self._note_stored(job, id_, seq, digest(entry.wire))
+            self._note_epoch(seq, self._lease.epoch if self._lease is not None else 0)
         if acked is None:
             self._wal.ack((id_,))
             if self._outbox:

@@ -48,6 +48,7 @@ async def replay(
         store.restore(snapshot.job, snapshot.head)
     restored = {job: snapshot.head.seq for job, snapshot in loaded.jobs.items()}
     store.fence.highest = max(store.fence.highest, loaded.epoch)  # what the snapshots hold, as if read
+    store.restore_epoch(loaded.epoch)
     start = loaded.position + 1
     if (last := await last_sequence(js, EVENTS)) - loaded.position >= PUMPED_REPLAY_FROM:
         log.debug("replaying %d events read by a child process", last - loaded.position)

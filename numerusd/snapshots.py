@@ -292,7 +292,7 @@ class Snapshotter:
                 position = min(position, min(pending.values()) - 1)
             await store.sync_acks()
             checkpoint = Checkpoint(
-                position=position, jobs=len(self._known), epoch=store.epoch, written=datetime.now(UTC)
+                position=position, jobs=len(self._known), epoch=store.epoch_at(position), written=datetime.now(UTC)
             )
             with jetstream_errors("write the snapshots' checkpoint"):
                 await self._js.publish(CHECKPOINT, seal_snapshot(checkpoint, self._keyring), stream=SNAPSHOTS)
