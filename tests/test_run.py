@@ -8,6 +8,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -172,6 +173,10 @@ async def wait_done(daemon: Daemon, job: str) -> None:
 def test_ctrl_c_in_run_wait_stops_the_waiting_not_the_job(daemon: Daemon, tmp_path: Path):
     repo = git_repo(tmp_path / "repo")
     argv = daemon.ctl_argv("run", "--no-plan", "slow", "--repo", str(repo), "--agent", "slow", "--wait")
+    # Tests started in the background by a shell without job control have SIGINT ignored, and a child inherits
+    # that: the client gets Ctrl-C's default, as a user's terminal gives it.
+    argv = [sys.executable, "-c", "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
+            "os.execv(sys.argv[1], sys.argv[1:])", *argv]  # fmt: skip
     waiting = subprocess.Popen(
         argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, **daemon.env}
     )
