@@ -19,9 +19,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import nats
+import nats.js.errors
 import pytest
 from nats.aio.client import Client
-from nats.js.api import KeyValueConfig
+from nats.js.api import KeyValueConfig, StreamInfo
 
 from numerusd.embedded_nats import find_binary
 from numerusd.errors import NatsUnavailable, StreamMismatch
@@ -427,7 +428,20 @@ async def test_a_planned_job_completes_with_nothing_lost_or_doubled_when_the_dae
                 # numerusd moved to a surviving node, and the stream is led from one of them.
                 assert "reconnected to NATS" in daemon.stderr()
                 assert connected_port(daemon.process.pid, {node.client_port for node in survivors})
-                info = await observer.jetstream().stream_info(EVENTS)
+                # The job may have completed (in memory, its events in the WAL) before the survivors elected the
+                # stream's new leader: until then the stream does not answer, which is a wait, not a failure.
+                led: list[StreamInfo] = []
+
+                async def leader_elected() -> bool:
+                    with contextlib.suppress(nats.errors.TimeoutError, nats.js.errors.ServiceUnavailableError):
+                        info = await observer.jetstream().stream_info(EVENTS)
+                        if info.cluster is not None and info.cluster.leader:
+                            led[:] = [info]
+                            return True
+                    return False
+
+                await eventually(leader_elected, timeout=60, interval=0.2)
+                (info,) = led
                 assert info.config.num_replicas == 3
                 assert info.cluster is not None and info.cluster.leader in {node.name for node in survivors}
 
