@@ -22,6 +22,7 @@ from typing import Any, ClassVar
 
 import msgspec
 from nats.aio.client import Client
+from rich.text import Text
 from textual.app import App, ComposeResult
 from textual.binding import Binding, BindingType
 from textual.containers import Vertical
@@ -81,9 +82,9 @@ class TopApp(App[int]):
     def compose(self) -> ComposeResult:
         with Vertical():
             yield DataTable(id="table", cursor_type="row", zebra_stripes=True)
-            yield Static("select a task to follow its terminal", id="pane-title")
+            yield Static("select a task to follow its terminal", id="pane-title", markup=False)
             yield Log(id="pane", max_lines=5000)
-            yield Static("", id="line")
+            yield Static("", id="line", markup=False)
         yield Footer()
 
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
@@ -156,7 +157,7 @@ class TopApp(App[int]):
             for key, cells in rows.items():
                 for column, (old, new) in zip(self._columns, zip(self._drawn[key], cells, strict=True), strict=True):
                     if old != new:
-                        table.update_cell(key, column, new)
+                        table.update_cell(key, column, Text(new))
             self._drawn = rows
             return
         selected = self._selected_key()
@@ -167,7 +168,7 @@ class TopApp(App[int]):
         else:
             table.clear()
         for key, cells in rows.items():
-            table.add_row(*cells, key=key)
+            table.add_row(*map(Text, cells), key=key)
         self._drawn = rows
         if selected in rows:
             table.move_cursor(row=list(rows).index(selected), scroll=False)

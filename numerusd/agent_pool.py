@@ -61,6 +61,12 @@ class AgentPool:
         """How many agents (of `job_id`, or of every job) wait for a slot."""
         return sum(1 for waiter in self._waiting if job_id is None or waiter.job_id == job_id)
 
+    def resize(self, size: int) -> None:
+        """`max_agents` changed (a reload): more slots are handed out at once; with fewer, agents running finish
+        and no new one starts until the daemon is under the new size."""
+        self.size = size
+        self._hand_out()
+
     def reconsider(self) -> None:
         """A job was paused, let go on, moved in the queue, killed or ended: hand out the free slots again."""
         self._hand_out()

@@ -147,7 +147,7 @@ class Reloader:
 
 def take(daemon: Daemon, new: Settings) -> None:
     """Give `new` to every part that reads settings as it goes: jobs started from now on (the runner), requests
-    (the handlers' context), and the agents' limits. Running jobs keep theirs."""
+    (the handlers' context), the agents' limits, and the daemon's agent slots. Running jobs keep theirs."""
     assert daemon.runner is not None and daemon.context is not None
     daemon.settings = new
     daemon.runner.settings = new
@@ -156,6 +156,7 @@ def take(daemon: Daemon, new: Settings) -> None:
     agents.kill_grace_s = new.kill_grace_s
     agents.chunk_bytes = new.log_chunk_bytes
     agents.flush_s = new.log_flush_ms / 1000
+    daemon.runner.pool.resize(new.max_agents)
 
 
 def _newly_sandboxed(old: Settings, new: Settings) -> list[str]:

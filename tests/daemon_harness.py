@@ -42,6 +42,21 @@ def git(repo: Path, *args: str) -> str:
     return subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True, check=True).stdout
 
 
+def session_members(sid: int) -> list[int]:
+    """The live processes of the session `sid` leads or led (an agent's: numerusd starts each in its own)."""
+    members = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                raw = (entry / "stat").read_bytes()
+            except OSError:
+                continue
+            fields = raw[raw.rfind(b")") + 2 :].split()
+            if int(fields[3]) == sid and fields[0] not in (b"Z", b"X"):
+                members.append(int(entry.name))
+    return members
+
+
 def claim(*paths: tuple[str, str]) -> dict:
     """A claimer's answer: these (path, mode) files, no commands."""
     return {"paths": [{"path": path, "kind": "file", "mode": mode} for path, mode in paths], "commands": []}

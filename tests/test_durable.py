@@ -8,13 +8,12 @@ nothing flushed or cleaned; the next daemon starts without it and resumes the jo
 from __future__ import annotations
 
 import signal
-import subprocess
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import eventually
-from tests.daemon_harness import Daemon, claim, git_repo
+from tests.daemon_harness import Daemon, claim, git, git_repo, session_members
 
 pytestmark = pytest.mark.slow  # real daemons killed mid-job and started again
 
@@ -55,25 +54,6 @@ CONFIG = 'checks = ["test -n \\"$(ls)\\""]\nbackoff_s = [0.2]\n'
 #: Where the daemon dies: a claim arbitrated, a worktree made, an agent running, a check run (mid-gate), a merge
 #: made in git but not recorded.
 FAILPOINTS = ("after-claim", "after-worktree", "agent-running", "after-check", "after-merge")
-
-
-def session_members(sid: int) -> list[int]:
-    """The live processes of the session `sid` leads or led (an agent's: numerusd starts each in its own)."""
-    members = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                raw = (entry / "stat").read_bytes()
-            except OSError:
-                continue
-            fields = raw[raw.rfind(b")") + 2 :].split()
-            if int(fields[3]) == sid and fields[0] not in (b"Z", b"X"):
-                members.append(int(entry.name))
-    return members
-
-
-def git(repo: Path, *args: str) -> str:
-    return subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True, check=True).stdout
 
 
 @pytest.mark.parametrize("failpoint", FAILPOINTS)

@@ -11,7 +11,7 @@ from numerusd import domain
 from numerusd.domain.observations import AttemptFailed, Interrupted, Kill, Resume, Retry, Skip
 from numerusd.errors import CommandRefused, NotFound
 from tests.conftest import eventually
-from tests.daemon_harness import Daemon, claim, git_repo
+from tests.daemon_harness import Daemon, claim, git_repo, session_members
 from tests.test_domain import decide
 from tests.test_domain_pipeline import claimed, planned, start, task, to_merge
 
@@ -240,6 +240,7 @@ async def test_kill_of_one_task_stops_its_agent_and_leaves_the_job_to_end(tmp_pa
             view = await client.wait_for(
                 job, lambda v: any(t["id"] == "slow" and t["pid"] for t in v["tasks"]), timeout=30
             )
+        (slow_pid,) = [t["pid"] for t in view["tasks"] if t["id"] == "slow"]
         killed = daemon.ctl("kill", job, "slow")
         assert killed.returncode == 0, killed.stderr
         assert killed.stdout.strip() == f"task slow of job {job}: stopping slow"
@@ -250,7 +251,7 @@ async def test_kill_of_one_task_stops_its_agent_and_leaves_the_job_to_end(tmp_pa
         events = daemon.events(job)
         (asked,) = [e for e in events if e["type"] == "TaskKillRequested"]
         assert asked["task"] == "slow" and asked["data"]["by"].endswith("(operator)")
-        await eventually(lambda: not any(t["pid"] and t["status"] == "running" for t in view["tasks"]))
+        await eventually(lambda: not session_members(slow_pid))  # the slow agent and all it started are gone
 
 
 async def test_a_task_skipped_or_killed_while_its_claim_is_asked_ends_there_and_the_job_goes_on(tmp_path: Path):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import signal
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -314,6 +315,25 @@ async def test_the_third_job_waits_queued_with_its_position_and_starts_when_a_sl
         await until(client, c, "completed")
         assert (await types(client, c))[:4] == ["JobSubmitted", "TaskCreated", "JobQueued", "JobStarted"]
         assert "JobQueued" not in await types(client, a)  # a job that never waited says nothing of a queue
+
+
+async def test_more_agent_slots_taken_on_sighup_start_the_queued_job_at_once(daemon, tmp_path):
+    async with daemon.client() as client:
+        repos = [git_repo(tmp_path / name) for name in ("a", "b", "c")]
+        a, b = (submit_gated(daemon, repo, repo.name) for repo in repos[:2])
+        await until(client, a, "running")
+        await until(client, b, "running")
+        c = submit_gated(daemon, repos[2], "c")
+        await until(client, c, "queued")
+        toml = daemon.state_dir / "numerus.toml"
+        toml.write_text(toml.read_text().replace("max_agents = 2", "max_agents = 3"))
+        assert daemon.process is not None
+        daemon.process.send_signal(signal.SIGHUP)  # our own daemon, by its pid
+        await until(client, c, "running")  # no slot was freed: the third is the reload's
+        for goal in ("a", "b", "c"):
+            go(daemon, goal)
+        for job in (a, b, c):
+            await until(client, job, "completed")
 
 
 async def test_a_later_job_of_higher_priority_goes_first(daemon, tmp_path):

@@ -22,6 +22,9 @@ from tests.daemon_harness import Daemon, claim, git_repo
 
 pytestmark = pytest.mark.slow  # a real daemon runs a planned job
 
+#: A planner's words are the agent's: Rich markup in a title is shown as written, never read (it crashed the view).
+HOSTILE_TITLE = "Rewrite [/b] F [link=https://evil.invalid]here[/link]"
+
 #: Two tasks on one file: `a` takes it and prints, then builds for long; `b` asks after it and waits for `a`.
 TEAM = {
     "cases": [
@@ -34,7 +37,7 @@ TEAM = {
                         "summary": "two tasks on one file",
                         "tasks": [
                             {"id": "a", "title": "Write F", "instructions": "write", "intents": []},
-                            {"id": "b", "title": "Rewrite F", "instructions": "write", "intents": []},
+                            {"id": "b", "title": HOSTILE_TITLE, "instructions": "write", "intents": []},
                         ],
                     }
                 },
@@ -95,7 +98,7 @@ async def test_rows_follow_the_job_and_k_kills_it(daemon, tmp_path):
             job = job.stdout.strip()
             assert (await shown(app, job, "planning"))[-1] == "Write F"
             await shown(app, f"{job}/a", "running", "1", "1000", "F.md", "Write F")
-            await shown(app, f"{job}/b", "waiting", "waits for a")
+            await shown(app, f"{job}/b", "waiting", "waits for a", HOSTILE_TITLE)
             assert (await shown(app, job, "running"))[4] == "1000"  # the job's tokens: its tasks'
 
             # A second view, started now, draws the same from its starting picture.
