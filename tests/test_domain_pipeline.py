@@ -8,14 +8,18 @@ import pytest
 from numerusd import domain
 from numerusd.domain.observations import (
     AgentExited,
+    AgentReported,
     AgentStarting,
     AttemptFailed,
     ClaimAnswered,
     GateDone,
+    Interrupted,
     Kill,
+    MergeBegun,
     Merged,
     PipelineFailed,
     PlanAnswered,
+    Retry,
     Settled,
     Stalled,
     StoppedForKill,
@@ -26,6 +30,7 @@ from numerusd.errors import InvalidTransition
 from numerusd.locks import claim_locks
 from numerusd.protocol.claims import Claim, ClaimedPath
 from numerusd.protocol.events import (
+    BudgetExceeded,
     ClaimDenied,
     ClaimGranted,
     ClaimProposed,
@@ -39,6 +44,7 @@ from numerusd.protocol.events import (
     TaskMerged,
     TaskRetryScheduled,
     TaskStarted,
+    TokensUsed,
     Usage,
 )
 from numerusd.protocol.plan import Plan, PlannedTask
@@ -258,3 +264,43 @@ def test_an_agent_stopped_after_its_job_failed_still_has_its_exit_recorded():
     assert [type(event).__name__ for _, event in domain.decide(job, exited)] == ["TaskExited"]
     with pytest.raises(InvalidTransition, match="which is pending"):
         domain.decide(planned(task("t1")), exited)  # an agent that never started cannot exit
+
+
+def test_a_task_killed_while_its_gate_runs_is_killed_when_the_gate_ends_and_nothing_of_it_merges():
+    job = start(decide(planned(task("t1"), task("t2", "t1")), claimed("t1", "a.py")), "t1")
+    exited = AgentExited(task="t1", exit_code=0, signal=None, log_path="l", log_sha256="h", log_bytes=1, duration_s=1)
+    job = decide(decide(job, exited), WorkCommitted(task="t1", commit="c" * 40))
+    assert job.tasks["t1"].status == "checking"
+    job = decide(job, Kill(by="alice (operator)", task="t1"))
+    assert job.tasks["t1"].status == "checking"  # the gate's check runs to its end
+    job = decide(job, GateDone(task="t1"))  # it passed: still, the user killed the task
+    assert job.tasks["t1"].status == "killed" and job.tasks["t1"].reason == "killed by alice (operator)"
+    assert job.tasks["t2"].status == "skipped" and job.lock_holds == {}
+    with pytest.raises(InvalidTransition):
+        domain.decide(job, MergeBegun(task="t1", integration="numerus/J", parent="p" * 40, task_sha="c" * 40))
+
+
+def test_killing_an_interrupted_job_gives_its_locks_back_so_a_retry_can_claim_again():
+    job = start(decide(planned(task("t1")), claimed("t1", "a.py")), "t1")
+    job = decide(job, Interrupted(reason="numerusd stopped", next="it waits for 'numerusctl resume'"))
+    assert job.status == "interrupted" and job.lock_holds
+    job = decide(job, Kill(by="alice (operator)"))
+    assert job.status == "killed" and job.lock_holds == {} and job.lock_queue == {}
+    job = decide(job, Retry(by="alice (operator)"))
+    granted = domain.decide(job, claimed("t1", "a.py"))
+    assert [type(event) for _, event in granted] == [ClaimProposed, ClaimGranted]
+
+
+def test_a_token_cap_crossed_by_a_planners_tokens_is_caught_at_the_next_agent_report():
+    submit = SubmitJob(goal="goal", repo="/repo", roles=ROLES, max_tokens=100, on_budget="stop")
+    job = decide(None, submit)
+    plan = Plan(summary="s", tasks=(task("t1"),))
+    job = decide(
+        job, PlanAnswered(role="planner", attempt=1, plan=plan, plan_hash="h" * 64, usage=Usage(input_tokens=500))
+    )
+    assert job.tokens() == 500 and job.status == "running"  # counted, not checked, as the plan was answered
+    job = start(decide(job, claimed("t1", "a.py")), "t1")
+    used = TokensUsed(input_tokens=5, cached_input_tokens=0, output_tokens=1)
+    decision = domain.decide(job, AgentReported(task="t1", events=(used,)))
+    (exceeded,) = [event for _, event in decision if isinstance(event, BudgetExceeded)]
+    assert (exceeded.scope, exceeded.used, exceeded.cap) == ("job", 506, 100)

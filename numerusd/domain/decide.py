@@ -295,6 +295,8 @@ def _decide_task(job: JobState, task: TaskState, seen: TaskObservation) -> Decis
             return [(task.id, ReviewCompleted(verdict=verdict, reasons=reasons, usage=usage))]
         case GateDone(reasons=reasons):
             _expect_task(job, task, seen, ("checking",), worktree=True)
+            if task.kill_requested:  # a user killed it while the gate ran: it stops here, nothing of it merges
+                return _task_killed(job, task.id, reason=f"killed by {task.kill_by or 'a user'}", dependents=True)
             return [(task.id, GateFailed(reasons=reasons) if reasons else GatePassed())]
         case MergeBegun(integration=integration, parent=parent, task_sha=task_sha):
             _expect_task(job, task, seen, ("merging",), worktree=True)
@@ -431,13 +433,11 @@ def _kill(job: JobState, by: str) -> Decision:
         return []
     events: Decision = [(None, KillRequested(by=by))]
     if job.status == "interrupted":
-        unfinished = [task.id for task in job.tasks.values() if task.status not in TASK_DONE]
-        return events + [(task_id, TaskKilled()) for task_id in unfinished] + [(None, JobKilled())]
+        unfinished = [task for task in job.tasks.values() if task.status not in TASK_DONE]
+        return events + [event for task in unfinished for event in _ended_with_job(job, task)] + [(None, JobKilled())]
     for task in job.tasks.values():
-        if task.status == "pending":
-            events.append((task.id, TaskKilled()))
-        elif task.status in ("waiting", "awaiting_approval"):
-            events += [(task.id, LocksReleased(reason="killed")), (task.id, TaskKilled())]
+        if task.status in ("pending", "waiting", "awaiting_approval"):
+            events += _ended_with_job(job, task)
     busy = [task for task in job.tasks.values() if task.status in ACTIVE and task.status != "waiting"]
     if not busy and job.status not in ("planning", "replanning"):
         events.append((None, JobKilled()))
@@ -593,7 +593,7 @@ def _interrupt(job: JobState, reason: str, then: str) -> Decision:
         return []
     unfinished = [task for task in job.tasks.values() if task.status not in TASK_DONE]
     if job.kill_requested:
-        return [(task.id, TaskKilled()) for task in unfinished] + [(None, JobKilled())]
+        return [event for task in unfinished for event in _ended_with_job(job, task)] + [(None, JobKilled())]
     cut = [
         (task.id, TaskInterrupted(reason=reason, resumable=True, thread_id=task.thread_id))
         for task in unfinished
@@ -812,6 +812,15 @@ def _task_killed(job: JobState, task_id: str, *, reason: str | None = None, depe
     return events + _job_outcome(job, changed)
 
 
+def _ended_with_job(job: JobState, task: TaskState, reason: str | None = None) -> Decision:
+    """A task killed because its whole job ends: the locks it holds or waits for given back (no one is woken:
+    every task of the job ends), so a `retry` of the job finds the table as free as its tasks left it."""
+    table = lock_table(job)
+    held = task.id in table.holders or table.queued_claim(task.id) is not None
+    released: Decision = [(task.id, LocksReleased(reason="killed"))] if held else []
+    return [*released, (task.id, TaskKilled(reason=reason) if reason else TaskKilled())]
+
+
 def _merged(job: JobState, task_id: str, sha: str, created: bool) -> Decision:
     """The task's work is on the integration branch: it is done and gives its locks back."""
     events: Decision = [
@@ -1000,8 +1009,13 @@ def _budget(job: JobState, task: TaskState, reported: tuple[EventData, ...]) -> 
         return []
     exceeded: list[BudgetExceeded] = []
     for scope in (budget_scope("task", task.id), "job"):
-        cap, used = job.token_cap(scope), job.tokens_of(scope)
-        if cap is not None and used < cap <= used + added:
+        cap = job.token_cap(scope)
+        if cap is None or scope in job.over_budget:
+            continue
+        used = job.tokens_of(scope)
+        # Not `used < cap`: tokens of a planner, claimer or reviewer may have taken the scope over its cap since
+        # the last report (they are counted, not checked): the next report of an agent says so.
+        if cap <= used + added:
             kind, name = ("job", "") if scope == "job" else ("task", task.id)
             exceeded.append(BudgetExceeded(scope=kind, task=name, used=used + added, cap=cap, action=job.on_budget))
     events: Decision = [(None, event) for event in exceeded]
@@ -1038,10 +1052,8 @@ def _stop(job: JobState, reason: str) -> Decision:
     with `reason`, instead of ending it killed (the BudgetExceeded or JobRejected before it set the stop)."""
     events: Decision = []
     for task in job.tasks.values():
-        if task.status == "pending":
-            events.append((task.id, TaskKilled(reason=reason)))
-        elif task.status in ("waiting", "awaiting_approval"):
-            events += [(task.id, LocksReleased(reason="killed")), (task.id, TaskKilled(reason=reason))]
+        if task.status in ("pending", "waiting", "awaiting_approval"):
+            events += _ended_with_job(job, task, reason)
     busy = [task for task in job.tasks.values() if task.status in ACTIVE and task.status != "waiting"]
     if not busy and job.status not in ("planning", "replanning"):
         events.append((None, JobFailed(reason=reason)))
