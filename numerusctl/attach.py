@@ -3,7 +3,7 @@
 What the agent prints comes from `numerus.log.<job>.<task>` (stream NUMERUS_LOGS, from the last chunk stored, so
 a prompt printed before the attach is seen); what the user types goes, as it is typed, to
 `numerus.input.<job>.<task>` (one request per read, so it arrives in order; see `numerusd/agent_input.py`, which
-records each as `AgentInputSent` with its size and hash, never the bytes). The user's terminal is put in raw mode
+records each as `AgentInputSent` with its size and keyed hash, never the bytes). The user's terminal is put in raw mode
 (every key goes to the agent, Ctrl-C too) with output processing kept (the agent's `\\n` is a new line), and
 restored on every way out: the detach key (Ctrl-], as telnet's), the agent's exit, an error, SIGTERM or SIGHUP.
 

@@ -60,7 +60,7 @@ def summary(type_name: str, data: Any) -> str:
         case "AgentErrorReported":
             text = str(get("message", ""))
         case "AgentInputSent":
-            text = f"{get('size')} bytes typed by {get('by')} (sha256 {str(get('sha256', ''))[:12]})"
+            text = f"{get('size')} bytes typed by {get('by')}"
         case "TokensUsed":
             text = f"in {get('input_tokens')} (cached {get('cached_input_tokens')}) out {get('output_tokens')}"
         case "TaskExited":

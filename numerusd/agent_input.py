@@ -10,8 +10,9 @@ task's running agent, named by its subject `numerus.input.<job>.<task>` (the who
 * a job this daemon does not know, or a task of it that is not running (the domain's refusal, in its words), or
   whose agent is not running in this daemon.
 
-Otherwise the input is decided through `JobBook.decide` (`InputSent` -> `AgentInputSent`: its size, SHA-256 and who
-sent it, never the bytes) and only then written to the agent's PTY, within INPUT_WRITE_S.
+Otherwise the input is decided through `JobBook.decide` (`InputSent` -> `AgentInputSent`: its size, its HMAC-SHA256
+under the signing key and who sent it, never the bytes) and only then written to the agent's PTY, within
+INPUT_WRITE_S.
 
 Who may publish here is the bus's to say (`bus_roles.py`: the operator, never a viewer). Messages are handled one
 at a time, in the order they arrive, so what is typed reaches the terminal in order.
@@ -20,6 +21,7 @@ at a time, in the order they arrive, so what is typed reaches the terminal in or
 from __future__ import annotations
 
 import hashlib
+import hmac
 import logging
 
 import msgspec
@@ -30,6 +32,7 @@ from nats.aio.subscription import Subscription
 from numerusd.book import JobBook
 from numerusd.domain.observations import InputSent
 from numerusd.errors import CommandRefused, NotFound, NumerusError, TooLarge, one_line
+from numerusd.keys import Keyring
 from numerusd.protocol import subjects
 from numerusd.protocol.attach import MAX_INPUT_BYTES, InputReply
 from numerusd.protocol.commands import ErrorReply
@@ -45,7 +48,7 @@ INPUT_WRITE_S = 2.0
 _encoder = msgspec.json.Encoder()
 
 
-async def listen_for_input(nc: Client, book: JobBook, agents: Agents) -> Subscription:
+async def listen_for_input(nc: Client, book: JobBook, agents: Agents, keyring: Keyring) -> Subscription:
     """Subscribe to `numerus.input.>` and serve each message as the module docstring says."""
 
     async def on_message(msg: Msg) -> None:
@@ -53,7 +56,7 @@ async def listen_for_input(nc: Client, book: JobBook, agents: Agents) -> Subscri
             log.warning("input on %s without a reply subject: ignored", msg.subject)
             return
         try:
-            reply = await _type_in(book, agents, msg)
+            reply = await _type_in(book, agents, keyring, msg)
         except NumerusError as e:
             await _answer_error(nc, msg.reply, e)
             return
@@ -66,7 +69,7 @@ async def listen_for_input(nc: Client, book: JobBook, agents: Agents) -> Subscri
     return await nc.subscribe(subjects.INPUTS, cb=on_message)
 
 
-async def _type_in(book: JobBook, agents: Agents, msg: Msg) -> InputReply:
+async def _type_in(book: JobBook, agents: Agents, keyring: Keyring, msg: Msg) -> InputReply:
     target = subjects.input_target(msg.subject)
     if target is None or not all(is_token(part) for part in target):
         raise CommandRefused(f"input goes to numerus.input.<job>.<task> (one id each), not {msg.subject}")
@@ -81,8 +84,8 @@ async def _type_in(book: JobBook, agents: Agents, msg: Msg) -> InputReply:
         state = "no such task" if task is None else f"task {task_id} is {task.status}"
         raise CommandRefused(f"{state}: only a running agent of job {job_id} takes input")
     by = asker((msg.headers or {}).get(USER_HEADER), msg.reply)
-    digest = hashlib.sha256(data).hexdigest()
-    await book.decide(job_id, InputSent(task=task_id, size=len(data), sha256=digest, by=by))
+    mac = hmac.new(keyring.current_key, data, hashlib.sha256).hexdigest()
+    await book.decide(job_id, InputSent(task=task_id, size=len(data), mac=mac, by=by))
     terminal = agents.terminal_of(job_id, task_id)  # looked up again: the agent may have ended meanwhile
     written = await terminal.write(data, INPUT_WRITE_S) if terminal is not None else 0
     return InputReply(size=len(data), written=written)

@@ -217,7 +217,7 @@ class Daemon:
             settings=settings, book=book, jobs=runner, history=EventHistory(nc), git_problem=self.git_problem
         )
         self._service = await start_service(address, context, self.dead_letters)
-        await listen_for_input(nc, book, agents)  # `numerusctl attach`; ends with the connection's drain
+        await listen_for_input(nc, book, agents, self.keyring)  # `numerusctl attach`; ends with the connection's drain
         if settings.resume == "auto":
             await self._resume_interrupted()
         # Clients get the logins of their roles, never the daemon's own (an external server's are what we were given).

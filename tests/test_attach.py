@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import hmac
 import json
 import os
 import subprocess
@@ -25,6 +26,7 @@ from numerusctl.attach import TerminalFilter
 from numerusd import domain
 from numerusd.domain.observations import InputSent
 from numerusd.errors import CommandRefused
+from numerusd.keys import Keyring
 from numerusd.protocol.attach import MAX_INPUT_BYTES
 from numerusd.protocol.events import AgentInputSent
 from tests import test_domain
@@ -128,9 +130,12 @@ async def test_a_typed_line_reaches_the_agent_is_recorded_by_size_and_hash_and_c
         pty.type(b"Ada Lovelace\r")
         await pty.shows(b"read: Ada Lovelace")
         recorded = inputs(daemon, job)
-        assert recorded == [
-            {"size": 13, "sha256": hashlib.sha256(b"Ada Lovelace\r").hexdigest(), "by": recorded[0]["by"]}
-        ]
+        key = Keyring.load(
+            daemon.state_dir / "keys.json"
+        ).current_key  # the keys tell what was typed; events alone do not
+        typed = hmac.new(key, b"Ada Lovelace\r", hashlib.sha256).hexdigest()
+        assert recorded == [{"size": 13, "mac": typed, "by": recorded[0]["by"]}]
+        assert hashlib.sha256(b"Ada Lovelace\r").hexdigest() not in json.dumps(daemon.events(job))
         assert recorded[0]["by"].endswith("(operator)")
         # The bytes typed are in no event but what the agent itself chose to say back.
         said = [e for e in daemon.events(job) if e["type"] != "AgentMessageReceived"]
@@ -225,9 +230,9 @@ def test_control_strings_are_dropped_even_cut_between_chunks_and_colours_pass():
 
 
 def test_the_domain_records_input_only_for_a_running_task_and_never_its_bytes():
-    typed = InputSent(task="t1", size=4, sha256="ab" * 32, by="alice (operator)")
+    typed = InputSent(task="t1", size=4, mac="ab" * 32, by="alice (operator)")
     running = test_domain.started_job()
-    assert domain.decide(running, typed) == [("t1", AgentInputSent(size=4, sha256="ab" * 32, by="alice (operator)"))]
+    assert domain.decide(running, typed) == [("t1", AgentInputSent(size=4, mac="ab" * 32, by="alice (operator)"))]
     assert test_domain.decide(running, typed).tasks["t1"] == running.tasks["t1"]  # recorded, and no state of its own
     with pytest.raises(CommandRefused, match="is completed: only a running agent takes input"):
         domain.decide(test_domain.exit_with(running, 0), typed)

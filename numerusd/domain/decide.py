@@ -268,12 +268,12 @@ def _decide_task(job: JobState, task: TaskState, seen: TaskObservation) -> Decis
                 if not isinstance(event, _REPORTED):
                     raise InvalidTransition(f"an agent's output cannot report {type(event).__name__}")
             return [(task.id, event) for event in events] + _budget(job, task, events)
-        case InputSent(size=size, sha256=sha256, by=by):
+        case InputSent(size=size, mac=mac, by=by):
             if task.status != "running":  # a user's doing: refused in words, not as a daemon bug
                 raise CommandRefused(
                     f"task {task.id} of job {job.id} is {task.status}: only a running agent takes input", job=job.id
                 )
-            return [(task.id, AgentInputSent(size=size, sha256=sha256, by=by))]
+            return [(task.id, AgentInputSent(size=size, mac=mac, by=by))]
         case AgentExited():
             _expect_task(job, task, seen, _AGENT_ALIVE)
             fields = msgspec.structs.asdict(seen)

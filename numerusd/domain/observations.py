@@ -298,11 +298,11 @@ class AgentReported(TaskObservation, frozen=True, kw_only=True):
 
 
 class InputSent(TaskObservation, frozen=True, kw_only=True):
-    """`size` bytes with this SHA-256 arrived for the task's running agent's terminal from `by`; they are written
-    to it once recorded. Refused (`CommandRefused`) unless the task runs."""
+    """`size` bytes with this keyed hash (`mac`, see AgentInputSent) arrived for the task's running agent's terminal
+    from `by`; they are written to it once recorded. Refused (`CommandRefused`) unless the task runs."""
 
     size: int
-    sha256: str
+    mac: str
     by: str
 
 

@@ -533,11 +533,13 @@ class AgentErrorReported(TaskEvent, frozen=True, kw_only=True):
 
 
 class AgentInputSent(TaskEvent, frozen=True, kw_only=True):
-    """Someone typed into the running agent's terminal (`numerusctl attach`): how many bytes and their SHA-256,
-    never the bytes themselves (they may be a secret); `by` is who (`alice (operator)`)."""
+    """Someone typed into the running agent's terminal (`numerusctl attach`): how many bytes, and their HMAC-SHA256
+    under the daemon's current signing key (`mac`), never the bytes themselves (they may be a secret, and a plain
+    hash of a few keystrokes is undone by trying them all); `by` is who (`alice (operator)`). Whoever holds the keys
+    can check what was typed; a reader of the events cannot learn it."""
 
     size: int
-    sha256: str
+    mac: str
     by: str
 
 
