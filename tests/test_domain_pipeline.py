@@ -30,6 +30,7 @@ from numerusd.errors import InvalidTransition
 from numerusd.locks import claim_locks
 from numerusd.protocol.claims import Claim, ClaimedPath
 from numerusd.protocol.events import (
+    AgentThreadStarted,
     BudgetExceeded,
     ClaimDenied,
     ClaimGranted,
@@ -304,3 +305,12 @@ def test_a_token_cap_crossed_by_a_planners_tokens_is_caught_at_the_next_agent_re
     decision = domain.decide(job, AgentReported(task="t1", events=(used,)))
     (exceeded,) = [event for _, event in decision if isinstance(event, BudgetExceeded)]
     assert (exceeded.scope, exceeded.used, exceeded.cap) == ("job", 506, 100)
+
+
+def test_the_thread_an_attempt_resumes_is_the_first_its_agent_announced():
+    """A later `thread.started` (an agent naming another job's session in a shared CODEX_HOME) is not taken."""
+    job = start(decide(planned(task("t1")), claimed("t1", "a.py")), "t1")
+    first, other = "019a2b3c-0000-7000-8000-000000000001", "019a2b3c-0000-7000-8000-0000000000ff"
+    reported = (AgentThreadStarted(thread_id=first), AgentThreadStarted(thread_id=other))
+    job = decide(job, AgentReported(task="t1", events=reported))
+    assert job.tasks["t1"].thread_id == first

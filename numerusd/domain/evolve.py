@@ -369,7 +369,9 @@ def _evolve_task(job: JobState, task_id: str, time: datetime, data: EventData) -
         case AgentSpawnFailed(reason=reason):
             task = replace(task, reason=reason)
         case AgentThreadStarted(thread_id=thread_id):
-            task = replace(task, thread_id=thread_id)
+            # The first thread an attempt's agent announced is the one it resumes: one printed later (an agent
+            # naming another job's session in a shared CODEX_HOME) is recorded, never taken for it.
+            task = replace(task, thread_id=task.thread_id or thread_id)
         case TaskExited(exit_code=exit_code):
             task = replace(task, exit_code=exit_code, ended=time)
         case TaskCompleted():
