@@ -25,6 +25,7 @@ from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Literal
 
+from numerusd.errors import one_line
 from numerusd.protocol import events as ev
 
 if TYPE_CHECKING:
@@ -162,6 +163,6 @@ def _line(state: JobState, task_id: str | None, data: object, time: datetime) ->
 
 
 def _short(text: str, most: int = 200) -> str:
-    """`text` on one line, cut to `most` characters: a goal or a reason in a log line, not the whole of it."""
-    flat = " ".join(text.split())
-    return flat if len(flat) <= most else flat[: most - 1] + "…"
+    """`text` on one line, cut to `most` characters, its control characters escaped: a goal or a reason (a client's
+    or an agent's words) in a log line, never a terminal escape in the journal."""
+    return one_line(" ".join(text.split()), most)

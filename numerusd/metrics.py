@@ -11,9 +11,10 @@ daemons in one process never mix their figures). Two kinds of figures:
   them that could drift from the job book.
 
 The endpoint (`serve`, setting `metrics_address`, flag `numerusd --metrics ADDR`) is off unless asked for, and
-listens on 127.0.0.1 when only a port is given. It runs on the daemon's event loop (no thread reads the job book
-while the loop changes it) and answers GET or HEAD of `/metrics` and nothing else; a client that sends no
-request within a few seconds, or a request head over 16 KiB, is disconnected.
+listens on 127.0.0.1 when only a port is given. It runs on the daemon's event loop (the collector reads job
+states, immutable values, as the command service's thread does) and answers GET or HEAD of `/metrics` and
+nothing else; a client that sends no request within a few seconds, or a request head over 16 KiB, is
+disconnected.
 """
 
 from __future__ import annotations

@@ -285,9 +285,11 @@ def _concerns(context: Context, request: commands.Request) -> dict[str, str]:
     """The job (and task) a request names, for its log lines: a job by its whole id only (`last` or a prefix is
     resolved by the handler, which logs what it found)."""
     job, task = getattr(request, "job", None), getattr(request, "task", None)
-    if not isinstance(job, str) or job not in context.book.jobs:
+    state = context.book.jobs.get(job) if isinstance(job, str) else None
+    if state is None:
         return {"job": "", "task": ""}
-    return {"job": job, "task": task if isinstance(task, str) else ""}
+    # A task by a name the job has: the client's text (up to max_request_bytes) never becomes every log line's.
+    return {"job": job, "task": task if isinstance(task, str) and task in state.tasks else ""}
 
 
 def _traceparent(request: Request) -> str:

@@ -39,8 +39,9 @@ SCENARIO = {
         {"match": {"role": "reviewer"}, "steps": [{"answer": {"verdict": "pass", "reasons": []}}]},
     ]
 }
-#: A goal that would break a naive log line: newlines, quotes, braces, a backslash, a line separator.
-HOSTILE_GOAL = 'Greet\n{"level": "CRITICAL", "job": "forged"}\n\\ "quoted" \u2028 end'
+#: A goal that would break a naive log line: newlines, quotes, braces, a backslash, a line separator, and a
+#: terminal escape (a window title set, for whoever reads the log in a terminal).
+HOSTILE_GOAL = 'Greet\n{"level": "CRITICAL", "job": "forged"}\n\\ "quoted" \u2028 \x1b]0;pwned\x07 end'
 
 
 def run_job(daemon: Daemon, repo: Path, goal: str, env: dict[str, str] | None = None) -> str:
@@ -95,6 +96,7 @@ def test_every_line_is_json_and_a_jobs_lines_carry_its_id(daemon: Daemon, tmp_pa
     assert task_lines and all(line.get("task") == "t1" for line in task_lines)
     # The hostile goal forged no line of its own.
     assert not [line for line in lines if line.get("job") == "forged" or line["level"] == "CRITICAL"]
+    assert not [line for line in steps if "\x1b" in line["message"] or "\x07" in line["message"]]
 
 
 def test_a_traceparent_from_numerusctl_is_in_the_jobs_events_and_lines(daemon: Daemon, tmp_path: Path):
