@@ -11,8 +11,10 @@ restored on every way out: the detach key (Ctrl-], as telnet's), the agent's exi
 refuses a viewer's input anyway, `numerusd/bus_roles.py`).
 
 The agent is untrusted, and its output goes to the user's terminal as it is, with one exception: the control
-strings a terminal acts on outside the screen (OSC: window title, clipboard, hyperlinks; DCS, APC, PM, SOS) are
-dropped (`TerminalFilter`); colours and cursor movement pass.
+strings a terminal acts on outside the screen (OSC: window title, clipboard, hyperlinks; DCS, APC, PM, SOS),
+opened by ESC or by their 8-bit C1 bytes, are dropped (`TerminalFilter`); colours and cursor movement pass. What
+the agent left set (the alternate screen, a hidden cursor, mouse reporting, bracketed paste, colours) is reset on
+every way out (`RESET`).
 """
 
 from __future__ import annotations
@@ -39,7 +41,13 @@ from numerusd.protocol.exit_codes import CtlExit
 _ESC = 0x1B
 #: After ESC, the bytes that open a control string (OSC `]`, DCS `P`, SOS `X`, PM `^`, APC `_`).
 _STRING_OPENERS = frozenset(b"]PX^_")
+#: The same control strings opened by their C1 character (DCS, SOS, OSC, PM, APC: U+0090..U+009F, which UTF-8
+#: writes as 0xC2 then this byte; a lone byte of these values is a UTF-8 continuation byte, not a control).
+_C1_OPENERS = frozenset((0x90, 0x98, 0x9D, 0x9E, 0x9F))
+_C1_LEAD = 0xC2
 _BEL = 0x07
+#: Written to the user's terminal on detach: main screen, cursor shown, mouse and bracketed paste off, plain colours.
+RESET = b"\x1b[?1049l\x1b[?25h\x1b[?1000;1002;1003;1006l\x1b[?2004l\x1b[m"
 _reply_decoder = msgspec.json.Decoder(InputReply)
 _error_decoder = msgspec.json.Decoder(ErrorReply)
 
@@ -50,10 +58,13 @@ class TerminalFilter:
 
     def __init__(self) -> None:
         self._after_esc = False
+        self._after_lead = False
         self._in_string = False
 
     def feed(self, data: bytes) -> bytes:
         """What of `data` may reach the user's terminal."""
+        if not (self._in_string or self._after_esc or self._after_lead or _ESC in data or _C1_LEAD in data):
+            return data  # most output: nothing to look at byte by byte
         out = bytearray()
         for byte in data:
             if self._in_string:
@@ -70,8 +81,13 @@ class TerminalFilter:
                     out += bytes((_ESC, byte))
             elif byte == _ESC:
                 self._after_esc = True
+            elif self._after_lead and byte in _C1_OPENERS:
+                self._in_string = True
+                if out and out[-1] == _C1_LEAD:  # (a lead byte sent with the chunk before stays: a stray character)
+                    del out[-1]
             else:
                 out.append(byte)
+            self._after_lead = byte == _C1_LEAD and not self._in_string
         return bytes(out)
 
 
@@ -107,8 +123,13 @@ async def attach(nc: Client, job: str, task: str, *, read_only: bool, timeout: f
         _say(f"attached to {job_id} {task} ({mode}Ctrl-] detaches)")
         async with StreamFeed(nc, subjects.LOGS, subjects.task_log(job_id, task), only="last") as output:
             session = _Session(nc, job_id, task, read_only=read_only, timeout=timeout)
-            with raw_terminal(sys.stdin.fileno()):
-                code = await session.run(output, exits)
+            try:
+                with raw_terminal(sys.stdin.fileno()):
+                    code = await session.run(output, exits)
+            finally:
+                if sys.stdout.isatty():  # the agent's terminal modes end with the attach, however it ends
+                    sys.stdout.buffer.write(RESET)
+                    sys.stdout.buffer.flush()
     return code
 
 

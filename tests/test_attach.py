@@ -227,6 +227,12 @@ def test_control_strings_are_dropped_even_cut_between_chunks_and_colours_pass():
     shown = TerminalFilter()
     chunks = [b"a\x1b[31mred\x1b[0m", b"\x1b]52;c;ZXZpbA==", b"\x07b\x1b", b"]0;title\x1b", b"\\c\x1bP+q\x1b\\d"]
     assert b"".join(shown.feed(chunk) for chunk in chunks) == b"a\x1b[31mred\x1b[0mbcd"
+    # The same strings opened by their C1 characters (UTF-8 `\xc2\x9d` is OSC), even cut after the lead byte; UTF-8
+    # text whose continuation bytes have those values (`✝` is e2 9c 9d) passes whole.
+    c1 = TerminalFilter()
+    chunks = ["e✝f".encode(), b"\xc2\x9d0;title\x07g\xc2", b"\x90+q\x1b\\h \xc2\xb0"]
+    # (the lead byte went out with its chunk before the opener came: a stray byte, never a control string)
+    assert b"".join(c1.feed(chunk) for chunk in chunks) == "e✝fg".encode() + b"\xc2h " + "°".encode()
 
 
 def test_the_domain_records_input_only_for_a_running_task_and_never_its_bytes():
