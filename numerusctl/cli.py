@@ -337,7 +337,7 @@ def _fail(message: str, exit_code: int, code: str, as_json: bool) -> NoReturn:
     if as_json:
         click.echo(json.dumps({"error": {"code": code, "message": message, "exit": exit_code}}), err=True)
     else:
-        click.echo(f"numerusctl: {message}", err=True)
+        click.echo(f"numerusctl: {render.visible(message)}", err=True)  # it may quote the daemon or an agent
     sys.exit(exit_code)
 
 

@@ -316,8 +316,14 @@ async def connected(target: Target, timeout: float) -> AsyncIterator[Client]:
 async def request(nc: Client, verb: str, body: Request, timeout: float) -> bytes:
     """Send one request to `numerus.cmd.<verb>`; the reply's bytes, or CtlError for an error reply."""
     subject = subjects.command(verb)
+    payload = msgspec.json.encode(body)
+    if len(payload) > nc.max_payload:
+        raise CtlError(
+            f"the {verb} request is {len(payload)} bytes, over the {nc.max_payload} bytes a NATS message may carry "
+            "on this server (a smaller plan or goal)"
+        )
     try:
-        sent = nc.request(subject, msgspec.json.encode(body), timeout=timeout, headers=request_headers())
+        sent = nc.request(subject, payload, timeout=timeout, headers=request_headers())
         reply = await unless_refused(nc, subject, sent)
     except nats.errors.NoRespondersError:
         raise Unreachable(f"numerusd is not running on {server_of(nc)}: nothing answers {subject}; {_HINT}") from None
@@ -351,9 +357,10 @@ def request_headers() -> dict[str, str]:
 def os_user() -> str:
     """The OS user running numerusctl, named to the daemon for the events a command causes."""
     try:
-        return getpass.getuser()
+        name = getpass.getuser()  # $LOGNAME or $USER first: any text, which must not break a header line
     except (KeyError, OSError):  # no name for this uid (a container)
         return str(os.getuid())
+    return "".join(c for c in name[:64] if c.isprintable()) or str(os.getuid())
 
 
 async def unless_refused(nc: Client, subject: str, awaitable: Awaitable[_T]) -> _T:

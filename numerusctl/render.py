@@ -49,8 +49,11 @@ HASH_WIDTH = 8
 SHA_WIDTH = 7
 
 
-#: C0 controls but tab and newline, DEL and the C1 controls, each shown as `\xNN`.
-_CONTROLS = {c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F, *range(0x80, 0xA0)) if c not in (0x09, 0x0A)}
+#: C0 controls but tab and newline, DEL and the C1 controls, each shown as `\xNN`; and the bidirectional
+#: overrides and isolates, shown as `\uNNNN`: in a diff under review they would reorder what is read (Trojan Source).
+_CONTROLS = {c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F, *range(0x80, 0xA0)) if c not in (0x09, 0x0A)} | {
+    c: f"\\u{c:04x}" for c in (*range(0x202A, 0x202F), *range(0x2066, 0x206A))
+}
 
 
 def visible(text: str) -> str:
@@ -79,6 +82,11 @@ class VisibleStream:
 _TASK_COLOURS = ("31", "32", "33", "34", "35", "36")
 
 
+#: A task's unfinished line longer than this is shown as it is (an agent that redraws with `\r` and never ends a
+#: line is still followed live), rather than held, and copied again with every chunk, until its end.
+PARTIAL_LINE_MAX = 4096
+
+
 class TaskLines:
     """Terminal output of several tasks, arriving in chunks of each that end anywhere, as lines each after its
     task's name (`t2 | line`), escaped as `visible` does; `colour` colours each task's name its own way."""
@@ -95,7 +103,9 @@ class TaskLines:
         if stream is None:
             stream = self._streams[task] = VisibleStream()
         *lines, rest = (self._partial.pop(task, "") + stream.feed(data)).split("\n")
-        if rest:
+        if len(rest) > PARTIAL_LINE_MAX:
+            lines.append(rest)
+        elif rest:
             self._partial[task] = rest
         return "".join(f"{self._prefix(task)}{line}\n" for line in lines)
 

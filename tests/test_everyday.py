@@ -361,3 +361,11 @@ def test_followed_lines_are_told_apart_by_a_coloured_task_name_and_agents_cannot
         "\x1b[32mt2\x1b[0m | no end",
     ]
     assert TaskLines().feed("t3", b"x\n") == "t3 | x\n"
+    # Text that reorders itself (bidirectional overrides: what a reviewer reads is not what the code does) is shown
+    # with its controls named.
+    assert TaskLines().feed("t5", "x = 1 \u202e# ok\u2066\n".encode()) == "t5 | x = 1 \\u202e# ok\\u2066\n"
+    # An agent that never ends a line (a progress bar redrawn with `\r`) is still followed, as it prints.
+    redraws = TaskLines()
+    shown = "".join(redraws.feed("t4", b"\r%d%% done" % n) for n in range(1000))
+    assert shown.startswith("t4 | \\x0d0% done") and "999% done" not in shown
+    assert redraws.close().endswith("999% done\n")
