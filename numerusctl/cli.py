@@ -1110,13 +1110,17 @@ def clean(ctx: click.Context, jobs: tuple[str, ...], ended: bool, logs: bool, as
     show_default=True,
     help="Colour the diff; auto: when stdout is a terminal (and NO_COLOR is not set).",
 )
+@click.option(
+    "--raw", is_flag=True, help="The patch's own bytes, control characters and all (for a file or `git apply`)."
+)
 @json_option
 @click.pass_context
-def diff(ctx: click.Context, job: str, task: str | None, stat: bool, color: str, as_json: bool) -> None:
+def diff(ctx: click.Context, job: str, task: str | None, stat: bool, color: str, raw: bool, as_json: bool) -> None:
     """JOB's result as a unified diff: its integration branch against the commit it started from.
 
     With TASK, that task's work: its merge's changes once merged, else its branch against its base. A diff
-    larger than a reply is cut, with a last line saying so and which git command shows it whole.
+    larger than a reply is cut, with a last line saying so and which git command shows it whole. What agents
+    wrote is shown with its control characters escaped, unless --raw.
     """
     opts = _options(ctx, as_json)
     painted = color == "always" or (color == "auto" and sys.stdout.isatty() and not os.environ.get("NO_COLOR"))
@@ -1129,8 +1133,10 @@ def diff(ctx: click.Context, job: str, task: str | None, stat: bool, color: str,
         if opts.json:
             _out(data.decode())
         else:
-            text = render.diff_text(reply, color=painted, stat=stat)
-            if text:
+            text = render.diff_text(reply, color=painted and not raw, stat=stat, raw=raw)
+            if text and raw:
+                sys.stdout.write(text + "\n")  # not click.echo: it would strip what looks like a colour
+            elif text:
                 click.echo(text, color=painted)  # escaped by diff_text before its colours; click keeps them
         return 0
 

@@ -475,11 +475,12 @@ def discard_text(reply: DiscardReply) -> str:
 _BOLD, _RED, _GREEN, _CYAN, _RESET = "\x1b[1m", "\x1b[31m", "\x1b[32m", "\x1b[36m", "\x1b[m"
 
 
-def diff_text(reply: DiffReply, *, color: bool, stat: bool = False) -> str:
+def diff_text(reply: DiffReply, *, color: bool, stat: bool = False, raw: bool = False) -> str:
     """A diff (or with `stat` its summary) as git shows it, coloured as git does with `color`, then, when it was
     cut, a line saying so and how to see it whole. The text is the repository's content, written by agents: its
-    control characters are shown escaped before any colour is added."""
-    text = visible(reply.text).removesuffix("\n")
+    control characters are shown escaped before any colour is added, unless `raw` (`diff --raw`: a patch kept in a
+    file or piped to `git apply` keeps its bytes, `\r` and all)."""
+    text = (reply.text if raw else visible(reply.text)).removesuffix("\n")
     if color:
         lines = text.split("\n")
         text = "\n".join(_painted_stat(lines) if stat else _painted(lines))

@@ -115,6 +115,9 @@ async def test_diff_shows_the_result_and_each_tasks_work_cut_with_a_mark_when_to
         assert "+alpha" in cut and lines[-1].startswith("+")
         # What the agents wrote cannot drive the terminal: escapes are shown, not sent.
         assert "+beta\\x1b]0;pwned\\x07\\x1b[2J\n" in cut and "\x1b" not in cut
+        # Asked for the patch itself (a file, `git apply`): its bytes as git has them.
+        assert daemon.ctl("diff", job, "--raw", check=True).stdout == shown  # plain text: the same
+        assert "+beta\x1b]0;pwned\x07\x1b[2J\n" in daemon.ctl("diff", "last", "--raw", check=True).stdout
         big_base = daemon.status(big)["base_sha"][:12]
         assert mark.startswith("[numerus: diff cut after ") and mark.endswith(
             f"see it whole in the repository: git -C {large} diff {big_base}..numerus/{big}.integration]"
