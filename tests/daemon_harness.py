@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -264,3 +265,21 @@ class DaemonClient:
         if reply.headers and "Nats-Service-Error-Code" in reply.headers:
             raise AssertionError(f"numerus.cmd.{verb} {body} was refused: {reply.data.decode(errors='replace')}")
         return json.loads(reply.data)
+
+
+def login(daemon: Daemon, role: str) -> dict[str, str]:
+    """The bus address and the login of one client role (`operator`, `viewer`), as connection.json gives them."""
+    return daemon.connection() | json.loads((daemon.state_dir / "connection.json").read_text())["roles"][role]
+
+
+async def refused(nc: Client, refusals: list[str], attempt) -> None:
+    """Run one attempt (a JetStream API call gets no answer when its publish is refused) and wait for the refusal."""
+    before = len(refusals)
+    with contextlib.suppress(nats.errors.TimeoutError):
+        await attempt()
+    await nc.flush()
+    for _ in range(100):
+        if len(refusals) > before:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"not refused: {attempt}")

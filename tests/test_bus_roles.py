@@ -4,7 +4,6 @@ stream, delete a message, or publish an event, a log chunk or a dead letter, eve
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import subprocess
@@ -15,7 +14,6 @@ from pathlib import Path
 
 import nats
 import pytest
-from nats.aio.client import Client
 from nats.js.api import StreamConfig
 
 from numerusd.keys import Keyring
@@ -24,7 +22,7 @@ from numerusd.protocol.envelope import seal
 from numerusd.protocol.events import JobSubmitted
 from numerusd.protocol.exit_codes import CtlExit
 from numerusd.protocol.subjects import DLQ, EVENTS, LOGS, job_event
-from tests.daemon_harness import Daemon, git_repo
+from tests.daemon_harness import Daemon, git_repo, login, refused
 
 pytestmark = pytest.mark.slow  # one real daemon runs jobs for the whole module
 
@@ -45,10 +43,6 @@ def bus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Daemon, Path
         yield daemon, repo, job
     finally:
         assert daemon.stop() == 0
-
-
-def login(daemon: Daemon, role: str) -> dict[str, str]:
-    return daemon.connection() | json.loads((daemon.state_dir / "connection.json").read_text())["roles"][role]
 
 
 def as_role(daemon: Daemon, role: str, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
@@ -134,19 +128,6 @@ def test_viewer_cannot_run_kill_or_clean(bus: tuple[Daemon, Path, str]):
         assert as_role(daemon, "operator", "kill", job).returncode == 0
 
 
-async def _refused(nc: Client, refusals: list[str], attempt) -> None:
-    """Run one attempt (a JetStream API call gets no answer when its publish is refused) and wait for the refusal."""
-    before = len(refusals)
-    with contextlib.suppress(nats.errors.TimeoutError):
-        await attempt()
-    await nc.flush()
-    for _ in range(100):
-        if len(refusals) > before:
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError(f"not refused: {attempt}")
-
-
 @pytest.mark.parametrize("role", ["operator", "viewer"])
 async def test_no_client_can_administer_the_streams_or_publish_on_them(bus: tuple[Daemon, Path, str], role: str):
     daemon, _, job = bus
@@ -189,8 +170,8 @@ async def test_no_client_can_administer_the_streams_or_publish_on_them(bus: tupl
                 key=key,
             )
             subject = job_event("01FORGEDJOBFORGEDJOBFORGED", "JobSubmitted")
-            await _refused(client, refusals, lambda s=subject, w=forged.wire: js.publish(s, w))
-            await _refused(client, refusals, lambda s=subject, w=forged.wire: client.publish(s, w))
+            await refused(client, refusals, lambda s=subject, w=forged.wire: js.publish(s, w))
+            await refused(client, refusals, lambda s=subject, w=forged.wire: client.publish(s, w))
         for attempt in (
             lambda: js.delete_stream(EVENTS),
             lambda: js.purge_stream(EVENTS),
@@ -204,7 +185,7 @@ async def test_no_client_can_administer_the_streams_or_publish_on_them(bus: tupl
             lambda: client.subscribe("_INBOX.>"),
             lambda: client.subscribe(f"_INBOX_{'viewer' if role == 'operator' else 'operator'}.>"),
         ):
-            await _refused(client, refusals, attempt)
+            await refused(client, refusals, attempt)
         for stream, was in before.items():
             now = (await admin_js.stream_info(stream)).state
             assert (now.first_seq, now.messages >= was.messages) == (was.first_seq, True), (stream, was, now)

@@ -39,8 +39,7 @@ from numerusd.views.dump import dump
 from numerusd.views.projector import Projector
 from numerusd.wal import WriteAheadLog
 from tests.conftest import eventually
-from tests.daemon_harness import BIN, Daemon, git_repo
-from tests.test_bus_roles import _refused, login
+from tests.daemon_harness import BIN, Daemon, git_repo, login, refused
 
 KEYS = {"k1": b"k" * 32}
 T0 = datetime(2026, 12, 7, 9, 0, tzinfo=UTC)
@@ -144,7 +143,7 @@ async def js(nc):
     return js
 
 
-async def test_of_two_daemons_starting_at_once_one_takes_the_lease_and_the_other_is_refused(js, tmp_path: Path):
+async def test_of_two_daemons_starting_at_once_one_takes_the_lease_and_the_other_isrefused(js, tmp_path: Path):
     stop = asyncio.Event()
     starts = [asyncio.create_task(Lease.take(js, state_dir=tmp_path / name, ttl_s=2, stop=stop)) for name in ("a", "b")]
     done, _ = await asyncio.wait(starts, return_when=asyncio.FIRST_COMPLETED)
@@ -399,7 +398,7 @@ async def _role_cannot_write_the_lease(daemon: Daemon, role: str) -> None:
             lambda: js.delete_stream(f"KV_{BUCKET}"),
             lambda: js.key_value(BUCKET),
         ):
-            await _refused(client, refusals, attempt)
+            await refused(client, refusals, attempt)
     finally:
         await client.close()
 
@@ -448,7 +447,7 @@ def test_a_standby_takes_over_a_killed_holder_within_10_s_and_its_job_goes_on_th
 
 
 @pytest.mark.slow
-def test_a_frozen_holder_that_wakes_after_a_takeover_stops_and_its_writes_are_refused(nats_server, tmp_path: Path):
+def test_a_frozen_holder_that_wakes_after_a_takeover_stops_and_its_writes_arerefused(nats_server, tmp_path: Path):
     env = shared(nats_server, tmp_path)
     repo = git_repo(tmp_path / "repo")
     config = "lease_ttl_s = 3"
