@@ -8,8 +8,8 @@ in the pane below, escaped as `logs` shows it; selecting an ended job whose task
 once.
 
 Keys: arrows select, `q` quits, and the keys of `top_model.ACTIONS` send their verb for the selection (the
-job, or the selected task where the verb takes one): a key whose verb the protocol lacks is not shown, except
-`diff`, shown disabled. The reply is said on the status line (a diff goes to the pane). Only this module
+job, or the selected task where the verb takes one): a key whose verb the protocol lacks is not shown. The
+reply is said on the status line (a diff goes to the pane). Only this module
 imports textual, and only `numerusctl top` imports this module.
 """
 
@@ -64,9 +64,7 @@ class TopApp(App[int]):
         self.nc = nc
         self.timeout = timeout
         self.requests = REQUESTS if requests is None else requests
-        available, disabled = actions(self.requests)
-        self._available = {action.verb: action for action in available}
-        self._disabled = {action.verb for action in disabled}
+        self._available = {action.verb: action for action in actions(self.requests)}
         self.board = Board()
         self._dirty = False
         self._drawn_cost: bool | None = None
@@ -88,11 +86,8 @@ class TopApp(App[int]):
         yield Footer()
 
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
-        """A verb's key: shown if the protocol has the verb, disabled for `diff` without it, else hidden."""
-        if action != "send":
-            return True
-        verb = str(parameters[0])
-        return True if verb in self._available else None if verb in self._disabled else False
+        """A verb's key: shown if the protocol has the verb, else hidden."""
+        return action != "send" or str(parameters[0]) in self._available
 
     async def on_mount(self) -> None:
         self.run_worker(self._follow_events(), name="events", exit_on_error=False)

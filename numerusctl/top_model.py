@@ -62,8 +62,7 @@ class Action(NamedTuple):
     needs_task: bool = False
 
 
-#: Every key that sends a command, key -> verb. A verb not in the protocol's REQUESTS hides its key (`diff` is
-#: shown disabled instead, as the view's one way to show the result).
+#: Every key that sends a command, key -> verb. A verb not in the protocol's REQUESTS hides its key.
 ACTIONS: tuple[Action, ...] = (
     Action("k", "kill", "kill job"),
     Action("d", "diff", "diff", takes_task=True),
@@ -74,11 +73,9 @@ ACTIONS: tuple[Action, ...] = (
 )
 
 
-def actions(requests: Mapping[str, object]) -> tuple[list[Action], list[Action]]:
-    """The actions whose verb `requests` has, and those shown disabled (diff, when it has not)."""
-    available = [action for action in ACTIONS if action.verb in requests]
-    disabled = [action for action in ACTIONS if action.verb == "diff" and action.verb not in requests]
-    return available, disabled
+def actions(requests: Mapping[str, object]) -> list[Action]:
+    """The actions whose verb `requests` has."""
+    return [action for action in ACTIONS if action.verb in requests]
 
 
 def request_for(request_type: type[Request], job: str, task: str | None, by: str) -> Request:
