@@ -185,6 +185,7 @@ def test_ctrl_c_in_run_wait_stops_the_waiting_not_the_job(daemon: Daemon, tmp_pa
         deadline = time.monotonic() + 30
         while daemon.status(job)["status"] != "running" and time.monotonic() < deadline:
             time.sleep(0.05)
+        assert daemon.status(job)["status"] == "running"  # Ctrl-C while the job runs, not before it does
         waiting.send_signal(signal.SIGINT)  # our own child, by its pid
         _, stderr = waiting.communicate(timeout=30)
     finally:

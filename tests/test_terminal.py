@@ -241,17 +241,23 @@ def test_kill_leftover_ends_what_is_left_of_a_session_whose_leader_died(tmp_path
         text=True,
     )
     leader = int(launched.stdout)
-    ticks = process_start_ticks(leader)
-    assert ticks is not None
-    wait_until(lambda: child_pid.exists() and child_pid.read_text().strip())
-    left = int(child_pid.read_text())
-    assert running(left) and os.getsid(left) == leader
-    os.kill(leader, signal.SIGKILL)  # the leader dies; its child stays in the session
-    wait_until(lambda: not running(leader))
-    assert running(left)
-    assert kill_leftover(leader, ticks)
-    wait_until(lambda: not running(left))
-    assert not kill_leftover(leader, ticks)  # nothing left
+    left = 0
+    try:
+        ticks = process_start_ticks(leader)
+        assert ticks is not None
+        wait_until(lambda: child_pid.exists() and child_pid.read_text().strip())
+        left = int(child_pid.read_text())
+        assert running(left) and os.getsid(left) == leader
+        os.kill(leader, signal.SIGKILL)  # the leader dies; its child stays in the session
+        wait_until(lambda: not running(leader))
+        assert running(left)
+        assert kill_leftover(leader, ticks)
+        wait_until(lambda: not running(left))
+        assert not kill_leftover(leader, ticks)  # nothing left
+    finally:
+        for pid in (left, leader):  # what this test started, by pid, however it ended
+            if pid and running(pid):
+                os.kill(pid, signal.SIGKILL)
 
 
 def wait_until(condition: Callable[[], object], timeout: float = 5.0) -> None:
