@@ -160,6 +160,14 @@ async def test_read_only_sends_nothing_and_a_viewer_is_read_only(daemon, tmp_pat
             assert termios.tcgetattr(pty.slave) == pty.before
     assert inputs(daemon, job) == []
     assert daemon.status(job)["tasks"][0]["status"] == "running"  # still waiting for its line
+    # The first line the agent reads is the one typed now, read-write: nothing of "secret" reached it.
+    async with attached(daemon, "attach", job, "t1") as pty:
+        await pty.shows(b"Ctrl-] detaches")
+        pty.type(b"Ada\r")
+        await pty.shows(b"read: Ada")
+        assert b"read: secret" not in bytes(pty.output)
+        pty.type(b"\x1d")
+        assert await pty.exit_code() == 0
     daemon.ctl("kill", job, check=True)
 
 
