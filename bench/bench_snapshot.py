@@ -25,7 +25,6 @@ baseline's <= 1.5x (the median of the pairs' ratios), RSS <= 150 MB.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import random
@@ -42,7 +41,7 @@ import nats
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import BIN, base_parser, report, run
+from _common import BIN, base_parser, embedded_nats, report, run, stop_numerusd
 from bench_rebuild import job_life
 from bench_status import projected, rss_mb
 
@@ -180,8 +179,7 @@ class Restarted:
             self.views_s = time.perf_counter() - started
             self.rss_mb = rss_mb(daemon.pid)
         finally:
-            daemon.terminate()
-            daemon.wait(120)
+            stop_numerusd(daemon)
         return self
 
 
@@ -203,7 +201,7 @@ async def main() -> None:
             if (state / "filled").exists():
                 events[name] = int((state / "filled").read_text())
                 continue
-            with running(state) as server:
+            with embedded_nats(keep=state) as server:
                 started = time.perf_counter()
                 ended = args.ended if name == "history" else 0
                 events[name] = await fill(state, server, ended, args.live, args.per_job)
@@ -221,12 +219,13 @@ async def main() -> None:
                     if embedded:
                         restarted = await Restarted(state, None).run()
                     else:
-                        with running(state) as server:
+                        with embedded_nats(keep=state) as server:
                             restarted = await Restarted(state, server).run()
                     rounds.setdefault((name, embedded), []).append(restarted)
     for embedded in (True, False):  # the figure of merit last: bench/run_all.py reads the last result line
         history, baseline = rounds["history", embedded], rounds["baseline", embedded]
-        ratios = [h.status_s / b.status_s for h, b in zip(history, baseline, strict=True)]
+        pairs = list(zip(history, baseline, strict=True))
+        ratios = [h.status_s / b.status_s for h, b in pairs]
         report(
             "snapshot, its embedded nats-server restarted too" if embedded else "snapshot",
             events=events["history"],
@@ -234,23 +233,16 @@ async def main() -> None:
             status_s=round(statistics.median(r.status_s for r in history), 3),
             status_s_max=round(max(r.status_s for r in history), 3),
             views_s=round(statistics.median(r.views_s for r in history), 3),
+            baseline_views_s=round(statistics.median(r.views_s for r in baseline), 3),
+            views_ratio=round(
+                statistics.median(h.views_s / b.views_s for h, b in zip(history, baseline, strict=True)), 3
+            ),
             baseline_status_s=round(statistics.median(r.status_s for r in baseline), 3),
             ratio=round(statistics.median(ratios), 3),
             ratio_spread=f"{min(ratios):.2f}-{max(ratios):.2f}",
             rss_mb=round(max(r.rss_mb for r in history), 1),
             baseline_rss_mb=round(max(r.rss_mb for r in baseline), 1),
         )
-
-
-@contextlib.contextmanager
-def running(state: Path) -> Iterator[EmbeddedNats]:
-    """The state directory's nats-server, run by the bench (as an operator's server is): it outlives daemons."""
-    server = EmbeddedNats(store_dir=state / "nats")
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 if __name__ == "__main__":

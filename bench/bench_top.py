@@ -101,6 +101,8 @@ async def main(args: argparse.Namespace) -> None:
             (with_top if top else without).append(cpu)
             walls[top].append(wall)
             if top:
+                if shown != args.tasks:  # a view that missed rows did less work: its figure would flatter it
+                    raise SystemExit(f"top showed {shown} of {args.tasks} tasks completed: no figure")
                 rows = shown
                 top_cpu.append(own)
             print(f"pair {pair} {'with' if top else 'without'} top: daemon cpu {cpu:.2f} s, wall {wall:.1f} s")
