@@ -323,6 +323,8 @@ class Daemon:
         return (pool.busy, pool.size, pool.waiting()) if pool is not None else (0, self.settings.max_agents, 0)
 
     def _cost(self, job: domain.JobState) -> float | None:
+        if not self.settings.prices:  # nothing priced: no view of every job built at every scrape for nothing
+            return None
         return priced(domain.job_view(job, tasks=False), job, self.settings).cost  # as `status` shows it
 
     async def _take_lease(self) -> Lease | None:
