@@ -22,10 +22,10 @@ from typing import Any, ClassVar
 
 import msgspec
 from nats.aio.client import Client
-from rich.text import Text
 from textual.app import App, ComposeResult
 from textual.binding import Binding, BindingType
 from textual.containers import Vertical
+from textual.content import Content
 from textual.widgets import DataTable, Footer, Log, Static
 from textual.widgets.data_table import ColumnKey
 from textual.worker import Worker
@@ -152,7 +152,7 @@ class TopApp(App[int]):
             for key, cells in rows.items():
                 for column, (old, new) in zip(self._columns, zip(self._drawn[key], cells, strict=True), strict=True):
                     if old != new:
-                        table.update_cell(key, column, Text(new))
+                        table.update_cell(key, column, Content(new))
             self._drawn = rows
             return
         selected = self._selected_key()
@@ -163,7 +163,7 @@ class TopApp(App[int]):
         else:
             table.clear()
         for key, cells in rows.items():
-            table.add_row(*map(Text, cells), key=key)
+            table.add_row(*map(Content, cells), key=key)
         self._drawn = rows
         if selected in rows:
             table.move_cursor(row=list(rows).index(selected), scroll=False)
