@@ -507,6 +507,12 @@ def _approvals(_ctx: click.Context, param: click.Parameter, values: tuple[str, .
     help="Wait for 'numerusctl approve' at the validated plan, before the job is final (merge), or both (all); "
     "repeatable or comma-separated [numerusd's approve].",
 )
+@click.option(
+    "--pool",
+    metavar="NAME",
+    help="The pool of remote workers ('numerusd worker --pool NAME') that runs the job's executors; '' for "
+    "numerusd itself [numerusd's default_pool].",
+)
 @click.option("--max-tokens", type=click.IntRange(1, MAX_TOKENS), metavar="N", help="Token cap of the whole job.")
 @click.option("--task-max-tokens", type=click.IntRange(1, MAX_TOKENS), metavar="N", help="Token cap of each task.")
 @click.option("--wait", is_flag=True, help="Follow the job until it ends; exit 1 unless it completed.")
@@ -528,6 +534,7 @@ def run(
     max_tokens: int | None,
     task_max_tokens: int | None,
     priority: int,
+    pool: str | None,
     wait: bool,
     as_json: bool,
 ) -> None:
@@ -556,6 +563,7 @@ def run(
         max_tokens=max_tokens,
         task_max_tokens=task_max_tokens,
         plan_json=None if plan_file is None else _read_plan(plan_file),
+        pool=pool,
     )
 
     submitted: list[str] = []

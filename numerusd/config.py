@@ -47,6 +47,7 @@ import msgspec
 from numerusd.agents.base import AgentProfile
 from numerusd.errors import ConfigError
 from numerusd.protocol import connection
+from numerusd.protocol.ids import is_token
 from numerusd.protocol.commands import DEFAULT_STATE_DIR, MAX_TOKENS, ROLES
 
 #: The profiles every installation has; a file's `[agents.<name>]` table is merged over them field by field.
@@ -210,6 +211,11 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     #: The lease of the event stream (docs/operations.md, "One daemon per stream"): renewed every quarter of this
     #: many seconds; a standby takes over at most this long after the holder's last renewal.
     lease_ttl_s: Annotated[float, msgspec.Meta(ge=2, le=300)] = 8.0
+    #: Remote workers (docs/operations.md, "Remote workers"): the pool whose workers run the executors of a job
+    #: run without `--pool` ("": the daemon runs them itself), and how long a worker may go without listing an
+    #: attempt in its heartbeat before the attempt is lost and made again elsewhere.
+    default_pool: str = ""
+    worker_lease_s: Annotated[float, msgspec.Meta(ge=1, le=600)] = 10.0
 
     def __repr__(self) -> str:
         # The password must never reach a log line; show only whether there is one.
@@ -443,6 +449,12 @@ def load_settings(
     if settings.metrics_address is not None:
         parse_address(settings.metrics_address)  # refused now, in one line, not when the daemon is half up
     _check_replicas(settings)
+    if settings.default_pool and not is_token(settings.default_pool):
+        raise ConfigError(
+            f"default_pool {settings.default_pool!r} is not a pool name: letters, digits, '_' and '-', not starting "
+            "with '-', at most 64",
+            setting="default_pool",
+        )
     known = ", ".join(sorted(settings.agents))
     if settings.default_agent not in settings.agents:
         raise ConfigError(

@@ -433,7 +433,9 @@ class Daemon:
                 if task.status == "merging" and task.merge_parent and task.commit and job.integration:
                     await self._repair_merge(job, task)
             for task in domain.running_tasks(job):
-                if task.pid is not None and await asyncio.to_thread(kill_leftover, task.pid, task.start_ticks):
+                # A remote worker's agent is not ours to stop: its pid is on another machine, and its lease is
+                # refused from now on (the worker stops it when its heartbeat is answered).
+                if task.pid is not None and task.lease is None and await asyncio.to_thread(kill_leftover, task.pid, task.start_ticks):
                     log.info("stopped leftover agent pid %d of %s/%s", task.pid, job.id, task.id)
             await self.book.decide(job.id, self._interrupted("numerusd stopped while the job was under way"))
 

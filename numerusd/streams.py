@@ -38,6 +38,7 @@ from nats.js.kv import KeyValue
 
 from numerusd.embedded_nats import MIN_SERVER_VERSION
 from numerusd.errors import NatsUnavailable, StoreError, StreamMismatch
+from numerusd.protocol import work as work_protocol
 from numerusd.protocol.subjects import (
     DLQ,
     DLQ_SUBJECTS,
@@ -56,6 +57,8 @@ DEFAULT_LOGS_MAX_BYTES = 1 << 30
 DEFAULT_LOGS_MAX_AGE = 7 * 24 * 3600.0
 DEFAULT_DLQ_MAX_AGE = 30 * 24 * 3600.0
 DEFAULT_DLQ_MAX_BYTES = 64 << 20
+#: How long an offer to remote workers waits in NUMERUS_WORK before it is dropped.
+WORK_MAX_AGE = 24 * 3600.0
 #: The largest dead letter the stream takes, headers included; `DeadLetters` cuts a larger input to fit.
 DLQ_MAX_MSG_SIZE = 128 << 10
 
@@ -206,7 +209,20 @@ def stream_specs(
             "num_replicas": replicas,
         },
     )
-    return [events, logs, dlq, snapshots]
+    work = StreamSpec(
+        name=work_protocol.WORK_STREAM,
+        subjects=work_protocol.WORK_SUBJECTS,
+        required={"retention": RetentionPolicy.WORK_QUEUE, "storage": StorageType.FILE},
+        desired={
+            "description": "Numerus task attempts offered to remote workers, one consumer per pool",
+            # An offer nobody took in a day is for a job that has long moved on (its lease is refused anyway).
+            "max_age": WORK_MAX_AGE,
+            "discard": DiscardPolicy.OLD,
+            "num_replicas": replicas,
+        },
+        why="an offer must go to one worker and leave the queue once taken",
+    )
+    return [events, logs, dlq, snapshots, work]
 
 
 # Settings the server refuses to change on an existing stream: a difference there is reported, not updated.

@@ -19,7 +19,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import msgspec
 from nats.aio.client import Client
@@ -52,6 +52,18 @@ from numerusd.sandbox import Sandbox
 from numerusd.terminal import Terminal, spawn
 
 log = logging.getLogger(__name__)
+
+
+class Launcher(Protocol):
+    """Where an agent runs when not in a PTY of the daemon's: a remote worker (`numerusd.dispatch.RemoteAttempt`),
+    whose `start` returns a terminal read as a local one (`read`, `wait`, `terminate`, `close`, `pid`)."""
+
+    async def start(self) -> Any:
+        """Have the agent started; its terminal."""
+
+    def cancel(self) -> None:
+        """Stop it before it started."""
+
 
 #: What an agent call's answer decodes to (a claim, a verdict): a msgspec Struct, never a str.
 _Answer = TypeVar("_Answer")
@@ -140,8 +152,11 @@ class AgentProcess:
         redactor: Redactor | None = None,
         sandbox: Sandbox | None = None,
         metrics: Metrics | None = None,
+        launcher: Launcher | None = None,
     ) -> None:
         self.adapter = adapter
+        #: Runs the agent elsewhere (a remote worker) rather than in a PTY here.
+        self.launcher = launcher
         self.metrics = metrics or Metrics()
         #: What the agent may see (None: unsandboxed, a profile's `sandbox = "none"`).
         self.sandbox = sandbox
@@ -167,6 +182,10 @@ class AgentProcess:
     async def spawn(self) -> Terminal:
         """Start the agent; AgentError with a one-line reason when it cannot start."""
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        if self.launcher is not None:  # its time counts from when the worker started it, not from the offer
+            self.terminal = await self.launcher.start()
+            self._started = self.last_output = time.monotonic()
+            return self.terminal
         program = self.argv[0]
         refusal = self.breaker.refusal(program) if self.breaker is not None else None
         if refusal is not None:
@@ -234,6 +253,8 @@ class AgentProcess:
         self.stopped_because = because or self.stopped_because
         if self.terminal is not None:
             await self.terminal.terminate(grace)
+        elif self.launcher is not None:
+            self.launcher.cancel()
 
 
 @dataclass(frozen=True)
@@ -474,8 +495,10 @@ class Agents:
         log_path: Path,
         subject: str,
         sandbox: Sandbox | None,
+        launcher: Launcher | None = None,
     ) -> AgentProcess:
-        """An agent process, not started yet, whose output goes to `log_path` and `subject`, in `sandbox`."""
+        """An agent process, not started yet, whose output goes to `log_path` and `subject`, in `sandbox` (or
+        started by `launcher` elsewhere)."""
         return AgentProcess(
             adapter=adapter,
             invocation=invocation,
@@ -490,6 +513,7 @@ class Agents:
             redactor=self.redactor,
             sandbox=sandbox,
             metrics=self.metrics,
+            launcher=launcher,
         )
 
     @contextlib.contextmanager

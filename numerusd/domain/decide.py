@@ -40,11 +40,13 @@ from numerusd.domain.observations import (
     IntegrationReady,
     Interrupted,
     Kill,
+    Lost,
     MergeBegun,
     MergeConflict,
     Merged,
     MergeWaiting,
     Observation,
+    Offered,
     Pause,
     PipelineFailed,
     PlanAnswered,
@@ -61,6 +63,7 @@ from numerusd.domain.observations import (
     Start,
     StoppedForKill,
     SubmitJob,
+    Taken,
     TaskObservation,
     TaskReady,
     WorkCommitted,
@@ -136,12 +139,15 @@ from numerusd.protocol.events import (
     TaskInterrupted,
     TaskKilled,
     TaskKillRequested,
+    TaskLost,
     TaskMerged,
+    TaskOffered,
     TaskRejected,
     TaskRetryRequested,
     TaskRetryScheduled,
     TaskSkipped,
     TaskStarted,
+    TaskTaken,
     TaskWorkCommitted,
     TokensUsed,
     WorktreeCreated,
@@ -262,6 +268,23 @@ def _decide_task(job: JobState, task: TaskState, seen: TaskObservation) -> Decis
         case AgentFailedToStart(reason=reason):
             _expect_task(job, task, seen, ("running",))
             return [(task.id, AgentSpawnFailed(reason=reason))]
+        case Offered(pool=pool, lease=lease):
+            _expect_task(job, task, seen, ("running",))
+            if task.lease is not None:
+                raise InvalidTransition(f"task {task.id} of job {job.id} was offered already under another lease")
+            return [(task.id, TaskOffered(pool=pool, lease=lease))]
+        case Taken(lease=lease, worker=worker, host=host):
+            _expect_task(job, task, seen, ("running",))
+            if lease != task.lease or task.worker is not None:
+                raise InvalidTransition(f"task {task.id} of job {job.id} has no attempt to give under lease {lease}")
+            return [(task.id, TaskTaken(worker=worker, lease=lease, host=host))]
+        case Lost(lease=lease, worker=worker, reason=reason):
+            _expect_task(job, task, seen, _AGENT_ALIVE)
+            if lease != task.lease:
+                raise InvalidTransition(f"task {task.id} of job {job.id} has no attempt under lease {lease}")
+            if task.status != "running":  # the job ended while the worker had it: nothing is to be made again
+                return []
+            return [(task.id, TaskLost(worker=worker, lease=lease, reason=reason))]
         case AgentReported(events=events):
             _expect_task(job, task, seen, _AGENT_ALIVE)
             for event in events:
@@ -418,6 +441,7 @@ def _submit(command: SubmitJob) -> Decision:
         task_max_tokens=command.task_max_tokens,
         on_budget=command.on_budget,
         escalate=command.escalate,
+        pool=command.pool,
     )
     if command.given_plan is not None:
         return [(None, submitted), *_given_plan(command, command.given_plan)]

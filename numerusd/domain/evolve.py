@@ -85,11 +85,14 @@ from numerusd.protocol.events import (
     TaskInterrupted,
     TaskKilled,
     TaskKillRequested,
+    TaskLost,
     TaskMerged,
+    TaskOffered,
     TaskRetryRequested,
     TaskRetryScheduled,
     TaskSkipped,
     TaskStarted,
+    TaskTaken,
     TaskWorkCommitted,
     TokensUsed,
     Usage,
@@ -135,6 +138,7 @@ def evolve(state: JobState | None, event: Envelope) -> JobState:
             task_max_tokens=data.task_max_tokens,
             on_budget=data.on_budget,
             escalate=data.escalate,
+            pool=data.pool,
             traceparent=event.traceparent,
         )
     job = msgspec.structs.replace(state, updated=event.time, events=state.events + 1, last_event_id=event.id)
@@ -349,7 +353,17 @@ def _evolve_task(job: JobState, task_id: str, time: datetime, data: EventData) -
                 thread_id=task.thread_id if resumes else None,
                 thread_tokens=task.thread_tokens if resumes else (0, 0, 0),
                 resumed=task.resumed + 1 if resumes else 0,
+                lease=None,
+                worker=None,
+                host="",
             )
+        case TaskOffered(lease=lease):
+            task = replace(task, lease=lease, worker=None, host="")
+        case TaskTaken(worker=worker, host=host):
+            task = replace(task, worker=worker, host=host)
+        case TaskLost(reason=reason):
+            # Made again as a new attempt, not counted as failed: the machine went away, not the agent's work.
+            task = replace(task, status="retrying", reason=reason, pid=None, lease=None, worker=None, host="")
         case TaskKillRequested(by=by):
             task = replace(task, kill_requested=True, kill_by=by)
         case TaskRetryRequested(reason=reason):

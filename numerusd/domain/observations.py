@@ -54,6 +54,8 @@ class SubmitJob(msgspec.Struct, frozen=True, kw_only=True):
     task_max_tokens: int | None = None
     on_budget: str = "pause"
     escalate: dict[str, str] = {}
+    #: The pool of remote workers that runs its executors ("": the daemon itself).
+    pool: str = ""
     #: A plan the user wrote (`run --plan FILE`), validated already, with its hash: no planner is asked.
     given_plan: Plan | None = None
     given_plan_hash: str = ""
@@ -291,6 +293,29 @@ class AgentFailedToStart(TaskObservation, frozen=True, kw_only=True):
     reason: str
 
 
+class Offered(TaskObservation, frozen=True, kw_only=True):
+    """The task's agent is offered to the remote workers of `pool` under `lease` (before the offer is sent)."""
+
+    pool: str
+    lease: str
+
+
+class Taken(TaskObservation, frozen=True, kw_only=True):
+    """The worker `worker` asks to run the attempt offered under `lease` (before it is told to go)."""
+
+    lease: str
+    worker: str
+    host: str = ""
+
+
+class Lost(TaskObservation, frozen=True, kw_only=True):
+    """The worker running the attempt under `lease` went away or handed it back, for `reason`."""
+
+    lease: str
+    worker: str
+    reason: str
+
+
 class AgentReported(TaskObservation, frozen=True, kw_only=True):
     """What the agent's output parser read: messages, commands, file changes, tokens, its thread."""
 
@@ -416,6 +441,9 @@ Observation = (
     | AgentStarting
     | AgentStarted
     | AgentFailedToStart
+    | Offered
+    | Taken
+    | Lost
     | AgentReported
     | InputSent
     | AgentExited

@@ -107,6 +107,11 @@ class TaskState(msgspec.Struct, frozen=True, kw_only=True):
     merged_sha: str | None = None
     #: Its attempts now run on its first profile's `escalate` profile (TaskEscalated): a failure waits for approval.
     escalated: bool = False
+    #: Where the attempt under way runs when a remote worker runs it: the lease it was offered under (None: the
+    #: daemon runs it, or it was not offered yet), the worker that took it and its host (None: not taken yet).
+    lease: str | None = None
+    worker: str | None = None
+    host: str = ""
 
     @property
     def next_attempt(self) -> int:
@@ -209,6 +214,8 @@ class JobState(msgspec.Struct, frozen=True, kw_only=True):
     stop_reason: str | None = None
     #: Profile -> the profile that makes one more attempt when all of its attempts failed.
     escalate: dict[str, str] = {}
+    #: The pool of remote workers that runs its executors ("": the daemon itself).
+    pool: str = ""
     #: The W3C trace context of the command that submitted the job (its envelope's `traceparent`): the events
     #: its pipeline writes later carry it too ("" when none came).
     traceparent: str = ""

@@ -15,7 +15,7 @@ from numerusd.handlers.context import Context
 from numerusd.processes import inherited_environment
 from numerusd.protocol import subjects
 from numerusd.protocol.commands import MAX_GOAL_BYTES, MAX_PRIORITY, ROLES, RunJob, RunReply
-from numerusd.protocol.ids import new_ulid
+from numerusd.protocol.ids import is_token, new_ulid
 from numerusd.terminal import find_program
 
 #: How long `run` waits for `git status` (a huge working tree can take seconds; numerusctl waits 5 s in all).
@@ -57,6 +57,11 @@ async def handle(context: Context, request: RunJob) -> RunReply:
     unsandboxed = tuple(role for role, agent in roles.items() if settings.agents[agent].sandbox == "none")
     max_tokens, task_max_tokens = _caps(settings, request)
     if not request.plan:
+        if request.pool:
+            raise BadRequest(
+                "--no-plan works in the repository itself, on this machine: no worker can run it; "
+                "leave out --pool, or plan the job"
+            )
         if request.approve or request.plan_json is not None:
             raise BadRequest("--approve and --plan FILE need a planned job; --no-plan has no plan and no merge")
         _refuse_to_work_in(repo, settings.state_dir)
@@ -115,6 +120,7 @@ async def handle(context: Context, request: RunJob) -> RunReply:
             task_max_tokens=task_max_tokens,
             on_budget=settings.on_budget,
             escalate=settings.escalations(),
+            pool=_pool(request.pool, settings.default_pool),
             given_plan=None if given is None else given.plan,
             given_plan_hash="" if given is None else given.hash,
         )
@@ -160,6 +166,16 @@ def _refuse_missing_programs(settings: Settings, roles: dict[str, str], used: tu
                 f"agent {agent!r} (the {role}) cannot start: its program {argv[0]} {where}; install it, or set the "
                 f"profile's binary in numerusd's configuration"
             )
+
+
+def _pool(asked: str | None, default: str) -> str:
+    """The pool of workers that runs the job's executors: `run --pool`, else `default_pool` ("": the daemon)."""
+    pool = default if asked is None else asked
+    if pool and not is_token(pool):
+        raise BadRequest(
+            f"pool {pool!r} is not a pool name; give --pool with letters, digits, '_' and '-' (not first), at most 64"
+        )
+    return pool
 
 
 def _caps(settings: Settings, request: RunJob) -> tuple[int | None, int | None]:

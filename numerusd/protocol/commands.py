@@ -57,6 +57,9 @@ class RunJob(Request, frozen=True, kw_only=True):
     #: A plan written by the user (`run --plan FILE`: the JSON a planner answers, docs/plans.md): validated as a
     #: planner's is, and no planner is asked.
     plan_json: str | None = None
+    #: The pool of remote workers that runs its executors (`run --pool`); None: numerusd's `default_pool` ("": the
+    #: daemon runs them itself).
+    pool: str | None = None
 
 
 #: The highest priority `run --priority` takes (and the lowest, negated).

@@ -96,6 +96,8 @@ class JobSubmitted(EventData, frozen=True, kw_only=True):
     #: The agent profile that makes one more attempt of a task whose profile's attempts all failed (profile ->
     #: its `escalate` profile, as configured when the job was submitted).
     escalate: dict[str, str] = {}
+    #: The pool of remote workers that runs its executors (numerusd/protocol/work.py); "": the daemon itself.
+    pool: str = ""
 
 
 class ReplanRequested(EventData, frozen=True, kw_only=True):
@@ -499,6 +501,31 @@ class AgentSpawnFailed(TaskEvent, frozen=True, kw_only=True):
     reason: str
 
 
+class TaskOffered(TaskEvent, frozen=True, kw_only=True):
+    """The attempt's agent runs on a remote worker of `pool`: offered on `numerus.work.<pool>` under `lease`, the
+    token each of the attempt's reports must name (numerusd/protocol/work.py)."""
+
+    pool: str
+    lease: str
+
+
+class TaskTaken(TaskEvent, frozen=True, kw_only=True):
+    """The worker `worker` took the offered attempt and runs its agent on `host`."""
+
+    worker: str
+    lease: str
+    host: str = ""
+
+
+class TaskLost(TaskEvent, frozen=True, kw_only=True):
+    """The attempt's worker went away (it stopped heart-beating, or handed the attempt back): the task runs again
+    as a new attempt, not counted as failed; a late report under `lease` is refused."""
+
+    worker: str
+    lease: str
+    reason: str
+
+
 class AgentThreadStarted(TaskEvent, frozen=True, kw_only=True):
     """The agent opened a conversation thread that a later attempt may resume."""
 
@@ -679,6 +706,9 @@ EVENT_TYPES: dict[str, type[EventData]] = {
         TaskStarted,
         AgentSpawned,
         AgentSpawnFailed,
+        TaskOffered,
+        TaskTaken,
+        TaskLost,
         AgentThreadStarted,
         AgentMessageReceived,
         AgentCommandExecuted,
