@@ -36,7 +36,7 @@ from numerusd.protocol.connection import CLIENT_ROLES, inbox_prefix
 ROLES = CLIENT_ROLES
 
 #: The requests that only read; a viewer may send these and no other.
-READ_VERBS = ("status", "plan", "logs", "events", "diff")
+READ_VERBS = ("status", "plan", "logs", "events", "diff", "workers")
 
 #: The streams a client may read with its own consumers.
 READABLE_STREAMS = (subjects.EVENTS, subjects.LOGS)

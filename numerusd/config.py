@@ -47,8 +47,8 @@ import msgspec
 from numerusd.agents.base import AgentProfile
 from numerusd.errors import ConfigError
 from numerusd.protocol import connection
-from numerusd.protocol.ids import is_token
 from numerusd.protocol.commands import DEFAULT_STATE_DIR, MAX_TOKENS, ROLES
+from numerusd.protocol.ids import is_token
 
 #: The profiles every installation has; a file's `[agents.<name>]` table is merged over them field by field.
 BUILTIN_AGENTS: dict[str, AgentProfile] = {

@@ -42,6 +42,7 @@ from numerusd.breaker import CircuitBreaker
 from numerusd.checkouts import CHECKOUTS_SUFFIX, Checkouts
 from numerusd.config import NatsAddress, Settings, write_connection_file
 from numerusd.dead_letters import DeadLetters
+from numerusd.dispatch import Dispatcher
 from numerusd.domain.observations import Interrupted, Merged, Resume
 from numerusd.embedded_nats import EmbeddedNats
 from numerusd.errors import LeaseLost, NatsUnavailable, NumerusError
@@ -212,9 +213,23 @@ class Daemon:
             redactor=redactor,
             metrics=self.metrics,
         )
-        runner = self.runner = Runner(book, settings, agents)
+        dispatcher = Dispatcher(
+            nc,
+            js,
+            lease_s=lambda: self.settings.worker_lease_s,
+            dead_letters=self.dead_letters,
+            replicas=settings.replicas,
+            max_request_bytes=settings.max_request_bytes,
+        )
+        await dispatcher.start()
+        runner = self.runner = Runner(book, settings, agents, dispatcher)
         context = self.context = Context(
-            settings=settings, book=book, jobs=runner, history=EventHistory(nc), git_problem=self.git_problem
+            settings=settings,
+            book=book,
+            jobs=runner,
+            history=EventHistory(nc),
+            git_problem=self.git_problem,
+            workers=dispatcher,
         )
         self._service = await start_service(address, context, self.dead_letters)
         await listen_for_input(nc, book, agents, self.keyring)  # `numerusctl attach`; ends with the connection's drain
@@ -435,7 +450,11 @@ class Daemon:
             for task in domain.running_tasks(job):
                 # A remote worker's agent is not ours to stop: its pid is on another machine, and its lease is
                 # refused from now on (the worker stops it when its heartbeat is answered).
-                if task.pid is not None and task.lease is None and await asyncio.to_thread(kill_leftover, task.pid, task.start_ticks):
+                if (
+                    task.pid is not None
+                    and task.lease is None
+                    and await asyncio.to_thread(kill_leftover, task.pid, task.start_ticks)
+                ):
                     log.info("stopped leftover agent pid %d of %s/%s", task.pid, job.id, task.id)
             await self.book.decide(job.id, self._interrupted("numerusd stopped while the job was under way"))
 

@@ -43,6 +43,7 @@ from numerusd.dead_letters import DeadLetters
 from numerusd.domain.observations import Observation, Offered, Taken
 from numerusd.errors import AgentError, InvalidTransition
 from numerusd.protocol import work
+from numerusd.protocol.commands import WorkersReply, WorkerView
 from numerusd.protocol.ids import is_token
 
 log = logging.getLogger(__name__)
@@ -56,8 +57,9 @@ WATCH_S = 0.5
 class WorkLost(Exception):
     """The attempt's worker went away, or handed the attempt back: `reason` says which."""
 
-    def __init__(self, worker: str, reason: str) -> None:
+    def __init__(self, lease: str, worker: str, reason: str) -> None:
         super().__init__(reason)
+        self.lease = lease
         self.worker = worker
         self.reason = reason
 
@@ -168,7 +170,7 @@ class RemoteAttempt:
 
     def lose(self, reason: str) -> None:
         """The worker went away: every waiter gets WorkLost, and the lease is refused from now on."""
-        self.lost = WorkLost(self.worker or "", reason)
+        self.lost = WorkLost(self.lease, self.worker or "", reason)
         for future in (self.started, self.exited, self.finished):
             if not future.done():
                 future.set_exception(self.lost)
@@ -342,6 +344,34 @@ class Dispatcher:
         """The attempt is over: its lease is refused from now on."""
         if self.attempts.get(attempt.lease) is attempt:
             del self.attempts[attempt.lease]
+
+    def view(self) -> WorkersReply:
+        """Every worker heard from since the daemon started, what it runs, and the attempts waiting per pool."""
+        now, limit = time.monotonic(), self.lease_s()
+        running: dict[str, list[str]] = {}
+        waiting: dict[str, int] = {}
+        for attempt in self.attempts.values():
+            offer = attempt.offer
+            if attempt.worker is None:
+                waiting[offer.pool] = waiting.get(offer.pool, 0) + 1
+            else:
+                running.setdefault(attempt.worker, []).append(f"{offer.job}/{offer.task}#{offer.attempt}")
+        workers = [
+            WorkerView(
+                name=seen.name,
+                host=seen.host,
+                pools=list(seen.pools),
+                capacity=seen.capacity,
+                running=sorted(running.get(seen.name, ())),
+                heard_s=round(now - seen.heard, 1),
+                heard_at=seen.heard_at,
+                draining=seen.draining,
+                lost=now - seen.heard > limit,
+                version=seen.version,
+            )
+            for seen in sorted(self.workers.values(), key=lambda seen: seen.name)
+        ]
+        return WorkersReply(workers=workers, waiting=waiting)
 
     # --- the workers' requests -------------------------------------------------------------------------------
 

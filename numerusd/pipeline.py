@@ -42,6 +42,7 @@ from numerusd.checkouts import CHECKOUTS_SUFFIX, Checkouts
 from numerusd.checks import CheckLog, run_check
 from numerusd.claims import escapes, outside_claim, reported_outside, unclaimed_commands
 from numerusd.config import Settings
+from numerusd.dispatch import Dispatcher, RemoteAttempt, WorkLost
 from numerusd.domain.observations import (
     AttemptFailed,
     CheckRan,
@@ -50,6 +51,7 @@ from numerusd.domain.observations import (
     FinishedInPlace,
     GateDone,
     IntegrationReady,
+    Lost,
     MergeBegun,
     MergeConflict,
     Merged,
@@ -84,6 +86,7 @@ from numerusd.protocol.events import (
 )
 from numerusd.protocol.plan import FileIntent
 from numerusd.protocol.review import decode_verdict
+from numerusd.protocol.work import CheckResult
 from numerusd.slots import Slots
 from numerusd.supervisor import AgentCall, AgentProcess, Agents, CallResult, TaskRun
 
@@ -121,8 +124,11 @@ class JobPipeline:
         agents: Agents,
         stopping: asyncio.Event,
         seat: Seat | None = None,
+        dispatcher: Dispatcher | None = None,
     ) -> None:
         self.book = book
+        #: Offers the executors of a job with a pool to remote workers (numerusd.dispatch).
+        self.dispatcher = dispatcher
         self.settings = settings
         self.agents = agents
         self.stopping = stopping
@@ -147,6 +153,8 @@ class JobPipeline:
         self.runs: dict[str, TaskRun] = {}
         #: Whether the job's tasks may run: set once `run` has its plan approved and its integration branch.
         self.flowing = False
+        #: The checks a remote worker ran on each task's last commit, for its gate.
+        self.remote_checks: dict[str, tuple[CheckResult, ...]] = {}
         #: The job's agents being stopped because a token budget was exceeded (`on_budget = "stop"`).
         self._stopping_agents: asyncio.Task[None] | None = None
 
@@ -458,6 +466,10 @@ class JobPipeline:
             except git.GitError as e:  # one task's git trouble is that task's failed attempt, not the job's end
                 log.warning("task %s/%s: %s", self.job_id, task_id, e.message)
                 reasons, fresh = [f"git failed: {e.message}"], True
+            except WorkLost as e:  # its worker went away: made again, not counted as failed
+                self._check_stopping()
+                await self.observe(Lost(task=task_id, lease=e.lease, worker=e.worker, reason=e.reason))
+                continue
             if reasons is None:
                 return
             decided = await self.observe(AttemptFailed(task=task_id, reasons=tuple(reasons), fresh_worktree=fresh))
@@ -526,7 +538,8 @@ class JobPipeline:
         An attempt a daemon stop cut goes on in its agent's thread when the agent said one (`codex exec resume`),
         with the same prompt's header and a word that it was interrupted; else it is a new attempt."""
         job, task = self.job, self.job.tasks[task_id]
-        thread = task.resumable_thread
+        remote = bool(job.pool) and not job.in_place and self.dispatcher is not None
+        thread = task.resumable_thread if not remote else None  # a worker's agent thread stays on its machine
         number = task.attempt if thread else task.next_attempt
         if job.in_place:
             prompt = prompts.resumed(task.instructions) if thread else task.instructions
@@ -544,13 +557,18 @@ class JobPipeline:
         )
         if thread:
             prompt = prompts.resumed(prompt)
-        why = await self.execute(task_id, worktree.path, prompt, number, resume=thread)
+        message = f"{task_id}: {task.title}\n\nNumerus job {self.job_id}"
+        offered = await self._offer(task_id, worktree, prompt, number, message) if remote else None
+        why = await self.execute(task_id, worktree.path, prompt, number, resume=thread, remote=offered)
         self._check_stopping()
         if self._killing(task_id):
             return ["killed"]
         if why is not None:
             return [why]
-        message = f"{task_id}: {task.title}\n\nNumerus job {self.job_id}"
+        if offered is not None:
+            why = await self._bring_back(task_id, worktree, offered)
+            if why is not None:
+                return [why]
         work = await git.commit_work(worktree, message, author=AUTHOR)
         listed = tuple(f"{change.kind} {change.path}" for change in work.changes)
         await self.observe(WorkCommitted(task=task_id, commit=work.commit, changes=listed))
@@ -608,11 +626,59 @@ class JobPipeline:
         failpoints.hit("after-worktree")  # tests: a crash with a worktree made, no agent started
         return created
 
+    async def _offer(
+        self, task_id: str, worktree: git.Worktree, prompt: str, number: int, message: str
+    ) -> RemoteAttempt:
+        """The attempt as offered to the job's pool: its base's bundles uploaded, the offer not sent yet."""
+        assert self.dispatcher is not None
+        job, task = self.job, self.job.tasks[task_id]
+        return await self.dispatcher.attempt(
+            job=self.job_id,
+            task=task_id,
+            attempt=number,
+            pool=job.pool,
+            agent=task.agent,
+            prompt=prompt,
+            mirror=self.git_repo,
+            root=job.base_sha or worktree.base_sha,
+            base=worktree.base_sha,
+            branch=worktree.branch,
+            commit_message=message,
+            checks=job.checks,
+            check_timeout_s=self.settings.check_timeout_s,
+            observe=self.observe,
+        )
+
+    async def _bring_back(self, task_id: str, worktree: git.Worktree, offered: RemoteAttempt) -> str | None:
+        """The commit a worker made of the attempt, into the mirror and the task's worktree (checked on the way:
+        one commit on top of the base, see numerusd.bundles); why it cannot be, or None. The gate then runs on it
+        as on a local attempt's work, with the checks the worker ran."""
+        assert self.dispatcher is not None
+        finished = await offered.result()
+        if finished.error is not None:
+            return f"the worker {offered.worker} could not finish the attempt: {finished.error}"
+        self.remote_checks[task_id] = finished.checks
+        if finished.commit is None:
+            return None  # nothing changed: the worktree is at its base already
+        try:
+            await self.dispatcher.receive(offered, self.git_repo, finished)
+        except NumerusError as e:
+            return f"the work the worker {offered.worker} sent back was refused: {e.message}"
+        await git.move_worktree(worktree, finished.commit)
+        return None
+
     async def execute(
-        self, task_id: str, workdir: Path, prompt: str, attempt: int, *, resume: str | None = None
+        self,
+        task_id: str,
+        workdir: Path,
+        prompt: str,
+        attempt: int,
+        *,
+        resume: str | None = None,
+        remote: RemoteAttempt | None = None,
     ) -> str | None:
-        """Run the executor in `workdir` (going on in the agent thread `resume`); why the run failed, or None when
-        it exited 0."""
+        """Run the executor in `workdir` (going on in the agent thread `resume`; on a worker of the job's pool for
+        `remote`); why the run failed, or None when it exited 0."""
         await self.approved()  # over a token budget: the agents running go on, no new one starts
         if self.job.kill_requested:
             return "killed"
@@ -637,10 +703,11 @@ class JobPipeline:
             sandbox=sandbox.for_agent(
                 profile, adapter, workdir=workdir, writable=True, hidden=self.hidden, git_dirs=self.git_dirs(workdir)
             ),
+            launcher=remote,
         )
         run = TaskRun(task_id=task_id, process=process, observe=self.observe)
         self.runs[task_id] = run
-        async with self.slots.taken():
+        async with self.slots.taken(local=remote is None):
             self.ahead.give_back(task_id)  # running now: the next task may be asked its claim
             self._check_stopping()
             watch = asyncio.create_task(self._watch(run.process))
@@ -705,18 +772,24 @@ class JobPipeline:
             hidden=self.hidden,
             git_dirs=self.git_dirs(worktree.path) or (),
         )
+        # The checks a worker ran on this work (the daemon runs those it did not).
+        ran_remotely = {result.command: result for result in self.remote_checks.pop(task_id, ())}
         for command in self.job.checks:
             if command in task.passed_checks:  # passed on this commit before a daemon stop
                 passed.append(command)
                 continue
-            # With the daemon's environment without its secrets, as agents have it; None on a timeout.
-            exit_code, output, duration = await run_check(
-                worktree.path,
-                command,
-                timeout=self.settings.check_timeout_s,
-                sandbox=jail,
-                log=CheckLog(self.settings.runs_dir / self.job_id / task_id, task.attempt, self.book.redactor),
-            )
+            if (result := ran_remotely.get(command)) is not None:
+                exit_code, duration = result.exit_code, result.duration_s
+                output = self.book.redactor.redact_text(result.output)
+            else:
+                # With the daemon's environment without its secrets, as agents have it; None on a timeout.
+                exit_code, output, duration = await run_check(
+                    worktree.path,
+                    command,
+                    timeout=self.settings.check_timeout_s,
+                    sandbox=jail,
+                    log=CheckLog(self.settings.runs_dir / self.job_id / task_id, task.attempt, self.book.redactor),
+                )
             tail = output[-CHECK_OUTPUT_CHARS:]
             await self.observe(
                 CheckRan(task=task_id, command=command, exit_code=exit_code, duration_s=duration, output=tail)

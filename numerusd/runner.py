@@ -17,6 +17,7 @@ from typing import Any
 from numerusd.agent_pool import AgentPool
 from numerusd.book import JobBook
 from numerusd.config import Settings
+from numerusd.dispatch import Dispatcher
 from numerusd.pipeline import JobPipeline
 from numerusd.protocol.commands import JOB_DONE
 from numerusd.supervisor import Agents
@@ -30,10 +31,12 @@ PIPELINES_GRACE_S = 5.0
 class Runner:
     """Starts, kills and stops the daemon's jobs; see the module docstring."""
 
-    def __init__(self, book: JobBook, settings: Settings, agents: Agents) -> None:
+    def __init__(self, book: JobBook, settings: Settings, agents: Agents, dispatcher: Dispatcher | None = None) -> None:
         self.book = book
         self.settings = settings
         self.agents = agents
+        #: Offers the executors of jobs with a pool to remote workers.
+        self.dispatcher = dispatcher
         #: The daemon's agent slots, shared by every job's pipeline.
         self.pool = AgentPool(settings.max_agents, book)
         #: Set when the daemon stops: pipelines leave their jobs as they are (to be recorded interrupted).
@@ -54,6 +57,7 @@ class Runner:
             agents=self.agents,
             stopping=self.stopping,
             seat=self.pool.seat(job_id),
+            dispatcher=self.dispatcher,
         )
         self._pipelines[job_id] = pipeline
         self._spawn(self._run(pipeline), name=f"pipeline {job_id}")
@@ -98,6 +102,8 @@ class Runner:
         """Stop every agent and pipeline, gracefully unless `forced` is (or becomes) set; returns when all of
         what the runner started has ended."""
         self.stopping.set()
+        if self.dispatcher is not None:  # what workers run is left to them; their leases end with this daemon
+            await self.dispatcher.stop()
         running = len(self.agents.of_job(None))
         log.info(
             "stopping: %d agents asked to end within %g s (a second signal kills them now)",

@@ -30,11 +30,12 @@ class Slots:
         self._kept: set[str] = set()
 
     @contextlib.asynccontextmanager
-    async def taken(self, *, task: str | None = None, hand_on: bool = False) -> AsyncIterator[None]:
+    async def taken(self, *, task: str | None = None, hand_on: bool = False, local: bool = True) -> AsyncIterator[None]:
         """Hold a slot for the body of the `async with`.
 
         With `task`, a slot the task kept is used at once. With `hand_on`, the task keeps the slot when the body
-        ends without an error, until `give_back` or its next `taken`.
+        ends without an error, until `give_back` or its next `taken`. Not `local` (an agent a remote worker runs),
+        no slot of the daemon's is taken: the job's slot alone.
         """
         if task is not None and task in self._kept:
             self._kept.discard(task)
@@ -42,7 +43,7 @@ class Slots:
             await self._acquire()
         kept = False
         try:
-            async with self.seat.taken() if self.seat is not None else contextlib.nullcontext():
+            async with self.seat.taken() if self.seat is not None and local else contextlib.nullcontext():
                 yield
             if hand_on and task is not None:
                 self._kept.add(task)

@@ -82,6 +82,9 @@ def job_view(job: JobState, *, tasks: bool = True) -> JobView:
                 log_path=task.log_path,
                 started=task.started,
                 ended=task.ended,
+                worker=task.worker,
+                host=task.host,
+                pool=job.pool if task.lease is not None else "",
             )
             for task in (job.tasks.values() if tasks else ())
         ],

@@ -74,6 +74,7 @@ from numerusd.git.worktrees import (
     create_worktree,
     delete_branch,
     move_checkout,
+    move_worktree,
     remove_checkout,
     remove_worktree,
 )
@@ -123,6 +124,7 @@ __all__ = [
     "merge_task",
     "mirror_path",
     "move_checkout",
+    "move_worktree",
     "prepare_mirror",
     "publish",
     "push",

@@ -188,6 +188,13 @@ async def _unregister(repo: Path, path: Path) -> None:
             await git(repo, "worktree", "remove", "--force", "--force", str(path))
 
 
+async def move_worktree(worktree: Worktree, sha: str) -> None:
+    """The task's worktree and branch at commit `sha`, a descendant of its base already in the repository (the
+    work a remote worker sent back, see numerusd.bundles): the files that differ are written, nothing is kept."""
+    reset = ("reset", "--hard", "--quiet", "--no-recurse-submodules", sha)
+    await git(worktree.path, *reset, git_dir=worktree.git_dir)
+
+
 # --- read-only checkouts -----------------------------------------------------------------------------------
 
 

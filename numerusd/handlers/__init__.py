@@ -23,6 +23,7 @@ from numerusd.handlers import (
     skip,
     start,
     status,
+    workers,
 )
 
 #: The handler of each verb.
@@ -44,4 +45,5 @@ HANDLERS = {
     "discard": discard.handle,
     "approve": approve.handle,
     "reject": reject.handle,
+    "workers": workers.handle,
 }

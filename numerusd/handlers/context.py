@@ -12,7 +12,7 @@ from typing import Protocol
 
 from numerusd.book import JobBook
 from numerusd.config import Settings
-from numerusd.protocol.commands import EventsReply
+from numerusd.protocol.commands import EventsReply, WorkersReply
 
 
 class JobControl(Protocol):
@@ -44,6 +44,14 @@ class History(Protocol):
         ...
 
 
+class Workers(Protocol):
+    """The remote workers the daemon has heard from (numerusd.dispatch.Dispatcher)."""
+
+    def view(self) -> WorkersReply:
+        """Every worker heard from, and the attempts waiting for one."""
+        ...
+
+
 @dataclass
 class Context:
     """Everything a handler may use. Each request gets its own copy (with its `asker`); the daemon's one has its
@@ -57,3 +65,5 @@ class Context:
     git_problem: str | None = None
     #: Who sent the request being handled (`protocol.connection.asker`): recorded in the events it causes.
     asker: str = "numerusd"
+    #: The remote workers heard from (`numerusctl workers`); None: none can be (a daemon started without them).
+    workers: Workers | None = None

@@ -62,6 +62,36 @@ class RunJob(Request, frozen=True, kw_only=True):
     pool: str | None = None
 
 
+class ListWorkers(Request, frozen=True, kw_only=True):
+    """`numerusctl workers`: the remote workers the daemon has heard from, and what each runs."""
+
+
+class WorkerView(msgspec.Struct, frozen=True, kw_only=True):
+    """One remote worker as its last heartbeat said, with the attempts it runs for this daemon."""
+
+    name: str
+    host: str
+    pools: list[str]
+    capacity: int
+    #: The attempts it runs, as `JOB/TASK#ATTEMPT`.
+    running: list[str] = []
+    #: Seconds since its last heartbeat, and when that was.
+    heard_s: float = 0.0
+    heard_at: datetime | None = None
+    #: It is shutting down (takes no new work), or it was not heard of for longer than `worker_lease_s` (lost).
+    draining: bool = False
+    lost: bool = False
+    version: str = ""
+
+
+class WorkersReply(msgspec.Struct, frozen=True, kw_only=True):
+    """The workers heard from since the daemon started, by name; `pools`: every pool a worker serves or a job
+    waits on, with how many attempts wait there for a worker."""
+
+    workers: list[WorkerView]
+    waiting: dict[str, int] = {}
+
+
 #: The highest priority `run --priority` takes (and the lowest, negated).
 MAX_PRIORITY = 1000
 
@@ -236,6 +266,11 @@ class TaskView(msgspec.Struct, frozen=True, kw_only=True):
     ended: datetime | None = None
     #: What its tokens cost by numerusd's price table (None: no price for its model).
     cost: float | None = None
+    #: Where its attempt runs when a remote worker runs it: the worker (None: not taken yet, or the daemon runs it)
+    #: and its host; `pool` while it is offered to one.
+    worker: str | None = None
+    host: str = ""
+    pool: str = ""
 
 
 class Acceptance(msgspec.Struct, frozen=True, kw_only=True):
@@ -530,6 +565,7 @@ REQUESTS: dict[str, type[Request]] = {
     "discard": DiscardJob,
     "approve": ApproveJob,
     "reject": RejectJob,
+    "workers": ListWorkers,
 }
 
 #: Reply type by verb.
@@ -551,6 +587,7 @@ REPLIES: dict[str, type[msgspec.Struct]] = {
     "discard": DiscardReply,
     "approve": ApproveReply,
     "reject": RejectReply,
+    "workers": WorkersReply,
 }
 
 #: Where the daemon keeps its state (and `connection.json`) when neither a flag nor NUMERUS_STATE_DIR says.
