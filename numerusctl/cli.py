@@ -1321,6 +1321,31 @@ def ping(ctx: click.Context, as_json: bool) -> None:
     _run(_with_daemon(opts, body))
 
 
+# --- workers ----------------------------------------------------------------------------------------------------
+
+
+@cli.command()
+@json_option
+@click.pass_context
+def workers(ctx: click.Context, as_json: bool) -> None:
+    """The remote workers numerusd has heard from: pools, busy slots, state, last heartbeat, what each runs.
+
+    Workers are `numerusd worker --pool NAME` processes on other machines (docs/operations.md, "Remote workers");
+    a job run with `--pool NAME` has its executors run there.
+    """
+    from numerusd.protocol.commands import ListWorkers, WorkersReply
+
+    opts = _options(ctx, as_json)
+
+    async def body(nc: Client) -> int:
+        data = await request(nc, "workers", ListWorkers(), opts.timeout)
+        reply: WorkersReply = decode_reply("workers", data)
+        _out(data.decode() if opts.json else render.workers_text(reply))
+        return 0
+
+    _run(_with_daemon(opts, body))
+
+
 # --- completion -----------------------------------------------------------------------------------------------
 
 

@@ -34,6 +34,7 @@ from numerusd.protocol.commands import (
     SkipReply,
     StartReply,
     TaskView,
+    WorkersReply,
 )
 
 if TYPE_CHECKING:
@@ -348,9 +349,43 @@ def _planned_tasks(tasks: Sequence[TaskView]) -> str:
         ]
         for t in tasks
     ]
-    text = table(["TASK", "STATUS", "ATTEMPT", "AFTER", "AGENT", "TOKENS", "TITLE"], rows)
+    headers = ["TASK", "STATUS", "ATTEMPT", "AFTER", "AGENT", "TOKENS", "TITLE"]
+    if any(t.worker or t.pool for t in tasks):  # a job with a pool: where each attempt runs
+        headers.insert(2, "WHERE")
+        for row, t in zip(rows, tasks, strict=True):
+            row.insert(2, _where(t))
+    text = table(headers, rows)
     notes = [f"{t.id}: {note}" for t in tasks if (note := _task_note(t))]
     return text + ("\n\n" + "\n".join(notes) if notes else "")
+
+
+def _where(task: TaskView) -> str:
+    """Where a task's attempt runs: `w1@host` (a worker), `pool gpu?` (offered, no worker took it yet), or `-`."""
+    if task.worker:
+        return visible(task.worker + (f"@{task.host}" if task.host else ""))
+    return f"pool {task.pool}?" if task.pool else "-"
+
+
+def workers_text(reply: WorkersReply) -> str:
+    """`numerusctl workers`: one line per worker heard from, then the attempts waiting for one, per pool."""
+    if not reply.workers:
+        text = "no worker has been heard from (start one: numerusd worker --pool NAME, docs/operations.md)"
+    else:
+        rows = [
+            [
+                visible(w.name),
+                visible(cut(w.host, 30)) or "-",
+                ", ".join(map(visible, w.pools)) or "-",
+                f"{len(w.running)}/{w.capacity}",
+                "lost" if w.lost else "draining" if w.draining else "up",
+                f"{w.heard_s:g} s ago",
+                ", ".join(w.running) or "-",
+            ]
+            for w in reply.workers
+        ]
+        text = table(["WORKER", "HOST", "POOLS", "BUSY", "STATE", "HEARD", "RUNNING"], rows)
+    waiting = [f"{plural(n, 'attempt')} wait for a worker of pool {visible(pool)}" for pool, n in reply.waiting.items()]
+    return text + ("\n\n" + "\n".join(waiting) if waiting else "")
 
 
 def _task_status(task: TaskView) -> str:
