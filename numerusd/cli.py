@@ -171,3 +171,74 @@ def rotate(ctx: click.Context) -> None:
         click.echo(f"numerusd: cannot write {path}: {e.strerror} (rotate the file it is a copy of)", err=True)
         sys.exit(int(DaemonExit.CONFIG))
     click.echo(f"{path}: new current key {ring.current_kid} ({len(ring.keys)} keys); restart numerusd to sign with it")
+
+
+@main.command()
+@click.option("--name", required=True, help="This worker's name on the bus (numerus.worker.<name>.*).")
+@click.option("--pool", "pools", multiple=True, required=True, help="A pool to take work from (repeat for several).")
+@click.option("--slots", type=click.IntRange(1, 256), default=1, show_default=True, help="Attempts run at once.")
+@click.option(
+    "--dir", "work_dir", type=click.Path(path_type=Path), required=True, help="Its own directory: caches, worktrees."
+)
+@click.option(
+    "--connection",
+    type=click.Path(path_type=Path),
+    required=True,
+    help="The connection file the daemon wrote for workers (worker.json): the bus URL and the worker's login.",
+)
+@click.option("--config", type=click.Path(path_type=Path), help="Its numerus.toml: the agent profiles it runs.")
+@click.option("--heartbeat-s", type=click.FloatRange(min=0.05), default=2.0, show_default=True)
+@click.option("--drain-s", type=click.FloatRange(min=0), default=30.0, show_default=True, help="Grace at a stop.")
+@click.pass_context
+def worker(
+    ctx: click.Context,
+    name: str,
+    pools: tuple[str, ...],
+    slots: int,
+    work_dir: Path,
+    connection: Path,
+    config: Path | None,
+    heartbeat_s: float,
+    drain_s: float,
+) -> None:
+    """Run task attempts for a daemon on this machine (numerusd/worker.py) until SIGINT or SIGTERM."""
+    from numerusd.protocol.ids import is_token
+    from numerusd.sandbox import check_sandboxes
+    from numerusd.worker import Worker, WorkerOptions, install_signal_handlers, read_login
+
+    work_dir = work_dir.expanduser().absolute()
+    given = config or ctx.find_root().params["config"]
+    config_file = (given or work_dir / "numerus.toml").expanduser().absolute()
+    try:
+        for what, value in [("--name", name), *(("--pool", pool) for pool in pools)]:
+            if not is_token(value):
+                raise ConfigError(f"{what} {value!r}: letters, digits, '_' and '-', not starting with '-', at most 64")
+        # Without --config, `<dir>/numerus.toml` if there is one (the daemon's rule, with --dir as its state).
+        settings = load_settings(config_file=given, state_dir=work_dir)
+        check_sandboxes(each for each, profile in settings.agents.items() if profile.sandbox == "bwrap")
+        login = read_login(connection.expanduser().absolute())
+        work_dir.mkdir(parents=True, exist_ok=True)
+    except ConfigError as e:
+        click.echo(f"numerusd: {e.message}", err=True)
+        sys.exit(_exit_code(e))
+    except OSError as e:
+        click.echo(f"numerusd: cannot make {work_dir}: {e.strerror}", err=True)
+        sys.exit(int(DaemonExit.CONFIG))
+    options = WorkerOptions(
+        name=name,
+        pools=tuple(dict.fromkeys(pools)),
+        slots=slots,
+        dir=work_dir,
+        connection_file=connection.expanduser().absolute(),
+        config_file=config_file,
+        heartbeat_s=heartbeat_s,
+        drain_s=drain_s,
+    )
+
+    async def run() -> None:
+        worker = Worker(options, settings, login)
+        install_signal_handlers(worker)
+        await worker.serve()
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(run())
