@@ -88,6 +88,8 @@ class RemoteTerminal:
         self.attempt = attempt
         self.pid = 0
         self.start_ticks = 0
+        #: Where the agent works on the worker (its reported files are relative to it).
+        self.workdir = ""
 
     async def read(self) -> bytes:
         """The next output, b"" once the agent has exited (or the attempt was lost)."""
@@ -152,6 +154,7 @@ class RemoteAttempt:
         await self.dispatcher.publish(offer)
         started = await self.started
         self.terminal.pid, self.terminal.start_ticks = started.pid, started.start_ticks
+        self.terminal.workdir = started.workdir
         return self.terminal
 
     async def result(self) -> work.Finished:

@@ -185,6 +185,8 @@ class AgentProcess:
         if self.launcher is not None:  # its time counts from when the worker started it, not from the offer
             self.terminal = await self.launcher.start()
             self._started = self.last_output = time.monotonic()
+            if workdir := getattr(self.terminal, "workdir", ""):  # what it reports is read against where it runs
+                self.invocation = msgspec.structs.replace(self.invocation, repo=Path(workdir))
             return self.terminal
         program = self.argv[0]
         refusal = self.breaker.refusal(program) if self.breaker is not None else None

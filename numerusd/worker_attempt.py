@@ -240,7 +240,9 @@ class Attempt:
         if self._stop.is_set():  # stopped while it was being spawned
             self.stop(self.stopping or "cancel")
         reply = await self.reporter.send(
-            work.Started(pid=terminal.pid, start_ticks=terminal.start_ticks, argv=tuple(argv))
+            work.Started(
+                pid=terminal.pid, start_ticks=terminal.start_ticks, argv=tuple(argv), workdir=str(worktree.path)
+            )
         )
         self._obey(reply)
         exit_code, signal = await self._pump(terminal)

@@ -12,7 +12,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,7 +21,7 @@ import pytest
 
 from numerusd.protocol import work
 from tests.conftest import eventually
-from tests.daemon_harness import Daemon, git, git_repo
+from tests.daemon_harness import BIN, Daemon, git, git_repo
 
 pytestmark = pytest.mark.slow  # a daemon, two workers and a planned job of six tasks
 
@@ -63,9 +62,9 @@ class Worker:
         self.directory = directory
         directory.mkdir(parents=True, exist_ok=True)
         argv = [
-            sys.executable,
-            "-m",
-            "numerusd",
+            str(BIN / "numerusd"),
+            "--log-level",
+            "debug",
             "worker",
             "--name",
             name,

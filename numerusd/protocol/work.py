@@ -119,6 +119,9 @@ class Started(msgspec.Struct, frozen=True, kw_only=True, tag="started"):
     pid: int
     start_ticks: int
     argv: tuple[str, ...] = ()
+    #: Where the agent works on the worker: the files it reports are read relative to it (as a local agent's to
+    #: its worktree).
+    workdir: str = ""
 
 
 class SpawnFailed(msgspec.Struct, frozen=True, kw_only=True, tag="spawn_failed"):
