@@ -221,3 +221,60 @@ def test_pool_names_are_checked_and_no_plan_cannot_go_to_a_pool(team) -> None:
     assert in_place.returncode != 0 and "--no-plan works in the repository itself" in in_place.stderr
     assert daemon.alive
     assert os.path.exists(daemon.state_dir / "worker.json")
+
+
+def test_a_workers_hostile_agent_is_contained_there_and_its_escapes_named_by_the_daemon(tmp_path: Path) -> None:
+    """The trust suite's escapes, tried by an agent on a worker: it reads nothing of the worker's login, cache or
+    the daemon's state, and what it left in its worktree (a symlink out, a file outside its claim, a write it
+    reported through `..`) comes back to the daemon's gate, which names each as it does for a local agent."""
+    repo = git_repo(tmp_path / "repo")
+    state = tmp_path / "state"
+    host = tmp_path / "hosts" / "one"
+    attacks = {
+        "login": f"cat {state}/worker.json",
+        "cache": f"ls {host}/repos",
+        "keys": f"cat {state}/keys.json",
+    }
+    plan = {
+        "summary": "one",
+        "tasks": [{"id": "a", "title": "A", "instructions": "a", "intents": [{"path": "A.md", "mode": "create"}]}],
+    }
+    team = {
+        "cases": [
+            {"match": {"role": "planner"}, "steps": [{"answer": plan}]},
+            {
+                "match": {"role": "executor"},
+                "steps": [
+                    *({"run": command} for command in attacks.values()),
+                    {"write": "A.md", "content": "a\n"},
+                    {"write": "OTHER.md", "content": "not claimed\n"},
+                    {"run": "ln -s /etc/passwd link.txt"},
+                    {"write": "../../x", "content": "escaped\n"},
+                ],
+            },
+        ]
+    }
+    config = 'claims = "plan"\nreview = false\ndefault_agent = "team"\nmax_attempts = 1\nmax_replans = 0\n'
+    with Daemon(state, agents={"team": team}, config=config).start() as daemon:
+        worker = Worker(daemon, "w1", host)
+        try:
+            result = daemon.ctl("run", "one", "--repo", str(repo), "--pool", "team", "--wait", timeout=120)
+            job = result.stdout.splitlines()[0].strip()
+            view = daemon.status(job)
+            events = daemon.events(job)
+            log = daemon.ctl("logs", job, "a", check=True).stdout
+            assert worker.process.poll() is None and daemon.alive
+        finally:
+            worker.stop()
+    (task,) = view["tasks"]
+    assert task["status"] == "failed" and task["worker"] == "w1", task
+    (violated,) = [e["data"]["violations"] for e in events if e["type"] == "ClaimViolated"]
+    named = {v.split(": ")[0] for v in violated}
+    assert {"../../x", "link.txt", "OTHER.md"} <= named, violated
+    password = json.loads((state / "worker.json").read_text())["password"]
+    assert password not in log
+    for command in attacks.values():
+        assert command in log
+    assert log.count("No such file or directory") >= len(attacks), log
+    assert not (tmp_path / "x").exists() and not (host.parent / "x").exists()
+    assert git(repo, "for-each-ref", "refs/heads/numerus/").count("integration") == 1
