@@ -187,7 +187,9 @@ def rotate(ctx: click.Context) -> None:
     help="The connection file the daemon wrote for workers (worker.json): the bus URL and the worker's login.",
 )
 @click.option("--config", type=click.Path(path_type=Path), help="Its numerus.toml: the agent profiles it runs.")
-@click.option("--heartbeat-s", type=click.FloatRange(min=0.05), default=2.0, show_default=True)
+@click.option(
+    "--heartbeat-s", type=click.FloatRange(min=0.05), default=2.0, show_default=True, help="Heartbeat period."
+)
 @click.option("--drain-s", type=click.FloatRange(min=0), default=30.0, show_default=True, help="Grace at a stop.")
 @click.pass_context
 def worker(

@@ -112,6 +112,9 @@ class Worker:
         self._beat_now = asyncio.Event()
         self._store: ObjectStore | None = None
         self._js: JetStreamContext | None = None
+        #: When each pool may be pulled from again, and the pools whose last pull failed (said once in the log).
+        self._retry_at = dict.fromkeys(options.pools, 0.0)
+        self._failing: set[str] = set()
         secrets = known_secrets(
             ((profile.env, profile.secret_env) for profile in settings.agents.values()),
             nats_passwords=(login.password, *(role.password for role in login.roles.values())),
@@ -136,7 +139,6 @@ class Worker:
         place = WorkerPlace(
             nc=nc,
             name=self.options.name,
-            host=self.host,
             dir=self.options.dir,
             settings=self.settings,
             hidden=self._hidden(),
@@ -178,7 +180,7 @@ class Worker:
             log.warning("NATS: %s", e)
 
         async def disconnected() -> None:
-            log.warning("NATS: disconnected; reconnecting")
+            log.warning("NATS: disconnected")
 
         async def reconnected() -> None:
             log.info("NATS: reconnected")
@@ -268,38 +270,58 @@ class Worker:
     # --- taking work ----------------------------------------------------------------------------------------
 
     async def _take_work(self, nc: Client, place: WorkerPlace) -> None:
-        """Offers from the pools in turn, one whenever a slot is free, until the worker drains."""
-        assert self._js is not None
+        """Offers from the pools in turn, one whenever a slot is free, until the worker drains. A pool whose pull
+        failed (its consumer not made yet, the bus away) is tried again RETRY_S later, the others meanwhile."""
+        loop = asyncio.get_running_loop()
         pulls: dict[str, JetStreamContext.PullSubscription] = {}
-        waiting: set[str] = set()  # pools whose consumer is not there (yet): said once
-        pools = itertools.cycle(self.options.pools)
+        retry_at = self._retry_at
+        turn = itertools.cycle(self.options.pools)
         while not self._draining.is_set():
             if len(self.attempts) >= self.options.slots:
                 self._slot_freed.clear()
                 await _wait(None, self._slot_freed, self._draining)
                 continue
-            pool = next(pools)
-            try:
-                if pool not in pulls:
-                    pulls[pool] = await self._js.pull_subscribe_bind(
-                        durable=work.pool_consumer(pool), stream=work.WORK_STREAM
-                    )
-                message = (await pulls[pool].fetch(1, timeout=FETCH_S))[0]
-            except nats.errors.TimeoutError:
-                waiting.discard(pool)
+            due = min(retry_at.values()) - loop.time()
+            if due > 0:
+                await _wait(due, self._draining)
                 continue
-            except (NatsError, TimeoutError) as e:
-                if pool not in waiting:
-                    log.info("no offers from pool %s yet (%s); trying again", pool, e or type(e).__name__)
-                    waiting.add(pool)
-                await _wait(RETRY_S, self._draining)
+            pool = next(pool for pool in turn if retry_at[pool] <= loop.time())
+            message = await self._pull(pool, pulls)
+            if message is None:
                 continue
-            waiting.discard(pool)
             if self._draining.is_set():
                 await _settle(message, nak=0)  # to another worker, now
                 break
             if not await self._consider(nc, place, message):
-                await _wait(RETRY_S, self._draining)
+                retry_at.update(dict.fromkeys(retry_at, loop.time() + RETRY_S))  # the daemon is away: a pause
+
+    async def _pull(self, pool: str, pulls: dict[str, JetStreamContext.PullSubscription]) -> Msg | None:
+        """The next offer of `pool`, or None when there was none within FETCH_S or the pull failed (then the
+        pool waits RETRY_S; said once in the log until it works again)."""
+        assert self._js is not None
+        try:
+            if pool not in pulls:
+                pulls[pool] = await self._js.pull_subscribe_bind(
+                    durable=work.pool_consumer(pool), stream=work.WORK_STREAM
+                )
+            message = (await pulls[pool].fetch(1, timeout=FETCH_S))[0]
+        except nats.errors.TimeoutError:
+            self._failing.discard(pool)
+            return None
+        except (NatsError, TimeoutError) as e:
+            if pool not in self._failing:
+                self._failing.add(pool)
+                log.info(
+                    "pool %s: cannot take from consumer %s of %s (not made by the daemon yet? %s); trying again",
+                    pool,
+                    work.pool_consumer(pool),
+                    work.WORK_STREAM,
+                    type(e).__name__,
+                )
+            self._retry_at[pool] = asyncio.get_running_loop().time() + RETRY_S
+            return None
+        self._failing.discard(pool)
+        return message
 
     async def _consider(self, nc: Client, place: WorkerPlace, message: Msg) -> bool:
         """Take the offer `message` holds if the daemon agrees; False when the daemon did not answer."""

@@ -85,12 +85,11 @@ class _Stopped(Exception):
 
 @dataclass(frozen=True)
 class WorkerPlace:
-    """What every attempt of one worker shares: the bus, the worker's name, host, directory, settings, the paths
-    no agent may see, and the redactor that knows the worker's secrets."""
+    """What every attempt of one worker shares: the bus, the worker's name, directory and settings, the paths no
+    agent may see, and the redactor that knows the worker's secrets."""
 
     nc: Client
     name: str
-    host: str
     dir: Path
     settings: Settings
     hidden: tuple[Path, ...]
@@ -105,6 +104,13 @@ class WorkerPlace:
     def worktree(self, job: str, task: str) -> Path:
         """Where a task's attempt works."""
         return self.dir / "work" / job / task
+
+    @property
+    def scratch(self) -> Path:
+        """Where bundles are written on their way in and out (beside the caches rather than in a small /tmp)."""
+        path = self.dir / "tmp"
+        path.mkdir(exist_ok=True)
+        return path
 
 
 def offer_problem(offer: work.WorkOffer) -> str | None:
@@ -304,7 +310,7 @@ class Attempt:
         cache = place.cache(offer.job)
         cache.parent.mkdir(parents=True, exist_ok=True)
         async with worktree_lock(cache):  # two attempts of one job may start together: one fetch at a time
-            await bundles.fetch_base(await place.store(), cache, offer.bundles, offer.base_sha)
+            await bundles.fetch_base(await place.store(), cache, offer.bundles, offer.base_sha, tmp=place.scratch)
         path = Path(os.path.abspath(place.worktree(offer.job, offer.task)))
         ref = f"refs/heads/{offer.branch}"
         if (await run_git(cache, "check-ref-format", ref, ok=(0, 1))).returncode != 0:
@@ -391,7 +397,10 @@ class Attempt:
         if done.commit == offer.base_sha:
             return None
         store = await self.place.store()
-        await bundles.send_result(store, self.place.cache(offer.job), offer.result_object, done.commit, offer.base_sha)
+        cache = self.place.cache(offer.job)
+        await bundles.send_result(
+            store, cache, offer.result_object, done.commit, offer.base_sha, tmp=self.place.scratch
+        )
         return done.commit
 
     async def _checks(self, worktree: git.Worktree, git_dirs: tuple[Path, ...]) -> tuple[work.CheckResult, ...]:

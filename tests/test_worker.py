@@ -27,7 +27,7 @@ from numerusd import bundles
 from numerusd.embedded_nats import EmbeddedNats
 from numerusd.protocol import work
 from numerusd.protocol.connection import ConnectionInfo, encode_connection
-from tests.conftest import eventually
+from tests.conftest import eventually, restartable
 from tests.daemon_harness import BIN, git, git_repo, write_scenario
 
 JOB = "01JWORKERTESTJOB0000000000"
@@ -51,6 +51,10 @@ class FakeDaemon:
     reports: dict[str, list[work.Report]] = field(default_factory=dict)
     #: Leases the next heartbeat replies cancel.
     cancel: set[str] = field(default_factory=set)
+    #: Leases whose reports are refused (`ok = False`: a stale lease).
+    stale: set[str] = field(default_factory=set)
+    #: Reports (lease, seq) left unanswered the first time they come, as if the daemon were restarting.
+    unanswered: set[tuple[str, int]] = field(default_factory=set)
 
     async def answer(self, msg: Msg) -> None:
         kind = work.worker_request(msg.subject)
@@ -61,7 +65,11 @@ class FakeDaemon:
         elif kind[1] == "report":
             report = msgspec.json.decode(msg.data, type=work.Report)
             self.reports.setdefault(report.lease, []).append(report)
-            await msg.respond(work.encoder.encode(work.ReportReply(ok=True)))
+            if (report.lease, report.seq) in self.unanswered:
+                self.unanswered.discard((report.lease, report.seq))
+                return
+            ok = report.lease not in self.stale
+            await msg.respond(work.encoder.encode(work.ReportReply(ok=ok, reason="" if ok else "stale lease")))
         elif kind[1] == "heartbeat":
             self.heartbeats.append(msgspec.json.decode(msg.data, type=work.Heartbeat))
             await msg.respond(work.encoder.encode(work.HeartbeatReply(cancel=tuple(self.cancel))))
@@ -134,16 +142,16 @@ class WorkerProcess:
     def stderr(self) -> str:
         return self.log.read_text(errors="replace")
 
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(sig)
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-                raise AssertionError(f"the worker did not stop within {timeout} s:\n{self.stderr()}") from None
+    async def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
+        """Signal the worker and wait for it to exit (the test's daemon side answering meanwhile); its exit code."""
+        self.process.send_signal(sig)
+        await eventually(lambda: self.process.poll() is not None, timeout=timeout)
         return self.process.returncode
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait()
 
 
 @pytest.fixture
@@ -181,18 +189,21 @@ def start_worker(nats_server: EmbeddedNats, tmp_path: Path) -> AsyncIterator[Cal
 
     yield start
     for worker in started:
-        worker.stop(signal.SIGKILL)
+        worker.kill()
 
 
 async def test_a_worker_runs_an_offer_and_sends_its_work_back(
     daemon: FakeDaemon, start_worker: Callable[..., WorkerProcess]
 ) -> None:
+    # Its second pool has no consumer (no daemon made it yet): waited for quietly, while the first one serves.
     worker = start_worker(
         [
             {"say": "writing HELLO.md for {task}"},
             {"write": "HELLO.md", "content": "# Hello from the worker\n"},
             {"usage": {"input_tokens": 10, "cached_input_tokens": 0, "output_tokens": 5}},
-        ]
+        ],
+        "--pool",
+        "cpu",
     )
     # An offer that is not one comes first: dropped, and the next one is taken.
     await daemon.nc.jetstream().publish(work.work_subject(POOL), b'{"job": 1}')
@@ -228,8 +239,10 @@ async def test_a_worker_runs_an_offer_and_sends_its_work_back(
     assert (worker.dir / "repos" / f"{JOB}.git" / "HEAD").is_file()
     assert "dropped an offer that does not decode" in worker.stderr()
     beat = daemon.heartbeats[-1]
-    assert (beat.pools, beat.capacity, beat.draining) == ((POOL,), 2, False)
-    assert worker.stop() == 0
+    assert (beat.pools, beat.capacity, beat.draining) == ((POOL, "cpu"), 2, False)
+    assert await worker.stop() == 0
+    assert worker.stderr().count("pool cpu: cannot take from consumer pool-cpu") == 1, worker.stderr()
+    assert "heartbeat not answered" not in worker.stderr()
 
 
 async def test_an_agent_that_leaves_nothing_and_a_profile_the_worker_lacks(
@@ -275,15 +288,54 @@ async def test_a_heartbeat_reply_cancelling_the_lease_stops_the_agent(
     await eventually(lambda: offer.lease not in daemon.heartbeats[-1].leases, timeout=5)
 
 
+async def test_a_report_refused_stops_the_agent_and_one_unanswered_is_sent_again(
+    daemon: FakeDaemon, start_worker: Callable[..., WorkerProcess]
+) -> None:
+    worker = start_worker([{"say": "working on it"}, {"sleep": 60}])
+    daemon.stale.add("lease-t1-1")  # a lease the daemon no longer knows: its first report is refused
+    daemon.unanswered.add(("lease-t2-1", 2))
+    refused = await daemon.offer("t1")
+    resent = await daemon.offer("t2")
+    await eventually(lambda: "lease-t1-1" in daemon.reports, timeout=30)
+    started = daemon.bodies(refused.lease)[0]
+    assert isinstance(started, work.Started)
+    # The agent is stopped at once, nothing more is reported, and the lease is no longer heart-beaten.
+    await eventually(lambda: not Path(f"/proc/{started.pid}").exists(), timeout=10)
+    await eventually(lambda: refused.lease not in daemon.heartbeats[-1].leases, timeout=5)
+    assert [type(body) for body in daemon.bodies(refused.lease)] == [work.Started]
+    assert "given up: the daemon refused report 1: stale lease" in worker.stderr()
+    # The report left unanswered came again, the same (seq 2), and the attempt went on.
+    await eventually(lambda: len(daemon.reports.get(resent.lease, [])) >= 3, timeout=20)
+    first, again = daemon.reports[resent.lease][1:3]
+    assert first == again and first.seq == 2 and isinstance(first.body, work.Output)
+    daemon.cancel.add(resent.lease)
+    await eventually(lambda: daemon.ended(resent.lease), timeout=15)
+
+
+async def test_a_worker_outlives_its_bus(
+    daemon: FakeDaemon, start_worker: Callable[..., WorkerProcess], nats_server: EmbeddedNats
+) -> None:
+    worker = start_worker([{"write": "HELLO.md", "content": "after the outage\n"}])
+    await eventually(lambda: len(daemon.heartbeats) > 0, timeout=20)
+    with restartable(nats_server) as (stop, start):
+        await stop()
+        await eventually(lambda: "NATS: disconnected" in worker.stderr(), timeout=10)
+        await start()
+        await eventually(lambda: daemon.nc.is_connected, timeout=20)
+        offer = await daemon.offer("t1")
+        await eventually(lambda: daemon.ended(offer.lease), timeout=30)
+        finished = daemon.bodies(offer.lease)[-1]
+        assert isinstance(finished, work.Finished) and finished.commit is not None
+        assert await worker.stop() == 0
+
+
 async def test_sigterm_hands_back_what_runs_longer_than_the_drain(
     daemon: FakeDaemon, start_worker: Callable[..., WorkerProcess]
 ) -> None:
     worker = start_worker([{"say": "working on it"}, {"sleep": 60}], "--drain-s", "0.5")
     offer = await daemon.offer("t1")
     await eventually(lambda: b"working on it" in daemon.output(offer.lease), timeout=30)
-    worker.process.send_signal(signal.SIGTERM)
-    await eventually(lambda: worker.process.poll() is not None, timeout=20)
-    assert worker.process.returncode == 0, worker.stderr()
+    assert await worker.stop(signal.SIGTERM, timeout=20) == 0, worker.stderr()
     assert daemon.bodies(offer.lease)[-1] == work.HandedBack(reason=f"worker {NAME} is shutting down")
     assert not any(isinstance(body, work.Exited | work.Finished) for body in daemon.bodies(offer.lease))
     assert any(beat.draining for beat in daemon.heartbeats)
