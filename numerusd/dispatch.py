@@ -343,6 +343,13 @@ class Dispatcher:
         offer = attempt.offer
         await bundles.receive_result(self.store, mirror, offer.result_object, offer.base_sha, finished.commit)
 
+    async def remove_job(self, job: str) -> None:
+        """The bundles of an ended job, out of the store (best effort: a failure is logged)."""
+        try:
+            await bundles.remove_job(self.store, job)
+        except Exception as e:  # the objects only take room: never the job's end
+            log.warning("job %s: cannot remove its bundles: %s", job, e)
+
     def forget(self, attempt: RemoteAttempt) -> None:
         """The attempt is over: its lease is refused from now on."""
         if self.attempts.get(attempt.lease) is attempt:

@@ -231,6 +231,8 @@ class JobPipeline:
             for flow in self.flows.values():
                 flow.cancel()
             await asyncio.gather(*self.flows.values(), return_exceptions=True)
+            if self.job.pool and self.job.status in JOB_DONE and self.dispatcher is not None:
+                await asyncio.shield(self.dispatcher.remove_job(self.job_id))  # its bundles: nothing reads them now
             if not in_place:
                 try:
                     await asyncio.shield(self.checkouts.clear())
@@ -559,16 +561,18 @@ class JobPipeline:
             prompt = prompts.resumed(prompt)
         message = f"{task_id}: {task.title}\n\nNumerus job {self.job_id}"
         offered = await self._offer(task_id, worktree, prompt, number, message) if remote else None
-        why = await self.execute(task_id, worktree.path, prompt, number, resume=thread, remote=offered)
-        self._check_stopping()
-        if self._killing(task_id):
-            return ["killed"]
-        if why is not None:
-            return [why]
-        if offered is not None:
-            why = await self._bring_back(task_id, worktree, offered)
+        try:
+            why = await self.execute(task_id, worktree.path, prompt, number, resume=thread, remote=offered)
+            self._check_stopping()
+            if self._killing(task_id):
+                return ["killed"]
+            if why is None and offered is not None:
+                why = await self._bring_back(task_id, worktree, offered)
             if why is not None:
                 return [why]
+        finally:
+            if offered is not None:  # whatever became of it, its lease is refused from now on
+                offered.dispatcher.forget(offered)
         work = await git.commit_work(worktree, message, author=AUTHOR)
         listed = tuple(f"{change.kind} {change.path}" for change in work.changes)
         await self.observe(WorkCommitted(task=task_id, commit=work.commit, changes=listed))
