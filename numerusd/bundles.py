@@ -30,7 +30,7 @@ from pathlib import Path
 
 import nats.errors
 import nats.js.errors
-from nats.js.api import ObjectInfo, ObjectMeta, ObjectMetaOptions, ObjectStoreConfig, StorageType
+from nats.js.api import ObjectInfo, ObjectMeta, ObjectMetaOptions, StorageType
 from nats.js.client import JetStreamContext
 from nats.js.object_store import OBJ_CHUNKS_PRE_TEMPLATE, VALID_KEY_RE, ObjectStore
 
@@ -38,7 +38,7 @@ from numerusd.errors import NumerusError
 from numerusd.git.command import Output, git
 from numerusd.git.errors import GitError
 from numerusd.protocol.work import BUNDLES_BUCKET
-from numerusd.streams import _normalise, _replicas_refused, jetstream_errors
+from numerusd.streams import ensure_object_store, jetstream_errors
 
 #: No bundle larger than this is made, uploaded or downloaded: a runaway agent (or a hostile worker) cannot fill
 #: the daemon's disk through a result, and a repository this large wants another way to reach its workers.
@@ -71,26 +71,13 @@ class BundleError(NumerusError):
 async def ensure_bucket(js: JetStreamContext, *, replicas: int = 1) -> ObjectStore:
     """The object store NUMERUS_BUNDLES, created with `replicas` when missing (idempotent, like `ensure_kv`); an
     existing one is brought to `replicas` in place."""
-    with jetstream_errors(f"look up object store {BUNDLES_BUCKET}"):
-        try:
-            store: ObjectStore | None = await js.object_store(BUNDLES_BUCKET)
-        except nats.js.errors.BucketNotFoundError:
-            store = None
-    if store is None:
-        config = ObjectStoreConfig(
-            bucket=BUNDLES_BUCKET,
-            description="Numerus: git bundles to and from remote workers",
-            storage=StorageType.FILE,
-            replicas=replicas,
-        )
-        with _replicas_refused(f"OBJ_{BUNDLES_BUCKET}", replicas), jetstream_errors("create object store"):
-            return await js.create_object_store(BUNDLES_BUCKET, config)
-    with jetstream_errors(f"look up object store {BUNDLES_BUCKET}"):
-        stream = (await store.status()).stream_info.config
-    if _normalise(stream.num_replicas) != replicas:
-        with _replicas_refused(stream.name or BUNDLES_BUCKET, replicas), jetstream_errors("update object store"):
-            await js.update_stream(stream.evolve(num_replicas=replicas))
-    return store
+    return await ensure_object_store(
+        js,
+        BUNDLES_BUCKET,
+        replicas=replicas,
+        storage=StorageType.FILE,  # on disk: a bundle outlives a server restart, as the job does
+        description="Numerus: git bundles to and from remote workers",
+    )
 
 
 def base_objects(job: str, root: str, base: str) -> tuple[str, ...]:
