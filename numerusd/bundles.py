@@ -23,9 +23,11 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
+import logging
 import re
 import secrets
 import tempfile
+import weakref
 from pathlib import Path
 
 import nats.errors
@@ -39,6 +41,8 @@ from numerusd.git.command import Output, git
 from numerusd.git.errors import GitError
 from numerusd.protocol.work import BUNDLES_BUCKET
 from numerusd.streams import ensure_object_store, jetstream_errors
+
+log = logging.getLogger(__name__)
 
 #: No bundle larger than this is made, uploaded or downloaded: a runaway agent (or a hostile worker) cannot fill
 #: the daemon's disk through a result, and a repository this large wants another way to reach its workers.
@@ -57,6 +61,8 @@ INCOMING_REFS = "refs/numerus/incoming/"
 OUTGOING_REFS = "refs/numerus/outgoing/"
 
 _SHA = re.compile(r"[0-9a-f]{40}([0-9a-f]{24})?")
+#: The refs a bundle of ours holds (`OUTGOING_REFS`): a refspec is built from the name, so no `:`, `+`, space.
+_REF = re.compile(r"refs/[A-Za-z0-9_][A-Za-z0-9_./-]*")
 #: Fetched objects checked by fsck where this git applies it to bundles (2.39 does not: its unbundle only checks
 #: the pack and the prerequisites); the daemon's checkouts refuse the paths fsck warns of (`.git`, `..`) anyway.
 _FSCK = ("-c", "transfer.fsckObjects=true", "-c", "fetch.fsckObjects=true")
@@ -93,8 +99,8 @@ def result_object(job: str, task: str, attempt: int) -> str:
 
 
 #: One upload at a time per object in this process: a second `put` of the same name would purge the chunks a
-#: worker may be reading.
-_offering: dict[str, asyncio.Lock] = {}
+#: worker may be reading. A lock lives while a caller holds or awaits it.
+_offering: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
 
 
 async def offer_base(
@@ -114,7 +120,6 @@ async def offer_base(
                 bundle = Path(scratch) / "out.bundle"
                 await _create(repo, bundle, tip, since)
                 await _upload(store, name, bundle)
-        _offering.pop(name, None)
     return names
 
 
@@ -174,6 +179,8 @@ async def receive_result(
     descendant of base. BundleError (one line) otherwise. The commit's objects stay in the mirror; no ref does."""
     _check_sha(commit, "commit")
     _check_sha(base, "base")
+    if not await _has_commit(mirror, base):
+        raise BundleError(f"base {base} of {name} is not in the mirror")
     with tempfile.TemporaryDirectory(dir=tmp, prefix="numerus-bundle-") as scratch:
         bundle = Path(scratch) / "in.bundle"
         await _download(store, name, bundle)
@@ -203,18 +210,20 @@ async def remove_job(store: ObjectStore, job: str) -> None:
     prefixes = (f"base/{job}/", f"result/{job}/")
     try:
         with jetstream_errors(f"list {BUNDLES_BUCKET}"):
-            objects = await store.list(ignore_deletes=True)
-    except nats.js.errors.NotFoundError:  # an empty bucket
-        return
-    except NumerusError:
+            try:
+                objects = await store.list(ignore_deletes=True)
+            except nats.js.errors.NotFoundError:  # what nats-py says of an empty bucket
+                return
+    except NumerusError as e:
+        log.warning("the bundles of job %s are left in %s: %s", job, BUNDLES_BUCKET, e.message)
         return
     for info in objects:
         if info.name.startswith(prefixes):
             try:
                 with jetstream_errors(f"delete {info.name}"):
                     await store.delete(info.name)
-            except (NumerusError, nats.js.errors.NotFoundError):
-                continue
+            except NumerusError as e:
+                log.warning("bundle %s is left in %s: %s", info.name, BUNDLES_BUCKET, e.message)
 
 
 # --- making and checking bundles ------------------------------------------------------------------------------
@@ -244,7 +253,7 @@ async def _one_head(repo: Path, bundle: Path, name: str, expected: str | None) -
     sha, ref = heads[0]
     if expected is not None and sha != expected:
         raise BundleError(f"{name} holds commit {sha[:40]}, not the one announced ({expected})")
-    if not ref.startswith("refs/") or ref.startswith("refs/-"):
+    if not _REF.fullmatch(ref) or ".." in ref:
         raise BundleError(f"{name} holds a ref with an unusable name")
     return ref, sha
 
@@ -257,8 +266,9 @@ async def _check_descends(mirror: Path, name: str, ref: str, base: str, commit: 
     ancestor = await git(mirror, "merge-base", "--is-ancestor", base, commit, ok=(0, 1))
     if ancestor.returncode != 0:
         raise BundleError(f"{name}: commit {commit} does not descend from base {base}")
-    between = (await _git("rev-list", mirror, "rev-list", "--count", f"{base}..{commit}")).text()
-    on_path = (await _git("rev-list", mirror, "rev-list", "--count", "--ancestry-path", f"{base}..{commit}")).text()
+    counting = f"cannot count the commits of {name}"
+    between = (await _git(counting, mirror, "rev-list", "--count", f"{base}..{commit}")).text()
+    on_path = (await _git(counting, mirror, "rev-list", "--count", "--ancestry-path", f"{base}..{commit}")).text()
     if between != on_path:
         unrelated = int(between) - int(on_path)
         raise BundleError(f"{name}: {unrelated} of its commits do not descend from base {base} (unrelated history)")
