@@ -149,6 +149,7 @@ async def fetch_base(
                 "--no-tags",
                 "--no-write-fetch-head",
                 "--no-auto-gc",
+                "--no-recurse-submodules",
                 "--quiet",
                 str(bundle),
                 f"+{ref}:{CACHE_REFS}{sha}",
@@ -160,7 +161,10 @@ async def fetch_base(
 async def send_result(
     store: ObjectStore, repo: Path, name: str, commit: str, base: str, *, tmp: Path | None = None
 ) -> None:
-    """Upload a bundle of `base..commit`, with one ref, from `repo` (a worker's cache or worktree) as `name`."""
+    """Upload a bundle of `base..commit`, with one ref, from `repo` as `name`.
+
+    `repo` is best the worker's cache, where a worktree added from it keeps its commits: git is then never pointed
+    at a worktree whose `.git` the agent could have rewritten to name another repository."""
     _check_sha(commit, "commit")
     _check_sha(base, "base")
     if commit == base:
@@ -196,6 +200,7 @@ async def receive_result(
                 "--no-tags",
                 "--no-write-fetch-head",
                 "--no-auto-gc",
+                "--no-recurse-submodules",
                 "--quiet",
                 str(bundle),
                 f"{ref}:{incoming}",
