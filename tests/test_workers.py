@@ -22,6 +22,7 @@ import pytest
 from numerusd.protocol import work
 from tests.conftest import eventually
 from tests.daemon_harness import BIN, Daemon, git, git_repo
+from tests.test_hostile_sandbox import command_outputs
 
 pytestmark = pytest.mark.slow  # a daemon, two workers and a planned job of six tasks
 
@@ -266,6 +267,7 @@ def test_a_workers_hostile_agent_is_contained_there_and_its_escapes_named_by_the
             view = daemon.status(job)
             events = daemon.events(job)
             log = daemon.ctl("logs", job, "a", check=True).stdout
+            password = json.loads((state / "worker.json").read_text())["password"]
             assert worker.process.poll() is None and daemon.alive
         finally:
             worker.stop()
@@ -274,10 +276,14 @@ def test_a_workers_hostile_agent_is_contained_there_and_its_escapes_named_by_the
     (violated,) = [e["data"]["violations"] for e in events if e["type"] == "ClaimViolated"]
     named = {v.split(": ")[0] for v in violated}
     assert {"../../x", "link.txt", "OTHER.md"} <= named, violated
-    password = json.loads((state / "worker.json").read_text())["password"]
     assert password not in log
-    for command in attacks.values():
-        assert command in log
-    assert log.count("No such file or directory") >= len(attacks), log
+    (exited,) = [e for e in events if e["type"] == "TaskExited"]
+    ran = command_outputs(Path(exited["data"]["log_path"]))  # the daemon's copy of what the worker's agent printed
+    for attack in ("login", "keys"):
+        code, out = ran[attacks[attack]]
+        assert code != 0 and ("No such file or directory" in out or "Permission denied" in out), (attack, out)
+    # Of the worker's caches it sees only its own job's, read-only (its worktree's git directory), as a local
+    # agent sees its job's mirror.
+    assert ran[attacks["cache"]] == (0, f"{job}.git\n")
     assert not (tmp_path / "x").exists() and not (host.parent / "x").exists()
     assert git(repo, "for-each-ref", "refs/heads/numerus/").count("integration") == 1
