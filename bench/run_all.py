@@ -115,6 +115,13 @@ TARGETS = [
         "a 50 MB repository to a worker and a task's commit back as bundles on the bus vs `git clone --local` plus "
         "`git bundle create` (issue 17), median of pairs",
     ),
+    Target(
+        "workers",
+        "throughput_ratio",
+        ">=",
+        0.9,
+        "64 one-second tasks on two workers of 8 slots vs the daemon alone with 16 (issue 17), median of pairs",
+    ),
 ]
 
 #: Command line of each benchmark: full size, and a quick size for a smoke run.
@@ -136,6 +143,7 @@ BENCHES = {
     "snapshot": (["bench_snapshot.py"], ["bench_snapshot.py", "--ended", "50", "--per-job", "200", "--rounds", "1"]),
     "control": (["bench_control.py"], ["bench_control.py", "--rounds", "1"]),
     "bundle": (["bench_bundle.py"], ["bench_bundle.py", "--mb", "10", "--pairs", "2"]),
+    "workers": (["bench_workers.py"], ["bench_workers.py", "--tasks", "16", "--pairs", "1"]),
 }
 
 
