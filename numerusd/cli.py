@@ -242,5 +242,9 @@ def worker(
         install_signal_handlers(worker)
         await worker.serve()
 
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        runner.run(run())
+    try:
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            runner.run(run())
+    except NumerusError as e:
+        click.echo(f"numerusd: {e.message}", err=True)
+        sys.exit(_exit_code(e))

@@ -31,9 +31,10 @@ import itertools
 import logging
 import signal
 import socket
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import msgspec
 import nats
@@ -45,7 +46,7 @@ from nats.js.object_store import ObjectStore
 
 from numerusd import __version__, bundles
 from numerusd.config import Settings
-from numerusd.errors import ConfigError, one_line
+from numerusd.errors import ConfigError, NumerusError, one_line
 from numerusd.protocol import work
 from numerusd.protocol.connection import ConnectionInfo, decode_connection, inbox_prefix, server_urls
 from numerusd.redaction import Redactor, known_secrets
@@ -153,10 +154,16 @@ class Worker:
             self.options.slots,
             self.login.url,
         )
+        await self._beat(nc)  # the daemon hears of the worker before its first Take
         beating = asyncio.create_task(self._heartbeats(nc), name="heartbeat")
         taking = asyncio.create_task(self._take_work(nc, place), name="take work")
+        failed: BaseException | None = None
         try:
-            await self._draining.wait()
+            await _wait(None, self._draining, doing=(taking, beating))
+            if not self._draining.is_set():  # a bug ended one: what runs is handed back, and the worker exits 70
+                failed = (taking if taking.done() else beating).exception()
+                log.error("the worker stops on an internal error", exc_info=failed)
+                self.request_stop()
             await self._unless_forced(taking)
             await self._drain()
         finally:
@@ -170,6 +177,8 @@ class Worker:
                 await self._beat(nc)  # its last word: draining, no leases
             await nc.close()
         log.info("worker %s stopped", self.options.name)
+        if failed is not None:
+            raise NumerusError("the worker stopped on an internal error (see its log)") from failed
 
     # --- the bus --------------------------------------------------------------------------------------------
 
@@ -238,9 +247,9 @@ class Worker:
 
     async def _heartbeats(self, nc: Client) -> None:
         while True:
+            await _wait(self.options.heartbeat_s, self._beat_now)
             self._beat_now.clear()
             await self._beat(nc)
-            await _wait(self.options.heartbeat_s, self._beat_now)
 
     async def _beat(self, nc: Client) -> None:
         """One heartbeat; the attempts its reply cancels are stopped. No reply: nothing happens."""
@@ -400,19 +409,17 @@ class Worker:
     async def _unless_forced(self, step: Awaitable[object]) -> None:
         """Wait for `step` unless a second signal comes first (then it is cancelled)."""
         doing = asyncio.ensure_future(step)
-        await _wait(None, self._forced, doing=doing)
+        await _wait(None, self._forced, doing=(doing,))
         if not doing.done():
             doing.cancel()
             await asyncio.gather(doing, return_exceptions=True)
 
 
-async def _wait(timeout: float | None, *events: asyncio.Event, doing: asyncio.Future[object] | None = None) -> None:
-    """Until one of `events` is set, `doing` is done, or `timeout` seconds passed (None: no limit)."""
-    waits: set[asyncio.Future[object]] = {asyncio.ensure_future(event.wait()) for event in events}
+async def _wait(timeout: float | None, *events: asyncio.Event, doing: Iterable[asyncio.Future[Any]] = ()) -> None:
+    """Until one of `events` is set, one of `doing` is done, or `timeout` seconds passed (None: no limit)."""
+    waits = {asyncio.ensure_future(event.wait()) for event in events}
     try:
-        await asyncio.wait(
-            waits | ({doing} if doing is not None else set()), timeout=timeout, return_when=asyncio.FIRST_COMPLETED
-        )
+        await asyncio.wait({*waits, *doing}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
     finally:
         for waiting in waits:
             waiting.cancel()
