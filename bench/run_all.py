@@ -107,6 +107,14 @@ TARGETS = [
         50.0,
         "`status` p99 while 20 clients submit planned jobs and the 20 jobs run (issue 16)",
     ),
+    Target(
+        "bundle",
+        "ratio",
+        "<=",
+        2.0,
+        "a 50 MB repository to a worker and a task's commit back as bundles on the bus vs `git clone --local` plus "
+        "`git bundle create` (issue 17), median of pairs",
+    ),
 ]
 
 #: Command line of each benchmark: full size, and a quick size for a smoke run.
@@ -127,6 +135,7 @@ BENCHES = {
     "top": (["bench_top.py"], ["bench_top.py", "--tasks", "40", "--pairs", "1"]),
     "snapshot": (["bench_snapshot.py"], ["bench_snapshot.py", "--ended", "50", "--per-job", "200", "--rounds", "1"]),
     "control": (["bench_control.py"], ["bench_control.py", "--rounds", "1"]),
+    "bundle": (["bench_bundle.py"], ["bench_bundle.py", "--mb", "10", "--pairs", "2"]),
 }
 
 
@@ -216,6 +225,10 @@ def markdown(results: dict[str, dict], quick: bool) -> str:
         "  job) through numerusctl's connection module in a loop, beside a trivial nats-py responder in a process of",
         "  its own (the baseline); 20 clients send `run` at once (planned jobs of one task whose executor works 4 s,",
         "  then `--no-plan` jobs); latencies from the first submission to the last job's end, and idle afterwards.",
+        "- `bench/bench_bundle.py`: a generated 50 MB repository (random files, loose objects) mirrored as the daemon",
+        "  does; `offer_base` of its history, `fetch_base` into an empty cache, a small commit `send_result` and",
+        "  `receive_result` through an embedded nats-server, against `git clone --local --bare` plus `git bundle",
+        "  create` of it, five alternating pairs, the median of their ratios (`--packed`: the mirror gc'ed first).",
         "",
     ]
     return "\n".join(lines)

@@ -23,14 +23,16 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
+import logging
 import re
 import secrets
 import tempfile
+import weakref
 from pathlib import Path
 
 import nats.errors
 import nats.js.errors
-from nats.js.api import ObjectInfo, ObjectMeta, ObjectMetaOptions, ObjectStoreConfig, StorageType
+from nats.js.api import ObjectInfo, ObjectMeta, ObjectMetaOptions, StorageType
 from nats.js.client import JetStreamContext
 from nats.js.object_store import OBJ_CHUNKS_PRE_TEMPLATE, VALID_KEY_RE, ObjectStore
 
@@ -38,7 +40,9 @@ from numerusd.errors import NumerusError
 from numerusd.git.command import Output, git
 from numerusd.git.errors import GitError
 from numerusd.protocol.work import BUNDLES_BUCKET
-from numerusd.streams import _normalise, _replicas_refused, jetstream_errors
+from numerusd.streams import ensure_object_store, jetstream_errors
+
+log = logging.getLogger(__name__)
 
 #: No bundle larger than this is made, uploaded or downloaded: a runaway agent (or a hostile worker) cannot fill
 #: the daemon's disk through a result, and a repository this large wants another way to reach its workers.
@@ -57,6 +61,8 @@ INCOMING_REFS = "refs/numerus/incoming/"
 OUTGOING_REFS = "refs/numerus/outgoing/"
 
 _SHA = re.compile(r"[0-9a-f]{40}([0-9a-f]{24})?")
+#: The refs a bundle of ours holds (`OUTGOING_REFS`): a refspec is built from the name, so no `:`, `+`, space.
+_REF = re.compile(r"refs/[A-Za-z0-9_][A-Za-z0-9_./-]*")
 #: Fetched objects checked by fsck where this git applies it to bundles (2.39 does not: its unbundle only checks
 #: the pack and the prerequisites); the daemon's checkouts refuse the paths fsck warns of (`.git`, `..`) anyway.
 _FSCK = ("-c", "transfer.fsckObjects=true", "-c", "fetch.fsckObjects=true")
@@ -71,26 +77,13 @@ class BundleError(NumerusError):
 async def ensure_bucket(js: JetStreamContext, *, replicas: int = 1) -> ObjectStore:
     """The object store NUMERUS_BUNDLES, created with `replicas` when missing (idempotent, like `ensure_kv`); an
     existing one is brought to `replicas` in place."""
-    with jetstream_errors(f"look up object store {BUNDLES_BUCKET}"):
-        try:
-            store: ObjectStore | None = await js.object_store(BUNDLES_BUCKET)
-        except nats.js.errors.BucketNotFoundError:
-            store = None
-    if store is None:
-        config = ObjectStoreConfig(
-            bucket=BUNDLES_BUCKET,
-            description="Numerus: git bundles to and from remote workers",
-            storage=StorageType.FILE,
-            replicas=replicas,
-        )
-        with _replicas_refused(f"OBJ_{BUNDLES_BUCKET}", replicas), jetstream_errors("create object store"):
-            return await js.create_object_store(BUNDLES_BUCKET, config)
-    with jetstream_errors(f"look up object store {BUNDLES_BUCKET}"):
-        stream = (await store.status()).stream_info.config
-    if _normalise(stream.num_replicas) != replicas:
-        with _replicas_refused(stream.name or BUNDLES_BUCKET, replicas), jetstream_errors("update object store"):
-            await js.update_stream(stream.evolve(num_replicas=replicas))
-    return store
+    return await ensure_object_store(
+        js,
+        BUNDLES_BUCKET,
+        replicas=replicas,
+        storage=StorageType.FILE,  # on disk: a bundle outlives a server restart, as the job does
+        description="Numerus: git bundles to and from remote workers",
+    )
 
 
 def base_objects(job: str, root: str, base: str) -> tuple[str, ...]:
@@ -106,8 +99,8 @@ def result_object(job: str, task: str, attempt: int) -> str:
 
 
 #: One upload at a time per object in this process: a second `put` of the same name would purge the chunks a
-#: worker may be reading.
-_offering: dict[str, asyncio.Lock] = {}
+#: worker may be reading. A lock lives while a caller holds or awaits it.
+_offering: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
 
 
 async def offer_base(
@@ -127,7 +120,6 @@ async def offer_base(
                 bundle = Path(scratch) / "out.bundle"
                 await _create(repo, bundle, tip, since)
                 await _upload(store, name, bundle)
-        _offering.pop(name, None)
     return names
 
 
@@ -157,6 +149,7 @@ async def fetch_base(
                 "--no-tags",
                 "--no-write-fetch-head",
                 "--no-auto-gc",
+                "--no-recurse-submodules",
                 "--quiet",
                 str(bundle),
                 f"+{ref}:{CACHE_REFS}{sha}",
@@ -168,7 +161,10 @@ async def fetch_base(
 async def send_result(
     store: ObjectStore, repo: Path, name: str, commit: str, base: str, *, tmp: Path | None = None
 ) -> None:
-    """Upload a bundle of `base..commit`, with one ref, from `repo` (a worker's cache or worktree) as `name`."""
+    """Upload a bundle of `base..commit`, with one ref, from `repo` as `name`.
+
+    `repo` is best the worker's cache, where a worktree added from it keeps its commits: git is then never pointed
+    at a worktree whose `.git` the agent could have rewritten to name another repository."""
     _check_sha(commit, "commit")
     _check_sha(base, "base")
     if commit == base:
@@ -187,6 +183,8 @@ async def receive_result(
     descendant of base. BundleError (one line) otherwise. The commit's objects stay in the mirror; no ref does."""
     _check_sha(commit, "commit")
     _check_sha(base, "base")
+    if not await _has_commit(mirror, base):
+        raise BundleError(f"base {base} of {name} is not in the mirror")
     with tempfile.TemporaryDirectory(dir=tmp, prefix="numerus-bundle-") as scratch:
         bundle = Path(scratch) / "in.bundle"
         await _download(store, name, bundle)
@@ -202,6 +200,7 @@ async def receive_result(
                 "--no-tags",
                 "--no-write-fetch-head",
                 "--no-auto-gc",
+                "--no-recurse-submodules",
                 "--quiet",
                 str(bundle),
                 f"{ref}:{incoming}",
@@ -216,18 +215,20 @@ async def remove_job(store: ObjectStore, job: str) -> None:
     prefixes = (f"base/{job}/", f"result/{job}/")
     try:
         with jetstream_errors(f"list {BUNDLES_BUCKET}"):
-            objects = await store.list(ignore_deletes=True)
-    except nats.js.errors.NotFoundError:  # an empty bucket
-        return
-    except NumerusError:
+            try:
+                objects = await store.list(ignore_deletes=True)
+            except nats.js.errors.NotFoundError:  # what nats-py says of an empty bucket
+                return
+    except NumerusError as e:
+        log.warning("the bundles of job %s are left in %s: %s", job, BUNDLES_BUCKET, e.message)
         return
     for info in objects:
         if info.name.startswith(prefixes):
             try:
                 with jetstream_errors(f"delete {info.name}"):
                     await store.delete(info.name)
-            except (NumerusError, nats.js.errors.NotFoundError):
-                continue
+            except NumerusError as e:
+                log.warning("bundle %s is left in %s: %s", info.name, BUNDLES_BUCKET, e.message)
 
 
 # --- making and checking bundles ------------------------------------------------------------------------------
@@ -257,7 +258,7 @@ async def _one_head(repo: Path, bundle: Path, name: str, expected: str | None) -
     sha, ref = heads[0]
     if expected is not None and sha != expected:
         raise BundleError(f"{name} holds commit {sha[:40]}, not the one announced ({expected})")
-    if not ref.startswith("refs/") or ref.startswith("refs/-"):
+    if not _REF.fullmatch(ref) or ".." in ref:
         raise BundleError(f"{name} holds a ref with an unusable name")
     return ref, sha
 
@@ -270,8 +271,9 @@ async def _check_descends(mirror: Path, name: str, ref: str, base: str, commit: 
     ancestor = await git(mirror, "merge-base", "--is-ancestor", base, commit, ok=(0, 1))
     if ancestor.returncode != 0:
         raise BundleError(f"{name}: commit {commit} does not descend from base {base}")
-    between = (await _git("rev-list", mirror, "rev-list", "--count", f"{base}..{commit}")).text()
-    on_path = (await _git("rev-list", mirror, "rev-list", "--count", "--ancestry-path", f"{base}..{commit}")).text()
+    counting = f"cannot count the commits of {name}"
+    between = (await _git(counting, mirror, "rev-list", "--count", f"{base}..{commit}")).text()
+    on_path = (await _git(counting, mirror, "rev-list", "--count", "--ancestry-path", f"{base}..{commit}")).text()
     if between != on_path:
         unrelated = int(between) - int(on_path)
         raise BundleError(f"{name}: {unrelated} of its commits do not descend from base {base} (unrelated history)")

@@ -17,7 +17,8 @@ other difference (a description, the duplicate window, the log and dead-letter l
 Each stream is kept on `replicas` servers (the `replicas` setting: 1, or 3 on a three-node cluster). A stream
 made with another count is brought to it in place, which a cluster does (it copies the stream to the new peers,
 or drops the extra ones); a server that cannot (a single node asked for 3, a cluster short of nodes) is reported
-as a `StreamMismatch` saying what to do. `ensure_kv` gives a key-value bucket the same replicas.
+as a `StreamMismatch` saying what to do. `ensure_kv` gives a key-value bucket the same replicas, and
+`ensure_object_store` an object store.
 
 This module is also the one place where nats-py's JetStream errors become ours (`jetstream_errors`).
 """
@@ -32,9 +33,10 @@ from typing import Any
 import nats.errors
 import nats.js.errors
 from nats.aio.client import Client
-from nats.js.api import DiscardPolicy, KeyValueConfig, RetentionPolicy, StorageType, StreamConfig
+from nats.js.api import DiscardPolicy, KeyValueConfig, ObjectStoreConfig, RetentionPolicy, StorageType, StreamConfig
 from nats.js.client import JetStreamContext
 from nats.js.kv import KeyValue
+from nats.js.object_store import ObjectStore
 
 from numerusd.embedded_nats import MIN_SERVER_VERSION
 from numerusd.errors import NatsUnavailable, StoreError, StreamMismatch
@@ -305,7 +307,30 @@ async def ensure_kv(js: JetStreamContext, name: str, *, replicas: int = 1, **lim
             return await js.create_key_value(KeyValueConfig(bucket=name, replicas=replicas, **limits))
     with jetstream_errors(f"look up bucket {name}"):
         config = (await bucket.status()).stream_info.config
-    if _normalise(config.num_replicas) != replicas:
-        with _replicas_refused(config.name or name, replicas), jetstream_errors(f"update bucket {name}"):
-            await js.update_stream(config.evolve(num_replicas=replicas))
+    await _keep_replicas(js, config, replicas, f"bucket {name}")
     return bucket
+
+
+async def ensure_object_store(js: JetStreamContext, name: str, *, replicas: int = 1, **settings: Any) -> ObjectStore:
+    """The object store `name`, created with `replicas` and `settings` (ObjectStoreConfig's fields: `description`,
+    `max_bytes`...) when missing; an existing one is brought to `replicas` in place, as `ensure_kv` does."""
+    with jetstream_errors(f"look up object store {name}"):
+        try:
+            store: ObjectStore | None = await js.object_store(name)
+        except nats.js.errors.BucketNotFoundError:
+            store = None
+    if store is None:
+        config = ObjectStoreConfig(bucket=name, replicas=replicas, **settings)
+        with _replicas_refused(f"OBJ_{name}", replicas), jetstream_errors(f"create object store {name}"):
+            return await js.create_object_store(name, config)
+    with jetstream_errors(f"look up object store {name}"):
+        stream = (await store.status()).stream_info.config
+    await _keep_replicas(js, stream, replicas, f"object store {name}")
+    return store
+
+
+async def _keep_replicas(js: JetStreamContext, config: StreamConfig, replicas: int, what: str) -> None:
+    """Bring the stream of a bucket (`config`, as the server has it) to `replicas`; a StreamMismatch if it cannot."""
+    if _normalise(config.num_replicas) != replicas:
+        with _replicas_refused(config.name or what, replicas), jetstream_errors(f"update {what}"):
+            await js.update_stream(config.evolve(num_replicas=replicas))

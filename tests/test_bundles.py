@@ -4,6 +4,7 @@ with the mirror's refs untouched."""
 
 from __future__ import annotations
 
+import asyncio
 import re
 import subprocess
 from pathlib import Path
@@ -118,10 +119,15 @@ async def test_offering_a_base_twice_uploads_it_once(store: ObjectStore, mirror:
     root = git(mirror, "rev-parse", "main")
     (name,) = await bundles.offer_base(store, mirror, "J1", root, root)
     first = await store.get_info(name)
-    messages = (await store.status()).stream_info.state.messages
+    published = (await store.status()).stream_info.state.last_seq  # every message ever stored, chunks and meta
     assert await bundles.offer_base(store, mirror, "J1", root, root) == (name,)
     assert (await store.get_info(name)).nuid == first.nuid
-    assert (await store.status()).stream_info.state.messages == messages
+    assert (await store.status()).stream_info.state.last_seq == published
+
+    # Tasks of a job offered at the same moment: one of them uploads, the others wait and find it there.
+    offers = [bundles.offer_base(store, mirror, "J2", root, root) for _ in range(3)]
+    assert await asyncio.gather(*offers) == [(f"base/J2/{root}.bundle",)] * 3
+    assert (await store.status()).stream_info.state.last_seq == 2 * published
 
 
 async def test_the_bucket_is_made_once(nc: Client, store: ObjectStore) -> None:
@@ -233,6 +239,30 @@ async def test_a_result_over_the_size_limit_is_refused_before_it_is_read(
     done = commit(work, "a", "a\n")
     monkeypatch.setattr(bundles, "MAX_BUNDLE_BYTES", 64)
     await refused(store, mirror, bundle_of(work, f"{base}..task"), base, done, "over the limit of")
+
+
+async def test_a_result_on_a_base_the_mirror_lacks_is_refused(
+    store: ObjectStore, mirror: Path, worker: tuple[Path, str]
+) -> None:
+    work, _ = worker
+    git(work, "checkout", "-q", "-b", "task")
+    first = commit(work, "a", "a\n")
+    done = commit(work, "b", "b\n")
+    await refused(store, mirror, bundle_of(work, f"{first}..task"), first, done, "is not in the mirror")
+
+
+async def test_a_base_bundle_that_is_not_what_its_name_says_is_refused(
+    store: ObjectStore, mirror: Path, user_repo: Path, tmp_path: Path
+) -> None:
+    root = git(mirror, "rev-parse", "main")
+    other = git(mirror, "rev-parse", "main~1")
+    # What the bucket holds under root's name is the bundle of another commit (a broken or hostile store).
+    git(user_repo, "branch", "older", "main~1")
+    await store.put(f"base/J1/{root}.bundle", bundle_of(user_repo, "older"))
+    cache = tmp_path / "cache.git"
+    with pytest.raises(BundleError, match=f"holds commit {other}, not the one announced"):
+        await bundles.fetch_base(store, cache, (f"base/J1/{root}.bundle",), root)
+    assert refs(cache) == ""
 
 
 async def test_ids_that_are_not_commits_never_reach_git(store: ObjectStore, mirror: Path) -> None:
