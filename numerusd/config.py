@@ -287,6 +287,11 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
         return self.state_dir / connection.FILE_NAME
 
     @property
+    def worker_connection_path(self) -> Path:
+        """Where the daemon running the embedded server tells `numerusd worker` how to log in (`--connection`)."""
+        return self.state_dir / connection.WORKER_FILE_NAME
+
+    @property
     def nats_store_dir(self) -> Path:
         """The embedded nats-server's configuration and JetStream store."""
         return self.state_dir / "nats"

@@ -186,6 +186,7 @@ class Daemon:
                     address.password,
                     settings.nats_password,
                     *(login.password for login in (self.embedded.clients if self.embedded else {}).values()),
+                    self.embedded.worker.password if self.embedded else None,
                 ),
                 signing_keys=self.keyring.keys.values(),
             )
@@ -224,6 +225,9 @@ class Daemon:
         roles = dict(self.embedded.clients) if self.embedded is not None else {}
         client = roles.get("operator", address)
         write_connection_file(settings.connection_path, address.url, client.user, client.password, roles)
+        if self.embedded is not None:  # an external server's worker user is the operator's to provision
+            worker = self.embedded.worker
+            write_connection_file(settings.worker_connection_path, address.url, worker.user, worker.password)
         self._wrote_connection = True
         self.snapshotter = snapshots.Snapshotter(
             js,
@@ -294,6 +298,8 @@ class Daemon:
         if self._wrote_connection:
             with contextlib.suppress(FileNotFoundError):
                 self.settings.connection_path.unlink()
+            with contextlib.suppress(FileNotFoundError):  # its passwords die with the embedded server
+                self.settings.worker_connection_path.unlink()
         log.info("numerusd stopped")
 
     async def _last_checkpoint(self) -> None:

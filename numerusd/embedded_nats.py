@@ -6,8 +6,11 @@ no race for a free port), and it dies with the daemon (PR_SET_PDEATHSIG) so a `k
 orphan holding the store.
 
 Its users, each with a password generated at every start, are written in a 0600 configuration file (JSON, which
-nats-server reads as its own format): the daemon's (every right), and one per client role of `bus_roles`
-(`operator`, `viewer`) with that role's permissions; `clients` holds their logins for the connection file.
+nats-server reads as its own format): the daemon's (every right), one per client role of `bus_roles`
+(`operator`, `viewer`) with that role's permissions, and the workers' (`worker`, `bus_roles.worker_permissions`);
+`clients` holds the roles' logins for connection.json, `worker` the workers' for worker.json. The server listens on
+loopback and takes new passwords at every start of the daemon, so worker.json serves `numerusd worker` processes on
+the daemon's own host only, while it runs; workers on other hosts need a shared server (docs/operations.md).
 Everything the server writes (its log, the JetStream store) is created private: it runs with umask 077.
 
 `supervise()` restarts it when it exits (a crash, an OOM kill, a stray signal), with backoff, on the same port
@@ -33,7 +36,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from numerusd.bus_roles import ROLES, permissions
+from numerusd.bus_roles import ROLES, WORKER_ROLE, permissions, worker_permissions
 from numerusd.errors import NatsUnavailable
 from numerusd.protocol.connection import RoleLogin
 
@@ -116,7 +119,8 @@ def _password() -> str:
 class EmbeddedNats:
     """A nats-server process serving JetStream from `store_dir`; `url`, `user`, `password` once started.
 
-    `user`/`password` are the daemon's (every right); `clients` the logins of numerusctl's roles.
+    `user`/`password` are the daemon's (every right); `clients` the logins of numerusctl's roles; `worker` the
+    login of `numerusd worker`.
     """
 
     store_dir: Path
@@ -125,6 +129,7 @@ class EmbeddedNats:
     clients: dict[str, RoleLogin] = field(
         default_factory=lambda: {role: RoleLogin(user=role, password=_password()) for role in ROLES}, repr=False
     )
+    worker: RoleLogin = field(default_factory=lambda: RoleLogin(user=WORKER_ROLE, password=_password()), repr=False)
     binary: str = field(default_factory=find_binary)
     url: str = ""
     #: The port to listen on: -1 lets the server pick one at the first start; a restart keeps it.
@@ -138,6 +143,7 @@ class EmbeddedNats:
             {"user": login.user, "password": login.password, "permissions": permissions(role)}
             for role, login in self.clients.items()
         ]
+        users.append({"user": self.worker.user, "password": self.worker.password, "permissions": worker_permissions()})
         return {
             "listen": f"127.0.0.1:{self.port}",
             "server_name": "numerus_embedded",

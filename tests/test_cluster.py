@@ -40,6 +40,7 @@ PASSWORDS = {
     "NUMERUSD_PASSWORD": "daemon-pw",
     "OPERATOR_PASSWORD": "operator-pw",
     "VIEWER_PASSWORD": "viewer-pw",
+    "WORKER_PASSWORD": "worker-pw",
     "ROUTE_PASSWORD": "0f1e2d3c4b5a69788796a5b4c3d2e1f0",
 }
 

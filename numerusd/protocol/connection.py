@@ -14,6 +14,11 @@ was given them in `nats_url`: a client reaches any node that is up, whichever th
 daemon's own. `user`/`password` are the default role's (operator), for tools that know no roles; with an
 external server they are what the daemon was given, and `roles` is empty.
 
+`worker.json` (`WORKER_FILE_NAME`), beside it, has the same shape: what `numerusd worker --connection` reads. The
+daemon writes it (0600, replaced atomically) when it runs the embedded server: `user` is `worker`, with the password
+of that server's worker user (`numerusd/bus_roles.py`), and `roles` is empty. With an external server it writes
+none: the operator provisions the workers' user there (`deploy/nats-server.conf`).
+
 It evolves by msgspec's rules: a new member gets a default, and a reader ignores members it does not know.
 """
 
@@ -23,6 +28,8 @@ import msgspec
 
 #: Its name in the state directory.
 FILE_NAME = "connection.json"
+#: The workers' connection file in the state directory (the embedded server only).
+WORKER_FILE_NAME = "worker.json"
 
 #: The roles a client logs in as (numerusctl's `--role`), the default first; what each may do:
 #: `numerusd/bus_roles.py`.
