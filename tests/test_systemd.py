@@ -42,7 +42,7 @@ def test_ready_watchdog_and_stopping_notifications(tmp_path: Path):
 
 
 #: The highest `systemd-analyze security` exposure each unit may have (issue 14).
-EXPOSURE_LIMITS = {"numerusd.service": 3.5, "nats-server.service": 4.0}
+EXPOSURE_LIMITS = {"numerusd.service": 3.5, "nats-server.service": 4.0, "numerus-worker.service": 3.5}
 UNITS = Path(__file__).parent.parent / "systemd"
 
 
@@ -60,8 +60,39 @@ def test_unit_exposure_is_within_its_limit(unit: str):
     assert float(match.group(1)) <= EXPOSURE_LIMITS[unit], result.stdout
 
 
-def test_numerusd_unit_allows_exactly_the_namespaces_bwrap_makes():
+def unit_settings(unit: str) -> dict[str, list[str]]:
+    """Each setting of a unit file, by name, every value in order (continued lines joined, comments left out)."""
+    text = re.sub(r"\\\n\s*", " ", (UNITS / unit).read_text())
+    settings: dict[str, list[str]] = {}
+    for line in text.splitlines():
+        if "=" in line and not line.startswith(("#", ";")):
+            name, _, value = line.partition("=")
+            settings.setdefault(name, []).append(value)
+    return settings
+
+
+@pytest.mark.parametrize("unit", ["numerusd.service", "numerus-worker.service"])
+def test_units_running_agents_allow_exactly_the_namespaces_bwrap_makes(unit: str):
     """bubblewrap (numerusd/sandbox.py) needs these namespaces; any other is refused by the unit."""
-    lines = (UNITS / "numerusd.service").read_text().splitlines()
-    (namespaces,) = [line.partition("=")[2].split() for line in lines if line.startswith("RestrictNamespaces=")]
-    assert sorted(namespaces) == sorted(["user", "pid", "mnt", "net", "ipc", "uts", "cgroup"])
+    (namespaces,) = unit_settings(unit)["RestrictNamespaces"]
+    assert sorted(namespaces.split()) == sorted(["user", "pid", "mnt", "net", "ipc", "uts", "cgroup"])
+
+
+def test_worker_unit_logs_in_with_its_credential_and_drains_before_it_is_killed():
+    settings = unit_settings("numerus-worker.service")
+    (start,) = settings["ExecStart"]
+    argv = start.split()
+    assert argv[1:4] == ["worker", "--name", "%H"]  # named after its host in `numerusctl workers`
+    # The login is a systemd credential (out of the agents' sight), passed by the path systemd gives it.
+    (credential,) = settings["LoadCredential"]
+    name, _, source = credential.partition(":")
+    assert argv[argv.index("--connection") + 1] == f"%d/{name}" and source == "/etc/numerus/worker.json"
+    assert "$NUMERUS_WORKER_ARGS" in argv  # its pools and slots, from /etc/numerus/worker.env
+    # SIGTERM to the worker alone, which drains its agents: systemd waits longer than the drain before killing.
+    assert (settings["KillSignal"], settings["KillMode"], settings["Restart"]) == (
+        ["SIGTERM"],
+        ["mixed"],
+        ["on-failure"],
+    )
+    drain_s = float(argv[argv.index("--drain-s") + 1])
+    assert float(settings["TimeoutStopSec"][0]) >= drain_s + 15
