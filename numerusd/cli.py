@@ -10,7 +10,9 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
+from collections.abc import Callable, Coroutine
 from pathlib import Path
+from typing import Any
 
 import click
 import uvloop
@@ -115,12 +117,7 @@ def serve(ctx: click.Context) -> None:
         install_signal_handlers(daemon, Reloader(daemon, lambda: _load(ctx)))
         await daemon.serve()
 
-    try:
-        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-            runner.run(run())
-    except NumerusError as e:
-        click.echo(f"numerusd: {e.message}", err=True)
-        sys.exit(_exit_code(e))
+    _serve(run)
 
 
 @main.command()
@@ -242,6 +239,11 @@ def worker(
         install_signal_handlers(worker)
         await worker.serve()
 
+    _serve(run)
+
+
+def _serve(run: Callable[[], Coroutine[Any, Any, None]]) -> None:
+    """Run `run()` on uvloop to its end; a NumerusError is one line and the exit code its type says."""
     try:
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
             runner.run(run())
