@@ -38,11 +38,12 @@ nats-py's calls, as for the clients):
   chunks, then the object's description), `$JS.API.STREAM.INFO.OBJ_NUMERUS_BUNDLES` (open the bucket),
   `$JS.API.STREAM.MSG.GET.OBJ_NUMERUS_BUNDLES` (an object's description), `$JS.API.STREAM.NAMES`,
   `$JS.API.CONSUMER.CREATE.OBJ_NUMERUS_BUNDLES` and `$JS.FC.OBJ_NUMERUS_BUNDLES.>` (get: the ordered consumer that
-  reads an object's chunks, and the answers to its flow control). Not `$JS.API.STREAM.PURGE`: a put over an existing
-  name purges the old chunks, and a purge right would let a worker empty the whole bucket. A worker writes only its
-  attempt's `result_object`, a name of its own, once. Any worker may still write any object of the bucket (an
-  object's subjects carry no pool or lease): what it fetches is checked by git's object ids (the offer names
-  `base_sha`), and what it sends back is verified by the daemon as a local agent's work is;
+  reads an object's chunks, and the answers to its flow control). Not `$JS.API.STREAM.PURGE`, which only a put
+  over an existing name needs (to drop the old chunks): a worker writes its attempt's `result_object`, a name of
+  its own, once. Any worker may still write any object of the bucket (an object's subjects carry no pool or
+  lease), even empty it with a `Nats-Rollup: all` header, which no permission refuses: what it fetches is checked
+  by git's object ids (the offer names `base_sha`), what it sends back is verified by the daemon as a local
+  agent's work is, so a hostile worker can make tasks fail or run again, not change what is merged;
 * subscribing `_INBOX_worker.>` only (the worker's inbox prefix): its replies, its offers, its objects' chunks.
 
 So a worker cannot publish an event, a log chunk, a dead letter, a snapshot, a command, an offer
