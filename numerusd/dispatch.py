@@ -52,6 +52,11 @@ log = logging.getLogger(__name__)
 OFFER_ACK_WAIT_S = 30.0
 #: Seconds between two looks for leases gone quiet.
 WATCH_S = 0.5
+#: Output reports of one attempt held before its pump reads them: past it, the worker's next report waits for
+#: its answer, so an agent printing faster than the daemon logs it is slowed, not buffered without end.
+OUTPUT_BACKLOG = 64
+#: Pools one worker may name: each is a consumer the daemon makes.
+MAX_POOLS = 32
 
 
 class WorkLost(Exception):
@@ -93,7 +98,10 @@ class RemoteTerminal:
 
     async def read(self) -> bytes:
         """The next output, b"" once the agent has exited (or the attempt was lost)."""
-        return await self.attempt.output.get()
+        attempt = self.attempt
+        if attempt.closed and attempt.output.empty():
+            return b""
+        return await attempt.output.get()
 
     async def wait(self) -> tuple[int | None, int | None]:
         """The agent's exit code and signal; WorkLost when its worker went away first."""
@@ -132,7 +140,9 @@ class RemoteAttempt:
         default_factory=lambda: asyncio.get_running_loop().create_future()
     )
     finished: asyncio.Future[work.Finished] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
-    output: asyncio.Queue[bytes] = field(default_factory=asyncio.Queue)
+    output: asyncio.Queue[bytes] = field(default_factory=lambda: asyncio.Queue(OUTPUT_BACKLOG))
+    #: No more output comes (the agent exited, or the attempt was lost).
+    closed: bool = False
     #: Serialises the worker's requests for this attempt (each is decided before the next).
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
@@ -177,26 +187,32 @@ class RemoteAttempt:
         for future in (self.started, self.exited, self.finished):
             if not future.done():
                 future.set_exception(self.lost)
-        self.output.put_nowait(b"")
+        self._close()
         self.dispatcher.forget(self)
 
-    def report(self, body: work.ReportBody) -> None:
-        """Take one report of the worker's (in order)."""
+    def _close(self) -> None:
+        """No more output: a reader waiting on an empty queue gets b"" now, one draining a full one after it."""
+        self.closed = True
+        if not self.output.full():
+            self.output.put_nowait(b"")
+
+    async def report(self, body: work.ReportBody) -> None:
+        """Take one report of the worker's (in order); output waits while OUTPUT_BACKLOG reports are unread."""
         match body:
             case work.Started():
                 _settle(self.started, body)
             case work.SpawnFailed(reason=reason):
                 _fail(self.started, AgentError(f"on worker {self.worker}: {reason}"))
             case work.Output(data=data):
-                if data:
-                    self.output.put_nowait(data)
+                if data and not self.closed:
+                    await self.output.put(data)
             case work.Exited(exit_code=exit_code, signal=signal):
-                self.output.put_nowait(b"")
+                self._close()
                 _settle(self.exited, (exit_code, signal))
             case work.Finished():
                 if not self.exited.done():  # finished without starting (it could not make the worktree)
                     _fail(self.started, AgentError(f"on worker {self.worker}: {body.error or 'no agent ran'}"))
-                    self.output.put_nowait(b"")
+                    self._close()
                     _settle(self.exited, (None, None))
                 _settle(self.finished, body)
             case work.HandedBack(reason=reason):
@@ -450,7 +466,7 @@ class Dispatcher:
                 raise Refused("out_of_order", f"report {report.seq} after {attempt.seq}: send them in order")
             attempt.seq = report.seq
             attempt.heard = time.monotonic()
-            attempt.report(report.body)
+            await attempt.report(report.body)
         return work.ReportReply(ok=True, cancel=attempt.cancelled)
 
     def _heartbeat(self, worker: str, beat: work.Heartbeat) -> work.HeartbeatReply:
@@ -477,7 +493,7 @@ class Dispatcher:
 
     async def _pools_of(self, reply: work.HeartbeatReply, worker: str) -> None:
         """The consumers of the pools a worker serves, made when it first says them (it pulls from them)."""
-        for pool in self.workers[worker].pools:
+        for pool in self.workers[worker].pools[:MAX_POOLS]:
             if is_token(pool):
                 await self.ensure_pool(pool)
 
